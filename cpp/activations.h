@@ -1,0 +1,88 @@
+// Expert activations, forward and backward side by side.
+//
+// Every element goes through Eigen's packet (SIMD) path: values are processed
+// in fixed-size stack blocks, never as maps over caller memory. Eigen peels
+// unaligned heads of a map into scalar code, whose exp/erf differ from the
+// packet ones in the last bit, and which elements get peeled depends on the
+// buffer's address; fixed blocks make every element's bits address-independent.
+#pragma once
+#include <unsupported/Eigen/SpecialFunctions>
+
+#include "tensor.h"
+
+namespace moe {
+
+constexpr index_t kActBlock = 16;
+template <typename T>
+using Block = Eigen::Array<T, kActBlock, 1>;
+
+// Calls f(offset, len, blocks...) over [0, n) in kActBlock pieces; loads each
+// input into a zero-padded Block, and stores each output's first len values.
+template <typename T, typename F>
+inline void blocked(index_t n, const T* const* in, int n_in, T* const* out, int n_out, F&& f) {
+  Block<T> a[4], b[4];
+  for (index_t i = 0; i < n; i += kActBlock) {
+    const index_t len = std::min(kActBlock, n - i);
+    for (int q = 0; q < n_in; ++q) {
+      a[q].setZero();
+      for (index_t l = 0; l < len; ++l) a[q][l] = in[q][i + l];
+    }
+    f(a, b);
+    for (int q = 0; q < n_out; ++q)
+      for (index_t l = 0; l < len; ++l) out[q][i + l] = b[q][l];
+  }
+}
+
+// ---- SwiGLU gate: a = silu(h1) * h3 ------------------------------------------
+
+template <typename T>
+inline void swiglu_forward(const T* h1, const T* h3, T* a, index_t n) {
+  const T* in[2] = {h1, h3};
+  T* out[1] = {a};
+  blocked<T>(n, in, 2, out, 1, [](const Block<T>* x, Block<T>* y) {
+    const Block<T> s = T(1) / (T(1) + (-x[0]).exp());
+    y[0] = x[0] * s * x[1];
+  });
+}
+
+// From h1, h3 (saved) and da: a (recomputed, for dW2), dh1 and dh3.
+// d silu(h)/dh = s + silu(h) (1 - s), s = sigmoid(h).
+template <typename T>
+inline void swiglu_backward(const T* h1, const T* h3, const T* da, T* a, T* dh1, T* dh3,
+                            index_t n) {
+  const T* in[3] = {h1, h3, da};
+  T* out[3] = {a, dh1, dh3};
+  blocked<T>(n, in, 3, out, 3, [](const Block<T>* x, Block<T>* y) {
+    const Block<T> s = T(1) / (T(1) + (-x[0]).exp());
+    const Block<T> si = x[0] * s;
+    y[0] = si * x[1];
+    y[1] = x[2] * x[1] * (s + si * (T(1) - s));
+    y[2] = x[2] * si;
+  });
+}
+
+// ---- GELU, erf form: a = h * Phi(h) -------------------------------------------
+
+template <typename T>
+inline void gelu_forward(const T* h, T* a, index_t n) {
+  const T* in[1] = {h};
+  T* out[1] = {a};
+  blocked<T>(n, in, 1, out, 1, [](const Block<T>* x, Block<T>* y) {
+    y[0] = T(0.5) * x[0] * (T(1) + (x[0] * T(M_SQRT1_2)).erf());
+  });
+}
+
+// d gelu(h)/dh = Phi(h) + h phi(h)
+template <typename T>
+inline void gelu_backward(const T* h, const T* da, T* a, T* dh, index_t n) {
+  const T* in[2] = {h, da};
+  T* out[2] = {a, dh};
+  blocked<T>(n, in, 2, out, 2, [](const Block<T>* x, Block<T>* y) {
+    const Block<T> Phi = T(0.5) * (T(1) + (x[0] * T(M_SQRT1_2)).erf());
+    const Block<T> phi = T(0.3989422804014327) * (T(-0.5) * x[0] * x[0]).exp();
+    y[0] = x[0] * Phi;
+    y[1] = x[1] * (Phi + x[0] * phi);
+  });
+}
+
+}  // namespace moe

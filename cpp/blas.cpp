@@ -1,0 +1,49 @@
+#include "blas.h"
+
+#include <cblas.h>
+#include <omp.h>
+
+namespace moe {
+
+namespace {
+CBLAS_TRANSPOSE op(bool t) { return t ? CblasTrans : CblasNoTrans; }
+}  // namespace
+
+void gemm(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, float alpha,
+          const float* A, index_t lda, const float* B, index_t ldb, float beta, float* C,
+          index_t ldc) {
+  if (M == 0 || N == 0) return;
+  cblas_sgemm(CblasRowMajor, op(trans_a), op(trans_b), M, N, K, alpha, A, lda, B, ldb, beta, C,
+              ldc);
+}
+
+void gemm(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, double alpha,
+          const double* A, index_t lda, const double* B, index_t ldb, double beta, double* C,
+          index_t ldc) {
+  if (M == 0 || N == 0) return;
+  cblas_dgemm(CblasRowMajor, op(trans_a), op(trans_b), M, N, K, alpha, A, lda, B, ldb, beta, C,
+              ldc);
+}
+
+template <typename T>
+void gemm_tiled(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, T alpha,
+                const T* A, index_t lda, const T* B, index_t ldb, T beta, T* C, index_t ldc) {
+  const index_t tiles = (M + kGemmRowTile - 1) / kGemmRowTile;
+#pragma omp parallel for schedule(dynamic, 1) if (tiles > 1 && !omp_in_parallel())
+  for (index_t i = 0; i < tiles; ++i) {
+    const index_t r0 = i * kGemmRowTile;
+    const index_t rows = std::min(kGemmRowTile, M - r0);
+    // Row r0 of op(A) starts at A + r0*lda (plain) or at column r0 (transposed).
+    const T* a = trans_a ? A + r0 : A + r0 * lda;
+    gemm(trans_a, trans_b, rows, N, K, alpha, a, lda, B, ldb, beta, C + r0 * ldc, ldc);
+  }
+}
+
+template void gemm_tiled<float>(bool, bool, index_t, index_t, index_t, float, const float*,
+                                index_t, const float*, index_t, float, float*, index_t);
+template void gemm_tiled<double>(bool, bool, index_t, index_t, index_t, double, const double*,
+                                 index_t, const double*, index_t, double, double*, index_t);
+
+void blas_init() { openblas_set_num_threads(1); }
+
+}  // namespace moe

@@ -1,0 +1,31 @@
+// GEMM entry points. Eigen is the array layer; matrix products go to OpenBLAS,
+// always single-threaded: parallelism is ours (OpenMP over fixed tiles), so the
+// result never depends on the number of threads.
+#pragma once
+#include "tensor.h"
+
+namespace moe {
+
+// C[M,N] = alpha * op(A) * op(B) + beta * C, all row-major.
+// op(A) is [M,K]: A is [M,K] (lda >= K) or, when trans_a, [K,M] (lda >= M).
+void gemm(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, float alpha,
+          const float* A, index_t lda, const float* B, index_t ldb, float beta, float* C,
+          index_t ldc);
+void gemm(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, double alpha,
+          const double* A, index_t lda, const double* B, index_t ldb, double beta, double* C,
+          index_t ldc);
+
+// Rows of C per tile in gemm_tiled. Fixed (never derived from the thread count)
+// so that every run splits the work the same way and gets the same bits.
+constexpr index_t kGemmRowTile = 128;
+
+// The same product, with the rows of C split into kGemmRowTile tiles run in
+// parallel (serially when already inside a parallel region).
+template <typename T>
+void gemm_tiled(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, T alpha,
+                const T* A, index_t lda, const T* B, index_t ldb, T beta, T* C, index_t ldc);
+
+// Makes the linked OpenBLAS single-threaded; called once at module import.
+void blas_init();
+
+}  // namespace moe

@@ -1,0 +1,96 @@
+#include "dispatch.h"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace moe {
+
+index_t dispatch_plan(const index_t* topk_indices, const std::uint8_t* dropped, index_t n_tokens,
+                      index_t k, index_t E, index_t* offsets, index_t* row_token,
+                      index_t* slot_row) {
+  std::vector<index_t> count(E, 0);
+  for (index_t i = 0; i < n_tokens * k; ++i)
+    if (topk_indices[i] >= 0 && !dropped[i]) ++count[topk_indices[i]];
+  offsets[0] = 0;
+  for (index_t e = 0; e < E; ++e) offsets[e + 1] = offsets[e] + count[e];
+  std::vector<index_t> next(offsets, offsets + E);
+  for (index_t i = 0; i < n_tokens * k; ++i) {
+    const index_t e = topk_indices[i];
+    if (e < 0 || dropped[i]) {
+      slot_row[i] = -1;
+      continue;
+    }
+    const index_t r = next[e]++;
+    slot_row[i] = r;
+    row_token[r] = i / k;
+  }
+  return offsets[E];
+}
+
+template <typename T>
+void gather_rows(const T* x, const index_t* row_token, index_t rows, index_t d, T* xs) {
+#pragma omp parallel for schedule(static)
+  for (index_t r = 0; r < rows; ++r)
+    std::memcpy(xs + r * d, x + row_token[r] * d, sizeof(T) * d);
+}
+
+template <typename T>
+void gather_rows_backward(const T* dxs, const index_t* slot_row, index_t n_tokens, index_t k,
+                          index_t d, T* dx) {
+#pragma omp parallel for schedule(static)
+  for (index_t t = 0; t < n_tokens; ++t) {
+    ArrMap<T> out(dx + t * d, d);
+    out.setZero();
+    for (index_t j = 0; j < k; ++j) {
+      const index_t r = slot_row[t * k + j];
+      if (r >= 0) out += ConstArrMap<T>(dxs + r * d, d);
+    }
+  }
+}
+
+template <typename T>
+void combine_forward(const T* ye, const index_t* slot_row, const T* weights, index_t n_tokens,
+                     index_t k, index_t d, T* y) {
+#pragma omp parallel for schedule(static)
+  for (index_t t = 0; t < n_tokens; ++t) {
+    ArrMap<T> out(y + t * d, d);
+    out.setZero();
+    for (index_t j = 0; j < k; ++j) {
+      const index_t r = slot_row[t * k + j];
+      if (r >= 0) out += weights[t * k + j] * ConstArrMap<T>(ye + r * d, d);
+    }
+  }
+}
+
+template <typename T>
+void combine_backward(const T* dy, const T* ye, const index_t* slot_row, const T* weights,
+                      index_t n_tokens, index_t k, index_t d, T* dye, T* d_weights) {
+#pragma omp parallel for schedule(static)
+  for (index_t t = 0; t < n_tokens; ++t) {
+    ConstArrMap<T> g(dy + t * d, d);
+    for (index_t j = 0; j < k; ++j) {
+      const index_t r = slot_row[t * k + j];
+      if (r < 0) {
+        d_weights[t * k + j] = 0;
+        continue;
+      }
+      ArrMap<T>(dye + r * d, d) = weights[t * k + j] * g;
+      d_weights[t * k + j] = (g * ConstArrMap<T>(ye + r * d, d)).sum();
+    }
+  }
+}
+
+#define MOE_INSTANTIATE(T)                                                                     \
+  template void gather_rows<T>(const T*, const index_t*, index_t, index_t, T*);                \
+  template void gather_rows_backward<T>(const T*, const index_t*, index_t, index_t, index_t,   \
+                                        T*);                                                   \
+  template void combine_forward<T>(const T*, const index_t*, const T*, index_t, index_t,       \
+                                   index_t, T*);                                               \
+  template void combine_backward<T>(const T*, const T*, const index_t*, const T*, index_t,     \
+                                    index_t, index_t, T*, T*);
+MOE_INSTANTIATE(float)
+MOE_INSTANTIATE(double)
+#undef MOE_INSTANTIATE
+
+}  // namespace moe

@@ -1,0 +1,37 @@
+// Dispatch and combine: group the kept (token, slot) assignments by expert so
+// every expert runs dense GEMMs over contiguous rows, and bring the expert
+// outputs back to their tokens. Padded tokens and dropped slots get no row.
+#pragma once
+#include "tensor.h"
+
+namespace moe {
+
+// Counting sort of the kept assignments by expert, stable in (token, slot)
+// order. Writes offsets[E + 1] (rows of expert e are offsets[e] .. offsets[e+1]),
+// row_token[N] (the token each row copies) and slot_row[n, k] (the row of each
+// assignment, -1 when dropped or padded). Returns N.
+index_t dispatch_plan(const index_t* topk_indices, const std::uint8_t* dropped, index_t n_tokens,
+                      index_t k, index_t E, index_t* offsets, index_t* row_token,
+                      index_t* slot_row);
+
+// xs[r] = x[row_token[r]]
+template <typename T>
+void gather_rows(const T* x, const index_t* row_token, index_t rows, index_t d, T* xs);
+
+// dx[t] = sum_j dxs[slot_row[t, j]]  (the backward of gather_rows, per token:
+// a fixed slot order, no atomics)
+template <typename T>
+void gather_rows_backward(const T* dxs, const index_t* slot_row, index_t n_tokens, index_t k,
+                          index_t d, T* dx);
+
+// y[t] = sum_j weights[t, j] * ye[slot_row[t, j]]
+template <typename T>
+void combine_forward(const T* ye, const index_t* slot_row, const T* weights, index_t n_tokens,
+                     index_t k, index_t d, T* y);
+
+// dye[slot_row[t, j]] = weights[t, j] * dy[t];  d_weights[t, j] = <dy[t], ye[slot_row[t, j]]>
+template <typename T>
+void combine_backward(const T* dy, const T* ye, const index_t* slot_row, const T* weights,
+                      index_t n_tokens, index_t k, index_t d, T* dye, T* d_weights);
+
+}  // namespace moe

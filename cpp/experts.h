@@ -1,0 +1,33 @@
+// Expert FFNs over rows grouped by expert (see dispatch.h), forward and backward.
+//   swiglu: FFN(x) = (silu(x W1) * (x W3)) W2      gelu: FFN(x) = gelu_erf(x W1) W2
+// Each expert is a run of dense GEMMs on its contiguous rows; work is split into
+// fixed (expert, row tile) items run by OpenMP, so uneven expert loads still
+// keep every core busy and the bits never depend on the thread count.
+#pragma once
+#include "tensor.h"
+
+namespace moe {
+
+enum class Activation { swiglu = 0, gelu = 1 };
+
+struct ExpertShape {
+  index_t E, d_model, d_ff;
+  Activation act;
+};
+
+// xs [N, d_model] rows grouped by expert (offsets [E+1]); w1, w3 [E, d_model, d_ff]
+// (w3 unused for gelu); w2 [E, d_ff, d_model].
+// Saves for backward: h1 = xs W1 and (swiglu) h3 = xs W3, both [N, d_ff].
+// Writes ye [N, d_model].
+template <typename T>
+void experts_forward(const ExpertShape& s, const index_t* offsets, const T* xs, const T* w1,
+                     const T* w3, const T* w2, T* h1, T* h3, T* ye);
+
+// Reads xs, h1, h3 (saved) and dye [N, d_model]; writes dxs [N, d_model] and
+// accumulates (+=) into dw1, dw3, dw2. An expert with no rows is not touched.
+template <typename T>
+void experts_backward(const ExpertShape& s, const index_t* offsets, const T* xs, const T* w1,
+                      const T* w3, const T* w2, const T* h1, const T* h3, const T* dye, T* dxs,
+                      T* dw1, T* dw3, T* dw2);
+
+}  // namespace moe

@@ -1,0 +1,92 @@
+"""MoEConfig: the one configuration every MoE part is built from, validated once."""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+ROUTERS = ("softmax_topk",)
+ACTIVATIONS = ("swiglu", "gelu")
+DTYPES = {"float32": np.float32, "float64": np.float64}
+
+
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+
+
+def _finite(name: str, value, allow_negative: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    if not allow_negative and value < 0:
+        raise ValueError(f"{name}: expected a number >= 0, got {value!r}")
+
+
+@dataclass
+class MoEConfig:
+    """Configuration of one MoE layer (DESIGN "The MoE layer").
+
+    normalize_topk=None takes the default: True for top_k > 1, False for top_k = 1
+    (with k = 1 normalising makes every weight 1 and the router would get no
+    gradient from the task loss; asking for it explicitly warns).
+    capacity_factor=None is dropless. Experts have no biases; "gelu" is the erf form.
+    """
+
+    d_model: int
+    d_ff: int
+    num_experts: int
+    top_k: int = 2
+    router: str = "softmax_topk"
+    normalize_topk: Optional[bool] = None
+    capacity_factor: Optional[float] = None
+    activation: str = "swiglu"
+    straight_through: bool = False
+    load_balance_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    entropy_coef: float = 0.0
+    dtype: str = "float32"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive_int("d_model", self.d_model)
+        _positive_int("d_ff", self.d_ff)
+        _positive_int("num_experts", self.num_experts)
+        _positive_int("top_k", self.top_k)
+        if self.top_k > self.num_experts:
+            raise ValueError(
+                f"top_k: expected top_k <= num_experts ({self.num_experts}), got {self.top_k}"
+            )
+        if self.router not in ROUTERS:
+            raise ValueError(f"router: expected one of {ROUTERS}, got {self.router!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: expected one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.capacity_factor is not None:
+            _finite("capacity_factor", self.capacity_factor)
+        for name in ("load_balance_coef", "z_loss_coef", "entropy_coef"):
+            # entropy_coef may be negative (to push routing towards confident choices)
+            _finite(name, getattr(self, name), allow_negative=(name == "entropy_coef"))
+        if not isinstance(self.straight_through, (bool, np.bool_)):
+            raise ValueError(f"straight_through: expected a bool, got {self.straight_through!r}")
+        if self.normalize_topk is None:
+            self.normalize_topk = self.top_k > 1
+        elif not isinstance(self.normalize_topk, (bool, np.bool_)):
+            raise ValueError(f"normalize_topk: expected a bool or None, got {self.normalize_topk!r}")
+        elif self.normalize_topk and self.top_k == 1:
+            warnings.warn(
+                "normalize_topk=True with top_k=1 makes every combine weight 1: the router "
+                "gets no gradient from the task loss, only from the aux losses",
+                stacklevel=3,
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise ValueError(f"seed: expected an integer >= 0, got {self.seed!r}")
+
+    @property
+    def np_dtype(self) -> type:
+        return DTYPES[self.dtype]

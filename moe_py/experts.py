@@ -1,0 +1,76 @@
+"""Expert FFNs with dispatch and combine (cpp/experts.cpp, cpp/dispatch.cpp).
+
+swiglu: FFN(x) = (silu(x W1) * (x W3)) W2;  gelu: FFN(x) = gelu(x W1) W2 with the
+exact (erf) GELU, as torch.nn.GELU() by default. No biases.
+y[t] = sum_j topk_weights[t, j] * FFN_{topk_indices[t, j]}(x[t]).
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import numpy as np
+
+from . import _core
+from ._kernels import kernel
+from ._checks import check_param
+from .config import MoEConfig
+
+_ACTIVATION_CODE = {"swiglu": 0, "gelu": 1}
+
+
+def init_expert_weights(cfg: MoEConfig, rng: np.random.Generator) -> Dict[str, np.ndarray]:
+    """w1, w3 ~ N(0, 1/d_model), w2 ~ N(0, 1/d_ff): unit-variance activations through the FFN."""
+    E, D, F = cfg.num_experts, cfg.d_model, cfg.d_ff
+    out = {"w1": rng.standard_normal((E, D, F)) / np.sqrt(D)}
+    if cfg.activation == "swiglu":
+        out["w3"] = rng.standard_normal((E, D, F)) / np.sqrt(D)
+    out["w2"] = rng.standard_normal((E, F, D)) / np.sqrt(F)
+    return {k: v.astype(cfg.np_dtype) for k, v in out.items()}
+
+
+class Experts:
+    """The E expert FFNs of one layer, run on tokens grouped by expert."""
+
+    def __init__(self, cfg: MoEConfig, params: Dict[str, np.ndarray], grads: Dict[str, np.ndarray]):
+        self.cfg = cfg
+        self.params = params
+        self.grads = grads
+        self._saved = None
+
+    def _weights(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        cfg = self.cfg
+        E, D, F, dt = cfg.num_experts, cfg.d_model, cfg.d_ff, cfg.np_dtype
+        check_param(self.params["w1"], (E, D, F), dt, "w1")
+        check_param(self.params["w2"], (E, F, D), dt, "w2")
+        if cfg.activation == "swiglu":
+            check_param(self.params["w3"], (E, D, F), dt, "w3")
+            w3 = self.params["w3"]
+        else:
+            w3 = np.zeros((0, 0, 0), dtype=dt)
+        return self.params["w1"], w3, self.params["w2"]
+
+    def forward(self, x2: np.ndarray, topk_indices: np.ndarray, topk_weights: np.ndarray,
+                dropped: np.ndarray) -> np.ndarray:
+        """x2 [T, d_model] -> y [T, d_model]; padded tokens and dropped slots cost nothing."""
+        w1, w3, w2 = self._weights()
+        act = _ACTIVATION_CODE[self.cfg.activation]
+        offsets, row_token, slot_row = _core.dispatch_plan(
+            topk_indices, dropped.view(np.uint8), self.cfg.num_experts)
+        xs = kernel("gather_rows", self.cfg.np_dtype)(x2, row_token)
+        h1, h3, ye = kernel("experts_forward", self.cfg.np_dtype)(xs, offsets, w1, w3, w2, act)
+        y = kernel("combine_forward", self.cfg.np_dtype)(ye, slot_row, topk_weights)
+        self._saved = (offsets, slot_row, xs, h1, h3, ye, topk_weights, (w1, w3, w2))
+        return y
+
+    def backward(self, dy2: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """dy2 [T, d_model] -> (dx2 [T, d_model], d_topk_weights [T, k]); adds into grads."""
+        if self._saved is None:
+            raise RuntimeError("backward called before forward")
+        offsets, slot_row, xs, h1, h3, ye, topk_weights, (w1, w3, w2) = self._saved
+        act = _ACTIVATION_CODE[self.cfg.activation]
+        dye, d_weights = kernel("combine_backward", self.cfg.np_dtype)(dy2, ye, slot_row, topk_weights)
+        g3 = self.grads.get("w3", np.zeros((0, 0, 0), dtype=self.cfg.np_dtype))
+        dxs = kernel("experts_backward", self.cfg.np_dtype)(xs, offsets, w1, w3, w2, h1, h3, dye, act,
+                                     self.grads["w1"], g3, self.grads["w2"])
+        dx2 = kernel("gather_rows_backward", self.cfg.np_dtype)(dxs, slot_row)
+        return dx2, d_weights

@@ -1,0 +1,155 @@
+"""Token routing: RouterOutput and Router (DESIGN "Routing" and "Losses").
+
+The maths lives in cpp/router.cpp and cpp/losses.cpp; this file checks
+arguments, keeps the noise-annealing state and what backward needs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, NamedTuple, Optional
+
+import numpy as np
+
+from ._kernels import kernel
+from ._checks import as_grad, as_mask, as_tokens, check_param
+from .config import MoEConfig
+
+LOSS_NAMES = ("load_balance", "z_loss", "entropy")
+
+
+class RouterOutput(NamedTuple):
+    """Per-token routing decisions, all flattened to [T, ...] (T = prod(x.shape[:-1])).
+
+    Padded tokens have all-zero probabilities and weights, entropy 0 and indices -1.
+    """
+
+    topk_weights: np.ndarray  # [T, k] combine weights; 0 for padded tokens and dropped slots
+    topk_indices: np.ndarray  # [T, k] int64, descending probability, ties to the lower index
+    router_probs: np.ndarray  # [T, E] softmax of the logits after noise
+    router_probs_clean: np.ndarray  # [T, E] softmax of the logits before noise
+    router_logits: np.ndarray  # [T, E] x @ w_router, before noise
+    entropy: np.ndarray  # [T] entropy of router_probs_clean, in nats
+    tokens_per_expert: np.ndarray  # [E] int64 real assignments, before capacity dropping
+    dropped: np.ndarray  # [T, k] bool, slots dropped for capacity
+
+
+def init_router_weight(cfg: MoEConfig, rng: np.random.Generator) -> np.ndarray:
+    # small so that routing starts close to uniform (as Megatron's 0.02 init std)
+    w = rng.standard_normal((cfg.d_model, cfg.num_experts)) * 0.02
+    return w.astype(cfg.np_dtype)
+
+
+class Router:
+    """softmax top-k router, usable on its own.
+
+    `router(x, padding_mask=None, training=True) -> RouterOutput`; the losses of
+    that call are in `router.losses` (unweighted) and `router.aux_loss` (weighted
+    sum). `router.backward(d_topk_weights=None) -> dx` is the gradient of
+    `sum(d_topk_weights * topk_weights) + aux_loss`; it adds into `grads`.
+
+    `params`/`grads` may be passed in so a layer shares one dict with its router.
+    """
+
+    def __init__(self, cfg: MoEConfig, params: Optional[Dict[str, np.ndarray]] = None,
+                 grads: Optional[Dict[str, np.ndarray]] = None):
+        self.cfg = cfg
+        self.params = params if params is not None else {}
+        if "w_router" not in self.params:
+            self.params["w_router"] = init_router_weight(cfg, np.random.default_rng(cfg.seed))
+        self.grads = grads if grads is not None else {}
+        self.grads.setdefault("w_router", np.zeros_like(self.params["w_router"]))
+        self._noise_start = 0.0
+        self._noise_anneal_steps = 1
+        self._noise_step = 0
+        self._saved = None
+        self.losses: Dict[str, float] = {name: 0.0 for name in LOSS_NAMES}
+        self.aux_loss = 0.0
+
+    # ---- noise annealing (opt-in) --------------------------------------------
+    def set_noise_annealing(self, start_std: float, anneal_steps: int) -> None:
+        """Turn on NoisyTop-k: std(step) = start_std * max(0, 1 - step / anneal_steps),
+        step = training-mode forward calls since this call."""
+        if isinstance(start_std, bool) or not isinstance(start_std, (int, float, np.number)) \
+                or not math.isfinite(start_std) or start_std < 0:
+            raise ValueError(f"start_std: expected a finite number >= 0, got {start_std!r}")
+        if isinstance(anneal_steps, bool) or not isinstance(anneal_steps, (int, np.integer)) \
+                or anneal_steps < 1:
+            raise ValueError(f"anneal_steps: expected a positive integer, got {anneal_steps!r}")
+        self._noise_start = float(start_std)
+        self._noise_anneal_steps = int(anneal_steps)
+        self._noise_step = 0
+
+    @property
+    def noise_std(self) -> float:
+        """The noise std the next training-mode forward uses (0.0 when noise is off)."""
+        return self._noise_start * max(0.0, 1.0 - self._noise_step / self._noise_anneal_steps)
+
+    def noise_state(self) -> Dict[str, float]:
+        return {"start_std": self._noise_start, "anneal_steps": self._noise_anneal_steps,
+                "step": self._noise_step}
+
+    def load_noise_state(self, state: Dict[str, float]) -> None:
+        self._noise_start = float(state["start_std"])
+        self._noise_anneal_steps = int(state["anneal_steps"])
+        self._noise_step = int(state["step"])
+
+    # ---- forward / backward --------------------------------------------------
+    def _check_params(self) -> np.ndarray:
+        w = self.params["w_router"]
+        check_param(w, (self.cfg.d_model, self.cfg.num_experts), self.cfg.np_dtype, "w_router")
+        return w
+
+    def route(self, x2: np.ndarray, mask: np.ndarray, training: bool) -> RouterOutput:
+        """Route already-checked tokens x2 [T, d_model] with mask uint8 [T]."""
+        cfg = self.cfg
+        w = self._check_params()
+        std = self.noise_std if training else 0.0
+        out = kernel("router_forward", cfg.np_dtype)(
+            x2, w, mask, cfg.top_k, bool(cfg.normalize_topk), bool(cfg.straight_through),
+            bool(training), std, cfg.seed, self._noise_step,
+            -1.0 if cfg.capacity_factor is None else float(cfg.capacity_factor))
+        if training and self._noise_start > 0:
+            self._noise_step += 1
+        self.losses = dict(out.pop("losses"))
+        self.aux_loss = float(cfg.load_balance_coef * self.losses["load_balance"]
+                              + cfg.z_loss_coef * self.losses["z_loss"]
+                              + cfg.entropy_coef * self.losses["entropy"])
+        routed = RouterOutput(**out)
+        self._saved = (x2, w, mask, routed, bool(training))
+        return routed
+
+    def __call__(self, x, padding_mask=None, training: bool = True) -> RouterOutput:
+        x2, lead = as_tokens(x, self.cfg.d_model, self.cfg.np_dtype)
+        mask = as_mask(padding_mask, lead)
+        self._lead = lead
+        return self.route(x2, mask, training)
+
+    forward = __call__
+
+    def backward_into(self, d_topk_weights: Optional[np.ndarray], dx2: np.ndarray) -> None:
+        """Add the gradient w.r.t. the flattened x into dx2 [T, d_model] and w_router into grads."""
+        if self._saved is None:
+            raise RuntimeError("backward called before forward")
+        x2, w, mask, r, training = self._saved
+        cfg = self.cfg
+        if d_topk_weights is not None:
+            d_topk_weights = as_grad(d_topk_weights, r.topk_weights.shape, cfg.np_dtype,
+                                     "d_topk_weights")
+        kernel("router_backward", cfg.np_dtype)(
+            x2, w, mask, r.router_logits, r.router_probs_clean, r.router_probs, r.entropy,
+            r.topk_indices, r.dropped.view(np.uint8), r.tokens_per_expert, d_topk_weights, cfg.top_k,
+            bool(cfg.normalize_topk), bool(cfg.straight_through), training,
+            cfg.load_balance_coef, cfg.z_loss_coef, cfg.entropy_coef, dx2, self.grads["w_router"])
+
+    def backward(self, d_topk_weights: Optional[np.ndarray] = None) -> np.ndarray:
+        """Gradient of sum(d_topk_weights * topk_weights) + aux_loss; returns dx (shape of x)."""
+        if self._saved is None:
+            raise RuntimeError("backward called before forward")
+        x2 = self._saved[0]
+        dx2 = np.zeros_like(x2)
+        self.backward_into(d_topk_weights, dx2)
+        return dx2.reshape(self._lead + (self.cfg.d_model,))
+
+    def zero_grad(self) -> None:
+        for g in self.grads.values():
+            g.fill(0)
