@@ -1,0 +1,181 @@
+"""MoELayer: whole-layer gradients, dense equivalence, padding, expert gradients."""
+import numpy as np
+import pytest
+
+import moe_py
+from conftest import max_rel_err, numerical_grad
+
+GRAD_TOL = 1e-6  # float64 central differences, see test_router.py
+
+
+def make_layer(rng, D=6, F=5, E=4, k=2, dtype="float64", **kw):
+    cfg = moe_py.MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=k, dtype=dtype, **kw)
+    layer = moe_py.MoELayer(cfg)
+    # a router that is far from uniform, so that top-k is not near a tie
+    layer.params["w_router"][...] = rng.standard_normal((D, E))
+    return layer
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("capacity_factor", [None, 0.75])
+def test_layer_gradient_matches_finite_differences(activation, k, padded, capacity_factor):
+    rng = np.random.default_rng(11)
+    layer = make_layer(rng, E=5, k=k, activation=activation, capacity_factor=capacity_factor,
+                       load_balance_coef=0.2, z_loss_coef=0.02, entropy_coef=0.1)
+    x = rng.standard_normal((2, 6, 6))
+    mask = rng.random((2, 6)) > 0.3 if padded else None
+    dy = rng.standard_normal(x.shape)
+
+    def objective():
+        o = layer(x, padding_mask=mask)
+        return float(np.sum(o.y * dy) + o.aux_loss)
+
+    o = layer(x, padding_mask=mask)
+    if capacity_factor is not None:
+        assert o.router.dropped.any()
+    layer.zero_grad()
+    dx = layer.backward(dy)
+    errors = {"x": max_rel_err(dx, numerical_grad(objective, x))}
+    for name, p in layer.params.items():
+        errors[name] = max_rel_err(layer.grads[name], numerical_grad(objective, p))
+    assert max(errors.values()) < GRAD_TOL, errors
+
+
+def dense_swiglu(x, w1, w3, w2):
+    h1 = x @ w1
+    return ((h1 / (1 + np.exp(-h1))) * (x @ w3)) @ w2
+
+
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-12), ("float32", 1e-5)])
+def test_one_expert_top1_is_a_dense_swiglu_ffn(dtype, tol):
+    rng = np.random.default_rng(12)
+    cfg = moe_py.MoEConfig(d_model=16, d_ff=24, num_experts=1, top_k=1, dtype=dtype,
+                           load_balance_coef=0.0, z_loss_coef=0.0)
+    layer = moe_py.MoELayer(cfg)
+    x = rng.standard_normal((33, 16)).astype(dtype)
+    o = layer(x)
+    w1, w3, w2 = (layer.params[n][0].astype(np.float64) for n in ("w1", "w3", "w2"))
+    ref = dense_swiglu(x.astype(np.float64), w1, w3, w2)
+    assert (o.router.topk_weights == 1).all()  # softmax over one expert
+    np.testing.assert_allclose(o.y, ref, rtol=tol, atol=tol)
+
+
+def test_padded_tokens_give_zero_output_and_gradient_and_match_removal():
+    rng = np.random.default_rng(13)
+    layer = make_layer(rng, E=4, k=2, capacity_factor=1.25, entropy_coef=0.05)
+    x = rng.standard_normal((24, 6))
+    mask = rng.random(24) > 0.35
+    dy = rng.standard_normal(x.shape)
+    o = layer(x, padding_mask=mask)
+    layer.zero_grad()
+    dx = layer.backward(dy)
+    grads = {k: v.copy() for k, v in layer.grads.items()}
+    assert (o.y[~mask] == 0).all() and (dx[~mask] == 0).all()
+
+    ref = layer(x[mask])
+    layer.zero_grad()
+    dx_ref = layer.backward(dy[mask])
+    assert ref.losses == pytest.approx(o.losses, rel=1e-12)
+    np.testing.assert_allclose(ref.y, o.y[mask], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(dx_ref, dx[mask], rtol=1e-10, atol=1e-13)
+    for name in grads:
+        np.testing.assert_allclose(layer.grads[name], grads[name], rtol=1e-10, atol=1e-13)
+
+
+def test_idle_experts_get_exactly_zero_gradient_and_busy_ones_do_not():
+    rng = np.random.default_rng(14)
+    layer = make_layer(rng, E=6, k=1)
+    # steer every token to experts 0 and 1 only
+    layer.params["w_router"][...] = 0
+    layer.params["w_router"][0, 0] = 5.0
+    layer.params["w_router"][0, 1] = -5.0
+    x = rng.standard_normal((20, 6))
+    o = layer(x)
+    used = set(o.router.topk_indices.ravel().tolist())
+    assert used == {0, 1}
+    layer.zero_grad()
+    layer.backward(rng.standard_normal(x.shape))
+    for name in ("w1", "w3", "w2"):
+        g = layer.grads[name]
+        assert np.isfinite(g).all()
+        for e in range(6):
+            if e in used:
+                assert np.abs(g[e]).sum() > 0, (name, e)
+            else:
+                assert (g[e] == 0).all(), (name, e)
+    assert np.abs(layer.grads["w_router"]).sum() > 0
+
+
+def test_k1_router_learns_from_the_task_loss():
+    rng = np.random.default_rng(15)
+    layer = make_layer(rng, E=4, k=1, load_balance_coef=0.0, z_loss_coef=0.0)
+    assert layer.cfg.normalize_topk is False
+    x = rng.standard_normal((16, 6))
+    layer(x)
+    layer.zero_grad()
+    layer.backward(rng.standard_normal(x.shape))
+    assert np.abs(layer.grads["w_router"]).max() > 1e-3
+
+
+def test_backward_includes_the_aux_loss_gradient():
+    rng = np.random.default_rng(16)
+    layer = make_layer(rng, E=4, k=2, load_balance_coef=1.0, z_loss_coef=0.1)
+    x = rng.standard_normal((10, 6))
+    layer(x)
+    layer.zero_grad()
+    dx = layer.backward(np.zeros_like(x))  # no task gradient: only the aux loss remains
+    router = moe_py.Router(layer.cfg)
+    router.params["w_router"][...] = layer.params["w_router"]
+    router(x)
+    router.zero_grad()
+    np.testing.assert_allclose(dx, router.backward(None), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(layer.grads["w_router"], router.grads["w_router"], rtol=1e-12)
+    assert np.abs(layer.grads["w_router"]).max() > 0
+
+
+def test_grads_accumulate_until_zero_grad():
+    rng = np.random.default_rng(17)
+    layer = make_layer(rng)
+    x = rng.standard_normal((9, 6))
+    dy = rng.standard_normal(x.shape)
+    layer(x)
+    layer.zero_grad()
+    layer.backward(dy)
+    once = {k: v.copy() for k, v in layer.grads.items()}
+    layer.backward(dy)
+    for k in once:
+        np.testing.assert_allclose(layer.grads[k], 2 * once[k], rtol=1e-12)
+    layer.zero_grad()
+    assert all((g == 0).all() for g in layer.grads.values())
+
+
+def test_params_and_grads_have_the_contract_shapes():
+    for act, keys in (("swiglu", {"w_router", "w1", "w3", "w2"}), ("gelu", {"w_router", "w1", "w2"})):
+        cfg = moe_py.MoEConfig(d_model=8, d_ff=12, num_experts=3, top_k=2, activation=act)
+        layer = moe_py.MoELayer(cfg)
+        assert set(layer.params) == keys and set(layer.grads) == keys
+        shapes = {"w_router": (8, 3), "w1": (3, 8, 12), "w3": (3, 8, 12), "w2": (3, 12, 8)}
+        for k in keys:
+            assert layer.params[k].shape == shapes[k] and layer.params[k].dtype == np.float32
+            assert layer.grads[k].shape == shapes[k] and layer.grads[k].dtype == np.float32
+
+
+def test_float32_agrees_with_float64():
+    rng = np.random.default_rng(18)
+    l64 = make_layer(rng, D=16, F=32, E=4, k=2)
+    l32 = moe_py.MoELayer(moe_py.MoEConfig(**{**l64.cfg.__dict__, "dtype": "float32"}))
+    for k in l64.params:
+        l32.params[k][...] = l64.params[k]
+    x = rng.standard_normal((40, 16))
+    dy = rng.standard_normal(x.shape)
+    o64, o32 = l64(x), l32(x.astype(np.float32))
+    np.testing.assert_array_equal(o64.router.topk_indices, o32.router.topk_indices)
+    # float32 rounding (~6e-8 relative) through two GEMMs of depth 16-32
+    np.testing.assert_allclose(o32.y, o64.y, rtol=1e-4, atol=1e-5)
+    l64.zero_grad(), l32.zero_grad()
+    dx64, dx32 = l64.backward(dy), l32.backward(dy.astype(np.float32))
+    np.testing.assert_allclose(dx32, dx64, rtol=1e-4, atol=1e-5)
+    for k in l64.grads:
+        np.testing.assert_allclose(l32.grads[k], l64.grads[k], rtol=1e-4, atol=1e-4)
