@@ -81,6 +81,24 @@ void combine_backward(const T* dy, const T* ye, const index_t* slot_row, const T
   }
 }
 
+template <typename T>
+void scatter_add_rows(const T* dout, const index_t* ids, index_t n_tokens, index_t n_ids,
+                      index_t d, T* table_grad) {
+  // group the tokens by id with the same counting sort as the experts' dispatch
+  std::vector<std::uint8_t> keep(n_tokens, 0);
+  std::vector<index_t> offsets(n_ids + 1), row_token(n_tokens), slot_row(n_tokens);
+  dispatch_plan(ids, keep.data(), n_tokens, 1, n_ids, offsets.data(), row_token.data(),
+                slot_row.data());
+#pragma omp parallel for schedule(dynamic, 16)
+  for (index_t v = 0; v < n_ids; ++v) {
+    T* g = table_grad + v * d;
+    for (index_t r = offsets[v]; r < offsets[v + 1]; ++r) {
+      const T* src = dout + row_token[r] * d;
+      for (index_t i = 0; i < d; ++i) g[i] += src[i];
+    }
+  }
+}
+
 #define MOE_INSTANTIATE(T)                                                                     \
   template void gather_rows<T>(const T*, const index_t*, index_t, index_t, T*);                \
   template void gather_rows_backward<T>(const T*, const index_t*, index_t, index_t, index_t,   \
@@ -88,7 +106,8 @@ void combine_backward(const T* dy, const T* ye, const index_t* slot_row, const T
   template void combine_forward<T>(const T*, const index_t*, const T*, index_t, index_t,       \
                                    index_t, T*);                                               \
   template void combine_backward<T>(const T*, const T*, const index_t*, const T*, index_t,     \
-                                    index_t, index_t, T*, T*);
+                                    index_t, index_t, T*, T*);                               \
+  template void scatter_add_rows<T>(const T*, const index_t*, index_t, index_t, index_t, T*);
 MOE_INSTANTIATE(float)
 MOE_INSTANTIATE(double)
 #undef MOE_INSTANTIATE

@@ -34,4 +34,10 @@ template <typename T>
 void combine_backward(const T* dy, const T* ye, const index_t* slot_row, const T* weights,
                       index_t n_tokens, index_t k, index_t d, T* dye, T* d_weights);
 
+// table_grad[v] += sum of dout[t] over the tokens t with ids[t] == v, summed in
+// token order per id (the backward of an embedding lookup; no atomics).
+template <typename T>
+void scatter_add_rows(const T* dout, const index_t* ids, index_t n_tokens, index_t n_ids,
+                      index_t d, T* table_grad);
+
 }  // namespace moe

@@ -55,13 +55,15 @@ class MoELayer:
 
     forward = __call__
 
-    def backward(self, dy) -> np.ndarray:
+    def backward(self, dy, aux_weight: float = 1.0) -> np.ndarray:
+        """aux_weight scales the aux-loss gradient (e.g. 1/M when M micro-batches are
+        accumulated and the aux loss is averaged over them); 1 is the contract above."""
         if self._lead is None:
             raise RuntimeError("backward called before forward")
         D = self.cfg.d_model
         dy2 = as_grad(dy, self._lead + (D,), self.cfg.np_dtype, "dy").reshape(-1, D)
         dx2, d_weights = self.experts.backward(dy2)
-        self.router.backward_into(d_weights, dx2)
+        self.router.backward_into(d_weights, dx2, aux_weight)
         return dx2.reshape(self._lead + (D,))
 
     def zero_grad(self) -> None:

@@ -126,8 +126,10 @@ class Router:
 
     forward = __call__
 
-    def backward_into(self, d_topk_weights: Optional[np.ndarray], dx2: np.ndarray) -> None:
-        """Add the gradient w.r.t. the flattened x into dx2 [T, d_model] and w_router into grads."""
+    def backward_into(self, d_topk_weights: Optional[np.ndarray], dx2: np.ndarray,
+                      aux_weight: float = 1.0) -> None:
+        """Add the gradient of sum(d_topk_weights * topk_weights) + aux_weight * aux_loss
+        w.r.t. the flattened x into dx2 [T, d_model], and w.r.t. w_router into grads."""
         if self._saved is None:
             raise RuntimeError("backward called before forward")
         x2, w, mask, r, training = self._saved
@@ -139,7 +141,8 @@ class Router:
             x2, w, mask, r.router_logits, r.router_probs_clean, r.router_probs, r.entropy,
             r.topk_indices, r.dropped.view(np.uint8), r.tokens_per_expert, d_topk_weights, cfg.top_k,
             bool(cfg.normalize_topk), bool(cfg.straight_through), training,
-            cfg.load_balance_coef, cfg.z_loss_coef, cfg.entropy_coef, dx2, self.grads["w_router"])
+            aux_weight * cfg.load_balance_coef, aux_weight * cfg.z_loss_coef,
+            aux_weight * cfg.entropy_coef, dx2, self.grads["w_router"])
 
     def backward(self, d_topk_weights: Optional[np.ndarray] = None) -> np.ndarray:
         """Gradient of sum(d_topk_weights * topk_weights) + aux_loss; returns dx (shape of x)."""

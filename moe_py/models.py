@@ -1,0 +1,209 @@
+"""A small decoder-only byte-level transformer LM whose FFN blocks are MoE
+layers (or dense SwiGLU FFNs for the baseline).
+
+    x = tok_emb[ids] + pos_emb
+    n_layers x [ x += Attn(RMSNorm(x)); x += FFN(RMSNorm(x)) ]     FFN = MoELayer | DenseFFN
+    logits_i = RMSNorm(x) @ W_head_i,  i = 0 .. n_predict-1 (head i predicts t+1+i)
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
+
+import numpy as np
+
+from ._checks import as_mask
+from .config import DTYPES, MoEConfig
+from .layer import MoELayer
+from .losses import IGNORE_INDEX, multi_token_cross_entropy
+from .nn import CausalSelfAttention, DenseFFN, Embedding, Linear, Module, RMSNorm
+from .router import RouterOutput
+
+
+@dataclass
+class ModelConfig:
+    """The whole model. `moe` None makes the dense baseline with FFN width d_ff;
+    otherwise `moe` configures every FFN block (its d_model must equal d_model)."""
+
+    vocab_size: int = 256
+    max_seq_len: int = 128
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int = 256
+    activation: str = "swiglu"
+    moe: Optional[MoEConfig] = None
+    n_predict: int = 1
+    dtype: str = "float32"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig(**self.moe)
+        for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads", "d_ff", "n_predict"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"n_heads: expected a divisor of d_model ({self.d_model}), got {self.n_heads}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: expected one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.moe is not None:
+            if self.moe.d_model != self.d_model:
+                raise ValueError(f"moe.d_model: expected d_model ({self.d_model}), got {self.moe.d_model}")
+            if self.moe.dtype != self.dtype:
+                raise ValueError(f"moe.dtype: expected dtype ({self.dtype}), got {self.moe.dtype}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        return cls(**d)
+
+
+class ModelOutput(NamedTuple):
+    head_logits: List[np.ndarray]  # n_predict x [B, S, V]
+    routers: List[RouterOutput]  # one per MoE layer (empty for the dense model)
+    aux_loss: float  # sum over layers of each layer's weighted aux loss
+    layer_losses: List[Dict[str, float]]  # per layer: load_balance, z_loss, entropy
+
+
+class Block(Module):
+    def __init__(self, cfg: ModelConfig, layer_index: int, rng: np.random.Generator):
+        dt = DTYPES[cfg.dtype]
+        out_std = 0.02 / math.sqrt(2 * cfg.n_layers)  # residual branches start small
+        self.norm1 = RMSNorm(cfg.d_model, dt)
+        self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, rng, dt, out_std)
+        self.norm2 = RMSNorm(cfg.d_model, dt)
+        out_scale = 1.0 / math.sqrt(2 * cfg.n_layers)
+        if cfg.moe is not None:
+            # each layer its own seed, derived from the model's
+            moe_cfg = dataclasses.replace(cfg.moe, seed=int(rng.integers(2**31)))
+            self.ffn = MoELayer(moe_cfg)
+            self.ffn.params["w2"] *= out_scale
+        else:
+            self.ffn = DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation, rng, cfg.dtype, out_scale)
+
+    def children(self) -> Dict[str, object]:
+        return {"norm1": self.norm1, "attn": self.attn, "norm2": self.norm2, "ffn": self.ffn}
+
+    def forward(self, x2, mask, shape, training):
+        x2 = x2 + self.attn.forward(self.norm1.forward(x2), mask, shape)
+        h = self.norm2.forward(x2)
+        if isinstance(self.ffn, MoELayer):
+            out = self.ffn(h, padding_mask=mask.reshape(-1), training=training)
+            self._moe_out = out
+            return x2 + out.y
+        self._moe_out = None
+        return x2 + self.ffn.forward(h, mask)
+
+    def backward(self, dx2, aux_weight):
+        if isinstance(self.ffn, MoELayer):
+            dh = self.ffn.backward(dx2, aux_weight=aux_weight)
+        else:
+            dh = self.ffn.backward(dx2)
+        dx2 = dx2 + self.norm2.backward(dh)
+        return dx2 + self.norm1.backward(self.attn.backward(dx2))
+
+
+class TransformerLM:
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+        dt = DTYPES[cfg.dtype]
+        rng = np.random.default_rng(cfg.seed)
+        self.embed = Embedding(cfg.vocab_size, cfg.max_seq_len, cfg.d_model, rng, dt)
+        self.blocks = [Block(cfg, i, rng) for i in range(cfg.n_layers)]
+        self.norm_f = RMSNorm(cfg.d_model, dt)
+        self.heads = [Linear(cfg.d_model, cfg.vocab_size, rng, dt) for _ in range(cfg.n_predict)]
+        self._shape = None
+
+    # ---- parameters ------------------------------------------------------------
+    def modules(self) -> Iterator[Tuple[str, object]]:
+        yield "embed", self.embed
+        for i, b in enumerate(self.blocks):
+            for name, m in b.children().items():
+                yield f"blocks.{i}.{name}", m
+        yield "norm_f", self.norm_f
+        for i, h in enumerate(self.heads):
+            yield f"heads.{i}", h
+
+    def named_parameters(self) -> Iterator[Tuple[str, np.ndarray, np.ndarray]]:
+        """(name, parameter, gradient) for every parameter, in a fixed order."""
+        for prefix, m in self.modules():
+            for k in m.params:
+                yield f"{prefix}.{k}", m.params[k], m.grads[k]
+
+    @property
+    def moe_layers(self) -> List[MoELayer]:
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
+
+    def zero_grad(self) -> None:
+        for _, _, g in self.named_parameters():
+            g.fill(0)
+
+    def num_parameters(self) -> Dict[str, int]:
+        """Total parameters and those active for one token (k of E experts)."""
+        total = sum(p.size for _, p, _ in self.named_parameters())
+        inactive = 0
+        for layer in self.moe_layers:
+            per_expert = sum(v[0].size for k, v in layer.params.items() if k != "w_router")
+            inactive += (layer.cfg.num_experts - layer.cfg.top_k) * per_expert
+        return {"total": int(total), "active": int(total - inactive)}
+
+    def set_noise_annealing(self, start_std: float, anneal_steps: int) -> None:
+        for layer in self.moe_layers:
+            layer.set_noise_annealing(start_std, anneal_steps)
+
+    # ---- forward / backward ------------------------------------------------------
+    def forward(self, inputs: np.ndarray, padding_mask: Optional[np.ndarray] = None,
+                training: bool = True) -> ModelOutput:
+        inputs = np.asarray(inputs)
+        if inputs.ndim != 2 or not np.issubdtype(inputs.dtype, np.integer):
+            raise ValueError(f"inputs: expected int token ids [B, S], got {inputs.dtype} {list(inputs.shape)}")
+        B, S = inputs.shape
+        if S > self.cfg.max_seq_len:
+            raise ValueError(f"inputs: expected at most max_seq_len={self.cfg.max_seq_len} positions, got {S}")
+        if inputs.size and (inputs.min() < 0 or inputs.max() >= self.cfg.vocab_size):
+            raise ValueError(f"inputs: expected ids in [0, {self.cfg.vocab_size})")
+        mask = as_mask(padding_mask, (B, S)).reshape(B, S)
+        x = self.embed.forward(inputs)
+        routers, layer_losses, aux = [], [], 0.0
+        for b in self.blocks:
+            x = b.forward(x, mask, (B, S), training)
+            if b._moe_out is not None:
+                routers.append(b._moe_out.router)
+                layer_losses.append(b._moe_out.losses)
+                aux += b._moe_out.aux_loss
+        h = self.norm_f.forward(x)
+        logits = [head.forward(h).reshape(B, S, -1) for head in self.heads]
+        self._shape, self._mask = (B, S), mask
+        return ModelOutput(logits, routers, aux, layer_losses)
+
+    __call__ = forward
+
+    def backward(self, head_dlogits: List[np.ndarray], aux_weight: float = 1.0) -> None:
+        """Gradients of sum_i <head_dlogits[i], logits_i> + aux_weight * aux_loss, added into grads."""
+        B, S = self._shape
+        dh = None
+        for head, d in zip(self.heads, head_dlogits):
+            g = head.backward(np.ascontiguousarray(d.reshape(B * S, -1)))
+            dh = g if dh is None else dh + g
+        dx = self.norm_f.backward(dh)
+        for b in reversed(self.blocks):
+            dx = b.backward(dx, aux_weight)
+        self.embed.backward(dx)
+
+    def loss_and_backward(self, inputs, targets, mask, training: bool = True,
+                          loss_weight: float = 1.0, aux_weight: float = 1.0) -> dict:
+        """Forward, the multi-token LM loss (mean over heads of each head's per-token
+        mean), and backward of loss_weight * that + aux_weight * aux_loss.
+        Returns the unweighted numbers and the RouterOutputs for logging."""
+        out = self.forward(inputs, mask, training)
+        losses, grads = multi_token_cross_entropy(out.head_logits, targets, mask, IGNORE_INDEX)
+        scale = loss_weight / len(losses)
+        self.backward([g * scale for g in grads], aux_weight)
+        return {"head_losses": losses, "loss": float(np.mean(losses)), "aux_loss": out.aux_loss,
+                "layer_losses": out.layer_losses, "routers": out.routers}
