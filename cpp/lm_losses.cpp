@@ -38,7 +38,7 @@ void multi_token_labels(const index_t* targets, const std::uint8_t* mask, index_
   for (index_t i = 0; i < n_heads; ++i)
     for (index_t b = 0; b < B; ++b)
       for (index_t t = 0; t < S; ++t) {
-        const bool ok = mask[b * S + t] && t + i < S;
+        const bool ok = t + i < S && mask[b * S + t] && mask[b * S + t + i];
         labels[(i * B + b) * S + t] = ok ? targets[b * S + t + i] : ignore_index;
       }
 }

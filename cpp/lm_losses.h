@@ -13,9 +13,9 @@ double cross_entropy(const T* logits, const index_t* labels, index_t n, index_t 
                      index_t ignore_index, T* dlogits);
 
 // Labels of head i (predicting t+1+i) from next-token targets [B, S]:
-// labels_i[b, t] = targets[b, t + i] when t + i < S and mask[b, t], else
-// ignore_index. Since targets are already ignore_index past each document's
-// end, no head ever learns from padding. Writes labels [n_heads, B, S].
+// labels_i[b, t] = targets[b, t + i] when t + i < S and inputs t and t + i are
+// both real (mask), else ignore_index: the mask shifts with the labels, so no
+// head learns from padding. Writes labels [n_heads, B, S].
 void multi_token_labels(const index_t* targets, const std::uint8_t* mask, index_t B, index_t S,
                         index_t n_heads, index_t ignore_index, index_t* labels);
 

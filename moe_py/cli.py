@@ -1,7 +1,15 @@
-"""Command line: `python -m moe_py <command>` (also the `moe-py` console script)."""
+"""Command line: `python -m moe_py <command>` (also the `moe-py` console script).
+
+    train    train an MoE (or --dense) byte-level LM; writes a run folder
+    compare  train the MoE and a dense baseline with the same active parameters
+    sample   generate text from a checkpoint
+    demo     route one padded batch through a fresh MoE layer
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
 from typing import List, Optional
 
@@ -35,7 +43,7 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"mean clean entropy: {r.entropy[real].mean():.4f} nats (max ln E = {np.log(E):.4f})")
     print(f"dropped slots: {int(r.dropped.sum())} of {int(real.sum()) * cfg.top_k}")
     print("losses:", {k: round(v, 6) for k, v in out.losses.items()}, f"aux_loss={out.aux_loss:.6f}")
-    print("first real token: experts", r.topk_indices[0].tolist(),
+    print("first token: experts", r.topk_indices[0].tolist(),
           "weights", np.round(r.topk_weights[0], 4).tolist())
     dx = layer.backward(np.ones_like(out.y))
     print(f"backward: |dx|={np.linalg.norm(dx):.4f} (padding rows zero: "
@@ -44,10 +52,125 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- train / compare ---------------------------------------------------------------
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--d-model", type=int, default=128)
+    g.add_argument("--layers", type=int, default=4)
+    g.add_argument("--heads", type=int, default=4)
+    g.add_argument("--experts", type=int, default=8, help="experts per MoE layer (E)")
+    g.add_argument("--top-k", type=int, default=2)
+    g.add_argument("--d-ff", type=int, default=128, help="hidden width of one expert")
+    g.add_argument("--activation", choices=("swiglu", "gelu"), default="swiglu")
+    g.add_argument("--n-predict", type=int, default=1, help="multi-token prediction heads")
+    g.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    r = p.add_argument_group("router")
+    r.add_argument("--capacity-factor", type=float, default=None, help="default: dropless")
+    r.add_argument("--straight-through", action="store_true")
+    r.add_argument("--noise-std", type=float, default=0.0, help="NoisyTop-k start std (0: off)")
+    r.add_argument("--noise-anneal-steps", type=int, default=0, help="default: all steps")
+    r.add_argument("--load-balance-coef", type=float, default=0.01)
+    r.add_argument("--z-loss-coef", type=float, default=0.001)
+    r.add_argument("--entropy-coef", type=float, default=0.0)
+    t = p.add_argument_group("training")
+    t.add_argument("--corpus", default="python", help="python | synthetic | a text file or folder")
+    t.add_argument("--corpus-bytes", type=int, default=2_000_000, help="bytes read of the python corpus")
+    t.add_argument("--steps", type=int, default=300)
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--seq-len", type=int, default=128)
+    t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--warmup", type=int, default=30)
+    t.add_argument("--eval-every", type=int, default=50)
+    t.add_argument("--eval-batches", type=int, default=8)
+    t.add_argument("--checkpoint-every", type=int, default=100)
+    t.add_argument("--seed", type=int, default=0)
+
+
+def _configs(args: argparse.Namespace, dense: bool):
+    from .models import ModelConfig
+    from .train import TrainConfig
+    moe = None
+    d_ff = args.d_ff
+    if dense:
+        d_ff = args.top_k * args.d_ff  # the same active FFN parameters per token as k experts
+    else:
+        moe = MoEConfig(d_model=args.d_model, d_ff=args.d_ff, num_experts=args.experts, top_k=args.top_k,
+                        capacity_factor=args.capacity_factor, activation=args.activation,
+                        straight_through=args.straight_through, load_balance_coef=args.load_balance_coef,
+                        z_loss_coef=args.z_loss_coef, entropy_coef=args.entropy_coef, dtype=args.dtype,
+                        seed=args.seed)
+    model = ModelConfig(max_seq_len=args.seq_len, d_model=args.d_model, n_layers=args.layers,
+                        n_heads=args.heads, d_ff=d_ff, activation=args.activation, moe=moe,
+                        n_predict=args.n_predict, dtype=args.dtype, seed=args.seed)
+    train = TrainConfig(corpus=args.corpus, steps=args.steps, batch_size=args.batch_size,
+                        seq_len=args.seq_len, grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup,
+                        eval_every=args.eval_every, eval_batches=args.eval_batches,
+                        checkpoint_every=args.checkpoint_every, noise_std=args.noise_std,
+                        noise_anneal_steps=args.noise_anneal_steps, seed=args.seed,
+                        corpus_bytes=args.corpus_bytes)
+    return model, train
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import train
+    if args.resume:
+        import json
+        with open(os.path.join(args.out, "config.json")) as f:
+            saved = json.load(f)
+        from .models import ModelConfig
+        from .train import TrainConfig
+        model_cfg = ModelConfig.from_dict(saved["model"])
+        train_cfg = TrainConfig(**saved["train"])
+        last = train(model_cfg, train_cfg, args.out, resume=True)
+    else:
+        model_cfg, train_cfg = _configs(args, dense=args.dense)
+        last = train(model_cfg, train_cfg, args.out)
+    print(f"done: step {last.get('step')} loss {last.get('loss', float('nan')):.4f} "
+          f"val_loss {last.get('val_loss', float('nan')):.4f}; run folder {args.out}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .data import load_corpus
+    from .models import TransformerLM
+    from .train import read_metrics, train
+    rows = []
+    corpus = None
+    for name, dense in (("moe", False), ("dense", True)):
+        model_cfg, train_cfg = _configs(args, dense=dense)
+        if corpus is None:
+            corpus = load_corpus(train_cfg.corpus, seed=train_cfg.seed, max_bytes=train_cfg.corpus_bytes)
+        out = os.path.join(args.out, name)
+        print(f"== {name}: training into {out}", file=sys.stderr)
+        last = train(model_cfg, train_cfg, out, corpus=corpus)
+        metrics = read_metrics(out)
+        tps = float(np.median([m["tokens_per_s"] for m in metrics]))
+        params = TransformerLM(model_cfg).num_parameters()
+        rows.append((name, last["val_loss"], last["loss"], tps, params["total"], params["active"]))
+    print(f"\n{'model':<6} {'val loss':>9} {'train loss':>10} {'tokens/s':>9} {'params':>10} {'active':>10}")
+    for name, val, tr, tps, total, active in rows:
+        print(f"{name:<6} {val:>9.4f} {tr:>10.4f} {tps:>9.0f} {total:>10,d} {active:>10,d}")
+    diff = rows[0][1] - rows[1][1]
+    print(f"\nMoE val loss minus dense val loss: {diff:+.4f} ({'MoE better' if diff <= 0 else 'dense better'})")
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model
+    from .sample import generate
+    model, _ = load_model(args.checkpoint)
+    text = generate(model, args.prompt.encode("utf-8"), args.length, args.temperature, args.seed)
+    sys.stdout.write(text.decode("utf-8", errors="replace") + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moe_py", description="A Mixture-of-Experts laboratory for the CPU.")
     p.add_argument("--threads", type=int, default=None, help="OpenMP threads for the kernels")
     sub = p.add_subparsers(dest="command", required=True)
+
     d = sub.add_parser("demo", help="route one padded batch through a fresh MoE layer")
     d.add_argument("--d-model", type=int, default=64)
     d.add_argument("--d-ff", type=int, default=128)
@@ -56,16 +179,40 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--capacity-factor", type=float, default=None)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=_demo)
+
+    t = sub.add_parser("train", help="train a byte-level MoE language model")
+    _add_model_flags(t)
+    t.add_argument("--dense", action="store_true", help="dense baseline: FFN width top_k * d_ff")
+    t.add_argument("--out", default=os.path.join("runs", "train"), help="run folder")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    t.set_defaults(func=_train)
+
+    c = sub.add_parser("compare", help="MoE vs a dense baseline with the same active parameters")
+    _add_model_flags(c)
+    c.add_argument("--out", default=os.path.join("runs", "compare"))
+    c.set_defaults(func=_compare)
+
+    s = sub.add_parser("sample", help="generate text from a checkpoint")
+    s.add_argument("checkpoint", help="a run's checkpoint.npz")
+    s.add_argument("--prompt", default="def ")
+    s.add_argument("--length", type=int, default=200)
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_sample)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .train import TrainingDiverged
     try:
         if args.threads is not None:
             set_num_threads(args.threads)
         return args.func(args)
-    except (ValueError, TypeError, OSError) as e:
+    except TrainingDiverged as e:
+        print(f"moe_py: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError, OSError, KeyError) as e:
         print(f"moe_py: error: {e}", file=sys.stderr)
         return 2

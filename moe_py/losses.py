@@ -40,7 +40,8 @@ def multi_token_labels(targets, mask, n_predict: int, ignore_index: int = IGNORE
 
     targets [B, S] are the next-token labels (head 0), already `ignore_index` where
     there is no real next token; head i reads targets[:, t + i], and is ignored where
-    t + i runs past the window or input t is padding, so no head learns from padding."""
+    t + i runs past the window or input t or t + i is padding (the mask shifts with
+    the labels), so no head learns from padding."""
     targets = np.ascontiguousarray(np.asarray(targets, dtype=np.int64))
     mask = np.ascontiguousarray(np.asarray(mask).astype(np.uint8))
     return _core.multi_token_labels(targets, mask, int(n_predict), int(ignore_index))

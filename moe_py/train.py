@@ -1,0 +1,232 @@
+"""Training: AdamW with warmup + cosine, clipping, gradient accumulation,
+per-step JSON-lines metrics, validation, checkpoints and exact resume.
+
+The logged `loss` is the true per-token mean of the next-token cross-entropy
+over every real token of the step (all micro-batches), not a sum of
+micro-batch means. Aux losses are averaged over micro-batches.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from .checkpoint import load_model, load_optimizer, save_checkpoint
+from .data import BatchSampler, Corpus, load_corpus
+from .losses import IGNORE_INDEX, cross_entropy
+from .models import ModelConfig, TransformerLM
+from .optim import AdamW, global_grad_norm, lr_at
+
+
+@dataclass
+class TrainConfig:
+    corpus: str = "python"
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 128
+    grad_accum: int = 1
+    lr: float = 3e-3
+    warmup: int = 30
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    eval_batches: int = 8
+    checkpoint_every: int = 100
+    noise_std: float = 0.0
+    noise_anneal_steps: int = 0
+    seed: int = 0
+    corpus_bytes: int = 2_000_000
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
+                     "checkpoint_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+        for name in ("lr", "weight_decay", "grad_clip", "noise_std", "min_lr_ratio"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
+        if self.warmup < 0 or self.noise_anneal_steps < 0:
+            raise ValueError("warmup, noise_anneal_steps: expected >= 0")
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def _progress(total: int, initial: int):
+    try:
+        from tqdm import tqdm
+        return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, file=sys.stderr)
+    except ImportError:  # the bar is a nicety; training does not depend on it
+        return None
+
+
+def evaluate(model: TransformerLM, sampler: BatchSampler, max_batches: Optional[int]) -> float:
+    """Per-token mean next-token loss over the validation batches (eval mode, no noise)."""
+    total, count = 0.0, 0
+    for batch in sampler.iter_eval(max_batches):
+        out = model.forward(batch.inputs, batch.mask, training=False)
+        n = int((batch.targets != IGNORE_INDEX).sum())
+        if n:
+            loss, _ = cross_entropy(out.head_logits[0], batch.targets, IGNORE_INDEX)
+            total += loss * n
+            count += n
+    return total / count if count else float("nan")
+
+
+class _StepStats:
+    """Accumulates one step's numbers over its micro-batches."""
+
+    def __init__(self, n_layers: int):
+        self.nll = 0.0
+        self.n_targets = 0
+        self.aux = 0.0
+        self.layer_losses: List[Dict[str, float]] = [dict(load_balance=0.0, z_loss=0.0, entropy=0.0)
+                                                     for _ in range(n_layers)]
+        self.tokens_per_expert: List[np.ndarray] = [None] * n_layers
+        self.entropy_sum = [0.0] * n_layers
+        self.real = [0] * n_layers
+        self.dropped = [0] * n_layers
+        self.slots = [0] * n_layers
+
+    def add(self, result: dict, n_targets: int, head0_loss: float, mask: np.ndarray) -> None:
+        self.nll += head0_loss * n_targets
+        self.n_targets += n_targets
+        self.aux += result["aux_loss"]
+        real = mask.reshape(-1)
+        for i, (r, ll) in enumerate(zip(result["routers"], result["layer_losses"])):
+            for k, v in ll.items():
+                self.layer_losses[i][k] += v
+            tpe = r.tokens_per_expert
+            self.tokens_per_expert[i] = tpe if self.tokens_per_expert[i] is None else self.tokens_per_expert[i] + tpe
+            self.entropy_sum[i] += float(r.entropy[real].sum())
+            self.real[i] += int(real.sum())
+            self.dropped[i] += int(r.dropped.sum())
+            self.slots[i] += int(real.sum()) * r.topk_indices.shape[1]
+
+    def metrics(self, micro: int) -> dict:
+        out = {"loss": self.nll / self.n_targets if self.n_targets else 0.0,
+               "aux_loss": self.aux / micro}
+        if self.tokens_per_expert and self.tokens_per_expert[0] is not None:
+            out["load_balance"] = [ll["load_balance"] / micro for ll in self.layer_losses]
+            out["z_loss"] = [ll["z_loss"] / micro for ll in self.layer_losses]
+            out["entropy"] = [e / max(1, r) for e, r in zip(self.entropy_sum, self.real)]
+            out["expert_share"] = [(t / max(1, t.sum())).round(6).tolist() for t in self.tokens_per_expert]
+            out["drop_rate"] = [d / max(1, s) for d, s in zip(self.dropped, self.slots)]
+        return out
+
+
+def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, corpus: Optional[Corpus] = None,
+          resume: bool = False, quiet: bool = False, plots: bool = True,
+          until: Optional[int] = None) -> dict:
+    """Train (or resume from out_dir/checkpoint.npz) into out_dir; returns the last
+    step's metrics. `until` stops after that step, as an interruption would (the
+    schedule still runs to train_cfg.steps)."""
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt_path = os.path.join(out_dir, "checkpoint.npz")
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    if corpus is None:
+        corpus = load_corpus(train_cfg.corpus, seed=train_cfg.seed, max_bytes=train_cfg.corpus_bytes)
+    if model_cfg.max_seq_len < train_cfg.seq_len:
+        raise ValueError(f"seq_len: expected at most max_seq_len={model_cfg.max_seq_len}, got {train_cfg.seq_len}")
+
+    start = 0
+    if resume:
+        model, data = load_model(ckpt_path)
+        optim = AdamW(model.named_parameters(), weight_decay=train_cfg.weight_decay)
+        load_optimizer(optim, data)
+        start = int(data["step"])
+        _truncate_metrics(metrics_path, start)
+    else:
+        model = TransformerLM(model_cfg)
+        optim = AdamW(model.named_parameters(), weight_decay=train_cfg.weight_decay)
+        if train_cfg.noise_std > 0:
+            model.set_noise_annealing(train_cfg.noise_std, max(1, train_cfg.noise_anneal_steps or train_cfg.steps))
+        with open(metrics_path, "w"):
+            pass
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump({"model": model.cfg.to_dict(), "train": dataclasses.asdict(train_cfg),
+                   "corpus": {"name": corpus.name, "label_names": corpus.label_names}}, f, indent=2)
+
+    train_sampler = BatchSampler(corpus.train, train_cfg.batch_size, train_cfg.seq_len, train_cfg.seed)
+    val_sampler = BatchSampler(corpus.val, train_cfg.batch_size, train_cfg.seq_len, train_cfg.seed)
+    bar = None if quiet else _progress(train_cfg.steps, start)
+    M = train_cfg.grad_accum
+    last: dict = {}
+    n_moe = len(model.moe_layers)
+    end = train_cfg.steps if until is None else min(until, train_cfg.steps)
+    for step in range(start, end):
+        t0 = time.perf_counter()
+        batches = [train_sampler.batch(step * M + i) for i in range(M)]
+        n_total = sum(int((b.targets != IGNORE_INDEX).sum()) for b in batches)
+        model.zero_grad()
+        stats = _StepStats(n_moe)
+        noise_std = model.moe_layers[0].noise_std if n_moe else 0.0
+        for b in batches:
+            n = int((b.targets != IGNORE_INDEX).sum())
+            # weight n/N makes the summed gradient that of the per-token mean over the step
+            res = model.loss_and_backward(b.inputs, b.targets, b.mask, training=True,
+                                          loss_weight=n / max(1, n_total), aux_weight=1.0 / M)
+            stats.add(res, n, res["head_losses"][0], b.mask)
+        m = {"step": step + 1, **stats.metrics(M)}
+        grads = [g for _, _, g in model.named_parameters()]
+        gnorm = global_grad_norm(grads)
+        if not (math.isfinite(m["loss"]) and math.isfinite(gnorm) and math.isfinite(m["aux_loss"])):
+            if bar is not None:
+                bar.close()
+            raise TrainingDiverged(
+                f"non-finite loss or gradient at step {step + 1} (loss={m['loss']}, grad_norm={gnorm}); "
+                f"training stopped, the last good checkpoint is untouched: {ckpt_path}")
+        lr = lr_at(step, train_cfg.lr, train_cfg.warmup, train_cfg.steps, train_cfg.min_lr_ratio)
+        scale = min(1.0, train_cfg.grad_clip / (gnorm + 1e-12)) if train_cfg.grad_clip > 0 else 1.0
+        optim.step(lr, scale)
+        elapsed = time.perf_counter() - t0
+        real_tokens = sum(int(b.mask.sum()) for b in batches)
+        m.update(grad_norm=gnorm, lr=lr, noise_std=noise_std, tokens=real_tokens,
+                 tokens_per_s=real_tokens / elapsed)
+        if (step + 1) % train_cfg.eval_every == 0 or step + 1 == train_cfg.steps:
+            m["val_loss"] = evaluate(model, val_sampler, train_cfg.eval_batches)
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(m) + "\n")
+        if (step + 1) % train_cfg.checkpoint_every == 0 or step + 1 == end:
+            save_checkpoint(ckpt_path, model, optim, step + 1, dataclasses.asdict(train_cfg))
+        if bar is not None:
+            post = {"loss": f"{m['loss']:.3f}", "tok/s": f"{m['tokens_per_s']:.0f}"}
+            if "load_balance" in m:
+                post["lb"] = f"{np.mean(m['load_balance']):.3f}"
+            if "val_loss" in m:
+                post["val"] = f"{m['val_loss']:.3f}"
+            bar.set_postfix(post)
+            bar.update(1)
+        last = m
+    if bar is not None:
+        bar.close()
+    if plots:
+        from .plots import plot_run
+        plot_run(out_dir)
+    return last
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Drop metric lines past the checkpoint's step, so a resumed run appends cleanly."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(lines)
+
+
+def read_metrics(run_dir: str) -> List[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(ln) for ln in f if ln.strip()]
