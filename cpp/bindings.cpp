@@ -16,6 +16,7 @@
 #include "experts.h"
 #include "linear.h"
 #include "lm_losses.h"
+#include "pool.h"
 #include "rmsnorm.h"
 #include "router.h"
 
@@ -54,9 +55,25 @@ T* inout(py::array& a, const char* name, std::initializer_list<index_t> shape) {
   return static_cast<T*>(a.mutable_data());
 }
 
+// A new array whose memory comes from the block cache (pool.h) and returns
+// there when NumPy frees it.
+struct PoolBlock {
+  void* p;
+  std::size_t bytes;
+};
+
 template <typename T>
 py::array_t<T> empty(std::initializer_list<index_t> shape) {
-  return py::array_t<T>(std::vector<py::ssize_t>(shape.begin(), shape.end()));
+  std::size_t n = 1;
+  for (index_t s : shape) n *= std::size_t(s);
+  auto* block = new PoolBlock{moe::pool_alloc(n * sizeof(T)), n * sizeof(T)};
+  py::capsule owner(block, [](void* b) {
+    auto* blk = static_cast<PoolBlock*>(b);
+    moe::pool_free(blk->p, blk->bytes);
+    delete blk;
+  });
+  return py::array_t<T>(std::vector<py::ssize_t>(shape.begin(), shape.end()),
+                        static_cast<T*>(block->p), owner);
 }
 
 moe::RouterOptions router_options(index_t k, bool normalize, bool ste, bool training,
@@ -489,6 +506,9 @@ PYBIND11_MODULE(_core, m) {
     omp_set_num_threads(n);
   });
   m.def("get_num_threads", []() { return omp_get_max_threads(); });
+  m.def("pool_cached_bytes", &moe::pool_cached_bytes,
+        "bytes held in the kernels' block cache for reuse");
+  m.def("pool_release", &moe::pool_release, "return the kernels' cached blocks to the OS");
 
   bind_typed<float>(m, "_f32");
   bind_typed<double>(m, "_f64");

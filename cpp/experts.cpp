@@ -5,6 +5,7 @@
 
 #include "activations.h"
 #include "blas.h"
+#include "pool.h"
 
 namespace moe {
 
@@ -69,7 +70,7 @@ void experts_backward(const ExpertShape& s, const index_t* offsets, const T* xs,
   const bool glu = s.act == Activation::swiglu;
   const index_t N = offsets[s.E];
   // uninitialised on purpose: every element is written in phase 1
-  std::unique_ptr<T[]> a(new T[N * F]), dh1(new T[N * F]), dh3(new T[glu ? N * F : 0]);
+  Scratch<T> a(N * F), dh1(N * F), dh3(glu ? N * F : 0);
 
   // Phase 1, over row tiles: dA = dYe W2^T, the activation backward, dXs.
   const auto row_items =
