@@ -16,21 +16,26 @@ constexpr index_t kActBlock = 16;
 template <typename T>
 using Block = Eigen::Array<T, kActBlock, 1>;
 
-// Calls f(offset, len, blocks...) over [0, n) in kActBlock pieces; loads each
-// input into a zero-padded Block, and stores each output's first len values.
+// Runs f(inputs, outputs) over [0, n) in kActBlock pieces held in Blocks.
 template <typename T, typename F>
 inline void blocked(index_t n, const T* const* in, int n_in, T* const* out, int n_out, F&& f) {
   Block<T> a[4], b[4];
-  for (index_t i = 0; i < n; i += kActBlock) {
-    const index_t len = std::min(kActBlock, n - i);
-    for (int q = 0; q < n_in; ++q) {
-      a[q].setZero();
-      for (index_t l = 0; l < len; ++l) a[q][l] = in[q][i + l];
-    }
+  index_t i = 0;
+  // full blocks: plain copies in and out (exact whatever the path), maths on the blocks
+  for (; i + kActBlock <= n; i += kActBlock) {
+    for (int q = 0; q < n_in; ++q) a[q] = Eigen::Map<const Block<T>>(in[q] + i);
     f(a, b);
-    for (int q = 0; q < n_out; ++q)
-      for (index_t l = 0; l < len; ++l) out[q][i + l] = b[q][l];
+    for (int q = 0; q < n_out; ++q) Eigen::Map<Block<T>>(out[q] + i) = b[q];
   }
+  if (i == n) return;
+  const index_t len = n - i;  // the tail, zero-padded to a whole block
+  for (int q = 0; q < n_in; ++q) {
+    a[q].setZero();
+    for (index_t l = 0; l < len; ++l) a[q][l] = in[q][i + l];
+  }
+  f(a, b);
+  for (int q = 0; q < n_out; ++q)
+    for (index_t l = 0; l < len; ++l) out[q][i + l] = b[q][l];
 }
 
 // ---- SwiGLU gate: a = silu(h1) * h3 ------------------------------------------

@@ -12,19 +12,21 @@ namespace moe {
 
 namespace {
 
-// k largest of probs[0..E), in descending order, ties to the lower index.
+// k largest of probs[0..E), in descending order, ties to the lower index:
+// one pass of insertion into the sorted prefix (an equal value never moves
+// ahead of one already placed, and lower indices are placed first).
 template <typename T>
 void topk_row(const T* probs, index_t E, index_t k, index_t* indices) {
-  for (index_t j = 0; j < k; ++j) {
-    index_t best = -1;
-    for (index_t e = 0; e < E; ++e) {
-      bool taken = false;
-      for (index_t i = 0; i < j; ++i) taken |= (indices[i] == e);
-      if (taken) continue;
-      // strict '>' keeps the lower index on ties; best < 0 takes the first free slot
-      if (best < 0 || probs[e] > probs[best]) best = e;
+  index_t filled = 0;
+  for (index_t e = 0; e < E; ++e) {
+    const T v = probs[e];
+    if (filled == k && !(v > probs[indices[k - 1]])) continue;
+    index_t pos = filled < k ? filled++ : k - 1;
+    while (pos > 0 && v > probs[indices[pos - 1]]) {
+      indices[pos] = indices[pos - 1];
+      --pos;
     }
-    indices[j] = best;
+    indices[pos] = e;
   }
 }
 
