@@ -1,0 +1,104 @@
+"""Corpora and batches: labels line up with bytes, splits and batches are deterministic."""
+import numpy as np
+import pytest
+
+from moe_py import data
+
+SOURCE = 'def f(x):  # añadir\n    return x + 42 * len("é")\n'
+
+
+def label_of(text, tokens, labels, fragment, names=data.PYTHON_LABELS):
+    raw = text.encode("utf-8")
+    i = raw.index(fragment.encode("utf-8"))
+    return {names[l] for l in labels[i:i + len(fragment.encode("utf-8"))]}
+
+
+def test_python_labels_line_up_with_bytes_including_non_ascii():
+    tokens, labels = data.label_python_source(SOURCE)
+    assert tokens.tobytes() == SOURCE.encode("utf-8") and len(labels) == len(tokens)
+    assert label_of(SOURCE, tokens, labels, "def") == {"keyword"}
+    assert label_of(SOURCE, tokens, labels, "return") == {"keyword"}
+    assert label_of(SOURCE, tokens, labels, "# añadir") == {"comment"}
+    assert label_of(SOURCE, tokens, labels, "42") == {"number"}
+    assert label_of(SOURCE, tokens, labels, "len") == {"builtin"}
+    assert label_of(SOURCE, tokens, labels, '"é"') == {"string"}  # 4 bytes, quotes included
+    assert label_of(SOURCE, tokens, labels, "+") == {"operator"}
+    assert label_of(SOURCE, tokens, labels, "    ") == {"whitespace"}
+    # after the two-byte "ñ" the offsets still match: ")" closing len(...) is an operator
+    assert label_of(SOURCE, tokens, labels, '")') == {"string", "operator"}
+    assert data.PYTHON_LABELS[labels[SOURCE.encode().index(b"\n")]] == "newline"
+
+
+@pytest.fixture(scope="module")
+def python_corpus():
+    return data.python_source_corpus(max_bytes=200_000)
+
+
+def test_stdlib_corpus_is_found_split_by_file_and_deterministic(python_corpus):
+    c = python_corpus
+    assert c.train and c.val
+    files = lambda docs: {d.name.split("#")[0] for d in docs}
+    assert not files(c.train) & files(c.val)
+    for d in c.train[:50]:
+        assert len(d.tokens) == len(d.labels)
+        assert d.labels.min() >= 0 and d.labels.max() < len(c.label_names)
+    again = data.python_source_corpus(max_bytes=200_000)
+    assert [d.name for d in again.train] == [d.name for d in c.train]
+
+
+def test_synthetic_domains_are_well_formed():
+    c = data.synthetic_corpus(n_docs=40, seed=1)
+    docs = c.train + c.val
+    assert {int(d.labels[0]) for d in docs} == set(range(len(data.SYNTHETIC_DOMAINS)))
+    for d in docs:
+        text = d.tokens.tobytes().decode()
+        kind = data.SYNTHETIC_DOMAINS[int(d.labels[0])]
+        if kind == "arithmetic":
+            for line in text.splitlines():
+                expr, value = line.split("=")
+                assert eval(expr) == int(value)
+        elif kind == "brackets":
+            stack = []
+            for ch in text.strip():
+                if ch in "([{":
+                    stack.append(")]}"["([{".index(ch)])
+                else:
+                    assert stack.pop() == ch
+            assert not stack
+
+
+def test_batches_are_deterministic_aligned_and_padded(python_corpus):
+    s = data.BatchSampler(python_corpus.train, 16, 64, seed=3)
+    a, b, c = s.batch(5), s.batch(5), s.batch(6)
+    for f in ("inputs", "targets", "mask", "labels"):
+        assert np.array_equal(getattr(a, f), getattr(b, f))
+    assert not np.array_equal(a.inputs, c.inputs)
+    assert a.inputs.dtype == np.int64 and a.mask.dtype == bool and a.inputs.shape == (16, 64)
+    # targets are the next input wherever both are real
+    both = a.mask[:, 1:] & (a.targets[:, :-1] != -100)
+    assert np.array_equal(a.targets[:, :-1][both], a.inputs[:, 1:][both])
+    pad = ~a.mask
+    assert (a.inputs[pad] == 0).all() and (a.targets[pad] == -100).all() and (a.labels[pad] == -1).all()
+    # short documents give padded rows
+    short = data.synthetic_corpus(n_docs=30).train
+    sb = data.BatchSampler(short, 8, 256, 0).batch(0)
+    assert (~sb.mask).any()
+
+
+def test_eval_iteration_covers_documents_in_order(python_corpus):
+    s = data.BatchSampler(python_corpus.val, 4, 32, seed=0)
+    batches = list(s.iter_eval())
+    assert sum(int(b.mask.sum()) for b in batches) >= sum(len(d.tokens) for d in python_corpus.val) - len(python_corpus.val)
+    assert list(s.iter_eval(max_batches=2))[1].inputs.tolist() == batches[1].inputs.tolist()
+
+
+def test_text_corpus_from_files_and_folders(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world\n" * 50)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.md").write_text("# title\nsome text\n" * 40)
+    c = data.load_corpus(str(tmp_path))
+    assert c.label_names == ["text"] and len(c.train) + len(c.val) == 2
+    single = data.load_corpus(str(tmp_path / "a.txt"))
+    assert single.train and single.val
+    with pytest.raises(FileNotFoundError, match="no/such"):
+        data.load_corpus(str(tmp_path / "no/such"))

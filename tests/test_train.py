@@ -1,0 +1,120 @@
+"""Training: the loss goes down, runs are reproducible, resume is exact, NaN stops cleanly."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import moe_py
+from moe_py import data
+from moe_py.checkpoint import load_model
+from moe_py.models import ModelConfig
+from moe_py.train import TrainConfig, TrainingDiverged, read_metrics, train
+
+TIMING_KEYS = {"tokens_per_s"}
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return data.synthetic_corpus(n_docs=200, seed=0)
+
+
+def small_cfgs(steps=20, **train_kw):
+    moe = moe_py.MoEConfig(d_model=32, d_ff=32, num_experts=4, top_k=2)
+    model = ModelConfig(max_seq_len=32, d_model=32, n_layers=2, n_heads=2, moe=moe, seed=0)
+    kw = dict(corpus="synthetic", steps=steps, batch_size=8, seq_len=32, lr=3e-3, warmup=5,
+              eval_every=10, eval_batches=2, checkpoint_every=10)
+    kw.update(train_kw)
+    return model, TrainConfig(**kw)
+
+
+def strip_timing(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def test_twenty_steps_lower_the_loss_and_write_a_run_folder(tmp_path, corpus):
+    model, tc = small_cfgs()
+    train(model, tc, str(tmp_path), corpus=corpus, quiet=True, plots=False)
+    rows = read_metrics(str(tmp_path))
+    assert len(rows) == 20
+    assert np.mean([r["loss"] for r in rows[-5:]]) < rows[0]["loss"] - 0.5
+    for key in ("loss", "aux_loss", "load_balance", "z_loss", "entropy", "expert_share", "drop_rate",
+                "grad_norm", "lr", "tokens_per_s"):
+        assert key in rows[0], key
+    assert "val_loss" in rows[9] and "val_loss" in rows[19]
+    assert len(rows[0]["expert_share"]) == 2 and sum(rows[0]["expert_share"][0]) == pytest.approx(1.0)
+    for f in ("config.json", "metrics.jsonl", "checkpoint.npz"):
+        assert os.path.exists(tmp_path / f)
+
+
+def test_same_command_twice_gives_the_same_metrics(tmp_path, corpus):
+    model, tc = small_cfgs(steps=6, grad_accum=2)
+    train(model, tc, str(tmp_path / "a"), corpus=corpus, quiet=True, plots=False)
+    train(model, tc, str(tmp_path / "b"), corpus=corpus, quiet=True, plots=False)
+    assert strip_timing(read_metrics(str(tmp_path / "a"))) == strip_timing(read_metrics(str(tmp_path / "b")))
+
+
+def test_resume_continues_exactly(tmp_path, corpus):
+    model, tc = small_cfgs(steps=12, checkpoint_every=6, noise_std=0.5)
+    full = tmp_path / "full"
+    part = tmp_path / "part"
+    train(model, tc, str(full), corpus=corpus, quiet=True, plots=False)
+    train(model, tc, str(part), corpus=corpus, quiet=True, plots=False, until=6)
+    assert len(read_metrics(str(part))) == 6
+    train(model, tc, str(part), corpus=corpus, quiet=True, plots=False, resume=True)
+    assert strip_timing(read_metrics(str(part))) == strip_timing(read_metrics(str(full)))
+    a, _ = load_model(str(full / "checkpoint.npz"))
+    b, _ = load_model(str(part / "checkpoint.npz"))
+    for (n, p, _), (_, q, _) in zip(a.named_parameters(), b.named_parameters()):
+        assert np.array_equal(p, q), n
+
+
+def test_checkpoint_round_trip(tmp_path, corpus):
+    model, tc = small_cfgs(steps=3)
+    train(model, tc, str(tmp_path), corpus=corpus, quiet=True, plots=False)
+    m, raw = load_model(str(tmp_path / "checkpoint.npz"))
+    assert int(raw["step"]) == 3
+    assert m.cfg == ModelConfig.from_dict(json.loads(str(raw["model_config"])))
+    batch = data.BatchSampler(corpus.val, 2, 32, 0).batch(0)
+    out1 = m.forward(batch.inputs, batch.mask, training=False)
+    m2, _ = load_model(str(tmp_path / "checkpoint.npz"))
+    out2 = m2.forward(batch.inputs, batch.mask, training=False)
+    assert np.array_equal(out1.head_logits[0], out2.head_logits[0])
+
+
+def test_gradient_accumulation_logs_the_per_token_mean(tmp_path, corpus):
+    """With two micro-batches the logged loss is the per-token mean over both
+    (not a sum, nor a mean of the two micro-batch means)."""
+    model, two = small_cfgs(steps=1, batch_size=4, grad_accum=2, lr=0.0)
+    sampler = data.BatchSampler(corpus.train, 4, 32, 0)
+    b0, b1 = sampler.batch(0), sampler.batch(1)  # the step's two micro-batches
+    from moe_py.losses import cross_entropy
+    from moe_py.models import TransformerLM
+    m = TransformerLM(model)
+    nll = n = 0.0
+    for bb in (b0, b1):
+        out = m.forward(bb.inputs, bb.mask)
+        k = int((bb.targets != -100).sum())
+        nll += cross_entropy(out.head_logits[0], bb.targets)[0] * k
+        n += k
+    train(model, two, str(tmp_path), corpus=corpus, quiet=True, plots=False)
+    logged = read_metrics(str(tmp_path))[0]["loss"]
+    assert logged == pytest.approx(nll / n, rel=1e-6)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, corpus, monkeypatch):
+    model, tc = small_cfgs(steps=6, checkpoint_every=2)
+    train(model, tc, str(tmp_path), corpus=corpus, quiet=True, plots=False, until=2)
+    before = (tmp_path / "checkpoint.npz").read_bytes()
+    import moe_py.models as models
+    real = models.TransformerLM.loss_and_backward
+
+    def poisoned(self, *a, **kw):
+        res = real(self, *a, **kw)
+        next(self.named_parameters())[2][...] = np.nan
+        return res
+
+    monkeypatch.setattr(models.TransformerLM, "loss_and_backward", poisoned)
+    with pytest.raises(TrainingDiverged, match="step 3"):
+        train(model, tc, str(tmp_path), corpus=corpus, quiet=True, plots=False, resume=True)
+    assert (tmp_path / "checkpoint.npz").read_bytes() == before
