@@ -76,7 +76,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("training")
     t.add_argument("--corpus", default="python", help="python | synthetic | a text file or folder")
     t.add_argument("--corpus-bytes", type=int, default=2_000_000, help="bytes read of the python corpus")
-    t.add_argument("--steps", type=int, default=300)
+    t.add_argument("--steps", type=int, default=400)
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--seq-len", type=int, default=128)
     t.add_argument("--grad-accum", type=int, default=1)

@@ -28,7 +28,7 @@ from .optim import AdamW, global_grad_norm, lr_at
 @dataclass
 class TrainConfig:
     corpus: str = "python"
-    steps: int = 300
+    steps: int = 400
     batch_size: int = 16
     seq_len: int = 128
     grad_accum: int = 1

@@ -4,5 +4,5 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 EXTRAS="${EXTRAS:-test,train}" source "$ROOT/scripts/setup.sh"
 cd "$ROOT"
-if [ $# -eq 0 ]; then set -- demo; fi
+if [ $# -eq 0 ]; then set -- train --out runs/default; fi
 exec .venv/bin/python -m moe_py "$@"
