@@ -3,6 +3,7 @@
     train    train an MoE (or --dense) byte-level LM; writes a run folder
     compare  train the MoE and a dense baseline with the same active parameters
     sample   generate text from a checkpoint
+    analyze  specialisation, utilisation and co-activation of a trained run
     demo     route one padded batch through a fresh MoE layer
 """
 from __future__ import annotations
@@ -166,6 +167,20 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    from .report import analyze_run
+    res = analyze_run(args.run_dir, max_batches=args.batches)
+    print(f"analysed {res['tokens']:,} validation tokens of {res['corpus']} at step {res['step']}")
+    print(f"{'layer':<6} {'norm. MI':>9} {'at init':>8} {'max/mean':>9} {'eff. experts':>13}")
+    for i, layer in enumerate(res["layers"]):
+        imb = layer.get("imbalance", {})
+        ent = layer.get("entropy", {})
+        print(f"{i:<6} {res['normalized_mi'][i]:>9.4f} {res['normalized_mi_at_init'][i]:>8.4f} "
+              f"{imb.get('max_over_mean', float('nan')):>9.3f} {ent.get('effective_experts', float('nan')):>13.2f}")
+    print(f"wrote {os.path.join(args.run_dir, 'analysis.json')} and plots")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moe_py", description="A Mixture-of-Experts laboratory for the CPU.")
     p.add_argument("--threads", type=int, default=None, help="OpenMP threads for the kernels")
@@ -191,6 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(c)
     c.add_argument("--out", default=os.path.join("runs", "compare"))
     c.set_defaults(func=_compare)
+
+    a = sub.add_parser("analyze", help="what the experts of a trained run learned")
+    a.add_argument("run_dir", help="a run folder written by train")
+    a.add_argument("--batches", type=int, default=16, help="validation batches to route")
+    a.set_defaults(func=_analyze)
 
     s = sub.add_parser("sample", help="generate text from a checkpoint")
     s.add_argument("checkpoint", help="a run's checkpoint.npz")

@@ -95,6 +95,7 @@ class _StepStats:
                                                      for _ in range(n_layers)]
         self.tokens_per_expert: List[np.ndarray] = [None] * n_layers
         self.entropy_sum = [0.0] * n_layers
+        self.noisy_entropy_sum = [0.0] * n_layers
         self.real = [0] * n_layers
         self.dropped = [0] * n_layers
         self.slots = [0] * n_layers
@@ -110,6 +111,8 @@ class _StepStats:
             tpe = r.tokens_per_expert
             self.tokens_per_expert[i] = tpe if self.tokens_per_expert[i] is None else self.tokens_per_expert[i] + tpe
             self.entropy_sum[i] += float(r.entropy[real].sum())
+            p = r.router_probs[real].astype(np.float64)
+            self.noisy_entropy_sum[i] += float(-(p * np.log(np.where(p > 0, p, 1.0))).sum())
             self.real[i] += int(real.sum())
             self.dropped[i] += int(r.dropped.sum())
             self.slots[i] += int(real.sum()) * r.topk_indices.shape[1]
@@ -121,6 +124,8 @@ class _StepStats:
             out["load_balance"] = [ll["load_balance"] / micro for ll in self.layer_losses]
             out["z_loss"] = [ll["z_loss"] / micro for ll in self.layer_losses]
             out["entropy"] = [e / max(1, r) for e, r in zip(self.entropy_sum, self.real)]
+            # of the probabilities after noise: equal to "entropy" when noise is off
+            out["entropy_noisy"] = [e / max(1, r) for e, r in zip(self.noisy_entropy_sum, self.real)]
             out["expert_share"] = [(t / max(1, t.sum())).round(6).tolist() for t in self.tokens_per_expert]
             out["drop_rate"] = [d / max(1, s) for d, s in zip(self.dropped, self.slots)]
         return out

@@ -1,0 +1,85 @@
+"""`python -m moe_py analyze RUN_DIR`: route a run's validation set through its
+checkpoint and write analysis.json and plots of what the experts learned."""
+from __future__ import annotations
+
+import json
+import os
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from . import analysis
+from .checkpoint import load_model
+from .data import BatchSampler, load_corpus
+from .models import ModelConfig, TransformerLM
+from .router import RouterOutput
+
+
+def collect_routing(model: TransformerLM, sampler: BatchSampler, max_batches: Optional[int]
+                    ) -> Tuple[List[RouterOutput], np.ndarray, np.ndarray, np.ndarray]:
+    """Route every eval batch (eval mode, no noise); return per-layer RouterOutputs
+    concatenated over the batches, and the matching labels, bytes and mask [T]."""
+    per_layer: List[List[RouterOutput]] = []
+    labels, tokens, mask = [], [], []
+    for batch in sampler.iter_eval(max_batches):
+        out = model.forward(batch.inputs, batch.mask, training=False)
+        for i, r in enumerate(out.routers):
+            if len(per_layer) <= i:
+                per_layer.append([])
+            per_layer[i].append(r)
+        labels.append(batch.labels.reshape(-1))
+        tokens.append(batch.inputs.reshape(-1))
+        mask.append(batch.mask.reshape(-1))
+    routers = [RouterOutput(*(np.concatenate(parts) if f != "tokens_per_expert" else sum(parts)
+                              for f, parts in zip(RouterOutput._fields, zip(*rs))))
+               for rs in per_layer]
+    return routers, np.concatenate(labels), np.concatenate(tokens), np.concatenate(mask)
+
+
+def analyze_run(run_dir: str, max_batches: Optional[int] = 16, plots: bool = True) -> dict:
+    ckpt = os.path.join(run_dir, "checkpoint.npz")
+    if not os.path.exists(ckpt):
+        raise FileNotFoundError(f"run folder: no checkpoint.npz in {run_dir}")
+    model, raw = load_model(ckpt)
+    if not model.moe_layers:
+        raise ValueError(f"run folder: {run_dir} holds a dense model; there is no routing to analyse")
+    train_cfg = json.loads(str(raw["train_config"]))
+    corpus = load_corpus(train_cfg["corpus"], seed=train_cfg["seed"], max_bytes=train_cfg["corpus_bytes"])
+    sampler = BatchSampler(corpus.val, train_cfg["batch_size"], train_cfg["seq_len"], train_cfg["seed"])
+    routers, labels, tokens, mask = collect_routing(model, sampler, max_batches)
+    n_labels = len(corpus.label_names)
+    result = {"run": run_dir, "step": int(raw["step"]), "corpus": corpus.name,
+              "label_names": corpus.label_names, "tokens": int(mask.sum()),
+              "layers": analysis.summarize(routers, labels=labels, label_names=corpus.label_names,
+                                           mask=mask, tokens=tokens)}
+    # the floor: the same model frozen at initialisation, on the same tokens
+    init = TransformerLM(ModelConfig.from_dict(model.cfg.to_dict()))
+    init_routers, *_ = collect_routing(init, sampler, max_batches)
+    result["normalized_mi"] = [analysis.specialisation(r, labels, n_labels, mask)["normalized_mi"]
+                               for r in routers]
+    result["normalized_mi_at_init"] = [analysis.specialisation(r, labels, n_labels, mask)["normalized_mi"]
+                                       for r in init_routers]
+    result["routing_stability_vs_init"] = [analysis.routing_stability(a, b, mask)
+                                           for a, b in zip(init_routers, routers)]
+    with open(os.path.join(run_dir, "analysis.json"), "w") as f:
+        json.dump(result, f, indent=1, default=_jsonable)
+    if plots:
+        from .plots import plot_analysis, plot_run
+        plot_run(run_dir)
+        tables = [analysis.expert_label_table(r, labels, n_labels, mask) for r in routers]
+        co = [analysis.coactivation(r, mask) for r in routers]
+        result["plots"] = plot_analysis(run_dir, tables, corpus.label_names, co, result["normalized_mi"],
+                                        result["normalized_mi_at_init"])
+    return result
+
+
+def _jsonable(v):
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating,)):
+        return float(v)
+    if isinstance(v, bytes):
+        return v.decode("utf-8", errors="replace")
+    raise TypeError(f"not JSON serialisable: {type(v).__name__}")
