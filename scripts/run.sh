@@ -2,7 +2,7 @@
 # The main job: set-up (idempotent) then moe_py's CLI with its built-in defaults.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-EXTRAS="${EXTRAS:-test,train}" source "$ROOT/scripts/setup.sh"
+EXTRAS="${EXTRAS:-test,train,notebooks}" source "$ROOT/scripts/setup.sh"
 cd "$ROOT"
 if [ $# -eq 0 ]; then set -- train --out runs/default; fi
 exec .venv/bin/python -m moe_py "$@"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything a fresh machine needs, idempotent: Debian's Eigen and OpenBLAS,
 # a virtual environment in .venv, and moe_py built into it (editable).
-# Sourced by run.sh and test.sh; EXTRAS picks the pip extras (default: test,train).
+# Sourced by run.sh and test.sh; EXTRAS picks the pip extras (default: test,train,notebooks).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -25,4 +25,4 @@ fi
 # Build requirements in the venv, then an editable build without isolation:
 # rebuilds are incremental (build/) and need no fresh download each time.
 .venv/bin/pip install -q "scikit-build-core>=0.10" "pybind11>=2.12"
-.venv/bin/pip install -q --no-build-isolation -e ".[${EXTRAS:-test,train}]"
+.venv/bin/pip install -q --no-build-isolation -e ".[${EXTRAS:-test,train,notebooks}]"

@@ -2,6 +2,6 @@
 # The test command: set-up (idempotent) then the whole pytest suite.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-EXTRAS="${EXTRAS:-test,train}" source "$ROOT/scripts/setup.sh"
+EXTRAS="${EXTRAS:-test,train,notebooks}" source "$ROOT/scripts/setup.sh"
 cd "$ROOT"
 exec .venv/bin/python -m pytest -q "$@"
