@@ -1,0 +1,79 @@
+"""Bitwise the same outputs and gradients at 1, 2 and 3 OpenMP threads."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import moe_py
+
+SCRIPT = r"""
+import sys, numpy as np, moe_py
+from moe_py.models import ModelConfig, TransformerLM
+n, out = int(sys.argv[1]), sys.argv[2]
+moe_py.set_num_threads(n)
+assert moe_py.get_num_threads() == n
+res = {}
+rng = np.random.default_rng(0)
+cases = [("swiglu", "float32", 8, 2), ("gelu", "float64", 8, 2), ("swiglu", "float64", 1, 1)]
+for act, dt, E, k in cases:
+    cfg = moe_py.MoEConfig(d_model=64, d_ff=96, num_experts=E, top_k=k, activation=act, dtype=dt,
+                           capacity_factor=1.0, entropy_coef=0.01, seed=3)
+    layer = moe_py.MoELayer(cfg)
+    layer.set_noise_annealing(0.5, 10)
+    x = rng.standard_normal((700, 64)).astype(dt)
+    mask = rng.random(700) > 0.1
+    for rep in range(2):
+        o = layer(x, padding_mask=mask)
+        layer.zero_grad()
+        dx = layer.backward(np.ones_like(o.y) * 0.1 + x * 0.01)
+        tag = f"{act}_{dt}_{E}_{rep}"
+        res[f"{tag}_y"], res[f"{tag}_dx"] = o.y, dx
+        for f in o.router._fields:
+            res[f"{tag}_{f}"] = getattr(o.router, f)
+        for name, g in layer.grads.items():
+            res[f"{tag}_grad_{name}"] = g.copy()
+moe = moe_py.MoEConfig(d_model=32, d_ff=32, num_experts=4, top_k=2)
+m = TransformerLM(ModelConfig(vocab_size=256, max_seq_len=64, d_model=32, n_layers=2, n_heads=4,
+                              d_ff=32, moe=moe, seed=0))
+ids = rng.integers(0, 256, (6, 64))
+mask = np.ones((6, 64), bool); mask[2, 40:] = False; mask[5, 10:] = False
+targets = np.roll(ids, -1, 1); targets[:, -1] = -100; targets[~mask] = -100; ids[~mask] = 0
+r = m.loss_and_backward(ids, targets, mask)
+res["model_loss"] = np.array(r["loss"])
+for name, p, g in m.named_parameters():
+    res["model_grad_" + name] = g.copy()
+np.savez(out, **res)
+"""
+
+
+@pytest.mark.slow
+def test_bitwise_identical_across_thread_counts(tmp_path):
+    files = []
+    for n in (1, 2, 3):
+        path = str(tmp_path / f"t{n}.npz")
+        env = dict(os.environ, OMP_NUM_THREADS=str(n))
+        subprocess.run([sys.executable, "-c", SCRIPT, str(n), path], check=True, env=env)
+        files.append(np.load(path))
+    ref = files[0]
+    assert len(ref.files) > 50
+    for other in files[1:]:
+        for key in ref.files:
+            assert np.array_equal(ref[key], other[key]), key
+
+
+def test_set_num_threads_in_process_gives_the_same_bits():
+    rng = np.random.default_rng(1)
+    cfg = moe_py.MoEConfig(d_model=48, d_ff=80, num_experts=6, top_k=2, capacity_factor=1.25)
+    x = rng.standard_normal((530, 48)).astype(np.float32)
+    results = []
+    for n in (1, 2, 3):
+        moe_py.set_num_threads(n)
+        layer = moe_py.MoELayer(cfg)
+        o = layer(x)
+        dx = layer.backward(x)
+        results.append((o.y, dx, *[layer.grads[k] for k in sorted(layer.grads)]))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert np.array_equal(a, b)
