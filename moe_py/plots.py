@@ -105,7 +105,8 @@ def plot_analysis(run_dir: str, tables: List[np.ndarray], label_names: List[str]
         ax.set_xticks(range(len(label_names)))
         ax.set_xticklabels(label_names, rotation=60, ha="right", fontsize=8)
         ax.set_yticks(range(t.shape[0]))
-        ax.set_ylabel("expert")
+        if i == 0:
+            ax.set_ylabel("expert")
         ax.set_title(f"layer {i}")
     fig.colorbar(im, ax=axes[0].tolist(), label="share of the label's assignments")
     fig.suptitle("Which experts take which token categories")

@@ -51,7 +51,7 @@ def analyze_run(run_dir: str, max_batches: Optional[int] = 16, plots: bool = Tru
     result = {"run": run_dir, "step": int(raw["step"]), "corpus": corpus.name,
               "label_names": corpus.label_names, "tokens": int(mask.sum()),
               "layers": analysis.summarize(routers, labels=labels, label_names=corpus.label_names,
-                                           mask=mask, tokens=tokens)}
+                                           mask=mask, tokens=tokens, row_len=train_cfg["seq_len"])}
     # the floor: the same model frozen at initialisation, on the same tokens
     init = TransformerLM(ModelConfig.from_dict(model.cfg.to_dict()))
     init_routers, *_ = collect_routing(init, sampler, max_batches)

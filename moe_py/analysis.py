@@ -1,0 +1,193 @@
+"""Routing analysis on RouterOutputs (NumPy, mask-aware): utilisation, imbalance,
+entropy, expert-label specialisation, co-activation, layer transitions, routing
+stability and top-k margins. Padded tokens count nowhere: `mask` [T] (True = real)
+defaults to the tokens whose first index is not -1."""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .router import RouterOutput
+
+
+def _real(r: RouterOutput, mask: Optional[np.ndarray]) -> np.ndarray:
+    if mask is None:
+        return r.topk_indices[:, 0] >= 0
+    return np.asarray(mask).reshape(-1).astype(bool)
+
+
+def _num_experts(r: RouterOutput) -> int:
+    return int(r.router_probs.shape[1])
+
+
+def _entropy(p: np.ndarray) -> float:
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+def utilisation(r: RouterOutput, mask=None) -> np.ndarray:
+    """Share of the real tokens' top-k assignments (before dropping) per expert; sums to 1."""
+    idx = r.topk_indices[_real(r, mask)].reshape(-1)
+    counts = np.bincount(idx, minlength=_num_experts(r)).astype(np.float64)
+    return counts / counts.sum() if counts.sum() else counts
+
+
+def imbalance(r: RouterOutput, mask=None) -> Dict[str, object]:
+    """max/mean and coefficient of variation of the utilisation, dead experts (no
+    assignment), and the drop rate (dropped real slots / real slots)."""
+    u = utilisation(r, mask)
+    real = _real(r, mask)
+    slots = int(real.sum()) * r.topk_indices.shape[1]
+    mean = u.mean() if u.size else 0.0
+    return {"max_over_mean": float(u.max() / mean) if mean > 0 else 0.0,
+            "cv": float(u.std() / mean) if mean > 0 else 0.0,
+            "dead": [int(e) for e in np.flatnonzero(u == 0)] if u.sum() else [],
+            "drop_rate": float(r.dropped[real].sum() / slots) if slots else 0.0}
+
+
+def entropy_stats(r: RouterOutput, mask=None) -> Dict[str, object]:
+    """Per-token entropy of the CLEAN router probabilities (noise never enters), its
+    mean, the entropy of the mean clean routing distribution (the load) and the
+    effective number of experts exp(load entropy)."""
+    real = _real(r, mask)
+    tok = r.entropy[real].astype(np.float64)
+    load = r.router_probs_clean[real].mean(axis=0) if real.any() else np.zeros(_num_experts(r))
+    h = _entropy(load)
+    return {"token_entropy": tok, "mean_token_entropy": float(tok.mean()) if tok.size else 0.0,
+            "load_entropy": h, "effective_experts": float(np.exp(h)) if real.any() else 0.0}
+
+
+def expert_label_table(r: RouterOutput, labels, n_labels: int, mask=None, slot: str = "all") -> np.ndarray:
+    """Counts [E, n_labels] of assignments (every top-k slot, or only first choices)
+    of real tokens with a label (>= 0) to each expert."""
+    labels = np.asarray(labels).reshape(-1)
+    keep = _real(r, mask) & (labels >= 0)
+    idx = r.topk_indices[keep]
+    if slot == "first":
+        idx = idx[:, :1]
+    elif slot != "all":
+        raise ValueError(f"slot: expected 'all' or 'first', got {slot!r}")
+    lab = np.repeat(labels[keep], idx.shape[1])
+    table = np.zeros((_num_experts(r), n_labels), dtype=np.int64)
+    np.add.at(table, (idx.reshape(-1), lab), 1)
+    return table
+
+
+def specialisation(r: RouterOutput, labels, n_labels: int, mask=None) -> Dict[str, float]:
+    """Mutual information (nats) between the chosen expert (each top-k assignment
+    counted once) and the token's label, and its ratio to the label entropy:
+    1 when the expert determines the label, about 0 when routing ignores it."""
+    table = expert_label_table(r, labels, n_labels, mask).astype(np.float64)
+    n = table.sum()
+    if n == 0:
+        return {"mi": 0.0, "label_entropy": 0.0, "normalized_mi": 0.0}
+    joint = table / n
+    pe, pl = joint.sum(1), joint.sum(0)
+    nz = joint > 0
+    mi = float((joint[nz] * np.log(joint[nz] / np.outer(pe, pl)[nz])).sum())
+    hl = _entropy(pl)
+    return {"mi": mi, "label_entropy": hl, "normalized_mi": mi / hl if hl > 0 else 0.0}
+
+
+def top_labels(table: np.ndarray, label_names: Sequence[str], top: int = 3) -> Dict[int, List]:
+    """For each expert, its most frequent labels with their share of its assignments."""
+    out = {}
+    for e, row in enumerate(table):
+        total = row.sum()
+        order = np.argsort(-row, kind="stable")[:top]
+        out[e] = [(label_names[i], float(row[i] / total) if total else 0.0) for i in order if row[i] > 0]
+    return out
+
+
+def top_ngrams(r: RouterOutput, tokens, mask=None, n: int = 3, top: int = 5,
+               row_len: Optional[int] = None) -> Dict[int, List]:
+    """For each expert, the byte n-grams ending at the tokens it takes most often.
+    tokens [T] (or [B, S]: then row_len = S); n-grams never cross a row start
+    (every row_len tokens) or padding."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim == 2:
+        row_len = tokens.shape[1]
+    tokens = tokens.reshape(-1)
+    real = _real(r, mask)
+    counters: Dict[int, Counter] = {e: Counter() for e in range(_num_experts(r))}
+    for t in np.flatnonzero(real):
+        if t - n + 1 < 0 or not real[t - n + 1:t + 1].all():
+            continue
+        if row_len and t % row_len < n - 1:
+            continue
+        gram = bytes(int(b) for b in tokens[t - n + 1:t + 1])
+        for e in r.topk_indices[t]:
+            counters[int(e)][gram] += 1
+    return {e: c.most_common(top) for e, c in counters.items()}
+
+
+def coactivation(r: RouterOutput, mask=None) -> np.ndarray:
+    """[E, E]: share of real tokens whose top-k contains both i and j (diagonal: i at all)."""
+    real = _real(r, mask)
+    E = _num_experts(r)
+    onehot = np.zeros((int(real.sum()), E))
+    rows = np.repeat(np.arange(onehot.shape[0]), r.topk_indices.shape[1])
+    onehot[rows, r.topk_indices[real].reshape(-1)] = 1.0
+    return onehot.T @ onehot / max(1, onehot.shape[0])
+
+
+def layer_transitions(r_a: RouterOutput, r_b: RouterOutput, mask=None) -> np.ndarray:
+    """[E_a, E_b] counts of (first choice in layer a, first choice in layer b) per real token."""
+    real = _real(r_a, mask)
+    out = np.zeros((_num_experts(r_a), _num_experts(r_b)), dtype=np.int64)
+    np.add.at(out, (r_a.topk_indices[real, 0], r_b.topk_indices[real, 0]), 1)
+    return out
+
+
+def routing_stability(r_a: RouterOutput, r_b: RouterOutput, mask=None) -> Dict[str, float]:
+    """The same tokens routed twice (e.g. two checkpoints): share of real tokens whose
+    top-k set changed, and the mean Jaccard similarity of the two sets."""
+    real = _real(r_a, mask)
+    a, b = r_a.topk_indices[real], r_b.topk_indices[real]
+    if not len(a):
+        return {"changed": 0.0, "jaccard": 1.0}
+    E = max(_num_experts(r_a), _num_experts(r_b))
+    sa, sb = np.zeros((len(a), E), bool), np.zeros((len(b), E), bool)
+    np.put_along_axis(sa, a, True, axis=1)
+    np.put_along_axis(sb, b, True, axis=1)
+    inter, union = (sa & sb).sum(1), (sa | sb).sum(1)
+    return {"changed": float((sa != sb).any(1).mean()), "jaccard": float((inter / union).mean())}
+
+
+def topk_margin(r: RouterOutput, mask=None) -> np.ndarray:
+    """p_k - p_(k+1) of the clean probabilities per real token (p_k when k == E):
+    small margins mark tokens whose routing a small change would flip."""
+    real = _real(r, mask)
+    p = -np.sort(-r.router_probs_clean[real].astype(np.float64), axis=1)
+    k = r.topk_indices.shape[1]
+    return p[:, k - 1] - (p[:, k] if k < p.shape[1] else 0.0)
+
+
+def summarize(routers: List[RouterOutput], labels=None, label_names=None, mask=None, tokens=None,
+              row_len: Optional[int] = None) -> List[dict]:
+    """A JSON-serialisable summary per layer."""
+    out = []
+    for i, r in enumerate(routers):
+        ent = entropy_stats(r, mask)
+        margin = topk_margin(r, mask)
+        layer = {"layer": i, "utilisation": utilisation(r, mask).round(6).tolist(),
+                 "imbalance": imbalance(r, mask),
+                 "entropy": {k: v for k, v in ent.items() if k != "token_entropy"},
+                 "entropy_quantiles": np.quantile(ent["token_entropy"], [0.1, 0.5, 0.9]).tolist()
+                 if ent["token_entropy"].size else [],
+                 "margin_median": float(np.median(margin)) if margin.size else 0.0,
+                 "coactivation": coactivation(r, mask).round(6).tolist()}
+        if labels is not None and label_names is not None:
+            table = expert_label_table(r, labels, len(label_names), mask)
+            layer["specialisation"] = specialisation(r, labels, len(label_names), mask)
+            layer["expert_label_table"] = table.tolist()
+            layer["top_labels"] = {str(e): v for e, v in top_labels(table, label_names).items()}
+        if tokens is not None:
+            layer["top_trigrams"] = {str(e): [(g.decode("utf-8", "replace"), c) for g, c in v]
+                                     for e, v in top_ngrams(r, tokens, mask, 3, 5, row_len).items()}
+        if i + 1 < len(routers):
+            layer["transitions_to_next"] = layer_transitions(r, routers[i + 1], mask).tolist()
+        out.append(layer)
+    return out
