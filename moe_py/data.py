@@ -61,8 +61,10 @@ def _split(docs: List[Document], val_fraction: float, seed: int) -> Tuple[List[D
     for d in docs:  # pieces of one file ("file#offset") stay on the same side
         key = d.name.split("#")[0]
         (val if _stable_fraction(f"{seed}:{key}") < val_fraction else train).append(d)
-    if not val and len(train) > 1:  # always keep some validation data
+    if not val and len(train) > 1:  # always keep some data on both sides
         val.append(train.pop())
+    if not train and len(val) > 1:
+        train.append(val.pop(0))
     if not train:
         raise ValueError("corpus: no training documents left after the validation split")
     return train, val
@@ -284,7 +286,7 @@ def text_corpus(paths: Sequence[str], val_fraction: float = 0.1, seed: int = 0) 
         d = docs[0]
         pieces = max(2, min(50, len(d.tokens) // 4096))
         bounds = np.linspace(0, len(d.tokens), pieces + 1).astype(int)
-        docs = [Document(d.tokens[a:b], d.labels[a:b], f"{d.name}#{i}")
+        docs = [Document(d.tokens[a:b], d.labels[a:b], f"{d.name}@{i}")  # split apart, unlike "#"
                 for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if b - a >= 2]
     train, val = _split(docs, val_fraction, seed)
     return Corpus("text", ["text"], train, val)
