@@ -28,14 +28,18 @@ void gemm(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, double al
 template <typename T>
 void gemm_tiled(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, T alpha,
                 const T* A, index_t lda, const T* B, index_t ldb, T beta, T* C, index_t ldc) {
-  const index_t tiles = (M + kGemmRowTile - 1) / kGemmRowTile;
+  const index_t row_tiles = (M + kGemmRowTile - 1) / kGemmRowTile;
+  const index_t col_tiles = (N + kGemmColTile - 1) / kGemmColTile;
+  const index_t tiles = row_tiles * col_tiles;
 #pragma omp parallel for schedule(dynamic, 1) if (tiles > 1 && !omp_in_parallel())
   for (index_t i = 0; i < tiles; ++i) {
-    const index_t r0 = i * kGemmRowTile;
-    const index_t rows = std::min(kGemmRowTile, M - r0);
-    // Row r0 of op(A) starts at A + r0*lda (plain) or at column r0 (transposed).
+    const index_t r0 = (i / col_tiles) * kGemmRowTile, c0 = (i % col_tiles) * kGemmColTile;
+    const index_t rows = std::min(kGemmRowTile, M - r0), cols = std::min(kGemmColTile, N - c0);
+    // Row r0 of op(A) starts at A + r0*lda (plain) or at column r0 (transposed);
+    // column c0 of op(B) at B + c0 (plain) or at row c0 (transposed).
     const T* a = trans_a ? A + r0 : A + r0 * lda;
-    gemm(trans_a, trans_b, rows, N, K, alpha, a, lda, B, ldb, beta, C + r0 * ldc, ldc);
+    const T* b = trans_b ? B + c0 * ldb : B + c0;
+    gemm(trans_a, trans_b, rows, cols, K, alpha, a, lda, b, ldb, beta, C + r0 * ldc + c0, ldc);
   }
 }
 

@@ -15,12 +15,15 @@ void gemm(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, double al
           const double* A, index_t lda, const double* B, index_t ldb, double beta, double* C,
           index_t ldc);
 
-// Rows of C per tile in gemm_tiled. Fixed (never derived from the thread count)
+// Rows and columns of C per tile in gemm_tiled. Fixed (never derived from the thread count)
 // so that every run splits the work the same way and gets the same bits.
 constexpr index_t kGemmRowTile = 128;
+constexpr index_t kGemmColTile = 256;
 
-// The same product, with the rows of C split into kGemmRowTile tiles run in
-// parallel (serially when already inside a parallel region).
+// The same product, with C split into fixed kGemmRowTile x kGemmColTile tiles
+// run in parallel (serially when already inside a parallel region). Columns are
+// split too so that a product with few rows (a weight gradient) still uses
+// every thread.
 template <typename T>
 void gemm_tiled(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, T alpha,
                 const T* A, index_t lda, const T* B, index_t ldb, T beta, T* C, index_t ldc);

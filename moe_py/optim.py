@@ -18,10 +18,11 @@ def lr_at(step: int, base_lr: float, warmup: int, total: int, min_ratio: float =
 
 def global_grad_norm(grads: Iterable[np.ndarray]) -> float:
     """sqrt of the sum of squares, accumulated in float64 in parameter order."""
+    # not np.dot: NumPy's BLAS keeps its own threads spinning after each call,
+    # and on 2 cores they fight with the kernels' OpenMP threads
     total = 0.0
     for g in grads:
-        g64 = g.astype(np.float64, copy=False).ravel()
-        total += float(np.dot(g64, g64))
+        total += float(np.square(g, dtype=np.float64).sum())
     return math.sqrt(total)
 
 
