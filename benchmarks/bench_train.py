@@ -5,8 +5,6 @@ PyTorch eager (same weights, same batches, same threads), in one run.
     .venv/bin/python benchmarks/bench_train.py [--threads 1 2] [--steps 8]
 """
 import argparse
-import math
-import os
 import time
 
 import numpy as np
@@ -35,7 +33,7 @@ def moe_py_step_fn(model_cfg, seed=0):
 
 def torch_model(model, torch):
     """The same architecture in PyTorch eager, with moe_py's weights copied in."""
-    nn, F = torch.nn, torch.nn.functional
+    F = torch.nn.functional
     cfg = model.cfg
     P = {n: torch.tensor(p.copy(), requires_grad=True) for n, p, _ in model.named_parameters()}
 

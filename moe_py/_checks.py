@@ -3,7 +3,7 @@ what was expected and what was given. Arrays leave here C-contiguous in the
 layer's dtype, so kernels never see strides (any input view is accepted)."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import numpy as np
 
@@ -59,7 +59,3 @@ def check_param(value, shape: tuple, dtype: type, name: str) -> None:
     if not np.isfinite(value).all():
         raise ValueError(f"{name}: contains NaN or Inf")
 
-
-def positive_int_or_none(value: Optional[int], name: str) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
-        raise ValueError(f"{name}: expected a positive integer, got {value!r}")

@@ -13,12 +13,12 @@ ACTIVATIONS = ("swiglu", "gelu")
 DTYPES = {"float32": np.float32, "float64": np.float64}
 
 
-def _positive_int(name: str, value) -> None:
+def positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name}: expected a positive integer, got {value!r}")
 
 
-def _finite(name: str, value, allow_negative: bool = False) -> None:
+def finite_number(name: str, value, allow_negative: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise ValueError(f"{name}: expected a finite number, got {value!r}")
     if not math.isfinite(value):
@@ -53,10 +53,10 @@ class MoEConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _positive_int("d_model", self.d_model)
-        _positive_int("d_ff", self.d_ff)
-        _positive_int("num_experts", self.num_experts)
-        _positive_int("top_k", self.top_k)
+        positive_int("d_model", self.d_model)
+        positive_int("d_ff", self.d_ff)
+        positive_int("num_experts", self.num_experts)
+        positive_int("top_k", self.top_k)
         if self.top_k > self.num_experts:
             raise ValueError(
                 f"top_k: expected top_k <= num_experts ({self.num_experts}), got {self.top_k}"
@@ -68,10 +68,10 @@ class MoEConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: expected one of {tuple(DTYPES)}, got {self.dtype!r}")
         if self.capacity_factor is not None:
-            _finite("capacity_factor", self.capacity_factor)
+            finite_number("capacity_factor", self.capacity_factor)
         for name in ("load_balance_coef", "z_loss_coef", "entropy_coef"):
             # entropy_coef may be negative (to push routing towards confident choices)
-            _finite(name, getattr(self, name), allow_negative=(name == "entropy_coef"))
+            finite_number(name, getattr(self, name), allow_negative=(name == "entropy_coef"))
         if not isinstance(self.straight_through, (bool, np.bool_)):
             raise ValueError(f"straight_through: expected a bool, got {self.straight_through!r}")
         if self.normalize_topk is None:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
 from ._checks import as_mask
-from .config import DTYPES, MoEConfig
+from .config import DTYPES, MoEConfig, positive_int
 from .layer import MoELayer
 from .losses import IGNORE_INDEX, multi_token_cross_entropy
 from .nn import CausalSelfAttention, DenseFFN, Embedding, Linear, Module, RMSNorm
@@ -43,9 +43,7 @@ class ModelConfig:
         if isinstance(self.moe, dict):
             self.moe = MoEConfig(**self.moe)
         for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads", "d_ff", "n_predict"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+            positive_int(name, getattr(self, name))
         if self.d_model % self.n_heads:
             raise ValueError(f"n_heads: expected a divisor of d_model ({self.d_model}), got {self.n_heads}")
         if self.dtype not in DTYPES:

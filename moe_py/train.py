@@ -18,6 +18,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from .config import finite_number, positive_int
 from .checkpoint import load_model, load_optimizer, save_checkpoint
 from .data import BatchSampler, Corpus, load_corpus
 from .losses import IGNORE_INDEX, cross_entropy
@@ -48,13 +49,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
                      "checkpoint_every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+            positive_int(name, getattr(self, name))
         for name in ("lr", "weight_decay", "grad_clip", "noise_std", "min_lr_ratio"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
+            finite_number(name, getattr(self, name))
         if self.warmup < 0 or self.noise_anneal_steps < 0:
             raise ValueError("warmup, noise_anneal_steps: expected >= 0")
 
