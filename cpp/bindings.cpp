@@ -15,6 +15,7 @@
 #include "attention.h"
 #include "experts.h"
 #include "linear.h"
+#include "machine.h"
 #include "lm_losses.h"
 #include "pool.h"
 #include "rmsnorm.h"
@@ -509,6 +510,27 @@ PYBIND11_MODULE(_core, m) {
   m.def("pool_cached_bytes", &moe::pool_cached_bytes,
         "bytes held in the kernels' block cache for reuse");
   m.def("pool_release", &moe::pool_release, "return the kernels' cached blocks to the OS");
+
+  m.def(
+      "build_facts",
+      []() {
+        py::dict d;
+        for (const auto& kv : moe::build_facts()) d[kv.first.c_str()] = kv.second;
+        return d;
+      },
+      "compiler, flags, compiled SIMD, OpenMP, Eigen and BLAS facts of this build");
+  m.def(
+      "fma_peak",
+      [](index_t iters) {
+        if (iters < 1) throw std::invalid_argument("iters: expected >= 1");
+        moe::FmaPeakResult r;
+        {
+          py::gil_scoped_release release;
+          r = moe::fma_peak(iters);
+        }
+        return py::make_tuple(r.flops, r.checksum);
+      },
+      py::arg("iters"), "FP32 FMA loop on every OpenMP thread: (flops done, checksum); time it");
 
   bind_typed<float>(m, "_f32");
   bind_typed<double>(m, "_f64");

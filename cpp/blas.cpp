@@ -3,6 +3,12 @@
 #include <cblas.h>
 #include <omp.h>
 
+// PyPI's scipy-openblas32 prefixes every symbol with scipy_ (so that it can sit
+// beside another OpenBLAS in one process); a system OpenBLAS has no prefix.
+#define MOE_CAT2(a, b) a##b
+#define MOE_CAT(a, b) MOE_CAT2(a, b)
+#define BLAS(name) MOE_CAT(MOE_BLAS_PREFIX, name)
+
 namespace moe {
 
 namespace {
@@ -13,7 +19,7 @@ void gemm(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, float alp
           const float* A, index_t lda, const float* B, index_t ldb, float beta, float* C,
           index_t ldc) {
   if (M == 0 || N == 0) return;
-  cblas_sgemm(CblasRowMajor, op(trans_a), op(trans_b), M, N, K, alpha, A, lda, B, ldb, beta, C,
+  BLAS(cblas_sgemm)(CblasRowMajor, op(trans_a), op(trans_b), M, N, K, alpha, A, lda, B, ldb, beta, C,
               ldc);
 }
 
@@ -21,7 +27,7 @@ void gemm(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, double al
           const double* A, index_t lda, const double* B, index_t ldb, double beta, double* C,
           index_t ldc) {
   if (M == 0 || N == 0) return;
-  cblas_dgemm(CblasRowMajor, op(trans_a), op(trans_b), M, N, K, alpha, A, lda, B, ldb, beta, C,
+  BLAS(cblas_dgemm)(CblasRowMajor, op(trans_a), op(trans_b), M, N, K, alpha, A, lda, B, ldb, beta, C,
               ldc);
 }
 
@@ -48,6 +54,10 @@ template void gemm_tiled<float>(bool, bool, index_t, index_t, index_t, float, co
 template void gemm_tiled<double>(bool, bool, index_t, index_t, index_t, double, const double*,
                                  index_t, const double*, index_t, double, double*, index_t);
 
-void blas_init() { openblas_set_num_threads(1); }
+void blas_init() { BLAS(openblas_set_num_threads)(1); }
+
+std::string blas_config() { return BLAS(openblas_get_config)(); }
+
+std::string blas_corename() { return BLAS(openblas_get_corename)(); }
 
 }  // namespace moe

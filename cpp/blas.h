@@ -2,6 +2,8 @@
 // always single-threaded: parallelism is ours (OpenMP over fixed tiles), so the
 // result never depends on the number of threads.
 #pragma once
+#include <string>
+
 #include "tensor.h"
 
 namespace moe {
@@ -30,5 +32,10 @@ void gemm_tiled(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, T a
 
 // Makes the linked OpenBLAS single-threaded; called once at module import.
 void blas_init();
+
+// What the linked OpenBLAS says of itself: its build line ("OpenBLAS 0.3.34
+// DYNAMIC_ARCH ...") and the kernel set it picked for this CPU ("SkylakeX").
+std::string blas_config();
+std::string blas_corename();
 
 }  // namespace moe

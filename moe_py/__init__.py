@@ -1,9 +1,12 @@
 """moe_py: a Mixture-of-Experts laboratory for the CPU."""
+from .build_info import build_info, warn_if_blas_generic
 from .config import MoEConfig
 from .layer import MoELayer, MoEOutput
 from .router import Router, RouterOutput
 from .threads import get_num_threads, set_num_threads
 
-__all__ = ["MoEConfig", "MoELayer", "MoEOutput", "Router", "RouterOutput",
+__all__ = ["build_info", "MoEConfig", "MoELayer", "MoEOutput", "Router", "RouterOutput",
            "get_num_threads", "set_num_threads"]
 __version__ = "0.1.0"
+
+warn_if_blas_generic()

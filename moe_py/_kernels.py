@@ -8,3 +8,11 @@ _SUFFIX = {np.dtype(np.float32): "_f32", np.dtype(np.float64): "_f64"}
 
 def kernel(name: str, dtype):
     return getattr(_core, name + _SUFFIX[np.dtype(dtype)])
+
+
+def build_facts() -> dict:
+    return dict(_core.build_facts())
+
+
+def get_num_threads() -> int:
+    return int(_core.get_num_threads())

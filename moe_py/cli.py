@@ -5,6 +5,7 @@
     sample   generate text from a checkpoint
     analyze  specialisation, utilisation and co-activation of a trained run
     demo     route one padded batch through a fresh MoE layer
+    info     version, compiler, BLAS and its core type, threads, CPU (for bug reports)
 """
 from __future__ import annotations
 
@@ -49,6 +50,15 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"backward: |dx|={np.linalg.norm(dx):.4f} (padding rows zero: "
           f"{bool(np.all(dx.reshape(-1, cfg.d_model)[~real] == 0))}); grad norms",
           {k: round(float(np.linalg.norm(g)), 4) for k, g in layer.grads.items()})
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .build_info import blas_is_generic, build_info, format_build_info
+    info = build_info()
+    print(format_build_info(info))
+    if blas_is_generic(str(info["blas_corename"]), str(info["cpu_simd"]).split()):
+        print(f"WARNING: OpenBLAS runs generic '{info['blas_corename']}' kernels on this CPU")
     return 0
 
 
@@ -193,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--capacity-factor", type=float, default=None)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=_demo)
+
+    i = sub.add_parser("info", help="version, compiler, BLAS, threads and CPU, for bug reports")
+    i.set_defaults(func=_info)
 
     t = sub.add_parser("train", help="train a byte-level MoE language model")
     _add_model_flags(t)

@@ -1,0 +1,111 @@
+"""What this moe_py was built with and runs on: paste `python -m moe_py info` into a bug report.
+
+Also warns, once per process, when the linked OpenBLAS runs generic (pre-AVX2) kernels on a CPU
+that has AVX2 or AVX-512: every GEMM is then several times slower than the machine allows.
+"""
+from __future__ import annotations
+
+import platform
+import re
+import warnings
+from typing import Dict, List
+
+from . import _kernels
+
+# OpenBLAS core types that use no AVX2/FMA kernels. Debian bookworm's OpenBLAS 0.3.21 reports
+# "Prescott" (SSE3) on CPUs newer than it knows.
+_PRE_AVX2_CORES = {
+    "katmai", "coppermine", "northwood", "prescott", "banias", "core2", "penryn", "dunnington",
+    "nehalem", "atom", "sandybridge", "athlon", "opteron", "opteron_sse3", "barcelona",
+    "bobcat", "bulldozer", "piledriver", "steamroller", "excavator", "generic",
+}
+# CPU flags worth naming in a report (from /proc/cpuinfo), in this order.
+_SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+               "avx512_bf16", "avx512_fp16", "amx_tile", "asimd", "sve")
+
+
+def _cpuinfo() -> Dict[str, str]:
+    """First processor's fields of /proc/cpuinfo (empty off Linux)."""
+    out: Dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                out[key.strip()] = value.strip()
+    except OSError:
+        pass
+    return out
+
+
+def cpu_simd_flags() -> List[str]:
+    flags = set(_cpuinfo().get("flags", _cpuinfo().get("Features", "")).split())
+    return [f for f in _SIMD_FLAGS if f in flags]
+
+
+def cpu_model() -> str:
+    info = _cpuinfo()
+    name = info.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in info and "model" in info:
+        name += f" (family {info['cpu family']}, model {info['model']})"
+    return name
+
+
+def blas_is_generic(corename: str, simd: List[str]) -> bool:
+    """True when OpenBLAS picked a pre-AVX2 kernel set on a CPU that has AVX2 or AVX-512."""
+    return corename.strip().lower() in _PRE_AVX2_CORES and ("avx2" in simd or "avx512f" in simd)
+
+
+def build_info() -> Dict[str, object]:
+    """Version, compiler and flags, BLAS (name, version, core type), threads, CPU and SIMD."""
+    from . import __version__
+    import numpy as np
+    facts = _kernels.build_facts()
+    flags = facts["cxx_flags"]
+    march = re.findall(r"-march=\S+", flags)
+    version = re.search(r"OpenBLAS\s+(\S+)", facts["blas_config"])
+    return {
+        "moe_py": __version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "compiler": facts["compiler"],
+        "cxx_flags": " ".join(flags.split()),
+        "march": march[-1][len("-march="):] if march else "(none: generic x86-64)",
+        "compiled_simd": facts["compiled_simd"],
+        "eigen": facts["eigen"],
+        "eigen_simd": facts["eigen_simd"],
+        "openmp": facts["openmp"],
+        "openmp_threads": _kernels.get_num_threads(),
+        "blas": facts["blas"],
+        "blas_version": version.group(1) if version else "unknown",
+        "blas_config": facts["blas_config"],
+        "blas_corename": facts["blas_corename"],
+        "cpu": cpu_model(),
+        "cpu_simd": " ".join(cpu_simd_flags()),
+        "platform": platform.platform(),
+    }
+
+
+def format_build_info(info: Dict[str, object]) -> str:
+    width = max(len(k) for k in info)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in info.items())
+
+
+_warned = [False]
+
+
+def warn_if_blas_generic() -> None:
+    """Warn (once per process) if the BLAS kernels are far below what the CPU can run."""
+    if _warned[0]:
+        return
+    _warned[0] = True
+    core = _kernels.build_facts()["blas_corename"]
+    simd = cpu_simd_flags()
+    if blas_is_generic(core, simd):
+        warnings.warn(
+            f"moe_py: the linked OpenBLAS uses '{core}' kernels on a CPU with "
+            f"{'AVX-512' if 'avx512f' in simd else 'AVX2'}: GEMMs run several times slower than "
+            "this machine allows. Build against PyPI's scipy-openblas32 (the default), or set "
+            "OPENBLAS_CORETYPE; `python -m moe_py info` shows the details.",
+            RuntimeWarning, stacklevel=3)
