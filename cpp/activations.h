@@ -38,6 +38,15 @@ inline void blocked(index_t n, const T* const* in, int n_in, T* const* out, int 
     for (index_t l = 0; l < len; ++l) out[q][i + l] = b[q][l];
 }
 
+// ---- y = exp(x - shift), the vectorised exp of softmax rows (y may be x) ----
+
+template <typename T>
+inline void exp_shifted(const T* x, T shift, T* y, index_t n) {
+  const T* in[1] = {x};
+  T* out[1] = {y};
+  blocked<T>(n, in, 1, out, 1, [shift](const Block<T>* a, Block<T>* b) { b[0] = (a[0] - shift).exp(); });
+}
+
 // ---- SwiGLU gate: a = silu(h1) * h3 ------------------------------------------
 
 template <typename T>

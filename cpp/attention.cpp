@@ -3,6 +3,7 @@
 #include <cmath>
 #include <vector>
 
+#include "activations.h"
 #include "blas.h"
 #include "reduce.h"
 
@@ -31,9 +32,10 @@ void attention_forward(const AttentionShape& s, const T* qkv, const std::uint8_t
       T mx = row[i];  // the query itself is always visible
       for (index_t j = 0; j < i; ++j)
         if (m[j]) mx = std::max(mx, row[j]);
+      exp_shifted(row, mx, row, i + 1);
       T sum = 0;
       for (index_t j = 0; j <= i; ++j) {
-        row[j] = m[j] ? std::exp(row[j] - mx) : T(0);
+        if (!m[j]) row[j] = T(0);
         sum += row[j];
       }
       const T inv = T(1) / sum;

@@ -16,6 +16,7 @@
 #include "experts.h"
 #include "linear.h"
 #include "machine.h"
+#include "optim.h"
 #include "lm_losses.h"
 #include "pool.h"
 #include "rmsnorm.h"
@@ -48,12 +49,18 @@ void expect_shape(const A& a, const char* name, std::initializer_list<index_t> s
 // A gradient buffer the kernel accumulates into: must be the caller's own
 // writable C-contiguous array of the right dtype (no silent copy).
 template <typename T>
-T* inout(py::array& a, const char* name, std::initializer_list<index_t> shape) {
+T* writable(py::array& a, const char* name) {
   if (!py::isinstance<py::array_t<T>>(a) || !(a.flags() & py::array::c_style) || !a.writeable())
     throw std::invalid_argument(std::string(name) +
                                 ": expected a writable C-contiguous array of the layer dtype");
-  expect_shape(a, name, shape);
   return static_cast<T*>(a.mutable_data());
+}
+
+template <typename T>
+T* inout(py::array& a, const char* name, std::initializer_list<index_t> shape) {
+  T* p = writable<T>(a, name);
+  expect_shape(a, name, shape);
+  return p;
 }
 
 // A new array whose memory comes from the block cache (pool.h) and returns
@@ -440,6 +447,36 @@ void bind_typed(py::module_& m, const std::string& sfx) {
         return py::make_tuple(loss, d);
       },
       py::arg("logits"), py::arg("labels"), py::arg("ignore_index"));
+
+  m.def(
+      ("adamw_step" + sfx).c_str(),
+      [](py::array param, In<T> grad, py::array m1, py::array m2, double lr, double beta1,
+         double beta2, double bias1, double bias2, double eps, double decay, double grad_scale) {
+        const index_t n = param.size();
+        T* p = writable<T>(param, "param");
+        if (grad.size() != n) throw std::invalid_argument("grad: expected the size of param");
+        T* mp = writable<T>(m1, "m");
+        T* vp = writable<T>(m2, "v");
+        if (m1.size() != n || m2.size() != n)
+          throw std::invalid_argument("m, v: expected the size of param");
+        const moe::AdamWStep s{lr, beta1, beta2, bias1, bias2, eps, decay, grad_scale};
+        py::gil_scoped_release release;
+        moe::adamw_step<T>(p, grad.data(), mp, vp, n, s);
+      },
+      py::arg("param"), py::arg("grad"), py::arg("m"), py::arg("v"), py::arg("lr"),
+      py::arg("beta1"), py::arg("beta2"), py::arg("bias1"), py::arg("bias2"), py::arg("eps"),
+      py::arg("decay"), py::arg("grad_scale"),
+      "one AdamW update in place of param, m and v");
+
+  m.def(
+      ("sum_squares" + sfx).c_str(),
+      [](In<T> g) {
+        const T* gp = g.data();
+        const index_t n = g.size();
+        py::gil_scoped_release release;
+        return moe::sum_squares<T>(gp, n);
+      },
+      py::arg("g"), "sum of g**2 in float64, in a fixed order");
 
   // C = A @ B through the GEMM path the kernels use (fixed row tiles, serial
   // BLAS per tile, our OpenMP threads): the benchmarks' SGEMM reference.

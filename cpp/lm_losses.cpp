@@ -3,6 +3,7 @@
 #include <cmath>
 #include <vector>
 
+#include "activations.h"
 #include "losses.h"
 
 namespace moe {
@@ -24,7 +25,8 @@ double cross_entropy(const T* logits, const index_t* labels, index_t n, index_t 
     }
     const T lse = logsumexp_row(l, V);
     nll[t] = double(lse - l[labels[t]]);
-    for (index_t v = 0; v < V; ++v) d[v] = std::exp(l[v] - lse) * inv;
+    exp_shifted(l, lse, d, V);
+    for (index_t v = 0; v < V; ++v) d[v] *= inv;
     d[labels[t]] -= inv;
   }
   if (valid == 0) return 0.0;

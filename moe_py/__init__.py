@@ -1,5 +1,5 @@
 """moe_py: a Mixture-of-Experts laboratory for the CPU."""
-from .build_info import build_info, warn_if_blas_generic
+from .machine import build_info, warn_if_blas_generic
 from .config import MoEConfig
 from .layer import MoELayer, MoEOutput
 from .router import Router, RouterOutput

@@ -54,7 +54,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .build_info import blas_is_generic, build_info, format_build_info
+    from .machine import blas_is_generic, build_info, format_build_info
     info = build_info()
     print(format_build_info(info))
     if blas_is_generic(str(info["blas_corename"]), str(info["cpu_simd"]).split()):

@@ -1,11 +1,14 @@
-"""AdamW, the learning-rate schedule and gradient clipping (NumPy: element-wise
-and thread-free, so training stays bitwise reproducible)."""
+"""AdamW, the learning-rate schedule and gradient clipping. The update and the norm run in
+C++ (cpp/optim.cpp) on the kernels' threads: element-wise, and the norm summed in fixed
+chunks, so training stays bitwise reproducible at any thread count."""
 from __future__ import annotations
 
 import math
 from typing import Dict, Iterable, Tuple
 
 import numpy as np
+
+from ._kernels import kernel
 
 
 def lr_at(step: int, base_lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:
@@ -18,11 +21,9 @@ def lr_at(step: int, base_lr: float, warmup: int, total: int, min_ratio: float =
 
 def global_grad_norm(grads: Iterable[np.ndarray]) -> float:
     """sqrt of the sum of squares, accumulated in float64 in parameter order."""
-    # not np.dot: NumPy's BLAS keeps its own threads spinning after each call,
-    # and on 2 cores they fight with the kernels' OpenMP threads
     total = 0.0
     for g in grads:
-        total += float(np.square(g, dtype=np.float64).sum())
+        total += kernel("sum_squares", g.dtype)(g)
     return math.sqrt(total)
 
 
@@ -46,15 +47,10 @@ class AdamW:
         b1, b2 = self.beta1, self.beta2
         c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
         for name, p, g in self.entries:
-            gs = g * p.dtype.type(grad_scale)
-            m, v = self.m[name], self.v[name]
-            m *= b1
-            m += (1 - b1) * gs
-            v *= b2
-            v += (1 - b2) * gs * gs
-            if self.weight_decay and p.ndim >= 2:
-                p *= p.dtype.type(1 - lr * self.weight_decay)
-            p -= (lr / c1) * m / (np.sqrt(v / c2) + self.eps)
+            decay = 1 - lr * self.weight_decay if p.ndim >= 2 else 1.0
+            kernel("adamw_step", p.dtype)(
+                param=p, grad=g, m=self.m[name], v=self.v[name], lr=lr, beta1=b1, beta2=b2,
+                bias1=c1, bias2=c2, eps=self.eps, decay=decay, grad_scale=grad_scale)
 
     def state_dict(self) -> Dict[str, np.ndarray]:
         out = {"t": np.array(self.t)}

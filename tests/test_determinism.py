@@ -44,6 +44,17 @@ r = m.loss_and_backward(ids, targets, mask)
 res["model_loss"] = np.array(r["loss"])
 for name, p, g in m.named_parameters():
     res["model_grad_" + name] = g.copy()
+# the optimiser and the norm, on a tensor big enough for their parallel path
+from moe_py.optim import AdamW, global_grad_norm
+big = rng.standard_normal(100_003).astype(np.float32)
+big_grad = rng.standard_normal(100_003).astype(np.float32)
+res["grad_norm"] = np.array(global_grad_norm([big_grad] + [g for _, _, g in m.named_parameters()]))
+opt = AdamW([("big", big, big_grad.reshape(1, -1)[0])] + list(m.named_parameters()))
+for _ in range(2):
+    opt.step(1e-3, grad_scale=0.5)
+res["adamw_big"] = big
+for name, p, _ in m.named_parameters():
+    res["adamw_" + name] = p.copy()
 np.savez(out, **res)
 """
 
