@@ -228,7 +228,7 @@ class TorchMoE:
             outs.append(h @ w2s[e])
         ye = torch.cat(outs) * top_p.reshape(-1).index_select(0, order).unsqueeze(1)
         y = torch.zeros_like(x).index_add_(0, token, ye)
-        # aux losses, as moe_py/losses: f (no gradient) from the assignments
+        # aux losses, as cpp/losses.h: f (no gradient) from the assignments
         f = counts.to(x.dtype) / (T * k)
         load_balance = E * (f * probs.mean(dim=0)).sum()
         z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()

@@ -1,18 +1,56 @@
-"""The C++ kernel of a given name for a dtype (_core binds one set per dtype)."""
+"""The only way into the C++ extension moe_py._core (typed in _core.pyi).
+
+Kernels that exist per dtype are bound twice (name_f32, name_f64): `kernel(name, dtype)`
+picks one. Everything is looked up on _core at call time, so a profiler may wrap _core's
+functions (benchmarks/bench_layer.py does). Call every kernel by keyword: a misspelt or
+missing keyword fails at once with the kernel's signature in the message.
+"""
+from typing import Callable
+
 import numpy as np
 
 from . import _core
 
+Activation = _core.Activation
+RouterForwardResult = _core.RouterForwardResult
+
 _SUFFIX = {np.dtype(np.float32): "_f32", np.dtype(np.float64): "_f64"}
 
 
-def kernel(name: str, dtype):
+def kernel(name: str, dtype) -> Callable:
+    """The `name` kernel for arrays of `dtype` (float32 or float64)."""
     return getattr(_core, name + _SUFFIX[np.dtype(dtype)])
+
+
+# ---- kernels with one binding for every dtype ---------------------------------------
+
+def dispatch_plan(**kw):
+    return _core.dispatch_plan(**kw)
+
+
+def multi_token_labels(**kw):
+    return _core.multi_token_labels(**kw)
+
+
+def set_num_threads(n: int) -> None:
+    _core.set_num_threads(n=n)
+
+
+def get_num_threads() -> int:
+    return int(_core.get_num_threads())
 
 
 def build_facts() -> dict:
     return dict(_core.build_facts())
 
 
-def get_num_threads() -> int:
-    return int(_core.get_num_threads())
+def fma_peak(iters: int):
+    return _core.fma_peak(iters=iters)
+
+
+def pool_cached_bytes() -> int:
+    return int(_core.pool_cached_bytes())
+
+
+def pool_release() -> None:
+    _core.pool_release()

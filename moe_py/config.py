@@ -8,6 +8,8 @@ from typing import Optional
 
 import numpy as np
 
+# The label of positions no loss reads (no next byte, or padding); as PyTorch's default.
+IGNORE_INDEX = -100
 ROUTERS = ("softmax_topk",)
 ACTIVATIONS = ("swiglu", "gelu")
 DTYPES = {"float32": np.float32, "float64": np.float64}

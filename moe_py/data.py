@@ -22,7 +22,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .losses import IGNORE_INDEX
+from .config import IGNORE_INDEX
 
 PYTHON_LABELS = ["keyword", "identifier", "builtin", "operator", "number", "string", "comment",
                  "whitespace", "newline", "other"]

@@ -10,12 +10,10 @@ from typing import Dict, Tuple
 
 import numpy as np
 
-from . import _core
-from ._kernels import kernel
+from . import _kernels
+from ._kernels import Activation, kernel
 from ._checks import check_param
 from .config import MoEConfig
-
-_ACTIVATION_CODE = {"swiglu": 0, "gelu": 1}
 
 
 def init_expert_weights(cfg: MoEConfig, rng: np.random.Generator) -> Dict[str, np.ndarray]:
@@ -35,6 +33,7 @@ class Experts:
         self.cfg = cfg
         self.params = params
         self.grads = grads
+        self._activation = Activation.__members__[cfg.activation]
         self._saved = None
 
     def _weights(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -53,12 +52,14 @@ class Experts:
                 dropped: np.ndarray) -> np.ndarray:
         """x2 [T, d_model] -> y [T, d_model]; padded tokens and dropped slots cost nothing."""
         w1, w3, w2 = self._weights()
-        act = _ACTIVATION_CODE[self.cfg.activation]
-        offsets, row_token, slot_row = _core.dispatch_plan(
-            topk_indices, dropped.view(np.uint8), self.cfg.num_experts)
-        xs = kernel("gather_rows", self.cfg.np_dtype)(x2, row_token)
-        h1, h3, ye = kernel("experts_forward", self.cfg.np_dtype)(xs, offsets, w1, w3, w2, act)
-        y = kernel("combine_forward", self.cfg.np_dtype)(ye, slot_row, topk_weights)
+        dt = self.cfg.np_dtype
+        offsets, row_token, slot_row = _kernels.dispatch_plan(
+            topk_indices=topk_indices, dropped=dropped.view(np.uint8),
+            num_experts=self.cfg.num_experts)
+        xs = kernel("gather_rows", dt)(x=x2, row_token=row_token)
+        h1, h3, ye = kernel("experts_forward", dt)(
+            xs=xs, offsets=offsets, w1=w1, w3=w3, w2=w2, activation=self._activation)
+        y = kernel("combine_forward", dt)(ye=ye, slot_row=slot_row, topk_weights=topk_weights)
         self._saved = (offsets, slot_row, xs, h1, h3, ye, topk_weights, (w1, w3, w2))
         return y
 
@@ -67,10 +68,12 @@ class Experts:
         if self._saved is None:
             raise RuntimeError("backward called before forward")
         offsets, slot_row, xs, h1, h3, ye, topk_weights, (w1, w3, w2) = self._saved
-        act = _ACTIVATION_CODE[self.cfg.activation]
-        dye, d_weights = kernel("combine_backward", self.cfg.np_dtype)(dy2, ye, slot_row, topk_weights)
-        g3 = self.grads.get("w3", np.zeros((0, 0, 0), dtype=self.cfg.np_dtype))
-        dxs = kernel("experts_backward", self.cfg.np_dtype)(xs, offsets, w1, w3, w2, h1, h3, dye, act,
-                                     self.grads["w1"], g3, self.grads["w2"])
-        dx2 = kernel("gather_rows_backward", self.cfg.np_dtype)(dxs, slot_row)
+        dt = self.cfg.np_dtype
+        dye, d_weights = kernel("combine_backward", dt)(
+            dy=dy2, ye=ye, slot_row=slot_row, topk_weights=topk_weights)
+        g3 = self.grads.get("w3", np.zeros((0, 0, 0), dtype=dt))
+        dxs = kernel("experts_backward", dt)(
+            xs=xs, offsets=offsets, w1=w1, w3=w3, w2=w2, h1=h1, h3=h3, dye=dye,
+            activation=self._activation, dw1=self.grads["w1"], dw3=g3, dw2=self.grads["w2"])
+        dx2 = kernel("gather_rows_backward", dt)(dxs=dxs, slot_row=slot_row)
         return dx2, d_weights

@@ -1,7 +1,7 @@
-"""MoELayer: a Router and its Experts joined (DESIGN "The MoE layer")."""
+"""MoELayer: a Router and its Experts joined (docs/design.md, "The MoE layer")."""
 from __future__ import annotations
 
-from typing import Dict, NamedTuple
+from typing import Dict, NamedTuple, Optional
 
 import numpy as np
 
@@ -12,8 +12,10 @@ from .router import Router, RouterOutput, init_router_weight
 
 
 class MoEOutput(NamedTuple):
+    """What every FFN's forward returns (moe_py/ffn.py); a dense FFN has no router."""
+
     y: np.ndarray  # shape of x; 0 for padded tokens
-    router: RouterOutput
+    router: Optional[RouterOutput]  # None for a dense FFN
     aux_loss: float  # load_balance_coef*load_balance + z_loss_coef*z_loss + entropy_coef*entropy
     losses: Dict[str, float]  # the unweighted components: load_balance, z_loss, entropy
 
@@ -25,7 +27,10 @@ class MoELayer:
 
     params: w_router [d_model, E], w1 [E, d_model, d_ff], w3 [E, d_model, d_ff]
     (swiglu only), w2 [E, d_ff, d_model]; grads: the same keys and shapes.
+    It implements the FFN interface of moe_py/ffn.py.
     """
+
+    has_router = True
 
     def __init__(self, cfg: MoEConfig):
         self.cfg = cfg

@@ -15,10 +15,11 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 import numpy as np
 
 from ._checks import as_mask
-from .config import DTYPES, MoEConfig, positive_int
+from .config import DTYPES, IGNORE_INDEX, MoEConfig, positive_int
+from .ffn import build_ffn
 from .layer import MoELayer
-from .losses import IGNORE_INDEX, multi_token_cross_entropy
-from .nn import CausalSelfAttention, DenseFFN, Embedding, Linear, Module, RMSNorm
+from .lm_losses import multi_token_cross_entropy
+from .nn import Block, Embedding, Linear, RMSNorm
 from .router import RouterOutput
 
 
@@ -69,51 +70,20 @@ class ModelOutput(NamedTuple):
     layer_losses: List[Dict[str, float]]  # per layer: load_balance, z_loss, entropy
 
 
-class Block(Module):
-    def __init__(self, cfg: ModelConfig, layer_index: int, rng: np.random.Generator):
-        dt = DTYPES[cfg.dtype]
-        out_std = 0.02 / math.sqrt(2 * cfg.n_layers)  # residual branches start small
-        self.norm1 = RMSNorm(cfg.d_model, dt)
-        self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, rng, dt, out_std)
-        self.norm2 = RMSNorm(cfg.d_model, dt)
-        out_scale = 1.0 / math.sqrt(2 * cfg.n_layers)
-        if cfg.moe is not None:
-            # each layer its own seed, derived from the model's
-            moe_cfg = dataclasses.replace(cfg.moe, seed=int(rng.integers(2**31)))
-            self.ffn = MoELayer(moe_cfg)
-            self.ffn.params["w2"] *= out_scale
-        else:
-            self.ffn = DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation, rng, cfg.dtype, out_scale)
-
-    def children(self) -> Dict[str, object]:
-        return {"norm1": self.norm1, "attn": self.attn, "norm2": self.norm2, "ffn": self.ffn}
-
-    def forward(self, x2, mask, shape, training):
-        x2 = x2 + self.attn.forward(self.norm1.forward(x2), mask, shape)
-        h = self.norm2.forward(x2)
-        if isinstance(self.ffn, MoELayer):
-            out = self.ffn(h, padding_mask=mask.reshape(-1), training=training)
-            self._moe_out = out
-            return x2 + out.y
-        self._moe_out = None
-        return x2 + self.ffn.forward(h, mask)
-
-    def backward(self, dx2, aux_weight):
-        if isinstance(self.ffn, MoELayer):
-            dh = self.ffn.backward(dx2, aux_weight=aux_weight)
-        else:
-            dh = self.ffn.backward(dx2)
-        dx2 = dx2 + self.norm2.backward(dh)
-        return dx2 + self.norm1.backward(self.attn.backward(dx2))
-
-
 class TransformerLM:
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
         dt = DTYPES[cfg.dtype]
         rng = np.random.default_rng(cfg.seed)
         self.embed = Embedding(cfg.vocab_size, cfg.max_seq_len, cfg.d_model, rng, dt)
-        self.blocks = [Block(cfg, i, rng) for i in range(cfg.n_layers)]
+        # residual branches start small: output projections scaled by 1/sqrt(2 n_layers)
+        out_std = 0.02 / math.sqrt(2 * cfg.n_layers)
+        out_scale = 1.0 / math.sqrt(2 * cfg.n_layers)
+
+        def make_ffn(r: np.random.Generator):
+            return build_ffn(cfg.d_model, cfg.d_ff, cfg.activation, cfg.moe, r, cfg.dtype, out_scale)
+        self.blocks = [Block(cfg.d_model, cfg.n_heads, make_ffn, rng, dt, out_std)
+                       for _ in range(cfg.n_layers)]
         self.norm_f = RMSNorm(cfg.d_model, dt)
         self.heads = [Linear(cfg.d_model, cfg.vocab_size, rng, dt) for _ in range(cfg.n_predict)]
         self._shape = None
@@ -136,7 +106,8 @@ class TransformerLM:
 
     @property
     def moe_layers(self) -> List[MoELayer]:
-        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
+        """The FFNs that route (every block's, unless the model is dense)."""
+        return [b.ffn for b in self.blocks if b.ffn.has_router]
 
     def zero_grad(self) -> None:
         for _, _, g in self.named_parameters():
@@ -146,9 +117,9 @@ class TransformerLM:
         """Total parameters and those active for one token (k of E experts)."""
         total = sum(p.size for _, p, _ in self.named_parameters())
         inactive = 0
-        for layer in self.moe_layers:
-            per_expert = sum(v[0].size for k, v in layer.params.items() if k != "w_router")
-            inactive += (layer.cfg.num_experts - layer.cfg.top_k) * per_expert
+        for b in self.blocks:
+            n = b.ffn.num_parameters()
+            inactive += n["total"] - n["active"]
         return {"total": int(total), "active": int(total - inactive)}
 
     def set_noise_annealing(self, start_std: float, anneal_steps: int) -> None:
@@ -170,11 +141,11 @@ class TransformerLM:
         x = self.embed.forward(inputs)
         routers, layer_losses, aux = [], [], 0.0
         for b in self.blocks:
-            x = b.forward(x, mask, (B, S), training)
-            if b._moe_out is not None:
-                routers.append(b._moe_out.router)
-                layer_losses.append(b._moe_out.losses)
-                aux += b._moe_out.aux_loss
+            x, ffn_out = b.forward(x, mask, (B, S), training)
+            if ffn_out.router is not None:
+                routers.append(ffn_out.router)
+                layer_losses.append(ffn_out.losses)
+                aux += ffn_out.aux_loss
         h = self.norm_f.forward(x)
         logits = [head.forward(h).reshape(B, S, -1) for head in self.heads]
         self._shape, self._mask = (B, S), mask

@@ -1,17 +1,16 @@
-"""Transformer building blocks, each a forward/backward pair over C++ kernels.
+"""Transformer building blocks, each a forward/backward pair over C++ kernels, and the
+Block that joins them with an FFN (moe_py/ffn.py).
 
 Every module keeps `params` and `grads` dicts (backward adds into grads) and
 saves in forward exactly what its backward reads.
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Callable, Dict, Tuple
 
 import numpy as np
 
 from ._kernels import kernel
-from .config import MoEConfig
-from .experts import Experts, init_expert_weights
 
 
 class Module:
@@ -31,10 +30,11 @@ class Linear(Module):
 
     def forward(self, x2: np.ndarray) -> np.ndarray:
         self._x = x2
-        return kernel("linear_forward", x2.dtype)(x2, self.params["w"])
+        return kernel("linear_forward", x2.dtype)(x=x2, w=self.params["w"])
 
     def backward(self, dy2: np.ndarray, need_dx: bool = True) -> np.ndarray:
-        return kernel("linear_backward", dy2.dtype)(self._x, self.params["w"], dy2, self.grads["w"], need_dx)
+        return kernel("linear_backward", dy2.dtype)(x=self._x, w=self.params["w"], dy=dy2,
+                                                    dw=self.grads["w"], need_dx=need_dx)
 
 
 class RMSNorm(Module):
@@ -44,12 +44,13 @@ class RMSNorm(Module):
         self._init_grads()
 
     def forward(self, x2: np.ndarray) -> np.ndarray:
-        y, self._rstd = kernel("rmsnorm_forward", x2.dtype)(x2, self.params["g"], self.eps)
+        y, self._rstd = kernel("rmsnorm_forward", x2.dtype)(x=x2, g=self.params["g"], eps=self.eps)
         self._x = x2
         return y
 
     def backward(self, dy2: np.ndarray) -> np.ndarray:
-        return kernel("rmsnorm_backward", dy2.dtype)(self._x, self.params["g"], self._rstd, dy2, self.grads["g"])
+        return kernel("rmsnorm_backward", dy2.dtype)(x=self._x, g=self.params["g"], rstd=self._rstd,
+                                                     dy=dy2, dg=self.grads["g"])
 
 
 class Embedding(Module):
@@ -65,14 +66,14 @@ class Embedding(Module):
         B, S = ids.shape
         tok = self.params["tokens"]
         self._ids = np.ascontiguousarray(ids.reshape(-1), dtype=np.int64)
-        x = kernel("gather_rows", tok.dtype)(tok, self._ids)
+        x = kernel("gather_rows", tok.dtype)(x=tok, row_token=self._ids)
         x.reshape(B, S, -1)[...] += self.params["positions"][:S]
         self._shape = (B, S)
         return x
 
     def backward(self, dx2: np.ndarray) -> None:
         B, S = self._shape
-        kernel("scatter_add_rows", dx2.dtype)(dx2, self._ids, self.grads["tokens"])
+        kernel("scatter_add_rows", dx2.dtype)(dout=dx2, ids=self._ids, table_grad=self.grads["tokens"])
         # sum over the batch in a fixed order (NumPy's reduction is thread-free)
         self.grads["positions"][:S] += dx2.reshape(B, S, -1).sum(axis=0)
 
@@ -92,37 +93,42 @@ class CausalSelfAttention(Module):
     def forward(self, x2: np.ndarray, mask: np.ndarray, shape) -> np.ndarray:
         B, S = shape
         qkv = self.qkv.forward(x2).reshape(B, S, -1)
-        out, self._probs = kernel("attention_forward", x2.dtype)(qkv, mask, self.heads)
+        out, self._probs = kernel("attention_forward", x2.dtype)(qkv=qkv, mask=mask, heads=self.heads)
         self._qkv, self._mask = qkv, mask
         return self.proj.forward(out.reshape(B * S, -1))
 
     def backward(self, dy2: np.ndarray) -> np.ndarray:
         dout = self.proj.backward(dy2)
         B, S, _ = self._qkv.shape
-        dqkv = kernel("attention_backward", dy2.dtype)(self._qkv, self._mask, self._probs,
-                                                       dout.reshape(B, S, -1), self.heads)
+        dqkv = kernel("attention_backward", dy2.dtype)(
+            qkv=self._qkv, mask=self._mask, probs=self._probs, dout=dout.reshape(B, S, -1),
+            heads=self.heads)
         return self.qkv.backward(dqkv.reshape(B * S, -1))
 
 
-class DenseFFN(Module):
-    """The dense baseline: one SwiGLU/GELU FFN on every real token. It runs the
-    expert kernels with a single expert that every real token goes to with weight 1,
-    so it shares the experts' code (and speed) instead of repeating it."""
+class Block(Module):
+    """One transformer layer: x += Attn(RMSNorm(x)); x += FFN(RMSNorm(x)).
 
-    def __init__(self, d: int, d_ff: int, activation: str, rng: np.random.Generator, dtype: str,
-                 out_scale: float):
-        self.cfg = MoEConfig(d_model=d, d_ff=d_ff, num_experts=1, top_k=1, activation=activation,
-                             dtype=dtype)
-        self.params = init_expert_weights(self.cfg, rng)
-        self.params["w2"] *= out_scale
-        self._init_grads()
-        self.experts = Experts(self.cfg, self.params, self.grads)
+    The FFN is anything with the FFN interface of moe_py/ffn.py (a MoELayer, a DenseFFN,
+    ...); `make_ffn(rng)` builds it after the attention, so the draws from rng keep their order.
+    """
 
-    def forward(self, x2: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        real = mask.reshape(-1, 1).astype(bool)
-        idx = np.where(real, 0, -1).astype(np.int64)
-        return self.experts.forward(x2, idx, real.astype(x2.dtype), np.zeros(idx.shape, bool))
+    def __init__(self, d_model: int, n_heads: int, make_ffn: Callable[[np.random.Generator], object],
+                 rng: np.random.Generator, dtype, out_std: float):
+        self.norm1 = RMSNorm(d_model, dtype)
+        self.attn = CausalSelfAttention(d_model, n_heads, rng, dtype, out_std)
+        self.norm2 = RMSNorm(d_model, dtype)
+        self.ffn = make_ffn(rng)
 
-    def backward(self, dy2: np.ndarray) -> np.ndarray:
-        dx2, _ = self.experts.backward(dy2)
-        return dx2
+    def children(self) -> Dict[str, object]:
+        return {"norm1": self.norm1, "attn": self.attn, "norm2": self.norm2, "ffn": self.ffn}
+
+    def forward(self, x2: np.ndarray, mask: np.ndarray, shape, training: bool) -> Tuple[np.ndarray, object]:
+        """x2 [B*S, d] -> (x2 after the layer, the FFN's output with its routing and losses)."""
+        x2 = x2 + self.attn.forward(self.norm1.forward(x2), mask, shape)
+        out = self.ffn.forward(self.norm2.forward(x2), padding_mask=mask.reshape(-1), training=training)
+        return x2 + out.y, out
+
+    def backward(self, dx2: np.ndarray, aux_weight: float) -> np.ndarray:
+        dx2 = dx2 + self.norm2.backward(self.ffn.backward(dx2, aux_weight=aux_weight))
+        return dx2 + self.norm1.backward(self.attn.backward(dx2))

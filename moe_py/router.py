@@ -1,4 +1,4 @@
-"""Token routing: RouterOutput and Router (DESIGN "Routing" and "Losses").
+"""Token routing: RouterOutput and Router (docs/design.md, "Routing" and "Losses").
 
 The maths lives in cpp/router.cpp and cpp/losses.cpp; this file checks
 arguments, keeps the noise-annealing state and what backward needs.
@@ -10,7 +10,7 @@ from typing import Dict, NamedTuple, Optional
 
 import numpy as np
 
-from ._kernels import kernel
+from ._kernels import RouterForwardResult, kernel
 from ._checks import as_grad, as_mask, as_tokens, check_param
 from .config import MoEConfig
 
@@ -31,6 +31,22 @@ class RouterOutput(NamedTuple):
     entropy: np.ndarray  # [T] entropy of router_probs_clean, in nats
     tokens_per_expert: np.ndarray  # [E] int64 real assignments, before capacity dropping
     dropped: np.ndarray  # [T, k] bool, slots dropped for capacity
+
+
+def row_entropy(probs: np.ndarray) -> np.ndarray:
+    """-sum p log p of each row of probs [..., E] in nats (0 * log 0 = 0): the router
+    kernel's own entropy, for any probabilities (noisy ones, a load, a label mix)."""
+    probs = np.asarray(probs)
+    if probs.dtype not in (np.float32, np.float64):
+        raise TypeError(f"probs: expected float32 or float64, got {probs.dtype}")
+    if probs.ndim < 1:
+        raise ValueError("probs: expected shape [..., E]")
+    flat = np.ascontiguousarray(probs.reshape(-1, probs.shape[-1]))
+    return kernel("row_entropy", probs.dtype)(probs=flat).reshape(probs.shape[:-1])
+
+
+def _router_output(res: RouterForwardResult) -> RouterOutput:
+    return RouterOutput(*(getattr(res, f) for f in RouterOutput._fields))
 
 
 def init_router_weight(cfg: MoEConfig, rng: np.random.Generator) -> np.ndarray:
@@ -104,17 +120,19 @@ class Router:
         cfg = self.cfg
         w = self._check_params()
         std = self.noise_std if training else 0.0
-        out = kernel("router_forward", cfg.np_dtype)(
-            x2, w, mask, cfg.top_k, bool(cfg.normalize_topk), bool(cfg.straight_through),
-            bool(training), std, cfg.seed, self._noise_step,
-            -1.0 if cfg.capacity_factor is None else float(cfg.capacity_factor))
+        res = kernel("router_forward", cfg.np_dtype)(
+            x=x2, w_router=w, mask=mask, top_k=cfg.top_k, normalize_topk=bool(cfg.normalize_topk),
+            straight_through=bool(cfg.straight_through), training=bool(training),
+            noise_std=std, noise_seed=cfg.seed, noise_step=self._noise_step,
+            capacity_factor=-1.0 if cfg.capacity_factor is None else float(cfg.capacity_factor))
         if training and self._noise_start > 0:
             self._noise_step += 1
-        self.losses = dict(out.pop("losses"))
+        self.losses = {"load_balance": res.load_balance, "z_loss": res.z_loss,
+                       "entropy": res.entropy_loss}
         self.aux_loss = float(cfg.load_balance_coef * self.losses["load_balance"]
                               + cfg.z_loss_coef * self.losses["z_loss"]
                               + cfg.entropy_coef * self.losses["entropy"])
-        routed = RouterOutput(**out)
+        routed = _router_output(res)
         self._saved = (x2, w, mask, routed, bool(training))
         return routed
 
@@ -138,11 +156,15 @@ class Router:
             d_topk_weights = as_grad(d_topk_weights, r.topk_weights.shape, cfg.np_dtype,
                                      "d_topk_weights")
         kernel("router_backward", cfg.np_dtype)(
-            x2, w, mask, r.router_logits, r.router_probs_clean, r.router_probs, r.entropy,
-            r.topk_indices, r.dropped.view(np.uint8), r.tokens_per_expert, d_topk_weights, cfg.top_k,
-            bool(cfg.normalize_topk), bool(cfg.straight_through), training,
-            aux_weight * cfg.load_balance_coef, aux_weight * cfg.z_loss_coef,
-            aux_weight * cfg.entropy_coef, dx2, self.grads["w_router"])
+            x=x2, w_router=w, mask=mask, router_logits=r.router_logits,
+            router_probs_clean=r.router_probs_clean, router_probs=r.router_probs,
+            entropy=r.entropy, topk_indices=r.topk_indices, dropped=r.dropped.view(np.uint8),
+            tokens_per_expert=r.tokens_per_expert, d_topk_weights=d_topk_weights,
+            top_k=cfg.top_k, normalize_topk=bool(cfg.normalize_topk),
+            straight_through=bool(cfg.straight_through), training=training,
+            load_balance_coef=aux_weight * cfg.load_balance_coef,
+            z_loss_coef=aux_weight * cfg.z_loss_coef, entropy_coef=aux_weight * cfg.entropy_coef,
+            dx=dx2, dw_router=self.grads["w_router"])
 
     def backward(self, d_topk_weights: Optional[np.ndarray] = None) -> np.ndarray:
         """Gradient of sum(d_topk_weights * topk_weights) + aux_loss; returns dx (shape of x)."""

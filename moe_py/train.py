@@ -21,7 +21,8 @@ import numpy as np
 from .config import finite_number, positive_int
 from .checkpoint import load_model, load_optimizer, save_checkpoint
 from .data import BatchSampler, Corpus, load_corpus
-from .losses import IGNORE_INDEX, cross_entropy
+from .config import IGNORE_INDEX
+from .lm_losses import cross_entropy
 from .models import ModelConfig, TransformerLM
 from .optim import AdamW, global_grad_norm, lr_at
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import max_rel_err, numerical_grad
-from moe_py.losses import cross_entropy, multi_token_cross_entropy, multi_token_labels
+from moe_py.lm_losses import cross_entropy, multi_token_cross_entropy, multi_token_labels
 
 
 def test_cross_entropy_hand_computed():

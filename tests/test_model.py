@@ -4,7 +4,7 @@ import pytest
 
 import moe_py
 from conftest import max_rel_err, numerical_grad
-from moe_py.losses import multi_token_cross_entropy
+from moe_py.lm_losses import multi_token_cross_entropy
 from moe_py.models import ModelConfig, TransformerLM
 from moe_py.nn import CausalSelfAttention, RMSNorm
 

@@ -88,7 +88,7 @@ def test_gradient_accumulation_logs_the_per_token_mean(tmp_path, corpus):
     model, two = small_cfgs(steps=1, batch_size=4, grad_accum=2, lr=0.0)
     sampler = data.BatchSampler(corpus.train, 4, 32, 0)
     b0, b1 = sampler.batch(0), sampler.batch(1)  # the step's two micro-batches
-    from moe_py.losses import cross_entropy
+    from moe_py.lm_losses import cross_entropy
     from moe_py.models import TransformerLM
     m = TransformerLM(model)
     nll = n = 0.0

@@ -6,10 +6,9 @@ from typing import List, Tuple
 
 import numpy as np
 
-from . import _core
+from . import _kernels
 from ._kernels import kernel
-
-IGNORE_INDEX = -100
+from .config import IGNORE_INDEX
 
 
 def cross_entropy(logits, labels, ignore_index: int = IGNORE_INDEX) -> Tuple[float, np.ndarray]:
@@ -31,7 +30,8 @@ def cross_entropy(logits, labels, ignore_index: int = IGNORE_INDEX) -> Tuple[flo
     V = logits.shape[-1]
     flat = np.ascontiguousarray(logits.reshape(-1, V))
     lab = np.ascontiguousarray(labels.reshape(-1).astype(np.int64))
-    loss, d = kernel("cross_entropy", logits.dtype)(flat, lab, int(ignore_index))
+    loss, d = kernel("cross_entropy", logits.dtype)(logits=flat, labels=lab,
+                                                    ignore_index=int(ignore_index))
     return float(loss), d.reshape(logits.shape)
 
 
@@ -44,7 +44,8 @@ def multi_token_labels(targets, mask, n_predict: int, ignore_index: int = IGNORE
     the labels), so no head learns from padding."""
     targets = np.ascontiguousarray(np.asarray(targets, dtype=np.int64))
     mask = np.ascontiguousarray(np.asarray(mask).astype(np.uint8))
-    return _core.multi_token_labels(targets, mask, int(n_predict), int(ignore_index))
+    return _kernels.multi_token_labels(targets=targets, mask=mask, n_predict=int(n_predict),
+                                       ignore_index=int(ignore_index))
 
 
 def multi_token_cross_entropy(head_logits: List[np.ndarray], targets, mask,

@@ -1,0 +1,81 @@
+// Bindings of cpp/experts.h: the expert FFNs, forward and backward.
+#include "bind_common.h"
+#include "experts.h"
+
+namespace moe_bind {
+
+namespace {
+
+template <typename T>
+void bind_typed(py::module_& m, const std::string& sfx) {
+  m.def(
+      ("experts_forward" + sfx).c_str(),
+      [](In<T> xs, Idx offsets, In<T> w1, In<T> w3, In<T> w2, moe::Activation activation) {
+        const index_t N = xs.shape(0), D = xs.shape(1), E = w1.shape(0), F = w1.shape(2);
+        const moe::ExpertShape s{E, D, F, activation};
+        const bool glu = s.act == moe::Activation::swiglu;
+        expect_shape(w1, "w1", {E, D, F});
+        if (glu) expect_shape(w3, "w3", {E, D, F});
+        expect_shape(w2, "w2", {E, F, D});
+        expect_shape(offsets, "offsets", {E + 1});
+        if (offsets.data()[E] != N) throw std::invalid_argument("offsets: do not cover xs");
+        auto h1 = empty<T>({N, F}), h3 = empty<T>({glu ? N : 0, F}), ye = empty<T>({N, D});
+        T *h1p = h1.mutable_data(), *h3p = h3.mutable_data(), *yep = ye.mutable_data();
+        {
+          py::gil_scoped_release release;
+          moe::experts_forward<T>(s, offsets.data(), xs.data(), w1.data(), w3.data(), w2.data(),
+                                  h1p, h3p, yep);
+        }
+        return py::make_tuple(h1, h3, ye);
+      },
+      py::arg("xs"), py::arg("offsets"), py::arg("w1"), py::arg("w3"), py::arg("w2"),
+      py::arg("activation"),
+      "every expert's FFN on its rows of xs; returns (h1, h3, ye), h1/h3 saved for backward");
+
+  m.def(
+      ("experts_backward" + sfx).c_str(),
+      [](In<T> xs, Idx offsets, In<T> w1, In<T> w3, In<T> w2, In<T> h1, In<T> h3, In<T> dye,
+         moe::Activation activation, py::array dw1, py::array dw3, py::array dw2) {
+        const index_t N = xs.shape(0), D = xs.shape(1), E = w1.shape(0), F = w1.shape(2);
+        const moe::ExpertShape s{E, D, F, activation};
+        const bool glu = s.act == moe::Activation::swiglu;
+        expect_shape(w1, "w1", {E, D, F});
+        expect_shape(w2, "w2", {E, F, D});
+        expect_shape(offsets, "offsets", {E + 1});
+        expect_shape(h1, "saved h1", {N, F});
+        expect_shape(dye, "dye", {N, D});
+        if (offsets.data()[E] != N) throw std::invalid_argument("offsets: do not cover xs");
+        T* dw1p = inout<T>(dw1, "dw1", {E, D, F});
+        T* dw2p = inout<T>(dw2, "dw2", {E, F, D});
+        T* dw3p = nullptr;
+        if (glu) {
+          expect_shape(w3, "w3", {E, D, F});
+          expect_shape(h3, "saved h3", {N, F});
+          dw3p = inout<T>(dw3, "dw3", {E, D, F});
+        }
+        auto dxs = empty<T>({N, D});
+        T* dxsp = dxs.mutable_data();
+        {
+          py::gil_scoped_release release;
+          moe::experts_backward<T>(s, offsets.data(), xs.data(), w1.data(), w3.data(), w2.data(),
+                                   h1.data(), h3.data(), dye.data(), dxsp, dw1p, dw3p, dw2p);
+        }
+        return dxs;
+      },
+      py::arg("xs"), py::arg("offsets"), py::arg("w1"), py::arg("w3"), py::arg("w2"),
+      py::arg("h1"), py::arg("h3"), py::arg("dye"), py::arg("activation"), py::arg("dw1"),
+      py::arg("dw3"), py::arg("dw2"),
+      "dxs from dye; adds the weight gradients into dw1, dw3, dw2");
+}
+
+}  // namespace
+
+void bind_experts(py::module_& m) {
+  py::enum_<moe::Activation>(m, "Activation", "the expert FFN's activation")
+      .value("swiglu", moe::Activation::swiglu)
+      .value("gelu", moe::Activation::gelu);
+  bind_typed<float>(m, "_f32");
+  bind_typed<double>(m, "_f64");
+}
+
+}  // namespace moe_bind

@@ -1,0 +1,76 @@
+// Bindings of threads, the block cache, build facts, the FMA peak loop and the plain GEMM.
+#include "bind_common.h"
+
+#include <omp.h>
+
+#include "blas.h"
+#include "machine.h"
+#include "pool.h"
+
+namespace moe_bind {
+
+namespace {
+
+template <typename T>
+void bind_typed(py::module_& m, const std::string& sfx) {
+  m.def(
+      ("matmul" + sfx).c_str(),
+      [](In<T> a, In<T> b) {
+        const index_t M = a.shape(0), K = a.shape(1), N = b.shape(1);
+        expect_shape(b, "b", {K, N});
+        auto c = empty<T>({M, N});
+        T* cp = c.mutable_data();
+        py::gil_scoped_release release;
+        moe::gemm_tiled<T>(false, false, M, N, K, T(1), a.data(), K, b.data(), N, T(0), cp, N);
+        return c;
+      },
+      py::arg("a"), py::arg("b"),
+      "c = a @ b through the kernels' tiled GEMM path (the benchmarks' own SGEMM)");
+}
+
+}  // namespace
+
+void bind_system(py::module_& m) {
+  m.def(
+      "set_num_threads",
+      [](int n) {
+        if (n < 1) throw std::invalid_argument("n: expected a positive number of threads");
+        omp_set_num_threads(n);
+      },
+      py::arg("n"), "OpenMP threads of every later kernel call");
+
+  m.def("get_num_threads", []() { return omp_get_max_threads(); },
+        "OpenMP threads the kernels run on");
+
+  m.def("pool_cached_bytes", &moe::pool_cached_bytes,
+        "bytes held in the kernels' block cache for reuse");
+
+  m.def("pool_release", &moe::pool_release, "return the kernels' cached blocks to the OS");
+
+  m.def(
+      "build_facts",
+      []() {
+        py::dict d;
+        for (const auto& kv : moe::build_facts()) d[kv.first.c_str()] = kv.second;
+        return d;
+      },
+      "compiler, flags, compiled SIMD, OpenMP, Eigen and BLAS facts of this build");
+
+  m.def(
+      "fma_peak",
+      [](index_t iters) {
+        if (iters < 1) throw std::invalid_argument("iters: expected >= 1");
+        moe::FmaPeakResult r;
+        {
+          py::gil_scoped_release release;
+          r = moe::fma_peak(iters);
+        }
+        return py::make_tuple(r.flops, r.checksum);
+      },
+      py::arg("iters"), "FP32 FMA loop on every OpenMP thread: (flops done, checksum); time it");
+
+  bind_typed<float>(m, "_f32");
+  bind_typed<double>(m, "_f64");
+}
+
+}  // namespace moe_bind
