@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .router import RouterOutput
+from .router import RouterOutput, row_entropy
 
 
 def _real(r: RouterOutput, mask: Optional[np.ndarray]) -> np.ndarray:
@@ -23,8 +23,8 @@ def _num_experts(r: RouterOutput) -> int:
 
 
 def _entropy(p: np.ndarray) -> float:
-    p = p[p > 0]
-    return float(-(p * np.log(p)).sum())
+    """Entropy in nats of one distribution (the router's own row entropy)."""
+    return float(row_entropy(np.asarray(p, dtype=np.float64)))
 
 
 def utilisation(r: RouterOutput, mask=None) -> np.ndarray:

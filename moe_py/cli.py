@@ -123,12 +123,16 @@ def _configs(args: argparse.Namespace, dense: bool):
     return model, train
 
 
+def _plot(run_dir: str) -> None:
+    from .plots import plot_run
+    plot_run(run_dir)
+
+
 def _train(args: argparse.Namespace) -> int:
     from .train import train
     if args.resume:
-        import json
-        with open(os.path.join(args.out, "config.json")) as f:
-            saved = json.load(f)
+        from .run_folder import RunFolder
+        saved = RunFolder(args.out).read_config()
         from .models import ModelConfig
         from .train import TrainConfig
         model_cfg = ModelConfig.from_dict(saved["model"])
@@ -137,6 +141,7 @@ def _train(args: argparse.Namespace) -> int:
     else:
         model_cfg, train_cfg = _configs(args, dense=args.dense)
         last = train(model_cfg, train_cfg, args.out)
+    _plot(args.out)
     print(f"done: step {last.get('step')} loss {last.get('loss', float('nan')):.4f} "
           f"val_loss {last.get('val_loss', float('nan')):.4f}; run folder {args.out}")
     return 0
@@ -155,6 +160,7 @@ def _compare(args: argparse.Namespace) -> int:
         out = os.path.join(args.out, name)
         print(f"== {name}: training into {out}", file=sys.stderr)
         last = train(model_cfg, train_cfg, out, corpus=corpus)
+        _plot(out)
         metrics = read_metrics(out)
         tps = float(np.median([m["tokens_per_s"] for m in metrics]))
         params = TransformerLM(model_cfg).num_parameters()

@@ -1,11 +1,12 @@
 """PNG plots of a run folder (matplotlib, Agg backend; the `train` extra)."""
 from __future__ import annotations
 
-import json
 import os
 from typing import List
 
 import numpy as np
+
+from .run_folder import RunFolder
 
 
 def _plt():
@@ -15,11 +16,6 @@ def _plt():
     return plt
 
 
-def _read(run_dir: str) -> List[dict]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(ln) for ln in f if ln.strip()]
-
-
 def plot_run(run_dir: str) -> List[str]:
     """Writes loss.png, utilisation.png and entropy.png (the last two for MoE runs)."""
     try:
@@ -27,7 +23,7 @@ def plot_run(run_dir: str) -> List[str]:
     except ImportError:
         print("moe_py: matplotlib is not installed; no plots written (pip install 'moe_py[train]')")
         return []
-    rows = _read(run_dir)
+    rows = RunFolder(run_dir).read_metrics()
     if not rows:
         return []
     written = []

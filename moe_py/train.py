@@ -1,5 +1,5 @@
-"""Training: AdamW with warmup + cosine, clipping, gradient accumulation,
-per-step JSON-lines metrics, validation, checkpoints and exact resume.
+"""Training: `train_step` (one optimiser step, no I/O) and `train`, the loop around it
+(schedule, validation, metrics and checkpoints in a RunFolder, exact resume).
 
 The logged `loss` is the true per-token mean of the next-token cross-entropy
 over every real token of the step (all micro-batches), not a sum of
@@ -8,9 +8,7 @@ micro-batch means. Aux losses are averaged over micro-batches.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -20,11 +18,13 @@ import numpy as np
 
 from .config import finite_number, positive_int
 from .checkpoint import load_model, load_optimizer, save_checkpoint
-from .data import BatchSampler, Corpus, load_corpus
+from .data import Batch, BatchSampler, Corpus, load_corpus
 from .config import IGNORE_INDEX
 from .lm_losses import cross_entropy
 from .models import ModelConfig, TransformerLM
 from .optim import AdamW, global_grad_norm, lr_at
+from .router import row_entropy
+from .run_folder import RunFolder
 
 
 @dataclass
@@ -109,8 +109,7 @@ class _StepStats:
             tpe = r.tokens_per_expert
             self.tokens_per_expert[i] = tpe if self.tokens_per_expert[i] is None else self.tokens_per_expert[i] + tpe
             self.entropy_sum[i] += float(r.entropy[real].sum())
-            p = r.router_probs[real].astype(np.float64)
-            self.noisy_entropy_sum[i] += float(-(p * np.log(np.where(p > 0, p, 1.0))).sum())
+            self.noisy_entropy_sum[i] += float(row_entropy(r.router_probs[real].astype(np.float64)).sum())
             self.real[i] += int(real.sum())
             self.dropped[i] += int(r.dropped.sum())
             self.slots[i] += int(real.sum()) * r.topk_indices.shape[1]
@@ -129,15 +128,43 @@ class _StepStats:
         return out
 
 
+def train_step(model: TransformerLM, batches: List[Batch], optim: AdamW, lr: float,
+               train_cfg: TrainConfig) -> dict:
+    """One optimiser step over `batches` (its micro-batches): no I/O, no timing.
+
+    The gradient is that of the per-token mean loss over every real target of the step
+    plus the aux losses averaged over micro-batches; it is clipped to train_cfg.grad_clip.
+    Returns the step's metrics; raises TrainingDiverged (before updating anything) when
+    the loss or the gradient is not finite."""
+    M = len(batches)
+    n_total = sum(int((b.targets != IGNORE_INDEX).sum()) for b in batches)
+    n_moe = len(model.moe_layers)
+    model.zero_grad()
+    stats = _StepStats(n_moe)
+    noise_std = model.moe_layers[0].noise_std if n_moe else 0.0
+    for b in batches:
+        n = int((b.targets != IGNORE_INDEX).sum())
+        # weight n/N makes the summed gradient that of the per-token mean over the step
+        res = model.loss_and_backward(b.inputs, b.targets, b.mask, training=True,
+                                      loss_weight=n / max(1, n_total), aux_weight=1.0 / M)
+        stats.add(res, n, res["head_losses"][0], b.mask)
+    m = stats.metrics(M)
+    gnorm = global_grad_norm(g for _, _, g in model.named_parameters())
+    if not (math.isfinite(m["loss"]) and math.isfinite(gnorm) and math.isfinite(m["aux_loss"])):
+        raise TrainingDiverged(f"non-finite loss or gradient (loss={m['loss']}, grad_norm={gnorm})")
+    scale = min(1.0, train_cfg.grad_clip / (gnorm + 1e-12)) if train_cfg.grad_clip > 0 else 1.0
+    optim.step(lr, scale)
+    m.update(grad_norm=gnorm, lr=lr, noise_std=noise_std,
+             tokens=sum(int(b.mask.sum()) for b in batches))
+    return m
+
+
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, corpus: Optional[Corpus] = None,
-          resume: bool = False, quiet: bool = False, plots: bool = True,
-          until: Optional[int] = None) -> dict:
+          resume: bool = False, quiet: bool = False, until: Optional[int] = None) -> dict:
     """Train (or resume from out_dir/checkpoint.npz) into out_dir; returns the last
     step's metrics. `until` stops after that step, as an interruption would (the
     schedule still runs to train_cfg.steps)."""
-    os.makedirs(out_dir, exist_ok=True)
-    ckpt_path = os.path.join(out_dir, "checkpoint.npz")
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    run = RunFolder(out_dir)
     if corpus is None:
         corpus = load_corpus(train_cfg.corpus, seed=train_cfg.seed, max_bytes=train_cfg.corpus_bytes)
     if model_cfg.max_seq_len < train_cfg.seq_len:
@@ -145,91 +172,59 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, corpus: 
 
     start = 0
     if resume:
-        model, data = load_model(ckpt_path)
+        model, data = load_model(run.checkpoint)
         optim = AdamW(model.named_parameters(), weight_decay=train_cfg.weight_decay)
         load_optimizer(optim, data)
         start = int(data["step"])
-        _truncate_metrics(metrics_path, start)
+        run.truncate_metrics(start)
     else:
         model = TransformerLM(model_cfg)
         optim = AdamW(model.named_parameters(), weight_decay=train_cfg.weight_decay)
         if train_cfg.noise_std > 0:
             model.set_noise_annealing(train_cfg.noise_std, max(1, train_cfg.noise_anneal_steps or train_cfg.steps))
-        with open(metrics_path, "w"):
-            pass
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump({"model": model.cfg.to_dict(), "train": dataclasses.asdict(train_cfg),
-                   "corpus": {"name": corpus.name, "label_names": corpus.label_names}}, f, indent=2)
+        run.start_metrics()
+    run.write_config(model.cfg, train_cfg, corpus)
 
     train_sampler = BatchSampler(corpus.train, train_cfg.batch_size, train_cfg.seq_len, train_cfg.seed)
     val_sampler = BatchSampler(corpus.val, train_cfg.batch_size, train_cfg.seq_len, train_cfg.seed)
     bar = None if quiet else _progress(train_cfg.steps, start)
     M = train_cfg.grad_accum
     last: dict = {}
-    n_moe = len(model.moe_layers)
     end = train_cfg.steps if until is None else min(until, train_cfg.steps)
-    for step in range(start, end):
-        t0 = time.perf_counter()
-        batches = [train_sampler.batch(step * M + i) for i in range(M)]
-        n_total = sum(int((b.targets != IGNORE_INDEX).sum()) for b in batches)
-        model.zero_grad()
-        stats = _StepStats(n_moe)
-        noise_std = model.moe_layers[0].noise_std if n_moe else 0.0
-        for b in batches:
-            n = int((b.targets != IGNORE_INDEX).sum())
-            # weight n/N makes the summed gradient that of the per-token mean over the step
-            res = model.loss_and_backward(b.inputs, b.targets, b.mask, training=True,
-                                          loss_weight=n / max(1, n_total), aux_weight=1.0 / M)
-            stats.add(res, n, res["head_losses"][0], b.mask)
-        m = {"step": step + 1, **stats.metrics(M)}
-        grads = [g for _, _, g in model.named_parameters()]
-        gnorm = global_grad_norm(grads)
-        if not (math.isfinite(m["loss"]) and math.isfinite(gnorm) and math.isfinite(m["aux_loss"])):
+    try:
+        for step in range(start, end):
+            t0 = time.perf_counter()
+            batches = [train_sampler.batch(step * M + i) for i in range(M)]
+            lr = lr_at(step, train_cfg.lr, train_cfg.warmup, train_cfg.steps, train_cfg.min_lr_ratio)
+            try:
+                m = {"step": step + 1, **train_step(model, batches, optim, lr, train_cfg)}
+            except TrainingDiverged as e:
+                raise TrainingDiverged(f"at step {step + 1}: {e}; training stopped, the last good "
+                                       f"checkpoint is untouched: {run.checkpoint}") from None
+            m["tokens_per_s"] = m["tokens"] / (time.perf_counter() - t0)
+            if (step + 1) % train_cfg.eval_every == 0 or step + 1 == train_cfg.steps:
+                m["val_loss"] = evaluate(model, val_sampler, train_cfg.eval_batches)
+            run.append_metrics(m)
+            if (step + 1) % train_cfg.checkpoint_every == 0 or step + 1 == end:
+                save_checkpoint(run.checkpoint, model, optim, step + 1, dataclasses.asdict(train_cfg))
             if bar is not None:
-                bar.close()
-            raise TrainingDiverged(
-                f"non-finite loss or gradient at step {step + 1} (loss={m['loss']}, grad_norm={gnorm}); "
-                f"training stopped, the last good checkpoint is untouched: {ckpt_path}")
-        lr = lr_at(step, train_cfg.lr, train_cfg.warmup, train_cfg.steps, train_cfg.min_lr_ratio)
-        scale = min(1.0, train_cfg.grad_clip / (gnorm + 1e-12)) if train_cfg.grad_clip > 0 else 1.0
-        optim.step(lr, scale)
-        elapsed = time.perf_counter() - t0
-        real_tokens = sum(int(b.mask.sum()) for b in batches)
-        m.update(grad_norm=gnorm, lr=lr, noise_std=noise_std, tokens=real_tokens,
-                 tokens_per_s=real_tokens / elapsed)
-        if (step + 1) % train_cfg.eval_every == 0 or step + 1 == train_cfg.steps:
-            m["val_loss"] = evaluate(model, val_sampler, train_cfg.eval_batches)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(m) + "\n")
-        if (step + 1) % train_cfg.checkpoint_every == 0 or step + 1 == end:
-            save_checkpoint(ckpt_path, model, optim, step + 1, dataclasses.asdict(train_cfg))
+                _show(bar, m)
+            last = m
+    finally:
         if bar is not None:
-            post = {"loss": f"{m['loss']:.3f}", "tok/s": f"{m['tokens_per_s']:.0f}"}
-            if "load_balance" in m:
-                post["lb"] = f"{np.mean(m['load_balance']):.3f}"
-            if "val_loss" in m:
-                post["val"] = f"{m['val_loss']:.3f}"
-            bar.set_postfix(post)
-            bar.update(1)
-        last = m
-    if bar is not None:
-        bar.close()
-    if plots:
-        from .plots import plot_run
-        plot_run(out_dir)
+            bar.close()
     return last
 
 
-def _truncate_metrics(path: str, step: int) -> None:
-    """Drop metric lines past the checkpoint's step, so a resumed run appends cleanly."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= step]
-    with open(path, "w") as f:
-        f.writelines(lines)
+def _show(bar, m: dict) -> None:
+    post = {"loss": f"{m['loss']:.3f}", "tok/s": f"{m['tokens_per_s']:.0f}"}
+    if "load_balance" in m:
+        post["lb"] = f"{np.mean(m['load_balance']):.3f}"
+    if "val_loss" in m:
+        post["val"] = f"{m['val_loss']:.3f}"
+    bar.set_postfix(post)
+    bar.update(1)
 
 
 def read_metrics(run_dir: str) -> List[dict]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(ln) for ln in f if ln.strip()]
+    return RunFolder(run_dir).read_metrics()

@@ -34,7 +34,7 @@ def strip_timing(rows):
 
 def test_twenty_steps_lower_the_loss_and_write_a_run_folder(tmp_path, corpus):
     model, tc = small_cfgs()
-    train(model, tc, str(tmp_path), corpus=corpus, quiet=True, plots=False)
+    train(model, tc, str(tmp_path), corpus=corpus, quiet=True)
     rows = read_metrics(str(tmp_path))
     assert len(rows) == 20
     assert np.mean([r["loss"] for r in rows[-5:]]) < rows[0]["loss"] - 0.5
@@ -49,8 +49,8 @@ def test_twenty_steps_lower_the_loss_and_write_a_run_folder(tmp_path, corpus):
 
 def test_same_command_twice_gives_the_same_metrics(tmp_path, corpus):
     model, tc = small_cfgs(steps=6, grad_accum=2)
-    train(model, tc, str(tmp_path / "a"), corpus=corpus, quiet=True, plots=False)
-    train(model, tc, str(tmp_path / "b"), corpus=corpus, quiet=True, plots=False)
+    train(model, tc, str(tmp_path / "a"), corpus=corpus, quiet=True)
+    train(model, tc, str(tmp_path / "b"), corpus=corpus, quiet=True)
     assert strip_timing(read_metrics(str(tmp_path / "a"))) == strip_timing(read_metrics(str(tmp_path / "b")))
 
 
@@ -58,10 +58,10 @@ def test_resume_continues_exactly(tmp_path, corpus):
     model, tc = small_cfgs(steps=12, checkpoint_every=6, noise_std=0.5)
     full = tmp_path / "full"
     part = tmp_path / "part"
-    train(model, tc, str(full), corpus=corpus, quiet=True, plots=False)
-    train(model, tc, str(part), corpus=corpus, quiet=True, plots=False, until=6)
+    train(model, tc, str(full), corpus=corpus, quiet=True)
+    train(model, tc, str(part), corpus=corpus, quiet=True, until=6)
     assert len(read_metrics(str(part))) == 6
-    train(model, tc, str(part), corpus=corpus, quiet=True, plots=False, resume=True)
+    train(model, tc, str(part), corpus=corpus, quiet=True, resume=True)
     assert strip_timing(read_metrics(str(part))) == strip_timing(read_metrics(str(full)))
     a, _ = load_model(str(full / "checkpoint.npz"))
     b, _ = load_model(str(part / "checkpoint.npz"))
@@ -71,7 +71,7 @@ def test_resume_continues_exactly(tmp_path, corpus):
 
 def test_checkpoint_round_trip(tmp_path, corpus):
     model, tc = small_cfgs(steps=3)
-    train(model, tc, str(tmp_path), corpus=corpus, quiet=True, plots=False)
+    train(model, tc, str(tmp_path), corpus=corpus, quiet=True)
     m, raw = load_model(str(tmp_path / "checkpoint.npz"))
     assert int(raw["step"]) == 3
     assert m.cfg == ModelConfig.from_dict(json.loads(str(raw["model_config"])))
@@ -97,14 +97,14 @@ def test_gradient_accumulation_logs_the_per_token_mean(tmp_path, corpus):
         k = int((bb.targets != -100).sum())
         nll += cross_entropy(out.head_logits[0], bb.targets)[0] * k
         n += k
-    train(model, two, str(tmp_path), corpus=corpus, quiet=True, plots=False)
+    train(model, two, str(tmp_path), corpus=corpus, quiet=True)
     logged = read_metrics(str(tmp_path))[0]["loss"]
     assert logged == pytest.approx(nll / n, rel=1e-6)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, corpus, monkeypatch):
     model, tc = small_cfgs(steps=6, checkpoint_every=2)
-    train(model, tc, str(tmp_path), corpus=corpus, quiet=True, plots=False, until=2)
+    train(model, tc, str(tmp_path), corpus=corpus, quiet=True, until=2)
     before = (tmp_path / "checkpoint.npz").read_bytes()
     import moe_py.models as models
     real = models.TransformerLM.loss_and_backward
@@ -116,5 +116,5 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, corpus, m
 
     monkeypatch.setattr(models.TransformerLM, "loss_and_backward", poisoned)
     with pytest.raises(TrainingDiverged, match="step 3"):
-        train(model, tc, str(tmp_path), corpus=corpus, quiet=True, plots=False, resume=True)
+        train(model, tc, str(tmp_path), corpus=corpus, quiet=True, resume=True)
     assert (tmp_path / "checkpoint.npz").read_bytes() == before
