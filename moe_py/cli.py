@@ -10,21 +10,22 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from typing import List, Optional
 
 import numpy as np
 
-from .config import MoEConfig
+from .config import ACTIVATIONS, DTYPES, ROUTERS, MoEConfig
+from .flags import add_config_flags, config_from_args
 from .layer import MoELayer
 from .threads import set_num_threads
 
 
 def _demo(args: argparse.Namespace) -> int:
     """Route one padded batch through a fresh layer and print what the router did."""
-    cfg = MoEConfig(d_model=args.d_model, d_ff=args.d_ff, num_experts=args.experts,
-                    top_k=args.top_k, capacity_factor=args.capacity_factor, seed=args.seed)
+    cfg = config_from_args(MoEConfig, args)
     layer = MoELayer(cfg)
     rng = np.random.default_rng(args.seed)
     B, S = 4, 64
@@ -64,63 +65,39 @@ def _info(args: argparse.Namespace) -> int:
 
 # ---- train / compare ---------------------------------------------------------------
 
+# Which fields of each config the train/compare flags set. The rest are derived:
+# ModelConfig.max_seq_len = seq_len, its d_ff (dense width) = top_k * d_ff (the same active
+# FFN parameters per token as k experts), and MoEConfig's d_model/activation/dtype/seed
+# and the model's seed come from the model and training flags.
+MODEL_FLAGS = ("d_model", "n_layers", "n_heads", "activation", "n_predict", "dtype")
+MOE_FLAGS = ("num_experts", "top_k", "d_ff", "router", "normalize_topk", "capacity_factor",
+             "straight_through", "load_balance_coef", "z_loss_coef", "entropy_coef")
+TRAIN_FLAGS = ("corpus", "corpus_bytes", "steps", "batch_size", "seq_len", "grad_accum", "lr",
+               "warmup", "min_lr_ratio", "weight_decay", "grad_clip", "eval_every",
+               "eval_batches", "checkpoint_every", "noise_std", "noise_anneal_steps", "seed")
+# Short names kept from earlier versions of the CLI.
+ALIASES = {"n_layers": ["--layers"], "n_heads": ["--heads"], "num_experts": ["--experts"]}
+CHOICES = {"activation": ACTIVATIONS, "dtype": tuple(DTYPES), "router": ROUTERS}
+
+
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--d-model", type=int, default=128)
-    g.add_argument("--layers", type=int, default=4)
-    g.add_argument("--heads", type=int, default=4)
-    g.add_argument("--experts", type=int, default=8, help="experts per MoE layer (E)")
-    g.add_argument("--top-k", type=int, default=2)
-    g.add_argument("--d-ff", type=int, default=128, help="hidden width of one expert")
-    g.add_argument("--activation", choices=("swiglu", "gelu"), default="swiglu")
-    g.add_argument("--n-predict", type=int, default=1, help="multi-token prediction heads")
-    g.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    r = p.add_argument_group("router")
-    r.add_argument("--capacity-factor", type=float, default=None, help="default: dropless")
-    r.add_argument("--straight-through", action="store_true")
-    r.add_argument("--noise-std", type=float, default=0.0, help="NoisyTop-k start std (0: off)")
-    r.add_argument("--noise-anneal-steps", type=int, default=0, help="default: all steps")
-    r.add_argument("--load-balance-coef", type=float, default=0.01)
-    r.add_argument("--z-loss-coef", type=float, default=0.001)
-    r.add_argument("--entropy-coef", type=float, default=0.0)
-    t = p.add_argument_group("training")
-    t.add_argument("--corpus", default="python", help="python | synthetic | a text file or folder")
-    t.add_argument("--corpus-bytes", type=int, default=2_000_000, help="bytes read of the python corpus")
-    t.add_argument("--steps", type=int, default=400)
-    t.add_argument("--batch-size", type=int, default=16)
-    t.add_argument("--seq-len", type=int, default=128)
-    t.add_argument("--grad-accum", type=int, default=1)
-    t.add_argument("--lr", type=float, default=3e-3)
-    t.add_argument("--warmup", type=int, default=30)
-    t.add_argument("--eval-every", type=int, default=50)
-    t.add_argument("--eval-batches", type=int, default=8)
-    t.add_argument("--checkpoint-every", type=int, default=100)
-    t.add_argument("--seed", type=int, default=0)
+    from .models import ModelConfig
+    from .train import TrainConfig
+    add_config_flags(p.add_argument_group("model"), ModelConfig, MODEL_FLAGS, ALIASES, CHOICES)
+    add_config_flags(p.add_argument_group("router and experts"), MoEConfig, MOE_FLAGS, ALIASES,
+                     CHOICES)
+    add_config_flags(p.add_argument_group("training"), TrainConfig, TRAIN_FLAGS, ALIASES, CHOICES)
 
 
 def _configs(args: argparse.Namespace, dense: bool):
     from .models import ModelConfig
     from .train import TrainConfig
-    moe = None
-    d_ff = args.d_ff
-    if dense:
-        d_ff = args.top_k * args.d_ff  # the same active FFN parameters per token as k experts
-    else:
-        moe = MoEConfig(d_model=args.d_model, d_ff=args.d_ff, num_experts=args.experts, top_k=args.top_k,
-                        capacity_factor=args.capacity_factor, activation=args.activation,
-                        straight_through=args.straight_through, load_balance_coef=args.load_balance_coef,
-                        z_loss_coef=args.z_loss_coef, entropy_coef=args.entropy_coef, dtype=args.dtype,
-                        seed=args.seed)
-    model = ModelConfig(max_seq_len=args.seq_len, d_model=args.d_model, n_layers=args.layers,
-                        n_heads=args.heads, d_ff=d_ff, activation=args.activation, moe=moe,
-                        n_predict=args.n_predict, dtype=args.dtype, seed=args.seed)
-    train = TrainConfig(corpus=args.corpus, steps=args.steps, batch_size=args.batch_size,
-                        seq_len=args.seq_len, grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup,
-                        eval_every=args.eval_every, eval_batches=args.eval_batches,
-                        checkpoint_every=args.checkpoint_every, noise_std=args.noise_std,
-                        noise_anneal_steps=args.noise_anneal_steps, seed=args.seed,
-                        corpus_bytes=args.corpus_bytes)
-    return model, train
+    shared = dict(d_model=args.d_model, activation=args.activation, dtype=args.dtype, seed=args.seed)
+    moe = None if dense else config_from_args(MoEConfig, args, **shared)
+    dense_width = args.top_k * args.d_ff
+    model = config_from_args(ModelConfig, args, max_seq_len=args.seq_len, d_ff=dense_width, moe=moe,
+                             seed=args.seed)
+    return model, config_from_args(TrainConfig, args)
 
 
 def _plot(run_dir: str) -> None:
@@ -202,12 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="route one padded batch through a fresh MoE layer")
-    d.add_argument("--d-model", type=int, default=64)
-    d.add_argument("--d-ff", type=int, default=128)
-    d.add_argument("--experts", type=int, default=8)
-    d.add_argument("--top-k", type=int, default=2)
-    d.add_argument("--capacity-factor", type=float, default=None)
-    d.add_argument("--seed", type=int, default=0)
+    add_config_flags(d, MoEConfig, [f.name for f in dataclasses.fields(MoEConfig)], ALIASES, CHOICES)
     d.set_defaults(func=_demo)
 
     i = sub.add_parser("info", help="version, compiler, BLAS, threads and CPU, for bug reports")

@@ -39,20 +39,20 @@ class MoEConfig:
     capacity_factor=None is dropless. Experts have no biases; "gelu" is the erf form.
     """
 
-    d_model: int
-    d_ff: int
-    num_experts: int
-    top_k: int = 2
-    router: str = "softmax_topk"
-    normalize_topk: Optional[bool] = None
-    capacity_factor: Optional[float] = None
-    activation: str = "swiglu"
-    straight_through: bool = False
-    load_balance_coef: float = 0.01
-    z_loss_coef: float = 0.001
-    entropy_coef: float = 0.0
-    dtype: str = "float32"
-    seed: int = 0
+    d_model: int = 128  # width of the tokens the layer reads and writes
+    d_ff: int = 128  # hidden width of one expert
+    num_experts: int = 8  # experts per MoE layer (E)
+    top_k: int = 2  # experts each token is sent to (k)
+    router: str = "softmax_topk"  # routing algorithm
+    normalize_topk: Optional[bool] = None  # divide the k weights by their sum (auto: k > 1)
+    capacity_factor: Optional[float] = None  # expert capacity ceil(c * R * k / E); None: dropless
+    activation: str = "swiglu"  # expert activation: swiglu or gelu (erf form)
+    straight_through: bool = False  # forward weights 1 in training, gradient of the soft weights
+    load_balance_coef: float = 0.01  # weight of E * sum_e f_e P_e in aux_loss
+    z_loss_coef: float = 0.001  # weight of mean logsumexp(logits)^2 in aux_loss
+    entropy_coef: float = 0.0  # weight of the mean clean routing entropy in aux_loss
+    dtype: str = "float32"  # float32 or float64, for inputs and parameters
+    seed: int = 0  # seed of the initial weights and of the router noise
 
     def __post_init__(self) -> None:
         positive_int("d_model", self.d_model)

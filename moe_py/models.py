@@ -28,17 +28,17 @@ class ModelConfig:
     """The whole model. `moe` None makes the dense baseline with FFN width d_ff;
     otherwise `moe` configures every FFN block (its d_model must equal d_model)."""
 
-    vocab_size: int = 256
-    max_seq_len: int = 128
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    d_ff: int = 256
-    activation: str = "swiglu"
-    moe: Optional[MoEConfig] = None
-    n_predict: int = 1
-    dtype: str = "float32"
-    seed: int = 0
+    vocab_size: int = 256  # token ids (bytes)
+    max_seq_len: int = 128  # longest window; the position table's length
+    d_model: int = 128  # width of the residual stream
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 4  # attention heads per block
+    d_ff: int = 256  # FFN width of the dense model (unused when moe is set)
+    activation: str = "swiglu"  # FFN activation: swiglu or gelu
+    moe: Optional[MoEConfig] = None  # the MoE FFN of every block; None: dense
+    n_predict: int = 1  # multi-token prediction heads (head i predicts t+1+i)
+    dtype: str = "float32"  # float32 or float64
+    seed: int = 0  # seed of the initial weights
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):

@@ -29,23 +29,23 @@ from .run_folder import RunFolder
 
 @dataclass
 class TrainConfig:
-    corpus: str = "python"
-    steps: int = 400
-    batch_size: int = 16
-    seq_len: int = 128
-    grad_accum: int = 1
-    lr: float = 3e-3
-    warmup: int = 30
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    eval_every: int = 50
-    eval_batches: int = 8
-    checkpoint_every: int = 100
-    noise_std: float = 0.0
-    noise_anneal_steps: int = 0
-    seed: int = 0
-    corpus_bytes: int = 2_000_000
+    corpus: str = "python"  # python | synthetic | a text file or folder
+    steps: int = 400  # optimiser steps
+    batch_size: int = 16  # windows per micro-batch
+    seq_len: int = 128  # bytes per window
+    grad_accum: int = 1  # micro-batches per optimiser step
+    lr: float = 3e-3  # peak learning rate
+    warmup: int = 30  # linear warm-up steps, then cosine decay
+    min_lr_ratio: float = 0.1  # final learning rate as a share of lr
+    weight_decay: float = 0.1  # AdamW decoupled weight decay (matrices only)
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0: off)
+    eval_every: int = 50  # steps between validation losses
+    eval_batches: int = 8  # validation batches per evaluation
+    checkpoint_every: int = 100  # steps between checkpoints
+    noise_std: float = 0.0  # NoisyTop-k start std (0: off)
+    noise_anneal_steps: int = 0  # steps to anneal the noise to 0 (0: all steps)
+    seed: int = 0  # seed of the data order (and of the model, from the CLI)
+    corpus_bytes: int = 2_000_000  # bytes read of the python corpus
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
