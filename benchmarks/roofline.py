@@ -72,7 +72,7 @@ def best_sgemm(M: int, K: int, N: int, threads: int, torch_mod=None,
     a = rng.standard_normal((M, K), dtype=np.float32)
     b = rng.standard_normal((K, N), dtype=np.float32)
     flops = 2.0 * M * K * N
-    out = {"moe_py": _median_rate(lambda: _core.matmul_f32(a, b), flops, repeats)}
+    out = {"moe_py": _median_rate(lambda: _core.matmul_f32(a=a, b=b), flops, repeats)}
     if np_blas is not None and np_blas.available:
         np_blas.set(threads)
         out["numpy"] = _median_rate(lambda: a @ b, flops, repeats)
@@ -87,11 +87,11 @@ def best_sgemm(M: int, K: int, N: int, threads: int, torch_mod=None,
 
 def fma_peak(iters: int = 20_000_000, repeats: int = 3) -> float:
     """FP32 FMA peak in GFLOP/s on moe_py's current OpenMP thread count."""
-    _core.fma_peak(iters // 10)  # wake the threads and the clocks up
+    _core.fma_peak(iters=iters // 10)  # wake the threads and the clocks up
     rates = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        flops, _ = _core.fma_peak(iters)
+        flops, _ = _core.fma_peak(iters=iters)
         rates.append(flops / (time.perf_counter() - t0) / 1e9)
     return max(rates)  # the peak is the best the loop reached
 

@@ -61,7 +61,7 @@ void bind_typed(py::module_& m, const std::string& sfx) {
         return RouterForwardResult{wts, idx, p, pc, logits, ent, tpe, dropped,
                                    L.load_balance, L.z_loss, L.entropy};
       },
-      py::arg("x"), py::arg("w_router"), py::arg("mask"), py::arg("top_k"),
+      py::kw_only(), py::arg("x"), py::arg("w_router"), py::arg("mask"), py::arg("top_k"),
       py::arg("normalize_topk"), py::arg("straight_through"), py::arg("training"),
       py::arg("noise_std"), py::arg("noise_seed"), py::arg("noise_step"),
       py::arg("capacity_factor"),
@@ -96,7 +96,7 @@ void bind_typed(py::module_& m, const std::string& sfx) {
         moe::router_backward<T>(x.data(), w.data(), mask.data(), n, D, E, opt, coefs, b, dwts,
                                 dxp, dwp);
       },
-      py::arg("x"), py::arg("w_router"), py::arg("mask"), py::arg("router_logits"),
+      py::kw_only(), py::arg("x"), py::arg("w_router"), py::arg("mask"), py::arg("router_logits"),
       py::arg("router_probs_clean"), py::arg("router_probs"), py::arg("entropy"),
       py::arg("topk_indices"), py::arg("dropped"), py::arg("tokens_per_expert"),
       py::arg("d_topk_weights"), py::arg("top_k"), py::arg("normalize_topk"),
@@ -116,7 +116,7 @@ void bind_typed(py::module_& m, const std::string& sfx) {
         for (index_t t = 0; t < n; ++t) hp[t] = moe::entropy_row(pp + t * E, E);
         return h;
       },
-      py::arg("probs"), "-sum p log p of each row in nats (the router's own entropy)");
+      py::kw_only(), py::arg("probs"), "-sum p log p of each row in nats (the router's own entropy)");
 }
 
 }  // namespace

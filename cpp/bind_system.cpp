@@ -24,7 +24,7 @@ void bind_typed(py::module_& m, const std::string& sfx) {
         moe::gemm_tiled<T>(false, false, M, N, K, T(1), a.data(), K, b.data(), N, T(0), cp, N);
         return c;
       },
-      py::arg("a"), py::arg("b"),
+      py::kw_only(), py::arg("a"), py::arg("b"),
       "c = a @ b through the kernels' tiled GEMM path (the benchmarks' own SGEMM)");
 }
 
@@ -37,7 +37,7 @@ void bind_system(py::module_& m) {
         if (n < 1) throw std::invalid_argument("n: expected a positive number of threads");
         omp_set_num_threads(n);
       },
-      py::arg("n"), "OpenMP threads of every later kernel call");
+      py::kw_only(), py::arg("n"), "OpenMP threads of every later kernel call");
 
   m.def("get_num_threads", []() { return omp_get_max_threads(); },
         "OpenMP threads the kernels run on");
@@ -67,7 +67,7 @@ void bind_system(py::module_& m) {
         }
         return py::make_tuple(r.flops, r.checksum);
       },
-      py::arg("iters"), "FP32 FMA loop on every OpenMP thread: (flops done, checksum); time it");
+      py::kw_only(), py::arg("iters"), "FP32 FMA loop on every OpenMP thread: (flops done, checksum); time it");
 
   bind_typed<float>(m, "_f32");
   bind_typed<double>(m, "_f64");

@@ -23,7 +23,7 @@ def global_grad_norm(grads: Iterable[np.ndarray]) -> float:
     """sqrt of the sum of squares, accumulated in float64 in parameter order."""
     total = 0.0
     for g in grads:
-        total += kernel("sum_squares", g.dtype)(g)
+        total += kernel("sum_squares", g.dtype)(g=g)
     return math.sqrt(total)
 
 

@@ -1,0 +1,186 @@
+"""Typed signatures of moe_py._core, written by scripts/make_core_stub.py: do not edit."""
+import typing
+
+import numpy
+import numpy.typing
+
+
+class Activation:
+    """the expert FFN's activation"""
+    swiglu: typing.ClassVar[Activation]
+    gelu: typing.ClassVar[Activation]
+    def __init__(self, value: int) -> None: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def value(self) -> int: ...
+
+class RouterForwardResult:
+    """router_forward's buffers in RouterOutput's field order, then the unweighted load_balance, z_loss and entropy_loss"""
+    @property
+    def dropped(self) -> numpy.ndarray: ...
+    @property
+    def entropy(self) -> numpy.ndarray: ...
+    @property
+    def entropy_loss(self) -> float: ...
+    @property
+    def load_balance(self) -> float: ...
+    @property
+    def router_logits(self) -> numpy.ndarray: ...
+    @property
+    def router_probs(self) -> numpy.ndarray: ...
+    @property
+    def router_probs_clean(self) -> numpy.ndarray: ...
+    @property
+    def tokens_per_expert(self) -> numpy.ndarray: ...
+    @property
+    def topk_indices(self) -> numpy.ndarray: ...
+    @property
+    def topk_weights(self) -> numpy.ndarray: ...
+    @property
+    def z_loss(self) -> float: ...
+
+
+def adamw_step_f32(*, param: numpy.ndarray, grad: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], m: numpy.ndarray, v: numpy.ndarray, lr: float, beta1: float, beta2: float, bias1: float, bias2: float, eps: float, decay: float, grad_scale: float) -> None:
+    """one AdamW update in place of param, m and v"""
+
+def adamw_step_f64(*, param: numpy.ndarray, grad: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], m: numpy.ndarray, v: numpy.ndarray, lr: float, beta1: float, beta2: float, bias1: float, bias2: float, eps: float, decay: float, grad_scale: float) -> None:
+    """one AdamW update in place of param, m and v"""
+
+def attention_backward_f32(*, qkv: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], probs: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], dout: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], heads: int) -> numpy.typing.NDArray[numpy.float32]:
+    """dqkv of attention_forward from the saved probs"""
+
+def attention_backward_f64(*, qkv: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], probs: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], dout: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], heads: int) -> numpy.typing.NDArray[numpy.float64]:
+    """dqkv of attention_forward from the saved probs"""
+
+def attention_forward_f32(*, qkv: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], heads: int) -> tuple[numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.float32]]:
+    """causal multi-head attention over qkv [B, S, 3D], padded keys hidden; returns (out, probs)"""
+
+def attention_forward_f64(*, qkv: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], heads: int) -> tuple[numpy.typing.NDArray[numpy.float64], numpy.typing.NDArray[numpy.float64]]:
+    """causal multi-head attention over qkv [B, S, 3D], padded keys hidden; returns (out, probs)"""
+
+def build_facts() -> dict:
+    """compiler, flags, compiled SIMD, OpenMP, Eigen and BLAS facts of this build"""
+
+def combine_backward_f32(*, dy: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], ye: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], slot_row: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], topk_weights: typing.Annotated[numpy.typing.ArrayLike, numpy.float32]) -> tuple[numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.float32]]:
+    """(dye, d_topk_weights) of combine_forward"""
+
+def combine_backward_f64(*, dy: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], ye: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], slot_row: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], topk_weights: typing.Annotated[numpy.typing.ArrayLike, numpy.float64]) -> tuple[numpy.typing.NDArray[numpy.float64], numpy.typing.NDArray[numpy.float64]]:
+    """(dye, d_topk_weights) of combine_forward"""
+
+def combine_forward_f32(*, ye: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], slot_row: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], topk_weights: typing.Annotated[numpy.typing.ArrayLike, numpy.float32]) -> numpy.typing.NDArray[numpy.float32]:
+    """y[t] = sum_j topk_weights[t, j] * ye[slot_row[t, j]]"""
+
+def combine_forward_f64(*, ye: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], slot_row: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], topk_weights: typing.Annotated[numpy.typing.ArrayLike, numpy.float64]) -> numpy.typing.NDArray[numpy.float64]:
+    """y[t] = sum_j topk_weights[t, j] * ye[slot_row[t, j]]"""
+
+def cross_entropy_f32(*, logits: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], labels: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], ignore_index: int) -> tuple[float, numpy.typing.NDArray[numpy.float32]]:
+    """mean cross-entropy over labels != ignore_index, and d loss / d logits"""
+
+def cross_entropy_f64(*, logits: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], labels: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], ignore_index: int) -> tuple[float, numpy.typing.NDArray[numpy.float64]]:
+    """mean cross-entropy over labels != ignore_index, and d loss / d logits"""
+
+def dispatch_plan(*, topk_indices: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], dropped: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], num_experts: int) -> tuple[numpy.typing.NDArray[numpy.int64], numpy.typing.NDArray[numpy.int64], numpy.typing.NDArray[numpy.int64]]:
+    """(offsets [E+1], row_token [N], slot_row [T, k]): kept slots sorted by expert, then token"""
+
+def experts_backward_f32(*, xs: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], offsets: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], w1: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], w3: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], w2: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], h1: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], h3: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], dye: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], activation: Activation, dw1: numpy.ndarray, dw3: numpy.ndarray, dw2: numpy.ndarray) -> numpy.typing.NDArray[numpy.float32]:
+    """dxs from dye; adds the weight gradients into dw1, dw3, dw2"""
+
+def experts_backward_f64(*, xs: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], offsets: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], w1: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], w3: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], w2: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], h1: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], h3: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], dye: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], activation: Activation, dw1: numpy.ndarray, dw3: numpy.ndarray, dw2: numpy.ndarray) -> numpy.typing.NDArray[numpy.float64]:
+    """dxs from dye; adds the weight gradients into dw1, dw3, dw2"""
+
+def experts_forward_f32(*, xs: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], offsets: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], w1: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], w3: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], w2: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], activation: Activation) -> tuple[numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.float32]]:
+    """every expert's FFN on its rows of xs; returns (h1, h3, ye), h1/h3 saved for backward"""
+
+def experts_forward_f64(*, xs: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], offsets: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], w1: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], w3: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], w2: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], activation: Activation) -> tuple[numpy.typing.NDArray[numpy.float64], numpy.typing.NDArray[numpy.float64], numpy.typing.NDArray[numpy.float64]]:
+    """every expert's FFN on its rows of xs; returns (h1, h3, ye), h1/h3 saved for backward"""
+
+def fma_peak(*, iters: int) -> tuple[float, float]:
+    """FP32 FMA loop on every OpenMP thread: (flops done, checksum); time it"""
+
+def gather_rows_backward_f32(*, dxs: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], slot_row: typing.Annotated[numpy.typing.ArrayLike, numpy.int64]) -> numpy.typing.NDArray[numpy.float32]:
+    """dx[t] = sum over t's kept slots of dxs[slot_row[t, j]] (fixed slot order)"""
+
+def gather_rows_backward_f64(*, dxs: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], slot_row: typing.Annotated[numpy.typing.ArrayLike, numpy.int64]) -> numpy.typing.NDArray[numpy.float64]:
+    """dx[t] = sum over t's kept slots of dxs[slot_row[t, j]] (fixed slot order)"""
+
+def gather_rows_f32(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], row_token: typing.Annotated[numpy.typing.ArrayLike, numpy.int64]) -> numpy.typing.NDArray[numpy.float32]:
+    """xs[r] = x[row_token[r]]: the tokens' rows grouped by expert"""
+
+def gather_rows_f64(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], row_token: typing.Annotated[numpy.typing.ArrayLike, numpy.int64]) -> numpy.typing.NDArray[numpy.float64]:
+    """xs[r] = x[row_token[r]]: the tokens' rows grouped by expert"""
+
+def get_num_threads() -> int:
+    """OpenMP threads the kernels run on"""
+
+def linear_backward_f32(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], w: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], dy: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], dw: numpy.ndarray, need_dx: bool = True) -> numpy.typing.NDArray[numpy.float32]:
+    """dx = dy @ w.T (empty when need_dx is False); adds x.T @ dy into dw"""
+
+def linear_backward_f64(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], w: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], dy: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], dw: numpy.ndarray, need_dx: bool = True) -> numpy.typing.NDArray[numpy.float64]:
+    """dx = dy @ w.T (empty when need_dx is False); adds x.T @ dy into dw"""
+
+def linear_forward_f32(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], w: typing.Annotated[numpy.typing.ArrayLike, numpy.float32]) -> numpy.typing.NDArray[numpy.float32]:
+    """y = x @ w"""
+
+def linear_forward_f64(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], w: typing.Annotated[numpy.typing.ArrayLike, numpy.float64]) -> numpy.typing.NDArray[numpy.float64]:
+    """y = x @ w"""
+
+def matmul_f32(*, a: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], b: typing.Annotated[numpy.typing.ArrayLike, numpy.float32]) -> numpy.typing.NDArray[numpy.float32]:
+    """c = a @ b through the kernels' tiled GEMM path (the benchmarks' own SGEMM)"""
+
+def matmul_f64(*, a: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], b: typing.Annotated[numpy.typing.ArrayLike, numpy.float64]) -> numpy.typing.NDArray[numpy.float64]:
+    """c = a @ b through the kernels' tiled GEMM path (the benchmarks' own SGEMM)"""
+
+def multi_token_labels(*, targets: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], n_predict: int, ignore_index: int) -> numpy.typing.NDArray[numpy.int64]:
+    """labels [n_predict, B, S] of heads predicting t+1 ... t+n_predict, padding ignored"""
+
+def pool_cached_bytes() -> int:
+    """bytes held in the kernels' block cache for reuse"""
+
+def pool_release() -> None:
+    """return the kernels' cached blocks to the OS"""
+
+def rmsnorm_backward_f32(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], g: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], rstd: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], dy: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], dg: numpy.ndarray) -> numpy.typing.NDArray[numpy.float32]:
+    """dx of rmsnorm_forward; adds into dg"""
+
+def rmsnorm_backward_f64(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], g: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], rstd: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], dy: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], dg: numpy.ndarray) -> numpy.typing.NDArray[numpy.float64]:
+    """dx of rmsnorm_forward; adds into dg"""
+
+def rmsnorm_forward_f32(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], g: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], eps: float) -> tuple[numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.float32]]:
+    """y = x * rstd * g with rstd = 1/sqrt(mean(x^2) + eps); returns (y, rstd)"""
+
+def rmsnorm_forward_f64(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], g: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], eps: float) -> tuple[numpy.typing.NDArray[numpy.float64], numpy.typing.NDArray[numpy.float64]]:
+    """y = x * rstd * g with rstd = 1/sqrt(mean(x^2) + eps); returns (y, rstd)"""
+
+def router_backward_f32(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], w_router: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], router_logits: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], router_probs_clean: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], router_probs: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], entropy: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], topk_indices: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], dropped: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], tokens_per_expert: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], d_topk_weights: typing.Annotated[numpy.typing.ArrayLike, numpy.float32] | None, top_k: int, normalize_topk: bool, straight_through: bool, training: bool, load_balance_coef: float, z_loss_coef: float, entropy_coef: float, dx: numpy.ndarray, dw_router: numpy.ndarray) -> None:
+    """add d(sum(d_topk_weights * topk_weights) + weighted aux losses) into dx and dw_router"""
+
+def router_backward_f64(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], w_router: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], router_logits: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], router_probs_clean: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], router_probs: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], entropy: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], topk_indices: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], dropped: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], tokens_per_expert: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], d_topk_weights: typing.Annotated[numpy.typing.ArrayLike, numpy.float64] | None, top_k: int, normalize_topk: bool, straight_through: bool, training: bool, load_balance_coef: float, z_loss_coef: float, entropy_coef: float, dx: numpy.ndarray, dw_router: numpy.ndarray) -> None:
+    """add d(sum(d_topk_weights * topk_weights) + weighted aux losses) into dx and dw_router"""
+
+def router_forward_f32(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], w_router: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], top_k: int, normalize_topk: bool, straight_through: bool, training: bool, noise_std: float, noise_seed: int, noise_step: int, capacity_factor: float) -> RouterForwardResult:
+    """route x [T, d_model]: logits, clean and noisy softmax, top-k, combine weights, capacity drops and the router losses"""
+
+def router_forward_f64(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], w_router: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], top_k: int, normalize_topk: bool, straight_through: bool, training: bool, noise_std: float, noise_seed: int, noise_step: int, capacity_factor: float) -> RouterForwardResult:
+    """route x [T, d_model]: logits, clean and noisy softmax, top-k, combine weights, capacity drops and the router losses"""
+
+def row_entropy_f32(*, probs: typing.Annotated[numpy.typing.ArrayLike, numpy.float32]) -> numpy.typing.NDArray[numpy.float32]:
+    """-sum p log p of each row in nats (the router's own entropy)"""
+
+def row_entropy_f64(*, probs: typing.Annotated[numpy.typing.ArrayLike, numpy.float64]) -> numpy.typing.NDArray[numpy.float64]:
+    """-sum p log p of each row in nats (the router's own entropy)"""
+
+def scatter_add_rows_f32(*, dout: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], ids: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], table_grad: numpy.ndarray) -> None:
+    """table_grad[ids[t]] += dout[t], in token order"""
+
+def scatter_add_rows_f64(*, dout: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], ids: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], table_grad: numpy.ndarray) -> None:
+    """table_grad[ids[t]] += dout[t], in token order"""
+
+def set_num_threads(*, n: int) -> None:
+    """OpenMP threads of every later kernel call"""
+
+def sum_squares_f32(*, g: typing.Annotated[numpy.typing.ArrayLike, numpy.float32]) -> float:
+    """sum of g**2 in float64, in a fixed order"""
+
+def sum_squares_f64(*, g: typing.Annotated[numpy.typing.ArrayLike, numpy.float64]) -> float:
+    """sum of g**2 in float64, in a fixed order"""
