@@ -1,0 +1,125 @@
+"""Expert FFN kernels (cpp/experts.cpp) against a per-expert NumPy loop, forward and backward."""
+import math
+
+import numpy as np
+import pytest
+
+import moe_py
+from moe_py._kernels import Activation, kernel
+from conftest import max_rel_err, numerical_grad
+
+_erf = np.vectorize(math.erf, otypes=[float])
+
+
+def act_forward(h1, h3, activation):
+    if activation == "swiglu":
+        return h1 / (1 + np.exp(-h1)) * h3
+    return 0.5 * h1 * (1 + _erf(h1 / math.sqrt(2)))
+
+
+def act_backward(h1, h3, da, activation):
+    """(dh1, dh3) of act_forward."""
+    if activation == "swiglu":
+        s = 1 / (1 + np.exp(-h1))
+        return da * h3 * (s + h1 * s * (1 - s)), da * h1 * s
+    phi = np.exp(-0.5 * h1 * h1) / math.sqrt(2 * math.pi)
+    return da * (0.5 * (1 + _erf(h1 / math.sqrt(2))) + h1 * phi), None
+
+
+def make(activation, rows=(5, 0, 9, 3), D=6, F=7, seed=0):
+    rng = np.random.default_rng(seed)
+    E = len(rows)
+    offsets = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
+    xs = rng.standard_normal((offsets[-1], D))
+    w1 = rng.standard_normal((E, D, F)) / math.sqrt(D)
+    w3 = rng.standard_normal((E, D, F)) / math.sqrt(D) if activation == "swiglu" else np.zeros((0, 0, 0))
+    w2 = rng.standard_normal((E, F, D)) / math.sqrt(F)
+    return offsets, xs, w1, w3, w2
+
+
+def forward(offsets, xs, w1, w3, w2, activation):
+    return kernel("experts_forward", xs.dtype)(xs=xs, offsets=offsets, w1=w1, w3=w3, w2=w2,
+                                               activation=Activation.__members__[activation])
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_forward_matches_a_loop_over_experts(activation):
+    offsets, xs, w1, w3, w2 = make(activation)
+    h1, h3, ye = forward(offsets, xs, w1, w3, w2, activation)
+    for e in range(len(offsets) - 1):
+        r = slice(offsets[e], offsets[e + 1])
+        g = xs[r] @ w1[e]
+        u = xs[r] @ w3[e] if activation == "swiglu" else None
+        np.testing.assert_allclose(h1[r], g, rtol=1e-13, atol=1e-13)
+        if u is not None:
+            np.testing.assert_allclose(h3[r], u, rtol=1e-13, atol=1e-13)
+        np.testing.assert_allclose(ye[r], act_forward(g, u, activation) @ w2[e], rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_backward_matches_a_loop_and_accumulates(activation):
+    offsets, xs, w1, w3, w2 = make(activation)
+    h1, h3, ye = forward(offsets, xs, w1, w3, w2, activation)
+    dye = np.random.default_rng(1).standard_normal(ye.shape)
+    dw1, dw2 = np.ones_like(w1), np.ones_like(w2)  # backward adds into them
+    dw3 = np.ones_like(w3)
+    dxs = kernel("experts_backward", np.float64)(
+        xs=xs, offsets=offsets, w1=w1, w3=w3, w2=w2, h1=h1, h3=h3, dye=dye,
+        activation=Activation.__members__[activation], dw1=dw1, dw3=dw3, dw2=dw2)
+    for e in range(len(offsets) - 1):
+        r = slice(offsets[e], offsets[e + 1])
+        g = xs[r] @ w1[e]
+        u = xs[r] @ w3[e] if activation == "swiglu" else None
+        a = act_forward(g, u, activation)
+        da = dye[r] @ w2[e].T
+        dg, du = act_backward(g, u, da, activation)
+        want_dx = dg @ w1[e].T + (du @ w3[e].T if du is not None else 0)
+        np.testing.assert_allclose(dxs[r], want_dx, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(dw1[e], 1 + xs[r].T @ dg, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(dw2[e], 1 + a.T @ dye[r], rtol=1e-12, atol=1e-12)
+        if du is not None:
+            np.testing.assert_allclose(dw3[e], 1 + xs[r].T @ du, rtol=1e-12, atol=1e-12)
+    assert np.all(dw1[1] == 1) and np.all(dw2[1] == 1)  # the expert with no rows is untouched
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_gradients_match_finite_differences(activation):
+    offsets, xs, w1, w3, w2 = make(activation, rows=(3, 0, 4), D=4, F=5)
+    dye = np.random.default_rng(2).standard_normal((xs.shape[0], 4))
+
+    def loss():
+        return float((dye * forward(offsets, xs, w1, w3, w2, activation)[2]).sum())
+
+    h1, h3, _ = forward(offsets, xs, w1, w3, w2, activation)
+    grads = {"w1": np.zeros_like(w1), "w3": np.zeros_like(w3), "w2": np.zeros_like(w2)}
+    dxs = kernel("experts_backward", np.float64)(
+        xs=xs, offsets=offsets, w1=w1, w3=w3, w2=w2, h1=h1, h3=h3, dye=dye,
+        activation=Activation.__members__[activation], dw1=grads["w1"], dw3=grads["w3"],
+        dw2=grads["w2"])
+    assert max_rel_err(dxs, numerical_grad(loss, xs)) < 1e-7
+    for name, arr in (("w1", w1), ("w3", w3), ("w2", w2)):
+        if arr.size:
+            assert max_rel_err(grads[name], numerical_grad(loss, arr)) < 1e-7, name
+
+
+def test_same_bits_at_1_2_3_threads():
+    offsets, xs, w1, w3, w2 = (a.astype(np.float32) if a.dtype == np.float64 else a
+                               for a in make("swiglu", rows=(300, 0, 700, 41), D=32, F=48))
+    outs = []
+    for n in (1, 2, 3):
+        moe_py.set_num_threads(n)
+        h1, h3, ye = forward(offsets, xs, w1, w3, w2, "swiglu")
+        g = [np.zeros_like(w) for w in (w1, w3, w2)]
+        dxs = kernel("experts_backward", np.float32)(
+            xs=xs, offsets=offsets, w1=w1, w3=w3, w2=w2, h1=h1, h3=h3, dye=ye,
+            activation=Activation.swiglu, dw1=g[0], dw3=g[1], dw2=g[2])
+        outs.append([h1, h3, ye, dxs, *g])
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert np.array_equal(a, b)
+
+
+def test_offsets_must_cover_the_rows():
+    offsets, xs, w1, w3, w2 = make("swiglu")
+    with pytest.raises(ValueError, match="offsets"):
+        forward(offsets[:-1], xs, w1, w3, w2, "swiglu")
