@@ -1,4 +1,4 @@
-// Router losses: the one implementation of each (DESIGN "Losses"). Every
+// Router losses: the one implementation of each (docs/design.md, "Losses"). Every
 // reduction is over real tokens only, runs in token order on one thread (so
 // the bits never depend on the thread count) and is 0 when R = 0.
 #pragma once

@@ -1,4 +1,4 @@
-// Token routing (DESIGN "Routing"): logits, clean and noisy softmax, top-k,
+// Token routing (docs/design.md, "Routing"): logits, clean and noisy softmax, top-k,
 // combine weights (renormalised / straight-through), capacity dropping, and the
 // router losses; with the backward that turns d(combine weights) and the loss
 // coefficients into dx and dw_router.

@@ -31,7 +31,7 @@ def finite_number(name: str, value, allow_negative: bool = False) -> None:
 
 @dataclass
 class MoEConfig:
-    """Configuration of one MoE layer (DESIGN "The MoE layer").
+    """Configuration of one MoE layer (docs/design.md, "The MoE layer").
 
     normalize_topk=None takes the default: True for top_k > 1, False for top_k = 1
     (with k = 1 normalising makes every weight 1 and the router would get no

@@ -1,5 +1,5 @@
 """Writes the reference .npz files in this folder with an independent PyTorch
-float64 implementation of DESIGN.md's router, losses and MoE layer.
+float64 implementation of docs/design.md's router, losses and MoE layer.
 
 It is deliberately a different algorithm from moe_py's: every expert runs on
 every token (dense), combine is a one-hot contraction, top-k is torch.topk on
