@@ -14,6 +14,7 @@ void attention_forward(const AttentionShape& s, const T* qkv, const std::uint8_t
                        T* probs) {
   const index_t S = s.seq, H = s.heads, hd = s.head_dim, D = H * hd, ld = 3 * D;
   const T scale = T(1) / std::sqrt(T(hd));
+  check_blas_dims({S, ld});
 #pragma omp parallel for schedule(dynamic, 1)
   for (index_t bh = 0; bh < s.batch * H; ++bh) {
     const index_t b = bh / H, h = bh % H;
@@ -51,6 +52,7 @@ void attention_backward(const AttentionShape& s, const T* qkv, const std::uint8_
                         const T* probs, const T* dout, T* dqkv) {
   const index_t S = s.seq, H = s.heads, hd = s.head_dim, D = H * hd, ld = 3 * D;
   const T scale = T(1) / std::sqrt(T(hd));
+  check_blas_dims({S, ld});
 #pragma omp parallel
   {
     std::vector<T> dP(S * S);

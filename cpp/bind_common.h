@@ -7,6 +7,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <atomic>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -76,6 +77,17 @@ py::array_t<T> empty(std::initializer_list<index_t> shape) {
   return py::array_t<T>(std::vector<py::ssize_t>(shape.begin(), shape.end()),
                         static_cast<T*>(block->p), owner);
 }
+
+// The thread count of set_num_threads, for every OS thread that calls a kernel: OpenMP
+// keeps its count per calling thread, so without this a Python thread other than the one
+// that called set_num_threads would run on OpenMP's default. 0 = not set.
+std::atomic<int>& requested_threads();
+
+// Applies requested_threads() to the calling thread; every kernel binding constructs one
+// (py::call_guard) before it runs.
+struct UseRequestedThreads {
+  UseRequestedThreads();
+};
 
 // One binder per kernel file; each binds a float32 (_f32) and a float64 (_f64) set
 // where the kernel is typed, so no overload resolution can cast one dtype to the other.

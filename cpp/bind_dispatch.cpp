@@ -21,7 +21,7 @@ void bind_typed(py::module_& m, const std::string& sfx) {
         moe::gather_rows<T>(x.data(), rt, rows, d, out);
         return xs;
       },
-      py::kw_only(), py::arg("x"), py::arg("row_token"),
+      py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("x"), py::arg("row_token"),
       "xs[r] = x[row_token[r]]: the tokens' rows grouped by expert");
 
   m.def(
@@ -38,7 +38,7 @@ void bind_typed(py::module_& m, const std::string& sfx) {
         moe::gather_rows_backward<T>(dxs.data(), sr, n, k, d, out);
         return dx;
       },
-      py::kw_only(), py::arg("dxs"), py::arg("slot_row"),
+      py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("dxs"), py::arg("slot_row"),
       "dx[t] = sum over t's kept slots of dxs[slot_row[t, j]] (fixed slot order)");
 
   m.def(
@@ -56,7 +56,7 @@ void bind_typed(py::module_& m, const std::string& sfx) {
         moe::combine_forward<T>(ye.data(), sr, weights.data(), n, k, d, out);
         return y;
       },
-      py::kw_only(), py::arg("ye"), py::arg("slot_row"), py::arg("topk_weights"),
+      py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("ye"), py::arg("slot_row"), py::arg("topk_weights"),
       "y[t] = sum_j topk_weights[t, j] * ye[slot_row[t, j]]");
 
   m.def(
@@ -78,7 +78,7 @@ void bind_typed(py::module_& m, const std::string& sfx) {
         }
         return py::make_tuple(dye, dw);
       },
-      py::kw_only(), py::arg("dy"), py::arg("ye"), py::arg("slot_row"), py::arg("topk_weights"),
+      py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("dy"), py::arg("ye"), py::arg("slot_row"), py::arg("topk_weights"),
       "(dye, d_topk_weights) of combine_forward");
 }
 
@@ -108,7 +108,7 @@ void bind_dispatch(py::module_& m) {
         std::copy(row_token.begin(), row_token.begin() + N, rt.mutable_data());
         return py::make_tuple(offsets, rt, slot_row);
       },
-      py::kw_only(), py::arg("topk_indices"), py::arg("dropped"), py::arg("num_experts"),
+      py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("topk_indices"), py::arg("dropped"), py::arg("num_experts"),
       "(offsets [E+1], row_token [N], slot_row [T, k]): kept slots sorted by expert, then token");
 
   bind_typed<float>(m, "_f32");

@@ -28,7 +28,7 @@ void bind_typed(py::module_& m, const std::string& sfx) {
         }
         return py::make_tuple(h1, h3, ye);
       },
-      py::kw_only(), py::arg("xs"), py::arg("offsets"), py::arg("w1"), py::arg("w3"), py::arg("w2"),
+      py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("xs"), py::arg("offsets"), py::arg("w1"), py::arg("w3"), py::arg("w2"),
       py::arg("activation"),
       "every expert's FFN on its rows of xs; returns (h1, h3, ye), h1/h3 saved for backward");
 
@@ -62,7 +62,7 @@ void bind_typed(py::module_& m, const std::string& sfx) {
         }
         return dxs;
       },
-      py::kw_only(), py::arg("xs"), py::arg("offsets"), py::arg("w1"), py::arg("w3"), py::arg("w2"),
+      py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("xs"), py::arg("offsets"), py::arg("w1"), py::arg("w3"), py::arg("w2"),
       py::arg("h1"), py::arg("h3"), py::arg("dye"), py::arg("activation"), py::arg("dw1"),
       py::arg("dw3"), py::arg("dw2"),
       "dxs from dye; adds the weight gradients into dw1, dw3, dw2");

@@ -29,7 +29,7 @@ void bind_typed(py::module_& m, const std::string& sfx) {
         }
         return py::make_tuple(loss, d);
       },
-      py::kw_only(), py::arg("logits"), py::arg("labels"), py::arg("ignore_index"),
+      py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("logits"), py::arg("labels"), py::arg("ignore_index"),
       "mean cross-entropy over labels != ignore_index, and d loss / d logits");
 }
 
@@ -48,7 +48,7 @@ void bind_lm_losses(py::module_& m) {
                                 labels.mutable_data());
         return labels;
       },
-      py::kw_only(), py::arg("targets"), py::arg("mask"), py::arg("n_predict"), py::arg("ignore_index"),
+      py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("targets"), py::arg("mask"), py::arg("n_predict"), py::arg("ignore_index"),
       "labels [n_predict, B, S] of heads predicting t+1 ... t+n_predict, padding ignored");
 
   bind_typed<float>(m, "_f32");

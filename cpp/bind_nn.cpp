@@ -23,7 +23,7 @@ void bind_typed(py::module_& m, const std::string& sfx) {
         moe::linear_forward<T>(x.data(), w.data(), n, in, out, yp);
         return y;
       },
-      py::kw_only(), py::arg("x"), py::arg("w"),
+      py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("x"), py::arg("w"),
       "y = x @ w");
 
   m.def(
@@ -39,7 +39,7 @@ void bind_typed(py::module_& m, const std::string& sfx) {
         moe::linear_backward<T>(x.data(), w.data(), dy.data(), n, in, out, dxp, dwp);
         return dx;
       },
-      py::kw_only(), py::arg("x"), py::arg("w"), py::arg("dy"), py::arg("dw"), py::arg("need_dx") = true,
+      py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("x"), py::arg("w"), py::arg("dy"), py::arg("dw"), py::arg("need_dx") = true,
       "dx = dy @ w.T (empty when need_dx is False); adds x.T @ dy into dw");
 
   m.def(
@@ -56,7 +56,7 @@ void bind_typed(py::module_& m, const std::string& sfx) {
         py::gil_scoped_release release;
         moe::scatter_add_rows<T>(dout.data(), ids.data(), n, V, d, g);
       },
-      py::kw_only(), py::arg("dout"), py::arg("ids"), py::arg("table_grad"),
+      py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("dout"), py::arg("ids"), py::arg("table_grad"),
       "table_grad[ids[t]] += dout[t], in token order");
 
   m.def(
@@ -72,7 +72,7 @@ void bind_typed(py::module_& m, const std::string& sfx) {
         }
         return py::make_tuple(y, rstd);
       },
-      py::kw_only(), py::arg("x"), py::arg("g"), py::arg("eps"),
+      py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("x"), py::arg("g"), py::arg("eps"),
       "y = x * rstd * g with rstd = 1/sqrt(mean(x^2) + eps); returns (y, rstd)");
 
   m.def(
@@ -89,7 +89,7 @@ void bind_typed(py::module_& m, const std::string& sfx) {
         moe::rmsnorm_backward<T>(x.data(), g.data(), rstd.data(), dy.data(), n, d, dxp, dgp);
         return dx;
       },
-      py::kw_only(), py::arg("x"), py::arg("g"), py::arg("rstd"), py::arg("dy"), py::arg("dg"),
+      py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("x"), py::arg("g"), py::arg("rstd"), py::arg("dy"), py::arg("dg"),
       "dx of rmsnorm_forward; adds into dg");
 
   m.def(
@@ -109,7 +109,7 @@ void bind_typed(py::module_& m, const std::string& sfx) {
         }
         return py::make_tuple(out, probs);
       },
-      py::kw_only(), py::arg("qkv"), py::arg("mask"), py::arg("heads"),
+      py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("qkv"), py::arg("mask"), py::arg("heads"),
       "causal multi-head attention over qkv [B, S, 3D], padded keys hidden; returns (out, probs)");
 
   m.def(
@@ -128,7 +128,7 @@ void bind_typed(py::module_& m, const std::string& sfx) {
         moe::attention_backward<T>(s, qkv.data(), mask.data(), probs.data(), dout.data(), dp);
         return dqkv;
       },
-      py::kw_only(), py::arg("qkv"), py::arg("mask"), py::arg("probs"), py::arg("dout"), py::arg("heads"),
+      py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("qkv"), py::arg("mask"), py::arg("probs"), py::arg("dout"), py::arg("heads"),
       "dqkv of attention_forward from the saved probs");
 }
 

@@ -23,7 +23,7 @@ void bind_typed(py::module_& m, const std::string& sfx) {
         py::gil_scoped_release release;
         moe::adamw_step<T>(p, grad.data(), mp, vp, n, s);
       },
-      py::kw_only(), py::arg("param"), py::arg("grad"), py::arg("m"), py::arg("v"), py::arg("lr"),
+      py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("param"), py::arg("grad"), py::arg("m"), py::arg("v"), py::arg("lr"),
       py::arg("beta1"), py::arg("beta2"), py::arg("bias1"), py::arg("bias2"), py::arg("eps"),
       py::arg("decay"), py::arg("grad_scale"),
       "one AdamW update in place of param, m and v");
@@ -36,7 +36,7 @@ void bind_typed(py::module_& m, const std::string& sfx) {
         py::gil_scoped_release release;
         return moe::sum_squares<T>(gp, n);
       },
-      py::kw_only(), py::arg("g"), "sum of g**2 in float64, in a fixed order",
+      py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("g"), "sum of g**2 in float64, in a fixed order",
       "sum of g**2 in float64, in a fixed order");
 }
 

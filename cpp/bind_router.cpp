@@ -61,7 +61,7 @@ void bind_typed(py::module_& m, const std::string& sfx) {
         return RouterForwardResult{wts, idx, p, pc, logits, ent, tpe, dropped,
                                    L.load_balance, L.z_loss, L.entropy};
       },
-      py::kw_only(), py::arg("x"), py::arg("w_router"), py::arg("mask"), py::arg("top_k"),
+      py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("x"), py::arg("w_router"), py::arg("mask"), py::arg("top_k"),
       py::arg("normalize_topk"), py::arg("straight_through"), py::arg("training"),
       py::arg("noise_std"), py::arg("noise_seed"), py::arg("noise_step"),
       py::arg("capacity_factor"),
@@ -82,6 +82,14 @@ void bind_typed(py::module_& m, const std::string& sfx) {
         expect_shape(dropped, "saved dropped", {n, k});
         expect_shape(tpe, "saved tokens_per_expert", {E});
         if (d_weights) expect_shape(*d_weights, "d_topk_weights", {n, k});
+        // The saved buffers index arrays: a changed one must not reach the kernel.
+        for (index_t i = 0; i < n * k; ++i) {
+          const index_t e = idx.data()[i];
+          if (e < -1 || e >= E || (e == -1) != (mask.data()[i / k] == 0))
+            throw std::invalid_argument(
+                "saved topk_indices: expected experts in [0, E) for real tokens and -1 for "
+                "padding; was the router output modified before backward?");
+        }
         T* dxp = inout<T>(dx, "dx", {n, D});
         T* dwp = inout<T>(dw, "dw_router", {D, E});
         moe::RouterBuffers<T> b{const_cast<T*>(logits.data()), const_cast<T*>(probs_clean.data()),
@@ -96,7 +104,7 @@ void bind_typed(py::module_& m, const std::string& sfx) {
         moe::router_backward<T>(x.data(), w.data(), mask.data(), n, D, E, opt, coefs, b, dwts,
                                 dxp, dwp);
       },
-      py::kw_only(), py::arg("x"), py::arg("w_router"), py::arg("mask"), py::arg("router_logits"),
+      py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("x"), py::arg("w_router"), py::arg("mask"), py::arg("router_logits"),
       py::arg("router_probs_clean"), py::arg("router_probs"), py::arg("entropy"),
       py::arg("topk_indices"), py::arg("dropped"), py::arg("tokens_per_expert"),
       py::arg("d_topk_weights"), py::arg("top_k"), py::arg("normalize_topk"),
@@ -116,7 +124,7 @@ void bind_typed(py::module_& m, const std::string& sfx) {
         for (index_t t = 0; t < n; ++t) hp[t] = moe::entropy_row(pp + t * E, E);
         return h;
       },
-      py::kw_only(), py::arg("probs"), "-sum p log p of each row in nats (the router's own entropy)");
+      py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("probs"), "-sum p log p of each row in nats (the router's own entropy)");
 }
 
 }  // namespace

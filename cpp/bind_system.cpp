@@ -9,6 +9,19 @@
 
 namespace moe_bind {
 
+// More threads than this is a typo, not a machine: libgomp crashes or exits past ~40000.
+constexpr int kMaxThreads = 1024;
+
+std::atomic<int>& requested_threads() {
+  static std::atomic<int> n{0};
+  return n;
+}
+
+UseRequestedThreads::UseRequestedThreads() {
+  const int n = requested_threads().load();
+  if (n > 0 && omp_get_max_threads() != n) omp_set_num_threads(n);
+}
+
 namespace {
 
 template <typename T>
@@ -24,7 +37,7 @@ void bind_typed(py::module_& m, const std::string& sfx) {
         moe::gemm_tiled<T>(false, false, M, N, K, T(1), a.data(), K, b.data(), N, T(0), cp, N);
         return c;
       },
-      py::kw_only(), py::arg("a"), py::arg("b"),
+      py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("a"), py::arg("b"),
       "c = a @ b through the kernels' tiled GEMM path (the benchmarks' own SGEMM)");
 }
 
@@ -34,12 +47,19 @@ void bind_system(py::module_& m) {
   m.def(
       "set_num_threads",
       [](int n) {
-        if (n < 1) throw std::invalid_argument("n: expected a positive number of threads");
+        if (n < 1 || n > kMaxThreads)
+          throw std::invalid_argument("n: expected 1 to " + std::to_string(kMaxThreads) +
+                                      " threads, got " + std::to_string(n));
+        requested_threads().store(n);
         omp_set_num_threads(n);
       },
-      py::kw_only(), py::arg("n"), "OpenMP threads of every later kernel call");
+      py::kw_only(), py::arg("n"), "OpenMP threads of every later kernel call, from any thread");
 
-  m.def("get_num_threads", []() { return omp_get_max_threads(); },
+  m.def("get_num_threads",
+        []() {
+          const int n = requested_threads().load();
+          return n > 0 ? n : omp_get_max_threads();
+        },
         "OpenMP threads the kernels run on");
 
   m.def("pool_cached_bytes", &moe::pool_cached_bytes,
@@ -67,7 +87,7 @@ void bind_system(py::module_& m) {
         }
         return py::make_tuple(r.flops, r.checksum);
       },
-      py::kw_only(), py::arg("iters"), "FP32 FMA loop on every OpenMP thread: (flops done, checksum); time it");
+      py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("iters"), "FP32 FMA loop on every OpenMP thread: (flops done, checksum); time it");
 
   bind_typed<float>(m, "_f32");
   bind_typed<double>(m, "_f64");

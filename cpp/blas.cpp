@@ -3,6 +3,11 @@
 #include <cblas.h>
 #include <omp.h>
 
+#include <algorithm>
+#include <limits>
+#include <stdexcept>
+#include <string>
+
 // PyPI's scipy-openblas32 prefixes every symbol with scipy_ (so that it can sit
 // beside another OpenBLAS in one process); a system OpenBLAS has no prefix.
 #define MOE_CAT2(a, b) a##b
@@ -14,6 +19,14 @@ namespace moe {
 namespace {
 CBLAS_TRANSPOSE op(bool t) { return t ? CblasTrans : CblasNoTrans; }
 }  // namespace
+
+void check_blas_dims(std::initializer_list<index_t> dims) {
+  constexpr index_t kMax = std::numeric_limits<int>::max();
+  for (index_t d : dims)
+    if (d > kMax)
+      throw std::length_error("a matrix product has a dimension of " + std::to_string(d) +
+                              ", above the 32-bit BLAS's 2^31 - 1: use smaller batches");
+}
 
 void gemm(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, float alpha,
           const float* A, index_t lda, const float* B, index_t ldb, float beta, float* C,
@@ -34,6 +47,7 @@ void gemm(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, double al
 template <typename T>
 void gemm_tiled(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, T alpha,
                 const T* A, index_t lda, const T* B, index_t ldb, T beta, T* C, index_t ldc) {
+  check_blas_dims({M, N, K, lda, ldb, ldc});
   const index_t row_tiles = (M + kGemmRowTile - 1) / kGemmRowTile;
   const index_t col_tiles = (N + kGemmColTile - 1) / kGemmColTile;
   const index_t tiles = row_tiles * col_tiles;

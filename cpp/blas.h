@@ -2,13 +2,19 @@
 // always single-threaded: parallelism is ours (OpenMP over fixed tiles), so the
 // result never depends on the number of threads.
 #pragma once
+#include <initializer_list>
 #include <string>
 
 #include "tensor.h"
 
 namespace moe {
 
-// C[M,N] = alpha * op(A) * op(B) + beta * C, all row-major.
+// Throws std::length_error (ValueError in Python) if a size passes the BLAS's 32-bit int.
+// Call it before a parallel region: a throw inside one would terminate the process.
+void check_blas_dims(std::initializer_list<index_t> dims);
+
+// C[M,N] = alpha * op(A) * op(B) + beta * C, all row-major. Sizes must have passed
+// check_blas_dims (gemm_tiled checks its own).
 // op(A) is [M,K]: A is [M,K] (lda >= K) or, when trans_a, [K,M] (lda >= M).
 void gemm(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, float alpha,
           const float* A, index_t lda, const float* B, index_t ldb, float beta, float* C,

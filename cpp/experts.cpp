@@ -35,6 +35,7 @@ template <typename T>
 void experts_forward(const ExpertShape& s, const index_t* offsets, const T* xs, const T* w1,
                      const T* w3, const T* w2, T* h1, T* h3, T* ye) {
   const index_t D = s.d_model, F = s.d_ff;
+  check_blas_dims({offsets[s.E], D, F});
   const bool glu = s.act == Activation::swiglu;
   const auto items = tiles(s.E, kRowTile, [&](index_t e) { return offsets[e + 1] - offsets[e]; });
   const index_t n_items = index_t(items.size());
@@ -69,6 +70,7 @@ void experts_backward(const ExpertShape& s, const index_t* offsets, const T* xs,
   const index_t D = s.d_model, F = s.d_ff;
   const bool glu = s.act == Activation::swiglu;
   const index_t N = offsets[s.E];
+  check_blas_dims({N, D, F});
   // uninitialised on purpose: every element is written in phase 1
   Scratch<T> a(N * F), dh1(N * F), dh3(glu ? N * F : 0);
 

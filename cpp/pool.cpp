@@ -1,5 +1,8 @@
 #include "pool.h"
 
+#include <sys/mman.h>
+
+#include <algorithm>
 #include <cstdlib>
 #include <map>
 #include <mutex>
@@ -13,17 +16,31 @@ namespace {
 constexpr std::size_t kAlign = 64;
 // Below this, malloc's own free lists already reuse memory without new faults.
 constexpr std::size_t kSmall = std::size_t(1) << 20;
-// Cached bytes beyond this go straight back to the OS.
-constexpr std::size_t kCap = std::size_t(4) << 30;
+// The cache may always hold this much, and beyond it as much as the largest working set
+// (bytes handed out at once) seen so far: enough for every buffer of one step to come
+// back from the cache in the next, never more.
+constexpr std::size_t kMinCap = std::size_t(64) << 20;
 
 std::size_t rounded(std::size_t bytes) {
   return bytes == 0 ? kAlign : (bytes + kAlign - 1) / kAlign * kAlign;
 }
 
+// Large blocks come in size classes a quarter of a power of two apart (at most 25 %
+// waste), so a buffer whose size moves a little from step to step (rows per expert
+// change with every batch) finds last step's block again.
+std::size_t size_class(std::size_t n) {
+  std::size_t base = kSmall;
+  while (base * 2 <= n) base *= 2;
+  const std::size_t step = base / 4;
+  return (n + step - 1) / step * step;
+}
+
 struct Cache {
   std::mutex mu;
   std::map<std::size_t, std::vector<void*>> free_blocks;
-  std::size_t cached = 0;
+  std::size_t cached = 0;  // bytes in free_blocks
+  std::size_t in_use = 0;  // large bytes handed out and not yet freed
+  std::size_t peak_in_use = 0;
 };
 
 Cache& cache() {
@@ -31,39 +48,66 @@ Cache& cache() {
   return *c;
 }
 
+// Large blocks are mapped and unmapped directly, so giving one back really returns its
+// pages to the OS (malloc keeps freed heap memory below its mmap threshold).
+void* map_block(std::size_t n) {
+  void* p = mmap(nullptr, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) throw std::bad_alloc();
+  return p;
+}
+
 }  // namespace
 
 void* pool_alloc(std::size_t bytes) {
   const std::size_t n = rounded(bytes);
-  if (n >= kSmall) {
-    Cache& c = cache();
-    std::lock_guard<std::mutex> lock(c.mu);
-    auto it = c.free_blocks.find(n);
-    if (it != c.free_blocks.end() && !it->second.empty()) {
+  if (n < kSmall) {
+    void* p = std::aligned_alloc(kAlign, n);
+    if (!p) throw std::bad_alloc();
+    return p;
+  }
+  const std::size_t c = size_class(n);
+  {
+    Cache& cc = cache();
+    std::lock_guard<std::mutex> lock(cc.mu);
+    cc.in_use += c;
+    cc.peak_in_use = std::max(cc.peak_in_use, cc.in_use);
+    auto it = cc.free_blocks.find(c);
+    if (it != cc.free_blocks.end() && !it->second.empty()) {
       void* p = it->second.back();
       it->second.pop_back();
-      c.cached -= n;
+      cc.cached -= c;
       return p;
     }
   }
-  void* p = std::aligned_alloc(kAlign, n);
-  if (!p) throw std::bad_alloc();
-  return p;
+  try {
+    return map_block(c);
+  } catch (...) {
+    Cache& cc = cache();
+    std::lock_guard<std::mutex> lock(cc.mu);
+    cc.in_use -= c;
+    throw;
+  }
 }
 
 void pool_free(void* p, std::size_t bytes) {
   if (!p) return;
   const std::size_t n = rounded(bytes);
-  if (n >= kSmall) {
-    Cache& c = cache();
-    std::lock_guard<std::mutex> lock(c.mu);
-    if (c.cached + n <= kCap) {
-      c.free_blocks[n].push_back(p);
-      c.cached += n;
+  if (n < kSmall) {
+    std::free(p);
+    return;
+  }
+  const std::size_t c = size_class(n);
+  {
+    Cache& cc = cache();
+    std::lock_guard<std::mutex> lock(cc.mu);
+    cc.in_use -= c;
+    if (cc.cached + c <= std::max(kMinCap, cc.peak_in_use)) {
+      cc.free_blocks[c].push_back(p);
+      cc.cached += c;
       return;
     }
   }
-  std::free(p);
+  munmap(p, c);
 }
 
 std::size_t pool_cached_bytes() {
@@ -76,7 +120,7 @@ void pool_release() {
   Cache& c = cache();
   std::lock_guard<std::mutex> lock(c.mu);
   for (auto& kv : c.free_blocks)
-    for (void* p : kv.second) std::free(p);
+    for (void* p : kv.second) munmap(p, kv.first);
   c.free_blocks.clear();
   c.cached = 0;
 }

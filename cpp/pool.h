@@ -1,4 +1,4 @@
-// A cache of large aligned blocks, reused by exact size. Training asks for the
+// A cache of large aligned blocks, reused by size class. Training asks for about the
 // same buffer sizes every step; fresh pages cost a page fault each (on this
 // machine kind ~40 ms per 64 MB, as much as the GEMMs that fill them), so the
 // kernels' outputs and scratch come from here and go back here when freed.

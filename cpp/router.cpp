@@ -35,8 +35,10 @@ void topk_row(const T* probs, index_t E, index_t k, index_t* indices) {
 void assign_capacity(const index_t* indices, const std::uint8_t* mask, index_t n_tokens,
                      index_t E, index_t k, index_t R, double capacity_factor,
                      std::uint8_t* dropped) {
+  // Clamped before the conversion: past R*k no assignment can be dropped, and a huge
+  // factor would overflow index_t.
   const double raw = std::ceil(capacity_factor * double(R) * double(k) / double(E));
-  const index_t capacity = index_t(raw);
+  const index_t capacity = raw >= double(R * k) ? R * k : index_t(raw);
   std::vector<index_t> used(E, 0);
   for (index_t j = 0; j < k; ++j)
     for (index_t t = 0; t < n_tokens; ++t) {

@@ -7,11 +7,35 @@ from typing import Tuple
 
 import numpy as np
 
+# The BLAS takes 32-bit sizes: rows of one product (tokens x top_k) must stay below this.
+MAX_ROWS = 2**31 - 1
+
+
+class NonFiniteError(ValueError):
+    """A value the computation made (not one the user passed) is NaN or Inf; the message
+    names the input that led there. Training turns it into TrainingDiverged."""
+
+
+def check_row_count(rows: int, name: str) -> None:
+    if rows > MAX_ROWS:
+        raise ValueError(f"{name}: {rows} rows (tokens x top_k) exceed the 32-bit BLAS's "
+                         f"{MAX_ROWS}: split the batch")
+
+
+def check_grad_buffer(g, shape: tuple, dtype: type, name: str) -> None:
+    """A gradient buffer the kernels add into: the layer's own writable C-contiguous array."""
+    if not isinstance(g, np.ndarray) or g.dtype != dtype or g.shape != tuple(shape) \
+            or not g.flags.c_contiguous or not g.flags.writeable:
+        got = (f"{g.dtype} {list(g.shape)}" + ("" if g.flags.c_contiguous else " non-contiguous")
+               + ("" if g.flags.writeable else " read-only")) if isinstance(g, np.ndarray) \
+            else type(g).__name__
+        raise ValueError(f"{name}: expected a writable C-contiguous {np.dtype(dtype).name} array "
+                         f"of shape {list(shape)}, got {got}")
+
 
 def as_tokens(x, d_model: int, dtype: type, name: str = "x") -> Tuple[np.ndarray, tuple]:
     """x [..., d_model] -> (C-contiguous [T, d_model] copy-or-view, leading shape)."""
-    if not isinstance(x, np.ndarray):
-        x = np.asarray(x)
+    x = np.asarray(x)  # also drops a subclass's mask: NaN under a mask is still NaN
     if x.dtype != dtype:
         raise TypeError(f"{name}: expected dtype {np.dtype(dtype).name} (the layer dtype), got {x.dtype}")
     if x.ndim < 1 or x.shape[-1] != d_model:
@@ -39,8 +63,7 @@ def as_mask(padding_mask, lead: tuple, name: str = "padding_mask") -> np.ndarray
 
 def as_grad(g, shape: tuple, dtype: type, name: str) -> np.ndarray:
     """A gradient argument: exact shape, the layer dtype, finite."""
-    if not isinstance(g, np.ndarray):
-        g = np.asarray(g)
+    g = np.asarray(g)
     if g.dtype != dtype:
         raise TypeError(f"{name}: expected dtype {np.dtype(dtype).name}, got {g.dtype}")
     if g.shape != tuple(shape):
@@ -56,6 +79,6 @@ def check_param(value, shape: tuple, dtype: type, name: str) -> None:
         raise TypeError(f"{name}: expected a {np.dtype(dtype).name} array, got {got}")
     if value.shape != tuple(shape):
         raise ValueError(f"{name}: expected shape {list(shape)}, got {list(value.shape)}")
-    if not np.isfinite(value).all():
+    if not np.isfinite(np.asarray(value)).all():
         raise ValueError(f"{name}: contains NaN or Inf")
 

@@ -177,7 +177,7 @@ def scatter_add_rows_f64(*, dout: typing.Annotated[numpy.typing.ArrayLike, numpy
     """table_grad[ids[t]] += dout[t], in token order"""
 
 def set_num_threads(*, n: int) -> None:
-    """OpenMP threads of every later kernel call"""
+    """OpenMP threads of every later kernel call, from any thread"""
 
 def sum_squares_f32(*, g: typing.Annotated[numpy.typing.ArrayLike, numpy.float32]) -> float:
     """sum of g**2 in float64, in a fixed order"""

@@ -259,15 +259,21 @@ def synthetic_corpus(n_docs: int = 2000, seed: int = 0, val_fraction: float = 0.
 
 def text_corpus(paths: Sequence[str], val_fraction: float = 0.1, seed: int = 0) -> Corpus:
     """Files, or folders searched recursively; every byte labelled 0 ("text").
-    Files that are not valid UTF-8 text are skipped; a missing path raises."""
+    Only regular files are read; files that are not valid UTF-8 text are skipped; a missing
+    path raises."""
     files: List[str] = []
     for p in paths:
         if os.path.isdir(p):
             for dirpath, dirnames, filenames in os.walk(p):
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                files.extend(os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith("."))
+                # only regular files: opening a named pipe or a device would block or never end
+                files.extend(path for path in (os.path.join(dirpath, f) for f in sorted(filenames)
+                                               if not f.startswith("."))
+                             if os.path.isfile(path))
         elif os.path.isfile(p):
             files.append(p)
+        elif os.path.exists(p):
+            raise ValueError(f"corpus: not a regular file or a folder: {p}")
         else:
             raise FileNotFoundError(f"corpus: no such file or folder: {p}")
     docs = []

@@ -12,7 +12,7 @@ import numpy as np
 
 from . import _kernels
 from ._kernels import Activation, kernel
-from ._checks import check_param
+from ._checks import check_grad_buffer, check_param
 from .config import MoEConfig
 
 
@@ -48,9 +48,10 @@ class Experts:
             w3 = np.zeros((0, 0, 0), dtype=dt)
         return self.params["w1"], w3, self.params["w2"]
 
-    def forward(self, x2: np.ndarray, topk_indices: np.ndarray, topk_weights: np.ndarray,
-                dropped: np.ndarray) -> np.ndarray:
-        """x2 [T, d_model] -> y [T, d_model]; padded tokens and dropped slots cost nothing."""
+    def compute(self, x2: np.ndarray, topk_indices: np.ndarray, topk_weights: np.ndarray,
+                dropped: np.ndarray) -> Tuple[np.ndarray, tuple]:
+        """x2 [T, d_model] -> (y [T, d_model], what backward needs); changes nothing here.
+        Padded tokens and dropped slots cost nothing."""
         w1, w3, w2 = self._weights()
         dt = self.cfg.np_dtype
         offsets, row_token, slot_row = _kernels.dispatch_plan(
@@ -60,7 +61,15 @@ class Experts:
         h1, h3, ye = kernel("experts_forward", dt)(
             xs=xs, offsets=offsets, w1=w1, w3=w3, w2=w2, activation=self._activation)
         y = kernel("combine_forward", dt)(ye=ye, slot_row=slot_row, topk_weights=topk_weights)
-        self._saved = (offsets, slot_row, xs, h1, h3, ye, topk_weights, (w1, w3, w2))
+        return y, (offsets, slot_row, xs, h1, h3, ye, topk_weights, (w1, w3, w2))
+
+    def commit(self, saved: tuple) -> None:
+        self._saved = saved
+
+    def forward(self, x2: np.ndarray, topk_indices: np.ndarray, topk_weights: np.ndarray,
+                dropped: np.ndarray) -> np.ndarray:
+        y, saved = self.compute(x2, topk_indices, topk_weights, dropped)
+        self.commit(saved)
         return y
 
     def backward(self, dy2: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -69,6 +78,10 @@ class Experts:
             raise RuntimeError("backward called before forward")
         offsets, slot_row, xs, h1, h3, ye, topk_weights, (w1, w3, w2) = self._saved
         dt = self.cfg.np_dtype
+        E, D, F = self.cfg.num_experts, self.cfg.d_model, self.cfg.d_ff
+        for name, shape in (("w1", (E, D, F)), ("w3", (E, D, F)), ("w2", (E, F, D))):
+            if name in self.params:
+                check_grad_buffer(self.grads.get(name), shape, dt, f"grads['{name}']")
         dye, d_weights = kernel("combine_backward", dt)(
             dy=dy2, ye=ye, slot_row=slot_row, topk_weights=topk_weights)
         g3 = self.grads.get("w3", np.zeros((0, 0, 0), dtype=dt))

@@ -1,11 +1,13 @@
 """MoELayer: a Router and its Experts joined (docs/design.md, "The MoE layer")."""
 from __future__ import annotations
 
+import math
 from typing import Dict, NamedTuple, Optional
 
 import numpy as np
 
-from ._checks import as_grad, as_mask, as_tokens
+from ._checks import NonFiniteError, as_grad, as_mask, as_tokens
+from ._guard import OneCaller
 from .config import MoEConfig
 from .experts import Experts, init_expert_weights
 from .router import Router, RouterOutput, init_router_weight
@@ -35,12 +37,31 @@ class MoELayer:
     def __init__(self, cfg: MoEConfig):
         self.cfg = cfg
         rng = np.random.default_rng(cfg.seed)
-        self.params: Dict[str, np.ndarray] = {"w_router": init_router_weight(cfg, rng)}
-        self.params.update(init_expert_weights(cfg, rng))
-        self.grads: Dict[str, np.ndarray] = {k: np.zeros_like(v) for k, v in self.params.items()}
-        self.router = Router(cfg, self.params, self.grads)
-        self.experts = Experts(cfg, self.params, self.grads)
+        self._params: Dict[str, np.ndarray] = {"w_router": init_router_weight(cfg, rng)}
+        self._params.update(init_expert_weights(cfg, rng))
+        self._grads: Dict[str, np.ndarray] = {k: np.zeros_like(v) for k, v in self._params.items()}
+        self.router = Router(cfg, self._params, self._grads)
+        self.experts = Experts(cfg, self._params, self._grads)
         self._lead = None
+        self._guard = OneCaller("MoELayer")
+
+    # The router and the experts share these two dicts: assigning a new dict replaces the
+    # arrays inside them, so that the layer never keeps computing with the old ones.
+    @property
+    def params(self) -> Dict[str, np.ndarray]:
+        return self._params
+
+    @params.setter
+    def params(self, new: Dict[str, np.ndarray]) -> None:
+        _replace_arrays(self._params, new, "params")
+
+    @property
+    def grads(self) -> Dict[str, np.ndarray]:
+        return self._grads
+
+    @grads.setter
+    def grads(self, new: Dict[str, np.ndarray]) -> None:
+        _replace_arrays(self._grads, new, "grads")
 
     def set_noise_annealing(self, start_std: float, anneal_steps: int) -> None:
         self.router.set_noise_annealing(start_std, anneal_steps)
@@ -50,26 +71,46 @@ class MoELayer:
         return self.router.noise_std
 
     def __call__(self, x, padding_mask=None, training: bool = True) -> MoEOutput:
-        x2, lead = as_tokens(x, self.cfg.d_model, self.cfg.np_dtype)
-        mask = as_mask(padding_mask, lead)
-        r = self.router.route(x2, mask, training)
-        y2 = self.experts.forward(x2, r.topk_indices, r.topk_weights, r.dropped)
-        self._lead = lead
-        return MoEOutput(y2.reshape(lead + (self.cfg.d_model,)), r, self.router.aux_loss,
-                         dict(self.router.losses))
+        with self._guard.forward():
+            x2, lead = as_tokens(x, self.cfg.d_model, self.cfg.np_dtype)
+            mask = as_mask(padding_mask, lead)
+            # nothing on the layer changes until both halves have succeeded
+            routed = self.router.compute(x2, mask, training)
+            r = routed.output
+            y2, saved = self.experts.compute(x2, r.topk_indices, r.topk_weights, r.dropped)
+            if not np.isfinite(y2).all():
+                raise NonFiniteError(
+                    f"x: the layer's output is not finite (max |x| = {np.abs(x2).max():.3g}; "
+                    f"values this large overflow the router or the experts in {self.cfg.dtype})")
+            self.experts.commit(saved)
+            public = self.router.commit(routed)
+            self._lead = lead
+            return MoEOutput(y2.reshape(lead + (self.cfg.d_model,)), public, routed.aux_loss,
+                             dict(routed.losses))
 
     forward = __call__
 
     def backward(self, dy, aux_weight: float = 1.0) -> np.ndarray:
         """aux_weight scales the aux-loss gradient (e.g. 1/M when M micro-batches are
         accumulated and the aux loss is averaged over them); 1 is the contract above."""
-        if self._lead is None:
-            raise RuntimeError("backward called before forward")
-        D = self.cfg.d_model
-        dy2 = as_grad(dy, self._lead + (D,), self.cfg.np_dtype, "dy").reshape(-1, D)
-        dx2, d_weights = self.experts.backward(dy2)
-        self.router.backward_into(d_weights, dx2, aux_weight)
-        return dx2.reshape(self._lead + (D,))
+        with self._guard.backward():
+            if self._lead is None:
+                raise RuntimeError("backward called before forward")
+            if isinstance(aux_weight, bool) or not isinstance(aux_weight, (int, float, np.number)) \
+                    or not math.isfinite(aux_weight):
+                raise ValueError(f"aux_weight: expected a finite number, got {aux_weight!r}")
+            D = self.cfg.d_model
+            dy2 = as_grad(dy, self._lead + (D,), self.cfg.np_dtype, "dy").reshape(-1, D)
+            dx2, d_weights = self.experts.backward(dy2)
+            if not np.isfinite(d_weights).all():
+                raise NonFiniteError(f"dy: the gradient through the experts is not finite (max |dy| "
+                                     f"= {np.abs(dy2).max():.3g} overflows in {self.cfg.dtype})")
+            self.router.backward_into(d_weights, dx2, float(aux_weight))
+            if not np.isfinite(dx2).all():
+                raise NonFiniteError(f"dx is not finite: dy (max |dy| = {np.abs(dy2).max():.3g}) "
+                                     f"or aux_weight={aux_weight} x the aux-loss coefficients overflow "
+                                     f"in {self.cfg.dtype}")
+            return dx2.reshape(self._lead + (D,))
 
     def zero_grad(self) -> None:
         for g in self.grads.values():
@@ -81,3 +122,17 @@ class MoELayer:
         per_expert = sum(v[0].size for k, v in self.params.items() if k != "w_router")
         active = self.params["w_router"].size + self.cfg.top_k * per_expert
         return {"total": int(total), "active": int(active)}
+
+
+def _replace_arrays(target: Dict[str, np.ndarray], new: Dict[str, np.ndarray], what: str) -> None:
+    """Copy `new`'s arrays into `target`, in place, after checking they match key by key."""
+    if not isinstance(new, dict) or set(new) != set(target):
+        keys = sorted(new) if isinstance(new, dict) else type(new).__name__
+        raise ValueError(f"{what}: expected a dict with keys {sorted(target)}, got {keys}")
+    for k, v in new.items():
+        v = np.asarray(v)
+        if v.shape != target[k].shape or v.dtype != target[k].dtype:
+            raise ValueError(f"{what}['{k}']: expected {target[k].dtype} {list(target[k].shape)}, "
+                             f"got {v.dtype} {list(v.shape)}")
+    for k, v in new.items():
+        target[k][...] = v

@@ -11,7 +11,9 @@ from typing import Dict, NamedTuple, Optional
 import numpy as np
 
 from ._kernels import RouterForwardResult, kernel
-from ._checks import as_grad, as_mask, as_tokens, check_param
+from ._checks import (NonFiniteError, as_grad, as_mask, as_tokens, check_grad_buffer, check_param,
+                      check_row_count)
+from ._guard import OneCaller
 from .config import MoEConfig
 
 LOSS_NAMES = ("load_balance", "z_loss", "entropy")
@@ -49,6 +51,24 @@ def _router_output(res: RouterForwardResult) -> RouterOutput:
     return RouterOutput(*(getattr(res, f) for f in RouterOutput._fields))
 
 
+def read_only(r: RouterOutput) -> RouterOutput:
+    """Read-only views of the routing arrays: backward reads the originals, so what a user
+    is handed must not write into them."""
+    views = []
+    for a in r:
+        v = a.view()
+        v.flags.writeable = False
+        views.append(v)
+    return RouterOutput(*views)
+
+
+class _Routed(NamedTuple):
+    output: RouterOutput  # the arrays backward reads (never handed out as they are)
+    losses: Dict[str, float]
+    aux_loss: float
+    saved: tuple
+
+
 def init_router_weight(cfg: MoEConfig, rng: np.random.Generator) -> np.ndarray:
     # small so that routing starts close to uniform (as Megatron's 0.02 init std)
     w = rng.standard_normal((cfg.d_model, cfg.num_experts)) * 0.02
@@ -78,6 +98,7 @@ class Router:
         self._noise_anneal_steps = 1
         self._noise_step = 0
         self._saved = None
+        self._guard = OneCaller("Router")
         self.losses: Dict[str, float] = {name: 0.0 for name in LOSS_NAMES}
         self.aux_loss = 0.0
 
@@ -88,6 +109,11 @@ class Router:
         if isinstance(start_std, bool) or not isinstance(start_std, (int, float, np.number)) \
                 or not math.isfinite(start_std) or start_std < 0:
             raise ValueError(f"start_std: expected a finite number >= 0, got {start_std!r}")
+        # noise of this std (draws reach ~10 std) must stay finite in the layer's dtype
+        limit = float(np.finfo(self.cfg.np_dtype).max) / 1e3
+        if start_std > limit:
+            raise ValueError(f"start_std: expected at most {limit:.3g} for a {self.cfg.dtype} "
+                             f"router (larger noise overflows the logits), got {start_std!r}")
         if isinstance(anneal_steps, bool) or not isinstance(anneal_steps, (int, np.integer)) \
                 or anneal_steps < 1:
             raise ValueError(f"anneal_steps: expected a positive integer, got {anneal_steps!r}")
@@ -115,32 +141,46 @@ class Router:
         check_param(w, (self.cfg.d_model, self.cfg.num_experts), self.cfg.np_dtype, "w_router")
         return w
 
-    def route(self, x2: np.ndarray, mask: np.ndarray, training: bool) -> RouterOutput:
-        """Route already-checked tokens x2 [T, d_model] with mask uint8 [T]."""
+    def compute(self, x2: np.ndarray, mask: np.ndarray, training: bool) -> _Routed:
+        """Route already-checked tokens x2 [T, d_model] with mask uint8 [T]; changes nothing
+        on the router until commit() (a forward that fails later leaves it as it was)."""
         cfg = self.cfg
         w = self._check_params()
+        check_row_count(x2.shape[0] * cfg.top_k, "x")
         std = self.noise_std if training else 0.0
         res = kernel("router_forward", cfg.np_dtype)(
             x=x2, w_router=w, mask=mask, top_k=cfg.top_k, normalize_topk=bool(cfg.normalize_topk),
             straight_through=bool(cfg.straight_through), training=bool(training),
             noise_std=std, noise_seed=cfg.seed, noise_step=self._noise_step,
             capacity_factor=-1.0 if cfg.capacity_factor is None else float(cfg.capacity_factor))
-        if training and self._noise_start > 0:
-            self._noise_step += 1
-        self.losses = {"load_balance": res.load_balance, "z_loss": res.z_loss,
-                       "entropy": res.entropy_loss}
-        self.aux_loss = float(cfg.load_balance_coef * self.losses["load_balance"]
-                              + cfg.z_loss_coef * self.losses["z_loss"]
-                              + cfg.entropy_coef * self.losses["entropy"])
+        losses = {"load_balance": res.load_balance, "z_loss": res.z_loss, "entropy": res.entropy_loss}
+        aux = float(cfg.load_balance_coef * losses["load_balance"] + cfg.z_loss_coef * losses["z_loss"]
+                    + cfg.entropy_coef * losses["entropy"])
+        if not math.isfinite(aux):
+            raise NonFiniteError(
+                f"aux_loss is not finite: load_balance_coef={cfg.load_balance_coef} x {losses['load_balance']}"
+                f" + z_loss_coef={cfg.z_loss_coef} x {losses['z_loss']} + entropy_coef="
+                f"{cfg.entropy_coef} x {losses['entropy']} (x too large, or a coefficient too large)")
         routed = _router_output(res)
-        self._saved = (x2, w, mask, routed, bool(training))
-        return routed
+        return _Routed(routed, losses, aux, (x2, w, mask, routed, bool(training)))
+
+    def commit(self, r: _Routed) -> RouterOutput:
+        """Keep a computed routing for backward; returns the read-only view users get."""
+        if r.saved[4] and self._noise_start > 0:
+            self._noise_step += 1
+        self.losses, self.aux_loss, self._saved = r.losses, r.aux_loss, r.saved
+        return read_only(r.output)
+
+    def route(self, x2: np.ndarray, mask: np.ndarray, training: bool) -> RouterOutput:
+        return self.commit(self.compute(x2, mask, training))
 
     def __call__(self, x, padding_mask=None, training: bool = True) -> RouterOutput:
-        x2, lead = as_tokens(x, self.cfg.d_model, self.cfg.np_dtype)
-        mask = as_mask(padding_mask, lead)
-        self._lead = lead
-        return self.route(x2, mask, training)
+        with self._guard.forward():
+            x2, lead = as_tokens(x, self.cfg.d_model, self.cfg.np_dtype)
+            mask = as_mask(padding_mask, lead)
+            out = self.route(x2, mask, training)
+            self._lead = lead
+            return out
 
     forward = __call__
 
@@ -152,6 +192,7 @@ class Router:
             raise RuntimeError("backward called before forward")
         x2, w, mask, r, training = self._saved
         cfg = self.cfg
+        check_grad_buffer(self.grads.get("w_router"), w.shape, cfg.np_dtype, "grads['w_router']")
         if d_topk_weights is not None:
             d_topk_weights = as_grad(d_topk_weights, r.topk_weights.shape, cfg.np_dtype,
                                      "d_topk_weights")
@@ -168,12 +209,13 @@ class Router:
 
     def backward(self, d_topk_weights: Optional[np.ndarray] = None) -> np.ndarray:
         """Gradient of sum(d_topk_weights * topk_weights) + aux_loss; returns dx (shape of x)."""
-        if self._saved is None:
-            raise RuntimeError("backward called before forward")
-        x2 = self._saved[0]
-        dx2 = np.zeros_like(x2)
-        self.backward_into(d_topk_weights, dx2)
-        return dx2.reshape(self._lead + (self.cfg.d_model,))
+        with self._guard.backward():
+            if self._saved is None:
+                raise RuntimeError("backward called before forward")
+            x2 = self._saved[0]
+            dx2 = np.zeros_like(x2)
+            self.backward_into(d_topk_weights, dx2)
+            return dx2.reshape(self._lead + (self.cfg.d_model,))
 
     def zero_grad(self) -> None:
         for g in self.grads.values():
