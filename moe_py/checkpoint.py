@@ -1,16 +1,33 @@
-"""Checkpoints: one .npz with the model, the optimiser, the step, both configs
-and the noise-annealing state; written atomically so a crash never leaves a
-half-written file in place of the last good one."""
+"""Checkpoints: one .npz with the model, the optimiser, the step, both configs, the
+noise-annealing state and a SHA-256 checksum of all of it; written atomically, so a crash
+never leaves a half-written file in place of the last good one. Anything that is not a
+whole moe_py checkpoint raises CheckpointError ("not a valid moe_py checkpoint: ...")."""
 from __future__ import annotations
 
+import hashlib
+import io
 import json
-import os
-from typing import Tuple
+import zipfile
+from typing import Dict, Tuple
 
 import numpy as np
 
 from .models import ModelConfig, TransformerLM
 from .optim import AdamW
+from .run_folder import atomic_write
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def _checksum(arrays: Dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(arrays):
+        a = np.ascontiguousarray(arrays[k])
+        h.update(f"{k}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def save_checkpoint(path: str, model: TransformerLM, optim: AdamW, step: int, train_cfg: dict) -> None:
@@ -21,24 +38,70 @@ def save_checkpoint(path: str, model: TransformerLM, optim: AdamW, step: int, tr
     arrays["step"] = np.array(step)
     arrays["model_config"] = np.array(json.dumps(model.cfg.to_dict()))
     arrays["train_config"] = np.array(json.dumps(train_cfg))
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    arrays["checksum"] = np.array(_checksum(arrays))
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write(path, buf.getvalue())
+
+
+def _read(path: str) -> dict:
+    def bad(reason: str) -> CheckpointError:
+        return CheckpointError(f"not a valid moe_py checkpoint: {path}: {reason}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise bad("no such file") from None
+    except IsADirectoryError:
+        raise bad("a folder, not a checkpoint file") from None
+    except (zipfile.BadZipFile, EOFError) as e:
+        raise bad(f"truncated or corrupted ({e})") from None
+    except (OSError, ValueError) as e:
+        raise bad(f"not an .npz archive of arrays ({e.__class__.__name__})") from None
+    for key in ("model_config", "step"):
+        if key not in data:
+            raise bad(f"no '{key}' entry")
+    if "checksum" in data:
+        want = str(data.pop("checksum"))
+        if _checksum(data) != want:
+            raise bad("checksum mismatch (the file was changed or corrupted)")
+    try:
+        data["_model_config"] = ModelConfig.from_dict(json.loads(str(data["model_config"])))
+    except (ValueError, TypeError) as e:
+        raise bad(f"its model config is invalid ({e})") from None
+    return data
+
+
+def _fill(dst: np.ndarray, data: dict, key: str, path: str) -> None:
+    if key not in data:
+        raise CheckpointError(f"not a valid moe_py checkpoint: {path}: missing array '{key}' "
+                              f"(expected {dst.dtype} {list(dst.shape)})")
+    src = data[key]
+    if src.shape != dst.shape:
+        raise CheckpointError(f"not a valid moe_py checkpoint: {path}: array '{key}' has shape "
+                              f"{list(src.shape)}, expected {list(dst.shape)}")
+    dst[...] = src
 
 
 def load_model(path: str) -> Tuple[TransformerLM, dict]:
     """The model of a checkpoint (with its noise state) and the raw archive."""
-    try:
-        data = dict(np.load(path, allow_pickle=False))
-    except (OSError, ValueError) as e:
-        raise OSError(f"checkpoint: cannot read {path}: {e}") from e
-    model = TransformerLM(ModelConfig.from_dict(json.loads(str(data["model_config"]))))
+    data = _read(path)
+    model = TransformerLM(data["_model_config"])
     for n, p, _ in model.named_parameters():
-        p[...] = data[f"model.{n}"]
+        _fill(p, data, f"model.{n}", path)
     for i, layer in enumerate(model.moe_layers):
+        if f"noise.{i}" not in data:
+            raise CheckpointError(f"not a valid moe_py checkpoint: {path}: missing 'noise.{i}'")
         layer.router.load_noise_state(json.loads(str(data[f"noise.{i}"])))
+    data["_path"] = path
     return model, data
 
 
 def load_optimizer(optim: AdamW, data: dict) -> None:
-    optim.load_state_dict({k[len("optim."):]: v for k, v in data.items() if k.startswith("optim.")})
+    path = data.get("_path", "checkpoint")
+    if "optim.t" not in data:
+        raise CheckpointError(f"not a valid moe_py checkpoint: {path}: missing 'optim.t'")
+    optim.t = int(data["optim.t"])
+    for n in optim.m:
+        _fill(optim.m[n], data, f"optim.m.{n}", path)
+        _fill(optim.v[n], data, f"optim.v.{n}", path)

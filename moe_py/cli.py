@@ -223,6 +223,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except TrainingDiverged as e:
         print(f"moe_py: {e}", file=sys.stderr)
         return 1
-    except (ValueError, TypeError, OSError, KeyError) as e:
+    except (ValueError, TypeError, OSError, KeyError, RuntimeError) as e:
         print(f"moe_py: error: {e}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("moe_py: error: out of memory: try a smaller --batch-size, --seq-len, --d-model, "
+              "--d-ff or --num-experts", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
 """MoEConfig: the one configuration every MoE part is built from, validated once."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -13,6 +14,28 @@ IGNORE_INDEX = -100
 ROUTERS = ("softmax_topk",)
 ACTIVATIONS = ("swiglu", "gelu")
 DTYPES = {"float32": np.float32, "float64": np.float64}
+
+
+# Seeds reach the C++ noise as unsigned 64-bit and NumPy's generator; keep them in int64.
+MAX_SEED = 2**63 - 1
+
+
+def plain_scalars(cfg) -> None:
+    """NumPy scalars in a config's fields become Python ones: a uint8 width would wrap in
+    arithmetic, and JSON cannot write NumPy scalars."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, np.bool_):
+            setattr(cfg, f.name, bool(v))
+        elif isinstance(v, np.integer):
+            setattr(cfg, f.name, int(v))
+        elif isinstance(v, np.floating):
+            setattr(cfg, f.name, float(v))
+
+
+def check_seed(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise ValueError(f"seed: expected an integer in [0, 2**63 - 1], got {value!r}")
 
 
 def positive_int(name: str, value) -> None:
@@ -55,6 +78,7 @@ class MoEConfig:
     seed: int = 0  # seed of the initial weights and of the router noise
 
     def __post_init__(self) -> None:
+        plain_scalars(self)
         positive_int("d_model", self.d_model)
         positive_int("d_ff", self.d_ff)
         positive_int("num_experts", self.num_experts)
@@ -71,6 +95,9 @@ class MoEConfig:
             raise ValueError(f"dtype: expected one of {tuple(DTYPES)}, got {self.dtype!r}")
         if self.capacity_factor is not None:
             finite_number("capacity_factor", self.capacity_factor)
+            if self.capacity_factor <= 0:
+                raise ValueError(f"capacity_factor: expected a number > 0 (None: dropless), "
+                                 f"got {self.capacity_factor!r}; 0 would drop every token")
         for name in ("load_balance_coef", "z_loss_coef", "entropy_coef"):
             # entropy_coef may be negative (to push routing towards confident choices)
             finite_number(name, getattr(self, name), allow_negative=(name == "entropy_coef"))
@@ -86,8 +113,7 @@ class MoEConfig:
                 "gets no gradient from the task loss, only from the aux losses",
                 stacklevel=3,
             )
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
-            raise ValueError(f"seed: expected an integer >= 0, got {self.seed!r}")
+        check_seed(self.seed)
 
     @property
     def np_dtype(self) -> type:

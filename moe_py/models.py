@@ -14,8 +14,8 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from ._checks import as_mask
-from .config import DTYPES, IGNORE_INDEX, MoEConfig, positive_int
+from ._checks import NonFiniteError, as_mask
+from .config import DTYPES, IGNORE_INDEX, MoEConfig, check_seed, plain_scalars, positive_int
 from .ffn import build_ffn
 from .layer import MoELayer
 from .lm_losses import multi_token_cross_entropy
@@ -41,8 +41,13 @@ class ModelConfig:
     seed: int = 0  # seed of the initial weights
 
     def __post_init__(self) -> None:
+        plain_scalars(self)
         if isinstance(self.moe, dict):
             self.moe = MoEConfig(**self.moe)
+        if self.moe is not None and not isinstance(self.moe, MoEConfig):
+            raise TypeError(f"moe: expected a MoEConfig, a dict of its fields or None, "
+                            f"got {type(self.moe).__name__}")
+        check_seed(self.seed)
         for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads", "d_ff", "n_predict"):
             positive_int(name, getattr(self, name))
         if self.d_model % self.n_heads:
@@ -155,6 +160,11 @@ class TransformerLM:
 
     def backward(self, head_dlogits: List[np.ndarray], aux_weight: float = 1.0) -> None:
         """Gradients of sum_i <head_dlogits[i], logits_i> + aux_weight * aux_loss, added into grads."""
+        if self._shape is None:
+            raise RuntimeError("backward called before forward")
+        if len(head_dlogits) != len(self.heads):
+            raise ValueError(f"head_dlogits: expected one gradient per head ({len(self.heads)}), "
+                             f"got {len(head_dlogits)}")
         B, S = self._shape
         dh = None
         for head, d in zip(self.heads, head_dlogits):
@@ -171,6 +181,9 @@ class TransformerLM:
         mean), and backward of loss_weight * that + aux_weight * aux_loss.
         Returns the unweighted numbers and the RouterOutputs for logging."""
         out = self.forward(inputs, mask, training)
+        for i, logits in enumerate(out.head_logits):
+            if not np.isfinite(logits).all():
+                raise NonFiniteError(f"the logits of head {i} are not finite")
         losses, grads = multi_token_cross_entropy(out.head_logits, targets, mask, IGNORE_INDEX)
         scale = loss_weight / len(losses)
         self.backward([g * scale for g in grads], aux_weight)

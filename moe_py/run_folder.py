@@ -1,12 +1,42 @@
 """A run folder on disk: config.json, metrics.jsonl (one JSON object per step) and
 checkpoint.npz (moe_py/checkpoint.py). The training loop writes through it; analysis,
-plots and compare read through it."""
+plots and compare read through it.
+
+Every file is replaced atomically (a temporary file, fsync, rename), and metrics.jsonl is
+only ever appended to: a process killed at any instant leaves each file whole, old or new,
+except possibly a torn last metrics line, which readers drop with a warning."""
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import warnings
 from typing import List
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Replace path by data: written beside it, flushed to disk, then renamed over it."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename in `path` durable."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class RunFolder:
@@ -18,33 +48,52 @@ class RunFolder:
 
     def write_config(self, model_cfg, train_cfg, corpus) -> None:
         os.makedirs(self.path, exist_ok=True)
-        with open(self.config, "w") as f:
-            json.dump({"model": model_cfg.to_dict(), "train": dataclasses.asdict(train_cfg),
-                       "corpus": {"name": corpus.name, "label_names": corpus.label_names}}, f, indent=2)
+        text = json.dumps({"model": model_cfg.to_dict(), "train": dataclasses.asdict(train_cfg),
+                           "corpus": {"name": corpus.name, "label_names": corpus.label_names}},
+                          indent=2)
+        atomic_write(self.config, text.encode())
 
     def read_config(self) -> dict:
-        with open(self.config) as f:
-            return json.load(f)
+        try:
+            with open(self.config) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"run folder: no config.json in {self.path}: "
+                                    "not a moe_py run folder") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"run folder: {self.config} is not valid JSON ({e})") from None
 
     def start_metrics(self) -> None:
         """An empty metrics.jsonl for a new run."""
         os.makedirs(self.path, exist_ok=True)
-        with open(self.metrics, "w"):
-            pass
+        atomic_write(self.metrics, b"")
 
     def append_metrics(self, m: dict) -> None:
         with open(self.metrics, "a") as f:
             f.write(json.dumps(m) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
     def truncate_metrics(self, step: int) -> None:
-        """Drop metric lines past `step` (the checkpoint's), so a resumed run appends cleanly."""
+        """Keep the metric lines up to `step` (the checkpoint's), so a resumed run appends
+        cleanly; rewritten atomically."""
         if not os.path.exists(self.metrics):
             return
-        with open(self.metrics) as f:
-            lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= step]
-        with open(self.metrics, "w") as f:
-            f.writelines(lines)
+        rows = [m for m in self.read_metrics() if m["step"] <= step]
+        atomic_write(self.metrics, "".join(json.dumps(m) + "\n" for m in rows).encode())
 
     def read_metrics(self) -> List[dict]:
+        """Every whole line; a torn last line (a kill while it was written) is dropped."""
         with open(self.metrics) as f:
-            return [json.loads(ln) for ln in f if ln.strip()]
+            lines = [ln for ln in f.read().split("\n") if ln.strip()]
+        rows = []
+        for i, ln in enumerate(lines):
+            try:
+                rows.append(json.loads(ln))
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:
+                    warnings.warn(f"{self.metrics}: dropped a torn last line (the run was "
+                                  "interrupted while writing it)", RuntimeWarning, stacklevel=2)
+                    break
+                raise ValueError(f"{self.metrics}: line {i + 1} is not valid JSON") from None
+        return rows

@@ -1,11 +1,18 @@
 """OpenMP thread count of the C++ kernels. Results are bitwise identical at any count."""
+import numpy as np
+
 from . import _kernels
 
 
+# More than this is a typo, not a machine (libgomp fails past some tens of thousands).
+MAX_THREADS = 1024
+
+
 def set_num_threads(n: int) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n: expected a positive integer number of threads, got {n!r}")
-    _kernels.set_num_threads(n)
+    """Threads of every later kernel call, from whichever Python thread makes it."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"n: expected an integer number of threads in [1, {MAX_THREADS}], got {n!r}")
+    _kernels.set_num_threads(int(n))
 
 
 def get_num_threads() -> int:

@@ -16,7 +16,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .config import finite_number, positive_int
+from .config import check_seed, finite_number, plain_scalars, positive_int
+from ._checks import NonFiniteError
 from .checkpoint import load_model, load_optimizer, save_checkpoint
 from .data import Batch, BatchSampler, Corpus, load_corpus
 from .config import IGNORE_INDEX
@@ -48,6 +49,8 @@ class TrainConfig:
     corpus_bytes: int = 2_000_000  # bytes read of the python corpus
 
     def __post_init__(self) -> None:
+        plain_scalars(self)
+        check_seed(self.seed)
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
                      "checkpoint_every"):
             positive_int(name, getattr(self, name))
@@ -145,8 +148,11 @@ def train_step(model: TransformerLM, batches: List[Batch], optim: AdamW, lr: flo
     for b in batches:
         n = int((b.targets != IGNORE_INDEX).sum())
         # weight n/N makes the summed gradient that of the per-token mean over the step
-        res = model.loss_and_backward(b.inputs, b.targets, b.mask, training=True,
-                                      loss_weight=n / max(1, n_total), aux_weight=1.0 / M)
+        try:
+            res = model.loss_and_backward(b.inputs, b.targets, b.mask, training=True,
+                                          loss_weight=n / max(1, n_total), aux_weight=1.0 / M)
+        except NonFiniteError as e:
+            raise TrainingDiverged(f"non-finite loss or gradient ({e})") from None
         stats.add(res, n, res["head_losses"][0], b.mask)
     m = stats.metrics(M)
     gnorm = global_grad_norm(g for _, _, g in model.named_parameters())
@@ -199,7 +205,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, corpus: 
             try:
                 m = {"step": step + 1, **train_step(model, batches, optim, lr, train_cfg)}
             except TrainingDiverged as e:
-                raise TrainingDiverged(f"at step {step + 1}: {e}; training stopped, the last good "
+                raise TrainingDiverged(f"{e} at step {step + 1}; training stopped, the last good "
                                        f"checkpoint is untouched: {run.checkpoint}") from None
             m["tokens_per_s"] = m["tokens"] / (time.perf_counter() - t0)
             if (step + 1) % train_cfg.eval_every == 0 or step + 1 == train_cfg.steps:
