@@ -208,6 +208,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, corpus: 
                 raise TrainingDiverged(f"{e} at step {step + 1}; training stopped, the last good "
                                        f"checkpoint is untouched: {run.checkpoint}") from None
             m["tokens_per_s"] = m["tokens"] / (time.perf_counter() - t0)
+            rss = _rss_mib()
+            if rss is not None:
+                m["rss_mib"] = rss
             if (step + 1) % train_cfg.eval_every == 0 or step + 1 == train_cfg.steps:
                 m["val_loss"] = evaluate(model, val_sampler, train_cfg.eval_batches)
             run.append_metrics(m)
@@ -220,6 +223,18 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, corpus: 
         if bar is not None:
             bar.close()
     return last
+
+
+def _rss_mib() -> Optional[float]:
+    """This process's resident memory (Linux), logged each step so that growth shows."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
 
 
 def _show(bar, m: dict) -> None:
