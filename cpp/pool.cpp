@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <unordered_map>
 #include <new>
 #include <vector>
 
@@ -35,9 +36,13 @@ std::size_t size_class(std::size_t n) {
   return (n + step - 1) / step * step;
 }
 
+// A cached block serves a request up to this much smaller than itself (best fit).
+constexpr double kMaxFitWaste = 1.5;
+
 struct Cache {
   std::mutex mu;
-  std::map<std::size_t, std::vector<void*>> free_blocks;
+  std::map<std::size_t, std::vector<void*>> free_blocks;   // by mapped size
+  std::unordered_map<void*, std::size_t> mapped_size;      // of every large block handed out
   std::size_t cached = 0;  // bytes in free_blocks
   std::size_t in_use = 0;  // large bytes handed out and not yet freed
   std::size_t peak_in_use = 0;
@@ -69,24 +74,28 @@ void* pool_alloc(std::size_t bytes) {
   {
     Cache& cc = cache();
     std::lock_guard<std::mutex> lock(cc.mu);
-    cc.in_use += c;
-    cc.peak_in_use = std::max(cc.peak_in_use, cc.in_use);
-    auto it = cc.free_blocks.find(c);
-    if (it != cc.free_blocks.end() && !it->second.empty()) {
+    // the smallest cached block that fits without wasting more than kMaxFitWaste
+    auto it = cc.free_blocks.lower_bound(c);
+    while (it != cc.free_blocks.end() && it->second.empty()) ++it;
+    if (it != cc.free_blocks.end() && double(it->first) <= kMaxFitWaste * double(c)) {
+      const std::size_t size = it->first;
       void* p = it->second.back();
       it->second.pop_back();
-      cc.cached -= c;
+      if (it->second.empty()) cc.free_blocks.erase(it);
+      cc.cached -= size;
+      cc.in_use += size;
+      cc.peak_in_use = std::max(cc.peak_in_use, cc.in_use);
+      cc.mapped_size[p] = size;
       return p;
     }
   }
-  try {
-    return map_block(c);
-  } catch (...) {
-    Cache& cc = cache();
-    std::lock_guard<std::mutex> lock(cc.mu);
-    cc.in_use -= c;
-    throw;
-  }
+  void* p = map_block(c);
+  Cache& cc = cache();
+  std::lock_guard<std::mutex> lock(cc.mu);
+  cc.in_use += c;
+  cc.peak_in_use = std::max(cc.peak_in_use, cc.in_use);
+  cc.mapped_size[p] = c;
+  return p;
 }
 
 void pool_free(void* p, std::size_t bytes) {
@@ -96,18 +105,21 @@ void pool_free(void* p, std::size_t bytes) {
     std::free(p);
     return;
   }
-  const std::size_t c = size_class(n);
+  std::size_t size;
   {
     Cache& cc = cache();
     std::lock_guard<std::mutex> lock(cc.mu);
-    cc.in_use -= c;
-    if (cc.cached + c <= std::max(kMinCap, cc.peak_in_use)) {
-      cc.free_blocks[c].push_back(p);
-      cc.cached += c;
+    auto it = cc.mapped_size.find(p);
+    size = it->second;
+    cc.mapped_size.erase(it);
+    cc.in_use -= size;
+    if (cc.cached + size <= std::max(kMinCap, cc.peak_in_use)) {
+      cc.free_blocks[size].push_back(p);
+      cc.cached += size;
       return;
     }
   }
-  munmap(p, c);
+  munmap(p, size);
 }
 
 std::size_t pool_cached_bytes() {
