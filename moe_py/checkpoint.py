@@ -41,7 +41,7 @@ def save_checkpoint(path: str, model: TransformerLM, optim: AdamW, step: int, tr
     arrays["checksum"] = np.array(_checksum(arrays))
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue(), fault_point="checkpoint")
 
 
 def _read(path: str) -> dict:

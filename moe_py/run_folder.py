@@ -10,15 +10,36 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import warnings
 from typing import List
 
+# Fault injection for the tests (tests/test_faults.py): MOE_PY_KILL_AT="<point>:<n>" makes the
+# process SIGKILL itself half-way through the n-th write at that point ("config", "metrics",
+# "checkpoint"), as a power cut or an OOM kill would.
+_KILL_AT = os.environ.get("MOE_PY_KILL_AT", "")
+_writes: dict = {}
 
-def atomic_write(path: str, data: bytes) -> None:
+
+def _maybe_die(point: str) -> None:
+    if not _KILL_AT:
+        return
+    name, _, n = _KILL_AT.partition(":")
+    if name == point:
+        _writes[point] = _writes.get(point, 0) + 1
+        if _writes[point] == int(n or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def atomic_write(path: str, data: bytes, fault_point: str = "") -> None:
     """Replace path by data: written beside it, flushed to disk, then renamed over it."""
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "wb") as f:
-        f.write(data)
+        f.write(data[: len(data) // 2])
+        if fault_point:
+            f.flush()
+            _maybe_die(fault_point)
+        f.write(data[len(data) // 2:])
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -46,12 +67,19 @@ class RunFolder:
         self.metrics = os.path.join(path, "metrics.jsonl")
         self.checkpoint = os.path.join(path, "checkpoint.npz")
 
+    def remove_stale_temporaries(self) -> None:
+        """Temporary files a killed run left behind (their targets are whole)."""
+        if os.path.isdir(self.path):
+            for name in os.listdir(self.path):
+                if ".tmp." in name:
+                    os.remove(os.path.join(self.path, name))
+
     def write_config(self, model_cfg, train_cfg, corpus) -> None:
         os.makedirs(self.path, exist_ok=True)
         text = json.dumps({"model": model_cfg.to_dict(), "train": dataclasses.asdict(train_cfg),
                            "corpus": {"name": corpus.name, "label_names": corpus.label_names}},
                           indent=2)
-        atomic_write(self.config, text.encode())
+        atomic_write(self.config, text.encode(), fault_point="config")
 
     def read_config(self) -> dict:
         try:
@@ -69,8 +97,12 @@ class RunFolder:
         atomic_write(self.metrics, b"")
 
     def append_metrics(self, m: dict) -> None:
+        line = json.dumps(m) + "\n"
         with open(self.metrics, "a") as f:
-            f.write(json.dumps(m) + "\n")
+            f.write(line[: len(line) // 2])
+            f.flush()
+            _maybe_die("metrics")
+            f.write(line[len(line) // 2:])
             f.flush()
             os.fsync(f.fileno())
 

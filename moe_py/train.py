@@ -171,6 +171,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, corpus: 
     step's metrics. `until` stops after that step, as an interruption would (the
     schedule still runs to train_cfg.steps)."""
     run = RunFolder(out_dir)
+    run.remove_stale_temporaries()
     if corpus is None:
         corpus = load_corpus(train_cfg.corpus, seed=train_cfg.seed, max_bytes=train_cfg.corpus_bytes)
     if model_cfg.max_seq_len < train_cfg.seq_len:
