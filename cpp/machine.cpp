@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include "blas.h"
+#include "pool.h"
 
 namespace moe {
 
@@ -45,12 +46,13 @@ std::vector<std::pair<std::string, std::string>> build_facts() {
       {"blas", MOE_BLAS_NAME},
       {"blas_config", blas_config()},
       {"blas_corename", blas_corename()},
+      {"block_cache", pool_enabled() ? "on" : "off (sanitizer build)"},
   };
 }
 
 FmaPeakResult fma_peak(index_t iters) {
   using Packet = Eigen::internal::packet_traits<float>::type;
-  constexpr int kLanes = Eigen::internal::unpacket_traits<Packet>::size;
+  constexpr int kLanes = int(sizeof(Packet) / sizeof(float));
   constexpr int kAcc = 16;
   float total = 0.0f;
   int threads = 1;

@@ -63,9 +63,17 @@ void* map_block(std::size_t n) {
 
 }  // namespace
 
+#ifdef MOE_NO_POOL
+constexpr bool kPool = false;  // sanitizer builds: plain malloc, so ASan checks every block
+#else
+constexpr bool kPool = true;
+#endif
+
+bool pool_enabled() { return kPool; }
+
 void* pool_alloc(std::size_t bytes) {
   const std::size_t n = rounded(bytes);
-  if (n < kSmall) {
+  if (!kPool || n < kSmall) {
     void* p = std::aligned_alloc(kAlign, n);
     if (!p) throw std::bad_alloc();
     return p;
@@ -101,7 +109,7 @@ void* pool_alloc(std::size_t bytes) {
 void pool_free(void* p, std::size_t bytes) {
   if (!p) return;
   const std::size_t n = rounded(bytes);
-  if (n < kSmall) {
+  if (!kPool || n < kSmall) {
     std::free(p);
     return;
   }

@@ -11,6 +11,7 @@ void* pool_alloc(std::size_t bytes);           // 64-byte aligned, never null
 void pool_free(void* p, std::size_t bytes);    // back to the cache (or to the OS past the cap)
 std::size_t pool_cached_bytes();
 void pool_release();                           // return every cached block to the OS
+bool pool_enabled();                           // false in sanitizer builds (plain malloc)
 
 // Scoped scratch buffer of n values of T (uninitialised).
 template <typename T>

@@ -81,6 +81,7 @@ def build_info() -> Dict[str, object]:
         "blas_version": version.group(1) if version else "unknown",
         "blas_config": facts["blas_config"],
         "blas_corename": facts["blas_corename"],
+        "block_cache": facts["block_cache"],
         "cpu": cpu_model(),
         "cpu_simd": " ".join(cpu_simd_flags()),
         "platform": platform.platform(),

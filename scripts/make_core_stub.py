@@ -64,8 +64,7 @@ def render(core) -> str:
 
 
 def main(argv) -> int:
-    sys.path.insert(0, os.path.join(os.path.dirname(STUB), ".."))
-    from moe_py import _core
+    from moe_py import _core  # the installed (or PYTHONPATH's) build
     text = render(_core)
     if "--check" in argv:
         with open(STUB) as f:
