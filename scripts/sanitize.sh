@@ -9,9 +9,10 @@ PY="$ROOT/.venv/bin/python"
 BUILD="$ROOT/build/sanitize"
 PKG="$BUILD/pkg"
 
-cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DMOE_SANITIZE=ON \
+CMAKE="$(command -v cmake || echo "$ROOT/.venv/bin/cmake")"
+"$CMAKE" -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DMOE_SANITIZE=ON \
   -DPython_EXECUTABLE="$PY" -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" >/dev/null
-cmake --build "$BUILD" -j 2 >/dev/null
+"$CMAKE" --build "$BUILD" -j 2 >/dev/null
 
 # A package of the sources and the sanitized extension, first on the path. A venv of its own
 # that sees .venv's packages but not the editable install's import hook (a .pth in a site
