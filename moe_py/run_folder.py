@@ -16,7 +16,8 @@ from typing import List
 
 # Fault injection for the tests (tests/test_faults.py): MOE_PY_KILL_AT="<point>:<n>" makes the
 # process SIGKILL itself half-way through the n-th write at that point ("config", "metrics",
-# "checkpoint"), as a power cut or an OOM kill would.
+# "truncate" (the rewrite of metrics.jsonl on resume), "checkpoint"), as a power cut or an OOM
+# kill would.
 _KILL_AT = os.environ.get("MOE_PY_KILL_AT", "")
 _writes: dict = {}
 
@@ -112,7 +113,8 @@ class RunFolder:
         if not os.path.exists(self.metrics):
             return
         rows = [m for m in self.read_metrics() if m["step"] <= step]
-        atomic_write(self.metrics, "".join(json.dumps(m) + "\n" for m in rows).encode())
+        atomic_write(self.metrics, "".join(json.dumps(m) + "\n" for m in rows).encode(),
+                     fault_point="truncate")
 
     def read_metrics(self) -> List[dict]:
         """Every whole line; a torn last line (a kill while it was written) is dropped."""

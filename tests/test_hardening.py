@@ -326,3 +326,31 @@ def test_rows_past_the_32_bit_blas_are_refused():
     with pytest.raises(ValueError, match="32-bit"):
         check_row_count(2**31, "x")
     check_row_count(2**31 - 1, "x")
+
+
+def test_cli_refuses_absurd_threads_in_one_line(capsys):
+    from moe_py.cli import main
+    assert main(["--threads", "200000", "demo"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "threads" in err
+
+
+def test_cli_out_of_memory_is_one_line(monkeypatch, capsys):
+    from moe_py import cli
+
+    def boom(args):
+        raise MemoryError()
+    monkeypatch.setattr(cli, "_demo", boom)
+    assert cli.main(["demo"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "out of memory" in err
+
+
+def test_a_diverging_moe_layer_stops_training_with_the_designed_message():
+    from moe_py.data import synthetic_corpus, BatchSampler
+    from moe_py.train import TrainConfig, TrainingDiverged, train_step
+    m = tiny_model()
+    m.moe_layers[0].params["w2"][...] = 1e38  # finite weights whose output overflows
+    batch = BatchSampler(synthetic_corpus(n_docs=20, seed=0).train, 2, 8, 0).batch(0)
+    with pytest.raises(TrainingDiverged, match="non-finite loss or gradient"):
+        train_step(m, [batch], AdamW(m.named_parameters()), 1e-3, TrainConfig(seq_len=8))
