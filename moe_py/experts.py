@@ -6,7 +6,7 @@ y[t] = sum_j topk_weights[t, j] * FFN_{topk_indices[t, j]}(x[t]).
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -72,11 +72,13 @@ class Experts:
         self.commit(saved)
         return y
 
-    def backward(self, dy2: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        """dy2 [T, d_model] -> (dx2 [T, d_model], d_topk_weights [T, k]); adds into grads."""
-        if self._saved is None:
+    def backward(self, dy2: np.ndarray, saved: Optional[tuple] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """dy2 [T, d_model] -> (dx2 [T, d_model], d_topk_weights [T, k]); adds into grads.
+        `saved`: a forward's saved state (default: the latest forward's)."""
+        saved = self._saved if saved is None else saved
+        if saved is None:
             raise RuntimeError("backward called before forward")
-        offsets, slot_row, xs, h1, h3, ye, topk_weights, (w1, w3, w2) = self._saved
+        offsets, slot_row, xs, h1, h3, ye, topk_weights, (w1, w3, w2) = saved
         dt = self.cfg.np_dtype
         E, D, F = self.cfg.num_experts, self.cfg.d_model, self.cfg.d_ff
         for name, shape in (("w1", (E, D, F)), ("w3", (E, D, F)), ("w2", (E, F, D))):

@@ -13,6 +13,17 @@ from .experts import Experts, init_expert_weights
 from .router import Router, RouterOutput, init_router_weight
 
 
+class ForwardContext:
+    """What one forward of a MoELayer saved for its backward. Its MoEOutput holds it, so each
+    output can be backpropagated on its own; the layer also keeps the latest one."""
+
+    __slots__ = ("layer", "router_saved", "experts_saved", "lead")
+
+    def __init__(self, layer, router_saved, experts_saved, lead):
+        self.layer, self.router_saved, self.experts_saved, self.lead = \
+            layer, router_saved, experts_saved, lead
+
+
 class MoEOutput(NamedTuple):
     """What every FFN's forward returns (moe_py/ffn.py); a dense FFN has no router."""
 
@@ -20,6 +31,13 @@ class MoEOutput(NamedTuple):
     router: Optional[RouterOutput]  # None for a dense FFN
     aux_loss: float  # load_balance_coef*load_balance + z_loss_coef*z_loss + entropy_coef*entropy
     losses: Dict[str, float]  # the unweighted components: load_balance, z_loss, entropy
+    context: Optional[ForwardContext] = None  # this forward's saved state (MoELayer)
+
+    def backward(self, dy, aux_weight: float = 1.0) -> np.ndarray:
+        """The layer's backward for this very forward (even after later forwards)."""
+        if self.context is None:
+            raise RuntimeError("this output carries no forward state: call its layer's backward")
+        return self.context.layer.backward(dy, aux_weight, out=self)
 
 
 class MoELayer:
@@ -42,7 +60,7 @@ class MoELayer:
         self._grads: Dict[str, np.ndarray] = {k: np.zeros_like(v) for k, v in self._params.items()}
         self.router = Router(cfg, self._params, self._grads)
         self.experts = Experts(cfg, self._params, self._grads)
-        self._lead = None
+        self._latest: Optional[ForwardContext] = None
         self._guard = OneCaller("MoELayer")
 
     # The router and the experts share these two dicts: assigning a new dict replaces the
@@ -82,35 +100,40 @@ class MoELayer:
                 raise NonFiniteError(
                     f"x: the layer's output is not finite (max |x| = {np.abs(x2).max():.3g}; "
                     f"values this large overflow the router or the experts in {self.cfg.dtype})")
-            self.experts.commit(saved)
             public = self.router.commit(routed)
-            self._lead = lead
+            ctx = ForwardContext(self, routed.saved, saved, lead)
+            self._latest = ctx
             return MoEOutput(y2.reshape(lead + (self.cfg.d_model,)), public, routed.aux_loss,
-                             dict(routed.losses))
+                             dict(routed.losses), ctx)
 
     forward = __call__
 
-    def backward(self, dy, aux_weight: float = 1.0) -> np.ndarray:
+    def backward(self, dy, aux_weight: float = 1.0, out: Optional[MoEOutput] = None) -> np.ndarray:
         """aux_weight scales the aux-loss gradient (e.g. 1/M when M micro-batches are
-        accumulated and the aux loss is averaged over them); 1 is the contract above."""
+        accumulated and the aux loss is averaged over them); 1 is the contract above.
+        `out` picks the forward to differentiate (default: the latest); `out.backward(dy)`
+        says the same."""
         with self._guard.backward():
-            if self._lead is None:
+            ctx = self._latest if out is None else out.context
+            if ctx is None:
                 raise RuntimeError("backward called before forward")
+            if ctx.layer is not self:
+                raise ValueError("out: the output of another layer")
             if isinstance(aux_weight, bool) or not isinstance(aux_weight, (int, float, np.number)) \
                     or not math.isfinite(aux_weight):
                 raise ValueError(f"aux_weight: expected a finite number, got {aux_weight!r}")
             D = self.cfg.d_model
-            dy2 = as_grad(dy, self._lead + (D,), self.cfg.np_dtype, "dy").reshape(-1, D)
-            dx2, d_weights = self.experts.backward(dy2)
+            dy2 = as_grad(dy, ctx.lead + (D,), self.cfg.np_dtype, "dy").reshape(-1, D)
+            dx2, d_weights = self.experts.backward(dy2, ctx.experts_saved)
             if not np.isfinite(d_weights).all():
                 raise NonFiniteError(f"dy: the gradient through the experts is not finite (max |dy| "
                                      f"= {np.abs(dy2).max():.3g} overflows in {self.cfg.dtype})")
-            self.router.backward_into(d_weights, dx2, float(aux_weight))
+            self.router.backward_into(d_weights, dx2, float(aux_weight), ctx.router_saved)
             if not np.isfinite(dx2).all():
                 raise NonFiniteError(f"dx is not finite: dy (max |dy| = {np.abs(dy2).max():.3g}) "
                                      f"or aux_weight={aux_weight} x the aux-loss coefficients overflow "
                                      f"in {self.cfg.dtype}")
-            return dx2.reshape(self._lead + (D,))
+            return dx2.reshape(ctx.lead + (D,))
 
     def zero_grad(self) -> None:
         for g in self.grads.values():

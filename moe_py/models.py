@@ -73,6 +73,7 @@ class ModelOutput(NamedTuple):
     routers: List[RouterOutput]  # one per MoE layer (empty for the dense model)
     aux_loss: float  # sum over layers of each layer's weighted aux loss
     layer_losses: List[Dict[str, float]]  # per layer: load_balance, z_loss, entropy
+    forward_id: int = -1  # which forward of its model made it (see TransformerLM.backward)
 
 
 class TransformerLM:
@@ -92,6 +93,7 @@ class TransformerLM:
         self.norm_f = RMSNorm(cfg.d_model, dt)
         self.heads = [Linear(cfg.d_model, cfg.vocab_size, rng, dt) for _ in range(cfg.n_predict)]
         self._shape = None
+        self._forward_id = 0
 
     # ---- parameters ------------------------------------------------------------
     def modules(self) -> Iterator[Tuple[str, object]]:
@@ -154,14 +156,22 @@ class TransformerLM:
         h = self.norm_f.forward(x)
         logits = [head.forward(h).reshape(B, S, -1) for head in self.heads]
         self._shape, self._mask = (B, S), mask
-        return ModelOutput(logits, routers, aux, layer_losses)
+        self._forward_id += 1
+        return ModelOutput(logits, routers, aux, layer_losses, self._forward_id)
 
     __call__ = forward
 
-    def backward(self, head_dlogits: List[np.ndarray], aux_weight: float = 1.0) -> None:
-        """Gradients of sum_i <head_dlogits[i], logits_i> + aux_weight * aux_loss, added into grads."""
+    def backward(self, head_dlogits: List[np.ndarray], aux_weight: float = 1.0,
+                 out: Optional[ModelOutput] = None) -> None:
+        """Gradients of sum_i <head_dlogits[i], logits_i> + aux_weight * aux_loss, added into
+        grads, for the latest forward. The model keeps only that forward's state: passing an
+        older forward's output as `out` raises instead of returning the wrong gradient."""
         if self._shape is None:
             raise RuntimeError("backward called before forward")
+        if out is not None and out.forward_id != self._forward_id:
+            raise RuntimeError("out: the model keeps only its latest forward's state, and this "
+                               "output is from an earlier forward; call backward before the next "
+                               "forward")
         if len(head_dlogits) != len(self.heads):
             raise ValueError(f"head_dlogits: expected one gradient per head ({len(self.heads)}), "
                              f"got {len(head_dlogits)}")

@@ -185,12 +185,14 @@ class Router:
     forward = __call__
 
     def backward_into(self, d_topk_weights: Optional[np.ndarray], dx2: np.ndarray,
-                      aux_weight: float = 1.0) -> None:
+                      aux_weight: float = 1.0, saved: Optional[tuple] = None) -> None:
         """Add the gradient of sum(d_topk_weights * topk_weights) + aux_weight * aux_loss
-        w.r.t. the flattened x into dx2 [T, d_model], and w.r.t. w_router into grads."""
-        if self._saved is None:
+        w.r.t. the flattened x into dx2 [T, d_model], and w.r.t. w_router into grads.
+        `saved`: a forward's saved state (default: the latest forward's)."""
+        saved = self._saved if saved is None else saved
+        if saved is None:
             raise RuntimeError("backward called before forward")
-        x2, w, mask, r, training = self._saved
+        x2, w, mask, r, training = saved
         cfg = self.cfg
         check_grad_buffer(self.grads.get("w_router"), w.shape, cfg.np_dtype, "grads['w_router']")
         if d_topk_weights is not None:

@@ -179,3 +179,42 @@ def test_float32_agrees_with_float64():
     np.testing.assert_allclose(dx32, dx64, rtol=1e-4, atol=1e-5)
     for k in l64.grads:
         np.testing.assert_allclose(l32.grads[k], l64.grads[k], rtol=1e-4, atol=1e-4)
+
+
+def test_two_forwards_then_the_first_backward_gives_the_first_gradient():
+    cfg = moe_py.MoEConfig(d_model=12, d_ff=16, num_experts=4, top_k=2, seed=2)
+    rng = np.random.default_rng(0)
+    x1, x2 = (rng.standard_normal((9, 12)).astype(np.float32) for _ in range(2))
+    dy1, dy2 = (rng.standard_normal((9, 12)).astype(np.float32) for _ in range(2))
+    ref = moe_py.MoELayer(cfg)
+    ref(x1)
+    want1 = ref.backward(dy1)
+    g1 = {k: v.copy() for k, v in ref.grads.items()}
+    ref.zero_grad()
+    ref(x2)
+    want2 = ref.backward(dy2)
+
+    layer = moe_py.MoELayer(cfg)
+    o1 = layer(x1)
+    o2 = layer(x2)
+    np.testing.assert_array_equal(o1.backward(dy1), want1)  # not x2's gradient
+    for k in g1:
+        np.testing.assert_array_equal(layer.grads[k], g1[k])
+    layer.zero_grad()
+    np.testing.assert_array_equal(layer.backward(dy2), want2)  # no out: the latest forward
+    np.testing.assert_array_equal(layer.backward(dy1, out=o1), want1)
+    other = moe_py.MoELayer(cfg)
+    with pytest.raises(ValueError, match="another layer"):
+        other.backward(dy1, out=o1)
+
+
+def test_the_model_refuses_the_backward_of_an_older_forward():
+    from moe_py.models import ModelConfig, TransformerLM
+    moe = moe_py.MoEConfig(d_model=16, d_ff=16, num_experts=2, top_k=1)
+    m = TransformerLM(ModelConfig(max_seq_len=8, d_model=16, n_layers=1, n_heads=2, moe=moe))
+    ids = np.zeros((1, 8), np.int64)
+    o1 = m.forward(ids)
+    o2 = m.forward(ids)
+    with pytest.raises(RuntimeError, match="earlier forward"):
+        m.backward([np.zeros_like(o1.head_logits[0])], out=o1)
+    m.backward([np.zeros_like(o2.head_logits[0])], out=o2)
