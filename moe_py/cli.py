@@ -162,6 +162,7 @@ def _sample(args: argparse.Namespace) -> int:
 def _analyze(args: argparse.Namespace) -> int:
     from .report import analyze_run
     res = analyze_run(args.run_dir, max_batches=args.batches)
+    print(res["corpus_summary"])
     print(f"analysed {res['tokens']:,} validation tokens of {res['corpus']} at step {res['step']}")
     print(f"{'layer':<6} {'norm. MI':>9} {'at init':>8} {'max/mean':>9} {'eff. experts':>13}")
     for i, layer in enumerate(res["layers"]):
@@ -199,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("analyze", help="what the experts of a trained run learned")
     a.add_argument("run_dir", help="a run folder written by train")
-    a.add_argument("--batches", type=int, default=16, help="validation batches to route")
+    a.add_argument("--batches", type=int, default=None,
+                   help="validation batches to route (default: the run's eval_batches, the sample "
+                        "behind its val_loss)")
     a.set_defaults(func=_analyze)
 
     s = sub.add_parser("sample", help="generate text from a checkpoint")

@@ -6,7 +6,7 @@ Built-in corpora need no download:
   belongs to (from `tokenize`), for specialisation analysis.
 - "synthetic": several generated "languages" with different statistics,
   labelled by domain.
-Users' own text files or folders are labelled by file extension group ("text").
+Users' own text files or folders are labelled by byte class (lower, upper, digit, space, ...).
 """
 from __future__ import annotations
 
@@ -257,8 +257,26 @@ def synthetic_corpus(n_docs: int = 2000, seed: int = 0, val_fraction: float = 0.
 
 # ---- users' files ------------------------------------------------------------------
 
+# Labels for text that carries no token categories: a fixed class per byte, so that the
+# expert-label analysis of prose is meaningful (UTF-8 continuation and lead bytes: "other").
+BYTE_CLASSES = ("lower", "upper", "digit", "space", "newline", "punctuation", "other/UTF-8")
+
+
+def byte_class_labels(tokens: np.ndarray) -> np.ndarray:
+    t = np.asarray(tokens, dtype=np.uint8)
+    out = np.full(t.shape, 6, np.int16)
+    out[(t >= ord("a")) & (t <= ord("z"))] = 0
+    out[(t >= ord("A")) & (t <= ord("Z"))] = 1
+    out[(t >= ord("0")) & (t <= ord("9"))] = 2
+    out[(t == ord(" ")) | (t == ord("\t"))] = 3
+    out[(t == ord("\n")) | (t == ord("\r"))] = 4
+    punct = np.frombuffer(b"!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~", np.uint8)
+    out[np.isin(t, punct)] = 5
+    return out
+
+
 def text_corpus(paths: Sequence[str], val_fraction: float = 0.1, seed: int = 0) -> Corpus:
-    """Files, or folders searched recursively; every byte labelled 0 ("text").
+    """Files, or folders searched recursively; every byte labelled by its class (BYTE_CLASSES).
     Only regular files are read; files that are not valid UTF-8 text are skipped; a missing
     path raises."""
     files: List[str] = []
@@ -285,7 +303,8 @@ def text_corpus(paths: Sequence[str], val_fraction: float = 0.1, seed: int = 0) 
         except (OSError, UnicodeDecodeError):
             continue
         if len(data) >= 2:
-            docs.append(Document(np.frombuffer(data, np.uint8).copy(), np.zeros(len(data), np.int16), path))
+            tokens = np.frombuffer(data, np.uint8).copy()
+            docs.append(Document(tokens, byte_class_labels(tokens), path))
     if not docs:
         raise ValueError(f"corpus: no readable UTF-8 text files in {list(paths)}")
     if len(docs) == 1:  # one file: split it into pieces so that validation has data
@@ -295,7 +314,7 @@ def text_corpus(paths: Sequence[str], val_fraction: float = 0.1, seed: int = 0) 
         docs = [Document(d.tokens[a:b], d.labels[a:b], f"{d.name}@{i}")  # split apart, unlike "#"
                 for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if b - a >= 2]
     train, val = _split(docs, val_fraction, seed)
-    return Corpus("text", ["text"], train, val)
+    return Corpus("text", list(BYTE_CLASSES), train, val)
 
 
 def load_corpus(name_or_path: str, seed: int = 0, max_bytes: int = 4_000_000, **kw) -> Corpus:
@@ -361,17 +380,51 @@ class BatchSampler:
             windows.append((doc, start, min(L, start + self.S + 1)))
         return _fill(windows, self.B, self.S)
 
+    def eval_windows(self, max_batches: Optional[int] = None) -> List[Tuple[Document, int, int]]:
+        """The held-out sample: non-overlapping windows tiling every document, and, when
+        max_batches caps them, a systematic sample of max_batches * B of those windows
+        spread evenly over the whole split in document order (so every file contributes
+        in proportion to its length), from an offset fixed by the seed."""
+        tiles = [(doc, a, min(len(doc.tokens), a + self.S + 1))
+                 for doc in self.docs for a in range(0, max(1, len(doc.tokens) - 1), self.S)]
+        if max_batches is None or max_batches * self.B >= len(tiles):
+            return tiles
+        n = max_batches * self.B
+        u = np.random.default_rng([self.seed, 104729]).random()
+        picks = np.floor((np.arange(n) + u) * len(tiles) / n).astype(np.int64)
+        return [tiles[int(i)] for i in picks]
+
     def iter_eval(self, max_batches: Optional[int] = None) -> Iterator[Batch]:
-        """Every document in order, tiled into non-overlapping windows (no randomness)."""
-        windows, emitted = [], 0
-        for doc in self.docs:
-            L = len(doc.tokens)
-            for a in range(0, max(1, L - 1), self.S):
-                windows.append((doc, a, min(L, a + self.S + 1)))
-                if len(windows) == self.B:
-                    yield _fill(windows, self.B, self.S)
-                    windows, emitted = [], emitted + 1
-                    if max_batches is not None and emitted >= max_batches:
-                        return
-        if windows:
-            yield _fill(windows, len(windows), self.S)
+        """The held-out sample of eval_windows() in batches of B (no randomness beyond the
+        seed's fixed offset): validation loss and analysis read the same windows."""
+        windows = self.eval_windows(max_batches)
+        for i in range(0, len(windows), self.B):
+            chunk = windows[i:i + self.B]
+            yield _fill(chunk, len(chunk), self.S)
+
+
+def label_mix(labels: np.ndarray, n_labels: int) -> np.ndarray:
+    """Share of each label among the labelled bytes (labels >= 0)."""
+    lab = np.asarray(labels).reshape(-1)
+    counts = np.bincount(lab[lab >= 0], minlength=n_labels).astype(np.float64)
+    return counts / max(1.0, counts.sum())
+
+
+def corpus_summary(corpus: Corpus, sampler: BatchSampler, max_batches: Optional[int]) -> str:
+    """Files, bytes, the train/val split and the label mix of the evaluated sample."""
+    def files(docs):
+        return len({d.name.split("#")[0].split("@")[0] for d in docs})
+
+    def nbytes(docs):
+        return sum(len(d.tokens) for d in docs)
+    windows = sampler.eval_windows(max_batches)
+    sample = (np.concatenate([doc.labels[a:a + min(sampler.S, b - a)] for doc, a, b in windows])
+              if windows else np.zeros(0, np.int64))
+    mix = label_mix(sample, len(corpus.label_names))
+    split = label_mix(np.concatenate([d.labels for d in corpus.val]), len(corpus.label_names))
+    order = np.argsort(-mix, kind="stable")[:6]
+    top = ", ".join(f"{corpus.label_names[i]} {100 * mix[i]:.0f}% (split {100 * split[i]:.0f}%)"
+                    for i in order if mix[i] > 0)
+    return (f"corpus {corpus.name}: train {files(corpus.train)} files, {nbytes(corpus.train):,} bytes; "
+            f"val {files(corpus.val)} files, {nbytes(corpus.val):,} bytes; evaluated sample "
+            f"{len(windows)} windows from {files([w[0] for w in windows])} files; label mix: {top}")

@@ -10,9 +10,10 @@ import numpy as np
 
 from . import analysis
 from .checkpoint import load_model
-from .data import BatchSampler, load_corpus
+from .data import BatchSampler, corpus_summary, load_corpus
 from .models import ModelConfig, TransformerLM
 from .router import RouterOutput
+from .run_folder import atomic_write
 
 
 def collect_routing(model: TransformerLM, sampler: BatchSampler, max_batches: Optional[int]
@@ -36,7 +37,8 @@ def collect_routing(model: TransformerLM, sampler: BatchSampler, max_batches: Op
     return routers, np.concatenate(labels), np.concatenate(tokens), np.concatenate(mask)
 
 
-def analyze_run(run_dir: str, max_batches: Optional[int] = 16, plots: bool = True) -> dict:
+def analyze_run(run_dir: str, max_batches: Optional[int] = None, plots: bool = True) -> dict:
+    """max_batches None: the run's own eval_batches, i.e. the very sample behind its val_loss."""
     ckpt = os.path.join(run_dir, "checkpoint.npz")
     if not os.path.exists(ckpt):
         raise FileNotFoundError(f"run folder: no checkpoint.npz in {run_dir}")
@@ -46,9 +48,12 @@ def analyze_run(run_dir: str, max_batches: Optional[int] = 16, plots: bool = Tru
     train_cfg = json.loads(str(raw["train_config"]))
     corpus = load_corpus(train_cfg["corpus"], seed=train_cfg["seed"], max_bytes=train_cfg["corpus_bytes"])
     sampler = BatchSampler(corpus.val, train_cfg["batch_size"], train_cfg["seq_len"], train_cfg["seed"])
+    if max_batches is None:
+        max_batches = train_cfg["eval_batches"]
     routers, labels, tokens, mask = collect_routing(model, sampler, max_batches)
     n_labels = len(corpus.label_names)
     result = {"run": run_dir, "step": int(raw["step"]), "corpus": corpus.name,
+              "corpus_summary": corpus_summary(corpus, sampler, max_batches),
               "label_names": corpus.label_names, "tokens": int(mask.sum()),
               "layers": analysis.summarize(routers, labels=labels, label_names=corpus.label_names,
                                            mask=mask, tokens=tokens, row_len=train_cfg["seq_len"])}
@@ -61,8 +66,8 @@ def analyze_run(run_dir: str, max_batches: Optional[int] = 16, plots: bool = Tru
                                        for r in init_routers]
     result["routing_stability_vs_init"] = [analysis.routing_stability(a, b, mask)
                                            for a, b in zip(init_routers, routers)]
-    with open(os.path.join(run_dir, "analysis.json"), "w") as f:
-        json.dump(result, f, indent=1, default=_jsonable)
+    atomic_write(os.path.join(run_dir, "analysis.json"),
+                 json.dumps(result, indent=1, default=_jsonable).encode())
     if plots:
         from .plots import plot_analysis, plot_run
         plot_run(run_dir)

@@ -19,7 +19,7 @@ import numpy as np
 from .config import check_seed, finite_number, plain_scalars, positive_int
 from ._checks import NonFiniteError
 from .checkpoint import load_model, load_optimizer, save_checkpoint
-from .data import Batch, BatchSampler, Corpus, load_corpus
+from .data import Batch, BatchSampler, Corpus, corpus_summary, load_corpus
 from .config import IGNORE_INDEX
 from .lm_losses import cross_entropy
 from .models import ModelConfig, TransformerLM
@@ -194,6 +194,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, corpus: 
 
     train_sampler = BatchSampler(corpus.train, train_cfg.batch_size, train_cfg.seq_len, train_cfg.seed)
     val_sampler = BatchSampler(corpus.val, train_cfg.batch_size, train_cfg.seq_len, train_cfg.seed)
+    if not quiet:
+        print(corpus_summary(corpus, val_sampler, train_cfg.eval_batches), file=sys.stderr)
     bar = None if quiet else _progress(train_cfg.steps, start)
     M = train_cfg.grad_accum
     last: dict = {}

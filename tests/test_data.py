@@ -89,7 +89,27 @@ def test_eval_iteration_covers_documents_in_order(python_corpus):
     s = data.BatchSampler(python_corpus.val, 4, 32, seed=0)
     batches = list(s.iter_eval())
     assert sum(int(b.mask.sum()) for b in batches) >= sum(len(d.tokens) for d in python_corpus.val) - len(python_corpus.val)
-    assert list(s.iter_eval(max_batches=2))[1].inputs.tolist() == batches[1].inputs.tolist()
+    capped = list(s.iter_eval(max_batches=2))
+    assert len(capped) == 2 and [b.inputs.tolist() for b in capped] == \
+        [b.inputs.tolist() for b in s.iter_eval(max_batches=2)]  # deterministic
+
+
+def test_the_evaluated_sample_matches_the_split():
+    """The capped sample spreads over the whole validation split: its label mix is the
+    split's to within a few points, and it draws from many files, not the first one."""
+    corpus = data.python_source_corpus(max_bytes=2_000_000, seed=0)
+    s = data.BatchSampler(corpus.val, 16, 128, seed=0)
+    windows = s.eval_windows(max_batches=8)
+    assert len(windows) == 128
+    sample = np.concatenate([doc.labels[a:a + min(128, b - a)] for doc, a, b in windows])
+    split = np.concatenate([d.labels for d in corpus.val])
+    n = len(corpus.label_names)
+    diff = np.abs(data.label_mix(sample, n) - data.label_mix(split, n))
+    assert diff.max() < 0.05, dict(zip(corpus.label_names, diff.round(3)))
+    files = {doc.name.split("#")[0] for doc, _, _ in windows}
+    all_files = {d.name.split("#")[0] for d in corpus.val}
+    assert len(files) >= 0.5 * min(len(all_files), 128)
+    assert "label mix" in data.corpus_summary(corpus, s, 8)
 
 
 def test_text_corpus_from_files_and_folders(tmp_path):
@@ -97,7 +117,7 @@ def test_text_corpus_from_files_and_folders(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.md").write_text("# title\nsome text\n" * 40)
     c = data.load_corpus(str(tmp_path))
-    assert c.label_names == ["text"] and len(c.train) + len(c.val) == 2
+    assert c.label_names == list(data.BYTE_CLASSES) and len(c.train) + len(c.val) == 2
     single = data.load_corpus(str(tmp_path / "a.txt"))
     assert single.train and single.val
     with pytest.raises(FileNotFoundError, match="no/such"):
