@@ -73,8 +73,9 @@ MODEL_FLAGS = ("d_model", "n_layers", "n_heads", "activation", "n_predict", "dty
 MOE_FLAGS = ("num_experts", "top_k", "d_ff", "router", "normalize_topk", "capacity_factor",
              "straight_through", "load_balance_coef", "z_loss_coef", "entropy_coef")
 TRAIN_FLAGS = ("corpus", "corpus_bytes", "steps", "batch_size", "seq_len", "grad_accum", "lr",
-               "warmup", "min_lr_ratio", "weight_decay", "grad_clip", "eval_every",
-               "eval_batches", "checkpoint_every", "noise_std", "noise_anneal_steps", "seed")
+               "warmup", "lr_decay_steps", "min_lr_ratio", "weight_decay", "grad_clip",
+               "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "noise_std",
+               "noise_anneal_steps", "seed")
 # Short names kept from earlier versions of the CLI.
 ALIASES = {"n_layers": ["--layers"], "n_heads": ["--heads"], "num_experts": ["--experts"]}
 CHOICES = {"activation": ACTIVATIONS, "dtype": tuple(DTYPES), "router": ROUTERS}
@@ -87,6 +88,38 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     add_config_flags(p.add_argument_group("router and experts"), MoEConfig, MOE_FLAGS, ALIASES,
                      CHOICES)
     add_config_flags(p.add_argument_group("training"), TrainConfig, TRAIN_FLAGS, ALIASES, CHOICES)
+
+
+def _new_run_dir(kind: str) -> str:
+    """runs/<date>-<time>-<kind>, new for every run that names no --out."""
+    import datetime
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = os.path.join("runs", f"{stamp}-{kind}")
+    n = 1
+    while os.path.exists(path):
+        n += 1
+        path = os.path.join("runs", f"{stamp}-{kind}-{n}")
+    return path
+
+
+def _check_resume_flags(args: argparse.Namespace, saved: dict) -> None:
+    """On --resume only --steps may change: any other flag given must match the run."""
+    model, moe, train = saved["model"], saved["model"].get("moe") or {}, saved["train"]
+    for dest in sorted(args.explicit):
+        if dest in ("steps", "out", "resume", "overwrite", "threads", "command", "func", "explicit"):
+            continue
+        if dest == "dense":
+            have = saved["model"].get("moe") is None
+        elif dest in MODEL_FLAGS:
+            have = model.get(dest)
+        elif dest in MOE_FLAGS:
+            have = moe.get(dest)
+        else:
+            have = train.get(dest)
+        given = getattr(args, dest)
+        if given is not None and given != have:
+            raise ValueError(f"--{dest.replace('_', '-')}: the run in {args.out} was made with "
+                             f"{have!r}, not {given!r}; on --resume only --steps may change")
 
 
 def _configs(args: argparse.Namespace, dense: bool):
@@ -107,19 +140,31 @@ def _plot(run_dir: str) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from .train import train
+    if args.out is None:
+        if args.resume:
+            raise ValueError("out: --resume needs the run folder to continue (--out)")
+        args.out = _new_run_dir("dense" if args.dense else args.router)
+        print(f"run folder: {args.out}", file=sys.stderr)
     if args.resume:
-        from .run_folder import RunFolder
-        saved = RunFolder(args.out).read_config()
         from .models import ModelConfig
+        from .run_folder import RunFolder
         from .train import TrainConfig
+        saved = RunFolder(args.out).read_config()
+        _check_resume_flags(args, saved)
         model_cfg = ModelConfig.from_dict(saved["model"])
         train_cfg = TrainConfig(**saved["train"])
+        if "steps" in args.explicit:
+            train_cfg = dataclasses.replace(train_cfg, steps=args.steps)
         last = train(model_cfg, train_cfg, args.out, resume=True)
     else:
         model_cfg, train_cfg = _configs(args, dense=args.dense)
-        last = train(model_cfg, train_cfg, args.out)
+        last = train(model_cfg, train_cfg, args.out, overwrite=args.overwrite)
     _plot(args.out)
-    print(f"done: step {last.get('step')} loss {last.get('loss', float('nan')):.4f} "
+    if not last:
+        print(f"nothing to do: the run in {args.out} is already at step {train_cfg.steps} "
+              "(--steps extends it)")
+        return 0
+    print(f"done: step {last['step']} loss {last['loss']:.4f} "
           f"val_loss {last.get('val_loss', float('nan')):.4f}; run folder {args.out}")
     return 0
 
@@ -128,6 +173,9 @@ def _compare(args: argparse.Namespace) -> int:
     from .data import load_corpus
     from .models import TransformerLM
     from .train import read_metrics, train
+    if args.out is None:
+        args.out = _new_run_dir("compare")
+        print(f"run folder: {args.out}", file=sys.stderr)
     rows = []
     corpus = None
     for name, dense in (("moe", False), ("dense", True)):
@@ -136,7 +184,7 @@ def _compare(args: argparse.Namespace) -> int:
             corpus = load_corpus(train_cfg.corpus, seed=train_cfg.seed, max_bytes=train_cfg.corpus_bytes)
         out = os.path.join(args.out, name)
         print(f"== {name}: training into {out}", file=sys.stderr)
-        last = train(model_cfg, train_cfg, out, corpus=corpus)
+        last = train(model_cfg, train_cfg, out, corpus=corpus, overwrite=args.overwrite)
         _plot(out)
         metrics = read_metrics(out)
         tps = float(np.median([m["tokens_per_s"] for m in metrics]))
@@ -153,7 +201,8 @@ def _compare(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
     from .sample import generate
-    model, _ = load_model(args.checkpoint)
+    from .run_folder import resolve_checkpoint
+    model, _ = load_model(resolve_checkpoint(args.checkpoint))
     text = generate(model, args.prompt.encode("utf-8"), args.length, args.temperature, args.seed)
     sys.stdout.write(text.decode("utf-8", errors="replace") + "\n")
     return 0
@@ -163,6 +212,14 @@ def _analyze(args: argparse.Namespace) -> int:
     from .report import analyze_run
     res = analyze_run(args.run_dir, max_batches=args.batches)
     print(res["corpus_summary"])
+    if args.over_training:
+        from .report import analyze_over_training
+        rows = analyze_over_training(args.run_dir, max_batches=args.batches)
+        print("over training (normalised MI per layer; share of tokens whose top-k set changed "
+              "since the previous checkpoint):")
+        for r in rows:
+            print(f"  step {r['step']:>6}  MI {' '.join(f'{v:.3f}' for v in r['normalized_mi'])}"
+                  f"  changed {' '.join(f'{v:.3f}' for v in r['changed_since_previous'])}")
     print(f"analysed {res['tokens']:,} validation tokens of {res['corpus']} at step {res['step']}")
     print(f"{'layer':<6} {'norm. MI':>9} {'at init':>8} {'max/mean':>9} {'eff. experts':>13}")
     for i, layer in enumerate(res["layers"]):
@@ -175,38 +232,50 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moe_py", description="A Mixture-of-Experts laboratory for the CPU.")
+    from . import __version__
+    p = argparse.ArgumentParser(prog="moe_py", description="A Mixture-of-Experts laboratory for the CPU.",
+                                allow_abbrev=False)
+    p.add_argument("--version", action="version", version=f"moe_py {__version__}")
     p.add_argument("--threads", type=int, default=None, help="OpenMP threads for the kernels")
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="route one padded batch through a fresh MoE layer")
+    d = sub.add_parser("demo", allow_abbrev=False, help="route one padded batch through a fresh MoE layer")
     add_config_flags(d, MoEConfig, [f.name for f in dataclasses.fields(MoEConfig)], ALIASES, CHOICES)
     d.set_defaults(func=_demo)
 
-    i = sub.add_parser("info", help="version, compiler, BLAS, threads and CPU, for bug reports")
+    i = sub.add_parser("info", allow_abbrev=False, help="version, compiler, BLAS, threads and CPU, for bug reports")
     i.set_defaults(func=_info)
 
-    t = sub.add_parser("train", help="train a byte-level MoE language model")
+    t = sub.add_parser("train", allow_abbrev=False, help="train a byte-level MoE language model")
     _add_model_flags(t)
     t.add_argument("--dense", action="store_true", help="dense baseline: FFN width top_k * d_ff")
-    t.add_argument("--out", default=os.path.join("runs", "train"), help="run folder")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    t.add_argument("--out", default=None,
+                   help="run folder (default: a new runs/<date>-<time>-<router> for every run)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its latest checkpoint (--steps extends it)")
+    t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     t.set_defaults(func=_train)
 
-    c = sub.add_parser("compare", help="MoE vs a dense baseline with the same active parameters")
+    c = sub.add_parser("compare", allow_abbrev=False, help="MoE vs a dense baseline with the same active parameters")
     _add_model_flags(c)
-    c.add_argument("--out", default=os.path.join("runs", "compare"))
+    c.add_argument("--out", default=None,
+                   help="folder for the two runs (default: a new runs/<date>-<time>-compare)")
+    c.add_argument("--overwrite", action="store_true", help="replace runs already there")
     c.set_defaults(func=_compare)
 
-    a = sub.add_parser("analyze", help="what the experts of a trained run learned")
-    a.add_argument("run_dir", help="a run folder written by train")
+    a = sub.add_parser("analyze", allow_abbrev=False, help="what the experts of a trained run learned")
+    a.add_argument("run_dir", help="a run folder written by train (its latest checkpoint), or "
+                                  "one of its checkpoints")
+    a.add_argument("--over-training", action="store_true",
+                   help="also route the sample through every kept checkpoint: specialisation "
+                        "and routing stability across training")
     a.add_argument("--batches", type=int, default=None,
                    help="validation batches to route (default: the run's eval_batches, the sample "
                         "behind its val_loss)")
     a.set_defaults(func=_analyze)
 
-    s = sub.add_parser("sample", help="generate text from a checkpoint")
-    s.add_argument("checkpoint", help="a run's checkpoint.npz")
+    s = sub.add_parser("sample", allow_abbrev=False, help="generate text from a checkpoint")
+    s.add_argument("checkpoint", help="a run folder (its latest checkpoint) or a checkpoint .npz")
     s.add_argument("--prompt", default="def ")
     s.add_argument("--length", type=int, default=200)
     s.add_argument("--temperature", type=float, default=0.8)
@@ -215,9 +284,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _explicit_dests(parser: argparse.ArgumentParser, argv: List[str], command: str) -> set:
+    """The dests of the options the user typed (abbreviations are off, so names are exact)."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    typed = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    return {act.dest for act in sub.choices[command]._actions
+            if any(o in typed for o in act.option_strings)}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.explicit = _explicit_dests(parser, sys.argv[1:] if argv is None else argv, args.command)
     from .train import TrainingDiverged
     try:
         if args.threads is not None:

@@ -62,18 +62,76 @@ def fsync_dir(path: str) -> None:
 
 
 class RunFolder:
+    """checkpoint.npz is the latest checkpoint; checkpoints/step-NNNNNN.npz keep the last
+    few (TrainConfig.keep_checkpoints) for studying routing across training."""
+
+    # everything a run writes (removed by --overwrite, and nothing else is)
+    OUTPUTS = ("config.json", "metrics.jsonl", "checkpoint.npz", "checkpoints", "analysis.json",
+               "analysis_over_training.json")
+
     def __init__(self, path: str):
         self.path = path
         self.config = os.path.join(path, "config.json")
         self.metrics = os.path.join(path, "metrics.jsonl")
         self.checkpoint = os.path.join(path, "checkpoint.npz")
+        self.checkpoints = os.path.join(path, "checkpoints")
+
+    def holds_run(self) -> bool:
+        return any(os.path.exists(os.path.join(self.path, f))
+                   for f in ("config.json", "metrics.jsonl", "checkpoint.npz"))
+
+    def clear(self) -> None:
+        """Remove a previous run's files and plots (for --overwrite)."""
+        import shutil
+        for name in self.OUTPUTS:
+            p = os.path.join(self.path, name)
+            if os.path.isdir(p):
+                shutil.rmtree(p)
+            elif os.path.exists(p):
+                os.remove(p)
+        if os.path.isdir(self.path):
+            for name in os.listdir(self.path):
+                if name.endswith(".png"):
+                    os.remove(os.path.join(self.path, name))
+
+    def step_checkpoint(self, step: int) -> str:
+        os.makedirs(self.checkpoints, exist_ok=True)
+        return os.path.join(self.checkpoints, f"step-{step:06d}.npz")
+
+    def kept_checkpoints(self) -> List[str]:
+        """The kept step checkpoints, oldest first."""
+        if not os.path.isdir(self.checkpoints):
+            return []
+        return [os.path.join(self.checkpoints, f) for f in sorted(os.listdir(self.checkpoints))
+                if f.startswith("step-") and f.endswith(".npz")]
+
+    def publish(self, step_path: str, keep: int) -> None:
+        """Make step_path the latest checkpoint.npz (atomically: a hard link renamed over
+        it, or a copy where links are not possible) and keep only the `keep` newest."""
+        tmp = f"{self.checkpoint}.tmp.{os.getpid()}"
+        try:
+            os.link(step_path, tmp)
+        except OSError:
+            import shutil
+            shutil.copyfile(step_path, tmp)
+        os.replace(tmp, self.checkpoint)
+        fsync_dir(self.path)
+        for old in self.kept_checkpoints()[:-keep]:
+            os.remove(old)
+
+    def steps_after(self, step: int) -> None:
+        """Remove step checkpoints past `step` (left by a run resumed from an earlier one)."""
+        for p in self.kept_checkpoints():
+            if int(os.path.basename(p)[5:11]) > step:
+                os.remove(p)
 
     def remove_stale_temporaries(self) -> None:
         """Temporary files a killed run left behind (their targets are whole)."""
-        if os.path.isdir(self.path):
-            for name in os.listdir(self.path):
-                if ".tmp." in name:
-                    os.remove(os.path.join(self.path, name))
+        for folder in (self.path, self.checkpoints):
+            if os.path.isdir(folder):
+                for name in os.listdir(folder):
+                    if ".tmp." in name:
+                        os.remove(os.path.join(folder, name))
 
     def write_config(self, model_cfg, train_cfg, corpus) -> None:
         os.makedirs(self.path, exist_ok=True)
@@ -131,3 +189,24 @@ class RunFolder:
                     break
                 raise ValueError(f"{self.metrics}: line {i + 1} is not valid JSON") from None
         return rows
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A run folder (its latest checkpoint) or a checkpoint file, as the user gave it."""
+    if os.path.isdir(path):
+        run = RunFolder(path)
+        if not os.path.exists(run.checkpoint):
+            raise FileNotFoundError(f"run folder: no checkpoint.npz in {path}: not a moe_py run "
+                                    "folder, or its run has not reached a checkpoint")
+        return run.checkpoint
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint: no such file or run folder: {path}")
+    return path
+
+
+def run_dir_of(path: str) -> str:
+    """The run folder a run folder or checkpoint path belongs to."""
+    if os.path.isdir(path):
+        return path
+    folder = os.path.dirname(os.path.abspath(path))
+    return os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder

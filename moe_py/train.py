@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -37,14 +38,16 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimiser step
     lr: float = 3e-3  # peak learning rate
     warmup: int = 30  # linear warm-up steps, then cosine decay
+    lr_decay_steps: int = 0  # step where the cosine reaches min_lr_ratio (0: steps; kept on resume)
     min_lr_ratio: float = 0.1  # final learning rate as a share of lr
     weight_decay: float = 0.1  # AdamW decoupled weight decay (matrices only)
     grad_clip: float = 1.0  # clip the global gradient norm to this (0: off)
     eval_every: int = 50  # steps between validation losses
     eval_batches: int = 8  # validation batches per evaluation
     checkpoint_every: int = 100  # steps between checkpoints
+    keep_checkpoints: int = 5  # step checkpoints kept in checkpoints/ (0: only the latest)
     noise_std: float = 0.0  # NoisyTop-k start std (0: off)
-    noise_anneal_steps: int = 0  # steps to anneal the noise to 0 (0: all steps)
+    noise_anneal_steps: int = 0  # steps to anneal the noise to 0 (0: steps; kept on resume)
     seed: int = 0  # seed of the data order (and of the model, from the CLI)
     corpus_bytes: int = 2_000_000  # bytes read of the python corpus
 
@@ -56,8 +59,10 @@ class TrainConfig:
             positive_int(name, getattr(self, name))
         for name in ("lr", "weight_decay", "grad_clip", "noise_std", "min_lr_ratio"):
             finite_number(name, getattr(self, name))
-        if self.warmup < 0 or self.noise_anneal_steps < 0:
-            raise ValueError("warmup, noise_anneal_steps: expected >= 0")
+        for name in ("warmup", "noise_anneal_steps", "lr_decay_steps", "keep_checkpoints"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) \
+                    or getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected an integer >= 0, got {getattr(self, name)!r}")
 
 
 class TrainingDiverged(RuntimeError):
@@ -166,12 +171,26 @@ def train_step(model: TransformerLM, batches: List[Batch], optim: AdamW, lr: flo
 
 
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, corpus: Optional[Corpus] = None,
-          resume: bool = False, quiet: bool = False, until: Optional[int] = None) -> dict:
+          resume: bool = False, quiet: bool = False, until: Optional[int] = None,
+          overwrite: bool = False) -> dict:
     """Train (or resume from out_dir/checkpoint.npz) into out_dir; returns the last
-    step's metrics. `until` stops after that step, as an interruption would (the
-    schedule still runs to train_cfg.steps)."""
+    step's metrics. A folder that already holds a run is refused unless `resume` (continue
+    it, to train_cfg.steps) or `overwrite` (replace it). `until` stops after that step, as
+    an interruption would (the schedule is unchanged)."""
     run = RunFolder(out_dir)
+    if resume and not os.path.exists(run.checkpoint):
+        raise FileNotFoundError(f"resume: no checkpoint.npz in {out_dir} to resume from")
+    if not resume and run.holds_run():
+        if not overwrite:
+            raise ValueError(f"out: {out_dir} already holds a run: resume it (--resume), replace "
+                             "it (--overwrite), or choose another folder")
+        run.clear()
     run.remove_stale_temporaries()
+    # horizons fixed when the run starts, so that extending it later keeps its past schedule
+    if not train_cfg.lr_decay_steps:
+        train_cfg = dataclasses.replace(train_cfg, lr_decay_steps=train_cfg.steps)
+    if not train_cfg.noise_anneal_steps:
+        train_cfg = dataclasses.replace(train_cfg, noise_anneal_steps=train_cfg.steps)
     if corpus is None:
         corpus = load_corpus(train_cfg.corpus, seed=train_cfg.seed, max_bytes=train_cfg.corpus_bytes)
     if model_cfg.max_seq_len < train_cfg.seq_len:
@@ -183,12 +202,16 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, corpus: 
         optim = AdamW(model.named_parameters(), weight_decay=train_cfg.weight_decay)
         load_optimizer(optim, data)
         start = int(data["step"])
+        if train_cfg.steps < start:
+            raise ValueError(f"steps: the run in {out_dir} is at step {start}; expected steps >= "
+                             f"{start}, got {train_cfg.steps}")
         run.truncate_metrics(start)
+        run.steps_after(start)
     else:
         model = TransformerLM(model_cfg)
         optim = AdamW(model.named_parameters(), weight_decay=train_cfg.weight_decay)
         if train_cfg.noise_std > 0:
-            model.set_noise_annealing(train_cfg.noise_std, max(1, train_cfg.noise_anneal_steps or train_cfg.steps))
+            model.set_noise_annealing(train_cfg.noise_std, train_cfg.noise_anneal_steps)
         run.start_metrics()
     run.write_config(model.cfg, train_cfg, corpus)
 
@@ -204,7 +227,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, corpus: 
         for step in range(start, end):
             t0 = time.perf_counter()
             batches = [train_sampler.batch(step * M + i) for i in range(M)]
-            lr = lr_at(step, train_cfg.lr, train_cfg.warmup, train_cfg.steps, train_cfg.min_lr_ratio)
+            lr = lr_at(step, train_cfg.lr, train_cfg.warmup, train_cfg.lr_decay_steps,
+                       train_cfg.min_lr_ratio)
             try:
                 m = {"step": step + 1, **train_step(model, batches, optim, lr, train_cfg)}
             except TrainingDiverged as e:
@@ -218,7 +242,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, corpus: 
                 m["val_loss"] = evaluate(model, val_sampler, train_cfg.eval_batches)
             run.append_metrics(m)
             if (step + 1) % train_cfg.checkpoint_every == 0 or step + 1 == end:
-                save_checkpoint(run.checkpoint, model, optim, step + 1, dataclasses.asdict(train_cfg))
+                path = run.step_checkpoint(step + 1)
+                save_checkpoint(path, model, optim, step + 1, dataclasses.asdict(train_cfg))
+                run.publish(path, max(1, train_cfg.keep_checkpoints))
             if bar is not None:
                 _show(bar, m)
             last = m

@@ -20,7 +20,8 @@ TIMING = {"tokens_per_s", "rss_mib"}
 
 
 def start(out, kill_at=None):
-    resume = ["--resume"] if os.path.exists(os.path.join(out, "checkpoint.npz")) else []
+    # no checkpoint yet: the killed run is started again from scratch
+    resume = ["--resume"] if os.path.exists(os.path.join(out, "checkpoint.npz")) else ["--overwrite"]
     env = dict(os.environ, MPLBACKEND="Agg")
     env.pop("MOE_PY_KILL_AT", None)
     if kill_at:

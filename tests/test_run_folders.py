@@ -1,0 +1,84 @@
+"""Run folders: never silently overwritten, extended by --resume --steps bit for bit, kept
+checkpoints with a cap, and sample/analyze reading a folder or a checkpoint alike."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from moe_py.checkpoint import load_model
+from moe_py.cli import main
+
+TINY = ["--corpus", "synthetic", "--d-model", "16", "--layers", "1", "--heads", "2",
+        "--experts", "3", "--d-ff", "8", "--seq-len", "16", "--batch-size", "4", "--eval-every", "3",
+        "--eval-batches", "1", "--checkpoint-every", "3", "--noise-std", "0.3"]
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(ln).items() if k not in ("tokens_per_s", "rss_mib")}
+                for ln in f]
+
+
+def weights(path):
+    model, _ = load_model(path)
+    return {n: p.copy() for n, p, _ in model.named_parameters()}
+
+
+def test_existing_run_is_refused_unless_resume_or_overwrite(tmp_path, capsys):
+    out = str(tmp_path / "r")
+    assert main(["train", *TINY, "--steps", "3", "--out", out]) == 0
+    before = metrics(out)
+    assert main(["train", *TINY, "--steps", "3", "--out", out]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert metrics(out) == before
+    assert main(["train", *TINY, "--steps", "3", "--seed", "1", "--out", out, "--overwrite"]) == 0
+    assert metrics(out) != before
+
+
+def test_resume_extends_a_run_bit_for_bit(tmp_path):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    assert main(["train", *TINY, "--steps", "10", "--lr-decay-steps", "6", "--noise-anneal-steps", "6",
+                 "--out", full]) == 0
+    assert main(["train", *TINY, "--steps", "6", "--out", part]) == 0
+    assert main(["train", "--out", part, "--resume", "--steps", "10"]) == 0
+    assert metrics(part) == metrics(full)
+    a, b = weights(os.path.join(full, "checkpoint.npz")), weights(os.path.join(part, "checkpoint.npz"))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_changed_flags_and_missing_runs(tmp_path, capsys):
+    out = str(tmp_path / "r")
+    assert main(["train", *TINY, "--steps", "3", "--out", out]) == 0
+    capsys.readouterr()
+    assert main(["train", "--out", out, "--resume", "--steps", "6", "--lr", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "--lr" in err and len(err.strip().splitlines()) == 1
+    assert main(["train", "--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert "not a moe_py run folder" in capsys.readouterr().err
+
+
+def test_without_out_every_run_gets_a_new_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *TINY, "--steps", "3"]) == 0
+    assert main(["train", *TINY, "--steps", "3"]) == 0
+    runs = sorted(os.listdir(tmp_path / "runs"))
+    assert len(runs) == 2 and all(r.endswith("softmax_topk") or "softmax_topk" in r for r in runs)
+    assert "run folder: runs/" in capsys.readouterr().err
+
+
+def test_checkpoints_are_kept_with_a_cap_and_read_by_sample_and_analyze(tmp_path, capsys):
+    out = str(tmp_path / "r")
+    assert main(["train", *TINY, "--steps", "12", "--keep-checkpoints", "2", "--out", out]) == 0
+    kept = sorted(os.listdir(os.path.join(out, "checkpoints")))
+    assert kept == ["step-000009.npz", "step-000012.npz"]
+    latest = weights(os.path.join(out, "checkpoint.npz"))
+    step12 = weights(os.path.join(out, "checkpoints", "step-000012.npz"))
+    assert all(np.array_equal(latest[k], step12[k]) for k in latest)
+    capsys.readouterr()
+    for target in (out, os.path.join(out, "checkpoints", "step-000009.npz")):
+        assert main(["sample", target, "--length", "4"]) == 0
+    assert main(["analyze", out, "--over-training"]) == 0
+    text = capsys.readouterr().out
+    assert "step      9" in text and "step     12" in text and "label mix" in text
+    assert os.path.exists(os.path.join(out, "analysis_over_training.json"))
