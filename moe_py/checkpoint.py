@@ -21,7 +21,7 @@ class CheckpointError(ValueError):
     pass
 
 
-def _checksum(arrays: Dict[str, np.ndarray]) -> str:
+def array_checksum(arrays: Dict[str, np.ndarray]) -> str:
     h = hashlib.sha256()
     for k in sorted(arrays):
         a = np.ascontiguousarray(arrays[k])
@@ -38,7 +38,7 @@ def save_checkpoint(path: str, model: TransformerLM, optim: AdamW, step: int, tr
     arrays["step"] = np.array(step)
     arrays["model_config"] = np.array(json.dumps(model.cfg.to_dict()))
     arrays["train_config"] = np.array(json.dumps(train_cfg))
-    arrays["checksum"] = np.array(_checksum(arrays))
+    arrays["checksum"] = np.array(array_checksum(arrays))
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     atomic_write(path, buf.getvalue(), fault_point="checkpoint")
@@ -63,7 +63,7 @@ def _read(path: str) -> dict:
             raise bad(f"no '{key}' entry")
     if "checksum" in data:
         want = str(data.pop("checksum"))
-        if _checksum(data) != want:
+        if array_checksum(data) != want:
             raise bad("checksum mismatch (the file was changed or corrupted)")
     try:
         data["_model_config"] = ModelConfig.from_dict(json.loads(str(data["model_config"])))

@@ -81,6 +81,14 @@ class MoELayer:
     def grads(self, new: Dict[str, np.ndarray]) -> None:
         _replace_arrays(self._grads, new, "grads")
 
+    def state_dict(self) -> Dict[str, np.ndarray]:
+        """Copies of the parameters (the config is in layer.cfg; moe_py.save keeps both)."""
+        return {k: v.copy() for k, v in self._params.items()}
+
+    def load_state_dict(self, state: Dict[str, np.ndarray]) -> None:
+        """Load parameters saved by state_dict(): the same keys, shapes and dtypes, finite."""
+        _replace_arrays(self._params, state, "state")
+
     def set_noise_annealing(self, start_std: float, anneal_steps: int) -> None:
         self.router.set_noise_annealing(start_std, anneal_steps)
 
@@ -157,5 +165,7 @@ def _replace_arrays(target: Dict[str, np.ndarray], new: Dict[str, np.ndarray], w
         if v.shape != target[k].shape or v.dtype != target[k].dtype:
             raise ValueError(f"{what}['{k}']: expected {target[k].dtype} {list(target[k].shape)}, "
                              f"got {v.dtype} {list(v.shape)}")
+        if what != "grads" and not np.isfinite(v).all():
+            raise ValueError(f"{what}['{k}']: contains NaN or Inf")
     for k, v in new.items():
         target[k][...] = v

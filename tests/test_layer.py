@@ -218,3 +218,26 @@ def test_the_model_refuses_the_backward_of_an_older_forward():
     with pytest.raises(RuntimeError, match="earlier forward"):
         m.backward([np.zeros_like(o1.head_logits[0])], out=o1)
     m.backward([np.zeros_like(o2.head_logits[0])], out=o2)
+
+
+def test_save_and_load_a_layer(tmp_path):
+    cfg = moe_py.MoEConfig(d_model=12, d_ff=16, num_experts=4, top_k=2, activation="gelu",
+                           capacity_factor=1.5, seed=3)
+    layer = moe_py.MoELayer(cfg)
+    layer.set_noise_annealing(0.5, 10)
+    x = np.random.default_rng(0).standard_normal((9, 12)).astype(np.float32)
+    layer(x)  # one noisy step: the noise state must come back too
+    path = str(tmp_path / "layer.npz")
+    moe_py.save(layer, path)
+    back = moe_py.load(path)
+    assert back.cfg == layer.cfg and back.noise_std == layer.noise_std
+    np.testing.assert_array_equal(back(x).y, layer(x).y)
+    state = layer.state_dict()
+    state["w1"] = state["w1"][:, :, :3]
+    with pytest.raises(ValueError, match=r"state\['w1'\]: expected float32 \[4, 12, 16\]"):
+        back.load_state_dict(state)
+    with pytest.raises(ValueError, match="keys"):
+        back.load_state_dict({"w1": layer.params["w1"]})
+    open(path, "wb").write(b"garbage")
+    with pytest.raises(ValueError, match="not a saved moe_py layer"):
+        moe_py.load(path)

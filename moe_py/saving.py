@@ -1,0 +1,53 @@
+"""Save and load one MoE layer: its config beside its weights and router-noise state, in one
+.npz written atomically with a checksum (the format of moe_py/checkpoint.py, for a layer)."""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+
+import numpy as np
+
+from .checkpoint import CheckpointError, array_checksum
+from .config import MoEConfig
+from .layer import MoELayer
+from .run_folder import atomic_write
+
+_KIND = "moe_py.MoELayer"
+
+
+def save(layer: MoELayer, path: str) -> None:
+    """Write `layer` (config, parameters, noise state) to path (.npz)."""
+    if not isinstance(layer, MoELayer):
+        raise TypeError(f"layer: expected a MoELayer, got {type(layer).__name__}")
+    arrays = {f"param.{k}": v for k, v in layer.params.items()}
+    arrays["kind"] = np.array(_KIND)
+    arrays["config"] = np.array(json.dumps(dataclasses.asdict(layer.cfg)))
+    arrays["noise"] = np.array(json.dumps(layer.router.noise_state()))
+    arrays["checksum"] = np.array(array_checksum(arrays))
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write(path, buf.getvalue())
+
+
+def load(path: str) -> MoELayer:
+    """The layer saved at path; a file that is not one raises CheckpointError (a ValueError)."""
+    def bad(reason: str) -> CheckpointError:
+        return CheckpointError(f"not a saved moe_py layer: {path}: {reason}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise bad("no such file") from None
+    except (OSError, ValueError, EOFError) as e:
+        raise bad(f"not a readable .npz ({e.__class__.__name__})") from None
+    if str(data.get("kind", "")) != _KIND:
+        raise bad("no layer in it (a model checkpoint? use moe_py.checkpoint.load_model)")
+    want = str(data.pop("checksum", ""))
+    if array_checksum(data) != want:
+        raise bad("checksum mismatch (the file was changed or corrupted)")
+    layer = MoELayer(MoEConfig(**json.loads(str(data["config"]))))
+    state = {k[len("param."):]: v for k, v in data.items() if k.startswith("param.")}
+    layer.load_state_dict(state)
+    layer.router.load_noise_state(json.loads(str(data["noise"])))
+    return layer
