@@ -48,15 +48,18 @@ def imbalance(r: RouterOutput, mask=None) -> Dict[str, object]:
 
 
 def entropy_stats(r: RouterOutput, mask=None) -> Dict[str, object]:
-    """Per-token entropy of the CLEAN router probabilities (noise never enters), its
-    mean, the entropy of the mean clean routing distribution (the load) and the
-    effective number of experts exp(load entropy)."""
+    """Per-token entropy of the CLEAN router probabilities (noise never enters) and its mean;
+    the entropy of the load, i.e. of the share of real assignments per expert, and the
+    effective number of experts exp(load entropy) (E when balanced, 1 when collapsed); and,
+    for reference, the entropy of the mean clean probabilities (which can look balanced while
+    the top-k choices are not)."""
     real = _real(r, mask)
     tok = r.entropy[real].astype(np.float64)
-    load = r.router_probs_clean[real].mean(axis=0) if real.any() else np.zeros(_num_experts(r))
-    h = _entropy(load)
+    h = _entropy(utilisation(r, mask)) if real.any() else 0.0
+    mean_p = r.router_probs_clean[real].mean(axis=0) if real.any() else np.zeros(_num_experts(r))
     return {"token_entropy": tok, "mean_token_entropy": float(tok.mean()) if tok.size else 0.0,
-            "load_entropy": h, "effective_experts": float(np.exp(h)) if real.any() else 0.0}
+            "load_entropy": h, "effective_experts": float(np.exp(h)) if real.any() else 0.0,
+            "mean_prob_entropy": _entropy(mean_p) if real.any() else 0.0}
 
 
 def expert_label_table(r: RouterOutput, labels, n_labels: int, mask=None, slot: str = "all") -> np.ndarray:

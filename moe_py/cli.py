@@ -75,7 +75,8 @@ MOE_FLAGS = ("num_experts", "top_k", "d_ff", "router", "normalize_topk", "capaci
 TRAIN_FLAGS = ("corpus", "corpus_bytes", "steps", "batch_size", "seq_len", "grad_accum", "lr",
                "warmup", "lr_decay_steps", "min_lr_ratio", "weight_decay", "grad_clip",
                "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "noise_std",
-               "noise_anneal_steps", "seed")
+               "noise_anneal_steps", "seed", "collapse_low_share", "collapse_max_over_mean",
+               "collapse_steps")
 # Short names kept from earlier versions of the CLI.
 ALIASES = {"n_layers": ["--layers"], "n_heads": ["--heads"], "num_experts": ["--experts"]}
 CHOICES = {"activation": ACTIVATIONS, "dtype": tuple(DTYPES), "router": ROUTERS}
@@ -221,12 +222,18 @@ def _analyze(args: argparse.Namespace) -> int:
             print(f"  step {r['step']:>6}  MI {' '.join(f'{v:.3f}' for v in r['normalized_mi'])}"
                   f"  changed {' '.join(f'{v:.3f}' for v in r['changed_since_previous'])}")
     print(f"analysed {res['tokens']:,} validation tokens of {res['corpus']} at step {res['step']}")
-    print(f"{'layer':<6} {'norm. MI':>9} {'at init':>8} {'max/mean':>9} {'eff. experts':>13}")
+    print(f"{'layer':<6} {'norm. MI':>9} {'at init':>8} {'max/mean':>9} {'eff. experts':>13}"
+          "   (eff. experts: exp(entropy of the real top-k assignments' shares))")
     for i, layer in enumerate(res["layers"]):
         imb = layer.get("imbalance", {})
         ent = layer.get("entropy", {})
         print(f"{i:<6} {res['normalized_mi'][i]:>9.4f} {res['normalized_mi_at_init'][i]:>8.4f} "
               f"{imb.get('max_over_mean', float('nan')):>9.3f} {ent.get('effective_experts', float('nan')):>13.2f}")
+    print("top byte trigrams per expert (ending at the bytes it takes most often):")
+    for i, layer in enumerate(res["layers"]):
+        for e, grams in layer.get("top_trigrams", {}).items():
+            shown = ", ".join(f"{g!r} {c}" for g, c in grams[:3])
+            print(f"  layer {i} expert {e}: {shown}")
     print(f"wrote {os.path.join(args.run_dir, 'analysis.json')} and plots")
     return 0
 

@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -24,6 +25,7 @@ from .data import Batch, BatchSampler, Corpus, corpus_summary, load_corpus
 from .config import IGNORE_INDEX
 from .lm_losses import cross_entropy
 from .models import ModelConfig, TransformerLM
+from .collapse import CollapseWatch, worst_max_over_mean
 from .optim import AdamW, global_grad_norm, lr_at
 from .router import row_entropy
 from .run_folder import RunFolder
@@ -49,15 +51,19 @@ class TrainConfig:
     noise_std: float = 0.0  # NoisyTop-k start std (0: off)
     noise_anneal_steps: int = 0  # steps to anneal the noise to 0 (0: steps; kept on resume)
     seed: int = 0  # seed of the data order (and of the model, from the CLI)
+    collapse_low_share: float = 0.1  # warn when an expert's share stays below this x uniform
+    collapse_max_over_mean: float = 3.0  # warn when the largest share stays above this x uniform
+    collapse_steps: int = 20  # steps in a row before a collapse warning (once per layer)
     corpus_bytes: int = 2_000_000  # bytes read of the python corpus
 
     def __post_init__(self) -> None:
         plain_scalars(self)
         check_seed(self.seed)
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
-                     "checkpoint_every"):
+                     "checkpoint_every", "collapse_steps"):
             positive_int(name, getattr(self, name))
-        for name in ("lr", "weight_decay", "grad_clip", "noise_std", "min_lr_ratio"):
+        for name in ("lr", "weight_decay", "grad_clip", "noise_std", "min_lr_ratio",
+                     "collapse_low_share", "collapse_max_over_mean"):
             finite_number(name, getattr(self, name))
         for name in ("warmup", "noise_anneal_steps", "lr_decay_steps", "keep_checkpoints"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) \
@@ -221,6 +227,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, corpus: 
         print(corpus_summary(corpus, val_sampler, train_cfg.eval_batches), file=sys.stderr)
     bar = None if quiet else _progress(train_cfg.steps, start)
     M = train_cfg.grad_accum
+    watch = CollapseWatch(train_cfg.collapse_low_share, train_cfg.collapse_max_over_mean,
+                          train_cfg.collapse_steps)
     last: dict = {}
     end = train_cfg.steps if until is None else min(until, train_cfg.steps)
     try:
@@ -240,6 +248,13 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, corpus: 
                 m["rss_mib"] = rss
             if (step + 1) % train_cfg.eval_every == 0 or step + 1 == train_cfg.steps:
                 m["val_loss"] = evaluate(model, val_sampler, train_cfg.eval_batches)
+            if "expert_share" in m:
+                m["max_over_mean"] = [max(sh) * len(sh) for sh in m["expert_share"]]
+                for msg in watch.update(m["expert_share"]):
+                    warnings.warn(msg, RuntimeWarning, stacklevel=2)
+                    m.setdefault("collapse_warnings", []).append(msg)
+                    if bar is not None:
+                        bar.write(f"WARNING: {msg}")
             run.append_metrics(m)
             if (step + 1) % train_cfg.checkpoint_every == 0 or step + 1 == end:
                 path = run.step_checkpoint(step + 1)
@@ -270,6 +285,8 @@ def _show(bar, m: dict) -> None:
     post = {"loss": f"{m['loss']:.3f}", "tok/s": f"{m['tokens_per_s']:.0f}"}
     if "load_balance" in m:
         post["lb"] = f"{np.mean(m['load_balance']):.3f}"
+        post["max/mean"] = f"{worst_max_over_mean(m.get('expert_share')):.2f}"
+        post["drop"] = f"{100 * max(m.get('drop_rate', [0.0])):.1f}%"
     if "val_loss" in m:
         post["val"] = f"{m['val_loss']:.3f}"
     bar.set_postfix(post)

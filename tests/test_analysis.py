@@ -66,7 +66,10 @@ def test_entropy_stats():
     r = routed([[0], [1], [2]], E, probs=probs)
     st = analysis.entropy_stats(r)
     assert st["mean_token_entropy"] == pytest.approx(np.log(E))
-    assert st["effective_experts"] == pytest.approx(E)
+    # three real assignments to three experts: 3 effective experts, though the mean
+    # probabilities are uniform over all four
+    assert st["effective_experts"] == pytest.approx(3)
+    assert st["mean_prob_entropy"] == pytest.approx(np.log(E))
 
 
 def test_coactivation_transitions_stability_margin():
