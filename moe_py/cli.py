@@ -177,13 +177,14 @@ def _compare(args: argparse.Namespace) -> int:
     if args.out is None:
         args.out = _new_run_dir("compare")
         print(f"run folder: {args.out}", file=sys.stderr)
-    rows = []
+    rows, folders = [], {}
     corpus = None
     for name, dense in (("moe", False), ("dense", True)):
         model_cfg, train_cfg = _configs(args, dense=dense)
         if corpus is None:
             corpus = load_corpus(train_cfg.corpus, seed=train_cfg.seed, max_bytes=train_cfg.corpus_bytes)
         out = os.path.join(args.out, name)
+        folders[name] = out
         print(f"== {name}: training into {out}", file=sys.stderr)
         last = train(model_cfg, train_cfg, out, corpus=corpus, overwrite=args.overwrite)
         _plot(out)
@@ -194,6 +195,8 @@ def _compare(args: argparse.Namespace) -> int:
     print(f"\n{'model':<6} {'val loss':>9} {'train loss':>10} {'tokens/s':>9} {'params':>10} {'active':>10}")
     for name, val, tr, tps, total, active in rows:
         print(f"{name:<6} {val:>9.4f} {tr:>10.4f} {tps:>9.0f} {total:>10,d} {active:>10,d}")
+    from .plots import plot_compare
+    plot_compare(args.out, folders)
     diff = rows[0][1] - rows[1][1]
     print(f"\nMoE val loss minus dense val loss: {diff:+.4f} ({'MoE better' if diff <= 0 else 'dense better'})")
     return 0

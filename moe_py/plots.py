@@ -16,8 +16,15 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: str, written: List[str]) -> None:
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    written.append(path)
+
+
 def plot_run(run_dir: str) -> List[str]:
-    """Writes loss.png, utilisation.png and entropy.png (the last two for MoE runs)."""
+    """Writes loss.png, and for MoE runs utilisation.png, utilisation_heatmap.png,
+    entropy.png and training_signals.png."""
     try:
         plt = _plt()
     except ImportError:
@@ -84,6 +91,116 @@ def plot_run(run_dir: str) -> List[str]:
     written.append(os.path.join(run_dir, "entropy.png"))
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
+    _utilisation_heatmap(plt, run_dir, steps, share, written)
+    _training_signals(plt, run_dir, rows, steps, written)
+    return written
+
+
+def _utilisation_heatmap(plt, run_dir, steps, share, written) -> None:
+    """Per layer: expert x step map of share / uniform (diverging around 1 = balanced), and
+    the number of dead experts (no assignment in the step) under it."""
+    from matplotlib.colors import TwoSlopeNorm
+    n_layers, E = share.shape[1], share.shape[2]
+    rel = share * E
+    top = max(2.0, float(rel.max()))
+    fig, axes = plt.subplots(2, n_layers, figsize=(4 * n_layers + 1, 5), squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 1]}, sharex="col")
+    for i in range(n_layers):
+        ax = axes[0][i]
+        im = ax.imshow(rel[:, i, :].T, aspect="auto", cmap="RdBu_r", interpolation="nearest",
+                       norm=TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=top),
+                       extent=(steps[0] - 0.5, steps[-1] + 0.5, E - 0.5, -0.5))
+        ax.set_title(f"layer {i}")
+        ax.set_ylabel("expert" if i == 0 else "")
+        dead = (share[:, i, :] == 0).sum(axis=1)
+        axes[1][i].plot(steps, dead, color="k", lw=1)
+        axes[1][i].set_ylim(-0.2, E)
+        axes[1][i].set_xlabel("step")
+        axes[1][i].set_ylabel("dead experts" if i == 0 else "")
+    fig.colorbar(im, ax=axes[0].tolist(),
+                 label=f"share / uniform (1 = balanced, 0 = dead, {E} = every token)")
+    fig.suptitle("Expert load over training")
+    _save(plt, fig, os.path.join(run_dir, "utilisation_heatmap.png"), written)
+
+
+def _training_signals(plt, run_dir, rows, steps, written) -> None:
+    """Drop rate, z-loss (the router logits' scale), gradient norm and learning rate."""
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6), sharex=True)
+    panels = [("drop_rate", "share of slots dropped", "Capacity drops (per layer)"),
+              ("z_loss", "mean logsumexp(logits)^2", "z-loss: router logit scale (per layer)"),
+              ("grad_norm", "global gradient norm (before clipping)", "Gradient norm"),
+              ("lr", "learning rate", "Learning rate")]
+    for ax, (key, ylabel, title) in zip(axes.reshape(-1), panels):
+        v = np.array([r.get(key, np.nan) for r in rows], dtype=np.float64)
+        if v.ndim == 2:
+            for i in range(v.shape[1]):
+                ax.plot(steps, v[:, i], lw=1, label=f"layer {i}")
+            ax.legend(fontsize=7)
+        else:
+            ax.plot(steps, v, lw=1)
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+    for ax in axes[1]:
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    _save(plt, fig, os.path.join(run_dir, "training_signals.png"), written)
+
+
+def plot_routing(run_dir: str, routers, mask) -> List[str]:
+    """entropy_margin.png (per-token clean-entropy and top-k margin histograms per layer) and
+    transitions.png (first choice in layer i against first choice in layer i + 1)."""
+    from . import analysis
+    plt = _plt()
+    written: List[str] = []
+    n = len(routers)
+    fig, axes = plt.subplots(2, n, figsize=(3.6 * n + 1, 5.5), squeeze=False)
+    for i, r in enumerate(routers):
+        ent = analysis.entropy_stats(r, mask)["token_entropy"]
+        E = r.router_probs.shape[1]
+        axes[0][i].hist(ent, bins=40, range=(0, np.log(E)), color="C0")
+        axes[0][i].set_xlabel(f"clean routing entropy, nats (max ln E = {np.log(E):.2f})")
+        axes[1][i].hist(analysis.topk_margin(r, mask), bins=40, range=(0, 1), color="C1")
+        axes[1][i].set_xlabel("top-k margin p_k - p_(k+1) (0 = a coin flip)")
+        axes[0][i].set_title(f"layer {i}")
+        for ax in (axes[0][i], axes[1][i]):
+            ax.set_ylabel("tokens" if i == 0 else "")
+    fig.suptitle("How sure the router is, per token")
+    fig.tight_layout()
+    _save(plt, fig, os.path.join(run_dir, "entropy_margin.png"), written)
+    if n > 1:
+        fig, axes = plt.subplots(1, n - 1, figsize=(4.2 * (n - 1) + 1, 3.8), squeeze=False)
+        for i in range(n - 1):
+            t = analysis.layer_transitions(routers[i], routers[i + 1], mask).astype(np.float64)
+            rows = t / np.maximum(1, t.sum(axis=1, keepdims=True))
+            im = axes[0][i].imshow(rows, cmap="viridis", vmin=0, vmax=1)
+            axes[0][i].set_xlabel(f"first choice in layer {i + 1}")
+            axes[0][i].set_ylabel(f"first choice in layer {i}")
+        fig.colorbar(im, ax=axes[0].tolist(), label="share of the row's tokens (1 = all go there)")
+        fig.suptitle("Where each expert's tokens go in the next layer")
+        _save(plt, fig, os.path.join(run_dir, "transitions.png"), written)
+    return written
+
+
+def plot_compare(out_dir: str, runs: dict) -> List[str]:
+    """compare.png: validation (and train) loss of each run of `compare` on one axis."""
+    try:
+        plt = _plt()
+    except ImportError:
+        return []
+    written: List[str] = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (name, path) in enumerate(runs.items()):
+        rows = RunFolder(path).read_metrics()
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=0.8, alpha=0.5,
+                color=f"C{i}", label=f"{name} train")
+        val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+        if val:
+            ax.plot(*zip(*val), "o-", color=f"C{i}", label=f"{name} validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats / byte)")
+    ax.set_title("MoE against the dense baseline of the same active size")
+    ax.legend()
+    _save(plt, fig, os.path.join(out_dir, "compare.png"), written)
     return written
 
 
@@ -112,11 +229,12 @@ def plot_analysis(run_dir: str, tables: List[np.ndarray], label_names: List[str]
 
     fig, axes = plt.subplots(1, n, figsize=(3 + 2.6 * n, 3.4), squeeze=False)
     for i, (ax, c) in enumerate(zip(axes[0], coactivation)):
-        im = ax.imshow(c, cmap="magma")
+        off = np.ma.masked_array(c, mask=np.eye(c.shape[0], dtype=bool))  # the diagonal is load
+        im = ax.imshow(off, cmap="magma", vmin=0)
         ax.set_title(f"layer {i}")
         ax.set_xlabel("expert")
         ax.set_ylabel("expert")
-    fig.colorbar(im, ax=axes[0].tolist(), label="share of tokens routed to both")
+    fig.colorbar(im, ax=axes[0].tolist(), label="share of tokens routed to both (diagonal masked)")
     fig.suptitle("Co-activation of expert pairs under top-k")
     written.append(os.path.join(run_dir, "coactivation.png"))
     fig.savefig(written[-1], dpi=110, bbox_inches="tight")

@@ -99,12 +99,13 @@ def analyze_run(path: str, max_batches: Optional[int] = None, plots: bool = True
     atomic_write(os.path.join(run_dir, "analysis.json"),
                  json.dumps(result, indent=1, default=_jsonable).encode())
     if plots:
-        from .plots import plot_analysis, plot_run
+        from .plots import plot_analysis, plot_routing, plot_run
         plot_run(run_dir)
         tables = [analysis.expert_label_table(r, labels, n_labels, mask) for r in routers]
         co = [analysis.coactivation(r, mask) for r in routers]
         result["plots"] = plot_analysis(run_dir, tables, corpus.label_names, co, result["normalized_mi"],
                                         result["normalized_mi_at_init"])
+        result["plots"] += plot_routing(run_dir, routers, mask)
     return result
 
 
