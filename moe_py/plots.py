@@ -118,7 +118,7 @@ def _utilisation_heatmap(plt, run_dir, steps, share, written) -> None:
         axes[1][i].set_xlabel("step")
         axes[1][i].set_ylabel("dead experts" if i == 0 else "")
     fig.colorbar(im, ax=axes[0].tolist(),
-                 label=f"share / uniform (1 = balanced, 0 = dead, {E} = every token)")
+                 label="share / uniform (1 = balanced, 0 = dead; at most E / top_k)")
     fig.suptitle("Expert load over training")
     _save(plt, fig, os.path.join(run_dir, "utilisation_heatmap.png"), written)
 

@@ -251,10 +251,11 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, corpus: 
             if "expert_share" in m:
                 m["max_over_mean"] = [max(sh) * len(sh) for sh in m["expert_share"]]
                 for msg in watch.update(m["expert_share"]):
-                    warnings.warn(msg, RuntimeWarning, stacklevel=2)
                     m.setdefault("collapse_warnings", []).append(msg)
-                    if bar is not None:
-                        bar.write(f"WARNING: {msg}")
+                    if bar is not None:  # the progress bar's own line, not a traceback-like warning
+                        bar.write(f"WARNING: {msg} (step {step + 1})")
+                    else:
+                        warnings.warn(msg, RuntimeWarning, stacklevel=2)
             run.append_metrics(m)
             if (step + 1) % train_cfg.checkpoint_every == 0 or step + 1 == end:
                 path = run.step_checkpoint(step + 1)
