@@ -82,3 +82,22 @@ def test_checkpoints_are_kept_with_a_cap_and_read_by_sample_and_analyze(tmp_path
     text = capsys.readouterr().out
     assert "step      9" in text and "step     12" in text and "label mix" in text
     assert os.path.exists(os.path.join(out, "analysis_over_training.json"))
+
+
+def test_prose_gets_byte_class_labels_and_a_nonzero_specialisation(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    words = ["the", "router", "sends", "each", "token", "to", "Two", "experts", "of", "8",
+             "and", "in", "2024", "we", "measured", "42", "losses", "Paris", "CPU"]
+    text = "\n".join(" ".join(rng.choice(words, 12)) + "." for _ in range(3000))
+    (tmp_path / "prose.txt").write_text(text)
+    out = str(tmp_path / "r")
+    flags = ["--corpus", str(tmp_path / "prose.txt"), "--steps", "60", "--d-model", "32",
+             "--layers", "1", "--heads", "2", "--experts", "4", "--d-ff", "16", "--seq-len", "32",
+             "--batch-size", "8", "--eval-every", "60", "--eval-batches", "4", "--lr", "0.01"]
+    assert main(["train", *flags, "--out", out]) == 0
+    assert main(["analyze", out]) == 0
+    with open(os.path.join(out, "analysis.json")) as f:
+        res = json.load(f)
+    assert "lower" in res["label_names"] and "digit" in res["label_names"]
+    assert res["normalized_mi"][0] > 0.01  # before byte classes every byte was "text": MI 0
+    assert "expert 0:" in capsys.readouterr().out  # the top trigrams are printed
