@@ -44,31 +44,39 @@ def save_checkpoint(path: str, model: TransformerLM, optim: AdamW, step: int, tr
     atomic_write(path, buf.getvalue(), fault_point="checkpoint")
 
 
-def _read(path: str) -> dict:
+def read_archive(path: str, what: str, required=()) -> dict:
+    """The arrays of a checksummed .npz written by save_checkpoint or moe_py.save; anything
+    else raises CheckpointError("<what>: <path>: <reason>")."""
     def bad(reason: str) -> CheckpointError:
-        return CheckpointError(f"not a valid moe_py checkpoint: {path}: {reason}")
+        return CheckpointError(f"{what}: {path}: {reason}")
     try:
         with np.load(path, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
     except FileNotFoundError:
         raise bad("no such file") from None
     except IsADirectoryError:
-        raise bad("a folder, not a checkpoint file") from None
+        raise bad("a folder, not a file") from None
     except (zipfile.BadZipFile, EOFError) as e:
         raise bad(f"truncated or corrupted ({e})") from None
     except (OSError, ValueError) as e:
         raise bad(f"not an .npz archive of arrays ({e.__class__.__name__})") from None
-    for key in ("model_config", "step"):
+    for key in required:
         if key not in data:
             raise bad(f"no '{key}' entry")
     if "checksum" in data:
         want = str(data.pop("checksum"))
         if array_checksum(data) != want:
             raise bad("checksum mismatch (the file was changed or corrupted)")
+    return data
+
+
+def _read(path: str) -> dict:
+    data = read_archive(path, "not a valid moe_py checkpoint", ("model_config", "step"))
     try:
         data["_model_config"] = ModelConfig.from_dict(json.loads(str(data["model_config"])))
     except (ValueError, TypeError) as e:
-        raise bad(f"its model config is invalid ({e})") from None
+        raise CheckpointError(f"not a valid moe_py checkpoint: {path}: its model config is "
+                              f"invalid ({e})") from None
     return data
 
 

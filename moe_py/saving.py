@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 
-from .checkpoint import CheckpointError, array_checksum
+from .checkpoint import CheckpointError, array_checksum, read_archive
 from .config import MoEConfig
 from .layer import MoELayer
 from .run_folder import atomic_write
@@ -32,20 +32,9 @@ def save(layer: MoELayer, path: str) -> None:
 
 def load(path: str) -> MoELayer:
     """The layer saved at path; a file that is not one raises CheckpointError (a ValueError)."""
-    def bad(reason: str) -> CheckpointError:
-        return CheckpointError(f"not a saved moe_py layer: {path}: {reason}")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        raise bad("no such file") from None
-    except (OSError, ValueError, EOFError) as e:
-        raise bad(f"not a readable .npz ({e.__class__.__name__})") from None
-    if str(data.get("kind", "")) != _KIND:
-        raise bad("no layer in it (a model checkpoint? use moe_py.checkpoint.load_model)")
-    want = str(data.pop("checksum", ""))
-    if array_checksum(data) != want:
-        raise bad("checksum mismatch (the file was changed or corrupted)")
+    data = read_archive(path, "not a saved moe_py layer", ("kind", "config", "noise"))
+    if str(data["kind"]) != _KIND:
+        raise CheckpointError(f"not a saved moe_py layer: {path}: it holds {data['kind']}")
     layer = MoELayer(MoEConfig(**json.loads(str(data["config"]))))
     state = {k[len("param."):]: v for k, v in data.items() if k.startswith("param.")}
     layer.load_state_dict(state)
