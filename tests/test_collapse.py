@@ -1,7 +1,4 @@
 """Collapse warnings: known answers for the watch, and a collapsing run that warns."""
-import warnings
-
-import numpy as np
 import pytest
 
 import moe_py

@@ -1,77 +1,67 @@
 """Bitwise the same outputs and gradients at 1, 2 and 3 OpenMP threads."""
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 import moe_py
+from moe_py.testing import assert_thread_invariant
 
-SCRIPT = r"""
-import sys, numpy as np, moe_py
-from moe_py.models import ModelConfig, TransformerLM
-n, out = int(sys.argv[1]), sys.argv[2]
-moe_py.set_num_threads(n)
-assert moe_py.get_num_threads() == n
-res = {}
-rng = np.random.default_rng(0)
-cases = [("swiglu", "float32", 8, 2), ("gelu", "float64", 8, 2), ("swiglu", "float64", 1, 1)]
-for act, dt, E, k in cases:
-    cfg = moe_py.MoEConfig(d_model=64, d_ff=96, num_experts=E, top_k=k, activation=act, dtype=dt,
-                           capacity_factor=1.0, entropy_coef=0.01, seed=3)
-    layer = moe_py.MoELayer(cfg)
-    layer.set_noise_annealing(0.5, 10)
-    x = rng.standard_normal((700, 64)).astype(dt)
-    mask = rng.random(700) > 0.1
-    for rep in range(2):
-        o = layer(x, padding_mask=mask)
-        layer.zero_grad()
-        dx = layer.backward(np.ones_like(o.y) * 0.1 + x * 0.01)
-        tag = f"{act}_{dt}_{E}_{rep}"
-        res[f"{tag}_y"], res[f"{tag}_dx"] = o.y, dx
-        for f in o.router._fields:
-            res[f"{tag}_{f}"] = getattr(o.router, f)
-        for name, g in layer.grads.items():
-            res[f"{tag}_grad_{name}"] = g.copy()
-moe = moe_py.MoEConfig(d_model=32, d_ff=32, num_experts=4, top_k=2)
-m = TransformerLM(ModelConfig(vocab_size=256, max_seq_len=64, d_model=32, n_layers=2, n_heads=4,
-                              d_ff=32, moe=moe, seed=0))
-ids = rng.integers(0, 256, (6, 64))
-mask = np.ones((6, 64), bool); mask[2, 40:] = False; mask[5, 10:] = False
-targets = np.roll(ids, -1, 1); targets[:, -1] = -100; targets[~mask] = -100; ids[~mask] = 0
-r = m.loss_and_backward(ids, targets, mask)
-res["model_loss"] = np.array(r["loss"])
-for name, p, g in m.named_parameters():
-    res["model_grad_" + name] = g.copy()
-# the optimiser and the norm, on a tensor big enough for their parallel path
-from moe_py.optim import AdamW, global_grad_norm
-big = rng.standard_normal(100_003).astype(np.float32)
-big_grad = rng.standard_normal(100_003).astype(np.float32)
-res["grad_norm"] = np.array(global_grad_norm([big_grad] + [g for _, _, g in m.named_parameters()]))
-opt = AdamW([("big", big, big_grad.reshape(1, -1)[0])] + list(m.named_parameters()))
-for _ in range(2):
-    opt.step(1e-3, grad_scale=0.5)
-res["adamw_big"] = big
-for name, p, _ in m.named_parameters():
-    res["adamw_" + name] = p.copy()
-np.savez(out, **res)
-"""
+def everything() -> dict:
+    """Layers (noise, capacity, entropy loss, padding), the model and the optimiser: every
+    output and gradient, as one dict of arrays."""
+    from moe_py.models import ModelConfig, TransformerLM
+    from moe_py.optim import AdamW, global_grad_norm
+    res = {}
+    rng = np.random.default_rng(0)
+    cases = [("swiglu", "float32", 8, 2), ("gelu", "float64", 8, 2), ("swiglu", "float64", 1, 1)]
+    for act, dt, E, k in cases:
+        cfg = moe_py.MoEConfig(d_model=64, d_ff=96, num_experts=E, top_k=k, activation=act, dtype=dt,
+                               capacity_factor=1.0, entropy_coef=0.01, seed=3)
+        layer = moe_py.MoELayer(cfg)
+        layer.set_noise_annealing(0.5, 10)
+        x = rng.standard_normal((700, 64)).astype(dt)
+        mask = rng.random(700) > 0.1
+        for rep in range(2):
+            o = layer(x, padding_mask=mask)
+            layer.zero_grad()
+            dx = layer.backward(np.ones_like(o.y) * 0.1 + x * 0.01)
+            tag = f"{act}_{dt}_{E}_{rep}"
+            res[f"{tag}_y"], res[f"{tag}_dx"] = o.y, dx
+            for f in o.router._fields:
+                res[f"{tag}_{f}"] = getattr(o.router, f)
+            for name, g in layer.grads.items():
+                res[f"{tag}_grad_{name}"] = g.copy()
+    moe = moe_py.MoEConfig(d_model=32, d_ff=32, num_experts=4, top_k=2)
+    m = TransformerLM(ModelConfig(vocab_size=256, max_seq_len=64, d_model=32, n_layers=2, n_heads=4,
+                                  d_ff=32, moe=moe, seed=0))
+    ids = rng.integers(0, 256, (6, 64))
+    mask = np.ones((6, 64), bool)
+    mask[2, 40:] = False
+    mask[5, 10:] = False
+    targets = np.roll(ids, -1, 1)
+    targets[:, -1] = -100
+    targets[~mask] = -100
+    ids[~mask] = 0
+    r = m.loss_and_backward(ids, targets, mask)
+    res["model_loss"] = np.array(r["loss"])
+    for name, p, g in m.named_parameters():
+        res["model_grad_" + name] = g.copy()
+    # the optimiser and the norm, on a tensor big enough for their parallel path
+    big = rng.standard_normal(100_003).astype(np.float32)
+    big_grad = rng.standard_normal(100_003).astype(np.float32)
+    res["grad_norm"] = np.array(global_grad_norm([big_grad] + [g for _, _, g in m.named_parameters()]))
+    opt = AdamW([("big", big, big_grad)] + list(m.named_parameters()))
+    for _ in range(2):
+        opt.step(1e-3, grad_scale=0.5)
+    res["adamw_big"] = big
+    for name, p, _ in m.named_parameters():
+        res["adamw_" + name] = p.copy()
+    return res
 
 
 @pytest.mark.slow
-def test_bitwise_identical_across_thread_counts(tmp_path):
-    files = []
-    for n in (1, 2, 3):
-        path = str(tmp_path / f"t{n}.npz")
-        env = dict(os.environ, OMP_NUM_THREADS=str(n))
-        subprocess.run([sys.executable, "-c", SCRIPT, str(n), path], check=True, env=env)
-        files.append(np.load(path))
-    ref = files[0]
-    assert len(ref.files) > 50
-    for other in files[1:]:
-        for key in ref.files:
-            assert np.array_equal(ref[key], other[key]), key
+def test_bitwise_identical_across_thread_counts():
+    assert len(everything()) > 50
+    assert_thread_invariant(everything, threads=(1, 2, 3))
 
 
 def test_set_num_threads_in_process_gives_the_same_bits():

@@ -66,3 +66,42 @@ def test_matches_pytorch_reference(path, dtype):
 
 def test_reference_files_exist():
     assert len(FILES) >= 16
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: os.path.basename(p)[:-4])
+def test_numpy_reference_matches_the_pytorch_reference(path):
+    """moe_py.testing's NumPy reference and the independent PyTorch one agree in float64."""
+    from moe_py.testing import reference_forward_backward
+    ref = np.load(path)
+    cfg = moe_py.MoEConfig(**{**json.loads(str(ref["cfg"])), "dtype": "float64"})
+    params = {k[6:]: ref[k] for k in ref.files if k.startswith("param_")}
+    dy = ref["G"] if str(ref["kind"]) == "router" else ref["dy"]
+    r = reference_forward_backward(cfg, params, ref["x"], ref["mask"], dy)
+    tol = dict(rtol=1e-12, atol=1e-12)
+    for f in r.router:
+        want = ref[f"router_{f}"]
+        np.testing.assert_allclose(r.router[f], want.reshape(r.router[f].shape), err_msg=f, **tol)
+    for n in ("load_balance", "z_loss", "entropy"):
+        np.testing.assert_allclose(r.losses[n], ref[f"loss_{n}"], err_msg=n, **tol)
+    np.testing.assert_allclose(r.aux_loss, ref["aux_loss"], **tol)
+    np.testing.assert_allclose(r.dx, ref["dx"].reshape(r.dx.shape), **tol)
+    if "y" in ref.files:
+        np.testing.assert_allclose(r.y, ref["y"].reshape(r.y.shape), **tol)
+    for k in ref.files:
+        if k.startswith("grad_"):
+            np.testing.assert_allclose(r.grads[k[5:]], ref[k], err_msg=k, **tol)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(activation="gelu", capacity_factor=0.7),
+                                dict(top_k=1, straight_through=True), dict(dtype="float32"),
+                                dict(top_k=4, normalize_topk=False, entropy_coef=0.05)])
+def test_layer_and_router_match_the_numpy_reference(kw):
+    from moe_py.testing import assert_matches_reference
+    cfg = moe_py.MoEConfig(**{"d_model": 10, "d_ff": 12, "num_experts": 5, "top_k": 2,
+                              "dtype": "float64", **kw})
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 7, 10)).astype(cfg.np_dtype)
+    mask = rng.random((3, 7)) > 0.3
+    for training in (True, False):
+        assert_matches_reference(moe_py.MoELayer(cfg), x, mask, training=training)
+        assert_matches_reference(moe_py.Router(cfg), x, mask, training=training)

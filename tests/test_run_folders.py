@@ -4,7 +4,6 @@ import json
 import os
 
 import numpy as np
-import pytest
 
 from moe_py.checkpoint import load_model
 from moe_py.cli import main
