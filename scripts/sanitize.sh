@@ -39,4 +39,6 @@ export MOE_PY_SANITIZED=1 PYTHONPATH="$PKG" MPLBACKEND=Agg
 cd "$BUILD"  # not the checkout: python -m puts the working folder first on the path
 "$SAN_VENV/bin/python" -c 'import moe_py, sys; assert moe_py.__file__.startswith(sys.argv[1]), moe_py.__file__' "$PKG"
 echo "sanitize: running the non-slow and property tests under ASan + UBSan" >&2
-exec "$SAN_VENV/bin/python" -m pytest -q -p no:cacheprovider -m "not slow" "$ROOT/tests" "$@"
+# torch's own libraries are not built for ASan: its tests run in the release job only
+exec "$SAN_VENV/bin/python" -m pytest -q -p no:cacheprovider -m "not slow" \
+  --ignore="$ROOT/tests/test_torch.py" "$ROOT/tests" "$@"

@@ -1,0 +1,100 @@
+"""moe_py inside PyTorch: `MoE(cfg)`, a torch.nn.Module over the C++ layer.
+
+    import torch, moe_py
+    from moe_py.torch import MoE
+    moe = MoE(moe_py.MoEConfig(d_model=64, d_ff=128, num_experts=8, top_k=2))
+    y, aux_loss, router = moe(x, padding_mask=mask)   # x: a float32/float64 CPU tensor
+    (loss_of(y) + aux_loss).backward()               # gradients reach x and moe's parameters
+
+The parameters are nn.Parameters sharing storage with the C++ layer's arrays: a torch
+optimiser updates them in place and the next forward sees it. Each forward keeps its own
+saved state (MoEOutput.context), so a module called several times before one backward
+(micro-batches, or reuse) gets every call's gradient. torch is an optional extra
+(`pip install moe_py[torch]`); nothing else in moe_py imports this module.
+
+Threads: moe_py and torch share one OpenMP runtime. moe_py.set_num_threads(n) holds for
+every moe_py kernel whatever torch.set_num_threads says afterwards; without it, moe_py runs on
+the OpenMP default, which torch.set_num_threads changes.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import numpy as np
+import torch
+
+from .config import MoEConfig
+from .layer import MoELayer, MoEOutput
+from .router import RouterOutput
+
+_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+
+
+class _MoEFunction(torch.autograd.Function):
+    """y and aux_loss of one forward; one C++ backward gives dx and every parameter's grad."""
+
+    @staticmethod
+    def forward(ctx, x, module, mask, training, *params):
+        layer: MoELayer = module.layer
+        out = layer(x.detach().contiguous().numpy(), padding_mask=mask, training=training)
+        ctx.layer, ctx.out, ctx.names = layer, out, module.param_names
+        ctx.x_shape = x.shape
+        module._router_out = out.router  # handed back by MoE.forward (not a tensor output)
+        return torch.from_numpy(out.y), torch.tensor(out.aux_loss, dtype=x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy, daux):
+        layer: MoELayer = ctx.layer
+        # this call's gradients alone: torch adds them into .grad itself
+        kept = {k: g.copy() for k, g in layer.grads.items()}
+        layer.zero_grad()
+        dx = layer.backward(dy.detach().contiguous().numpy(), aux_weight=float(daux), out=ctx.out)
+        grads = [torch.from_numpy(layer.grads[n].copy()) for n in ctx.names]
+        for k, g in layer.grads.items():
+            g[...] = kept[k]
+        return (torch.from_numpy(dx).reshape(ctx.x_shape), None, None, None, *grads)
+
+
+class MoE(torch.nn.Module):
+    """forward(x, padding_mask=None) -> (y, aux_loss, router_output): y [..., d_model] and
+    the scalar aux_loss are in the autograd graph; router_output is the layer's RouterOutput
+    (read-only NumPy arrays). module.eval() routes with training=False (no noise, constant
+    straight-through weights)."""
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.layer = MoELayer(cfg)
+        self.param_names = list(self.layer.params)
+        for name in self.param_names:
+            # shares memory with the C++ layer's array: no copy per step, in-place updates seen
+            self.register_parameter(name, torch.nn.Parameter(torch.from_numpy(self.layer.params[name])))
+
+    def forward(self, x: torch.Tensor, padding_mask=None) -> Tuple[torch.Tensor, torch.Tensor, RouterOutput]:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+        if x.device.type != "cpu":
+            raise ValueError(f"x: moe_py runs on the CPU; got a tensor on {x.device}")
+        if _DTYPES.get(x.dtype) != self.cfg.dtype:
+            raise TypeError(f"x: expected dtype {self.cfg.dtype} (the layer's), got {x.dtype}")
+        for name in self.param_names:
+            p = getattr(self, name)
+            if p.data_ptr() != self.layer.params[name].ctypes.data:
+                raise RuntimeError(f"{name}: the parameter no longer shares memory with the C++ "
+                                   "layer (replaced, moved or cast?); build a new MoE instead")
+        mask = None
+        if padding_mask is not None:
+            mask = (padding_mask.detach().cpu().numpy() if isinstance(padding_mask, torch.Tensor)
+                    else np.asarray(padding_mask))
+        params = [getattr(self, n) for n in self.param_names]
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+            y, aux = _MoEFunction.apply(x, self, mask, self.training, *params)
+            return y, aux, self._router_out
+        out: MoEOutput = self.layer(x.detach().contiguous().numpy(), padding_mask=mask,
+                                    training=self.training)
+        return torch.from_numpy(out.y), torch.tensor(out.aux_loss, dtype=x.dtype), out.router
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (f"d_model={c.d_model}, d_ff={c.d_ff}, num_experts={c.num_experts}, top_k={c.top_k}, "
+                f"router={c.router}, dtype={c.dtype}")
