@@ -55,6 +55,22 @@ class _MoEFunction(torch.autograd.Function):
         return (torch.from_numpy(dx).reshape(ctx.x_shape), None, None, None, *grads)
 
 
+class SharedExpert(torch.nn.Module):
+    """An always-on SwiGLU expert with a sigmoid gate, as Qwen2-MoE's: sigmoid(x g) * FFN(x).
+    Plain torch (the C++ core's shared experts come with the routers issue)."""
+
+    def __init__(self, d_model: int, d_ff: int, dtype: torch.dtype):
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(d_model, d_ff, bias=False, dtype=dtype)
+        self.up_proj = torch.nn.Linear(d_model, d_ff, bias=False, dtype=dtype)
+        self.down_proj = torch.nn.Linear(d_ff, d_model, bias=False, dtype=dtype)
+        self.gate = torch.nn.Linear(d_model, 1, bias=False, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x)
+        return torch.sigmoid(self.gate(x)) * self.down_proj(h)
+
+
 class MoE(torch.nn.Module):
     """forward(x, padding_mask=None) -> (y, aux_loss, router_output): y [..., d_model] and
     the scalar aux_loss are in the autograd graph; router_output is the layer's RouterOutput
@@ -69,6 +85,19 @@ class MoE(torch.nn.Module):
         for name in self.param_names:
             # shares memory with the C++ layer's array: no copy per step, in-place updates seen
             self.register_parameter(name, torch.nn.Parameter(torch.from_numpy(self.layer.params[name])))
+        self.shared = None  # an optional SharedExpert (set by from_hf for Qwen2-MoE blocks)
+
+    @classmethod
+    def from_hf(cls, block, router_aux_loss_coef=None) -> "MoE":
+        """A module with the weights of a transformers MixtralSparseMoeBlock or
+        Qwen2MoeSparseMoeBlock (with its shared expert); see moe_py/torch_hf.py."""
+        from .torch_hf import from_hf
+        return from_hf(block, router_aux_loss_coef)
+
+    def to_hf(self, block) -> None:
+        """Write this module's weights into a transformers block of the same shape."""
+        from .torch_hf import to_hf
+        to_hf(self, block)
 
     def forward(self, x: torch.Tensor, padding_mask=None) -> Tuple[torch.Tensor, torch.Tensor, RouterOutput]:
         if not isinstance(x, torch.Tensor):
@@ -89,10 +118,16 @@ class MoE(torch.nn.Module):
         params = [getattr(self, n) for n in self.param_names]
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
             y, aux = _MoEFunction.apply(x, self, mask, self.training, *params)
-            return y, aux, self._router_out
-        out: MoEOutput = self.layer(x.detach().contiguous().numpy(), padding_mask=mask,
-                                    training=self.training)
-        return torch.from_numpy(out.y), torch.tensor(out.aux_loss, dtype=x.dtype), out.router
+            router = self._router_out
+        else:
+            out: MoEOutput = self.layer(x.detach().contiguous().numpy(), padding_mask=mask,
+                                        training=self.training)
+            y, aux, router = torch.from_numpy(out.y), torch.tensor(out.aux_loss, dtype=x.dtype), out.router
+        if self.shared is not None:
+            keep = torch.ones(x.shape[:-1], dtype=x.dtype) if mask is None else \
+                torch.as_tensor(np.asarray(mask)).reshape(x.shape[:-1]).to(x.dtype)
+            y = y + self.shared(x) * keep[..., None]
+        return y, aux, router
 
     def extra_repr(self) -> str:
         c = self.cfg
