@@ -3,6 +3,9 @@
 
 #include <omp.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "blas.h"
 #include "machine.h"
 #include "pool.h"
@@ -26,6 +29,26 @@ namespace {
 
 template <typename T>
 void bind_typed(py::module_& m, const std::string& sfx) {
+  m.def(
+      ("zeros" + sfx).c_str(),
+      [](std::vector<index_t> shape) {
+        std::size_t n = 1;
+        for (index_t d : shape) {
+          if (d < 0) throw std::invalid_argument("shape: expected sizes >= 0");
+          n *= std::size_t(d);
+        }
+        // from the block cache, so that a per-step gradient buffer costs no fresh pages
+        auto z = empty<T>({index_t(n)});
+        T* p = z.mutable_data();
+        {
+          py::gil_scoped_release release;
+          std::fill(p, p + n, T(0));
+        }
+        return z.reshape(std::vector<py::ssize_t>(shape.begin(), shape.end()));
+      },
+      py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("shape"),
+      "an array of zeros whose memory comes from the kernels' block cache");
+
   m.def(
       ("matmul" + sfx).c_str(),
       [](In<T> a, In<T> b) {

@@ -184,3 +184,9 @@ def sum_squares_f32(*, g: typing.Annotated[numpy.typing.ArrayLike, numpy.float32
 
 def sum_squares_f64(*, g: typing.Annotated[numpy.typing.ArrayLike, numpy.float64]) -> float:
     """sum of g**2 in float64, in a fixed order"""
+
+def zeros_f32(*, shape: collections.abc.Sequence[int]) -> numpy.ndarray:
+    """an array of zeros whose memory comes from the kernels' block cache"""
+
+def zeros_f64(*, shape: collections.abc.Sequence[int]) -> numpy.ndarray:
+    """an array of zeros whose memory comes from the kernels' block cache"""

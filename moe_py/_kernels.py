@@ -54,3 +54,8 @@ def pool_cached_bytes() -> int:
 
 def pool_release() -> None:
     _core.pool_release()
+
+
+def zeros(shape, dtype) -> np.ndarray:
+    """Zeros from the block cache (no fresh pages for a buffer made every step)."""
+    return kernel("zeros", dtype)(shape=[int(d) for d in shape])

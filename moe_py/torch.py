@@ -23,6 +23,7 @@ from typing import Tuple
 import numpy as np
 import torch
 
+from . import _kernels
 from .config import MoEConfig
 from .layer import MoELayer, MoEOutput
 from .router import RouterOutput
@@ -45,14 +46,17 @@ class _MoEFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, daux):
         layer: MoELayer = ctx.layer
-        # this call's gradients alone: torch adds them into .grad itself
-        kept = {k: g.copy() for k, g in layer.grads.items()}
-        layer.zero_grad()
-        dx = layer.backward(dy.detach().contiguous().numpy(), aux_weight=float(daux), out=ctx.out)
-        grads = [torch.from_numpy(layer.grads[n].copy()) for n in ctx.names]
-        for k, g in layer.grads.items():
-            g[...] = kept[k]
-        return (torch.from_numpy(dx).reshape(ctx.x_shape), None, None, None, *grads)
+        # this call's parameter gradients alone, in fresh zeroed buffers from the block cache
+        # (torch adds them into .grad, or takes them as .grad): no copy of the weights' size
+        fresh = {n: _kernels.zeros(layer.params[n].shape, layer.params[n].dtype) for n in ctx.names}
+        kept = {n: layer.grads[n] for n in ctx.names}
+        layer.grads.update(fresh)  # the dict the router and the experts add into
+        try:
+            dx = layer.backward(dy.detach().contiguous().numpy(), aux_weight=float(daux), out=ctx.out)
+        finally:
+            layer.grads.update(kept)
+        return (torch.from_numpy(dx).reshape(ctx.x_shape), None, None, None,
+                *(torch.from_numpy(fresh[n]) for n in ctx.names))
 
 
 class SharedExpert(torch.nn.Module):
