@@ -221,7 +221,8 @@ def plot_analysis(run_dir: str, tables: List[np.ndarray], label_names: List[str]
         if i == 0:
             ax.set_ylabel("expert")
         ax.set_title(f"layer {i}")
-    fig.colorbar(im, ax=axes[0].tolist(), label="share of the label's assignments")
+    fig.colorbar(im, ax=axes[0].tolist(),
+                 label="share of the label's assignments (at most 1/top_k: every byte of it)")
     fig.suptitle("Which experts take which token categories")
     written.append(os.path.join(run_dir, "expert_label.png"))
     fig.savefig(written[-1], dpi=110, bbox_inches="tight")

@@ -41,10 +41,11 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path):
     assert start(ref).wait(timeout=300) == 0
 
     out = str(tmp_path / "run")
-    # the last three interrupt resumed runs: a torn metrics line, the rewrite of metrics.jsonl
-    # that drops the steps after the checkpoint, then a torn checkpoint
+    # the last four interrupt resumed runs: at start-up (config.json rewritten), a torn metrics
+    # line, the rewrite of metrics.jsonl that drops the steps after the checkpoint, then a torn
+    # checkpoint
     for kill_at in ["config:1", "metrics:2", "checkpoint:1", "metrics:3", "config:1", "checkpoint:2",
-                    "metrics:2", "truncate:1", "checkpoint:1"]:
+                    "config:1", "metrics:2", "truncate:1", "checkpoint:1"]:
         p = start(out, kill_at)
         _, err = p.communicate(timeout=300)
         assert p.returncode == -signal.SIGKILL, (kill_at, p.returncode, err)

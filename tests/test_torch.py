@@ -208,3 +208,11 @@ def test_to_hf_writes_trained_weights_back(kind):
         m.to_hf(fresh[other])
     with pytest.raises(TypeError, match="block: expected a transformers"):
         MoE.from_hf(torch.nn.Linear(2, 2))
+
+
+def test_moe_py_testing_gradcheck_takes_the_module():
+    from moe_py.testing import gradcheck
+    m = module()
+    x = np.random.default_rng(0).standard_normal((2, 5, 6))
+    report = gradcheck(m, {"x": x, "padding_mask": np.arange(10).reshape(2, 5) % 3 != 0})
+    assert report.checked > 0 and report.worst_rel_error < 1e-6

@@ -82,6 +82,28 @@ def _adapter(obj, inputs: Dict[str, np.ndarray], rng) -> Tuple[Callable, Callabl
             obj.loss_and_backward(ids, targets, m)
             return {n: g.copy() for n, _, g in obj.named_parameters()}
         return loss, analytic, {n: p for n, p, _ in obj.named_parameters()}
+    if type(obj).__module__ == "moe_py.torch":  # the torch module (torch imported only here)
+        import torch
+        if obj.cfg.dtype != "float64":
+            raise TypeError("layer: gradcheck needs a float64 module (MoEConfig(dtype='float64'))")
+        x = np.array(inputs["x"], np.float64)
+        tx = torch.from_numpy(x)  # shares x's memory: perturbing x perturbs tx
+        mask = inputs.get("padding_mask")
+        dy = torch.from_numpy(rng.standard_normal(x.shape))
+        params = dict(obj.named_parameters())
+
+        def loss():
+            with torch.no_grad():
+                y, aux, router = obj(tx, padding_mask=mask)
+            return float((dy * y).sum() + aux), (router.topk_indices.copy(), router.dropped.copy())
+
+        def analytic():
+            xg = tx.clone().requires_grad_(True)
+            y, aux, _ = obj(xg, padding_mask=mask)
+            grads = torch.autograd.grad((dy * y).sum() + aux, [xg, *params.values()])
+            return {"x": grads[0].numpy(), **{n: g.numpy() for n, g in zip(params, grads[1:])}}
+        # the parameters' numpy views share memory with the nn.Parameters (and the C++ layer)
+        return loss, analytic, {"x": x, **{n: p.detach().numpy() for n, p in params.items()}}
     if callable(obj):
         arrays = {k: np.asarray(v, np.float64) for k, v in inputs.items()}
 
@@ -105,6 +127,7 @@ def gradcheck(layer_or_fn, inputs: Dict[str, object], eps: float = 1e-6, tol: fl
     - Router: loss = sum(g * topk_weights) + aux_loss; the same inputs.
     - TransformerLM: the LM loss + aux_loss; inputs {"inputs", "targets", "mask"}; checks
       every parameter.
+    - moe_py.torch.MoE: the same loss through torch autograd; inputs {"x", "padding_mask"}.
     - a function f(**inputs) -> (loss, {name: gradient}); checks every input.
     At most max_entries entries per array (a random subset of bigger ones). An entry whose
     +-eps perturbation changes a discrete routing choice (top-k or a capacity drop) has no
