@@ -7,8 +7,6 @@ layer it wraps, at the largest bench_layer shape.
     .venv/bin/python benchmarks/bench_torch.py [--threads 1 2] [--steps 10]
 """
 import argparse
-import statistics
-import time
 
 import numpy as np
 import torch
@@ -18,6 +16,7 @@ import moe_py
 from moe_py.cli import _configs, build_parser
 from moe_py.data import BatchSampler, python_source_corpus
 from moe_py.torch import MoE
+from bench_train import interleaved_medians as interleaved
 from roofline import machine_line
 
 
@@ -106,17 +105,6 @@ def step_fn(model):
         opt.step()
         return float(loss)
     return step
-
-
-def interleaved(steps, batches, warmup):
-    times = [[] for _ in steps]
-    for i, b in enumerate(batches):
-        for j, s in enumerate(steps):
-            t = time.perf_counter()
-            s(b)
-            if i >= warmup:
-                times[j].append(time.perf_counter() - t)
-    return [statistics.median(t) for t in times]
 
 
 def overhead(shape, repeats=5):
