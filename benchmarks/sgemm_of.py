@@ -2,10 +2,11 @@
 
     .venv/bin/python benchmarks/sgemm_of.py                 # PyPI's scipy-openblas32 (moe_py's)
     .venv/bin/python benchmarks/sgemm_of.py /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0
+    .venv/bin/python benchmarks/sgemm_of.py --shape 256 128 128   # M N K of one expert tile
 
-Prints the core type the library picked and the median GFLOP/s of C[4096,1024] =
-A[4096,512] @ B[512,1024] (row-major, float32) over 15 calls after 0.5 s of warm-up. A library that does not know
-the CPU falls back to generic kernels: this shows it in one line.
+Prints the core type the library picked and the median GFLOP/s of C[M,N] = A[M,K] @ B[K,N]
+(row-major, float32; default 4096 x 1024 x 512) over 15 calls after 0.5 s of warm-up. A
+library that does not know the CPU falls back to generic kernels: this shows it in one line.
 """
 import ctypes
 import os
@@ -17,6 +18,11 @@ import numpy as np
 
 
 def main(argv):
+    M, N, K = 4096, 1024, 512
+    if "--shape" in argv:
+        i = argv.index("--shape")
+        M, N, K = (int(v) for v in argv[i + 1:i + 4])
+        argv = argv[:i] + argv[i + 4:]
     if argv:
         path = argv[0]
     else:
@@ -28,7 +34,6 @@ def main(argv):
     core = getattr(lib, prefix + "openblas_get_corename")
     core.restype = ctypes.c_char_p
     sgemm = getattr(lib, prefix + "cblas_sgemm")
-    M, K, N = 4096, 512, 1024
     rng = np.random.default_rng(0)
     a = rng.standard_normal((M, K), dtype=np.float32)
     b = rng.standard_normal((K, N), dtype=np.float32)
@@ -44,7 +49,7 @@ def main(argv):
         sgemm(*args)
         times.append(time.perf_counter() - t)
     assert np.allclose(c[:4, :4], a[:4] @ b[:, :4], rtol=1e-3, atol=1e-3)
-    print(f"{path}\n  core type {core().decode()}, SGEMM 1 thread: "
+    print(f"{path}\n  core type {core().decode()}, SGEMM [{M}x{K}]x[{K}x{N}] 1 thread: "
           f"{2 * M * N * K / statistics.median(times) / 1e9:.0f} GFLOP/s")
 
 
