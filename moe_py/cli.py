@@ -69,7 +69,8 @@ def _info(args: argparse.Namespace) -> int:
 # ModelConfig.max_seq_len = seq_len, its d_ff (dense width) = top_k * d_ff (the same active
 # FFN parameters per token as k experts), and MoEConfig's d_model/activation/dtype/seed
 # and the model's seed come from the model and training flags.
-MODEL_FLAGS = ("d_model", "n_layers", "n_heads", "activation", "n_predict", "dtype")
+MODEL_FLAGS = ("d_model", "n_layers", "n_heads", "activation", "n_predict", "dtype", "first_dense",
+               "moe_every")
 MOE_FLAGS = ("num_experts", "top_k", "d_ff", "router", "normalize_topk", "capacity_factor",
              "straight_through", "load_balance_coef", "z_loss_coef", "entropy_coef")
 TRAIN_FLAGS = ("corpus", "corpus_bytes", "steps", "batch_size", "seq_len", "grad_accum", "lr",

@@ -3,6 +3,7 @@ layers (or dense SwiGLU FFNs for the baseline).
 
     x = tok_emb[ids] + pos_emb
     n_layers x [ x += Attn(RMSNorm(x)); x += FFN(RMSNorm(x)) ]     FFN = MoELayer | DenseFFN
+    (block i has an MoE FFN when moe is set, i >= first_dense and (i - first_dense) % moe_every == 0)
     logits_i = RMSNorm(x) @ W_head_i,  i = 0 .. n_predict-1 (head i predicts t+1+i)
 """
 from __future__ import annotations
@@ -33,9 +34,11 @@ class ModelConfig:
     d_model: int = 128  # width of the residual stream
     n_layers: int = 4  # transformer blocks
     n_heads: int = 4  # attention heads per block
-    d_ff: int = 256  # FFN width of the dense model (unused when moe is set)
+    d_ff: int = 256  # width of the dense FFN blocks (every block of the dense model)
     activation: str = "swiglu"  # FFN activation: swiglu or gelu
-    moe: Optional[MoEConfig] = None  # the MoE FFN of every block; None: dense
+    moe: Optional[MoEConfig] = None  # the MoE FFN of the MoE blocks; None: a dense model
+    first_dense: int = 0  # the first K blocks keep a dense FFN (DeepSeek's first_k_dense_replace)
+    moe_every: int = 1  # after those, an MoE FFN every N blocks (Megatron's moe_layer_freq)
     n_predict: int = 1  # multi-token prediction heads (head i predicts t+1+i)
     dtype: str = "float32"  # float32 or float64
     seed: int = 0  # seed of the initial weights
@@ -48,8 +51,11 @@ class ModelConfig:
             raise TypeError(f"moe: expected a MoEConfig, a dict of its fields or None, "
                             f"got {type(self.moe).__name__}")
         check_seed(self.seed)
-        for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads", "d_ff", "n_predict"):
+        for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads", "d_ff", "n_predict",
+                     "moe_every"):
             positive_int(name, getattr(self, name))
+        if isinstance(self.first_dense, bool) or not isinstance(self.first_dense, int) or self.first_dense < 0:
+            raise ValueError(f"first_dense: expected an integer >= 0, got {self.first_dense!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"n_heads: expected a divisor of d_model ({self.d_model}), got {self.n_heads}")
         if self.dtype not in DTYPES:
@@ -59,6 +65,10 @@ class ModelConfig:
                 raise ValueError(f"moe.d_model: expected d_model ({self.d_model}), got {self.moe.d_model}")
             if self.moe.dtype != self.dtype:
                 raise ValueError(f"moe.dtype: expected dtype ({self.dtype}), got {self.moe.dtype}")
+
+    def is_moe_block(self, i: int) -> bool:
+        """Whether block i has an MoE FFN (see first_dense and moe_every)."""
+        return self.moe is not None and i >= self.first_dense and (i - self.first_dense) % self.moe_every == 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -86,10 +96,11 @@ class TransformerLM:
         out_std = 0.02 / math.sqrt(2 * cfg.n_layers)
         out_scale = 1.0 / math.sqrt(2 * cfg.n_layers)
 
-        def make_ffn(r: np.random.Generator):
-            return build_ffn(cfg.d_model, cfg.d_ff, cfg.activation, cfg.moe, r, cfg.dtype, out_scale)
-        self.blocks = [Block(cfg.d_model, cfg.n_heads, make_ffn, rng, dt, out_std)
-                       for _ in range(cfg.n_layers)]
+        def ffn_maker(i: int):
+            moe = cfg.moe if cfg.is_moe_block(i) else None
+            return lambda r: build_ffn(cfg.d_model, cfg.d_ff, cfg.activation, moe, r, cfg.dtype, out_scale)
+        self.blocks = [Block(cfg.d_model, cfg.n_heads, ffn_maker(i), rng, dt, out_std)
+                       for i in range(cfg.n_layers)]
         self.norm_f = RMSNorm(cfg.d_model, dt)
         self.heads = [Linear(cfg.d_model, cfg.vocab_size, rng, dt) for _ in range(cfg.n_predict)]
         self._shape = None

@@ -149,3 +149,26 @@ def test_parameter_counts():
     expert = 3 * 8 * 6  # w1, w3, w2 of one expert
     assert c_moe["total"] - c_moe["active"] == 2 * (3 - 2) * expert
     assert c_dense["total"] == c_dense["active"]
+
+
+def test_mixed_dense_and_moe_blocks():
+    moe = moe_py.MoEConfig(d_model=8, d_ff=6, num_experts=3, top_k=2, dtype="float64")
+    cfg = ModelConfig(vocab_size=11, d_model=8, n_layers=5, n_heads=2, d_ff=12, max_seq_len=7,
+                      moe=moe, first_dense=1, moe_every=2, dtype="float64")
+    m = TransformerLM(cfg)
+    assert [b.ffn.has_router for b in m.blocks] == [False, True, False, True, False]
+    assert len(m.moe_layers) == 2
+    n = m.num_parameters()
+    per_expert = 3 * 8 * 6
+    assert n["total"] - n["active"] == 2 * (3 - 2) * per_expert  # one idle expert per MoE block
+    rng = np.random.default_rng(0)
+    ids, targets, mask = batch(rng)
+    out = m.forward(ids, mask)
+    assert len(out.routers) == 2 and len(out.layer_losses) == 2
+    report = gradcheck(m, {"inputs": ids, "targets": targets, "mask": mask}, tol=GRAD_TOL,
+                       max_entries=20)
+    assert report.skipped == 0
+    with pytest.raises(ValueError, match="first_dense"):
+        ModelConfig(first_dense=-1)
+    with pytest.raises(ValueError, match="moe_every"):
+        ModelConfig(moe_every=0)
