@@ -10,7 +10,8 @@ namespace {
 
 moe::RouterOptions router_options(index_t k, bool normalize, bool ste, bool training,
                                   double noise_std, std::uint64_t seed, std::uint64_t step,
-                                  double capacity_factor) {
+                                  double capacity_factor,
+                                  moe::DropPolicy drop_policy = moe::DropPolicy::position) {
   moe::RouterOptions o;
   o.top_k = k;
   o.normalize_topk = normalize;
@@ -20,6 +21,7 @@ moe::RouterOptions router_options(index_t k, bool normalize, bool ste, bool trai
   o.noise_seed = seed;
   o.noise_step = step;
   o.capacity_factor = capacity_factor;
+  o.drop_policy = drop_policy;
   return o;
 }
 
@@ -35,7 +37,8 @@ void bind_typed(py::module_& m, const std::string& sfx) {
   m.def(
       ("router_forward" + sfx).c_str(),
       [](In<T> x, In<T> w, Mask mask, index_t k, bool normalize, bool ste, bool training,
-         double noise_std, std::uint64_t seed, std::uint64_t step, double capacity_factor) {
+         double noise_std, std::uint64_t seed, std::uint64_t step, double capacity_factor,
+         moe::DropPolicy drop_policy) {
         if (x.ndim() != 2) throw std::invalid_argument("x: expected a 2-d array");
         const index_t n = x.shape(0), D = x.shape(1);
         if (w.ndim() != 2) throw std::invalid_argument("w_router: expected a 2-d array");
@@ -52,7 +55,8 @@ void bind_typed(py::module_& m, const std::string& sfx) {
                                 reinterpret_cast<std::uint8_t*>(dropped.mutable_data()),
                                 tpe.mutable_data()};
         const auto opt =
-            router_options(k, normalize, ste, training, noise_std, seed, step, capacity_factor);
+            router_options(k, normalize, ste, training, noise_std, seed, step, capacity_factor,
+                           drop_policy);
         moe::RouterLossValues L;
         {
           py::gil_scoped_release release;
@@ -64,7 +68,7 @@ void bind_typed(py::module_& m, const std::string& sfx) {
       py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("x"), py::arg("w_router"), py::arg("mask"), py::arg("top_k"),
       py::arg("normalize_topk"), py::arg("straight_through"), py::arg("training"),
       py::arg("noise_std"), py::arg("noise_seed"), py::arg("noise_step"),
-      py::arg("capacity_factor"),
+      py::arg("capacity_factor"), py::arg("drop_policy"),
       "route x [T, d_model]: logits, clean and noisy softmax, top-k, combine weights, capacity drops and the router losses");
 
   m.def(
@@ -130,6 +134,9 @@ void bind_typed(py::module_& m, const std::string& sfx) {
 }  // namespace
 
 void bind_router(py::module_& m) {
+  py::enum_<moe::DropPolicy>(m, "DropPolicy", "which assignments an expert over capacity drops")
+      .value("position", moe::DropPolicy::position)
+      .value("probs", moe::DropPolicy::probs);
   py::class_<RouterForwardResult>(m, "RouterForwardResult",
                                   "router_forward's buffers in RouterOutput's field order, then "
                                   "the unweighted load_balance, z_loss and entropy_loss")

@@ -30,25 +30,41 @@ void topk_row(const T* probs, index_t E, index_t k, index_t* indices) {
   }
 }
 
-// Assignments kept in priority order: every token's first choice before any
-// second choice, then token order. Capacity C = ceil(c * R * k / E).
-void assign_capacity(const index_t* indices, const std::uint8_t* mask, index_t n_tokens,
-                     index_t E, index_t k, index_t R, double capacity_factor,
-                     std::uint8_t* dropped) {
+// Capacity C = ceil(c * R * k / E); the assignments past it are marked dropped, in the
+// order of the drop policy (router.h).
+template <typename T>
+void assign_capacity(const index_t* indices, const T* probs, const std::uint8_t* mask,
+                     index_t n_tokens, index_t E, index_t k, index_t R, double capacity_factor,
+                     DropPolicy policy, std::uint8_t* dropped) {
   // Clamped before the conversion: past R*k no assignment can be dropped, and a huge
   // factor would overflow index_t.
   const double raw = std::ceil(capacity_factor * double(R) * double(k) / double(E));
   const index_t capacity = raw >= double(R * k) ? R * k : index_t(raw);
-  std::vector<index_t> used(E, 0);
-  for (index_t j = 0; j < k; ++j)
-    for (index_t t = 0; t < n_tokens; ++t) {
-      if (!mask[t]) continue;
-      const index_t e = indices[t * k + j];
-      if (used[e] < capacity)
-        ++used[e];
-      else
-        dropped[t * k + j] = 1;
-    }
+  if (policy == DropPolicy::position) {
+    std::vector<index_t> used(E, 0);
+    for (index_t j = 0; j < k; ++j)
+      for (index_t t = 0; t < n_tokens; ++t) {
+        if (!mask[t]) continue;
+        const index_t e = indices[t * k + j];
+        if (used[e] < capacity)
+          ++used[e];
+        else
+          dropped[t * k + j] = 1;
+      }
+    return;
+  }
+  // probs: per expert, its assignments by descending probability (stable in (t, j) order)
+  std::vector<std::vector<index_t>> slots(E);  // flat slot t * k + j
+  for (index_t t = 0; t < n_tokens; ++t)
+    if (mask[t])
+      for (index_t j = 0; j < k; ++j) slots[indices[t * k + j]].push_back(t * k + j);
+  for (index_t e = 0; e < E; ++e) {
+    auto& v = slots[e];
+    std::stable_sort(v.begin(), v.end(), [&](index_t a, index_t b) {
+      return probs[(a / k) * E + e] > probs[(b / k) * E + e];
+    });
+    for (std::size_t i = std::size_t(capacity); i < v.size(); ++i) dropped[v[i]] = 1;
+  }
 }
 
 }  // namespace
@@ -109,8 +125,8 @@ RouterLossValues router_forward(const T* x, const T* w_router, const std::uint8_
       for (index_t j = 0; j < k; ++j) ++out.tokens_per_expert[out.topk_indices[t * k + j]];
 
   if (opt.capacity_factor >= 0.0) {
-    assign_capacity(out.topk_indices, mask, n_tokens, E, k, R, opt.capacity_factor,
-                    out.dropped);
+    assign_capacity<T>(out.topk_indices, out.probs, mask, n_tokens, E, k, R, opt.capacity_factor,
+                       opt.drop_policy, out.dropped);
     for (index_t i = 0; i < n_tokens * k; ++i)
       if (out.dropped[i]) out.topk_weights[i] = 0;
   }

@@ -7,6 +7,12 @@
 
 namespace moe {
 
+// Which assignments an expert over capacity drops: `position` keeps every token's first
+// choice before any second choice, then token order (Switch, GShard); `probs` keeps each
+// expert's highest-probability assignments (Megatron-Core's "probs" drop policy), ties to the
+// lower token, then the lower slot.
+enum class DropPolicy { position = 0, probs = 1 };
+
 struct RouterOptions {
   index_t top_k = 1;
   bool normalize_topk = false;
@@ -16,6 +22,7 @@ struct RouterOptions {
   std::uint64_t noise_seed = 0;
   std::uint64_t noise_step = 0;
   double capacity_factor = -1.0;  // < 0: dropless
+  DropPolicy drop_policy = DropPolicy::position;
 };
 
 struct RouterLossValues {

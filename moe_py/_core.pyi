@@ -15,6 +15,16 @@ class Activation:
     @property
     def value(self) -> int: ...
 
+class DropPolicy:
+    """which assignments an expert over capacity drops"""
+    position: typing.ClassVar[DropPolicy]
+    probs: typing.ClassVar[DropPolicy]
+    def __init__(self, value: int) -> None: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def value(self) -> int: ...
+
 class RouterForwardResult:
     """router_forward's buffers in RouterOutput's field order, then the unweighted load_balance, z_loss and entropy_loss"""
     @property
@@ -158,10 +168,10 @@ def router_backward_f32(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.flo
 def router_backward_f64(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], w_router: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], router_logits: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], router_probs_clean: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], router_probs: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], entropy: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], topk_indices: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], dropped: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], tokens_per_expert: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], d_topk_weights: typing.Annotated[numpy.typing.ArrayLike, numpy.float64] | None, top_k: int, normalize_topk: bool, straight_through: bool, training: bool, load_balance_coef: float, z_loss_coef: float, entropy_coef: float, dx: numpy.ndarray, dw_router: numpy.ndarray) -> None:
     """add d(sum(d_topk_weights * topk_weights) + weighted aux losses) into dx and dw_router"""
 
-def router_forward_f32(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], w_router: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], top_k: int, normalize_topk: bool, straight_through: bool, training: bool, noise_std: float, noise_seed: int, noise_step: int, capacity_factor: float) -> RouterForwardResult:
+def router_forward_f32(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], w_router: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], top_k: int, normalize_topk: bool, straight_through: bool, training: bool, noise_std: float, noise_seed: int, noise_step: int, capacity_factor: float, drop_policy: DropPolicy) -> RouterForwardResult:
     """route x [T, d_model]: logits, clean and noisy softmax, top-k, combine weights, capacity drops and the router losses"""
 
-def router_forward_f64(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], w_router: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], top_k: int, normalize_topk: bool, straight_through: bool, training: bool, noise_std: float, noise_seed: int, noise_step: int, capacity_factor: float) -> RouterForwardResult:
+def router_forward_f64(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], w_router: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], top_k: int, normalize_topk: bool, straight_through: bool, training: bool, noise_std: float, noise_seed: int, noise_step: int, capacity_factor: float, drop_policy: DropPolicy) -> RouterForwardResult:
     """route x [T, d_model]: logits, clean and noisy softmax, top-k, combine weights, capacity drops and the router losses"""
 
 def row_entropy_f32(*, probs: typing.Annotated[numpy.typing.ArrayLike, numpy.float32]) -> numpy.typing.NDArray[numpy.float32]:

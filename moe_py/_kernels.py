@@ -12,6 +12,7 @@ import numpy as np
 from . import _core
 
 Activation = _core.Activation
+DropPolicy = _core.DropPolicy
 RouterForwardResult = _core.RouterForwardResult
 
 _SUFFIX = {np.dtype(np.float32): "_f32", np.dtype(np.float64): "_f64"}

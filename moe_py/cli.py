@@ -17,7 +17,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from .config import ACTIVATIONS, DTYPES, ROUTERS, MoEConfig
+from .config import ACTIVATIONS, DROP_POLICIES, DTYPES, ROUTERS, MoEConfig
 from .flags import add_config_flags, config_from_args
 from .layer import MoELayer
 from .threads import set_num_threads
@@ -71,7 +71,7 @@ def _info(args: argparse.Namespace) -> int:
 # and the model's seed come from the model and training flags.
 MODEL_FLAGS = ("d_model", "n_layers", "n_heads", "activation", "n_predict", "dtype", "first_dense",
                "moe_every")
-MOE_FLAGS = ("num_experts", "top_k", "d_ff", "router", "normalize_topk", "capacity_factor",
+MOE_FLAGS = ("num_experts", "top_k", "d_ff", "router", "normalize_topk", "capacity_factor", "drop_policy",
              "straight_through", "load_balance_coef", "z_loss_coef", "entropy_coef")
 TRAIN_FLAGS = ("corpus", "corpus_bytes", "steps", "batch_size", "seq_len", "grad_accum", "lr",
                "warmup", "lr_decay_steps", "min_lr_ratio", "weight_decay", "grad_clip",
@@ -80,7 +80,8 @@ TRAIN_FLAGS = ("corpus", "corpus_bytes", "steps", "batch_size", "seq_len", "grad
                "collapse_steps")
 # Short names kept from earlier versions of the CLI.
 ALIASES = {"n_layers": ["--layers"], "n_heads": ["--heads"], "num_experts": ["--experts"]}
-CHOICES = {"activation": ACTIVATIONS, "dtype": tuple(DTYPES), "router": ROUTERS}
+CHOICES = {"activation": ACTIVATIONS, "dtype": tuple(DTYPES), "router": ROUTERS,
+           "drop_policy": DROP_POLICIES}
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:

@@ -12,6 +12,7 @@ import numpy as np
 # The label of positions no loss reads (no next byte, or padding); as PyTorch's default.
 IGNORE_INDEX = -100
 ROUTERS = ("softmax_topk",)
+DROP_POLICIES = ("position", "probs")
 ACTIVATIONS = ("swiglu", "gelu")
 DTYPES = {"float32": np.float32, "float64": np.float64}
 
@@ -69,6 +70,7 @@ class MoEConfig:
     router: str = "softmax_topk"  # routing algorithm
     normalize_topk: Optional[bool] = None  # divide the k weights by their sum (auto: k > 1)
     capacity_factor: Optional[float] = None  # expert capacity ceil(c * R * k / E); None: dropless
+    drop_policy: str = "position"  # over capacity, drop by position (first choices first) or lowest probs
     activation: str = "swiglu"  # expert activation: swiglu or gelu (erf form)
     straight_through: bool = False  # forward weights 1 in training, gradient of the soft weights
     load_balance_coef: float = 0.01  # weight of E * sum_e f_e P_e in aux_loss
@@ -89,6 +91,8 @@ class MoEConfig:
             )
         if self.router not in ROUTERS:
             raise ValueError(f"router: expected one of {ROUTERS}, got {self.router!r}")
+        if self.drop_policy not in DROP_POLICIES:
+            raise ValueError(f"drop_policy: expected one of {DROP_POLICIES}, got {self.drop_policy!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {self.activation!r}")
         if self.dtype not in DTYPES:

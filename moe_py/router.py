@@ -10,7 +10,7 @@ from typing import Dict, NamedTuple, Optional
 
 import numpy as np
 
-from ._kernels import RouterForwardResult, kernel
+from ._kernels import DropPolicy, RouterForwardResult, kernel
 from ._checks import (NonFiniteError, as_grad, as_mask, as_tokens, check_grad_buffer, check_param,
                       check_row_count)
 from ._guard import OneCaller
@@ -152,7 +152,8 @@ class Router:
             x=x2, w_router=w, mask=mask, top_k=cfg.top_k, normalize_topk=bool(cfg.normalize_topk),
             straight_through=bool(cfg.straight_through), training=bool(training),
             noise_std=std, noise_seed=cfg.seed, noise_step=self._noise_step,
-            capacity_factor=-1.0 if cfg.capacity_factor is None else float(cfg.capacity_factor))
+            capacity_factor=-1.0 if cfg.capacity_factor is None else float(cfg.capacity_factor),
+            drop_policy=DropPolicy.__members__[cfg.drop_policy])
         losses = {"load_balance": res.load_balance, "z_loss": res.z_loss, "entropy": res.entropy_loss}
         aux = float(cfg.load_balance_coef * losses["load_balance"] + cfg.z_loss_coef * losses["z_loss"]
                     + cfg.entropy_coef * losses["entropy"])

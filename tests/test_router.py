@@ -274,3 +274,28 @@ def test_k1_weights_are_probabilities_and_normalising_k1_warns():
     with pytest.warns(UserWarning, match="top_k=1"):
         moe_py.MoEConfig(d_model=4, d_ff=4, num_experts=4, top_k=1, normalize_topk=True)
     assert moe_py.MoEConfig(d_model=4, d_ff=4, num_experts=4, top_k=2).normalize_topk is True
+
+
+def test_probs_drop_policy_keeps_each_experts_most_probable_assignments():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((60, 8))
+    w = rng.standard_normal((8, 4))
+    kept_by = {}
+    for policy in ("position", "probs"):
+        cfg = moe_py.MoEConfig(d_model=8, d_ff=4, num_experts=4, top_k=2, capacity_factor=0.6,
+                               drop_policy=policy, dtype="float64", seed=1)
+        r = moe_py.Router(cfg)
+        r.params["w_router"][...] = w
+        out = r(x)
+        kept_by[policy] = ~out.dropped
+        if policy == "probs":
+            for e in range(4):
+                sel = out.topk_indices == e
+                p = np.broadcast_to(out.router_probs[:, e:e + 1], sel.shape)
+                kept, dropped = p[sel & ~out.dropped], p[sel & out.dropped]
+                if dropped.size:
+                    assert kept.min() >= dropped.max()
+    assert kept_by["position"].sum() == kept_by["probs"].sum()  # the same capacity
+    assert not np.array_equal(kept_by["position"], kept_by["probs"])
+    report = gradcheck(r, {"x": x}, tol=GRAD_TOL)
+    assert report.checked > 0

@@ -68,12 +68,19 @@ def reference_forward_backward(cfg: MoEConfig, params: Dict[str, np.ndarray], x:
     dropped = np.zeros((T, k), bool)
     if cfg.capacity_factor is not None:
         cap = min(math.ceil(cfg.capacity_factor * R * k / E), R * k)
-        used = np.zeros(E, np.int64)
-        for j in range(k):  # every first choice before any second choice, then token order
-            for t in np.flatnonzero(real):
-                if used[idx[t, j]] < cap:
-                    used[idx[t, j]] += 1
-                else:
+        if cfg.drop_policy == "position":
+            used = np.zeros(E, np.int64)
+            for j in range(k):  # every first choice before any second choice, then token order
+                for t in np.flatnonzero(real):
+                    if used[idx[t, j]] < cap:
+                        used[idx[t, j]] += 1
+                    else:
+                        dropped[t, j] = True
+        else:  # "probs": each expert keeps its highest-probability assignments
+            for e in range(E):
+                slots = [(t, j) for t in np.flatnonzero(real) for j in range(k) if idx[t, j] == e]
+                slots.sort(key=lambda tj: -probs[tj[0], e])  # stable: ties keep (t, j) order
+                for t, j in slots[cap:]:
                     dropped[t, j] = True
     ste = cfg.straight_through
     weights = np.where(real[:, None], 1.0 if ste else soft, 0.0) * ~dropped
