@@ -41,6 +41,7 @@ import numpy as np
 
 import moe_py
 from moe_py import _core
+from moe_py.machine import rss_mib
 from roofline import NumpyBlasThreads, best_sgemm, fma_peak, machine_line
 
 DEFAULT_SHAPES = [
@@ -108,14 +109,8 @@ def _trim_heap() -> None:
 
 
 def current_rss_mb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return float(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return float("nan")
+    rss = rss_mib()
+    return float("nan") if rss is None else rss
 
 
 def start_rss_window() -> Tuple[float, bool]:

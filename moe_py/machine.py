@@ -8,7 +8,7 @@ from __future__ import annotations
 import platform
 import re
 import warnings
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from . import _kernels
 
@@ -40,8 +40,21 @@ def _cpuinfo() -> Dict[str, str]:
 
 
 def cpu_simd_flags() -> List[str]:
-    flags = set(_cpuinfo().get("flags", _cpuinfo().get("Features", "")).split())
+    info = _cpuinfo()
+    flags = set(info.get("flags", info.get("Features", "")).split())
     return [f for f in _SIMD_FLAGS if f in flags]
+
+
+def rss_mib() -> Optional[float]:
+    """This process's resident memory in MiB (Linux; None elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def cpu_model() -> str:

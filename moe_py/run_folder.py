@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import warnings
 from typing import List
@@ -82,7 +83,6 @@ class RunFolder:
 
     def clear(self) -> None:
         """Remove a previous run's files and plots (for --overwrite)."""
-        import shutil
         for name in self.OUTPUTS:
             p = os.path.join(self.path, name)
             if os.path.isdir(p):
@@ -112,7 +112,6 @@ class RunFolder:
         try:
             os.link(step_path, tmp)
         except OSError:
-            import shutil
             shutil.copyfile(step_path, tmp)
         os.replace(tmp, self.checkpoint)
         fsync_dir(self.path)

@@ -28,7 +28,8 @@ from .config import MoEConfig
 from .layer import MoELayer, MoEOutput
 from .router import RouterOutput
 
-_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+# the torch dtypes moe_py computes in, by MoEConfig.dtype name
+TORCH_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 
 
 class _MoEFunction(torch.autograd.Function):
@@ -108,7 +109,7 @@ class MoE(torch.nn.Module):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
         if x.device.type != "cpu":
             raise ValueError(f"x: moe_py runs on the CPU; got a tensor on {x.device}")
-        if _DTYPES.get(x.dtype) != self.cfg.dtype:
+        if TORCH_DTYPES.get(x.dtype) != self.cfg.dtype:
             raise TypeError(f"x: expected dtype {self.cfg.dtype} (the layer's), got {x.dtype}")
         for name in self.param_names:
             p = getattr(self, name)

@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 
 from .config import MoEConfig
-
-_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+from .torch import TORCH_DTYPES, MoE, SharedExpert
 
 
 def _kind(block) -> str:
@@ -31,7 +30,6 @@ def _kind(block) -> str:
 def from_hf(block, router_aux_loss_coef=None):
     """router_aux_loss_coef: HF's coefficient (default: the block's config's, if it has one;
     else moe_py's defaults are kept)."""
-    from .torch import MoE, SharedExpert
     kind = _kind(block)
     experts, gate = block.experts, block.gate
     act = getattr(experts.act_fn, "__class__", type(None)).__name__
@@ -40,7 +38,7 @@ def from_hf(block, router_aux_loss_coef=None):
     E, twoF, D = experts.gate_up_proj.shape
     F = twoF // 2
     dtype = experts.gate_up_proj.dtype
-    if dtype not in _DTYPES:
+    if dtype not in TORCH_DTYPES:
         raise TypeError(f"block: expected float32 or float64 weights, got {dtype}")
     normalize = True if kind == "mixtral" else bool(gate.norm_topk_prob)
     if router_aux_loss_coef is None:
@@ -48,7 +46,7 @@ def from_hf(block, router_aux_loss_coef=None):
     coefs = {} if router_aux_loss_coef is None else dict(
         load_balance_coef=gate.top_k * float(router_aux_loss_coef), z_loss_coef=0.0, entropy_coef=0.0)
     cfg = MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=gate.top_k, normalize_topk=normalize,
-                    dtype=_DTYPES[dtype], **coefs)
+                    dtype=TORCH_DTYPES[dtype], **coefs)
     m = MoE(cfg)
     if kind == "qwen2_moe":
         sh = block.shared_expert

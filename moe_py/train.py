@@ -24,6 +24,7 @@ from .checkpoint import load_model, load_optimizer, save_checkpoint
 from .data import Batch, BatchSampler, Corpus, corpus_summary, load_corpus
 from .config import IGNORE_INDEX
 from .lm_losses import cross_entropy
+from .machine import rss_mib
 from .models import ModelConfig, TransformerLM
 from .collapse import CollapseWatch, worst_max_over_mean
 from .optim import AdamW, global_grad_norm, lr_at
@@ -243,9 +244,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, corpus: 
                 raise TrainingDiverged(f"{e} at step {step + 1}; training stopped, the last good "
                                        f"checkpoint is untouched: {run.checkpoint}") from None
             m["tokens_per_s"] = m["tokens"] / (time.perf_counter() - t0)
-            rss = _rss_mib()
+            rss = rss_mib()  # logged each step, so that memory growth shows
             if rss is not None:
-                m["rss_mib"] = rss
+                m["rss_mib"] = round(rss, 1)
             if (step + 1) % train_cfg.eval_every == 0 or step + 1 == train_cfg.steps:
                 m["val_loss"] = evaluate(model, val_sampler, train_cfg.eval_batches)
             if "expert_share" in m:
@@ -268,18 +269,6 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, corpus: 
         if bar is not None:
             bar.close()
     return last
-
-
-def _rss_mib() -> Optional[float]:
-    """This process's resident memory (Linux), logged each step so that growth shows."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return None
 
 
 def _show(bar, m: dict) -> None:

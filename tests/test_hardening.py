@@ -14,6 +14,7 @@ from moe_py import _kernels
 from moe_py._checks import NonFiniteError, check_row_count
 from moe_py.checkpoint import CheckpointError, load_model, save_checkpoint
 from moe_py.config import MoEConfig
+from moe_py.machine import rss_mib
 from moe_py.models import ModelConfig, TransformerLM
 from moe_py.optim import AdamW
 from moe_py.run_folder import RunFolder
@@ -23,14 +24,6 @@ def small_layer(**kw):
     cfg = dict(d_model=16, d_ff=24, num_experts=4, top_k=2, seed=1)
     cfg.update(kw)
     return moe_py.MoELayer(MoEConfig(**cfg))
-
-
-def rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 # 1. arrays handed to users never alias what backward reads ---------------------------------
