@@ -109,7 +109,8 @@ def _check_resume_flags(args: argparse.Namespace, saved: dict) -> None:
     """On --resume only --steps may change: any other flag given must match the run."""
     model, moe, train = saved["model"], saved["model"].get("moe") or {}, saved["train"]
     for dest in sorted(args.explicit):
-        if dest in ("steps", "out", "resume", "overwrite", "threads", "command", "func", "explicit"):
+        if dest in ("steps", "out", "resume", "overwrite", "threads", "command", "func", "explicit",
+                    "expert_parallel"):
             continue
         if dest == "dense":
             have = saved["model"].get("moe") is None
@@ -142,6 +143,9 @@ def _plot(run_dir: str) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.expert_parallel:  # under mpiexec: moe_py/distributed/cli.py
+        from .distributed.cli import train_command
+        return train_command(args)
     from .train import train
     if args.out is None:
         if args.resume:
@@ -266,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its latest checkpoint (--steps extends it)")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    t.add_argument("--expert-parallel", action="store_true",
+                   help="under mpiexec -n P: experts split over the P ranks, the rest data parallel "
+                        "(needs the mpi extra; P must divide --num-experts)")
     t.set_defaults(func=_train)
 
     c = sub.add_parser("compare", allow_abbrev=False, help="MoE vs a dense baseline with the same active parameters")

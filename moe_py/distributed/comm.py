@@ -106,3 +106,33 @@ def allgather_blocks(comm, local: np.ndarray) -> np.ndarray:
     out = np.empty((comm.Get_size() * local.shape[0],) + local.shape[1:], dtype=local.dtype)
     comm.Allgather(local, out)
     return out
+
+
+def gather_blocks(comm, local: np.ndarray, root: int = 0) -> Optional[np.ndarray]:
+    """allgather_blocks, on `root` only (None elsewhere): for writing a checkpoint."""
+    local = np.ascontiguousarray(local)
+    out = None
+    if comm.Get_rank() == root:
+        out = np.empty((comm.Get_size() * local.shape[0],) + local.shape[1:], dtype=local.dtype)
+    comm.Gather(local, out, root=root)
+    return out
+
+
+def bcast_text(comm, text: Optional[str], root: int = 0) -> str:
+    """A string from `root` to every rank, as bytes (a length, then the UTF-8)."""
+    data = (text or "").encode() if comm.Get_rank() == root else b""
+    n = np.array([len(data)], np.int64)
+    comm.Bcast(n, root=root)
+    buf = np.frombuffer(data, np.uint8).copy() if comm.Get_rank() == root else np.empty(int(n[0]), np.uint8)
+    comm.Bcast(buf, root=root)
+    return buf.tobytes().decode()
+
+
+def sum_in_rank_order(comm, values: np.ndarray) -> np.ndarray:
+    """Sum of a small float64 vector over ranks, added in rank order after one Allgather:
+    every rank gets the same bits whatever algorithm MPI picks (statistics, norms)."""
+    every = allgather_blocks(comm, np.ascontiguousarray(values, dtype=np.float64)[None, :])
+    total = every[0].copy()
+    for row in every[1:]:
+        total += row
+    return total

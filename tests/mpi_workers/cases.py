@@ -1,0 +1,46 @@
+"""Inputs shared by the MPI workers and tests/test_distributed.py: both sides build the
+same configs and batches from these few numbers, so nothing computed crosses over."""
+import numpy as np
+
+from moe_py.config import MoEConfig
+from moe_py.layer import MoELayer
+from moe_py.data import BatchSampler, synthetic_corpus
+from moe_py.models import ModelConfig
+from moe_py.train import TrainConfig
+
+
+def layer_setup(case: dict):
+    """(cfg, params, x [T, D], mask [T], dy [T, D], splits): the global batch, the
+    single-process layer's weights, and where the ranks' token ranges start."""
+    cfg = MoEConfig(**case["cfg"])
+    params = MoELayer(cfg).state_dict()
+    rng = np.random.default_rng(case["seed"])
+    T, D = case["tokens"], cfg.d_model
+    x = rng.standard_normal((T, D)).astype(cfg.np_dtype)
+    mask = rng.random(T) >= case.get("padding", 0.0)
+    for a, b in case.get("padded_ranges", []):
+        mask[a:b] = False
+    dy = rng.standard_normal((T, D)).astype(cfg.np_dtype)
+    if "starve" in case:
+        # expert e loses every choice: feature 0 is >= 1 and its router weight there -100
+        x[:, 0] = np.abs(x[:, 0]) + 1
+        params["w_router"][:, case["starve"]] = 0
+        params["w_router"][0, case["starve"]] = -100
+    return cfg, params, x, mask, dy, case["splits"]
+
+
+_CORPUS = {}
+
+
+def train_setup(case: dict):
+    """(ModelConfig, TrainConfig, BatchSampler) of a small LM on the synthetic corpus."""
+    if "c" not in _CORPUS:
+        _CORPUS["c"] = synthetic_corpus(n_docs=200, seed=0)
+    corpus = _CORPUS["c"]
+    moe = MoEConfig(**case["moe"])
+    model = ModelConfig(d_model=moe.d_model, n_layers=2, n_heads=2, d_ff=2 * moe.d_ff,
+                        max_seq_len=case["seq_len"], moe=moe, dtype=moe.dtype, seed=1)
+    train = TrainConfig(corpus="synthetic", steps=case["steps"], batch_size=case["batch_size"],
+                        seq_len=case["seq_len"], grad_accum=case.get("grad_accum", 1), warmup=3,
+                        lr=3e-3)
+    return model, train, BatchSampler(corpus.train, train.batch_size, train.seq_len, train.seed)
