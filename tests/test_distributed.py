@@ -42,7 +42,8 @@ def _mpiexec() -> str:
 
 def run_mpi(n: int, args, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess:
     """`mpiexec -n n python ARGS` with one OpenMP thread per rank (2 cores, 2 ranks)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=WORKERS)
+    path = os.pathsep.join(p for p in (WORKERS, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
     proc = subprocess.run([_mpiexec(), "-n", str(n), sys.executable, *args], env=env,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
@@ -54,9 +55,9 @@ def run_mpi(n: int, args, timeout: float = 240, check: bool = True) -> subproces
 def mpi_ok():
     """mpiexec starts 2 ranks that see each other (a plain failure, never a skip, once
     mpi4py and mpiexec are there)."""
-    proc = run_mpi(2, ["-c", "from mpi4py import MPI; c = MPI.COMM_WORLD; "
-                             "print(c.allreduce(c.Get_rank()), c.Get_size())"], timeout=60)
-    assert proc.stdout.split() == ["1", "2", "1", "2"], proc.stdout
+    proc = run_mpi(2, ["-c", "from mpi4py import MPI; c = MPI.COMM_WORLD; s = c.allreduce(c.Get_rank()); "
+                             "c.Get_rank() == 0 and print(s, c.Get_size())"], timeout=60)
+    assert proc.stdout.split() == ["1", "2"], proc.stdout
 
 
 # ---- one layer: forward and backward against MoELayer on the global batch --------------
@@ -163,3 +164,131 @@ def test_layer_cases_mean_what_they_say():
     assert out.router.tokens_per_expert.sum() == 0
     cfg, params, x, mask, *_ = layer_setup(LAYER_CASES["rank_all_padding"])
     assert not mask[25:].any() and mask[:25].any()
+
+
+# ---- training: 20 steps against the single-process train_step --------------------------
+
+def _moe(**kw):
+    base = dict(d_model=32, d_ff=32, num_experts=4, top_k=2, dtype="float64")
+    base.update(kw)
+    return base
+
+
+TRAIN_CASES = {
+    # capacity drops, two micro-batches per step, padding in the windows
+    "float64": dict(moe=_moe(capacity_factor=1.0), steps=20, batch_size=4, seq_len=32, grad_accum=2),
+    # 4 experts per rank, an odd batch (ranks hold 2 and 3 windows)
+    "float64_uneven": dict(moe=_moe(num_experts=8, top_k=2), steps=20, batch_size=5, seq_len=24),
+    "float32": dict(moe=_moe(dtype="float32"), steps=20, batch_size=4, seq_len=32),
+}
+
+
+@pytest.fixture(scope="module")
+def train_results(mpi_ok, tmp_path_factory):
+    d = tmp_path_factory.mktemp("mpi_train")
+    (d / "cases.json").write_text(json.dumps(TRAIN_CASES))
+    run_mpi(2, [os.path.join(WORKERS, "train_steps.py"), str(d / "cases.json"), str(d / "out.json")])
+    return json.loads((d / "out.json").read_text())
+
+
+def _single_process_steps(case):
+    from moe_py.models import TransformerLM
+    from moe_py.optim import AdamW, lr_at
+    from moe_py.train import train_step
+    model_cfg, train_cfg, sampler = train_setup(case)
+    model = TransformerLM(model_cfg)
+    optim = AdamW(model.named_parameters(), weight_decay=train_cfg.weight_decay)
+    M, rows = train_cfg.grad_accum, []
+    for step in range(case["steps"]):
+        lr = lr_at(step, train_cfg.lr, train_cfg.warmup, train_cfg.steps, train_cfg.min_lr_ratio)
+        rows.append(train_step(model, [sampler.batch(step * M + i) for i in range(M)], optim, lr, train_cfg))
+    return rows
+
+
+@pytest.mark.parametrize("name", sorted(TRAIN_CASES))
+def test_training_steps_equal_single_process(train_results, name):
+    case = TRAIN_CASES[name]
+    rtol = 1e-10 if case["moe"]["dtype"] == "float64" else 1e-5
+    got = train_results[name]
+    assert got["replicated_identical"], "replicated weights differ between ranks"
+    want = _single_process_steps(case)
+    assert len(got["steps"]) == len(want) == 20
+    for step, (g, w) in enumerate(zip(got["steps"], want)):
+        for key in ("loss", "aux_loss", "grad_norm"):
+            np.testing.assert_allclose(g[key], w[key], rtol=rtol, err_msg=f"step {step + 1}: {key}")
+        for key in ("load_balance", "z_loss", "entropy", "expert_share", "drop_rate"):
+            np.testing.assert_allclose(g[key], w[key], rtol=rtol, atol=1e-12, err_msg=f"step {step + 1}: {key}")
+        assert g["tokens"] == w["tokens"]
+    if name == "float64":
+        assert max(max(w["drop_rate"]) for w in want) > 0  # the capacity really drops
+
+
+# ---- the command line: train, a single-process reader, resume at another P ---------------
+
+TINY = ["--corpus", "synthetic", "--d-model", "32", "--n-layers", "2", "--n-heads", "2", "--d-ff", "32",
+        "--num-experts", "4", "--batch-size", "4", "--seq-len", "32", "--dtype", "float64",
+        "--eval-every", "2", "--eval-batches", "2", "--checkpoint-every", "2", "--warmup", "2",
+        "--capacity-factor", "1.25"]
+
+
+def _cli(n, out, *extra, check=True):
+    return run_mpi(n, ["-m", "moe_py", "train", "--expert-parallel", "--out", str(out), *TINY, *extra],
+                   check=check)
+
+
+def _metrics(run_dir):
+    from moe_py.train import read_metrics
+    return read_metrics(str(run_dir))
+
+
+def test_cli_train_checkpoint_and_resume_at_another_p(mpi_ok, tmp_path):
+    from moe_py.checkpoint import load_model
+    from moe_py.cli import _configs, build_parser
+    from moe_py.train import train
+    whole = tmp_path / "p2"
+    proc = _cli(2, whole, "--steps", "4")
+    assert "2 MPI ranks" in proc.stdout
+    # the same run in this process, single-process trainer
+    args = build_parser().parse_args(["train", "--steps", "4", *TINY])
+    model_cfg, train_cfg = _configs(args, dense=False)
+    ref_dir = tmp_path / "single"
+    train(model_cfg, train_cfg, str(ref_dir), quiet=True)
+    got, want = _metrics(whole), _metrics(ref_dir)
+    assert [m["step"] for m in got] == [1, 2, 3, 4]
+    for g, w in zip(got, want):
+        for key in ("loss", "aux_loss", "grad_norm", "val_loss"):
+            if key in w:
+                np.testing.assert_allclose(g[key], w[key], rtol=1e-10, err_msg=key)
+    # the checkpoint holds every expert: it loads in one process and equals the reference
+    m_ep, data = load_model(str(whole / "checkpoint.npz"))
+    m_ref, data_ref = load_model(str(ref_dir / "checkpoint.npz"))
+    for (n, p, _), (_, q, _) in zip(m_ep.named_parameters(), m_ref.named_parameters()):
+        np.testing.assert_allclose(p, q, rtol=1e-9, atol=1e-12, err_msg=n)
+    for key in data_ref:
+        if key.startswith("optim."):
+            np.testing.assert_allclose(data[key], data_ref[key], rtol=1e-8, atol=1e-14, err_msg=key)
+    sample = subprocess.run([sys.executable, "-m", "moe_py", "sample", str(whole), "--length", "10"],
+                            capture_output=True, text=True, timeout=120)
+    assert sample.returncode == 0, sample.stderr
+
+    # stop at step 2 with P = 2, resume to step 4 with P = 4 (one expert per rank)
+    part = tmp_path / "resumed"
+    _cli(2, part, "--steps", "2")
+    run_mpi(4, ["-m", "moe_py", "train", "--expert-parallel", "--resume", "--out", str(part), "--steps", "4"])
+    resumed = _metrics(part)
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    for g, w in zip(resumed, want):
+        np.testing.assert_allclose(g["loss"], w["loss"], rtol=1e-10)
+
+
+def test_cli_ranks_must_divide_experts(mpi_ok, tmp_path):
+    proc = _cli(3, tmp_path / "bad", "--steps", "1", check=False)
+    assert proc.returncode != 0
+    assert "num_experts: expected a multiple of the number of MPI ranks (3), got 4" in proc.stderr
+
+
+def test_core_does_not_import_mpi4py():
+    code = ("import sys, moe_py, moe_py.cli, moe_py.train, moe_py.models, moe_py.checkpoint; "
+            "moe_py.cli.build_parser(); print('mpi4py' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stdout + proc.stderr
