@@ -51,7 +51,9 @@ from . import comm as C
 from .capacity import capacity, drops_position, drops_probs, slot_counts
 
 SUPPORTED_ROUTERS = ("softmax_topk",)
-FORWARD_PHASES = ("route", "a2a_out", "experts", "a2a_back", "combine")
+# Timed per call into `timings` (seconds, accumulated); the a2a phases time the MPI calls
+# alone, so they include waiting for the slowest rank.
+FORWARD_PHASES = ("route", "dispatch", "a2a_out", "experts", "a2a_back", "combine")
 BACKWARD_PHASES = ("combine_bwd", "a2a_out_bwd", "experts_bwd", "a2a_back_bwd", "router_bwd",
                    "allreduce")
 
@@ -215,21 +217,22 @@ class ExpertParallelMoELayer:
         xs = kernel("gather_rows", dt)(x=x2, row_token=row_token)
         El = self.local_experts
         per_expert = np.diff(offsets).reshape(self.size, El)
+        t0 = self._tick("dispatch", t0)
         recv_counts = C.alltoall_counts(comm, per_expert)  # [source rank, local expert]
         send_rows, recv_rows = per_expert.sum(axis=1), recv_counts.sum(axis=1)
         xr = C.alltoallv_rows(comm, xs, send_rows, recv_rows)
         self._count_bytes(send_rows, D, dt)
+        t0 = self._tick("a2a_out", t0)
+
         perm, inv = _expert_major(recv_counts)
         xe = xr if perm is None else kernel("gather_rows", dt)(x=xr, row_token=perm)
         local_offsets = np.concatenate(([0], np.cumsum(recv_counts.sum(axis=0)))).astype(np.int64)
-        t0 = self._tick("a2a_out", t0)
-
         w1, w3, w2 = self._expert_weights()
         h1, h3, ye = kernel("experts_forward", dt)(xs=xe, offsets=local_offsets, w1=w1, w3=w3, w2=w2,
                                                    activation=self._activation)
+        ye_r = ye if inv is None else kernel("gather_rows", dt)(x=ye, row_token=inv)
         t0 = self._tick("experts", t0)
 
-        ye_r = ye if inv is None else kernel("gather_rows", dt)(x=ye, row_token=inv)
         ye_back = C.alltoallv_rows(comm, ye_r, recv_rows, send_rows)
         self._count_bytes(recv_rows, D, dt)
         t0 = self._tick("a2a_back", t0)
@@ -279,15 +282,15 @@ class ExpertParallelMoELayer:
         t0 = self._tick("combine_bwd", t0)
         dye_r = C.alltoallv_rows(comm, dye, ctx.send_rows, ctx.recv_rows)
         self._count_bytes(ctx.send_rows, D, dt)
-        dye_e = dye_r if ctx.perm is None else kernel("gather_rows", dt)(x=dye_r, row_token=ctx.perm)
         t0 = self._tick("a2a_out_bwd", t0)
+        dye_e = dye_r if ctx.perm is None else kernel("gather_rows", dt)(x=dye_r, row_token=ctx.perm)
         w1, w3, w2 = ctx.weights
         g3 = self.grads.get("w3", np.zeros((0, 0, 0), dtype=dt))
         dxs_e = kernel("experts_backward", dt)(
             xs=ctx.xe, offsets=ctx.local_offsets, w1=w1, w3=w3, w2=w2, h1=ctx.h1, h3=ctx.h3,
             dye=dye_e, activation=self._activation, dw1=self.grads["w1"], dw3=g3, dw2=self.grads["w2"])
-        t0 = self._tick("experts_bwd", t0)
         dxs_r = dxs_e if ctx.inv is None else kernel("gather_rows", dt)(x=dxs_e, row_token=ctx.inv)
+        t0 = self._tick("experts_bwd", t0)
         dxs = C.alltoallv_rows(comm, dxs_r, ctx.recv_rows, ctx.send_rows)
         self._count_bytes(ctx.recv_rows, D, dt)
         t0 = self._tick("a2a_back_bwd", t0)
