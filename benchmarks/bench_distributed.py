@@ -82,8 +82,8 @@ def train_rate(comm, n_steps: int) -> dict:
     """tokens/s of whole expert-parallel steps of the default model (synthetic corpus)."""
     from moe_py.cli import _configs, build_parser
     from moe_py.data import BatchSampler, load_corpus
+    import moe_py.distributed.train as dtrain
     from moe_py.distributed.model import to_expert_parallel
-    from moe_py.distributed.train import train_step
     from moe_py.models import TransformerLM
     from moe_py.optim import AdamW
     args = build_parser().parse_args(["train", "--corpus", "synthetic"])
@@ -93,18 +93,34 @@ def train_rate(comm, n_steps: int) -> dict:
     model = TransformerLM(model_cfg)
     experts = to_expert_parallel(model, comm)
     optim = AdamW(model.named_parameters())
-    times, tokens = [], 0
+    # time the dense gradients' all-reduce inside train_step
+    grad_sync = {"s": 0.0}
+    plain = dtrain.allreduce_replicated_grads
+
+    def timed_sync(*a):
+        t = time.perf_counter()
+        plain(*a)
+        grad_sync["s"] += time.perf_counter() - t
+    dtrain.allreduce_replicated_grads = timed_sync
+    times, comm_s, tokens = [], [], 0
     for step in range(n_steps + 1):
         b = sampler.batch(step)
+        for layer in model.moe_layers:
+            layer.timings = dict.fromkeys(layer.timings, 0.0)
+        grad_sync["s"] = 0.0
         comm.Barrier()
         t0 = time.perf_counter()
-        m = train_step(model, [b], optim, 1e-3, train_cfg, comm, experts)
+        m = dtrain.train_step(model, [b], optim, 1e-3, train_cfg, comm, experts)
         comm.Barrier()
         if step:  # the first step warms up
             times.append(time.perf_counter() - t0)
+            comm_s.append(grad_sync["s"] + sum(layer.timings[c] for layer in model.moe_layers
+                                               for c in COMM))
             tokens = m["tokens"]
-    return {"tokens_per_step": tokens, "step_s": float(np.median(times)),
-            "tokens_per_s": tokens / float(np.median(times))}
+    dtrain.allreduce_replicated_grads = plain
+    step_s = float(np.median(times))
+    return {"tokens_per_step": tokens, "step_s": step_s, "tokens_per_s": tokens / step_s,
+            "comm_share": float(np.median(np.array(comm_s) / np.array(times)))}
 
 
 # ---- the launcher ---------------------------------------------------------------------
@@ -160,7 +176,8 @@ def main() -> None:
         print(f"\ndefault train model, synthetic corpus, {res[args.ranks[0]]['train']['tokens_per_step']} "
               "tokens per step:")
         for P, r in res.items():
-            print(f"  P={P}: {r['train']['tokens_per_s']:,.0f} tokens/s ({1e3 * r['train']['step_s']:.1f} ms/step)")
+            print(f"  P={P}: {r['train']['tokens_per_s']:,.0f} tokens/s ({1e3 * r['train']['step_s']:.1f} ms/step; "
+                  f"all-to-alls and all-reduces on rank 0: {100 * r['train']['comm_share']:.0f} % of it)")
     cost_model(res, args)
 
 

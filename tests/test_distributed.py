@@ -24,10 +24,9 @@ from cases import layer_setup, train_setup  # noqa: E402
 
 
 def _mpiexec() -> str:
+    import importlib.util
     problem = None
-    try:
-        import mpi4py  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("mpi4py") is None:
         problem = "mpi4py is not installed (pip install 'moe_py[mpi]')"
     local = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     exe = local if os.path.exists(local) else shutil.which("mpiexec")
@@ -119,7 +118,7 @@ def test_layer_equals_single_process(layer_results, name):
     case = LAYER_CASES[name]
     cfg, ref, out, dx, bounds = _reference(case)
     tol = dict(rtol=1e-12, atol=1e-13) if cfg.dtype == "float64" else dict(rtol=1e-5, atol=1e-6)
-    k, D, itemsize = cfg.top_k, cfg.d_model, np.dtype(cfg.np_dtype).itemsize
+    D, itemsize = cfg.d_model, np.dtype(cfg.np_dtype).itemsize
     E_local = cfg.num_experts // 2
     for rank in range(2):
         got = np.load(layer_results / f"{name}.rank{rank}.npz")
