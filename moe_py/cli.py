@@ -143,9 +143,13 @@ def _plot(run_dir: str) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .distributed.cli import mpi_ranks_from_launcher, train_command
     if args.expert_parallel:  # under mpiexec: moe_py/distributed/cli.py
-        from .distributed.cli import train_command
         return train_command(args)
+    if mpi_ranks_from_launcher() > 1:
+        raise ValueError(f"expert_parallel: started by mpiexec with {mpi_ranks_from_launcher()} ranks "
+                         "but without --expert-parallel: every rank would train the same run into "
+                         "one folder")
     from .train import train
     if args.out is None:
         if args.resume:

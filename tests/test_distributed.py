@@ -152,6 +152,26 @@ def test_layer_equals_single_process(layer_results, name):
         assert int(got["bytes_sent"]) == 2 * (out_rows + in_rows) * D * itemsize
 
 
+BAD_INPUTS = {  # argument -> (exception, words its message must contain)
+    "comm": ("TypeError", "comm: expected an mpi4py Intracomm"),
+    "cfg": ("TypeError", "cfg: expected a MoEConfig"),
+    "full_params": ("ValueError", "full_params['w1']: expected float64 [4, 8, 8]"),
+    "x_dtype": ("TypeError", "x: expected dtype float64"),
+    "x_shape": ("ValueError", "x: expected shape [..., 8]"),
+    "mask": ("ValueError", "padding_mask: expected shape [3]"),
+    "noise": ("NotImplementedError", "noise_std: router noise is not supported"),
+    "backward_first": ("RuntimeError", "backward called before forward"),
+}
+
+
+def test_bad_inputs_raise_clear_errors(layer_results):
+    for rank in range(2):
+        seen = json.loads((layer_results / f"errors.rank{rank}.json").read_text())
+        for name, (kind, words) in BAD_INPUTS.items():
+            assert seen[name] is not None, f"{name}: nothing raised"
+            assert seen[name][0] == kind and words in seen[name][1], (name, seen[name])
+
+
 def test_layer_cases_mean_what_they_say():
     """The reference batches really contain what the cases claim (or the test above
     would pass for the wrong reason)."""
@@ -291,3 +311,11 @@ def test_core_does_not_import_mpi4py():
             "moe_py.cli.build_parser(); print('mpi4py' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stdout + proc.stderr
+
+
+def test_cli_refuses_mpiexec_without_expert_parallel(mpi_ok, tmp_path):
+    proc = run_mpi(2, ["-m", "moe_py", "train", "--out", str(tmp_path / "r"), *TINY, "--steps", "1"],
+                   check=False)
+    assert proc.returncode != 0
+    assert "without --expert-parallel" in proc.stderr
+    assert not (tmp_path / "r").exists()

@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 from . import comm as C
+
+
+def mpi_ranks_from_launcher() -> int:
+    """The job size mpiexec announced in the environment (MPICH's hydra: PMI_SIZE; Open
+    MPI: OMPI_COMM_WORLD_SIZE), 1 outside MPI; read without importing mpi4py."""
+    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 1
 
 
 def train_command(args: argparse.Namespace) -> int:

@@ -43,9 +43,10 @@ import numpy as np
 
 from .. import _kernels
 from .._checks import NonFiniteError, as_grad, as_mask, as_tokens
+from .._guard import OneCaller
 from .._kernels import Activation, kernel
 from ..config import MoEConfig
-from ..layer import MoELayer, MoEOutput
+from ..layer import MoELayer, MoEOutput, _replace_arrays
 from ..router import Router
 from . import comm as C
 from .capacity import capacity, drops_position, drops_probs, slot_counts
@@ -103,8 +104,8 @@ class ExpertParallelMoELayer:
         self.local_experts = E // P
         self.expert_range = (rank * self.local_experts, (rank + 1) * self.local_experts)
         reference = MoELayer(cfg)  # the single-process layer's initial weights (same seed)
-        if full_params is not None:
-            reference.load_state_dict(full_params)  # checks keys, shapes, dtypes, finiteness
+        if full_params is not None:  # checks keys, shapes, dtypes, finiteness
+            _replace_arrays(reference.params, full_params, "full_params")
         lo, hi = self.expert_range
         self.params: Dict[str, np.ndarray] = {
             k: (v.copy() if k == "w_router" else np.ascontiguousarray(v[lo:hi]))
@@ -115,6 +116,7 @@ class ExpertParallelMoELayer:
         self.reduce_router_grad = bool(reduce_router_grad)
         self._activation = Activation.__members__[cfg.activation]
         self._latest: Optional[_Context] = None
+        self._guard = OneCaller("ExpertParallelMoELayer")
         self.timings: Dict[str, float] = {p: 0.0 for p in FORWARD_PHASES + BACKWARD_PHASES}
         self.bytes_sent = 0  # bytes of rows this rank sent to other ranks (all-to-alls)
 
@@ -134,7 +136,7 @@ class ExpertParallelMoELayer:
     def load_full_params(self, full: Dict[str, np.ndarray]) -> None:
         """Take this rank's experts (and the router) from a whole layer's parameters."""
         ref = MoELayer(self.cfg)
-        ref.load_state_dict(full)
+        _replace_arrays(ref.params, full, "full")
         lo, hi = self.expert_range
         for k, v in ref.params.items():
             self.params[k][...] = v if k == "w_router" else v[lo:hi]
@@ -182,6 +184,12 @@ class ExpertParallelMoELayer:
         return R, total, counts, token_offset
 
     def __call__(self, x, padding_mask=None, training: bool = True) -> MoEOutput:
+        with self._guard.forward():
+            return self._forward(x, padding_mask, training)
+
+    forward = __call__
+
+    def _forward(self, x, padding_mask, training: bool) -> MoEOutput:
         cfg, comm = self.cfg, self.comm
         E, k, D, dt = cfg.num_experts, cfg.top_k, cfg.d_model, cfg.np_dtype
         t0 = time.perf_counter()
@@ -250,8 +258,6 @@ class ExpertParallelMoELayer:
         self._tick("combine", t0)
         return MoEOutput(y2.reshape(lead + (D,)), public, aux, dict(losses), ctx)
 
-    forward = __call__
-
     def _expert_weights(self):
         w3 = self.params.get("w3", np.zeros((0, 0, 0), dtype=self.cfg.np_dtype))
         return self.params["w1"], w3, self.params["w2"]
@@ -265,6 +271,10 @@ class ExpertParallelMoELayer:
         """Collective: the gradient of sum(dy * y) + aux_weight * aux_loss with respect to
         this rank's x; expert gradients into this rank's grads, the router's summed over
         ranks (unless reduce_router_grad is False)."""
+        with self._guard.backward():
+            return self._backward(dy, aux_weight, out)
+
+    def _backward(self, dy, aux_weight: float, out: Optional[MoEOutput]) -> np.ndarray:
         ctx = self._latest if out is None else out.context
         if ctx is None:
             raise RuntimeError("backward called before forward")

@@ -10,6 +10,7 @@ import numpy as np
 from mpi4py import MPI
 
 from moe_py.distributed import ExpertParallelMoELayer
+from moe_py.layer import MoELayer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cases import layer_setup  # noqa: E402
@@ -33,6 +34,37 @@ def main() -> None:
                  aux_loss=out.aux_loss, bytes_sent=layer.bytes_sent,
                  **{f"router.{f}": getattr(r, f) for f in r._fields},
                  **{f"grad.{k}": g for k, g in layer.grads.items()})
+    bad_inputs(comm, os.path.join(sys.argv[2], f"errors.rank{rank}.json"))
+
+
+def bad_inputs(comm, path: str) -> None:
+    """The exception each bad argument raises (type and message), before any collective."""
+    import moe_py
+    cfg = moe_py.MoEConfig(d_model=8, d_ff=8, num_experts=4, top_k=2, dtype="float64")
+    layer = ExpertParallelMoELayer(cfg, comm)
+    wrong = MoELayer(cfg).state_dict()
+    wrong["w1"] = wrong["w1"][:, :4]
+    noisy = ExpertParallelMoELayer(cfg, comm)
+    noisy.set_noise_annealing(1.0, 10)
+    attempts = {
+        "comm": lambda: ExpertParallelMoELayer(cfg, comm="world"),
+        "cfg": lambda: ExpertParallelMoELayer({"d_model": 8}, comm),
+        "full_params": lambda: ExpertParallelMoELayer(cfg, comm, full_params=wrong),
+        "x_dtype": lambda: layer(np.zeros((3, 8), np.float32)),
+        "x_shape": lambda: layer(np.zeros((3, 7))),
+        "mask": lambda: layer(np.zeros((3, 8)), padding_mask=np.ones(4, bool)),
+        "noise": lambda: noisy(np.zeros((3, 8))),
+        "backward_first": lambda: ExpertParallelMoELayer(cfg, comm).backward(np.zeros((3, 8))),
+    }
+    seen = {}
+    for name, fn in attempts.items():
+        try:
+            fn()
+            seen[name] = None
+        except Exception as e:  # noqa: BLE001 - recorded for the test to judge
+            seen[name] = [type(e).__name__, str(e)]
+    with open(path, "w") as f:
+        json.dump(seen, f)
 
 
 if __name__ == "__main__":
