@@ -1,4 +1,4 @@
-// Bindings of cpp/router.h: routing forward and backward, and the row entropy the
+// Bindings of cpp/router.h: routing options, forward and backward, and the row entropy the
 // router computes (bound so that analysis and logging use the same code).
 #include "bind_common.h"
 #include "losses.h"
@@ -8,23 +8,6 @@ namespace moe_bind {
 
 namespace {
 
-moe::RouterOptions router_options(index_t k, bool normalize, bool ste, bool training,
-                                  double noise_std, std::uint64_t seed, std::uint64_t step,
-                                  double capacity_factor,
-                                  moe::DropPolicy drop_policy = moe::DropPolicy::position) {
-  moe::RouterOptions o;
-  o.top_k = k;
-  o.normalize_topk = normalize;
-  o.straight_through = ste;
-  o.training = training;
-  o.noise_std = noise_std;
-  o.noise_seed = seed;
-  o.noise_step = step;
-  o.capacity_factor = capacity_factor;
-  o.drop_policy = drop_policy;
-  return o;
-}
-
 // What router_forward returns: RouterOutput's fields in its order, then the unweighted losses.
 struct RouterForwardResult {
   py::array topk_weights, topk_indices, router_probs, router_probs_clean, router_logits, entropy,
@@ -32,64 +15,118 @@ struct RouterForwardResult {
   double load_balance, z_loss, entropy_loss;
 };
 
+// Options that would index out of bounds or divide by zero never reach the kernels.
+void check_options(const moe::RouterOptions& o, index_t n, index_t E) {
+  if (o.top_k < 1 || o.top_k > E) throw std::invalid_argument("top_k: expected 1 <= top_k <= E");
+  if (o.n_group < 1 || E % o.n_group != 0)
+    throw std::invalid_argument("n_group: expected a divisor of num_experts");
+  if (o.n_group > 1 && (o.topk_group < 1 || o.topk_group > o.n_group ||
+                        o.top_k > o.topk_group * (E / o.n_group)))
+    throw std::invalid_argument(
+        "topk_group: expected 1 <= topk_group <= n_group with top_k <= topk_group * E / n_group");
+  if (o.sinkhorn_iterations < 1)
+    throw std::invalid_argument("sinkhorn_iterations: expected >= 1");
+  if (o.seq_len < 0 || (o.seq_len > 0 && n % o.seq_len != 0))
+    throw std::invalid_argument("seq_len: expected 0 or a divisor of the token count");
+  if (o.kind == moe::RouterKind::expert_choice && !(o.capacity_factor > 0))
+    throw std::invalid_argument("capacity_factor: expert choice needs a factor > 0");
+}
+
+template <typename T>
+const T* optional_row(const std::optional<In<T>>& a, const char* name, index_t len) {
+  if (!a) return nullptr;
+  expect_shape(*a, name, {len});
+  return a->data();
+}
+
 template <typename T>
 void bind_typed(py::module_& m, const std::string& sfx) {
   m.def(
       ("router_forward" + sfx).c_str(),
-      [](In<T> x, In<T> w, Mask mask, index_t k, bool normalize, bool ste, bool training,
-         double noise_std, std::uint64_t seed, std::uint64_t step, double capacity_factor,
-         moe::DropPolicy drop_policy) {
+      [](In<T> x, std::optional<In<T>> w, Mask mask, index_t E, const moe::RouterOptions& opt,
+         std::optional<In<T>> expert_bias, std::optional<Idx> balance_counts,
+         std::optional<Idx> token_ids) {
         if (x.ndim() != 2) throw std::invalid_argument("x: expected a 2-d array");
         const index_t n = x.shape(0), D = x.shape(1);
-        if (w.ndim() != 2) throw std::invalid_argument("w_router: expected a 2-d array");
-        const index_t E = w.shape(1);
-        expect_shape(w, "w_router", {D, E});
+        const bool hash = opt.kind == moe::RouterKind::hash;
+        if (!hash && !w) throw std::invalid_argument("w_router: required by this router");
+        if (w) expect_shape(*w, "w_router", {D, E});
         expect_shape(mask, "padding_mask", {n});
-        if (k < 1 || k > E) throw std::invalid_argument("top_k: expected 1 <= top_k <= E");
+        check_options(opt, n, E);
+        const index_t* ids = optional_row(token_ids, "token_ids", n);
+        if (hash && !ids) throw std::invalid_argument("token_ids: required by the hash router");
+        if (ids)
+          for (index_t t = 0; t < n; ++t)
+            if (ids[t] < 0) throw std::invalid_argument("token_ids: expected ids >= 0");
+        const index_t* extra = optional_row(balance_counts, "balance_counts", E);
+        if (extra)
+          for (index_t e = 0; e < E; ++e)
+            if (extra[e] < 0) throw std::invalid_argument("balance_counts: expected counts >= 0");
+        // expert choice writes up to E slots per token and trims to the largest count
+        const index_t room = opt.kind == moe::RouterKind::expert_choice ? E : opt.top_k;
         auto logits = empty<T>({n, E}), pc = empty<T>({n, E}), p = empty<T>({n, E});
-        auto ent = empty<T>({n}), wts = empty<T>({n, k});
-        auto idx = empty<index_t>({n, k}), tpe = empty<index_t>({E});
-        auto dropped = py::array_t<bool>(std::vector<py::ssize_t>{n, k});
+        auto ent = empty<T>({n}), wts = empty<T>({n, room});
+        auto idx = empty<index_t>({n, room}), tpe = empty<index_t>({E});
+        auto dropped = py::array_t<bool>(std::vector<py::ssize_t>{n, room});
         moe::RouterBuffers<T> b{logits.mutable_data(), pc.mutable_data(), p.mutable_data(),
                                 ent.mutable_data(),    idx.mutable_data(), wts.mutable_data(),
                                 reinterpret_cast<std::uint8_t*>(dropped.mutable_data()),
                                 tpe.mutable_data()};
-        const auto opt =
-            router_options(k, normalize, ste, training, noise_std, seed, step, capacity_factor,
-                           drop_policy);
+        const moe::RouterInputs<T> in{x.data(), w ? w->data() : nullptr, mask.data(),
+                                      optional_row(expert_bias, "expert_bias", E), extra, ids};
         moe::RouterLossValues L;
         {
           py::gil_scoped_release release;
-          L = moe::router_forward<T>(x.data(), w.data(), mask.data(), n, D, E, opt, b);
+          L = moe::router_forward<T>(in, n, D, E, opt, b);
         }
-        return RouterForwardResult{wts, idx, p, pc, logits, ent, tpe, dropped,
+        py::object wts_out = wts, idx_out = idx, dropped_out = dropped;
+        if (L.width != room) {  // the slots were written with stride width: keep those
+          const index_t used = n * L.width;
+          auto trim = [&](auto& a, auto tag) {
+            using V = decltype(tag);
+            auto out = py::array_t<V>(std::vector<py::ssize_t>{n, L.width});
+            std::copy(a.data(), a.data() + used, out.mutable_data());
+            return out;
+          };
+          wts_out = trim(wts, T());
+          idx_out = trim(idx, index_t());
+          dropped_out = trim(dropped, bool());
+        }
+        return RouterForwardResult{wts_out, idx_out, p, pc, logits, ent, tpe, dropped_out,
                                    L.load_balance, L.z_loss, L.entropy};
       },
-      py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("x"), py::arg("w_router"), py::arg("mask"), py::arg("top_k"),
-      py::arg("normalize_topk"), py::arg("straight_through"), py::arg("training"),
-      py::arg("noise_std"), py::arg("noise_seed"), py::arg("noise_step"),
-      py::arg("capacity_factor"), py::arg("drop_policy"),
-      "route x [T, d_model]: logits, clean and noisy softmax, top-k, combine weights, capacity drops and the router losses");
+      py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("x"), py::arg("w_router"),
+      py::arg("mask"), py::arg("num_experts"), py::arg("options"), py::arg("expert_bias"),
+      py::arg("balance_counts"), py::arg("token_ids"),
+      "route x [T, d_model] with the algorithm of options.kind: logits, clean and noisy "
+      "scores, the selection, combine weights, capacity drops and the router losses");
 
   m.def(
       ("router_backward" + sfx).c_str(),
       [](In<T> x, In<T> w, Mask mask, In<T> logits, In<T> probs_clean, In<T> probs,
          In<T> entropy, Idx idx, Mask dropped, Idx tpe, std::optional<In<T>> d_weights,
-         index_t k, bool normalize, bool ste, bool training, double lb_coef, double z_coef,
-         double ent_coef, py::array dx, py::array dw) {
+         moe::RouterOptions opt, std::optional<Idx> balance_counts, double lb_coef,
+         double z_coef, double ent_coef, py::array dx, py::array dw) {
         const index_t n = x.shape(0), D = x.shape(1), E = w.shape(1);
         expect_shape(w, "w_router", {D, E});
         expect_shape(mask, "padding_mask", {n});
+        if (idx.ndim() != 2 || idx.shape(0) != n)
+          throw std::invalid_argument("saved topk_indices: expected shape (T, slots)");
+        const index_t k = idx.shape(1);  // the forward's width
         for (auto* a : {&logits, &probs_clean, &probs}) expect_shape(*a, "saved probs", {n, E});
         expect_shape(entropy, "saved entropy", {n});
-        expect_shape(idx, "saved topk_indices", {n, k});
         expect_shape(dropped, "saved dropped", {n, k});
         expect_shape(tpe, "saved tokens_per_expert", {E});
         if (d_weights) expect_shape(*d_weights, "d_topk_weights", {n, k});
+        const bool ec = opt.kind == moe::RouterKind::expert_choice;
+        if (!ec && k != opt.top_k)
+          throw std::invalid_argument("saved topk_indices: expected top_k slots per token");
+        check_options(opt, n, E);
         // The saved buffers index arrays: a changed one must not reach the kernel.
         for (index_t i = 0; i < n * k; ++i) {
           const index_t e = idx.data()[i];
-          if (e < -1 || e >= E || (e == -1) != (mask.data()[i / k] == 0))
+          const bool real = mask.data()[i / k] != 0;
+          if (e < -1 || e >= E || (e == -1 && real && !ec) || (e != -1 && !real))
             throw std::invalid_argument(
                 "saved topk_indices: expected experts in [0, E) for real tokens and -1 for "
                 "padding; was the router output modified before backward?");
@@ -101,19 +138,20 @@ void bind_typed(py::module_& m, const std::string& sfx) {
                                 const_cast<index_t*>(idx.data()), nullptr,
                                 const_cast<std::uint8_t*>(dropped.data()),
                                 const_cast<index_t*>(tpe.data())};
-        const auto opt = router_options(k, normalize, ste, training, 0.0, 0, 0, -1.0);
+        opt.top_k = k;
+        const moe::RouterInputs<T> in{x.data(), w.data(), mask.data(), nullptr,
+                                      optional_row(balance_counts, "balance_counts", E), nullptr};
         const moe::RouterLossCoefs coefs{lb_coef, z_coef, ent_coef};
         const T* dwts = d_weights ? d_weights->data() : nullptr;
         py::gil_scoped_release release;
-        moe::router_backward<T>(x.data(), w.data(), mask.data(), n, D, E, opt, coefs, b, dwts,
-                                dxp, dwp);
+        moe::router_backward<T>(in, n, D, E, opt, coefs, b, dwts, dxp, dwp);
       },
-      py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("x"), py::arg("w_router"), py::arg("mask"), py::arg("router_logits"),
-      py::arg("router_probs_clean"), py::arg("router_probs"), py::arg("entropy"),
-      py::arg("topk_indices"), py::arg("dropped"), py::arg("tokens_per_expert"),
-      py::arg("d_topk_weights"), py::arg("top_k"), py::arg("normalize_topk"),
-      py::arg("straight_through"), py::arg("training"), py::arg("load_balance_coef"),
-      py::arg("z_loss_coef"), py::arg("entropy_coef"), py::arg("dx"), py::arg("dw_router"),
+      py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("x"), py::arg("w_router"),
+      py::arg("mask"), py::arg("router_logits"), py::arg("router_probs_clean"),
+      py::arg("router_probs"), py::arg("entropy"), py::arg("topk_indices"), py::arg("dropped"),
+      py::arg("tokens_per_expert"), py::arg("d_topk_weights"), py::arg("options"),
+      py::arg("balance_counts"), py::arg("load_balance_coef"), py::arg("z_loss_coef"),
+      py::arg("entropy_coef"), py::arg("dx"), py::arg("dw_router"),
       "add d(sum(d_topk_weights * topk_weights) + weighted aux losses) into dx and dw_router");
 
   m.def(
@@ -137,6 +175,32 @@ void bind_router(py::module_& m) {
   py::enum_<moe::DropPolicy>(m, "DropPolicy", "which assignments an expert over capacity drops")
       .value("position", moe::DropPolicy::position)
       .value("probs", moe::DropPolicy::probs);
+  py::enum_<moe::RouterKind>(m, "RouterKind", "the routing algorithm")
+      .value("softmax_topk", moe::RouterKind::softmax_topk)
+      .value("sigmoid_topk", moe::RouterKind::sigmoid_topk)
+      .value("expert_choice", moe::RouterKind::expert_choice)
+      .value("sinkhorn", moe::RouterKind::sinkhorn)
+      .value("hash", moe::RouterKind::hash);
+  using O = moe::RouterOptions;
+  py::class_<O>(m, "RouterOptions", "the routing options of cpp/router.h, field by field")
+      .def(py::init<>())
+      .def_readwrite("kind", &O::kind, "the routing algorithm")
+      .def_readwrite("top_k", &O::top_k, "k")
+      .def_readwrite("normalize_topk", &O::normalize_topk, "divide the k weights by their sum")
+      .def_readwrite("straight_through", &O::straight_through, "weights 1 in training")
+      .def_readwrite("training", &O::training, "training-mode routing")
+      .def_readwrite("noise_std", &O::noise_std, "std of the logit noise (0: none)")
+      .def_readwrite("noise_seed", &O::noise_seed, "seed of the noise")
+      .def_readwrite("noise_step", &O::noise_step, "step of the noise")
+      .def_readwrite("capacity_factor", &O::capacity_factor, "< 0: dropless")
+      .def_readwrite("drop_policy", &O::drop_policy, "which assignments over capacity drop")
+      .def_readwrite("routed_scaling_factor", &O::routed_scaling_factor, "weight multiplier")
+      .def_readwrite("n_group", &O::n_group, "expert groups of grouped top-k")
+      .def_readwrite("topk_group", &O::topk_group, "eligible groups of grouped top-k")
+      .def_readwrite("sinkhorn_iterations", &O::sinkhorn_iterations, "most Sinkhorn sweeps")
+      .def_readwrite("sinkhorn_tolerance", &O::sinkhorn_tolerance, "Sinkhorn stopping change")
+      .def_readwrite("hash_seed", &O::hash_seed, "seed of the hash router")
+      .def_readwrite("seq_len", &O::seq_len, "> 0: sequence-scope balance loss");
   py::class_<RouterForwardResult>(m, "RouterForwardResult",
                                   "router_forward's buffers in RouterOutput's field order, then "
                                   "the unweighted load_balance, z_loss and entropy_loss")

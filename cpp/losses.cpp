@@ -1,39 +1,70 @@
 #include "losses.h"
 
+#include <algorithm>
 #include <vector>
 
 namespace moe {
 
-template <typename T>
-double load_balance_forward(const T* probs, const std::uint8_t* mask,
-                            const index_t* tokens_per_expert, index_t n_tokens, index_t E,
-                            index_t k, index_t R) {
-  if (R == 0) return 0.0;
-  std::vector<double> P(E, 0.0);
-  for (index_t t = 0; t < n_tokens; ++t) {
-    if (!mask[t]) continue;
-    const T* row = probs + t * E;
-    for (index_t e = 0; e < E; ++e) P[e] += row[e];
+BalanceGroups balance_groups(const index_t* indices, index_t width, const std::uint8_t* mask,
+                             const index_t* tokens_per_expert, const index_t* extra_counts,
+                             index_t n_tokens, index_t E, index_t seq_len) {
+  BalanceGroups g;
+  g.rows = seq_len > 0 ? seq_len : n_tokens;
+  g.count = seq_len > 0 ? n_tokens / seq_len : 1;
+  std::vector<index_t> counts(g.count * E, 0);
+  g.real.assign(g.count, 0);
+  for (index_t t = 0; t < n_tokens; ++t)
+    if (mask[t]) ++g.real[seq_len > 0 ? t / seq_len : 0];
+  if (seq_len > 0) {
+    for (index_t t = 0; t < n_tokens; ++t)
+      if (mask[t])
+        for (index_t j = 0; j < width; ++j)
+          if (indices[t * width + j] >= 0) ++counts[(t / seq_len) * E + indices[t * width + j]];
+  } else {
+    for (index_t e = 0; e < E; ++e)
+      counts[e] = tokens_per_expert[e] + (extra_counts ? extra_counts[e] : 0);
   }
-  double total = 0.0;
-  for (index_t e = 0; e < E; ++e) {
-    const double f = double(tokens_per_expert[e]) / double(R * k);
-    total += f * (P[e] / double(R));
+  g.f.assign(g.count * E, 0.0);
+  for (index_t s = 0; s < g.count; ++s) {
+    index_t total = 0;
+    for (index_t e = 0; e < E; ++e) total += counts[s * E + e];
+    if (g.real[s] > 0) ++g.active;
+    if (total == 0) continue;
+    for (index_t e = 0; e < E; ++e) g.f[s * E + e] = double(counts[s * E + e]) / double(total);
   }
-  return double(E) * total;
+  return g;
 }
 
 template <typename T>
-void load_balance_backward(const index_t* tokens_per_expert, index_t E, index_t k, index_t R,
-                           T coef, T* grad_row) {
-  for (index_t e = 0; e < E; ++e) {
-    if (R == 0) {
-      grad_row[e] = 0;
-      continue;
+double load_balance_forward(const T* dist, const std::uint8_t* mask, const BalanceGroups& g,
+                            index_t n_tokens, index_t E) {
+  if (g.active == 0) return 0.0;
+  double sum = 0.0;
+  std::vector<double> P(E);
+  for (index_t s = 0; s < g.count; ++s) {
+    if (g.real[s] == 0) continue;
+    std::fill(P.begin(), P.end(), 0.0);
+    const index_t end = std::min(n_tokens, (s + 1) * g.rows);
+    for (index_t t = s * g.rows; t < end; ++t) {
+      if (!mask[t]) continue;
+      const T* row = dist + t * E;
+      for (index_t e = 0; e < E; ++e) P[e] += row[e];
     }
-    const double f = double(tokens_per_expert[e]) / double(R * k);
-    grad_row[e] = T(double(coef) * double(E) * f / double(R));
+    double total = 0.0;
+    for (index_t e = 0; e < E; ++e) total += g.f[s * E + e] * (P[e] / double(g.real[s]));
+    sum += double(E) * total;
   }
+  return sum / double(g.active);
+}
+
+template <typename T>
+void load_balance_backward(const BalanceGroups& g, index_t E, T coef, T* grad_rows) {
+  for (index_t s = 0; s < g.count; ++s)
+    for (index_t e = 0; e < E; ++e)
+      grad_rows[s * E + e] =
+          g.real[s] == 0 ? T(0)
+                         : T(double(coef) * double(E) * g.f[s * E + e] / double(g.real[s]) /
+                             double(g.active));
 }
 
 template <typename T>
@@ -63,9 +94,9 @@ double entropy_loss_forward(const T* entropy, const std::uint8_t* mask, index_t 
 }
 
 #define MOE_INSTANTIATE(T)                                                                     \
-  template double load_balance_forward<T>(const T*, const std::uint8_t*, const index_t*,       \
-                                          index_t, index_t, index_t, index_t);                 \
-  template void load_balance_backward<T>(const index_t*, index_t, index_t, index_t, T, T*);    \
+  template double load_balance_forward<T>(const T*, const std::uint8_t*, const BalanceGroups&, \
+                                          index_t, index_t);                                   \
+  template void load_balance_backward<T>(const BalanceGroups&, index_t, T, T*);                \
   template double z_loss_forward<T>(const T*, const std::uint8_t*, index_t, index_t, index_t); \
   template double entropy_loss_forward<T>(const T*, const std::uint8_t*, index_t, index_t);
 MOE_INSTANTIATE(float)

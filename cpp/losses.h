@@ -3,6 +3,7 @@
 // the bits never depend on the thread count) and is 0 when R = 0.
 #pragma once
 #include <cmath>
+#include <vector>
 
 #include "tensor.h"
 
@@ -50,19 +51,34 @@ inline T entropy_row(const T* probs, index_t E) {
 }
 
 // ---- load balance: E * sum_e f_e * P_e --------------------------------------
-// f_e = tokens_per_expert[e] / (R k) (assignments before capacity dropping),
-// P_e = mean over real tokens of probs[:, e]. The gradient flows through P only.
+// Over groups of tokens: the batch (one group), or each sequence of seq_len rows
+// (DeepSeek-V3's sequence-wise balance loss), averaged over the groups that hold real
+// tokens. f_ge = c_ge / sum_e c_ge from the assignment counts c (before capacity dropping;
+// the batch group adds the counts of earlier micro-batches for the global scope), P_ge =
+// mean over the group's real tokens of dist[:, e] (the router's probabilities, or its
+// sigmoid scores normalised per token). The gradient flows through P only.
+
+struct BalanceGroups {
+  index_t rows = 0;            // tokens per group (n_tokens for the batch)
+  index_t count = 0;           // groups
+  index_t active = 0;          // groups with real tokens
+  std::vector<double> f;       // [count, E]
+  std::vector<index_t> real;   // [count] real tokens per group
+};
+
+// seq_len 0: the batch; extra_counts (may be null) adds to the batch's counts.
+BalanceGroups balance_groups(const index_t* indices, index_t width, const std::uint8_t* mask,
+                             const index_t* tokens_per_expert, const index_t* extra_counts,
+                             index_t n_tokens, index_t E, index_t seq_len);
 
 template <typename T>
-double load_balance_forward(const T* probs, const std::uint8_t* mask,
-                            const index_t* tokens_per_expert, index_t n_tokens, index_t E,
-                            index_t k, index_t R);
+double load_balance_forward(const T* dist, const std::uint8_t* mask, const BalanceGroups& g,
+                            index_t n_tokens, index_t E);
 
-// The gradient w.r.t. probs is the same row for every real token:
-// d/dprobs[t, e] = coef * E * f_e / R. Writes it into grad_row[E].
+// The gradient w.r.t. dist is the same row for every real token of a group:
+// d/ddist[t, e] = coef * E * f_ge / (R_g * active). Writes it into grad_rows[count * E].
 template <typename T>
-void load_balance_backward(const index_t* tokens_per_expert, index_t E, index_t k, index_t R,
-                           T coef, T* grad_row);
+void load_balance_backward(const BalanceGroups& g, index_t E, T coef, T* grad_rows);
 
 // ---- z-loss: mean_t logsumexp(logits[t])^2 ----------------------------------
 

@@ -2,192 +2,334 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "blas.h"
 #include "losses.h"
 #include "rng.h"
+#include "router_select.h"
+#include "scores.h"
 
 namespace moe {
 
 namespace {
 
-// k largest of probs[0..E), in descending order, ties to the lower index:
-// one pass of insertion into the sorted prefix (an equal value never moves
-// ahead of one already placed, and lower indices are placed first).
+index_t count_real(const std::uint8_t* mask, index_t n) {
+  index_t R = 0;
+  for (index_t t = 0; t < n; ++t) R += mask[t] ? 1 : 0;
+  return R;
+}
+
+// The distribution the load-balance loss reads: the probabilities themselves, or the
+// sigmoid scores normalised per token (into `scratch`, [n, E]).
 template <typename T>
-void topk_row(const T* probs, index_t E, index_t k, index_t* indices) {
-  index_t filled = 0;
-  for (index_t e = 0; e < E; ++e) {
-    const T v = probs[e];
-    if (filled == k && !(v > probs[indices[k - 1]])) continue;
-    index_t pos = filled < k ? filled++ : k - 1;
-    while (pos > 0 && v > probs[indices[pos - 1]]) {
-      indices[pos] = indices[pos - 1];
-      --pos;
+const T* balance_dist(RouterKind kind, const T* probs, const std::uint8_t* mask, index_t n,
+                      index_t E, std::vector<T>& scratch) {
+  if (!uses_sigmoid(kind)) return probs;
+  scratch.assign(n * E, T(0));
+#pragma omp parallel for schedule(static)
+  for (index_t t = 0; t < n; ++t)
+    if (mask[t]) normalized_row(probs + t * E, scratch.data() + t * E, E);
+  return scratch.data();
+}
+
+// Scores, entropy and (noisy) probabilities of one real token.
+template <typename T>
+void score_token(const RouterOptions& opt, const T* l, index_t t, index_t E, bool noisy,
+                 T* noisy_logits, T* pc, T* p, T* entropy) {
+  const bool sigmoid = uses_sigmoid(opt.kind);
+  if (sigmoid) {
+    sigmoid_row(l, pc, E);
+    *entropy = normalized_entropy_row(pc, E);
+  } else {
+    softmax_row(l, pc, E);
+    *entropy = entropy_row(pc, E);
+  }
+  if (!noisy) {
+    std::copy(pc, pc + E, p);
+    return;
+  }
+  for (index_t e = 0; e < E; ++e)
+    noisy_logits[e] = l[e] + T(opt.noise_std * normal_at(opt.noise_seed, opt.noise_step,
+                                                         std::uint64_t(t * E + e)));
+  if (sigmoid)
+    sigmoid_row(noisy_logits, p, E);
+  else
+    softmax_row(noisy_logits, p, E);
+}
+
+// Top-k selection of softmax_topk, sigmoid_topk and sinkhorn, with their combine weights.
+template <typename T>
+void select_topk(const RouterInputs<T>& in, index_t n, index_t E, const RouterOptions& opt,
+                 const RouterBuffers<T>& out) {
+  const index_t k = opt.top_k;
+  std::vector<double> d1;
+  const bool balanced = opt.kind == RouterKind::sinkhorn && opt.training;
+  if (balanced) {
+    d1.resize(E);
+    sinkhorn_column_scales(out.logits, in.mask, n, E, opt.sinkhorn_iterations,
+                           opt.sinkhorn_tolerance, d1.data());
+  }
+#pragma omp parallel
+  {
+    std::vector<T> sel(E), scratch(E);
+    std::vector<double> row(E);
+#pragma omp for schedule(static)
+    for (index_t t = 0; t < n; ++t) {
+      index_t* idx = out.topk_indices + t * k;
+      T* wts = out.topk_weights + t * k;
+      if (!in.mask[t]) {
+        std::fill(idx, idx + k, index_t(-1));
+        std::fill(wts, wts + k, T(0));
+        continue;
+      }
+      const T* p = out.probs + t * E;
+      if (balanced) {
+        const T* l = out.logits + t * E;
+        const double m = double(*std::max_element(l, l + E));
+        for (index_t e = 0; e < E; ++e) row[e] = d1[e] * std::exp(double(l[e]) - m);
+        topk_row(row.data(), E, k, idx);
+      } else {
+        const T* v = p;
+        if (in.expert_bias) {
+          for (index_t e = 0; e < E; ++e) sel[e] = p[e] + in.expert_bias[e];
+          v = sel.data();
+        }
+        if (opt.n_group > 1)
+          grouped_topk_row(v, E, k, opt.n_group, opt.topk_group, scratch.data(), idx);
+        else
+          topk_row(v, E, k, idx);
+      }
+      T sum = 0;
+      for (index_t j = 0; j < k; ++j) sum += p[idx[j]];
+      for (index_t j = 0; j < k; ++j) {
+        const T soft = opt.normalize_topk ? p[idx[j]] / sum : p[idx[j]];
+        wts[j] = opt.straight_through ? T(1) : soft * T(opt.routed_scaling_factor);
+      }
     }
-    indices[pos] = e;
   }
 }
 
-// Capacity C = ceil(c * R * k / E); the assignments past it are marked dropped, in the
-// order of the drop policy (router.h).
+// Hash routing: k distinct experts by hash score, weight 1/k; the probabilities are the
+// weights (what the layer combines with).
 template <typename T>
-void assign_capacity(const index_t* indices, const T* probs, const std::uint8_t* mask,
-                     index_t n_tokens, index_t E, index_t k, index_t R, double capacity_factor,
-                     DropPolicy policy, std::uint8_t* dropped) {
-  // Clamped before the conversion: past R*k no assignment can be dropped, and a huge
-  // factor would overflow index_t.
-  const double raw = std::ceil(capacity_factor * double(R) * double(k) / double(E));
-  const index_t capacity = raw >= double(R * k) ? R * k : index_t(raw);
-  if (policy == DropPolicy::position) {
-    std::vector<index_t> used(E, 0);
-    for (index_t j = 0; j < k; ++j)
-      for (index_t t = 0; t < n_tokens; ++t) {
-        if (!mask[t]) continue;
-        const index_t e = indices[t * k + j];
-        if (used[e] < capacity)
-          ++used[e];
-        else
-          dropped[t * k + j] = 1;
+void select_hash(const RouterInputs<T>& in, index_t n, index_t E, const RouterOptions& opt,
+                 const RouterBuffers<T>& out) {
+  const index_t k = opt.top_k;
+#pragma omp parallel
+  {
+    std::vector<std::uint64_t> score(E);
+#pragma omp for schedule(static)
+    for (index_t t = 0; t < n; ++t) {
+      index_t* idx = out.topk_indices + t * k;
+      T* wts = out.topk_weights + t * k;
+      T* p = out.probs + t * E;
+      std::fill(p, p + E, T(0));
+      if (!in.mask[t]) {
+        std::fill(idx, idx + k, index_t(-1));
+        std::fill(wts, wts + k, T(0));
+        std::fill(out.probs_clean + t * E, out.probs_clean + (t + 1) * E, T(0));
+        out.entropy[t] = 0;
+        continue;
       }
-    return;
+      for (index_t e = 0; e < E; ++e) score[e] = hash_score(opt.hash_seed, in.token_ids[t], e);
+      topk_row(score.data(), E, k, idx);
+      for (index_t j = 0; j < k; ++j) {
+        wts[j] = T(1) / T(k);
+        p[idx[j]] = T(1) / T(k);
+      }
+      std::copy(p, p + E, out.probs_clean + t * E);
+      out.entropy[t] = entropy_row(p, E);
+    }
   }
-  // probs: per expert, its assignments by descending probability (stable in (t, j) order)
-  std::vector<std::vector<index_t>> slots(E);  // flat slot t * k + j
-  for (index_t t = 0; t < n_tokens; ++t)
-    if (mask[t])
-      for (index_t j = 0; j < k; ++j) slots[indices[t * k + j]].push_back(t * k + j);
-  for (index_t e = 0; e < E; ++e) {
-    auto& v = slots[e];
-    std::stable_sort(v.begin(), v.end(), [&](index_t a, index_t b) {
-      return probs[(a / k) * E + e] > probs[(b / k) * E + e];
-    });
-    for (std::size_t i = std::size_t(capacity); i < v.size(); ++i) dropped[v[i]] = 1;
+}
+
+// Expert choice: each expert takes its C best real tokens; a token's slots list the experts
+// that took it by descending probability (ties to the lower index), then -1. Returns the
+// width (the largest count, at least 1).
+template <typename T>
+index_t select_expert_choice(const RouterInputs<T>& in, index_t n, index_t E, index_t R,
+                             const RouterOptions& opt, const RouterBuffers<T>& out) {
+  const index_t C = expert_choice_capacity(R, opt.top_k, E, opt.capacity_factor);
+  std::vector<std::uint8_t> chosen(n * E);
+  expert_choice_select(out.probs, in.mask, n, E, C, chosen.data());
+  std::vector<index_t> count(n, 0);
+  for (index_t t = 0; t < n; ++t)
+    for (index_t e = 0; e < E; ++e) count[t] += chosen[t * E + e];
+  index_t width = 1;
+  for (index_t c : count) width = std::max(width, c);
+#pragma omp parallel
+  {
+    std::vector<T> row(E);
+#pragma omp for schedule(static)
+    for (index_t t = 0; t < n; ++t) {
+      index_t* idx = out.topk_indices + t * width;
+      T* wts = out.topk_weights + t * width;
+      std::fill(idx, idx + width, index_t(-1));
+      std::fill(wts, wts + width, T(0));
+      if (count[t] == 0) continue;
+      const T* p = out.probs + t * E;
+      for (index_t e = 0; e < E; ++e)
+        row[e] = chosen[t * E + e] ? p[e] : std::numeric_limits<T>::lowest();
+      topk_row(row.data(), E, count[t], idx);
+      for (index_t j = 0; j < count[t]; ++j) wts[j] = p[idx[j]];
+    }
+  }
+  return width;
+}
+
+}  // namespace
+
+template <typename T>
+RouterLossValues router_forward(const RouterInputs<T>& in, index_t n_tokens, index_t d_model,
+                                index_t E, const RouterOptions& opt, const RouterBuffers<T>& out) {
+  const RouterKind kind = opt.kind;
+  const index_t n = n_tokens;
+  const index_t R = count_real(in.mask, n);
+  if (kind == RouterKind::hash) {
+    std::fill(out.logits, out.logits + n * E, T(0));
+    select_hash(in, n, E, opt, out);
+  } else {
+    gemm_tiled<T>(false, false, n, E, d_model, T(1), in.x, d_model, in.w_router, E, T(0),
+                  out.logits, E);
+    const bool noisy = opt.training && opt.noise_std > 0.0;
+#pragma omp parallel
+    {
+      std::vector<T> noisy_logits(E);
+#pragma omp for schedule(static)
+      for (index_t t = 0; t < n; ++t) {
+        T* pc = out.probs_clean + t * E;
+        T* p = out.probs + t * E;
+        if (!in.mask[t]) {
+          std::fill(pc, pc + E, T(0));
+          std::fill(p, p + E, T(0));
+          out.entropy[t] = 0;
+          continue;
+        }
+        score_token(opt, out.logits + t * E, t, E, noisy, noisy_logits.data(), pc, p,
+                    out.entropy + t);
+      }
+    }
+  }
+
+  index_t width = opt.top_k;
+  if (kind == RouterKind::expert_choice)
+    width = select_expert_choice(in, n, E, R, opt, out);
+  else if (kind != RouterKind::hash)
+    select_topk(in, n, E, opt, out);
+  std::fill(out.dropped, out.dropped + n * width, std::uint8_t(0));
+
+  std::fill(out.tokens_per_expert, out.tokens_per_expert + E, index_t(0));
+  for (index_t t = 0; t < n; ++t)
+    if (in.mask[t])
+      for (index_t j = 0; j < width; ++j) {
+        const index_t e = out.topk_indices[t * width + j];
+        if (e >= 0) ++out.tokens_per_expert[e];
+      }
+
+  if (opt.capacity_factor >= 0.0 && kind != RouterKind::expert_choice) {
+    assign_capacity<T>(out.topk_indices, out.probs, in.mask, n, E, width, R,
+                       opt.capacity_factor, opt.drop_policy, out.dropped);
+    for (index_t i = 0; i < n * width; ++i)
+      if (out.dropped[i]) out.topk_weights[i] = 0;
+  }
+
+  RouterLossValues losses;
+  losses.width = width;
+  const BalanceGroups groups = balance_groups(out.topk_indices, width, in.mask,
+                                              out.tokens_per_expert, in.balance_counts, n, E,
+                                              opt.seq_len);
+  std::vector<T> scratch;
+  losses.load_balance = load_balance_forward(balance_dist(kind, out.probs, in.mask, n, E, scratch),
+                                             in.mask, groups, n, E);
+  // the hash router has no logits
+  losses.z_loss = kind == RouterKind::hash ? 0.0 : z_loss_forward(out.logits, in.mask, n, E, R);
+  losses.entropy = entropy_loss_forward(out.entropy, in.mask, n, R);
+  return losses;
+}
+
+namespace {
+
+// d(sum_j g_j w_j)/d(scores) for w_j = c * p_j / S (normalised) or c * p_j; dropped and
+// empty slots have weight 0 and pass nothing.
+template <typename T>
+void add_weight_grads(const T* p, const index_t* idx, const std::uint8_t* drop, const T* g,
+                      index_t k, bool normalize, T c, T* dprobs) {
+  if (normalize) {
+    // w_j = c p_j / S:  dp_i = c (g_i - sum_j g_j p_j / S) / S
+    T S = 0;
+    for (index_t j = 0; j < k; ++j) S += p[idx[j]];
+    T gw = 0;
+    for (index_t j = 0; j < k; ++j)
+      if (!drop[j]) gw += g[j] * p[idx[j]] / S;
+    for (index_t j = 0; j < k; ++j) dprobs[idx[j]] += c * (((drop[j] ? T(0) : g[j]) - gw) / S);
+  } else {
+    for (index_t j = 0; j < k; ++j)
+      if (idx[j] >= 0 && !drop[j]) dprobs[idx[j]] += c * g[j];
   }
 }
 
 }  // namespace
 
 template <typename T>
-RouterLossValues router_forward(const T* x, const T* w_router, const std::uint8_t* mask,
-                                index_t n_tokens, index_t d_model, index_t E,
-                                const RouterOptions& opt, const RouterBuffers<T>& out) {
+void router_backward(const RouterInputs<T>& in, index_t n_tokens, index_t d_model, index_t E,
+                     const RouterOptions& opt, const RouterLossCoefs& coefs,
+                     const RouterBuffers<T>& saved, const T* d_topk_weights, T* dx, T* dw_router) {
+  if (opt.kind == RouterKind::hash) return;  // no router weight, nothing depends on x
   const index_t k = opt.top_k;
-  gemm_tiled<T>(false, false, n_tokens, E, d_model, T(1), x, d_model, w_router, E, T(0),
-                out.logits, E);
-  const bool noisy = opt.training && opt.noise_std > 0.0;
-
-#pragma omp parallel
-  {
-    std::vector<T> noisy_logits(E);
-#pragma omp for schedule(static)
-    for (index_t t = 0; t < n_tokens; ++t) {
-      T* pc = out.probs_clean + t * E;
-      T* p = out.probs + t * E;
-      index_t* idx = out.topk_indices + t * k;
-      T* wts = out.topk_weights + t * k;
-      std::fill(out.dropped + t * k, out.dropped + (t + 1) * k, std::uint8_t(0));
-      if (!mask[t]) {
-        std::fill(pc, pc + E, T(0));
-        std::fill(p, p + E, T(0));
-        std::fill(idx, idx + k, index_t(-1));
-        std::fill(wts, wts + k, T(0));
-        out.entropy[t] = 0;
-        continue;
-      }
-      const T* l = out.logits + t * E;
-      softmax_row(l, pc, E);
-      out.entropy[t] = entropy_row(pc, E);
-      if (noisy) {
-        for (index_t e = 0; e < E; ++e)
-          noisy_logits[e] = l[e] + T(opt.noise_std * normal_at(opt.noise_seed, opt.noise_step,
-                                                               std::uint64_t(t * E + e)));
-        softmax_row(noisy_logits.data(), p, E);
-      } else {
-        std::copy(pc, pc + E, p);
-      }
-      topk_row(p, E, k, idx);
-      T sum = 0;
-      for (index_t j = 0; j < k; ++j) sum += p[idx[j]];
-      for (index_t j = 0; j < k; ++j) {
-        const T soft = opt.normalize_topk ? p[idx[j]] / sum : p[idx[j]];
-        wts[j] = opt.straight_through ? T(1) : soft;
-      }
-    }
-  }
-
-  index_t R = 0;
-  for (index_t t = 0; t < n_tokens; ++t) R += mask[t] ? 1 : 0;
-  std::fill(out.tokens_per_expert, out.tokens_per_expert + E, index_t(0));
-  for (index_t t = 0; t < n_tokens; ++t)
-    if (mask[t])
-      for (index_t j = 0; j < k; ++j) ++out.tokens_per_expert[out.topk_indices[t * k + j]];
-
-  if (opt.capacity_factor >= 0.0) {
-    assign_capacity<T>(out.topk_indices, out.probs, mask, n_tokens, E, k, R, opt.capacity_factor,
-                       opt.drop_policy, out.dropped);
-    for (index_t i = 0; i < n_tokens * k; ++i)
-      if (out.dropped[i]) out.topk_weights[i] = 0;
-  }
-
-  RouterLossValues losses;
-  losses.load_balance =
-      load_balance_forward(out.probs, mask, out.tokens_per_expert, n_tokens, E, k, R);
-  losses.z_loss = z_loss_forward(out.logits, mask, n_tokens, E, R);
-  losses.entropy = entropy_loss_forward(out.entropy, mask, n_tokens, R);
-  return losses;
-}
-
-template <typename T>
-void router_backward(const T* x, const T* w_router, const std::uint8_t* mask, index_t n_tokens,
-                     index_t d_model, index_t E, const RouterOptions& opt,
-                     const RouterLossCoefs& coefs, const RouterBuffers<T>& saved,
-                     const T* d_topk_weights, T* dx, T* dw_router) {
-  const index_t k = opt.top_k;
-  index_t R = 0;
-  for (index_t t = 0; t < n_tokens; ++t) R += mask[t] ? 1 : 0;
+  const index_t n = n_tokens;
+  const std::uint8_t* mask = in.mask;
+  const index_t R = count_real(mask, n);
   if (R == 0) return;
+  const bool sigmoid = uses_sigmoid(opt.kind);
 
-  std::vector<T> lb_grad(E);
-  load_balance_backward<T>(saved.tokens_per_expert, E, k, R, T(coefs.load_balance),
-                           lb_grad.data());
+  const BalanceGroups groups = balance_groups(saved.topk_indices, k, mask,
+                                              saved.tokens_per_expert, in.balance_counts, n, E,
+                                              opt.seq_len);
+  std::vector<T> lb_grad(groups.count * E);
+  load_balance_backward<T>(groups, E, T(coefs.load_balance), lb_grad.data());
   const T z_scale = T(coefs.z_loss / double(R));
   const T ent_scale = T(coefs.entropy / double(R));
   // Straight-through outside training: the weights are constant 1, no gradient.
   const bool weights_have_grad = d_topk_weights && (opt.training || !opt.straight_through);
+  const T c = T(opt.routed_scaling_factor);
 
-  std::vector<T> dlogits(n_tokens * E, T(0));
+  std::vector<T> dlogits(n * E, T(0));
 #pragma omp parallel
   {
-    std::vector<T> dprobs(E);
+    std::vector<T> dprobs(E), dscores(E), softmax_clean(E);
 #pragma omp for schedule(static)
-    for (index_t t = 0; t < n_tokens; ++t) {
+    for (index_t t = 0; t < n; ++t) {
       if (!mask[t]) continue;
       const T* p = saved.probs + t * E;
       const T* pc = saved.probs_clean + t * E;
-      const index_t* idx = saved.topk_indices + t * k;
-      const std::uint8_t* drop = saved.dropped + t * k;
+      const T* lb_row = lb_grad.data() + (opt.seq_len > 0 ? t / opt.seq_len : 0) * E;
       T* dl = dlogits.data() + t * E;
-
-      std::copy(lb_grad.begin(), lb_grad.end(), dprobs.begin());
-      if (weights_have_grad) {
-        // The gradient reaches the soft weight (straight-through passes it on
-        // unchanged); dropped slots are multiplied by 0 and get none.
-        const T* g = d_topk_weights + t * k;
-        if (opt.normalize_topk) {
-          // w_j = p_j / S:  dp_i = (g_i - sum_j g_j w_j) / S
-          T S = 0;
-          for (index_t j = 0; j < k; ++j) S += p[idx[j]];
-          T gw = 0;
-          for (index_t j = 0; j < k; ++j)
-            if (!drop[j]) gw += g[j] * p[idx[j]] / S;
-          for (index_t j = 0; j < k; ++j) dprobs[idx[j]] += ((drop[j] ? T(0) : g[j]) - gw) / S;
-        } else {
-          for (index_t j = 0; j < k; ++j)
-            if (!drop[j]) dprobs[idx[j]] += g[j];
+      if (sigmoid) {
+        // the balance loss reads q = s / S of the (noisy) scores; the weights read s
+        std::fill(dscores.begin(), dscores.end(), T(0));
+        normalized_backward_row(p, lb_row, dscores.data(), E);
+        if (weights_have_grad)
+          add_weight_grads(p, saved.topk_indices + t * k, saved.dropped + t * k,
+                           d_topk_weights + t * k, k, opt.normalize_topk, c, dscores.data());
+        // noise is additive, so d(noisy logits) = d(logits)
+        sigmoid_backward_row(p, dscores.data(), dl, E);
+        if (z_scale != T(0)) {
+          softmax_row(saved.logits + t * E, softmax_clean.data(), E);
+          z_loss_backward_row(saved.logits + t * E, softmax_clean.data(), E, z_scale, dl);
         }
+        if (ent_scale != T(0)) {
+          std::fill(dscores.begin(), dscores.end(), T(0));
+          normalized_entropy_backward_row(pc, saved.entropy[t], E, ent_scale, dscores.data());
+          sigmoid_backward_row(pc, dscores.data(), dl, E);
+        }
+        continue;
       }
+      std::copy(lb_row, lb_row + E, dprobs.begin());
+      if (weights_have_grad)
+        add_weight_grads(p, saved.topk_indices + t * k, saved.dropped + t * k,
+                         d_topk_weights + t * k, k, opt.normalize_topk, c, dprobs.data());
       // noise is additive, so d(noisy logits) = d(logits)
       softmax_backward_row(p, dprobs.data(), dl, E);
       if (z_scale != T(0)) z_loss_backward_row(saved.logits + t * E, pc, E, z_scale, dl);
@@ -195,18 +337,18 @@ void router_backward(const T* x, const T* w_router, const std::uint8_t* mask, in
     }
   }
   // dx += dlogits @ w^T ; dw += x^T @ dlogits  (rows of dw tiled: no split reduction)
-  gemm_tiled<T>(false, true, n_tokens, d_model, E, T(1), dlogits.data(), E, w_router, E, T(1),
-                dx, d_model);
-  gemm_tiled<T>(true, false, d_model, E, n_tokens, T(1), x, d_model, dlogits.data(), E, T(1),
+  gemm_tiled<T>(false, true, n, d_model, E, T(1), dlogits.data(), E, in.w_router, E, T(1), dx,
+                d_model);
+  gemm_tiled<T>(true, false, d_model, E, n, T(1), in.x, d_model, dlogits.data(), E, T(1),
                 dw_router, E);
 }
 
 #define MOE_INSTANTIATE(T)                                                                    \
-  template RouterLossValues router_forward<T>(const T*, const T*, const std::uint8_t*,        \
-                                              index_t, index_t, index_t, const RouterOptions&, \
+  template RouterLossValues router_forward<T>(const RouterInputs<T>&, index_t, index_t,      \
+                                              index_t, const RouterOptions&,                  \
                                               const RouterBuffers<T>&);                       \
-  template void router_backward<T>(const T*, const T*, const std::uint8_t*, index_t, index_t, \
-                                   index_t, const RouterOptions&, const RouterLossCoefs&,     \
+  template void router_backward<T>(const RouterInputs<T>&, index_t, index_t, index_t,         \
+                                   const RouterOptions&, const RouterLossCoefs&,              \
                                    const RouterBuffers<T>&, const T*, T*, T*);
 MOE_INSTANTIATE(float)
 MOE_INSTANTIATE(double)

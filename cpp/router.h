@@ -1,7 +1,8 @@
-// Token routing (docs/design.md, "Routing"): logits, clean and noisy softmax, top-k,
-// combine weights (renormalised / straight-through), capacity dropping, and the
-// router losses; with the backward that turns d(combine weights) and the loss
-// coefficients into dx and dw_router.
+// Token routing (docs/design.md, "Routing" and "Routers"): logits, scores (softmax or
+// sigmoid, clean and noisy), the selection of each algorithm (top-k, grouped top-k with an
+// expert bias, expert choice, Sinkhorn, hash), combine weights, capacity dropping and the
+// router losses; with the backward that turns d(combine weights) and the loss coefficients
+// into dx and dw_router.
 #pragma once
 #include "tensor.h"
 
@@ -13,43 +14,72 @@ namespace moe {
 // lower token, then the lower slot.
 enum class DropPolicy { position = 0, probs = 1 };
 
+// The routing algorithm. softmax_topk / sigmoid_topk: each token takes its k best experts
+// (sigmoid: by score + expert bias). expert_choice: each expert takes its C best tokens.
+// sinkhorn: top-k of a Sinkhorn-balanced assignment in training, plain top-k in eval.
+// hash: a fixed hash of the token id, no router weight.
+enum class RouterKind { softmax_topk = 0, sigmoid_topk = 1, expert_choice = 2, sinkhorn = 3,
+                        hash = 4 };
+
+inline bool uses_sigmoid(RouterKind k) { return k == RouterKind::sigmoid_topk; }
+
 struct RouterOptions {
-  index_t top_k = 1;
+  RouterKind kind = RouterKind::softmax_topk;
+  index_t top_k = 1;  // k; the backward reads the saved width (expert choice: its own)
   bool normalize_topk = false;
   bool straight_through = false;
   bool training = true;
   double noise_std = 0.0;  // 0: router_probs = router_probs_clean
   std::uint64_t noise_seed = 0;
   std::uint64_t noise_step = 0;
-  double capacity_factor = -1.0;  // < 0: dropless
+  double capacity_factor = -1.0;  // < 0: dropless (expert choice: C's factor, > 0)
   DropPolicy drop_policy = DropPolicy::position;
+  double routed_scaling_factor = 1.0;  // sigmoid_topk: multiplies the combine weights
+  index_t n_group = 1;                 // grouped top-k: experts in n_group equal groups ...
+  index_t topk_group = 1;              // ... of which the topk_group best are eligible
+  index_t sinkhorn_iterations = 100;   // at most this many Sinkhorn sweeps ...
+  double sinkhorn_tolerance = 1e-4;    // ... or until mean |change of the column scales| < it
+  std::uint64_t hash_seed = 0;
+  index_t seq_len = 0;  // > 0: sequence-scope load balance over rows of seq_len tokens
+};
+
+// What the forward reads besides x. Null pointers mean "absent".
+template <typename T>
+struct RouterInputs {
+  const T* x;                       // [n, d_model]
+  const T* w_router;                // [d_model, E]; null for hash
+  const std::uint8_t* mask;         // [n] 1 = real token
+  const T* expert_bias;             // [E] selection-only bias (sigmoid_topk)
+  const index_t* balance_counts;    // [E] assignments of earlier micro-batches (global scope)
+  const index_t* token_ids;         // [n] hash
 };
 
 struct RouterLossValues {
   double load_balance = 0.0;
   double z_loss = 0.0;
   double entropy = 0.0;
+  index_t width = 0;  // slots per token written (k; expert choice: the largest count, >= 1)
 };
 
-// Buffers the forward writes (all [n_tokens, ...] row-major). The backward
-// reads logits, probs_clean, probs, entropy, topk_indices, dropped and
+// Buffers the forward writes (all [n_tokens, ...] row-major; the slot arrays have room
+// for top_k slots per token, or E for expert choice, and are written with stride `width`).
+// The backward reads logits, probs_clean, probs, entropy, topk_indices, dropped and
 // tokens_per_expert back: they are exactly what it needs.
 template <typename T>
 struct RouterBuffers {
-  T* logits;                   // [n, E] x @ w, before noise
-  T* probs_clean;              // [n, E] softmax(logits)
-  T* probs;                    // [n, E] softmax(logits + noise)
-  T* entropy;                  // [n]    H(probs_clean)
-  index_t* topk_indices;       // [n, k] descending probs, ties to the lower index; -1 padded
-  T* topk_weights;             // [n, k] combine weights; 0 padded / dropped
-  std::uint8_t* dropped;       // [n, k]
+  T* logits;                   // [n, E] x @ w, before noise (hash: 0)
+  T* probs_clean;              // [n, E] scores of the logits (softmax or sigmoid)
+  T* probs;                    // [n, E] scores of the logits + noise
+  T* entropy;                  // [n]    entropy of the clean scores as a distribution
+  index_t* topk_indices;       // [n, width] by descending selection score; -1 empty / padded
+  T* topk_weights;             // [n, width] combine weights; 0 empty / padded / dropped
+  std::uint8_t* dropped;       // [n, width]
   index_t* tokens_per_expert;  // [E]    real assignments before dropping
 };
 
 template <typename T>
-RouterLossValues router_forward(const T* x, const T* w_router, const std::uint8_t* mask,
-                                index_t n_tokens, index_t d_model, index_t E,
-                                const RouterOptions& opt, const RouterBuffers<T>& out);
+RouterLossValues router_forward(const RouterInputs<T>& in, index_t n_tokens, index_t d_model,
+                                index_t E, const RouterOptions& opt, const RouterBuffers<T>& out);
 
 struct RouterLossCoefs {
   double load_balance = 0.0;
@@ -58,12 +88,11 @@ struct RouterLossCoefs {
 };
 
 // Gradient of sum(d_topk_weights * topk_weights) + aux_loss.
-// dx [n, d_model] and dw_router [d_model, E] are accumulated into (+=).
-// d_topk_weights may be null (aux-loss gradient only).
+// dx [n, d_model] and dw_router [d_model, E] are accumulated into (+=); nothing for hash.
+// d_topk_weights may be null (aux-loss gradient only). opt.top_k is the saved width.
 template <typename T>
-void router_backward(const T* x, const T* w_router, const std::uint8_t* mask, index_t n_tokens,
-                     index_t d_model, index_t E, const RouterOptions& opt,
-                     const RouterLossCoefs& coefs, const RouterBuffers<T>& saved,
-                     const T* d_topk_weights, T* dx, T* dw_router);
+void router_backward(const RouterInputs<T>& in, index_t n_tokens, index_t d_model, index_t E,
+                     const RouterOptions& opt, const RouterLossCoefs& coefs,
+                     const RouterBuffers<T>& saved, const T* d_topk_weights, T* dx, T* dw_router);
 
 }  // namespace moe

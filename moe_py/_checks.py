@@ -82,3 +82,33 @@ def check_param(value, shape: tuple, dtype: type, name: str) -> None:
     if not np.isfinite(np.asarray(value)).all():
         raise ValueError(f"{name}: contains NaN or Inf")
 
+
+
+def as_token_ids(token_ids, lead: tuple, required: bool, name: str = "token_ids"):
+    """token_ids of shape `lead`, non-negative integers -> int64 [T]; None when absent and
+    not required (only the hash router reads them)."""
+    if token_ids is None:
+        if required:
+            raise ValueError(f"{name}: the hash router needs the token ids (shape "
+                             f"{list(lead)}, x.shape[:-1])")
+        return None
+    ids = np.asarray(token_ids)
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(f"{name}: expected integers, got dtype {ids.dtype}")
+    if ids.shape != tuple(lead):
+        raise ValueError(f"{name}: expected shape {list(lead)} (x.shape[:-1]), got {list(ids.shape)}")
+    if ids.size and ids.min() < 0:
+        raise ValueError(f"{name}: expected ids >= 0, got {int(ids.min())}")
+    if ids.dtype == np.uint64 and ids.size and ids.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{name}: expected ids < 2**63")
+    return np.ascontiguousarray(ids.reshape(-1).astype(np.int64))
+
+
+def sequence_length(lead: tuple, scope: str) -> int:
+    """The rows of one sequence for the sequence-scope balance loss (0: another scope)."""
+    if scope != "sequence":
+        return 0
+    if len(lead) < 2 or lead[-1] == 0:
+        raise ValueError(f"x: load_balance_scope='sequence' needs x of shape [..., S, d_model] "
+                         f"with S >= 1 (the sequences), got leading shape {list(lead)}")
+    return int(lead[-1])

@@ -50,6 +50,56 @@ class RouterForwardResult:
     @property
     def z_loss(self) -> float: ...
 
+class RouterKind:
+    """the routing algorithm"""
+    softmax_topk: typing.ClassVar[RouterKind]
+    sigmoid_topk: typing.ClassVar[RouterKind]
+    expert_choice: typing.ClassVar[RouterKind]
+    sinkhorn: typing.ClassVar[RouterKind]
+    hash: typing.ClassVar[RouterKind]
+    def __init__(self, value: int) -> None: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def value(self) -> int: ...
+
+class RouterOptions:
+    """the routing options of cpp/router.h, field by field"""
+    @property
+    def capacity_factor(self) -> float: ...
+    @property
+    def drop_policy(self) -> DropPolicy: ...
+    @property
+    def hash_seed(self) -> int: ...
+    @property
+    def kind(self) -> RouterKind: ...
+    @property
+    def n_group(self) -> int: ...
+    @property
+    def noise_seed(self) -> int: ...
+    @property
+    def noise_std(self) -> float: ...
+    @property
+    def noise_step(self) -> int: ...
+    @property
+    def normalize_topk(self) -> bool: ...
+    @property
+    def routed_scaling_factor(self) -> float: ...
+    @property
+    def seq_len(self) -> int: ...
+    @property
+    def sinkhorn_iterations(self) -> int: ...
+    @property
+    def sinkhorn_tolerance(self) -> float: ...
+    @property
+    def straight_through(self) -> bool: ...
+    @property
+    def top_k(self) -> int: ...
+    @property
+    def topk_group(self) -> int: ...
+    @property
+    def training(self) -> bool: ...
+
 
 def adamw_step_f32(*, param: numpy.ndarray, grad: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], m: numpy.ndarray, v: numpy.ndarray, lr: float, beta1: float, beta2: float, bias1: float, bias2: float, eps: float, decay: float, grad_scale: float) -> None:
     """one AdamW update in place of param, m and v"""
@@ -162,17 +212,17 @@ def rmsnorm_forward_f32(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.flo
 def rmsnorm_forward_f64(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], g: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], eps: float) -> tuple[numpy.typing.NDArray[numpy.float64], numpy.typing.NDArray[numpy.float64]]:
     """y = x * rstd * g with rstd = 1/sqrt(mean(x^2) + eps); returns (y, rstd)"""
 
-def router_backward_f32(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], w_router: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], router_logits: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], router_probs_clean: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], router_probs: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], entropy: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], topk_indices: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], dropped: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], tokens_per_expert: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], d_topk_weights: typing.Annotated[numpy.typing.ArrayLike, numpy.float32] | None, top_k: int, normalize_topk: bool, straight_through: bool, training: bool, load_balance_coef: float, z_loss_coef: float, entropy_coef: float, dx: numpy.ndarray, dw_router: numpy.ndarray) -> None:
+def router_backward_f32(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], w_router: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], router_logits: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], router_probs_clean: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], router_probs: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], entropy: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], topk_indices: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], dropped: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], tokens_per_expert: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], d_topk_weights: typing.Annotated[numpy.typing.ArrayLike, numpy.float32] | None, options: RouterOptions, balance_counts: typing.Annotated[numpy.typing.ArrayLike, numpy.int64] | None, load_balance_coef: float, z_loss_coef: float, entropy_coef: float, dx: numpy.ndarray, dw_router: numpy.ndarray) -> None:
     """add d(sum(d_topk_weights * topk_weights) + weighted aux losses) into dx and dw_router"""
 
-def router_backward_f64(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], w_router: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], router_logits: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], router_probs_clean: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], router_probs: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], entropy: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], topk_indices: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], dropped: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], tokens_per_expert: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], d_topk_weights: typing.Annotated[numpy.typing.ArrayLike, numpy.float64] | None, top_k: int, normalize_topk: bool, straight_through: bool, training: bool, load_balance_coef: float, z_loss_coef: float, entropy_coef: float, dx: numpy.ndarray, dw_router: numpy.ndarray) -> None:
+def router_backward_f64(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], w_router: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], router_logits: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], router_probs_clean: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], router_probs: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], entropy: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], topk_indices: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], dropped: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], tokens_per_expert: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], d_topk_weights: typing.Annotated[numpy.typing.ArrayLike, numpy.float64] | None, options: RouterOptions, balance_counts: typing.Annotated[numpy.typing.ArrayLike, numpy.int64] | None, load_balance_coef: float, z_loss_coef: float, entropy_coef: float, dx: numpy.ndarray, dw_router: numpy.ndarray) -> None:
     """add d(sum(d_topk_weights * topk_weights) + weighted aux losses) into dx and dw_router"""
 
-def router_forward_f32(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], w_router: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], top_k: int, normalize_topk: bool, straight_through: bool, training: bool, noise_std: float, noise_seed: int, noise_step: int, capacity_factor: float, drop_policy: DropPolicy) -> RouterForwardResult:
-    """route x [T, d_model]: logits, clean and noisy softmax, top-k, combine weights, capacity drops and the router losses"""
+def router_forward_f32(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], w_router: typing.Annotated[numpy.typing.ArrayLike, numpy.float32] | None, mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], num_experts: int, options: RouterOptions, expert_bias: typing.Annotated[numpy.typing.ArrayLike, numpy.float32] | None, balance_counts: typing.Annotated[numpy.typing.ArrayLike, numpy.int64] | None, token_ids: typing.Annotated[numpy.typing.ArrayLike, numpy.int64] | None) -> RouterForwardResult:
+    """route x [T, d_model] with the algorithm of options.kind: logits, clean and noisy scores, the selection, combine weights, capacity drops and the router losses"""
 
-def router_forward_f64(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], w_router: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], top_k: int, normalize_topk: bool, straight_through: bool, training: bool, noise_std: float, noise_seed: int, noise_step: int, capacity_factor: float, drop_policy: DropPolicy) -> RouterForwardResult:
-    """route x [T, d_model]: logits, clean and noisy softmax, top-k, combine weights, capacity drops and the router losses"""
+def router_forward_f64(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], w_router: typing.Annotated[numpy.typing.ArrayLike, numpy.float64] | None, mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], num_experts: int, options: RouterOptions, expert_bias: typing.Annotated[numpy.typing.ArrayLike, numpy.float64] | None, balance_counts: typing.Annotated[numpy.typing.ArrayLike, numpy.int64] | None, token_ids: typing.Annotated[numpy.typing.ArrayLike, numpy.int64] | None) -> RouterForwardResult:
+    """route x [T, d_model] with the algorithm of options.kind: logits, clean and noisy scores, the selection, combine weights, capacity drops and the router losses"""
 
 def row_entropy_f32(*, probs: typing.Annotated[numpy.typing.ArrayLike, numpy.float32]) -> numpy.typing.NDArray[numpy.float32]:
     """-sum p log p of each row in nats (the router's own entropy)"""

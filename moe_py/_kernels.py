@@ -14,6 +14,8 @@ from . import _core
 Activation = _core.Activation
 DropPolicy = _core.DropPolicy
 RouterForwardResult = _core.RouterForwardResult
+RouterKind = _core.RouterKind
+RouterOptions = _core.RouterOptions
 
 _SUFFIX = {np.dtype(np.float32): "_f32", np.dtype(np.float64): "_f64"}
 

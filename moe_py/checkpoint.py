@@ -1,5 +1,5 @@
 """Checkpoints: one .npz with the model, the optimiser, the step, both configs, the
-noise-annealing state and a SHA-256 checksum of all of it; written atomically, so a crash
+routers' state (noise annealing, expert bias) and a SHA-256 checksum of all of it; written atomically, so a crash
 never leaves a half-written file in place of the last good one. Anything that is not a
 whole moe_py checkpoint raises CheckpointError ("not a valid moe_py checkpoint: ...")."""
 from __future__ import annotations
@@ -34,7 +34,7 @@ def save_checkpoint(path: str, model: TransformerLM, optim: AdamW, step: int, tr
     arrays = {f"model.{n}": p for n, p, _ in model.named_parameters()}
     arrays.update({f"optim.{k}": v for k, v in optim.state_dict().items()})
     for i, layer in enumerate(model.moe_layers):
-        arrays[f"noise.{i}"] = np.array(json.dumps(layer.router.noise_state()))
+        arrays[f"router.{i}"] = np.array(json.dumps(layer.router.state()))
     arrays["step"] = np.array(step)
     arrays["model_config"] = np.array(json.dumps(model.cfg.to_dict()))
     arrays["train_config"] = np.array(json.dumps(train_cfg))
@@ -92,15 +92,17 @@ def _fill(dst: np.ndarray, data: dict, key: str, path: str) -> None:
 
 
 def load_model(path: str) -> Tuple[TransformerLM, dict]:
-    """The model of a checkpoint (with its noise state) and the raw archive."""
+    """The model of a checkpoint (with its routers' state) and the raw archive."""
     data = _read(path)
     model = TransformerLM(data["_model_config"])
     for n, p, _ in model.named_parameters():
         _fill(p, data, f"model.{n}", path)
     for i, layer in enumerate(model.moe_layers):
-        if f"noise.{i}" not in data:
-            raise CheckpointError(f"not a valid moe_py checkpoint: {path}: missing 'noise.{i}'")
-        layer.router.load_noise_state(json.loads(str(data[f"noise.{i}"])))
+        # "noise.i": the name (and the noise-only content) before the expert bias existed
+        key = next((k for k in (f"router.{i}", f"noise.{i}") if k in data), None)
+        if key is None:
+            raise CheckpointError(f"not a valid moe_py checkpoint: {path}: missing 'router.{i}'")
+        layer.router.load_state(json.loads(str(data[key])))
     data["_path"] = path
     return model, data
 

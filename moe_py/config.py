@@ -11,7 +11,10 @@ import numpy as np
 
 # The label of positions no loss reads (no next byte, or padding); as PyTorch's default.
 IGNORE_INDEX = -100
-ROUTERS = ("softmax_topk",)
+ROUTERS = ("softmax_topk", "sigmoid_topk", "expert_choice", "sinkhorn", "hash")
+# the routers that pick each token's k experts by a score (and so take noise, groups, STE)
+TOPK_ROUTERS = ("softmax_topk", "sigmoid_topk")
+BALANCE_SCOPES = ("batch", "sequence", "global")
 DROP_POLICIES = ("position", "probs")
 ACTIVATIONS = ("swiglu", "gelu")
 DTYPES = {"float32": np.float32, "float64": np.float64}
@@ -59,15 +62,19 @@ class MoEConfig:
 
     normalize_topk=None takes the default: True for top_k > 1, False for top_k = 1
     (with k = 1 normalising makes every weight 1 and the router would get no
-    gradient from the task loss; asking for it explicitly warns).
-    capacity_factor=None is dropless. Experts have no biases; "gelu" is the erf form.
+    gradient from the task loss; asking for it explicitly warns); expert choice and
+    hash never normalise (normalize_topk is set to False). capacity_factor=None is dropless
+    (expert choice: 1.0, see `capacity`). bias_update_rate=None: 1e-3 for sigmoid_topk, 0
+    (no expert bias) for the others (see `bias_rate`).
+    Experts have no biases; "gelu" is the erf form. docs/design.md, "Routers", has the
+    formulas of every router.
     """
 
     d_model: int = 128  # width of the tokens the layer reads and writes
     d_ff: int = 128  # hidden width of one expert
     num_experts: int = 8  # experts per MoE layer (E)
     top_k: int = 2  # experts each token is sent to (k)
-    router: str = "softmax_topk"  # routing algorithm
+    router: str = "softmax_topk"  # routing algorithm: softmax_topk, sigmoid_topk, expert_choice, sinkhorn or hash
     normalize_topk: Optional[bool] = None  # divide the k weights by their sum (auto: k > 1)
     capacity_factor: Optional[float] = None  # expert capacity ceil(c * R * k / E); None: dropless
     drop_policy: str = "position"  # over capacity, drop by position (first choices first) or lowest probs
@@ -76,6 +83,15 @@ class MoEConfig:
     load_balance_coef: float = 0.01  # weight of E * sum_e f_e P_e in aux_loss
     z_loss_coef: float = 0.001  # weight of mean logsumexp(logits)^2 in aux_loss
     entropy_coef: float = 0.0  # weight of the mean clean routing entropy in aux_loss
+    load_balance_scope: str = "batch"  # f and P of the balance loss over the batch, each sequence, or the optimiser step (global)
+    routed_scaling_factor: float = 1.0  # sigmoid_topk: multiplies the combine weights
+    bias_update_rate: Optional[float] = None  # sigmoid_topk aux-loss-free bias step (auto: 1e-3; 0: off)
+    n_group: int = 1  # group-limited routing: experts in n_group equal groups (1: off)
+    topk_group: int = 1  # group-limited routing: tokens pick experts from their topk_group best groups
+    sinkhorn_iterations: int = 100  # sinkhorn: at most this many balancing sweeps
+    sinkhorn_tolerance: float = 1e-4  # sinkhorn: stop when the column scales change less than this
+    num_shared_experts: int = 0  # always-on experts every real token goes through
+    shared_d_ff: Optional[int] = None  # hidden width of one shared expert (None: d_ff)
     dtype: str = "float32"  # float32 or float64, for inputs and parameters
     seed: int = 0  # seed of the initial weights and of the router noise
 
@@ -91,6 +107,9 @@ class MoEConfig:
             )
         if self.router not in ROUTERS:
             raise ValueError(f"router: expected one of {ROUTERS}, got {self.router!r}")
+        if self.load_balance_scope not in BALANCE_SCOPES:
+            raise ValueError(f"load_balance_scope: expected one of {BALANCE_SCOPES}, "
+                             f"got {self.load_balance_scope!r}")
         if self.drop_policy not in DROP_POLICIES:
             raise ValueError(f"drop_policy: expected one of {DROP_POLICIES}, got {self.drop_policy!r}")
         if self.activation not in ACTIVATIONS:
@@ -107,7 +126,11 @@ class MoEConfig:
             finite_number(name, getattr(self, name), allow_negative=(name == "entropy_coef"))
         if not isinstance(self.straight_through, (bool, np.bool_)):
             raise ValueError(f"straight_through: expected a bool, got {self.straight_through!r}")
-        if self.normalize_topk is None:
+        self._check_router_options()
+        if self.router in ("expert_choice", "hash"):
+            # their weights are the softmax scores (expert choice) or 1/k (hash)
+            self.normalize_topk = False
+        elif self.normalize_topk is None:
             self.normalize_topk = self.top_k > 1
         elif not isinstance(self.normalize_topk, (bool, np.bool_)):
             raise ValueError(f"normalize_topk: expected a bool or None, got {self.normalize_topk!r}")
@@ -118,6 +141,61 @@ class MoEConfig:
                 stacklevel=3,
             )
         check_seed(self.seed)
+
+    def _check_router_options(self) -> None:
+        router = self.router
+        finite_number("routed_scaling_factor", self.routed_scaling_factor)
+        if self.routed_scaling_factor <= 0:
+            raise ValueError(f"routed_scaling_factor: expected a number > 0, got "
+                             f"{self.routed_scaling_factor!r}")
+        if self.routed_scaling_factor != 1.0 and router != "sigmoid_topk":
+            raise ValueError("routed_scaling_factor: only sigmoid_topk scales its weights")
+        finite_number("bias_update_rate", self.bias_rate)
+        if self.bias_rate > 0 and router != "sigmoid_topk":
+            raise ValueError("bias_update_rate: the aux-loss-free expert bias belongs to "
+                             "sigmoid_topk; set it to 0 or None for other routers")
+        positive_int("n_group", self.n_group)
+        positive_int("topk_group", self.topk_group)
+        if self.n_group > 1:
+            if router not in TOPK_ROUTERS:
+                raise ValueError(f"n_group: group-limited routing needs one of {TOPK_ROUTERS}")
+            if self.num_experts % self.n_group:
+                raise ValueError(f"n_group: expected a divisor of num_experts "
+                                 f"({self.num_experts}), got {self.n_group}")
+            if self.topk_group > self.n_group or \
+                    self.top_k > self.topk_group * (self.num_experts // self.n_group):
+                raise ValueError(f"topk_group: expected topk_group <= n_group ({self.n_group}) "
+                                 f"and top_k <= topk_group * num_experts / n_group")
+        positive_int("sinkhorn_iterations", self.sinkhorn_iterations)
+        finite_number("sinkhorn_tolerance", self.sinkhorn_tolerance)
+        if isinstance(self.num_shared_experts, bool) or \
+                not isinstance(self.num_shared_experts, int) or self.num_shared_experts < 0:
+            raise ValueError(f"num_shared_experts: expected an integer >= 0, got "
+                             f"{self.num_shared_experts!r}")
+        positive_int("shared_d_ff", self.shared_width)
+        if self.straight_through and router in ("expert_choice", "hash"):
+            raise ValueError(f"straight_through: {router} routing has no soft top-k weights")
+
+    # The auto defaults are resolved here, not written into the fields, so that
+    # dataclasses.replace(cfg, router=...) takes the new router's defaults.
+    @property
+    def bias_rate(self) -> float:
+        """The expert-bias step: bias_update_rate, or its default for the router."""
+        if self.bias_update_rate is not None:
+            return self.bias_update_rate
+        return 1e-3 if self.router == "sigmoid_topk" else 0.0
+
+    @property
+    def shared_width(self) -> int:
+        """The hidden width of one shared expert."""
+        return self.d_ff if self.shared_d_ff is None else self.shared_d_ff
+
+    @property
+    def capacity(self) -> Optional[float]:
+        """The capacity factor routing uses: capacity_factor, or 1.0 for expert choice."""
+        if self.capacity_factor is None and self.router == "expert_choice":
+            return 1.0
+        return self.capacity_factor
 
     @property
     def np_dtype(self) -> type:

@@ -2,7 +2,8 @@
 place that decides which FFN a model gets.
 
 An FFN has `params`/`grads` dicts and
-    forward(x, padding_mask=None, training=True) -> MoEOutput   (router None when dense)
+    forward(x, padding_mask=None, training=True, token_ids=None) -> MoEOutput
+                                                   (router None when dense; ids for hash routing)
     backward(dy, aux_weight=1.0) -> dx
     num_parameters() -> {"total": ..., "active": ...}           (active: used by one token)
     has_router: bool
@@ -17,7 +18,7 @@ from typing import Dict, Optional
 import numpy as np
 
 from .config import MoEConfig
-from .experts import Experts, init_expert_weights
+from .experts import Experts, every_token, init_expert_weights
 from .layer import MoELayer, MoEOutput
 
 
@@ -38,14 +39,12 @@ class DenseFFN:
         self.experts = Experts(self.cfg, self.params, self.grads)
         self._lead = None
 
-    def forward(self, x, padding_mask=None, training: bool = True) -> MoEOutput:
+    def forward(self, x, padding_mask=None, training: bool = True, token_ids=None) -> MoEOutput:
         x = np.asarray(x)
         self._lead = x.shape[:-1]
         x2 = x.reshape(-1, self.cfg.d_model)
         mask = np.ones(x2.shape[0], bool) if padding_mask is None else np.asarray(padding_mask)
-        real = mask.reshape(-1, 1).astype(bool)
-        idx = np.where(real, 0, -1).astype(np.int64)
-        y = self.experts.forward(x2, idx, real.astype(x2.dtype), np.zeros(idx.shape, bool))
+        y = self.experts.forward(x2, *every_token(mask, 1, x2.dtype))
         return MoEOutput(y.reshape(x.shape), None, 0.0, {})
 
     def backward(self, dy, aux_weight: float = 1.0) -> np.ndarray:

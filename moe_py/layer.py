@@ -6,10 +6,10 @@ from typing import Dict, NamedTuple, Optional
 
 import numpy as np
 
-from ._checks import NonFiniteError, as_grad, as_mask, as_tokens
+from ._checks import NonFiniteError, as_grad, as_mask, as_token_ids, as_tokens, sequence_length
 from ._guard import OneCaller
 from .config import MoEConfig
-from .experts import Experts, init_expert_weights
+from .experts import Experts, SharedExperts, init_expert_weights, init_shared_weights
 from .router import Router, RouterOutput, init_router_weight
 
 
@@ -17,11 +17,11 @@ class ForwardContext:
     """What one forward of a MoELayer saved for its backward. Its MoEOutput holds it, so each
     output can be backpropagated on its own; the layer also keeps the latest one."""
 
-    __slots__ = ("layer", "router_saved", "experts_saved", "lead")
+    __slots__ = ("layer", "router_saved", "experts_saved", "shared_saved", "lead")
 
-    def __init__(self, layer, router_saved, experts_saved, lead):
-        self.layer, self.router_saved, self.experts_saved, self.lead = \
-            layer, router_saved, experts_saved, lead
+    def __init__(self, layer, router_saved, experts_saved, shared_saved, lead):
+        self.layer, self.router_saved, self.experts_saved, self.shared_saved, self.lead = \
+            layer, router_saved, experts_saved, shared_saved, lead
 
 
 class MoEOutput(NamedTuple):
@@ -41,13 +41,15 @@ class MoEOutput(NamedTuple):
 
 
 class MoELayer:
-    """`layer(x, padding_mask=None, training=True) -> MoEOutput`;
+    """`layer(x, padding_mask=None, training=True, token_ids=None) -> MoEOutput`;
     `layer.backward(dy) -> dx`, the gradient of `sum(dy * y) + aux_loss` w.r.t. x,
     adding the parameter gradients into `grads` (`zero_grad()` clears them).
+    token_ids (shape x.shape[:-1]) are read by the hash router only.
 
-    params: w_router [d_model, E], w1 [E, d_model, d_ff], w3 [E, d_model, d_ff]
-    (swiglu only), w2 [E, d_ff, d_model]; grads: the same keys and shapes.
-    It implements the FFN interface of moe_py/ffn.py.
+    params: w_router [d_model, E] (not for hash routing), w1 [E, d_model, d_ff],
+    w3 [E, d_model, d_ff] (swiglu only), w2 [E, d_ff, d_model], and with shared experts
+    shared_w1 [S, d_model, shared_d_ff], shared_w3, shared_w2; grads: the same keys and
+    shapes. It implements the FFN interface of moe_py/ffn.py.
     """
 
     has_router = True
@@ -55,11 +57,15 @@ class MoELayer:
     def __init__(self, cfg: MoEConfig):
         self.cfg = cfg
         rng = np.random.default_rng(cfg.seed)
-        self._params: Dict[str, np.ndarray] = {"w_router": init_router_weight(cfg, rng)}
+        # drawn for every router, so that the experts start the same whatever the router
+        w_router = init_router_weight(cfg, rng)
+        self._params: Dict[str, np.ndarray] = {"w_router": w_router} if cfg.router != "hash" else {}
         self._params.update(init_expert_weights(cfg, rng))
+        self._params.update(init_shared_weights(cfg, rng))
         self._grads: Dict[str, np.ndarray] = {k: np.zeros_like(v) for k, v in self._params.items()}
         self.router = Router(cfg, self._params, self._grads)
         self.experts = Experts(cfg, self._params, self._grads)
+        self.shared = SharedExperts(cfg, self._params, self._grads) if cfg.num_shared_experts else None
         self._latest: Optional[ForwardContext] = None
         self._guard = OneCaller("MoELayer")
 
@@ -96,20 +102,32 @@ class MoELayer:
     def noise_std(self) -> float:
         return self.router.noise_std
 
-    def __call__(self, x, padding_mask=None, training: bool = True) -> MoEOutput:
+    def update_expert_bias(self) -> None:
+        """sigmoid_topk's aux-loss-free bias step (Router.update_expert_bias); the trainer
+        calls it once per optimiser step, after all micro-batches."""
+        self.router.update_expert_bias()
+
+    def __call__(self, x, padding_mask=None, training: bool = True, token_ids=None) -> MoEOutput:
         with self._guard.forward():
-            x2, lead = as_tokens(x, self.cfg.d_model, self.cfg.np_dtype)
+            cfg = self.cfg
+            x2, lead = as_tokens(x, cfg.d_model, cfg.np_dtype)
             mask = as_mask(padding_mask, lead)
-            # nothing on the layer changes until both halves have succeeded
-            routed = self.router.compute(x2, mask, training)
+            ids = as_token_ids(token_ids, lead, required=cfg.router == "hash")
+            # nothing on the layer changes until every part has succeeded
+            routed = self.router.compute(x2, mask, training,
+                                         sequence_length(lead, cfg.load_balance_scope), ids)
             r = routed.output
             y2, saved = self.experts.compute(x2, r.topk_indices, r.topk_weights, r.dropped)
+            shared_saved = None
+            if self.shared is not None:
+                y_shared, shared_saved = self.shared.compute(x2, mask)
+                y2 += y_shared
             if not np.isfinite(y2).all():
                 raise NonFiniteError(
                     f"x: the layer's output is not finite (max |x| = {np.abs(x2).max():.3g}; "
                     f"values this large overflow the router or the experts in {self.cfg.dtype})")
             public = self.router.commit(routed)
-            ctx = ForwardContext(self, routed.saved, saved, lead)
+            ctx = ForwardContext(self, routed.saved, saved, shared_saved, lead)
             self._latest = ctx
             return MoEOutput(y2.reshape(lead + (self.cfg.d_model,)), public, routed.aux_loss,
                              dict(routed.losses), ctx)
@@ -136,6 +154,8 @@ class MoELayer:
             if not np.isfinite(d_weights).all():
                 raise NonFiniteError(f"dy: the gradient through the experts is not finite (max |dy| "
                                      f"= {np.abs(dy2).max():.3g} overflows in {self.cfg.dtype})")
+            if ctx.shared_saved is not None:
+                dx2 += self.shared.backward(dy2, ctx.shared_saved)
             self.router.backward_into(d_weights, dx2, float(aux_weight), ctx.router_saved)
             if not np.isfinite(dx2).all():
                 raise NonFiniteError(f"dx is not finite: dy (max |dy| = {np.abs(dy2).max():.3g}) "
@@ -148,10 +168,13 @@ class MoELayer:
             g.fill(0)
 
     def num_parameters(self) -> Dict[str, int]:
-        """Total parameters, and those active per token (router + k experts)."""
+        """Total parameters, and those active per token: the router, k routed experts (expert
+        choice: k on average) and every shared expert."""
         total = sum(v.size for v in self.params.values())
-        per_expert = sum(v[0].size for k, v in self.params.items() if k != "w_router")
-        active = self.params["w_router"].size + self.cfg.top_k * per_expert
+        router = self.params["w_router"].size if "w_router" in self.params else 0
+        per_expert = sum(self.params[k][0].size for k in ("w1", "w3", "w2") if k in self.params)
+        shared = sum(v.size for k, v in self.params.items() if k.startswith("shared_"))
+        active = router + self.cfg.top_k * per_expert + shared
         return {"total": int(total), "active": int(active)}
 
 

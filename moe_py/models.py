@@ -9,6 +9,7 @@ layers (or dense SwiGLU FFNs for the baseline).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 import math
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
@@ -22,6 +23,14 @@ from .layer import MoELayer
 from .lm_losses import multi_token_cross_entropy
 from .nn import Block, Embedding, Linear, RMSNorm
 from .router import RouterOutput
+
+
+# docs/design.md, "Routers": why a causal LM should not be trained with expert choice.
+EXPERT_CHOICE_IN_LM = (
+    "router='expert_choice' in a causal LM: each expert picks its tokens by comparing them with "
+    "every other token of the batch, later positions of the same sequence included, so a token's "
+    "routing (and output) depends on future tokens. Its training loss is not comparable with a "
+    "causal model's, and it cannot generate one token at a time as trained.")
 
 
 @dataclass
@@ -105,6 +114,8 @@ class TransformerLM:
         self.heads = [Linear(cfg.d_model, cfg.vocab_size, rng, dt) for _ in range(cfg.n_predict)]
         self._shape = None
         self._forward_id = 0
+        if cfg.moe is not None and cfg.moe.router == "expert_choice":
+            warnings.warn(EXPERT_CHOICE_IN_LM, stacklevel=2)
 
     # ---- parameters ------------------------------------------------------------
     def modules(self) -> Iterator[Tuple[str, object]]:
@@ -144,6 +155,12 @@ class TransformerLM:
         for layer in self.moe_layers:
             layer.set_noise_annealing(start_std, anneal_steps)
 
+    def update_expert_bias(self) -> None:
+        """Once per optimiser step, after all micro-batches: every MoE layer's expert-bias
+        step (sigmoid_topk), which also starts the loads of the next step from 0."""
+        for layer in self.moe_layers:
+            layer.update_expert_bias()
+
     # ---- forward / backward ------------------------------------------------------
     def forward(self, inputs: np.ndarray, padding_mask: Optional[np.ndarray] = None,
                 training: bool = True) -> ModelOutput:
@@ -159,7 +176,7 @@ class TransformerLM:
         x = self.embed.forward(inputs)
         routers, layer_losses, aux = [], [], 0.0
         for b in self.blocks:
-            x, ffn_out = b.forward(x, mask, (B, S), training)
+            x, ffn_out = b.forward(x, mask, (B, S), training, token_ids=inputs)
             if ffn_out.router is not None:
                 routers.append(ffn_out.router)
                 layer_losses.append(ffn_out.losses)

@@ -6,7 +6,7 @@ saves in forward exactly what its backward reads.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -123,12 +123,19 @@ class Block(Module):
     def children(self) -> Dict[str, object]:
         return {"norm1": self.norm1, "attn": self.attn, "norm2": self.norm2, "ffn": self.ffn}
 
-    def forward(self, x2: np.ndarray, mask: np.ndarray, shape, training: bool) -> Tuple[np.ndarray, object]:
-        """x2 [B*S, d] -> (x2 after the layer, the FFN's output with its routing and losses)."""
+    def forward(self, x2: np.ndarray, mask: np.ndarray, shape, training: bool,
+                token_ids: Optional[np.ndarray] = None) -> Tuple[np.ndarray, object]:
+        """x2 [B*S, d] -> (x2 after the layer, the FFN's output with its routing and losses).
+        The FFN sees [B, S, d] (the sequence balance scope needs the sequences) and the
+        token ids [B, S] (the hash router reads them)."""
         x2 = x2 + self.attn.forward(self.norm1.forward(x2), mask, shape)
-        out = self.ffn.forward(self.norm2.forward(x2), padding_mask=mask.reshape(-1), training=training)
-        return x2 + out.y, out
+        self._ffn_shape = tuple(shape) + (x2.shape[-1],)
+        h = self.norm2.forward(x2).reshape(self._ffn_shape)
+        out = self.ffn.forward(h, padding_mask=mask.reshape(shape), training=training,
+                               token_ids=token_ids)
+        return x2 + out.y.reshape(x2.shape), out
 
     def backward(self, dx2: np.ndarray, aux_weight: float) -> np.ndarray:
-        dx2 = dx2 + self.norm2.backward(self.ffn.backward(dx2, aux_weight=aux_weight))
+        d_ffn = self.ffn.backward(dx2.reshape(self._ffn_shape), aux_weight=aux_weight)
+        dx2 = dx2 + self.norm2.backward(d_ffn.reshape(dx2.shape))
         return dx2 + self.norm1.backward(self.attn.backward(dx2))

@@ -1,7 +1,8 @@
-"""Token routing: RouterOutput and Router (docs/design.md, "Routing" and "Losses").
+"""Token routing: RouterOutput and Router (docs/design.md, "Routing", "Routers", "Losses").
 
-The maths lives in cpp/router.cpp and cpp/losses.cpp; this file checks
-arguments, keeps the noise-annealing state and what backward needs.
+The maths lives in cpp/router.cpp, cpp/router_select.cpp and cpp/losses.cpp; this file
+checks arguments, keeps the router's state (noise annealing, the expert bias and the loads
+it is updated from) and what backward needs.
 """
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ from typing import Dict, NamedTuple, Optional
 
 import numpy as np
 
-from ._kernels import DropPolicy, RouterForwardResult, kernel
-from ._checks import (NonFiniteError, as_grad, as_mask, as_tokens, check_grad_buffer, check_param,
-                      check_row_count)
+from ._kernels import DropPolicy, RouterForwardResult, RouterKind, RouterOptions, kernel
+from ._checks import (NonFiniteError, as_grad, as_mask, as_token_ids, as_tokens,
+                      check_grad_buffer, check_param, check_row_count, sequence_length)
 from ._guard import OneCaller
-from .config import MoEConfig
+from .config import TOPK_ROUTERS, MoEConfig
 
 LOSS_NAMES = ("load_balance", "z_loss", "entropy")
 
@@ -23,16 +24,18 @@ class RouterOutput(NamedTuple):
     """Per-token routing decisions, all flattened to [T, ...] (T = prod(x.shape[:-1])).
 
     Padded tokens have all-zero probabilities and weights, entropy 0 and indices -1.
+    Slots: k per token, except expert choice, where a token has as many slots as the most
+    experts any token was taken by, and the unused ones hold -1 / weight 0.
     """
 
-    topk_weights: np.ndarray  # [T, k] combine weights; 0 for padded tokens and dropped slots
-    topk_indices: np.ndarray  # [T, k] int64, descending probability, ties to the lower index
-    router_probs: np.ndarray  # [T, E] softmax of the logits after noise
-    router_probs_clean: np.ndarray  # [T, E] softmax of the logits before noise
-    router_logits: np.ndarray  # [T, E] x @ w_router, before noise
-    entropy: np.ndarray  # [T] entropy of router_probs_clean, in nats
+    topk_weights: np.ndarray  # [T, slots] combine weights; 0 for padded tokens, dropped and empty slots
+    topk_indices: np.ndarray  # [T, slots] int64, descending selection score, ties to the lower index; -1 empty
+    router_probs: np.ndarray  # [T, E] the scores after noise: softmax, sigmoid (sigmoid_topk), 1/k one-hot (hash)
+    router_probs_clean: np.ndarray  # [T, E] the same scores before noise
+    router_logits: np.ndarray  # [T, E] x @ w_router, before noise (hash: 0)
+    entropy: np.ndarray  # [T] entropy of router_probs_clean normalised per token, in nats
     tokens_per_expert: np.ndarray  # [E] int64 real assignments, before capacity dropping
-    dropped: np.ndarray  # [T, k] bool, slots dropped for capacity
+    dropped: np.ndarray  # [T, slots] bool, slots dropped for capacity
 
 
 def row_entropy(probs: np.ndarray) -> np.ndarray:
@@ -62,11 +65,22 @@ def read_only(r: RouterOutput) -> RouterOutput:
     return RouterOutput(*views)
 
 
+class _Saved(NamedTuple):
+    """What a forward keeps for its backward."""
+    x2: np.ndarray
+    w: Optional[np.ndarray]  # None for hash routing
+    mask: np.ndarray
+    routed: RouterOutput
+    training: bool
+    options: RouterOptions
+    balance_counts: Optional[np.ndarray]  # the global scope's earlier loads
+
+
 class _Routed(NamedTuple):
     output: RouterOutput  # the arrays backward reads (never handed out as they are)
     losses: Dict[str, float]
     aux_loss: float
-    saved: tuple
+    saved: _Saved
 
 
 def init_router_weight(cfg: MoEConfig, rng: np.random.Generator) -> np.ndarray:
@@ -76,12 +90,17 @@ def init_router_weight(cfg: MoEConfig, rng: np.random.Generator) -> np.ndarray:
 
 
 class Router:
-    """softmax top-k router, usable on its own.
+    """The router of MoEConfig.router, usable on its own (docs/design.md, "Routers").
 
-    `router(x, padding_mask=None, training=True) -> RouterOutput`; the losses of
-    that call are in `router.losses` (unweighted) and `router.aux_loss` (weighted
-    sum). `router.backward(d_topk_weights=None) -> dx` is the gradient of
+    `router(x, padding_mask=None, training=True, token_ids=None) -> RouterOutput`; the
+    losses of that call are in `router.losses` (unweighted) and `router.aux_loss`
+    (weighted sum). `router.backward(d_topk_weights=None) -> dx` is the gradient of
     `sum(d_topk_weights * topk_weights) + aux_loss`; it adds into `grads`.
+    The hash router has no weight (params holds no w_router) and needs token_ids.
+
+    State that is not a parameter: `expert_bias` (sigmoid_topk's selection bias, moved
+    by update_expert_bias()), the expert loads of the training forwards since the last
+    update_expert_bias() (which the global balance scope also reads), and the noise.
 
     `params`/`grads` may be passed in so a layer shares one dict with its router.
     """
@@ -90,10 +109,14 @@ class Router:
                  grads: Optional[Dict[str, np.ndarray]] = None):
         self.cfg = cfg
         self.params = params if params is not None else {}
-        if "w_router" not in self.params:
-            self.params["w_router"] = init_router_weight(cfg, np.random.default_rng(cfg.seed))
         self.grads = grads if grads is not None else {}
-        self.grads.setdefault("w_router", np.zeros_like(self.params["w_router"]))
+        self.has_weight = cfg.router != "hash"
+        if self.has_weight:
+            if "w_router" not in self.params:
+                self.params["w_router"] = init_router_weight(cfg, np.random.default_rng(cfg.seed))
+            self.grads.setdefault("w_router", np.zeros_like(self.params["w_router"]))
+        self.expert_bias = np.zeros(cfg.num_experts, cfg.np_dtype)
+        self.step_loads = np.zeros(cfg.num_experts, np.int64)
         self._noise_start = 0.0
         self._noise_anneal_steps = 1
         self._noise_step = 0
@@ -106,6 +129,9 @@ class Router:
     def set_noise_annealing(self, start_std: float, anneal_steps: int) -> None:
         """Turn on NoisyTop-k: std(step) = start_std * max(0, 1 - step / anneal_steps),
         step = training-mode forward calls since this call."""
+        if self.cfg.router not in TOPK_ROUTERS:
+            raise ValueError(f"start_std: router noise needs one of {TOPK_ROUTERS}, "
+                             f"not {self.cfg.router!r}")
         if isinstance(start_std, bool) or not isinstance(start_std, (int, float, np.number)) \
                 or not math.isfinite(start_std) or start_std < 0:
             raise ValueError(f"start_std: expected a finite number >= 0, got {start_std!r}")
@@ -126,34 +152,81 @@ class Router:
         """The noise std the next training-mode forward uses (0.0 when noise is off)."""
         return self._noise_start * max(0.0, 1.0 - self._noise_step / self._noise_anneal_steps)
 
-    def noise_state(self) -> Dict[str, float]:
-        return {"start_std": self._noise_start, "anneal_steps": self._noise_anneal_steps,
-                "step": self._noise_step}
+    # ---- the aux-loss-free expert bias (sigmoid_topk) --------------------------
+    def update_expert_bias(self) -> None:
+        """DeepSeek-V3's bias step from the loads since the last call (training forwards,
+        real tokens only): b_e += bias_update_rate * sign(mean_load - load_e); then the
+        loads start again from 0. A router without the bias only clears the loads."""
+        rate = self.cfg.bias_rate
+        if rate > 0:
+            loads = self.step_loads.astype(np.float64)
+            step = rate * np.sign(loads.mean() - loads)
+            self.expert_bias[...] = (self.expert_bias.astype(np.float64) + step).astype(self.cfg.np_dtype)
+        self.step_loads[...] = 0
 
-    def load_noise_state(self, state: Dict[str, float]) -> None:
+    # ---- state that is not a parameter (checkpoints keep it) ----------------------
+    def state(self) -> Dict[str, object]:
+        return {"start_std": self._noise_start, "anneal_steps": self._noise_anneal_steps,
+                "step": self._noise_step, "expert_bias": [float(b) for b in self.expert_bias],
+                "step_loads": [int(c) for c in self.step_loads]}
+
+    def load_state(self, state: Dict[str, object]) -> None:
+        """Restore state(); a file written before the expert bias existed has no bias."""
         self._noise_start = float(state["start_std"])
         self._noise_anneal_steps = int(state["anneal_steps"])
         self._noise_step = int(state["step"])
+        E = self.cfg.num_experts
+        for key, target in (("expert_bias", self.expert_bias), ("step_loads", self.step_loads)):
+            values = np.asarray(state.get(key, np.zeros(E)), dtype=target.dtype)
+            if values.shape != (E,):
+                raise ValueError(f"state['{key}']: expected {E} values, got {values.shape}")
+            target[...] = values
 
     # ---- forward / backward --------------------------------------------------
-    def _check_params(self) -> np.ndarray:
+    def _check_params(self) -> Optional[np.ndarray]:
+        if not self.has_weight:
+            return None
         w = self.params["w_router"]
         check_param(w, (self.cfg.d_model, self.cfg.num_experts), self.cfg.np_dtype, "w_router")
         return w
 
-    def compute(self, x2: np.ndarray, mask: np.ndarray, training: bool) -> _Routed:
-        """Route already-checked tokens x2 [T, d_model] with mask uint8 [T]; changes nothing
-        on the router until commit() (a forward that fails later leaves it as it was)."""
+    def options(self, training: bool, seq_len: int = 0) -> RouterOptions:
+        """The kernel options of one call (the backward reuses the forward's)."""
+        cfg = self.cfg
+        o = RouterOptions()
+        o.kind = RouterKind.__members__[cfg.router]
+        o.top_k = cfg.top_k
+        o.normalize_topk = bool(cfg.normalize_topk)
+        o.straight_through = bool(cfg.straight_through)
+        o.training = bool(training)
+        o.noise_std = self.noise_std if training else 0.0
+        o.noise_seed = cfg.seed
+        o.noise_step = self._noise_step
+        o.capacity_factor = -1.0 if cfg.capacity is None else float(cfg.capacity)
+        o.drop_policy = DropPolicy.__members__[cfg.drop_policy]
+        o.routed_scaling_factor = float(cfg.routed_scaling_factor)
+        o.n_group, o.topk_group = cfg.n_group, cfg.topk_group
+        o.sinkhorn_iterations = cfg.sinkhorn_iterations
+        o.sinkhorn_tolerance = float(cfg.sinkhorn_tolerance)
+        o.hash_seed = cfg.seed
+        o.seq_len = seq_len
+        return o
+
+    def compute(self, x2: np.ndarray, mask: np.ndarray, training: bool, seq_len: int = 0,
+                token_ids: Optional[np.ndarray] = None) -> _Routed:
+        """Route already-checked tokens x2 [T, d_model] with mask uint8 [T] (seq_len: rows
+        per sequence for the sequence balance scope; token_ids int64 [T] for hash); changes
+        nothing on the router until commit() (a forward that fails later leaves it as it was)."""
         cfg = self.cfg
         w = self._check_params()
         check_row_count(x2.shape[0] * cfg.top_k, "x")
-        std = self.noise_std if training else 0.0
+        opt = self.options(training, seq_len)
+        # the global scope counts the loads of this step's earlier training forwards
+        counts = self.step_loads.copy() if training and cfg.load_balance_scope == "global" else None
+        bias = self.expert_bias if cfg.router == "sigmoid_topk" else None
         res = kernel("router_forward", cfg.np_dtype)(
-            x=x2, w_router=w, mask=mask, top_k=cfg.top_k, normalize_topk=bool(cfg.normalize_topk),
-            straight_through=bool(cfg.straight_through), training=bool(training),
-            noise_std=std, noise_seed=cfg.seed, noise_step=self._noise_step,
-            capacity_factor=-1.0 if cfg.capacity_factor is None else float(cfg.capacity_factor),
-            drop_policy=DropPolicy.__members__[cfg.drop_policy])
+            x=x2, w_router=w, mask=mask, num_experts=cfg.num_experts, options=opt,
+            expert_bias=bias, balance_counts=counts, token_ids=token_ids)
         losses = {"load_balance": res.load_balance, "z_loss": res.z_loss, "entropy": res.entropy_loss}
         aux = float(cfg.load_balance_coef * losses["load_balance"] + cfg.z_loss_coef * losses["z_loss"]
                     + cfg.entropy_coef * losses["entropy"])
@@ -163,49 +236,55 @@ class Router:
                 f" + z_loss_coef={cfg.z_loss_coef} x {losses['z_loss']} + entropy_coef="
                 f"{cfg.entropy_coef} x {losses['entropy']} (x too large, or a coefficient too large)")
         routed = _router_output(res)
-        return _Routed(routed, losses, aux, (x2, w, mask, routed, bool(training)))
+        return _Routed(routed, losses, aux, _Saved(x2, w, mask, routed, bool(training), opt, counts))
 
     def commit(self, r: _Routed) -> RouterOutput:
         """Keep a computed routing for backward; returns the read-only view users get."""
-        if r.saved[4] and self._noise_start > 0:
-            self._noise_step += 1
+        if r.saved.training:
+            if self._noise_start > 0:
+                self._noise_step += 1
+            self.step_loads += r.output.tokens_per_expert
         self.losses, self.aux_loss, self._saved = r.losses, r.aux_loss, r.saved
         return read_only(r.output)
 
-    def route(self, x2: np.ndarray, mask: np.ndarray, training: bool) -> RouterOutput:
-        return self.commit(self.compute(x2, mask, training))
+    def route(self, x2: np.ndarray, mask: np.ndarray, training: bool, seq_len: int = 0,
+              token_ids: Optional[np.ndarray] = None) -> RouterOutput:
+        return self.commit(self.compute(x2, mask, training, seq_len, token_ids))
 
-    def __call__(self, x, padding_mask=None, training: bool = True) -> RouterOutput:
+    def __call__(self, x, padding_mask=None, training: bool = True, token_ids=None) -> RouterOutput:
         with self._guard.forward():
             x2, lead = as_tokens(x, self.cfg.d_model, self.cfg.np_dtype)
             mask = as_mask(padding_mask, lead)
-            out = self.route(x2, mask, training)
+            ids = as_token_ids(token_ids, lead, required=self.cfg.router == "hash")
+            out = self.route(x2, mask, training, sequence_length(lead, self.cfg.load_balance_scope), ids)
             self._lead = lead
             return out
 
     forward = __call__
 
     def backward_into(self, d_topk_weights: Optional[np.ndarray], dx2: np.ndarray,
-                      aux_weight: float = 1.0, saved: Optional[tuple] = None) -> None:
+                      aux_weight: float = 1.0, saved: Optional["_Saved"] = None) -> None:
         """Add the gradient of sum(d_topk_weights * topk_weights) + aux_weight * aux_loss
         w.r.t. the flattened x into dx2 [T, d_model], and w.r.t. w_router into grads.
         `saved`: a forward's saved state (default: the latest forward's)."""
         saved = self._saved if saved is None else saved
         if saved is None:
             raise RuntimeError("backward called before forward")
-        x2, w, mask, r, training = saved
+        r = saved.routed
         cfg = self.cfg
-        check_grad_buffer(self.grads.get("w_router"), w.shape, cfg.np_dtype, "grads['w_router']")
         if d_topk_weights is not None:
             d_topk_weights = as_grad(d_topk_weights, r.topk_weights.shape, cfg.np_dtype,
                                      "d_topk_weights")
+        if not self.has_weight:
+            return  # hash routing: no weight, and nothing it computes depends on x
+        check_grad_buffer(self.grads.get("w_router"), saved.w.shape, cfg.np_dtype,
+                          "grads['w_router']")
         kernel("router_backward", cfg.np_dtype)(
-            x=x2, w_router=w, mask=mask, router_logits=r.router_logits,
+            x=saved.x2, w_router=saved.w, mask=saved.mask, router_logits=r.router_logits,
             router_probs_clean=r.router_probs_clean, router_probs=r.router_probs,
             entropy=r.entropy, topk_indices=r.topk_indices, dropped=r.dropped.view(np.uint8),
             tokens_per_expert=r.tokens_per_expert, d_topk_weights=d_topk_weights,
-            top_k=cfg.top_k, normalize_topk=bool(cfg.normalize_topk),
-            straight_through=bool(cfg.straight_through), training=training,
+            options=saved.options, balance_counts=saved.balance_counts,
             load_balance_coef=aux_weight * cfg.load_balance_coef,
             z_loss_coef=aux_weight * cfg.z_loss_coef, entropy_coef=aux_weight * cfg.entropy_coef,
             dx=dx2, dw_router=self.grads["w_router"])
@@ -215,11 +294,17 @@ class Router:
         with self._guard.backward():
             if self._saved is None:
                 raise RuntimeError("backward called before forward")
-            x2 = self._saved[0]
-            dx2 = np.zeros_like(x2)
+            dx2 = np.zeros_like(self._saved.x2)
             self.backward_into(d_topk_weights, dx2)
             return dx2.reshape(self._lead + (self.cfg.d_model,))
 
     def zero_grad(self) -> None:
         for g in self.grads.values():
             g.fill(0)
+
+
+def unrouted_tokens(r: RouterOutput, real: np.ndarray) -> np.ndarray:
+    """bool [T]: the real tokens (real: bool [T]) that no expert processes, because no expert
+    took them (expert choice) or every slot was dropped for capacity."""
+    live = (r.topk_indices >= 0) & ~r.dropped
+    return np.asarray(real, bool).reshape(-1) & ~live.any(axis=1)

@@ -1,4 +1,4 @@
-"""Save and load one MoE layer: its config beside its weights and router-noise state, in one
+"""Save and load one MoE layer: its config beside its weights and router state (noise, expert bias), in one
 .npz written atomically with a checksum (the format of moe_py/checkpoint.py, for a layer)."""
 from __future__ import annotations
 
@@ -17,13 +17,13 @@ _KIND = "moe_py.MoELayer"
 
 
 def save(layer: MoELayer, path: str) -> None:
-    """Write `layer` (config, parameters, noise state) to path (.npz)."""
+    """Write `layer` (config, parameters, router state: noise, expert bias) to path (.npz)."""
     if not isinstance(layer, MoELayer):
         raise TypeError(f"layer: expected a MoELayer, got {type(layer).__name__}")
     arrays = {f"param.{k}": v for k, v in layer.params.items()}
     arrays["kind"] = np.array(_KIND)
     arrays["config"] = np.array(json.dumps(dataclasses.asdict(layer.cfg)))
-    arrays["noise"] = np.array(json.dumps(layer.router.noise_state()))
+    arrays["router"] = np.array(json.dumps(layer.router.state()))
     arrays["checksum"] = np.array(array_checksum(arrays))
     buf = io.BytesIO()
     np.savez(buf, **arrays)
@@ -32,11 +32,15 @@ def save(layer: MoELayer, path: str) -> None:
 
 def load(path: str) -> MoELayer:
     """The layer saved at path; a file that is not one raises CheckpointError (a ValueError)."""
-    data = read_archive(path, "not a saved moe_py layer", ("kind", "config", "noise"))
+    data = read_archive(path, "not a saved moe_py layer", ("kind", "config"))
     if str(data["kind"]) != _KIND:
         raise CheckpointError(f"not a saved moe_py layer: {path}: it holds {data['kind']}")
     layer = MoELayer(MoEConfig(**json.loads(str(data["config"]))))
     state = {k[len("param."):]: v for k, v in data.items() if k.startswith("param.")}
     layer.load_state_dict(state)
-    layer.router.load_noise_state(json.loads(str(data["noise"])))
+    # "noise": the name (and the noise-only content) before the expert bias existed
+    key = next((k for k in ("router", "noise") if k in data), None)
+    if key is None:
+        raise CheckpointError(f"not a saved moe_py layer: {path}: missing 'router'")
+    layer.router.load_state(json.loads(str(data[key])))
     return layer

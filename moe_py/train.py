@@ -28,7 +28,7 @@ from .machine import rss_mib
 from .models import ModelConfig, TransformerLM
 from .collapse import CollapseWatch, worst_max_over_mean
 from .optim import AdamW, global_grad_norm, lr_at
-from .router import row_entropy
+from .router import row_entropy, unrouted_tokens
 from .run_folder import RunFolder
 
 
@@ -100,7 +100,9 @@ def evaluate(model: TransformerLM, sampler: BatchSampler, max_batches: Optional[
 class _StepStats:
     """Accumulates one step's numbers over its micro-batches."""
 
-    def __init__(self, n_layers: int):
+    def __init__(self, routers: List[str]):
+        n_layers = len(routers)
+        self.sigmoid = [r == "sigmoid_topk" for r in routers]
         self.nll = 0.0
         self.n_targets = 0
         self.aux = 0.0
@@ -112,6 +114,7 @@ class _StepStats:
         self.real = [0] * n_layers
         self.dropped = [0] * n_layers
         self.slots = [0] * n_layers
+        self.unrouted = [0] * n_layers
 
     def add(self, result: dict, n_targets: int, head0_loss: float, mask: np.ndarray) -> None:
         self.nll += head0_loss * n_targets
@@ -124,10 +127,15 @@ class _StepStats:
             tpe = r.tokens_per_expert
             self.tokens_per_expert[i] = tpe if self.tokens_per_expert[i] is None else self.tokens_per_expert[i] + tpe
             self.entropy_sum[i] += float(r.entropy[real].sum())
-            self.noisy_entropy_sum[i] += float(row_entropy(r.router_probs[real].astype(np.float64)).sum())
+            p = r.router_probs[real].astype(np.float64)
+            if self.sigmoid[i]:
+                # sigmoid scores: the entropy of each token's scores normalised, as "entropy"
+                p = p / p.sum(axis=1, keepdims=True)
+            self.noisy_entropy_sum[i] += float(row_entropy(p).sum())
             self.real[i] += int(real.sum())
             self.dropped[i] += int(r.dropped.sum())
             self.slots[i] += int(real.sum()) * r.topk_indices.shape[1]
+            self.unrouted[i] += int(unrouted_tokens(r, real).sum())
 
     def metrics(self, micro: int) -> dict:
         out = {"loss": self.nll / self.n_targets if self.n_targets else 0.0,
@@ -140,6 +148,8 @@ class _StepStats:
             out["entropy_noisy"] = [e / max(1, r) for e, r in zip(self.noisy_entropy_sum, self.real)]
             out["expert_share"] = [(t / max(1, t.sum())).round(6).tolist() for t in self.tokens_per_expert]
             out["drop_rate"] = [d / max(1, s) for d, s in zip(self.dropped, self.slots)]
+            # real tokens no expert processes (expert choice leaves some; capacity drops too)
+            out["unrouted"] = [u / max(1, r) for u, r in zip(self.unrouted, self.real)]
         return out
 
 
@@ -155,7 +165,7 @@ def train_step(model: TransformerLM, batches: List[Batch], optim: AdamW, lr: flo
     n_total = sum(int((b.targets != IGNORE_INDEX).sum()) for b in batches)
     n_moe = len(model.moe_layers)
     model.zero_grad()
-    stats = _StepStats(n_moe)
+    stats = _StepStats([layer.cfg.router for layer in model.moe_layers])
     noise_std = model.moe_layers[0].noise_std if n_moe else 0.0
     for b in batches:
         n = int((b.targets != IGNORE_INDEX).sum())
@@ -172,6 +182,7 @@ def train_step(model: TransformerLM, batches: List[Batch], optim: AdamW, lr: flo
         raise TrainingDiverged(f"non-finite loss or gradient (loss={m['loss']}, grad_norm={gnorm})")
     scale = min(1.0, train_cfg.grad_clip / (gnorm + 1e-12)) if train_cfg.grad_clip > 0 else 1.0
     optim.step(lr, scale)
+    model.update_expert_bias()
     m.update(grad_norm=gnorm, lr=lr, noise_std=noise_std,
              tokens=sum(int(b.mask.sum()) for b in batches))
     return m

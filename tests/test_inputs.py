@@ -17,7 +17,7 @@ def cfg(**kw):
     (dict(top_k=5), "top_k"), (dict(top_k=0), "top_k"), (dict(num_experts=0), "num_experts"),
     (dict(d_model=0), "d_model"), (dict(d_ff=-1), "d_ff"), (dict(capacity_factor=-1.0), "capacity_factor"),
     (dict(capacity_factor=float("nan")), "capacity_factor"), (dict(capacity_factor=float("inf")), "capacity_factor"),
-    (dict(router="hash"), "router"), (dict(activation="relu"), "activation"), (dict(dtype="float16"), "dtype"),
+    (dict(router="top1"), "router"), (dict(activation="relu"), "activation"), (dict(dtype="float16"), "dtype"),
     (dict(load_balance_coef=float("nan")), "load_balance_coef"), (dict(z_loss_coef=float("inf")), "z_loss_coef"),
     (dict(entropy_coef=float("nan")), "entropy_coef"), (dict(seed=-1), "seed"),
 ])

@@ -15,39 +15,56 @@ SETTINGS = dict(max_examples=60, deadline=None, suppress_health_check=[HealthChe
 @st.composite
 def cases(draw):
     E = draw(st.integers(1, 6))
+    router = draw(st.sampled_from(ROUTERS))
+    T = draw(st.integers(0, 40))
+    lead = draw(st.sampled_from([(T,), (1, T)]))
+    scopes = ["batch", "global"] + (["sequence"] if len(lead) == 2 and T > 0 else [])
     cfg = moe_py.MoEConfig(
         d_model=draw(st.integers(1, 12)), d_ff=draw(st.integers(1, 12)), num_experts=E,
-        top_k=draw(st.integers(1, E)), router=draw(st.sampled_from(ROUTERS)),
+        top_k=draw(st.integers(1, E)), router=router,
         capacity_factor=draw(st.one_of(st.none(), st.floats(0.05, 4.0))),
         activation=draw(st.sampled_from(ACTIVATIONS)),
         dtype=draw(st.sampled_from(["float32", "float64"])),
-        straight_through=draw(st.booleans()), entropy_coef=draw(st.sampled_from([0.0, 0.01])),
+        straight_through=draw(st.booleans()) and router not in ("expert_choice", "hash"),
+        entropy_coef=draw(st.sampled_from([0.0, 0.01])),
+        num_shared_experts=draw(st.integers(0, 2)),
+        load_balance_scope=draw(st.sampled_from(scopes)),
         seed=draw(st.integers(0, 2**31)))
-    T = draw(st.integers(0, 40))
-    lead = draw(st.sampled_from([(T,), (1, T)]))
     mask_kind = draw(st.sampled_from(["none", "random", "all_padding"]))
     rng = np.random.default_rng(draw(st.integers(0, 2**31)))
     x = (rng.standard_normal(lead + (cfg.d_model,)) * draw(st.sampled_from([0.1, 1.0, 10.0])))
     x = x.astype(cfg.np_dtype)
     mask = None if mask_kind == "none" else (
         np.zeros(lead, bool) if mask_kind == "all_padding" else rng.random(lead) > 0.3)
-    return cfg, x, mask, draw(st.booleans())
+    ids = rng.integers(0, 256, lead) if router == "hash" else None
+    return cfg, x, mask, draw(st.booleans()), ids
 
 
 @settings(**SETTINGS)
 @given(cases())
 def test_valid_layers_keep_every_invariant(case):
-    cfg, x, mask, training = case
+    cfg, x, mask, training, ids = case
     layer = moe_py.MoELayer(cfg)
-    out = layer(x, padding_mask=mask, training=training)
+    out = layer(x, padding_mask=mask, training=training, token_ids=ids)
     real = np.ones(x.shape[:-1], bool) if mask is None else mask
     flat_real = real.reshape(-1)
     r = out.router
+    slots = r.topk_indices.shape[1]
+    ec = cfg.router == "expert_choice"
     assert out.y.shape == x.shape and np.isfinite(out.y).all()
     assert np.all(out.y[~real] == 0)
-    assert np.array_equal(r.topk_indices[~flat_real], np.full((int((~flat_real).sum()), cfg.top_k), -1))
-    assert np.all(r.topk_indices[flat_real] >= 0)
-    assert int(r.tokens_per_expert.sum()) == int(flat_real.sum()) * cfg.top_k
+    assert np.array_equal(r.topk_indices[~flat_real], np.full((int((~flat_real).sum()), slots), -1))
+    assert slots == cfg.top_k or ec
+    if ec:  # each expert takes exactly C = min(R, ceil(c R k / E)) tokens, each at most once
+        R = int(flat_real.sum())
+        C = min(R, int(np.ceil(cfg.capacity * R * cfg.top_k / cfg.num_experts)))
+        assert np.array_equal(r.tokens_per_expert, np.full(cfg.num_experts, C))
+        for row in r.topk_indices[flat_real]:
+            chosen = row[row >= 0]
+            assert len(set(chosen.tolist())) == len(chosen)
+    else:
+        assert np.all(r.topk_indices[flat_real] >= 0)
+        assert int(r.tokens_per_expert.sum()) == int(flat_real.sum()) * cfg.top_k
     assert np.isfinite(out.aux_loss) and all(np.isfinite(v) for v in out.losses.values())
     dy = np.ones_like(x)
     dx = layer.backward(dy)
@@ -55,21 +72,21 @@ def test_valid_layers_keep_every_invariant(case):
     for g in layer.grads.values():
         assert np.isfinite(g).all()
     # the same call twice (eval: no noise state moves) gives the same bits
-    a = layer(x, padding_mask=mask, training=False).y
-    b = layer(x, padding_mask=mask, training=False).y
+    a = layer(x, padding_mask=mask, training=False, token_ids=ids).y
+    b = layer(x, padding_mask=mask, training=False, token_ids=ids).y
     assert np.array_equal(a, b)
 
 
 @settings(max_examples=15, deadline=None)
 @given(cases())
 def test_small_float64_gradients_match_finite_differences(case):
-    cfg, x, mask, _ = case
+    cfg, x, mask, _, ids = case
     if cfg.dtype != "float64" or x.size == 0 or x.size > 120:
         return
     layer = moe_py.MoELayer(cfg)
     rng = np.random.default_rng(0)
     dy = rng.standard_normal(x.shape)
-    o = layer(x, padding_mask=mask, training=False)
+    o = layer(x, padding_mask=mask, training=False, token_ids=ids)
     layer.zero_grad()
     dx = layer.backward(dy)
     eps = 1e-6
@@ -78,8 +95,8 @@ def test_small_float64_gradients_match_finite_differences(case):
         xp, xm = x.copy(), x.copy()
         xp[i] += eps
         xm[i] -= eps
-        op = layer(xp, padding_mask=mask, training=False)
-        om = layer(xm, padding_mask=mask, training=False)
+        op = layer(xp, padding_mask=mask, training=False, token_ids=ids)
+        om = layer(xm, padding_mask=mask, training=False, token_ids=ids)
         same = (np.array_equal(op.router.topk_indices, o.router.topk_indices)
                 and np.array_equal(om.router.topk_indices, o.router.topk_indices)
                 and np.array_equal(op.router.dropped, o.router.dropped)

@@ -26,8 +26,15 @@ def run(ref, dtype):
     for key in ref.files:
         if key.startswith("param_"):
             obj.params[key[6:]][...] = ref[key]
+    router = obj if kind == "router" else obj.router
+    if "state_expert_bias" in ref.files:
+        router.expert_bias[...] = ref["state_expert_bias"]
+    if "state_balance_counts" in ref.files:  # the global scope's loads of earlier micro-batches
+        router.step_loads[...] = ref["state_balance_counts"]
+    ids = ref["state_token_ids"] if "state_token_ids" in ref.files else None
+    training = bool(ref["training"]) if "training" in ref.files else True
     x = ref["x"].astype(dtype)
-    out = obj(x, padding_mask=ref["mask"])
+    out = obj(x, padding_mask=ref["mask"], training=training, token_ids=ids)
     obj.zero_grad()
     if kind == "router":
         dx = obj.backward(ref["G"].astype(dtype))
@@ -65,7 +72,7 @@ def test_matches_pytorch_reference(path, dtype):
 
 
 def test_reference_files_exist():
-    assert len(FILES) >= 16
+    assert len(FILES) >= 37
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: os.path.basename(p)[:-4])
@@ -76,7 +83,11 @@ def test_numpy_reference_matches_the_pytorch_reference(path):
     cfg = moe_py.MoEConfig(**{**json.loads(str(ref["cfg"])), "dtype": "float64"})
     params = {k[6:]: ref[k] for k in ref.files if k.startswith("param_")}
     dy = ref["G"] if str(ref["kind"]) == "router" else ref["dy"]
-    r = reference_forward_backward(cfg, params, ref["x"], ref["mask"], dy)
+    state = {k[6:]: ref[k] for k in ref.files if k.startswith("state_")}
+    training = bool(ref["training"]) if "training" in ref.files else True
+    r = reference_forward_backward(cfg, params, ref["x"], ref["mask"], dy, training,
+                                   state.get("expert_bias"), state.get("balance_counts"),
+                                   state.get("token_ids"))
     tol = dict(rtol=1e-12, atol=1e-12)
     for f in r.router:
         want = ref[f"router_{f}"]

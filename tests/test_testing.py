@@ -46,8 +46,8 @@ def test_reference_catches_a_changed_router(monkeypatch):
     assert_matches_reference(layer, x)
     real = Router.compute
 
-    def planted(self, x2, mask, training):
-        r = real(self, x2, mask, training)  # weights renormalised over the first choice only
+    def planted(self, x2, mask, training, *rest):
+        r = real(self, x2, mask, training, *rest)  # weights renormalised over the first choice only
         w = r.output.topk_weights
         w[:, 0] = 1.0
         return r._replace(output=RouterOutput(*r.output))

@@ -39,35 +39,119 @@ def _act(h1, h3, activation):
     return h1 * Phi, Phi + h1 * phi, None
 
 
+def _splitmix64(z: int) -> int:
+    M = (1 << 64) - 1
+    z = (z + 0x9E3779B97F4A7C15) & M
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M
+    return z ^ (z >> 31)
+
+
+def _hash_choice(token_id: int, E: int, k: int, seed: int) -> list:
+    key = _splitmix64(seed) ^ int(token_id)
+    score = [_splitmix64((_splitmix64(key) + e) & ((1 << 64) - 1)) for e in range(E)]
+    return sorted(range(E), key=lambda e: (-score[e], e))[:k]
+
+
+def _sinkhorn_d1(logits: np.ndarray, iterations: int, tol: float) -> np.ndarray:
+    cost = np.exp(logits - logits.max(axis=1, keepdims=True))
+    R, E = cost.shape
+    d1 = np.ones(E)
+    for _ in range(iterations):
+        d0 = (1.0 / R) / ((cost * d1).sum(axis=1) + 1e-8)
+        new = (1.0 / E) / ((cost * d0[:, None]).sum(axis=0) + 1e-8)
+        change = np.abs(new - d1).mean()
+        d1 = new
+        if change <= tol:
+            break
+    return d1
+
+
+def _top(values: np.ndarray, k: int) -> np.ndarray:
+    return np.argsort(-values, kind="stable")[:k]  # descending, ties to the lower index
+
+
+def _select(cfg: MoEConfig, probs, logits, real, training, bias, token_ids) -> np.ndarray:
+    """The chosen experts [T, slots] of docs/design.md's routers (-1: none / padding)."""
+    T, E, k = probs.shape[0], cfg.num_experts, cfg.top_k
+    rows = np.flatnonzero(real)
+    if cfg.router == "expert_choice":
+        C = min(len(rows), math.ceil(cfg.capacity * len(rows) * k / E))
+        chosen = np.zeros((T, E), bool)
+        for e in range(E):
+            chosen[rows[_top(probs[rows, e], C)], e] = True
+        width = max(1, int(chosen.sum(axis=1).max())) if T else 1
+        idx = np.full((T, width), -1, np.int64)
+        for t in range(T):
+            es = [e for e in _top(probs[t], E) if chosen[t, e]]
+            idx[t, :len(es)] = es
+        return idx
+    idx = np.full((T, k), -1, np.int64)
+    if cfg.router == "hash":
+        for t in rows:
+            idx[t] = _hash_choice(token_ids[t], E, k, cfg.seed)
+        return idx
+    if cfg.router == "sinkhorn" and training:
+        score = np.zeros((T, E))
+        if len(rows):
+            d1 = _sinkhorn_d1(logits[rows], cfg.sinkhorn_iterations, cfg.sinkhorn_tolerance)
+            score[rows] = d1 * np.exp(logits[rows] - logits[rows].max(axis=1, keepdims=True))
+    else:
+        score = probs + (0.0 if bias is None else bias)
+    G, size = cfg.n_group, E // cfg.n_group
+    for t in rows:
+        v = score[t]
+        if G > 1:  # the topk_group groups with the best sums of their two best values
+            gscore = [np.sort(v[g * size:(g + 1) * size])[::-1][:2].sum() for g in range(G)]
+            keep = np.repeat(np.isin(np.arange(G), _top(np.array(gscore), cfg.topk_group)), size)
+            v = np.where(keep, v, -np.inf)
+        idx[t] = _top(v, k)
+    return idx
+
+
 def reference_forward_backward(cfg: MoEConfig, params: Dict[str, np.ndarray], x: np.ndarray,
                                mask: Optional[np.ndarray] = None, dy: Optional[np.ndarray] = None,
-                               training: bool = True) -> ReferenceResult:
-    """The layer (or, with no expert weights in params, the router alone) on x [T, d_model]
-    with mask [T] (True = real). dy None: the router's own backward contract, the gradient of
-    aux_loss alone (with dy of zeros for the layer)."""
+                               training: bool = True, expert_bias: Optional[np.ndarray] = None,
+                               balance_counts: Optional[np.ndarray] = None,
+                               token_ids: Optional[np.ndarray] = None) -> ReferenceResult:
+    """The layer (or, with no expert weights in params, the router alone) on x [..., d_model]
+    with mask (True = real). dy None: the router's own backward contract, the gradient of
+    aux_loss alone (with dy of zeros for the layer). expert_bias: sigmoid_topk's bias;
+    balance_counts: the global scope's loads of earlier micro-batches; token_ids: hash."""
     p64 = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    seq = np.shape(x)[-2] if cfg.load_balance_scope == "sequence" else 0
     x = np.asarray(x, np.float64).reshape(-1, cfg.d_model)
     T, D, E, k = x.shape[0], cfg.d_model, cfg.num_experts, cfg.top_k
     real = np.ones(T, bool) if mask is None else np.asarray(mask).reshape(-1).astype(bool)
+    ids = None if token_ids is None else np.asarray(token_ids).reshape(-1)
     R = int(real.sum())
-    W = p64["w_router"]
+    sigmoid = cfg.router == "sigmoid_topk"
 
-    # ---- router forward (docs/design.md section 2)
+    # ---- router forward (docs/design.md, "Routing" and "Routers")
+    W = p64.get("w_router", np.zeros((D, E)))
     logits = x @ W
-    probs = np.where(real[:, None], _softmax(logits), 0.0)
-    idx = np.full((T, k), -1, np.int64)
-    for t in np.flatnonzero(real):
-        idx[t] = np.argsort(-probs[t], kind="stable")[:k]  # descending, ties to the lower index
-    soft = np.zeros((T, k))
+    if cfg.router == "hash":
+        probs = np.zeros((T, E))
+    elif sigmoid:
+        probs = np.where(real[:, None], 1.0 / (1.0 + np.exp(-logits)), 0.0)
+    else:
+        probs = np.where(real[:, None], _softmax(logits), 0.0)
+    idx = _select(cfg, probs, logits, real, training, expert_bias, ids)
+    slots = idx.shape[1]
+    if cfg.router == "hash":
+        for t in np.flatnonzero(real):
+            probs[t, idx[t]] = 1.0 / k
+    live = idx >= 0
+    soft = np.where(live, np.take_along_axis(probs, np.maximum(idx, 0), axis=1), 0.0)
     S = np.ones(T)
-    for t in np.flatnonzero(real):
-        soft[t] = probs[t, idx[t]]
-        if cfg.normalize_topk:
-            S[t] = soft[t].sum()
-            soft[t] /= S[t]
-    dropped = np.zeros((T, k), bool)
-    if cfg.capacity_factor is not None:
-        cap = min(math.ceil(cfg.capacity_factor * R * k / E), R * k)
+    if cfg.normalize_topk:
+        S = np.where(real, soft.sum(axis=1), 1.0)
+        soft = soft / S[:, None]
+    scale = cfg.routed_scaling_factor
+    soft = soft * scale
+    dropped = np.zeros((T, slots), bool)
+    if cfg.capacity is not None and cfg.router != "expert_choice":
+        cap = min(math.ceil(cfg.capacity * R * k / E), R * k)
         if cfg.drop_policy == "position":
             used = np.zeros(E, np.int64)
             for j in range(k):  # every first choice before any second choice, then token order
@@ -78,79 +162,103 @@ def reference_forward_backward(cfg: MoEConfig, params: Dict[str, np.ndarray], x:
                         dropped[t, j] = True
         else:  # "probs": each expert keeps its highest-probability assignments
             for e in range(E):
-                slots = [(t, j) for t in np.flatnonzero(real) for j in range(k) if idx[t, j] == e]
-                slots.sort(key=lambda tj: -probs[tj[0], e])  # stable: ties keep (t, j) order
-                for t, j in slots[cap:]:
+                slots_e = [(t, j) for t in np.flatnonzero(real) for j in range(k) if idx[t, j] == e]
+                slots_e.sort(key=lambda tj: -probs[tj[0], e])  # stable: ties keep (t, j) order
+                for t, j in slots_e[cap:]:
                     dropped[t, j] = True
     ste = cfg.straight_through
-    weights = np.where(real[:, None], 1.0 if ste else soft, 0.0) * ~dropped
-    tpe = np.bincount(idx[real].reshape(-1), minlength=E).astype(np.int64)
+    weights = np.where(real[:, None] & live, 1.0 if ste else soft, 0.0) * ~dropped
+    tpe = np.bincount(idx[real][live[real]], minlength=E).astype(np.int64)
+    # the losses read each token's scores as a distribution (sigmoid: normalised)
+    dist = probs / np.where(real, probs.sum(axis=1), 1.0)[:, None] if sigmoid else probs
     with np.errstate(divide="ignore", invalid="ignore"):
-        plogp = np.where(probs > 0, probs * np.log(np.where(probs > 0, probs, 1.0)), 0.0)
-    entropy = -plogp.sum(axis=1)
+        logd = np.where(dist > 0, np.log(np.where(dist > 0, dist, 1.0)), 0.0)
+    entropy = -(dist * logd).sum(axis=1)
     m = logits.max(axis=1, keepdims=True)
     lse = (m + np.log(np.exp(logits - m).sum(axis=1, keepdims=True)))[:, 0]
-    f = tpe / (R * k) if R else np.zeros(E)
-    P = probs[real].mean(axis=0) if R else np.zeros(E)
-    losses = {"load_balance": float(E * (f * P).sum()) if R else 0.0,
-              "z_loss": float((lse[real] ** 2).mean()) if R else 0.0,
+    # balance groups: the batch, or each sequence; f from the assignment counts
+    groups = [np.arange(g * seq, (g + 1) * seq) for g in range(T // seq)] if seq else [np.arange(T)]
+    groups = [g[real[g]] for g in groups if real[g].any()]
+    lb, lb_rows = 0.0, np.zeros((T, E))
+    for g in groups:
+        if seq:
+            c = np.bincount(idx[g][live[g]], minlength=E).astype(np.float64)
+        else:
+            c = tpe + (0 if balance_counts is None else np.asarray(balance_counts))
+        f = c / c.sum()
+        lb += E * (f * dist[g].mean(axis=0)).sum() / len(groups)
+        lb_rows[g] = E * f / len(g) / len(groups)
+    losses = {"load_balance": float(lb) if R else 0.0,
+              "z_loss": float((lse[real] ** 2).mean()) if R and cfg.router != "hash" else 0.0,
               "entropy": float(entropy[real].mean()) if R else 0.0}
     aux = (cfg.load_balance_coef * losses["load_balance"] + cfg.z_loss_coef * losses["z_loss"]
            + cfg.entropy_coef * losses["entropy"])
-    router = {"topk_weights": weights, "topk_indices": idx, "router_probs": probs,
-              "router_probs_clean": probs.copy(), "router_logits": logits, "entropy": entropy,
-              "tokens_per_expert": tpe, "dropped": dropped}
+    router = {"topk_weights": weights, "topk_indices": np.where(real[:, None], idx, -1),
+              "router_probs": probs, "router_probs_clean": probs.copy(), "router_logits": logits,
+              "entropy": entropy, "tokens_per_expert": tpe, "dropped": dropped}
 
     grads = {name: np.zeros_like(v) for name, v in p64.items()}
     dx = np.zeros_like(x)
-    d_weights = np.zeros((T, k))
+    d_weights = np.zeros((T, slots))
     y = np.zeros_like(x)
+    dyv = np.zeros_like(x) if dy is None else np.asarray(dy, np.float64).reshape(x.shape[0], -1)
     if "w1" in p64:  # ---- every expert on every token, then a one-hot combine
-        dyv = np.zeros_like(x) if dy is None else np.asarray(dy, np.float64).reshape(T, D)
-        for e in range(E):
-            h1 = x @ p64["w1"][e]
-            h3 = x @ p64["w3"][e] if cfg.activation == "swiglu" else None
+        routed = [(p64["w1"][e], p64.get("w3", [None] * E)[e], p64["w2"][e],
+                   ((idx == e) * weights).sum(axis=1), ("w1", "w3", "w2", e)) for e in range(E)]
+        shared = [(p64["shared_w1"][s], p64.get("shared_w3", [None] * cfg.num_shared_experts)[s],
+                   p64["shared_w2"][s], real.astype(np.float64), ("shared_w1", "shared_w3",
+                                                                  "shared_w2", s))
+                  for s in range(cfg.num_shared_experts)] if "shared_w1" in p64 else []
+        for w1, w3, w2, coef, (n1, n3, n2, e) in routed + shared:
+            h1 = x @ w1
+            h3 = x @ w3 if cfg.activation == "swiglu" else None
             a, da_dh1, da_dh3 = _act(h1, h3, cfg.activation)
-            out = a @ p64["w2"][e]
-            coef = ((idx == e) * weights).sum(axis=1)  # the combine weight of e per token
+            out = a @ w2
             y += coef[:, None] * out
-            sel = (idx == e) & ~dropped & real[:, None]
-            d_weights += sel * (dyv @ out.T).diagonal()[:, None]
+            if n1 == "w1":
+                sel = (idx == e) & ~dropped & real[:, None]
+                d_weights += sel * (dyv @ out.T).diagonal()[:, None]
             g = coef[:, None] * dyv
-            grads["w2"][e] += a.T @ g
-            da = g @ p64["w2"][e].T
+            grads[n2][e] += a.T @ g
+            da = g @ w2.T
             dh1 = da * da_dh1
-            grads["w1"][e] += x.T @ dh1
-            dx += dh1 @ p64["w1"][e].T
+            grads[n1][e] += x.T @ dh1
+            dx += dh1 @ w1.T
             if h3 is not None:
                 dh3 = da * da_dh3
-                grads["w3"][e] += x.T @ dh3
-                dx += dh3 @ p64["w3"][e].T
+                grads[n3][e] += x.T @ dh3
+                dx += dh3 @ w3.T
     elif dy is not None:  # the router alone: dy is d(topk_weights)
-        d_weights = np.asarray(dy, np.float64).reshape(T, k) * ~dropped
+        d_weights = dyv * ~dropped
 
-    # ---- router backward: the weights' gradient reaches the probabilities unless the
-    # straight-through weights are constant (eval)
-    dprobs = np.zeros((T, E))
-    if not (ste and not training):
-        for t in np.flatnonzero(real):
-            dw = d_weights[t]
-            if cfg.normalize_topk:
-                dp_sel = (dw - (dw * soft[t]).sum()) / S[t]
-            else:
-                dp_sel = dw
-            dprobs[t, idx[t]] += dp_sel
-    if R:
-        dprobs[real] += cfg.load_balance_coef * E * f / R  # through P only
-        with np.errstate(divide="ignore", invalid="ignore"):
-            logp = np.where(probs > 0, np.log(np.where(probs > 0, probs, 1.0)), 0.0)
-        dprobs[real] += cfg.entropy_coef * -(logp[real] + 1.0) / R
-    dlogits = probs * (dprobs - (dprobs * probs).sum(axis=1, keepdims=True))
-    if R:
-        dlogits[real] += cfg.z_loss_coef * 2.0 * lse[real, None] * probs[real] / R
-    dlogits[~real] = 0.0
-    dx += dlogits @ W.T
-    grads["w_router"] += x.T @ dlogits
+    # ---- router backward: the weights' gradient reaches the scores unless the
+    # straight-through weights are constant (eval); the losses reach them through dist
+    if cfg.router != "hash":
+        dprobs = np.zeros((T, E))
+        if not (ste and not training):
+            for t in np.flatnonzero(real):
+                dw = d_weights[t] * live[t]
+                if cfg.normalize_topk:
+                    dp_sel = scale * (dw - (dw * soft[t] / scale).sum()) / S[t]
+                else:
+                    dp_sel = scale * dw
+                np.add.at(dprobs[t], idx[t][live[t]], dp_sel[live[t]])
+        ddist = np.zeros((T, E))
+        if R:
+            ddist[real] += cfg.load_balance_coef * lb_rows[real]  # through P only
+            ddist[real] += cfg.entropy_coef * -(logd[real] + 1.0) / R
+        if sigmoid:
+            sums = np.where(real, probs.sum(axis=1), 1.0)[:, None]
+            dprobs += (ddist - (ddist * dist).sum(axis=1, keepdims=True)) / sums
+            dlogits = dprobs * probs * (1.0 - probs)
+        else:
+            dprobs += ddist
+            dlogits = probs * (dprobs - (dprobs * probs).sum(axis=1, keepdims=True))
+        if R:
+            dlogits[real] += cfg.z_loss_coef * 2.0 * lse[real, None] * _softmax(logits)[real] / R
+        dlogits[~real] = 0.0
+        dx += dlogits @ W.T
+        grads["w_router"] += x.T @ dlogits
     dx[~real] = 0.0
     return ReferenceResult(router, losses, float(aux), y, dx, grads)
 
@@ -161,11 +269,21 @@ TOLERANCES = {"float64": dict(rtol=1e-10, atol=1e-11), "float32": dict(rtol=2e-4
 _INT_FIELDS = ("topk_indices", "tokens_per_expert", "dropped")
 
 
+def _slots(router, x, mask, training, token_ids) -> int:
+    """Slots per token of a router's output (expert choice: decided by the batch itself)."""
+    if router.cfg.router != "expert_choice":
+        return router.cfg.top_k
+    ref = reference_forward_backward(router.cfg, router.params, x, mask, None, training)
+    return ref.router["topk_indices"].shape[1]
+
+
 def assert_matches_reference(layer, x, mask=None, dy=None, training: bool = True,
-                             rtol: Optional[float] = None, atol: Optional[float] = None) -> None:
+                             rtol: Optional[float] = None, atol: Optional[float] = None,
+                             token_ids=None) -> None:
     """Run a MoELayer (or a Router) and the reference on the same input and compare y, dx,
     every gradient, the losses and every RouterOutput field. dy defaults to a fixed random
-    array (for a Router it is d(topk_weights)). Tolerances default to TOLERANCES[dtype]."""
+    array (for a Router it is d(topk_weights)); token_ids go to the hash router. Tolerances
+    default to TOLERANCES[dtype]."""
     from ..layer import MoELayer
     from ..router import Router
     if not isinstance(layer, (MoELayer, Router)):
@@ -179,11 +297,15 @@ def assert_matches_reference(layer, x, mask=None, dy=None, training: bool = True
     T = int(np.prod(x.shape[:-1]))
     is_layer = isinstance(layer, MoELayer)
     if dy is None:
-        shape = x.shape if is_layer else (T, cfg.top_k)
+        shape = x.shape if is_layer else (T, _slots(layer, x, mask, training, token_ids))
         dy = np.random.default_rng(12345).standard_normal(shape).astype(cfg.np_dtype)
     saved_grads = {k: g.copy() for k, g in layer.grads.items()}
+    router_part = layer.router if is_layer else layer
+    bias = router_part.expert_bias.copy() if cfg.router == "sigmoid_topk" else None
+    earlier = router_part.step_loads.copy() \
+        if training and cfg.load_balance_scope == "global" else None
     layer.zero_grad()
-    out = layer(x, padding_mask=mask, training=training)
+    out = layer(x, padding_mask=mask, training=training, token_ids=token_ids)
     if is_layer:
         dx = layer.backward(dy)
         router, y, losses, aux = out.router, out.y, out.losses, out.aux_loss
@@ -193,7 +315,8 @@ def assert_matches_reference(layer, x, mask=None, dy=None, training: bool = True
     grads = {k: g.copy() for k, g in layer.grads.items()}
     for k, g in layer.grads.items():
         g[...] = saved_grads[k]
-    ref = reference_forward_backward(cfg, layer.params, x, mask, dy, training)
+    ref = reference_forward_backward(cfg, layer.params, x, mask, dy, training, bias, earlier,
+                                     token_ids)
     problems = []
 
     def close(name, got, want):

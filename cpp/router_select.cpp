@@ -1,0 +1,179 @@
+#include "router_select.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "rng.h"
+
+namespace moe {
+
+// One pass of insertion into the sorted prefix: an equal value never moves ahead of one
+// already placed, and lower indices are placed first.
+template <typename V>
+void topk_row(const V* v, index_t E, index_t k, index_t* indices) {
+  index_t filled = 0;
+  for (index_t e = 0; e < E; ++e) {
+    const V x = v[e];
+    if (filled == k && !(x > v[indices[k - 1]])) continue;
+    index_t pos = filled < k ? filled++ : k - 1;
+    while (pos > 0 && x > v[indices[pos - 1]]) {
+      indices[pos] = indices[pos - 1];
+      --pos;
+    }
+    indices[pos] = e;
+  }
+}
+
+template <typename V>
+void grouped_topk_row(const V* v, index_t E, index_t k, index_t n_group, index_t topk_group,
+                      V* scratch, index_t* indices) {
+  const index_t size = E / n_group;
+  std::vector<V> group_score(n_group);
+  index_t best[2];
+  for (index_t g = 0; g < n_group; ++g) {
+    const index_t m = std::min<index_t>(2, size);
+    topk_row(v + g * size, size, m, best);
+    V s = v[g * size + best[0]];
+    if (m == 2) s += v[g * size + best[1]];
+    group_score[g] = s;
+  }
+  std::vector<index_t> groups(topk_group);
+  topk_row(group_score.data(), n_group, topk_group, groups.data());
+  std::fill(scratch, scratch + E, std::numeric_limits<V>::lowest());
+  for (index_t g : groups) std::copy(v + g * size, v + (g + 1) * size, scratch + g * size);
+  topk_row(scratch, E, k, indices);
+}
+
+template <typename T>
+void assign_capacity(const index_t* indices, const T* probs, const std::uint8_t* mask,
+                     index_t n_tokens, index_t E, index_t k, index_t R, double capacity_factor,
+                     DropPolicy policy, std::uint8_t* dropped) {
+  // Clamped before the conversion: past R*k no assignment can be dropped, and a huge
+  // factor would overflow index_t.
+  const double raw = std::ceil(capacity_factor * double(R) * double(k) / double(E));
+  const index_t capacity = raw >= double(R * k) ? R * k : index_t(raw);
+  if (policy == DropPolicy::position) {
+    std::vector<index_t> used(E, 0);
+    for (index_t j = 0; j < k; ++j)
+      for (index_t t = 0; t < n_tokens; ++t) {
+        if (!mask[t]) continue;
+        const index_t e = indices[t * k + j];
+        if (e < 0) continue;
+        if (used[e] < capacity)
+          ++used[e];
+        else
+          dropped[t * k + j] = 1;
+      }
+    return;
+  }
+  // probs: per expert, its assignments by descending probability (stable in (t, j) order)
+  std::vector<std::vector<index_t>> slots(E);  // flat slot t * k + j
+  for (index_t t = 0; t < n_tokens; ++t)
+    if (mask[t])
+      for (index_t j = 0; j < k; ++j)
+        if (indices[t * k + j] >= 0) slots[indices[t * k + j]].push_back(t * k + j);
+  for (index_t e = 0; e < E; ++e) {
+    auto& v = slots[e];
+    std::stable_sort(v.begin(), v.end(), [&](index_t a, index_t b) {
+      return probs[(a / k) * E + e] > probs[(b / k) * E + e];
+    });
+    for (std::size_t i = std::size_t(capacity); i < v.size(); ++i) dropped[v[i]] = 1;
+  }
+}
+
+index_t expert_choice_capacity(index_t R, index_t k, index_t E, double capacity_factor) {
+  const double raw = std::ceil(capacity_factor * double(R) * double(k) / double(E));
+  return raw >= double(R) ? R : index_t(raw);
+}
+
+template <typename T>
+void expert_choice_select(const T* probs, const std::uint8_t* mask, index_t n_tokens, index_t E,
+                          index_t capacity, std::uint8_t* chosen) {
+  std::fill(chosen, chosen + n_tokens * E, std::uint8_t(0));
+  if (capacity == 0) return;
+  std::vector<index_t> real;
+  for (index_t t = 0; t < n_tokens; ++t)
+    if (mask[t]) real.push_back(t);
+  // one expert per iteration: each writes only its own column of chosen
+#pragma omp parallel
+  {
+    std::vector<index_t> order;
+#pragma omp for schedule(static)
+    for (index_t e = 0; e < E; ++e) {
+      order = real;
+      std::partial_sort(order.begin(), order.begin() + capacity, order.end(),
+                        [&](index_t a, index_t b) {
+                          const T pa = probs[a * E + e], pb = probs[b * E + e];
+                          return pa > pb || (pa == pb && a < b);
+                        });
+      for (index_t i = 0; i < capacity; ++i) chosen[order[i] * E + e] = 1;
+    }
+  }
+}
+
+template <typename T>
+void sinkhorn_column_scales(const T* logits, const std::uint8_t* mask, index_t n_tokens,
+                            index_t E, index_t iterations, double tolerance, double* d1) {
+  constexpr double eps = 1e-8;
+  std::fill(d1, d1 + E, 1.0);
+  std::vector<index_t> real;
+  for (index_t t = 0; t < n_tokens; ++t)
+    if (mask[t]) real.push_back(t);
+  const index_t R = index_t(real.size());
+  if (R == 0) return;
+  std::vector<double> cost(R * E), d0(R), next(E);
+#pragma omp parallel for schedule(static)
+  for (index_t i = 0; i < R; ++i) {
+    const T* l = logits + real[i] * E;
+    const double m = double(*std::max_element(l, l + E));
+    for (index_t e = 0; e < E; ++e) cost[i * E + e] = std::exp(double(l[e]) - m);
+  }
+  for (index_t it = 0; it < iterations; ++it) {
+#pragma omp parallel for schedule(static)
+    for (index_t i = 0; i < R; ++i) {
+      double s = 0.0;
+      for (index_t e = 0; e < E; ++e) s += d1[e] * cost[i * E + e];
+      d0[i] = (1.0 / double(R)) / (s + eps);
+    }
+    // a column's sum runs in token order on one thread: the bits never depend on threads
+#pragma omp parallel for schedule(static)
+    for (index_t e = 0; e < E; ++e) {
+      double s = 0.0;
+      for (index_t i = 0; i < R; ++i) s += d0[i] * cost[i * E + e];
+      next[e] = (1.0 / double(E)) / (s + eps);
+    }
+    double change = 0.0;
+    for (index_t e = 0; e < E; ++e) change += std::abs(next[e] - d1[e]);
+    std::copy(next.begin(), next.end(), d1);
+    if (change / double(E) <= tolerance) break;
+  }
+}
+
+std::uint64_t hash_score(std::uint64_t seed, std::int64_t token_id, index_t e) {
+  const std::uint64_t key = splitmix64(seed) ^ std::uint64_t(token_id);
+  return splitmix64(splitmix64(key) + std::uint64_t(e));
+}
+
+#define MOE_INSTANTIATE(T)                                                                    \
+  template void assign_capacity<T>(const index_t*, const T*, const std::uint8_t*, index_t,    \
+                                   index_t, index_t, index_t, double, DropPolicy,             \
+                                   std::uint8_t*);                                            \
+  template void expert_choice_select<T>(const T*, const std::uint8_t*, index_t, index_t,      \
+                                        index_t, std::uint8_t*);                              \
+  template void sinkhorn_column_scales<T>(const T*, const std::uint8_t*, index_t, index_t,    \
+                                          index_t, double, double*);
+MOE_INSTANTIATE(float)
+MOE_INSTANTIATE(double)
+#undef MOE_INSTANTIATE
+#define MOE_INSTANTIATE_V(V)                                                        \
+  template void topk_row<V>(const V*, index_t, index_t, index_t*);                 \
+  template void grouped_topk_row<V>(const V*, index_t, index_t, index_t, index_t, V*, \
+                                    index_t*);
+MOE_INSTANTIATE_V(float)
+MOE_INSTANTIATE_V(double)
+MOE_INSTANTIATE_V(std::uint64_t)
+#undef MOE_INSTANTIATE_V
+
+}  // namespace moe

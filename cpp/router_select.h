@@ -1,0 +1,51 @@
+// How each router picks its experts (docs/design.md, "Routers"): top-k of a row, grouped
+// top-k, capacity dropping, expert choice, Sinkhorn balancing and hashing. Selection has no
+// gradient; router.cpp turns the picks into weights and differentiates those.
+#pragma once
+#include <cstdint>
+
+#include "router.h"
+#include "tensor.h"
+
+namespace moe {
+
+// The k largest of v[0..E) in descending order, ties to the lower index.
+template <typename V>
+void topk_row(const V* v, index_t E, index_t k, index_t* indices);
+
+// DeepSeek-V3's group-limited top-k: the E experts form n_group equal groups; a group's
+// score is the sum of its two best values (its best if it has one expert); only the experts
+// of the topk_group best groups are eligible. scratch holds E values.
+template <typename V>
+void grouped_topk_row(const V* v, index_t E, index_t k, index_t n_group, index_t topk_group,
+                      V* scratch, index_t* indices);
+
+// Capacity C = ceil(c * R * k / E), clamped to R * k; the assignments past it are marked
+// dropped in the order of the drop policy (router.h). Slots with index -1 take none.
+template <typename T>
+void assign_capacity(const index_t* indices, const T* probs, const std::uint8_t* mask,
+                     index_t n_tokens, index_t E, index_t k, index_t R, double capacity_factor,
+                     DropPolicy policy, std::uint8_t* dropped);
+
+// Expert choice: C = ceil(c * R * k / E) clamped to [0, R]; expert e takes the C real
+// tokens with the largest probs[:, e] (ties to the lower token): chosen[t * E + e] = 1.
+index_t expert_choice_capacity(index_t R, index_t k, index_t E, double capacity_factor);
+template <typename T>
+void expert_choice_select(const T* probs, const std::uint8_t* mask, index_t n_tokens, index_t E,
+                          index_t capacity, std::uint8_t* chosen);
+
+// Sinkhorn balancing of cost[t, e] = exp(logits[t, e] - max_e' logits[t, e']) over the real
+// tokens, in float64: alternately d0[t] = (1/R) / (sum_e d1[e] cost[t, e] + 1e-8) and
+// d1[e] = (1/E) / (sum_t d0[t] cost[t, e] + 1e-8), from d1 = 1, for at most `iterations`
+// sweeps, stopping after the first sweep whose mean |change of d1| is <= tolerance.
+// Writes d1 [E]; the balanced matrix is d0[t] d1[e] cost[t, e], so a token's order of
+// experts in it is that of d1[e] cost[t, e].
+template <typename T>
+void sinkhorn_column_scales(const T* logits, const std::uint8_t* mask, index_t n_tokens,
+                            index_t E, index_t iterations, double tolerance, double* d1);
+
+// The hash router's score of expert e for a token id: a splitmix64 hash; a token's experts
+// are the k largest scores (k distinct experts, each uniformly likely).
+std::uint64_t hash_score(std::uint64_t seed, std::int64_t token_id, index_t e);
+
+}  // namespace moe
