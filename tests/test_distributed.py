@@ -20,7 +20,7 @@ from moe_py.layer import MoELayer
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKERS = os.path.join(HERE, "mpi_workers")
 sys.path.insert(0, WORKERS)
-from cases import layer_setup, train_setup  # noqa: E402
+from cases import as_sequences, layer_setup, prepare, train_setup  # noqa: E402
 
 
 def _mpiexec() -> str:
@@ -90,6 +90,20 @@ LAYER_CASES = {
                                   tokens=33, splits=[0, 17], seed=7, training=False),
     "float32": dict(cfg=_cfg(dtype="float32", capacity_factor=1.0), tokens=64, splits=[0, 32],
                     padding=0.1, seed=8),
+    # the routers of the routers issue that choose token by token, and their options
+    "sigmoid_bias_shared": dict(cfg=_cfg(router="sigmoid_topk", num_shared_experts=1,
+                                         routed_scaling_factor=2.5, capacity_factor=1.0),
+                                expert_bias=[0.3, -0.2, 0.0, 0.1], tokens=48, splits=[0, 20],
+                                padding=0.1, seed=9),
+    "grouped_topk": dict(cfg=_cfg(num_experts=8, n_group=4, topk_group=2), tokens=40,
+                         splits=[0, 24], padding=0.1, seed=10),
+    # the balance loss per sequence: rank 0 holds 3 sequences of 8, rank 1 two (one all padding)
+    "sequence_scope": dict(cfg=_cfg(load_balance_scope="sequence", load_balance_coef=0.1),
+                           tokens=40, seq_len=8, splits=[0, 24], padded_ranges=[[32, 40]],
+                           padding=0.2, seed=11),
+    # the balance loss over the optimiser step: a first forward's loads count too
+    "global_scope": dict(cfg=_cfg(load_balance_scope="global", load_balance_coef=0.1), tokens=36,
+                         splits=[0, 14], padding=0.1, seed=12, earlier_forward=True),
 }
 
 BITWISE_ROUTER = ("topk_indices", "topk_weights", "dropped", "router_probs", "router_probs_clean",
@@ -108,8 +122,11 @@ def _reference(case):
     cfg, params, x, mask, dy, splits = layer_setup(case)
     ref = MoELayer(cfg)
     ref.load_state_dict(params)
-    out = ref(x, padding_mask=mask, training=case.get("training", True))
-    dx = ref.backward(dy, aux_weight=case.get("aux_weight", 1.0))
+    prepare(ref, case, x, mask)
+    xs, ms, dys = as_sequences(case, x, mask, dy)
+    out = ref(xs, padding_mask=ms, training=case.get("training", True))
+    dx = ref.backward(dys, aux_weight=case.get("aux_weight", 1.0)).reshape(-1, cfg.d_model)
+    out = out._replace(y=out.y.reshape(-1, cfg.d_model))
     return cfg, ref, out, dx, list(splits) + [len(x)]
 
 
@@ -131,8 +148,10 @@ def test_layer_equals_single_process(layer_results, name):
             want = getattr(out.router, f)
             want = want if f == "tokens_per_expert" else want[sl]  # global counts
             np.testing.assert_array_equal(got[f"router.{f}"], want, err_msg=f"{name} rank {rank}: {f}")
-        for w in ("w1", "w2", "w3"):
-            if w in ref.grads:
+        for w in ref.grads:
+            if w.startswith("shared_"):  # replicated, summed over ranks
+                np.testing.assert_allclose(got[f"grad.{w}"], ref.grads[w], **tol, err_msg=w)
+            elif w != "w_router":
                 np.testing.assert_array_equal(got[f"grad.{w}"], ref.grads[w][lo:hi],
                                               err_msg=f"{name} rank {rank}: grad {w}")
         # sums over ranks of the router's partials: equal to rounding
@@ -179,6 +198,8 @@ def test_layer_cases_mean_what_they_say():
     assert drops["capacity_position"] > 0 and drops["capacity_probs"] > 0 and drops["dropless"] == 0
     _, _, out, _, _ = _reference(LAYER_CASES["starved_expert"])
     assert out.router.tokens_per_expert[2] == 0 and out.router.tokens_per_expert.sum() > 0
+    _, ref, out, _, _ = _reference(LAYER_CASES["global_scope"])
+    assert (ref.router.step_loads > out.router.tokens_per_expert).any()  # the earlier forward's
     _, _, out, _, _ = _reference(LAYER_CASES["all_padding"])
     assert out.router.tokens_per_expert.sum() == 0
     cfg, params, x, mask, *_ = layer_setup(LAYER_CASES["rank_all_padding"])
@@ -199,6 +220,13 @@ TRAIN_CASES = {
     # 4 experts per rank, an odd batch (ranks hold 2 and 3 windows)
     "float64_uneven": dict(moe=_moe(num_experts=8, top_k=2), steps=20, batch_size=5, seq_len=24),
     "float32": dict(moe=_moe(dtype="float32"), steps=20, batch_size=4, seq_len=32),
+    # DeepSeek-V3's recipe: sigmoid scores, the aux-loss-free expert bias (moved every step
+    # from the global loads), a shared expert, the sequence-wise balance loss
+    "float64_sigmoid_shared": dict(moe=_moe(router="sigmoid_topk", num_shared_experts=1,
+                                            load_balance_scope="sequence", bias_update_rate=0.01),
+                                   steps=20, batch_size=4, seq_len=24),
+    "float64_global_scope": dict(moe=_moe(load_balance_scope="global", capacity_factor=1.25),
+                                 steps=20, batch_size=4, seq_len=24, grad_accum=2),
 }
 
 

@@ -131,8 +131,12 @@ def bcast_text(comm, text: Optional[str], root: int = 0) -> str:
 def sum_in_rank_order(comm, values: np.ndarray) -> np.ndarray:
     """Sum of a small float64 vector over ranks, added in rank order after one Allgather:
     every rank gets the same bits whatever algorithm MPI picks (statistics, norms)."""
-    every = allgather_blocks(comm, np.ascontiguousarray(values, dtype=np.float64)[None, :])
-    total = every[0].copy()
-    for row in every[1:]:
+    return rank_order_sum(allgather_blocks(comm, np.ascontiguousarray(values, dtype=np.float64)[None, :]))
+
+
+def rank_order_sum(rows: np.ndarray) -> np.ndarray:
+    """rows[0] + rows[1] + ... in that order (rows: one per rank, from an Allgather)."""
+    total = rows[0].copy()
+    for row in rows[1:]:
         total += row
     return total

@@ -42,16 +42,21 @@ from typing import Dict, Optional
 import numpy as np
 
 from .. import _kernels
-from .._checks import NonFiniteError, as_grad, as_mask, as_tokens
+from .._checks import NonFiniteError, as_grad, as_mask, as_tokens, sequence_length
 from .._guard import OneCaller
 from .._kernels import Activation, kernel
 from ..config import MoEConfig
 from ..layer import MoELayer, MoEOutput, _replace_arrays
+from ..experts import SharedExperts
 from ..router import Router
 from . import comm as C
 from .capacity import capacity, drops_position, drops_probs, slot_counts
 
-SUPPORTED_ROUTERS = ("softmax_topk",)
+# Routers whose choices are made token by token (the others choose over the whole batch)
+SUPPORTED_ROUTERS = ("softmax_topk", "sigmoid_topk")
+# Routed-expert weights, split over the ranks; every other parameter is replicated.
+EXPERT_KEYS = ("w1", "w3", "w2")
+_HEAD = 6  # stats vector: T, R, sum lse^2, sum entropy, sum of sequence balance losses, sequences
 # Timed per call into `timings` (seconds, accumulated); the a2a phases time the MPI calls
 # alone, so they include waiting for the slowest rank.
 FORWARD_PHASES = ("route", "dispatch", "a2a_out", "experts", "a2a_back", "combine")
@@ -62,9 +67,9 @@ BACKWARD_PHASES = ("combine_bwd", "a2a_out_bwd", "experts_bwd", "a2a_back_bwd", 
 class _Context:
     """One forward's saved state (an MoEOutput carries it, as MoELayer's)."""
 
-    __slots__ = ("layer", "router_saved", "lead", "R_local", "R_global", "tpe", "slot_row",
-                 "send_rows", "recv_rows", "perm", "inv", "local_offsets", "xe", "h1", "h3",
-                 "ye_back", "topk_weights", "weights")
+    __slots__ = ("layer", "router_saved", "lead", "scales", "slot_row", "send_rows", "recv_rows",
+                 "perm", "inv", "local_offsets", "xe", "h1", "h3", "ye_back", "topk_weights",
+                 "weights", "shared_saved")
 
     def __init__(self, **kw):
         for k, v in kw.items():
@@ -76,24 +81,28 @@ class ExpertParallelMoELayer:
     the experts split over the ranks of `comm`. A collective: every rank calls forward and
     backward together, each with its own tokens (any count, 0 included).
 
-    params: w_router [d_model, E] (replicated), w1/w3 [E/P, d_model, d_ff] and
-    w2 [E/P, d_ff, d_model] (this rank's experts, `expert_range`). `full_params`
-    (a MoELayer's params) sets the weights; by default they are MoELayer(cfg)'s, so the
-    same seed gives the same layer at any P. The outputs' per-token arrays are this
-    rank's tokens; losses and tokens_per_expert are those of the global batch.
-    reduce_router_grad=False leaves each rank's own router gradient in grads (a trainer
-    that all-reduces every replicated gradient at once sets it).
+    params: w1/w3 [E/P, d_model, d_ff] and w2 [E/P, d_ff, d_model] (this rank's experts,
+    `expert_range`); replicated: w_router [d_model, E] and the shared experts' shared_*.
+    `full_params` (a MoELayer's params) sets the weights; by default they are
+    MoELayer(cfg)'s, so the same seed gives the same layer at any P. The outputs'
+    per-token arrays are this rank's tokens; losses and tokens_per_expert are those of the
+    global batch. reduce_replicated_grads=False leaves each rank's own gradient of the
+    replicated weights in grads (a trainer that all-reduces every replicated gradient at
+    once sets it); True sums them over ranks in each backward.
+    Routers: softmax_topk and sigmoid_topk (token-by-token choices), any balance scope,
+    group-limited top-k, shared experts; router noise is not supported yet.
     """
 
     has_router = True
 
     def __init__(self, cfg: MoEConfig, comm=None, full_params: Optional[Dict[str, np.ndarray]] = None,
-                 reduce_router_grad: bool = True):
+                 reduce_replicated_grads: bool = True):
         if not isinstance(cfg, MoEConfig):
             raise TypeError(f"cfg: expected a MoEConfig, got {type(cfg).__name__}")
         if cfg.router not in SUPPORTED_ROUTERS:
             raise NotImplementedError(
-                f"router: expert parallelism supports {SUPPORTED_ROUTERS} so far, got {cfg.router!r}")
+                f"router: expert parallelism supports {SUPPORTED_ROUTERS} so far (they choose token "
+                f"by token), got {cfg.router!r}")
         self.comm = C.check_comm(comm)
         P, rank = self.comm.Get_size(), self.comm.Get_rank()
         E = cfg.num_experts
@@ -108,12 +117,14 @@ class ExpertParallelMoELayer:
             _replace_arrays(reference.params, full_params, "full_params")
         lo, hi = self.expert_range
         self.params: Dict[str, np.ndarray] = {
-            k: (v.copy() if k == "w_router" else np.ascontiguousarray(v[lo:hi]))
+            k: (np.ascontiguousarray(v[lo:hi]) if k in EXPERT_KEYS else v.copy())
             for k, v in reference.params.items()}
         self.grads: Dict[str, np.ndarray] = {k: np.zeros_like(v) for k, v in self.params.items()}
         # Routing runs dropless on each rank; capacity is applied over the global batch.
         self.router = Router(dataclasses.replace(cfg, capacity_factor=None), self.params, self.grads)
-        self.reduce_router_grad = bool(reduce_router_grad)
+        # shared experts see every real token of their rank: data parallel, like the router
+        self.shared = SharedExperts(cfg, self.params, self.grads) if cfg.num_shared_experts else None
+        self.reduce_replicated_grads = bool(reduce_replicated_grads)
         self._activation = Activation.__members__[cfg.activation]
         self._latest: Optional[_Context] = None
         self._guard = OneCaller("ExpertParallelMoELayer")
@@ -121,16 +132,16 @@ class ExpertParallelMoELayer:
         self.bytes_sent = 0  # bytes of rows this rank sent to other ranks (all-to-alls)
 
     @classmethod
-    def from_layer(cls, layer: MoELayer, comm=None, reduce_router_grad: bool = True):
-        """The expert-parallel twin of a MoELayer: its config, weights and noise state."""
-        out = cls(layer.cfg, comm, layer.params, reduce_router_grad)
-        out.router.load_noise_state(layer.router.noise_state())
+    def from_layer(cls, layer: MoELayer, comm=None, reduce_replicated_grads: bool = True):
+        """The expert-parallel twin of a MoELayer: its config, weights and router state."""
+        out = cls(layer.cfg, comm, layer.params, reduce_replicated_grads)
+        out.router.load_state(layer.router.state())
         return out
 
     # ---- parameters -----------------------------------------------------------
     def gather_params(self) -> Dict[str, np.ndarray]:
         """Collective: the whole layer's parameters (every expert) on every rank."""
-        return {k: v.copy() if k == "w_router" else C.allgather_blocks(self.comm, v)
+        return {k: C.allgather_blocks(self.comm, v) if k in EXPERT_KEYS else v.copy()
                 for k, v in self.params.items()}
 
     def load_full_params(self, full: Dict[str, np.ndarray]) -> None:
@@ -139,7 +150,7 @@ class ExpertParallelMoELayer:
         _replace_arrays(ref.params, full, "full")
         lo, hi = self.expert_range
         for k, v in ref.params.items():
-            self.params[k][...] = v if k == "w_router" else v[lo:hi]
+            self.params[k][...] = v[lo:hi] if k in EXPERT_KEYS else v
 
     def zero_grad(self) -> None:
         for g in self.grads.values():
@@ -147,10 +158,15 @@ class ExpertParallelMoELayer:
 
     def num_parameters(self) -> Dict[str, int]:
         """Of the whole layer (all ranks), as MoELayer's."""
-        per_expert = sum(v[0].size for k, v in self.params.items() if k != "w_router")
-        router = self.params["w_router"].size
-        return {"total": int(router + self.cfg.num_experts * per_expert),
-                "active": int(router + self.cfg.top_k * per_expert)}
+        per_expert = sum(v[0].size for k, v in self.params.items() if k in EXPERT_KEYS)
+        replicated = sum(v.size for k, v in self.params.items() if k not in EXPERT_KEYS)
+        return {"total": int(replicated + self.cfg.num_experts * per_expert),
+                "active": int(replicated + self.cfg.top_k * per_expert)}
+
+    def update_expert_bias(self) -> None:
+        """Router.update_expert_bias: its loads are the global batch's, so every rank takes
+        the same step."""
+        self.router.update_expert_bias()
 
     def set_noise_annealing(self, start_std: float, anneal_steps: int) -> None:
         self.router.set_noise_annealing(start_std, anneal_steps)
@@ -165,25 +181,31 @@ class ExpertParallelMoELayer:
         self.timings[name] += t1 - t0
         return t1
 
-    def _global_stats(self, r, mask: np.ndarray, losses: Dict[str, float]):
+    def _global_stats(self, r, mask: np.ndarray, losses: Dict[str, float], seq_len: int):
         """One Allgather of each rank's counts and partial sums; every rank adds them in
         rank order, so all ranks hold the same bits (whatever MPI's reduction order)."""
-        E, k = self.cfg.num_experts, self.cfg.top_k
+        E = self.cfg.num_experts
         R = int(mask.sum())
-        probs_sum = r.router_probs.sum(axis=0, dtype=np.float64)  # padded rows are 0
+        # sequences with real tokens: what the sequence balance scope averages over
+        active = int(mask.reshape(-1, seq_len).any(axis=1).sum()) if seq_len else int(R > 0)
         mine = np.concatenate((
-            [float(mask.shape[0]), float(R), losses["z_loss"] * R, losses["entropy"] * R],
-            r.tokens_per_expert.astype(np.float64), probs_sum,
+            [float(mask.shape[0]), float(R), losses["z_loss"] * R, losses["entropy"] * R,
+             losses["load_balance"] * active, float(active)],
+            r.tokens_per_expert.astype(np.float64), self._balance_dist_sum(r, mask),
             slot_counts(r.topk_indices, mask, E).ravel().astype(np.float64)))
-        every = C.allgather_blocks(self.comm, mine[None, :])  # [P, 4 + 2E + kE]
-        total = every[0].copy()
-        for row in every[1:]:
-            total += row
-        counts = every[:, 4 + 2 * E:].astype(np.int64).reshape(self.size, k, E)
-        token_offset = int(every[:self.rank, 0].sum())
-        return R, total, counts, token_offset
+        every = C.allgather_blocks(self.comm, mine[None, :])  # [P, len(mine)]
+        return R, active, C.rank_order_sum(every), every
 
-    def __call__(self, x, padding_mask=None, training: bool = True) -> MoEOutput:
+    def _balance_dist_sum(self, r, mask: np.ndarray) -> np.ndarray:
+        """Sum over real tokens of what the balance loss averages into P: the probabilities,
+        or sigmoid scores normalised per token (as the router kernel's balance_dist)."""
+        p = r.router_probs[mask.astype(bool)]
+        if self.cfg.router == "sigmoid_topk":
+            p = p / p.sum(axis=1, keepdims=True)
+        return p.sum(axis=0, dtype=np.float64)
+
+    def __call__(self, x, padding_mask=None, training: bool = True, token_ids=None) -> MoEOutput:
+        """token_ids: accepted for the FFN interface; no supported router reads them."""
         with self._guard.forward():
             return self._forward(x, padding_mask, training)
 
@@ -198,12 +220,13 @@ class ExpertParallelMoELayer:
         if training and self.router.noise_std > 0:
             raise NotImplementedError("noise_std: router noise is not supported with expert "
                                       "parallelism yet (its draws are indexed by local token)")
-        routed = self.router.compute(x2, mask, training)
+        seq_len = sequence_length(lead, cfg.load_balance_scope)
+        routed = self.router.compute(x2, mask, training, seq_len)
         r = routed.output
-        R, total, counts, token_offset = self._global_stats(r, mask, routed.losses)
-        R_g = int(total[1])
-        tpe = total[4:4 + E].astype(np.int64)
-        losses = _global_losses(total, R_g, E, k)
+        R, active, total, every = self._global_stats(r, mask, routed.losses, seq_len)
+        R_g, active_g = int(total[1]), int(total[5])
+        # the global scope's earlier loads of this step: global already (see commit below)
+        losses = _global_losses(total, R_g, active_g, E, seq_len, routed.saved.balance_counts)
         aux = float(cfg.load_balance_coef * losses["load_balance"] + cfg.z_loss_coef * losses["z_loss"]
                     + cfg.entropy_coef * losses["entropy"])
         if not math.isfinite(aux):
@@ -211,12 +234,20 @@ class ExpertParallelMoELayer:
         if cfg.capacity_factor is not None:
             cap = capacity(cfg.capacity_factor, R_g, k, E)
             if cfg.drop_policy == "position":
+                counts = every[:, _HEAD + 2 * E:].astype(np.int64).reshape(self.size, k, E)
                 dropped = drops_position(r.topk_indices, mask, counts, self.rank, cap)
             else:
+                token_offset = int(every[:self.rank, 0].sum())
                 dropped = drops_probs(comm, r.topk_indices, r.router_probs, mask, token_offset, cap)
             r.dropped[...] = dropped  # the arrays backward reads: set before anyone sees them
             r.topk_weights[dropped] = 0
-        r.tokens_per_expert[...] = tpe
+        # Global counts: what users see, what the router's step loads (expert bias, global
+        # scope) add up, and what router_backward's f is made of.
+        r.tokens_per_expert[...] = total[_HEAD:_HEAD + E].astype(np.int64)
+        # The kernel normalises the balance gradient by this rank's R (batch and global
+        # scopes) or its sequences (sequence scope), z-loss and entropy by its R.
+        share = R / R_g if R_g else 0.0
+        scales = (active / active_g if active_g else 0.0) if seq_len else share, share
         t0 = self._tick("route", t0)
 
         # Rows grouped by expert: the rows for rank q are experts [q El, (q+1) El), contiguous.
@@ -246,14 +277,18 @@ class ExpertParallelMoELayer:
         t0 = self._tick("a2a_back", t0)
 
         y2 = kernel("combine_forward", dt)(ye=ye_back, slot_row=slot_row, topk_weights=r.topk_weights)
+        shared_saved = None
+        if self.shared is not None:
+            y_shared, shared_saved = self.shared.compute(x2, mask)
+            y2 += y_shared
         if not np.isfinite(y2).all():
             raise NonFiniteError(f"x: the layer's output is not finite (max |x| = {np.abs(x2).max():.3g})")
         public = self.router.commit(routed)
         self.router.losses, self.router.aux_loss = losses, aux
-        ctx = _Context(layer=self, router_saved=routed.saved, lead=lead, R_local=R, R_global=R_g,
-                       tpe=tpe, slot_row=slot_row, send_rows=send_rows, recv_rows=recv_rows,
-                       perm=perm, inv=inv, local_offsets=local_offsets, xe=xe, h1=h1, h3=h3,
-                       ye_back=ye_back, topk_weights=r.topk_weights, weights=(w1, w3, w2))
+        ctx = _Context(layer=self, router_saved=routed.saved, lead=lead, scales=scales,
+                       slot_row=slot_row, send_rows=send_rows, recv_rows=recv_rows, perm=perm,
+                       inv=inv, local_offsets=local_offsets, xe=xe, h1=h1, h3=h3, ye_back=ye_back,
+                       topk_weights=r.topk_weights, weights=(w1, w3, w2), shared_saved=shared_saved)
         self._latest = ctx
         self._tick("combine", t0)
         return MoEOutput(y2.reshape(lead + (D,)), public, aux, dict(losses), ctx)
@@ -270,7 +305,7 @@ class ExpertParallelMoELayer:
     def backward(self, dy, aux_weight: float = 1.0, out: Optional[MoEOutput] = None) -> np.ndarray:
         """Collective: the gradient of sum(dy * y) + aux_weight * aux_loss with respect to
         this rank's x; expert gradients into this rank's grads, the router's summed over
-        ranks (unless reduce_router_grad is False)."""
+        ranks (unless reduce_replicated_grads is False)."""
         with self._guard.backward():
             return self._backward(dy, aux_weight, out)
 
@@ -307,55 +342,68 @@ class ExpertParallelMoELayer:
         dx2 = kernel("gather_rows_backward", dt)(dxs=dxs, slot_row=ctx.slot_row)
         if not np.isfinite(d_weights).all():
             raise NonFiniteError("dy: the gradient through the experts is not finite")
-        dw = np.zeros_like(self.grads["w_router"]) if self.reduce_router_grad else self.grads["w_router"]
-        self._router_backward(ctx, d_weights, dx2, float(aux_weight), dw)
+        replicated = [k for k in self.grads if k not in EXPERT_KEYS]
+        before = [self.grads[k].copy() for k in replicated] if self.reduce_replicated_grads else None
+        if ctx.shared_saved is not None:
+            dx2 += self.shared.backward(dy2, ctx.shared_saved)
+        self._router_backward(ctx, d_weights, dx2, float(aux_weight))
         t0 = self._tick("router_bwd", t0)
-        if self.reduce_router_grad:
-            C.allreduce_sum_inplace(comm, dw)
-            self.grads["w_router"] += dw
+        if before is not None:  # sum this backward's replicated gradients over the ranks
+            grads = [self.grads[k] for k in replicated]
+            delta = np.concatenate([(g - b).ravel() for g, b in zip(grads, before)])
+            C.allreduce_sum_inplace(comm, delta)
+            at = 0
+            for g, b in zip(grads, before):
+                g[...] = b + delta[at:at + g.size].reshape(g.shape)
+                at += g.size
         self._tick("allreduce", t0)
         if not np.isfinite(dx2).all():
             raise NonFiniteError("dx is not finite: dy or aux_weight x the aux-loss coefficients "
                                  f"overflow in {cfg.dtype}")
         return dx2.reshape(ctx.lead + (D,))
 
-    def _router_backward(self, ctx: _Context, d_weights, dx2, aux_weight: float, dw) -> None:
-        """router_backward with the global statistics. The kernel normalises by this rank's
-        R: the load-balance gradient E f_e / R with f_e = tokens_per_expert / (R k), the
-        z-loss and entropy ones by 1 / R. Given the global tokens_per_expert and the
-        coefficients scaled by (R / R_global)^2 and R / R_global, it yields the global-batch
-        gradients for this rank's tokens."""
+    def _router_backward(self, ctx: _Context, d_weights, dx2, aux_weight: float) -> None:
+        """router_backward with the global statistics: given the global tokens_per_expert
+        (so f is the global one) and its loss coefficients scaled by this rank's share
+        (ctx.scales: of the real tokens, or of the sequences for the sequence scope), the
+        kernel yields the global-batch gradients for this rank's tokens."""
         cfg = self.cfg
-        x2, w, mask, r, training = ctx.router_saved
-        if ctx.R_global == 0:
-            s1 = s2 = 0.0
-        else:
-            s1 = ctx.R_local / ctx.R_global
-            s2 = s1 * s1
+        saved = ctx.router_saved
+        r = saved.routed
+        lb_scale, share = ctx.scales
         kernel("router_backward", cfg.np_dtype)(
-            x=x2, w_router=w, mask=mask, router_logits=r.router_logits,
+            x=saved.x2, w_router=saved.w, mask=saved.mask, router_logits=r.router_logits,
             router_probs_clean=r.router_probs_clean, router_probs=r.router_probs,
             entropy=r.entropy, topk_indices=r.topk_indices, dropped=r.dropped.view(np.uint8),
-            tokens_per_expert=ctx.tpe, d_topk_weights=d_weights, top_k=cfg.top_k,
-            normalize_topk=bool(cfg.normalize_topk), straight_through=bool(cfg.straight_through),
-            training=training, load_balance_coef=aux_weight * cfg.load_balance_coef * s2,
-            z_loss_coef=aux_weight * cfg.z_loss_coef * s1,
-            entropy_coef=aux_weight * cfg.entropy_coef * s1, dx=dx2, dw_router=dw)
+            tokens_per_expert=r.tokens_per_expert, d_topk_weights=d_weights,
+            options=saved.options, balance_counts=saved.balance_counts,
+            load_balance_coef=aux_weight * cfg.load_balance_coef * lb_scale,
+            z_loss_coef=aux_weight * cfg.z_loss_coef * share,
+            entropy_coef=aux_weight * cfg.entropy_coef * share, dx=dx2, dw_router=self.grads["w_router"])
 
 
-def _global_losses(total: np.ndarray, R: int, E: int, k: int) -> Dict[str, float]:
-    """The router losses of cpp/losses.h over the global batch, from summed partials:
-    load_balance = E sum_e f_e P_e with f_e = tokens_per_expert[e] / (R k) and
-    P_e = sum of probs[:, e] / R (in the kernel's order of operations); z-loss and
-    entropy: summed per-token values / R. All 0 when R = 0."""
+def _global_losses(total: np.ndarray, R: int, active: int, E: int, seq_len: int,
+                   extra_counts: Optional[np.ndarray]) -> Dict[str, float]:
+    """The router losses of cpp/losses.h over the global batch, from the summed partials.
+    Batch and global scopes: load_balance = E sum_e f_e P_e, f_e = c_e / sum c (c: the
+    global tokens_per_expert, plus this step's earlier loads for the global scope),
+    P_e = (sum of the balance distribution's column e) / R, in the kernel's order of
+    operations. Sequence scope: the mean over every rank's sequences with real tokens of
+    their balance losses (each sequence lies on one rank). z-loss and entropy: summed
+    per-token values / R. All 0 when R = 0."""
     if R == 0:
         return {"load_balance": 0.0, "z_loss": 0.0, "entropy": 0.0}
-    tpe, psum = total[4:4 + E], total[4 + E:4 + 2 * E]
-    lb = 0.0
-    for e in range(E):
-        lb += (float(tpe[e]) / float(R * k)) * (float(psum[e]) / float(R))
-    return {"load_balance": float(E) * lb, "z_loss": float(total[2]) / R,
-            "entropy": float(total[3]) / R}
+    if seq_len:
+        lb = float(total[4]) / active
+    else:
+        counts = total[_HEAD:_HEAD + E] + (0 if extra_counts is None else extra_counts)
+        n = float(counts.sum())
+        psum = total[_HEAD + E:_HEAD + 2 * E]
+        lb = 0.0
+        for e in range(E):
+            lb += (float(counts[e]) / n if n else 0.0) * (float(psum[e]) / float(R))
+        lb *= float(E)
+    return {"load_balance": lb, "z_loss": float(total[2]) / R, "entropy": float(total[3]) / R}
 
 
 def _expert_major(recv_counts: np.ndarray):

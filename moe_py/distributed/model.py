@@ -18,7 +18,7 @@ from ..layer import MoELayer
 from ..models import TransformerLM
 from ..optim import AdamW
 from . import comm as C
-from .layer import ExpertParallelMoELayer
+from .layer import EXPERT_KEYS, ExpertParallelMoELayer
 
 
 def to_expert_parallel(model: TransformerLM, comm) -> Dict[str, Tuple[int, int]]:
@@ -28,7 +28,7 @@ def to_expert_parallel(model: TransformerLM, comm) -> Dict[str, Tuple[int, int]]
     for b in model.blocks:
         if isinstance(b.ffn, MoELayer):
             # the trainer all-reduces every replicated gradient at once, router included
-            b.ffn = ExpertParallelMoELayer.from_layer(b.ffn, comm, reduce_router_grad=False)
+            b.ffn = ExpertParallelMoELayer.from_layer(b.ffn, comm, reduce_replicated_grads=False)
     return expert_slices(model)
 
 
@@ -37,7 +37,7 @@ def expert_slices(model: TransformerLM) -> Dict[str, Tuple[int, int]]:
     for layer in model.moe_layers:
         if isinstance(layer, ExpertParallelMoELayer):
             for k, v in layer.params.items():
-                if k != "w_router":
+                if k in EXPERT_KEYS:
                     owner[id(v)] = layer.expert_range
     return {n: owner[id(p)] for n, p, _ in model.named_parameters() if id(p) in owner}
 

@@ -59,13 +59,13 @@ def _reduce_stats(stats: _StepStats, comm) -> None:
     layer losses, aux loss and tokens_per_expert are already global)."""
     n = len(stats.real)
     mine = np.concatenate(([stats.nll, stats.n_targets], stats.entropy_sum, stats.noisy_entropy_sum,
-                           stats.real, stats.dropped, stats.slots)).astype(np.float64)
+                           stats.real, stats.dropped, stats.slots, stats.unrouted)).astype(np.float64)
     tot = C.sum_in_rank_order(comm, mine)
     stats.nll, stats.n_targets = float(tot[0]), int(tot[1])
-    parts = [tot[2 + i * n:2 + (i + 1) * n] for i in range(5)]
+    parts = [tot[2 + i * n:2 + (i + 1) * n] for i in range(6)]
     stats.entropy_sum = [float(v) for v in parts[0]]
     stats.noisy_entropy_sum = [float(v) for v in parts[1]]
-    stats.real, stats.dropped, stats.slots = ([int(v) for v in p] for p in parts[2:])
+    stats.real, stats.dropped, stats.slots, stats.unrouted = ([int(v) for v in p] for p in parts[2:])
 
 
 def train_step(model: TransformerLM, batches: List[Batch], optim: AdamW, lr: float,
@@ -76,7 +76,7 @@ def train_step(model: TransformerLM, batches: List[Batch], optim: AdamW, lr: flo
     n_total = sum(int((b.targets != IGNORE_INDEX).sum()) for b in batches)
     n_moe = len(model.moe_layers)
     model.zero_grad()
-    stats = _StepStats(n_moe)
+    stats = _StepStats([layer.cfg.router for layer in model.moe_layers])
     noise_std = model.moe_layers[0].noise_std if n_moe else 0.0
     for gb in batches:
         b = local_rows(gb, comm)
@@ -96,6 +96,7 @@ def train_step(model: TransformerLM, batches: List[Batch], optim: AdamW, lr: flo
         raise TrainingDiverged(f"non-finite loss or gradient (loss={m['loss']}, grad_norm={gnorm})")
     scale = min(1.0, train_cfg.grad_clip / (gnorm + 1e-12)) if train_cfg.grad_clip > 0 else 1.0
     optim.step(lr, scale)
+    model.update_expert_bias()  # from the global loads: the same step on every rank
     m.update(grad_norm=gnorm, lr=lr, noise_std=noise_std,
              tokens=sum(int(b.mask.sum()) for b in batches))
     return m

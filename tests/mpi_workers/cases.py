@@ -11,7 +11,8 @@ from moe_py.train import TrainConfig
 
 def layer_setup(case: dict):
     """(cfg, params, x [T, D], mask [T], dy [T, D], splits): the global batch, the
-    single-process layer's weights, and where the ranks' token ranges start."""
+    single-process layer's weights, and where the ranks' token ranges start. With
+    "seq_len" the layer sees x as [T / seq_len, seq_len, D] (cut between sequences)."""
     cfg = MoEConfig(**case["cfg"])
     params = MoELayer(cfg).state_dict()
     rng = np.random.default_rng(case["seed"])
@@ -27,6 +28,21 @@ def layer_setup(case: dict):
         params["w_router"][:, case["starve"]] = 0
         params["w_router"][0, case["starve"]] = -100
     return cfg, params, x, mask, dy, case["splits"]
+
+
+def as_sequences(case: dict, *arrays):
+    """The arrays as [sequences, seq_len, ...] when the case has sequences."""
+    S = case.get("seq_len")
+    return arrays if S is None else tuple(a.reshape((-1, S) + a.shape[1:]) for a in arrays)
+
+
+def prepare(layer, case: dict, x, mask) -> None:
+    """What happens to a layer before the compared forward: an expert bias (sigmoid_topk)
+    and an earlier training forward of the same step (whose loads the global scope reads)."""
+    if "expert_bias" in case:
+        layer.router.expert_bias[...] = case["expert_bias"]
+    if case.get("earlier_forward"):
+        layer(*as_sequences(case, x[::-1].copy(), mask[::-1].copy()))
 
 
 _CORPUS = {}

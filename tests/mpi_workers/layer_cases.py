@@ -13,7 +13,7 @@ from moe_py.distributed import ExpertParallelMoELayer
 from moe_py.layer import MoELayer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cases import layer_setup  # noqa: E402
+from cases import as_sequences, layer_setup, prepare  # noqa: E402
 
 
 def main() -> None:
@@ -25,13 +25,16 @@ def main() -> None:
         bounds = list(splits) + [len(x)]
         sl = slice(bounds[rank], bounds[rank + 1])
         layer = ExpertParallelMoELayer(cfg, comm, full_params=params)
-        out = layer(x[sl], padding_mask=mask[sl], training=case.get("training", True))
-        dx = layer.backward(dy[sl], aux_weight=case.get("aux_weight", 1.0))
+        prepare(layer, case, x[sl], mask[sl])
+        xs, ms, dys = as_sequences(case, x[sl], mask[sl], dy[sl])
+        sent_before = layer.bytes_sent
+        out = layer(xs, padding_mask=ms, training=case.get("training", True))
+        dx = layer.backward(dys, aux_weight=case.get("aux_weight", 1.0)).reshape(-1, cfg.d_model)
         r = out.router
-        np.savez(os.path.join(sys.argv[2], f"{name}.rank{rank}.npz"), y=out.y, dx=dx,
+        np.savez(os.path.join(sys.argv[2], f"{name}.rank{rank}.npz"), y=out.y.reshape(-1, cfg.d_model), dx=dx,
                  lo=layer.expert_range[0], hi=layer.expert_range[1],
                  losses=np.array([out.losses[k] for k in ("load_balance", "z_loss", "entropy")]),
-                 aux_loss=out.aux_loss, bytes_sent=layer.bytes_sent,
+                 aux_loss=out.aux_loss, bytes_sent=layer.bytes_sent - sent_before,
                  **{f"router.{f}": getattr(r, f) for f in r._fields},
                  **{f"grad.{k}": g for k, g in layer.grads.items()})
     bad_inputs(comm, os.path.join(sys.argv[2], f"errors.rank{rank}.json"))
