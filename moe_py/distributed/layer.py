@@ -28,9 +28,11 @@ are bitwise those of MoELayer. The router's losses and their gradients combine p
 partial sums, so they match to rounding (1e-15 relative in float64).
 
 Every rank calls every collective in the same order, whatever its tokens: a rank with no
-tokens, or no rows for some expert, sends and receives zero counts. Not supported yet:
-router noise (its counter-based draws are indexed by the local token, so they would differ
-from the single-process draws) and routers other than softmax_topk.
+tokens, or no rows for some expert, sends and receives zero counts. Supported: the routers
+that choose token by token (softmax_topk, sigmoid_topk and its expert bias), every balance
+scope, group-limited top-k, shared experts (replicated: data parallel). Not yet: router
+noise (its counter-based draws are indexed by the local token, so they would differ from
+the single-process draws), and expert_choice, sinkhorn and hash.
 """
 from __future__ import annotations
 
