@@ -207,6 +207,18 @@ def test_bad_inputs_raise_clear_errors(layer_results):
             assert seen[name][0] == kind and words in seen[name][1], (name, seen[name])
 
 
+def test_gather_and_load_whole_params(layer_results):
+    import moe_py
+    cfg = moe_py.MoEConfig(d_model=8, d_ff=8, num_experts=4, top_k=2, num_shared_experts=1, seed=5)
+    first, second = MoELayer(cfg).params, MoELayer(moe_py.MoEConfig(**{**cfg.__dict__, "seed": 6})).params
+    for rank in range(2):
+        got = np.load(layer_results / f"params.rank{rank}.npz")
+        assert sorted(k[6:] for k in got.files if k.startswith("first.")) == sorted(first)
+        for k in first:
+            np.testing.assert_array_equal(got[f"first.{k}"], first[k], err_msg=k)
+            np.testing.assert_array_equal(got[f"second.{k}"], second[k], err_msg=k)
+
+
 def test_layer_cases_mean_what_they_say():
     """The reference batches really contain what the cases claim (or the test above
     would pass for the wrong reason)."""

@@ -38,6 +38,20 @@ def main() -> None:
                  **{f"router.{f}": getattr(r, f) for f in r._fields},
                  **{f"grad.{k}": g for k, g in layer.grads.items()})
     bad_inputs(comm, os.path.join(sys.argv[2], f"errors.rank{rank}.json"))
+    whole_params(comm, os.path.join(sys.argv[2], f"params.rank{rank}.npz"))
+
+
+def whole_params(comm, path: str) -> None:
+    """gather_params() after construction, and after load_full_params() of other weights."""
+    import moe_py
+    cfg = moe_py.MoEConfig(d_model=8, d_ff=8, num_experts=4, top_k=2, num_shared_experts=1, seed=5)
+    layer = ExpertParallelMoELayer(cfg, comm)
+    first = layer.gather_params()
+    other = MoELayer(moe_py.MoEConfig(**{**cfg.__dict__, "seed": 6})).state_dict()
+    layer.load_full_params(other)
+    second = layer.gather_params()
+    np.savez(path, **{f"first.{k}": v for k, v in first.items()},
+             **{f"second.{k}": v for k, v in second.items()})
 
 
 def bad_inputs(comm, path: str) -> None:
