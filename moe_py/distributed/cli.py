@@ -76,5 +76,5 @@ def _train(args, comm, root: bool, cli) -> int:
         return 0
     print(f"done: step {last['step']} loss {last['loss']:.4f} "
           f"val_loss {last.get('val_loss', float('nan')):.4f}; run folder {args.out} "
-          f"({comm.Get_size()} MPI ranks, expert parallel)")
+          f"({comm.Get_size()} MPI rank{'s' if comm.Get_size() > 1 else ''}, expert parallel)")
     return 0
