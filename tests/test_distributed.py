@@ -57,9 +57,15 @@ def _mpiexec() -> str:
 
 def run_mpi(n: int, args, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess:
     """`mpiexec -n n python ARGS` with one OpenMP thread per rank (2 cores, 2 ranks)."""
+    exe = _mpiexec()
     path = os.pathsep.join(p for p in (WORKERS, os.environ.get("PYTHONPATH")) if p)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
-    proc = subprocess.run([_mpiexec(), "-n", str(n), sys.executable, *args], env=env,
+    # mpi4py looks for libmpi under the interpreter's prefix: in another venv (the sanitize
+    # one) point it at the library of the mpiexec found
+    libmpi = os.path.join(os.path.dirname(exe), "..", "lib", "libmpi.so.12")
+    if "MPI4PY_LIBMPI" not in env and os.path.exists(libmpi):
+        env["MPI4PY_LIBMPI"] = os.path.realpath(libmpi)
+    proc = subprocess.run([exe, "-n", str(n), sys.executable, *args], env=env,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         pytest.fail(f"mpiexec -n {n} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
