@@ -126,6 +126,9 @@ LAYER_CASES = {
     # the balance loss over the optimiser step: a first forward's loads count too
     "global_scope": dict(cfg=_cfg(load_balance_scope="global", load_balance_coef=0.1), tokens=36,
                          splits=[0, 14], padding=0.1, seed=12, earlier_forward=True),
+    # NoisyTop-k at its second step: rank 1's draws start at global token 23
+    "noise": dict(cfg=_cfg(capacity_factor=1.0), tokens=50, splits=[0, 23], padding=0.1, seed=13,
+                  noise=[0.5, 10], earlier_forward=True),
 }
 
 BITWISE_ROUTER = ("topk_indices", "topk_weights", "dropped", "router_probs", "router_probs_clean",
@@ -200,7 +203,7 @@ BAD_INPUTS = {  # argument -> (exception, words its message must contain)
     "x_dtype": ("TypeError", "x: expected dtype float64"),
     "x_shape": ("ValueError", "x: expected shape [..., 8]"),
     "mask": ("ValueError", "padding_mask: expected shape [3]"),
-    "noise": ("NotImplementedError", "noise_std: router noise is not supported"),
+    "router": ("NotImplementedError", "router: expert parallelism supports ('softmax_topk', 'sigmoid_topk')"),
     "backward_first": ("RuntimeError", "backward called before forward"),
 }
 
@@ -232,6 +235,8 @@ def test_layer_cases_mean_what_they_say():
     assert drops["capacity_position"] > 0 and drops["capacity_probs"] > 0 and drops["dropless"] == 0
     _, _, out, _, _ = _reference(LAYER_CASES["starved_expert"])
     assert out.router.tokens_per_expert[2] == 0 and out.router.tokens_per_expert.sum() > 0
+    _, ref, out, _, _ = _reference(LAYER_CASES["noise"])
+    assert ref.noise_std > 0 and (out.router.router_probs != out.router.router_probs_clean).any()
     _, ref, out, _, _ = _reference(LAYER_CASES["global_scope"])
     assert (ref.router.step_loads > out.router.tokens_per_expert).any()  # the earlier forward's
     _, _, out, _, _ = _reference(LAYER_CASES["all_padding"])
@@ -253,6 +258,9 @@ TRAIN_CASES = {
     "float64": dict(moe=_moe(capacity_factor=1.0), steps=20, batch_size=4, seq_len=32, grad_accum=2),
     # 4 experts per rank, an odd batch (ranks hold 2 and 3 windows)
     "float64_uneven": dict(moe=_moe(num_experts=8, top_k=2), steps=20, batch_size=5, seq_len=24),
+    # NoisyTop-k annealed over the 20 steps, with capacity drops
+    "float64_noise": dict(moe=_moe(capacity_factor=1.0), steps=20, batch_size=4, seq_len=24,
+                          noise=[1.0, 20]),
     "float32": dict(moe=_moe(dtype="float32"), steps=20, batch_size=4, seq_len=32),
     # DeepSeek-V3's recipe: sigmoid scores, the aux-loss-free expert bias (moved every step
     # from the global loads), a shared expert, the sequence-wise balance loss
@@ -278,6 +286,8 @@ def _single_process_steps(case):
     from moe_py.train import train_step
     model_cfg, train_cfg, sampler = train_setup(case)
     model = TransformerLM(model_cfg)
+    if "noise" in case:
+        model.set_noise_annealing(*case["noise"])
     optim = AdamW(model.named_parameters(), weight_decay=train_cfg.weight_decay)
     M, rows = train_cfg.grad_accum, []
     for step in range(case["steps"]):

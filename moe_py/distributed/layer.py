@@ -30,9 +30,9 @@ partial sums, so they match to rounding (1e-15 relative in float64).
 Every rank calls every collective in the same order, whatever its tokens: a rank with no
 tokens, or no rows for some expert, sends and receives zero counts. Supported: the routers
 that choose token by token (softmax_topk, sigmoid_topk and its expert bias), every balance
-scope, group-limited top-k, shared experts (replicated: data parallel). Not yet: router
-noise (its counter-based draws are indexed by the local token, so they would differ from
-the single-process draws), and expert_choice, sinkhorn and hash.
+scope, group-limited top-k, shared experts (replicated: data parallel), router noise (each
+rank's draws start at its first token's index in the global batch). Not yet: expert_choice,
+sinkhorn and hash.
 """
 from __future__ import annotations
 
@@ -78,6 +78,18 @@ class _Context:
             setattr(self, k, v)
 
 
+class _RankRouter(Router):
+    """A Router whose noise draws continue the single-process ones: this rank's row 0 is
+    row `token_offset` of the global batch (the kernel's noise counter starts there)."""
+
+    token_offset = 0
+
+    def options(self, training: bool, seq_len: int = 0):
+        o = super().options(training, seq_len)
+        o.noise_token_offset = self.token_offset
+        return o
+
+
 class ExpertParallelMoELayer:
     """MoELayer's API (`layer(x, padding_mask, training) -> MoEOutput`, `backward(dy)`),
     the experts split over the ranks of `comm`. A collective: every rank calls forward and
@@ -92,7 +104,7 @@ class ExpertParallelMoELayer:
     replicated weights in grads (a trainer that all-reduces every replicated gradient at
     once sets it); True sums them over ranks in each backward.
     Routers: softmax_topk and sigmoid_topk (token-by-token choices), any balance scope,
-    group-limited top-k, shared experts; router noise is not supported yet.
+    group-limited top-k, shared experts, router noise.
     """
 
     has_router = True
@@ -123,7 +135,7 @@ class ExpertParallelMoELayer:
             for k, v in reference.params.items()}
         self.grads: Dict[str, np.ndarray] = {k: np.zeros_like(v) for k, v in self.params.items()}
         # Routing runs dropless on each rank; capacity is applied over the global batch.
-        self.router = Router(dataclasses.replace(cfg, capacity_factor=None), self.params, self.grads)
+        self.router = _RankRouter(dataclasses.replace(cfg, capacity_factor=None), self.params, self.grads)
         # shared experts see every real token of their rank: data parallel, like the router
         self.shared = SharedExperts(cfg, self.params, self.grads) if cfg.num_shared_experts else None
         self.reduce_replicated_grads = bool(reduce_replicated_grads)
@@ -219,9 +231,9 @@ class ExpertParallelMoELayer:
         t0 = time.perf_counter()
         x2, lead = as_tokens(x, D, dt)
         mask = as_mask(padding_mask, lead)
-        if training and self.router.noise_std > 0:
-            raise NotImplementedError("noise_std: router noise is not supported with expert "
-                                      "parallelism yet (its draws are indexed by local token)")
+        if training and self.router.noise_std > 0:  # the same on every rank
+            sizes = C.allgather_blocks(comm, np.array([[x2.shape[0]]], np.int64)).ravel()
+            self.router.token_offset = int(sizes[:self.rank].sum())
         seq_len = sequence_length(lead, cfg.load_balance_scope)
         routed = self.router.compute(x2, mask, training, seq_len)
         r = routed.output

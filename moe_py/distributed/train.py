@@ -12,7 +12,7 @@ uneven padding. Rank 0 alone writes the run folder; its checkpoints hold every e
 Equal to the single-process run up to floating-point reassociation of the cross-rank sums.
 With n_predict > 1 the extra heads' per-token means are taken per rank, so they equal the
 single-process ones only when the ranks hold as many targets for each head (usual, not
-guaranteed near padding). Router noise is not supported yet (see layer.py).
+guaranteed near padding).
 """
 from __future__ import annotations
 
@@ -118,9 +118,6 @@ def evaluate(model: TransformerLM, sampler: BatchSampler, max_batches: Optional[
 
 
 def _check_supported(train_cfg: TrainConfig, comm) -> None:
-    if train_cfg.noise_std > 0:
-        raise NotImplementedError("noise_std: router noise is not supported with --expert-parallel "
-                                  "yet (its draws are indexed by each rank's local tokens)")
     if train_cfg.batch_size < comm.Get_size():
         raise ValueError(f"batch_size: expected at least one window per MPI rank "
                          f"({comm.Get_size()}), got {train_cfg.batch_size}")
@@ -173,6 +170,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, comm=Non
         model = TransformerLM(model_cfg)
         experts = to_expert_parallel(model, comm)
         optim = AdamW(model.named_parameters(), weight_decay=train_cfg.weight_decay)
+        if train_cfg.noise_std > 0:
+            model.set_noise_annealing(train_cfg.noise_std, train_cfg.noise_anneal_steps)
         if root:
             run.start_metrics()
     if root:

@@ -37,10 +37,13 @@ def as_sequences(case: dict, *arrays):
 
 
 def prepare(layer, case: dict, x, mask) -> None:
-    """What happens to a layer before the compared forward: an expert bias (sigmoid_topk)
-    and an earlier training forward of the same step (whose loads the global scope reads)."""
+    """What happens to a layer before the compared forward: an expert bias (sigmoid_topk),
+    router noise, and an earlier training forward of the same step (whose loads the global
+    scope reads, and which moves the noise one step on)."""
     if "expert_bias" in case:
         layer.router.expert_bias[...] = case["expert_bias"]
+    if "noise" in case:  # NoisyTop-k: [start_std, anneal_steps]
+        layer.set_noise_annealing(*case["noise"])
     if case.get("earlier_forward"):
         layer(*as_sequences(case, x[::-1].copy(), mask[::-1].copy()))
 

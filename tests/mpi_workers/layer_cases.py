@@ -61,8 +61,6 @@ def bad_inputs(comm, path: str) -> None:
     layer = ExpertParallelMoELayer(cfg, comm)
     wrong = MoELayer(cfg).state_dict()
     wrong["w1"] = wrong["w1"][:, :4]
-    noisy = ExpertParallelMoELayer(cfg, comm)
-    noisy.set_noise_annealing(1.0, 10)
     attempts = {
         "comm": lambda: ExpertParallelMoELayer(cfg, comm="world"),
         "cfg": lambda: ExpertParallelMoELayer({"d_model": 8}, comm),
@@ -70,7 +68,8 @@ def bad_inputs(comm, path: str) -> None:
         "x_dtype": lambda: layer(np.zeros((3, 8), np.float32)),
         "x_shape": lambda: layer(np.zeros((3, 7))),
         "mask": lambda: layer(np.zeros((3, 8)), padding_mask=np.ones(4, bool)),
-        "noise": lambda: noisy(np.zeros((3, 8))),
+        "router": lambda: ExpertParallelMoELayer(
+            moe_py.MoEConfig(d_model=8, d_ff=8, num_experts=4, router="expert_choice"), comm),
         "backward_first": lambda: ExpertParallelMoELayer(cfg, comm).backward(np.zeros((3, 8))),
     }
     seen = {}

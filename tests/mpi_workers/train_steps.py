@@ -23,6 +23,8 @@ def main() -> None:
         model_cfg, train_cfg, sampler = train_setup(case)
         model = TransformerLM(model_cfg)
         experts = to_expert_parallel(model, comm)
+        if "noise" in case:
+            model.set_noise_annealing(*case["noise"])
         optim = AdamW(model.named_parameters(), weight_decay=train_cfg.weight_decay)
         rows = []
         for step in range(case["steps"]):
