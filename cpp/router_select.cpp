@@ -113,6 +113,8 @@ void expert_choice_select(const T* probs, const std::uint8_t* mask, index_t n_to
   }
 }
 
+constexpr index_t kSinkhornChunk = 256;
+
 template <typename T>
 void sinkhorn_column_scales(const T* logits, const std::uint8_t* mask, index_t n_tokens,
                             index_t E, index_t iterations, double tolerance, double* d1) {
@@ -130,6 +132,10 @@ void sinkhorn_column_scales(const T* logits, const std::uint8_t* mask, index_t n
     const double m = double(*std::max_element(l, l + E));
     for (index_t e = 0; e < E; ++e) cost[i * E + e] = std::exp(double(l[e]) - m);
   }
+  // Column sums by fixed chunks of rows (partial sums of every column, then the chunks
+  // added in order): row-major reads, and bits that never depend on the thread count.
+  const index_t chunks = (R + kSinkhornChunk - 1) / kSinkhornChunk;
+  std::vector<double> partial(chunks * E);
   for (index_t it = 0; it < iterations; ++it) {
 #pragma omp parallel for schedule(static)
     for (index_t i = 0; i < R; ++i) {
@@ -137,11 +143,17 @@ void sinkhorn_column_scales(const T* logits, const std::uint8_t* mask, index_t n
       for (index_t e = 0; e < E; ++e) s += d1[e] * cost[i * E + e];
       d0[i] = (1.0 / double(R)) / (s + eps);
     }
-    // a column's sum runs in token order on one thread: the bits never depend on threads
 #pragma omp parallel for schedule(static)
+    for (index_t c = 0; c < chunks; ++c) {
+      double* acc = partial.data() + c * E;
+      std::fill(acc, acc + E, 0.0);
+      const index_t end = std::min(R, (c + 1) * kSinkhornChunk);
+      for (index_t i = c * kSinkhornChunk; i < end; ++i)
+        for (index_t e = 0; e < E; ++e) acc[e] += d0[i] * cost[i * E + e];
+    }
     for (index_t e = 0; e < E; ++e) {
       double s = 0.0;
-      for (index_t i = 0; i < R; ++i) s += d0[i] * cost[i * E + e];
+      for (index_t c = 0; c < chunks; ++c) s += partial[c * E + e];
       next[e] = (1.0 / double(E)) / (s + eps);
     }
     double change = 0.0;
