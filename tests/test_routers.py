@@ -351,3 +351,19 @@ def test_the_main_job_trains_with_every_router(tmp_path, router):
     with open(out + "/metrics.jsonl") as f:
         rows = [json.loads(ln) for ln in f]
     assert all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_golden_files_keep_the_token_ids_and_the_expert_bias(tmp_path):
+    from moe_py.testing import assert_matches_golden, save_golden
+    for router in ("hash", "sigmoid_topk"):
+        cfg = config(router=router)
+        x, mask, ids = batch(cfg)
+        layer = moe_py.MoELayer(cfg)
+        layer.router.expert_bias[...] = [0.3, -0.2, 0.1, 0.0]
+        path = str(tmp_path / f"{router}.npz")
+        save_golden(path, layer, {"x": x, "padding_mask": mask, "token_ids": ids})
+        assert_matches_golden(path)  # the layer rebuilt from the file, bias and ids included
+        if router == "sigmoid_topk":
+            layer.router.expert_bias[...] = 0.0
+            with pytest.raises(AssertionError, match="differs"):
+                assert_matches_golden(path, layer)
