@@ -14,7 +14,9 @@ For each shape (T, d_model, d_ff, E, k) and thread count this prints:
     combine, and the Python around them), timed by wrapping the _core kernels
     the layer calls;
   - peak RSS (per row, by resetting the kernel's high-water mark where Linux
-    allows it, and for the whole process at the end).
+    allows it, and for the whole process at the end);
+  - the router cost of every routing algorithm at one shape (--router-shape): the share of
+    the layer's forward + backward time spent in the routing kernels.
 
 Usage:
   python benchmarks/bench_layer.py                      # the full run (~2 min on 2 cores)
@@ -291,16 +293,18 @@ class KernelTimer:
             self.acc[name] = 0.0
 
 
-def breakdown(layer, x, dy, repeats: int, warmup: int) -> Dict[str, float]:
+def breakdown(layer, x, dy, repeats: int, warmup: int,
+              call: Optional[Callable[[], object]] = None) -> Dict[str, float]:
     """Median seconds per kernel, plus 'total' and 'python' (the rest: argument
-    checks, allocation, the Python glue), over instrumented forward + backward."""
+    checks, allocation, the Python glue), over instrumented forward + backward.
+    `call` replaces the forward layer(x) (e.g. to pass token ids)."""
     runs: List[Dict[str, float]] = []
     with KernelTimer() as kt:
         for i in range(warmup + repeats):
             layer.zero_grad()
             kt.reset()
             t0 = time.perf_counter()
-            layer(x)
+            layer(x) if call is None else call()
             layer.backward(dy)
             total = time.perf_counter() - t0
             if i >= warmup:
@@ -411,6 +415,51 @@ def bench_shape(shape: Shape, threads: List[int], args, torch_mod, np_blas,
               + (f", torch {row['torch_s'] * 1e3:.1f} ms" if tm is not None else ""),
               file=sys.stderr, flush=True)
     return rows
+
+
+# ---------------------------------------------------------------------------
+# Router cost per algorithm
+# ---------------------------------------------------------------------------
+ROUTER_SHAPE = (8192, 256, 256, 64, 8)  # the most tokens and experts: the routers' worst case
+ROUTER_LIMITS = {"expert_choice": 0.15}  # the issue's bound on routing's share; 0.10 otherwise
+
+
+def router_costs(shape: Shape, threads: List[int], args) -> List[dict]:
+    """For every router: the median layer time (training mode, forward + backward) and the
+    time in its routing kernels (router_forward + router_backward, the Python around them
+    excluded), from the same instrumented runs."""
+    from moe_py.config import ROUTERS
+    T, D, F, E, k = shape
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((T, D), dtype=np.float32)
+    dy = rng.standard_normal((T, D), dtype=np.float32)
+    ids = rng.integers(0, 256, T)
+    rows = []
+    for n in threads:
+        set_threads(n, None)
+        for router in ROUTERS:
+            cfg = moe_py.MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=k, dtype="float32",
+                                   router=router, seed=0)
+            layer = moe_py.MoELayer(cfg)
+            call = (lambda lay=layer: lay(x, token_ids=ids)) if router == "hash" else None
+            b = breakdown(layer, x, dy, args.repeats, args.warmup, call)
+            route = b["router_forward_f32"] + b["router_backward_f32"]
+            rows.append({"router": router, "threads": n, "total": b["total"], "route": route})
+            print(f"  done router {router} threads={n}: {route / b['total']:.1%} of "
+                  f"{b['total'] * 1e3:.1f} ms", file=sys.stderr, flush=True)
+    return rows
+
+
+def print_router_costs(rows: List[dict], shape: Shape) -> None:
+    print()
+    print(f"Router cost at {shape_str(shape)} (T,D,F,E,k), float32, training mode (Sinkhorn on), "
+          f"forward + backward; routing = the router_forward and router_backward kernels")
+    print(f"{'router':<15}{'threads':>8}{'layer ms':>10}{'routing ms':>12}{'share':>8}{'limit':>7}")
+    for r in rows:
+        limit = ROUTER_LIMITS.get(r["router"], 0.10)
+        share = r["route"] / r["total"]
+        print(f"{r['router']:<15}{r['threads']:>8}{r['total'] * 1e3:>10.1f}{r['route'] * 1e3:>12.2f}"
+              f"{share:>8.1%}{limit:>7.0%}" + ("" if share <= limit else "  OVER"))
 
 
 # ---------------------------------------------------------------------------
@@ -574,6 +623,10 @@ def main(argv=None) -> None:
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch columns")
     ap.add_argument("--no-breakdown", dest="breakdown", action="store_false",
                     help="skip the per-kernel breakdown")
+    ap.add_argument("--router-shape", type=parse_shape, default=ROUTER_SHAPE, metavar="T,D,F,E,k",
+                    help="the shape of the router-cost table (default: %(default)s)")
+    ap.add_argument("--no-router-costs", dest="router_costs", action="store_false",
+                    help="skip the router-cost table")
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or min(args.threads) < 1:
         ap.error("--repeats >= 1, --warmup >= 0 and --threads >= 1 expected")
@@ -613,7 +666,10 @@ def main(argv=None) -> None:
     rows = []
     for shape in args.shapes:
         rows.extend(bench_shape(shape, args.threads, args, torch_mod, np_blas, peaks))
+    costs = router_costs(args.router_shape, args.threads, args) if args.router_costs else []
     print_report(rows, args.shapes, args.threads, torch_mod is not None, args.breakdown)
+    if costs:
+        print_router_costs(costs, args.router_shape)
     print()
     print(f"peak RSS of the whole run (getrusage): {whole_run_peak_rss_mb():.0f} MB; "
           f"wall time {time.perf_counter() - t_start:.0f} s")

@@ -66,17 +66,16 @@ template <typename T>
 void select_topk(const RouterInputs<T>& in, index_t n, index_t E, const RouterOptions& opt,
                  const RouterBuffers<T>& out) {
   const index_t k = opt.top_k;
-  std::vector<double> d1;
+  std::vector<double> balanced_scores;
   const bool balanced = opt.kind == RouterKind::sinkhorn && opt.training;
   if (balanced) {
-    d1.resize(E);
-    sinkhorn_column_scales(out.logits, in.mask, n, E, opt.sinkhorn_iterations,
-                           opt.sinkhorn_tolerance, d1.data());
+    balanced_scores.resize(n * E);
+    sinkhorn_scores(out.logits, in.mask, n, E, opt.sinkhorn_iterations, opt.sinkhorn_tolerance,
+                    balanced_scores.data());
   }
 #pragma omp parallel
   {
     std::vector<T> sel(E), scratch(E);
-    std::vector<double> row(E);
 #pragma omp for schedule(static)
     for (index_t t = 0; t < n; ++t) {
       index_t* idx = out.topk_indices + t * k;
@@ -88,10 +87,7 @@ void select_topk(const RouterInputs<T>& in, index_t n, index_t E, const RouterOp
       }
       const T* p = out.probs + t * E;
       if (balanced) {
-        const T* l = out.logits + t * E;
-        const double m = double(*std::max_element(l, l + E));
-        for (index_t e = 0; e < E; ++e) row[e] = d1[e] * std::exp(double(l[e]) - m);
-        topk_row(row.data(), E, k, idx);
+        topk_row(balanced_scores.data() + t * E, E, k, idx);
       } else {
         const T* v = p;
         if (in.expert_bias) {

@@ -113,11 +113,13 @@ void expert_choice_select(const T* probs, const std::uint8_t* mask, index_t n_to
   }
 }
 
+constexpr index_t kSinkhornChunk = 256;
+
 template <typename T>
-void sinkhorn_column_scales(const T* logits, const std::uint8_t* mask, index_t n_tokens,
-                            index_t E, index_t iterations, double tolerance, double* d1) {
+void sinkhorn_scores(const T* logits, const std::uint8_t* mask, index_t n_tokens, index_t E,
+                     index_t iterations, double tolerance, double* scores) {
   constexpr double eps = 1e-8;
-  std::fill(d1, d1 + E, 1.0);
+  std::vector<double> d1(E, 1.0);
   std::vector<index_t> real;
   for (index_t t = 0; t < n_tokens; ++t)
     if (mask[t]) real.push_back(t);
@@ -130,6 +132,10 @@ void sinkhorn_column_scales(const T* logits, const std::uint8_t* mask, index_t n
     const double m = double(*std::max_element(l, l + E));
     for (index_t e = 0; e < E; ++e) cost[i * E + e] = std::exp(double(l[e]) - m);
   }
+  // Column sums by fixed chunks of rows (partial sums of every column, then the chunks
+  // added in order): row-major reads, and bits that never depend on the thread count.
+  const index_t chunks = (R + kSinkhornChunk - 1) / kSinkhornChunk;
+  std::vector<double> partial(chunks * E);
   for (index_t it = 0; it < iterations; ++it) {
 #pragma omp parallel for schedule(static)
     for (index_t i = 0; i < R; ++i) {
@@ -137,18 +143,27 @@ void sinkhorn_column_scales(const T* logits, const std::uint8_t* mask, index_t n
       for (index_t e = 0; e < E; ++e) s += d1[e] * cost[i * E + e];
       d0[i] = (1.0 / double(R)) / (s + eps);
     }
-    // a column's sum runs in token order on one thread: the bits never depend on threads
 #pragma omp parallel for schedule(static)
+    for (index_t c = 0; c < chunks; ++c) {
+      double* acc = partial.data() + c * E;
+      std::fill(acc, acc + E, 0.0);
+      const index_t end = std::min(R, (c + 1) * kSinkhornChunk);
+      for (index_t i = c * kSinkhornChunk; i < end; ++i)
+        for (index_t e = 0; e < E; ++e) acc[e] += d0[i] * cost[i * E + e];
+    }
     for (index_t e = 0; e < E; ++e) {
       double s = 0.0;
-      for (index_t i = 0; i < R; ++i) s += d0[i] * cost[i * E + e];
+      for (index_t c = 0; c < chunks; ++c) s += partial[c * E + e];
       next[e] = (1.0 / double(E)) / (s + eps);
     }
     double change = 0.0;
     for (index_t e = 0; e < E; ++e) change += std::abs(next[e] - d1[e]);
-    std::copy(next.begin(), next.end(), d1);
+    std::copy(next.begin(), next.end(), d1.begin());
     if (change / double(E) <= tolerance) break;
   }
+#pragma omp parallel for schedule(static)
+  for (index_t i = 0; i < R; ++i)
+    for (index_t e = 0; e < E; ++e) scores[real[i] * E + e] = d1[e] * cost[i * E + e];
 }
 
 std::uint64_t hash_score(std::uint64_t seed, std::int64_t token_id, index_t e) {
@@ -162,8 +177,8 @@ std::uint64_t hash_score(std::uint64_t seed, std::int64_t token_id, index_t e) {
                                    std::uint8_t*);                                            \
   template void expert_choice_select<T>(const T*, const std::uint8_t*, index_t, index_t,      \
                                         index_t, std::uint8_t*);                              \
-  template void sinkhorn_column_scales<T>(const T*, const std::uint8_t*, index_t, index_t,    \
-                                          index_t, double, double*);
+  template void sinkhorn_scores<T>(const T*, const std::uint8_t*, index_t, index_t, index_t,  \
+                                   double, double*);
 MOE_INSTANTIATE(float)
 MOE_INSTANTIATE(double)
 #undef MOE_INSTANTIATE

@@ -30,7 +30,7 @@ def _entropy(p: np.ndarray) -> float:
 def utilisation(r: RouterOutput, mask=None) -> np.ndarray:
     """Share of the real tokens' top-k assignments (before dropping) per expert; sums to 1."""
     idx = r.topk_indices[_real(r, mask)].reshape(-1)
-    counts = np.bincount(idx, minlength=_num_experts(r)).astype(np.float64)
+    counts = np.bincount(idx[idx >= 0], minlength=_num_experts(r)).astype(np.float64)
     return counts / counts.sum() if counts.sum() else counts
 
 
@@ -39,7 +39,7 @@ def imbalance(r: RouterOutput, mask=None) -> Dict[str, object]:
     assignment), and the drop rate (dropped real slots / real slots)."""
     u = utilisation(r, mask)
     real = _real(r, mask)
-    slots = int(real.sum()) * r.topk_indices.shape[1]
+    slots = int((r.topk_indices[real] >= 0).sum())  # expert choice leaves slots empty
     mean = u.mean() if u.size else 0.0
     return {"max_over_mean": float(u.max() / mean) if mean > 0 else 0.0,
             "cv": float(u.std() / mean) if mean > 0 else 0.0,
@@ -73,8 +73,9 @@ def expert_label_table(r: RouterOutput, labels, n_labels: int, mask=None, slot: 
     elif slot != "all":
         raise ValueError(f"slot: expected 'all' or 'first', got {slot!r}")
     lab = np.repeat(labels[keep], idx.shape[1])
+    idx = idx.reshape(-1)
     table = np.zeros((_num_experts(r), n_labels), dtype=np.int64)
-    np.add.at(table, (idx.reshape(-1), lab), 1)
+    np.add.at(table, (idx[idx >= 0], lab[idx >= 0]), 1)
     return table
 
 
@@ -122,7 +123,8 @@ def top_ngrams(r: RouterOutput, tokens, mask=None, n: int = 3, top: int = 5,
             continue
         gram = bytes(int(b) for b in tokens[t - n + 1:t + 1])
         for e in r.topk_indices[t]:
-            counters[int(e)][gram] += 1
+            if e >= 0:
+                counters[int(e)][gram] += 1
     return {e: c.most_common(top) for e, c in counters.items()}
 
 
@@ -132,15 +134,18 @@ def coactivation(r: RouterOutput, mask=None) -> np.ndarray:
     E = _num_experts(r)
     onehot = np.zeros((int(real.sum()), E))
     rows = np.repeat(np.arange(onehot.shape[0]), r.topk_indices.shape[1])
-    onehot[rows, r.topk_indices[real].reshape(-1)] = 1.0
+    idx = r.topk_indices[real].reshape(-1)
+    onehot[rows[idx >= 0], idx[idx >= 0]] = 1.0
     return onehot.T @ onehot / max(1, onehot.shape[0])
 
 
 def layer_transitions(r_a: RouterOutput, r_b: RouterOutput, mask=None) -> np.ndarray:
     """[E_a, E_b] counts of (first choice in layer a, first choice in layer b) per real token."""
     real = _real(r_a, mask)
+    a, b = r_a.topk_indices[real, 0], r_b.topk_indices[real, 0]
+    both = (a >= 0) & (b >= 0)  # a token no expert took has no first choice
     out = np.zeros((_num_experts(r_a), _num_experts(r_b)), dtype=np.int64)
-    np.add.at(out, (r_a.topk_indices[real, 0], r_b.topk_indices[real, 0]), 1)
+    np.add.at(out, (a[both], b[both]), 1)
     return out
 
 
@@ -152,11 +157,14 @@ def routing_stability(r_a: RouterOutput, r_b: RouterOutput, mask=None) -> Dict[s
     if not len(a):
         return {"changed": 0.0, "jaccard": 1.0}
     E = max(_num_experts(r_a), _num_experts(r_b))
-    sa, sb = np.zeros((len(a), E), bool), np.zeros((len(b), E), bool)
-    np.put_along_axis(sa, a, True, axis=1)
-    np.put_along_axis(sb, b, True, axis=1)
+    # an empty slot (-1) goes to a spare column E that is then cut off
+    sa, sb = np.zeros((len(a), E + 1), bool), np.zeros((len(b), E + 1), bool)
+    np.put_along_axis(sa, np.where(a >= 0, a, E), True, axis=1)
+    np.put_along_axis(sb, np.where(b >= 0, b, E), True, axis=1)
+    sa, sb = sa[:, :E], sb[:, :E]
     inter, union = (sa & sb).sum(1), (sa | sb).sum(1)
-    return {"changed": float((sa != sb).any(1).mean()), "jaccard": float((inter / union).mean())}
+    jaccard = np.where(union > 0, inter / np.maximum(union, 1), 1.0)  # both empty: the same
+    return {"changed": float((sa != sb).any(1).mean()), "jaccard": float(jaccard.mean())}
 
 
 def topk_margin(r: RouterOutput, mask=None) -> np.ndarray:
@@ -164,7 +172,7 @@ def topk_margin(r: RouterOutput, mask=None) -> np.ndarray:
     small margins mark tokens whose routing a small change would flip."""
     real = _real(r, mask)
     p = -np.sort(-r.router_probs_clean[real].astype(np.float64), axis=1)
-    k = r.topk_indices.shape[1]
+    k = min(r.topk_indices.shape[1], p.shape[1])
     return p[:, k - 1] - (p[:, k] if k < p.shape[1] else 0.0)
 
 

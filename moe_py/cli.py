@@ -17,7 +17,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from .config import ACTIVATIONS, DROP_POLICIES, DTYPES, ROUTERS, MoEConfig
+from .config import ACTIVATIONS, BALANCE_SCOPES, DROP_POLICIES, DTYPES, ROUTERS, MoEConfig
 from .flags import add_config_flags, config_from_args
 from .layer import MoELayer
 from .threads import set_num_threads
@@ -32,18 +32,19 @@ def _demo(args: argparse.Namespace) -> int:
     x = rng.standard_normal((B, S, cfg.d_model)).astype(cfg.np_dtype)
     lengths = rng.integers(S // 2, S + 1, size=B)
     mask = np.arange(S)[None, :] < lengths[:, None]
-    out = layer(x, padding_mask=mask)
+    ids = rng.integers(0, 256, (B, S)) if cfg.router == "hash" else None  # random byte ids
+    out = layer(x, padding_mask=mask, token_ids=ids)
     r = out.router
     real = mask.reshape(-1)
     E = cfg.num_experts
-    print(f"MoE layer: d_model={cfg.d_model} d_ff={cfg.d_ff} E={E} k={cfg.top_k} "
-          f"capacity_factor={cfg.capacity_factor} activation={cfg.activation}")
+    print(f"MoE layer: router={cfg.router} d_model={cfg.d_model} d_ff={cfg.d_ff} E={E} "
+          f"k={cfg.top_k} capacity_factor={cfg.capacity} activation={cfg.activation}")
     print(f"tokens: {real.size} ({int(real.sum())} real, {int((~real).sum())} padding)")
     share = r.tokens_per_expert / max(1, r.tokens_per_expert.sum())
     print("tokens_per_expert:", r.tokens_per_expert.tolist())
     print("share per expert: ", " ".join(f"{s:.3f}" for s in share), f"(uniform {1 / E:.3f})")
     print(f"mean clean entropy: {r.entropy[real].mean():.4f} nats (max ln E = {np.log(E):.4f})")
-    print(f"dropped slots: {int(r.dropped.sum())} of {int(real.sum()) * cfg.top_k}")
+    print(f"dropped slots: {int(r.dropped.sum())} of {int(((r.topk_indices >= 0) & real[:, None]).sum())}")
     print("losses:", {k: round(v, 6) for k, v in out.losses.items()}, f"aux_loss={out.aux_loss:.6f}")
     print("first token: experts", r.topk_indices[0].tolist(),
           "weights", np.round(r.topk_weights[0], 4).tolist())
@@ -66,13 +67,17 @@ def _info(args: argparse.Namespace) -> int:
 # ---- train / compare ---------------------------------------------------------------
 
 # Which fields of each config the train/compare flags set. The rest are derived:
-# ModelConfig.max_seq_len = seq_len, its d_ff (dense width) = top_k * d_ff (the same active
-# FFN parameters per token as k experts), and MoEConfig's d_model/activation/dtype/seed
-# and the model's seed come from the model and training flags.
+# ModelConfig.max_seq_len = seq_len, its d_ff (dense width) = top_k * d_ff +
+# num_shared_experts * shared_d_ff (the same active FFN parameters per token as k routed
+# experts and the shared ones), and MoEConfig's d_model/activation/dtype/seed and the
+# model's seed come from the model and training flags.
 MODEL_FLAGS = ("d_model", "n_layers", "n_heads", "activation", "n_predict", "dtype", "first_dense",
                "moe_every")
 MOE_FLAGS = ("num_experts", "top_k", "d_ff", "router", "normalize_topk", "capacity_factor", "drop_policy",
-             "straight_through", "load_balance_coef", "z_loss_coef", "entropy_coef")
+             "straight_through", "load_balance_coef", "z_loss_coef", "entropy_coef",
+             "load_balance_scope", "routed_scaling_factor", "bias_update_rate", "n_group",
+             "topk_group", "sinkhorn_iterations", "sinkhorn_tolerance", "num_shared_experts",
+             "shared_d_ff")
 TRAIN_FLAGS = ("corpus", "corpus_bytes", "steps", "batch_size", "seq_len", "grad_accum", "lr",
                "warmup", "lr_decay_steps", "min_lr_ratio", "weight_decay", "grad_clip",
                "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "noise_std",
@@ -81,7 +86,7 @@ TRAIN_FLAGS = ("corpus", "corpus_bytes", "steps", "batch_size", "seq_len", "grad
 # Short names kept from earlier versions of the CLI.
 ALIASES = {"n_layers": ["--layers"], "n_heads": ["--heads"], "num_experts": ["--experts"]}
 CHOICES = {"activation": ACTIVATIONS, "dtype": tuple(DTYPES), "router": ROUTERS,
-           "drop_policy": DROP_POLICIES}
+           "drop_policy": DROP_POLICIES, "load_balance_scope": BALANCE_SCOPES}
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -131,7 +136,8 @@ def _configs(args: argparse.Namespace, dense: bool):
     from .train import TrainConfig
     shared = dict(d_model=args.d_model, activation=args.activation, dtype=args.dtype, seed=args.seed)
     moe = None if dense else config_from_args(MoEConfig, args, **shared)
-    dense_width = args.top_k * args.d_ff
+    shared_width = args.d_ff if args.shared_d_ff is None else args.shared_d_ff
+    dense_width = args.top_k * args.d_ff + args.num_shared_experts * shared_width
     model = config_from_args(ModelConfig, args, max_seq_len=args.seq_len, d_ff=dense_width, moe=moe,
                              seed=args.seed)
     return model, config_from_args(TrainConfig, args)

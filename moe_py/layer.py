@@ -169,12 +169,13 @@ class MoELayer:
 
     def num_parameters(self) -> Dict[str, int]:
         """Total parameters, and those active per token: the router, k routed experts (expert
-        choice: k on average) and every shared expert."""
+        choice: capacity_factor * k on average) and every shared expert."""
         total = sum(v.size for v in self.params.values())
         router = self.params["w_router"].size if "w_router" in self.params else 0
         per_expert = sum(self.params[k][0].size for k in ("w1", "w3", "w2") if k in self.params)
         shared = sum(v.size for k, v in self.params.items() if k.startswith("shared_"))
-        active = router + self.cfg.top_k * per_expert + shared
+        experts = self.cfg.top_k * (self.cfg.capacity if self.cfg.router == "expert_choice" else 1)
+        active = router + int(round(experts * per_expert)) + shared
         return {"total": int(total), "active": int(active)}
 
 

@@ -12,7 +12,7 @@ from . import analysis
 from .checkpoint import load_model
 from .data import BatchSampler, corpus_summary, load_corpus
 from .models import ModelConfig, TransformerLM
-from .router import RouterOutput
+from .router import RouterOutput, concat_router_outputs
 from .run_folder import RunFolder, atomic_write, resolve_checkpoint, run_dir_of
 
 
@@ -31,9 +31,7 @@ def collect_routing(model: TransformerLM, sampler: BatchSampler, max_batches: Op
         labels.append(batch.labels.reshape(-1))
         tokens.append(batch.inputs.reshape(-1))
         mask.append(batch.mask.reshape(-1))
-    routers = [RouterOutput(*(np.concatenate(parts) if f != "tokens_per_expert" else sum(parts)
-                              for f, parts in zip(RouterOutput._fields, zip(*rs))))
-               for rs in per_layer]
+    routers = [concat_router_outputs(rs) for rs in per_layer]
     return routers, np.concatenate(labels), np.concatenate(tokens), np.concatenate(mask)
 
 

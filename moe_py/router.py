@@ -308,3 +308,25 @@ def unrouted_tokens(r: RouterOutput, real: np.ndarray) -> np.ndarray:
     took them (expert choice) or every slot was dropped for capacity."""
     live = (r.topk_indices >= 0) & ~r.dropped
     return np.asarray(real, bool).reshape(-1) & ~live.any(axis=1)
+
+
+_SLOT_FILL = {"topk_weights": 0, "topk_indices": -1, "dropped": False}
+
+
+def concat_router_outputs(outputs) -> RouterOutput:
+    """RouterOutputs of several batches as one: the per-token fields concatenated (slot
+    fields padded to the widest batch with -1 / 0 / False: expert choice's slots vary),
+    tokens_per_expert summed."""
+    outputs = list(outputs)
+    width = max(r.topk_indices.shape[1] for r in outputs)
+    fields = []
+    for f in RouterOutput._fields:
+        parts = [getattr(r, f) for r in outputs]
+        if f == "tokens_per_expert":
+            fields.append(sum(parts))
+            continue
+        if f in _SLOT_FILL:
+            parts = [np.pad(p, ((0, 0), (0, width - p.shape[1])), constant_values=_SLOT_FILL[f])
+                     for p in parts]
+        fields.append(np.concatenate(parts))
+    return RouterOutput(*fields)

@@ -36,9 +36,10 @@ class _MoEFunction(torch.autograd.Function):
     """y and aux_loss of one forward; one C++ backward gives dx and every parameter's grad."""
 
     @staticmethod
-    def forward(ctx, x, module, mask, training, *params):
+    def forward(ctx, x, module, mask, training, token_ids, *params):
         layer: MoELayer = module.layer
-        out = layer(x.detach().contiguous().numpy(), padding_mask=mask, training=training)
+        out = layer(x.detach().contiguous().numpy(), padding_mask=mask, training=training,
+                    token_ids=token_ids)
         ctx.layer, ctx.out, ctx.names = layer, out, module.param_names
         ctx.x_shape = x.shape
         module._router_out = out.router  # handed back by MoE.forward (not a tensor output)
@@ -56,13 +57,13 @@ class _MoEFunction(torch.autograd.Function):
             dx = layer.backward(dy.detach().contiguous().numpy(), aux_weight=float(daux), out=ctx.out)
         finally:
             layer.grads.update(kept)
-        return (torch.from_numpy(dx).reshape(ctx.x_shape), None, None, None,
+        return (torch.from_numpy(dx).reshape(ctx.x_shape), None, None, None, None,
                 *(torch.from_numpy(fresh[n]) for n in ctx.names))
 
 
 class SharedExpert(torch.nn.Module):
     """An always-on SwiGLU expert with a sigmoid gate, as Qwen2-MoE's: sigmoid(x g) * FFN(x).
-    Plain torch (the C++ core's shared experts come with the routers issue)."""
+    Plain torch: the C++ core's shared experts (MoEConfig.num_shared_experts) have no gate."""
 
     def __init__(self, d_model: int, d_ff: int, dtype: torch.dtype):
         super().__init__()
@@ -77,10 +78,12 @@ class SharedExpert(torch.nn.Module):
 
 
 class MoE(torch.nn.Module):
-    """forward(x, padding_mask=None) -> (y, aux_loss, router_output): y [..., d_model] and
-    the scalar aux_loss are in the autograd graph; router_output is the layer's RouterOutput
-    (read-only NumPy arrays). module.eval() routes with training=False (no noise, constant
-    straight-through weights)."""
+    """forward(x, padding_mask=None, token_ids=None) -> (y, aux_loss, router_output):
+    y [..., d_model] and the scalar aux_loss are in the autograd graph; router_output is the
+    layer's RouterOutput (read-only NumPy arrays). module.eval() routes with training=False
+    (no noise, constant straight-through weights, Sinkhorn off). Every router of MoEConfig
+    works; token_ids [...] (integers) are for router="hash". With sigmoid_topk, call
+    update_expert_bias() once per optimiser step (after optimizer.step())."""
 
     def __init__(self, cfg: MoEConfig):
         super().__init__()
@@ -104,7 +107,12 @@ class MoE(torch.nn.Module):
         from .torch_hf import to_hf
         to_hf(self, block)
 
-    def forward(self, x: torch.Tensor, padding_mask=None) -> Tuple[torch.Tensor, torch.Tensor, RouterOutput]:
+    def update_expert_bias(self) -> None:
+        """sigmoid_topk's aux-loss-free bias step from the loads since the last call."""
+        self.layer.update_expert_bias()
+
+    def forward(self, x: torch.Tensor, padding_mask=None,
+                token_ids=None) -> Tuple[torch.Tensor, torch.Tensor, RouterOutput]:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
         if x.device.type != "cpu":
@@ -120,13 +128,15 @@ class MoE(torch.nn.Module):
         if padding_mask is not None:
             mask = (padding_mask.detach().cpu().numpy() if isinstance(padding_mask, torch.Tensor)
                     else np.asarray(padding_mask))
+        if isinstance(token_ids, torch.Tensor):
+            token_ids = token_ids.detach().cpu().numpy()
         params = [getattr(self, n) for n in self.param_names]
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
-            y, aux = _MoEFunction.apply(x, self, mask, self.training, *params)
+            y, aux = _MoEFunction.apply(x, self, mask, self.training, token_ids, *params)
             router = self._router_out
         else:
             out: MoEOutput = self.layer(x.detach().contiguous().numpy(), padding_mask=mask,
-                                        training=self.training)
+                                        training=self.training, token_ids=token_ids)
             y, aux, router = torch.from_numpy(out.y), torch.tensor(out.aux_loss, dtype=x.dtype), out.router
         if self.shared is not None:
             keep = torch.ones(x.shape[:-1], dtype=x.dtype) if mask is None else \

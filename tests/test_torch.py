@@ -14,7 +14,8 @@ def module(**kw):
                               "z_loss_coef": 0.01, "entropy_coef": 0.05, **kw})
     m = MoE(cfg)
     with torch.no_grad():  # a decisive router: no top-k tie within the finite-difference step
-        m.w_router.mul_(60.0)
+        if cfg.router != "hash":
+            m.w_router.mul_(60.0)
     return m
 
 
@@ -75,6 +76,25 @@ def test_torch_gradcheck_float64_with_aux_losses():
         y, aux, _ = m(x)
         return y, aux
     assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(router="sigmoid_topk", routed_scaling_factor=1.5),
+                                dict(router="expert_choice"), dict(router="sinkhorn"),
+                                dict(router="hash", num_shared_experts=1),
+                                dict(num_shared_experts=2, load_balance_scope="sequence")])
+def test_torch_gradcheck_float64_every_router(kw):
+    m = module(d_model=4, d_ff=3, num_experts=3, **kw)
+    x = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
+    ids = torch.arange(10).reshape(2, 5) % 4
+    params = list(m.parameters())
+
+    def f(x, *ps):
+        y, aux, _ = m(x, token_ids=ids)
+        return y, aux
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-6, rtol=1e-5)
+    if m.cfg.router == "sigmoid_topk":
+        m.update_expert_bias()
+        assert m.layer.router.expert_bias.any()
 
 
 def test_two_calls_before_one_backward_accumulate_both():

@@ -13,9 +13,9 @@ import numpy as np
 from ..run_folder import atomic_write
 
 
-def _run(layer, x, mask, dy) -> Dict[str, np.ndarray]:
+def _run(layer, x, mask, dy, token_ids) -> Dict[str, np.ndarray]:
     layer.zero_grad()
-    out = layer(x, padding_mask=mask)
+    out = layer(x, padding_mask=mask, token_ids=token_ids)
     dx = layer.backward(dy)
     res = {"out.y": out.y, "out.aux_loss": np.array(out.aux_loss), "out.dx": dx}
     res.update({f"out.router.{f}": np.asarray(getattr(out.router, f)) for f in out.router._fields})
@@ -25,21 +25,27 @@ def _run(layer, x, mask, dy) -> Dict[str, np.ndarray]:
 
 
 def save_golden(path: str, layer, inputs: Dict[str, np.ndarray]) -> None:
-    """Write `layer` (a MoELayer) run on inputs {"x", optional "padding_mask", "dy"}."""
+    """Write `layer` (a MoELayer, with its router state) run on inputs {"x", optional
+    "padding_mask", "dy", "token_ids" (hash routing)}."""
     from .. import __version__, build_info
     x = np.asarray(inputs["x"])
     mask = inputs.get("padding_mask")
     dy = inputs.get("dy")
     if dy is None:
         dy = np.random.default_rng(7).standard_normal(x.shape).astype(x.dtype)
+    ids = inputs.get("token_ids")
     arrays = {"in.x": x, "in.dy": np.asarray(dy)}
     if mask is not None:
         arrays["in.padding_mask"] = np.asarray(mask)
+    if ids is not None:
+        arrays["in.token_ids"] = np.asarray(ids)
     arrays.update({f"param.{k}": v for k, v in layer.params.items()})
-    arrays.update(_run(layer, x, mask, dy))
+    router_state = layer.router.state()  # before the run moves it
+    arrays.update(_run(layer, x, mask, dy, ids))
     info = build_info()
     arrays["meta"] = np.array(json.dumps({
-        "config": dataclasses.asdict(layer.cfg), "moe_py": __version__, "cpu": info["cpu"],
+        "config": dataclasses.asdict(layer.cfg), "router_state": router_state,
+        "moe_py": __version__, "cpu": info["cpu"],
         "blas": f"{info['blas']} {info['blas_version']} {info['blas_corename']}"}))
     buf = io.BytesIO()
     np.savez(buf, **arrays)
@@ -64,6 +70,8 @@ def assert_matches_golden(path: str, layer=None, inputs: Optional[Dict[str, np.n
     if layer is None:
         layer = MoELayer(MoEConfig(**meta["config"]))
         layer.load_state_dict({k[6:]: v for k, v in data.items() if k.startswith("param.")})
+        if "router_state" in meta:  # files written before the router had state have none
+            layer.router.load_state(meta["router_state"])
     else:
         if dataclasses.asdict(layer.cfg) != meta["config"]:
             bad.append("config")
@@ -73,9 +81,10 @@ def assert_matches_golden(path: str, layer=None, inputs: Optional[Dict[str, np.n
     x = np.asarray(inputs["x"]) if "x" in inputs else data["in.x"]
     mask = inputs.get("padding_mask", data.get("in.padding_mask"))
     dy = np.asarray(inputs["dy"]) if "dy" in inputs else data["in.dy"]
+    ids = inputs.get("token_ids", data.get("in.token_ids"))
     if x.shape != data["in.x"].shape or not np.array_equal(x, data["in.x"]):
         bad.append("inputs['x']")
-    got = _run(layer, x, mask, dy)
+    got = _run(layer, x, mask, dy, ids)
     info = build_info()
     same_machine = (meta["cpu"] == info["cpu"] and
                     meta["blas"] == f"{info['blas']} {info['blas_version']} {info['blas_corename']}")

@@ -45,18 +45,25 @@ def _adapter(obj, inputs: Dict[str, np.ndarray], rng) -> Tuple[Callable, Callabl
         x = np.asarray(inputs["x"], np.float64)
         mask = inputs.get("padding_mask")
         training = inputs.get("training", True)
-        T = int(np.prod(x.shape[:-1]))
+        ids = inputs.get("token_ids")
+        router = obj.router if isinstance(obj, MoELayer) else obj
+        # every evaluation starts from the same loads (the global balance scope reads them)
+        loads = router.step_loads.copy()
+
+        def call():
+            router.step_loads[...] = loads
+            return obj(x, padding_mask=mask, training=training, token_ids=ids)
         if isinstance(obj, MoELayer):
             dy = rng.standard_normal(x.shape)
 
             def loss():
-                o = obj(x, padding_mask=mask, training=training)
+                o = call()
                 return float((dy * o.y).sum() + o.aux_loss), _routing(o)
         else:
-            dy = rng.standard_normal((T, obj.cfg.top_k))
+            dy = rng.standard_normal(call().topk_weights.shape)  # expert choice: its own slots
 
             def loss():
-                r = obj(x, padding_mask=mask, training=training)
+                r = call()
                 return float((dy * r.topk_weights).sum() + obj.aux_loss), _routing(r)
 
         def analytic():
@@ -89,17 +96,21 @@ def _adapter(obj, inputs: Dict[str, np.ndarray], rng) -> Tuple[Callable, Callabl
         x = np.array(inputs["x"], np.float64)
         tx = torch.from_numpy(x)  # shares x's memory: perturbing x perturbs tx
         mask = inputs.get("padding_mask")
+        ids = inputs.get("token_ids")
         dy = torch.from_numpy(rng.standard_normal(x.shape))
         params = dict(obj.named_parameters())
+        loads = obj.layer.router.step_loads.copy()
 
         def loss():
+            obj.layer.router.step_loads[...] = loads
             with torch.no_grad():
-                y, aux, router = obj(tx, padding_mask=mask)
+                y, aux, router = obj(tx, padding_mask=mask, token_ids=ids)
             return float((dy * y).sum() + aux), (router.topk_indices.copy(), router.dropped.copy())
 
         def analytic():
+            obj.layer.router.step_loads[...] = loads
             xg = tx.clone().requires_grad_(True)
-            y, aux, _ = obj(xg, padding_mask=mask)
+            y, aux, _ = obj(xg, padding_mask=mask, token_ids=ids)
             grads = torch.autograd.grad((dy * y).sum() + aux, [xg, *params.values()])
             return {"x": grads[0].numpy(), **{n: g.numpy() for n, g in zip(params, grads[1:])}}
         # the parameters' numpy views share memory with the nn.Parameters (and the C++ layer)
@@ -123,11 +134,14 @@ def gradcheck(layer_or_fn, inputs: Dict[str, object], eps: float = 1e-6, tol: fl
     """Compare the analytic gradient of a scalar loss with float64 central differences.
 
     - MoELayer: loss = sum(dy * y) + aux_loss with a fixed random dy; inputs {"x", and
-      optionally "padding_mask", "training"}; checks x and every parameter.
+      optionally "padding_mask", "training", "token_ids" (hash routing)}; checks x and every
+      parameter. Every evaluation starts from the router's loads as they were (the global
+      balance scope reads them).
     - Router: loss = sum(g * topk_weights) + aux_loss; the same inputs.
     - TransformerLM: the LM loss + aux_loss; inputs {"inputs", "targets", "mask"}; checks
       every parameter.
-    - moe_py.torch.MoE: the same loss through torch autograd; inputs {"x", "padding_mask"}.
+    - moe_py.torch.MoE: the same loss through torch autograd; inputs {"x", "padding_mask",
+      "token_ids"}.
     - a function f(**inputs) -> (loss, {name: gradient}); checks every input.
     At most max_entries entries per array (a random subset of bigger ones). An entry whose
     +-eps perturbation changes a discrete routing choice (top-k or a capacity drop) has no
