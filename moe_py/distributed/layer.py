@@ -1,6 +1,7 @@
 """ExpertParallelMoELayer: MoELayer's API and maths with the experts spread over MPI ranks.
 
-Rank q of P holds experts [q E/P, (q+1) E/P) of the layer and a replica of the router.
+Rank q of P holds experts [q E/P, (q+1) E/P) of the layer and a replica of the router
+(and of the shared experts, if any).
 Each rank passes its own tokens, and the layer behaves as one MoELayer given the global
 batch (every rank's tokens, in rank order):
 
@@ -13,7 +14,7 @@ batch (every rank's tokens, in rank order):
   backward  combine_backward -> dy rows out (Alltoallv) -> experts_backward (expert
             weight gradients stay on their rank) -> dx rows back (Alltoallv) ->
             gather_rows_backward -> router_backward with the global statistics; the
-            router gradient is summed over ranks (see below)
+            replicated gradients (router, shared experts) are summed over ranks (see below)
 
 Why a sum, not a mean: every rank's share of the objective is already normalised by the
 global batch (the aux losses by the global R; the trainer weights each rank's tokens by
