@@ -20,7 +20,7 @@ from moe_py.layer import MoELayer
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKERS = os.path.join(HERE, "mpi_workers")
 sys.path.insert(0, WORKERS)
-from cases import as_sequences, layer_setup, prepare, train_setup  # noqa: E402
+from cases import EvalWindows, as_sequences, layer_setup, prepare, train_setup  # noqa: E402
 
 
 def _find_mpiexec():
@@ -293,7 +293,9 @@ def _single_process_steps(case):
     for step in range(case["steps"]):
         lr = lr_at(step, train_cfg.lr, train_cfg.warmup, train_cfg.steps, train_cfg.min_lr_ratio)
         rows.append(train_step(model, [sampler.batch(step * M + i) for i in range(M)], optim, lr, train_cfg))
-    return rows
+    from moe_py.train import evaluate
+    evals = {str(n): evaluate(model, EvalWindows(sampler, n), None) for n in (1, 3)}
+    return rows, evals
 
 
 @pytest.mark.parametrize("name", sorted(TRAIN_CASES))
@@ -302,8 +304,11 @@ def test_training_steps_equal_single_process(train_results, name):
     rtol = 1e-10 if case["moe"]["dtype"] == "float64" else 1e-5
     got = train_results[name]
     assert got["replicated_identical"], "replicated weights differ between ranks"
-    want = _single_process_steps(case)
+    want, evals = _single_process_steps(case)
     assert len(got["steps"]) == len(want) == 20
+    # after training, the validation loss of one window (rank 1 holds only padding) and of 3
+    for n, v in evals.items():
+        np.testing.assert_allclose(got["eval"][n], v, rtol=rtol, err_msg=f"evaluate, {n} windows")
     for step, (g, w) in enumerate(zip(got["steps"], want)):
         for key in ("loss", "aux_loss", "grad_norm"):
             np.testing.assert_allclose(g[key], w[key], rtol=rtol, err_msg=f"step {step + 1}: {key}")

@@ -63,3 +63,16 @@ def train_setup(case: dict):
                         seq_len=case["seq_len"], grad_accum=case.get("grad_accum", 1), warmup=3,
                         lr=3e-3)
     return model, train, BatchSampler(corpus.train, train.batch_size, train.seq_len, train.seed)
+
+
+class EvalWindows:
+    """A held-out sample for evaluate(): the first `n` windows of a batch, as one batch
+    (n = 1 leaves the second of two ranks nothing but a padding window)."""
+
+    def __init__(self, sampler, n: int):
+        self.batch, self.n = sampler.batch(10_000), n
+
+    def iter_eval(self, max_batches=None):
+        from moe_py.data import Batch
+        b = self.batch
+        yield Batch(b.inputs[:self.n], b.targets[:self.n], b.mask[:self.n], b.labels[:self.n])

@@ -7,12 +7,12 @@ import sys
 from mpi4py import MPI
 
 from moe_py.distributed.model import to_expert_parallel
-from moe_py.distributed.train import train_step
+from moe_py.distributed.train import evaluate, train_step
 from moe_py.models import TransformerLM
 from moe_py.optim import AdamW, lr_at
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from cases import train_setup  # noqa: E402
+from cases import EvalWindows, train_setup  # noqa: E402
 
 
 def main() -> None:
@@ -41,7 +41,9 @@ def main() -> None:
                 ref = p.copy()
                 comm.Bcast(ref, root=0)
                 same &= bool((ref == p).all())
-        results[name] = {"steps": rows, "replicated_identical": comm.allreduce(same, op=MPI.LAND)}
+        evals = {str(n): evaluate(model, EvalWindows(sampler, n), None, comm) for n in (1, 3)}
+        results[name] = {"steps": rows, "replicated_identical": comm.allreduce(same, op=MPI.LAND),
+                         "eval": evals}
     if comm.Get_rank() == 0:
         json.dump(results, open(sys.argv[2], "w"))
 
