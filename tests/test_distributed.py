@@ -256,8 +256,9 @@ def _moe(**kw):
 TRAIN_CASES = {
     # capacity drops, two micro-batches per step, padding in the windows
     "float64": dict(moe=_moe(capacity_factor=1.0), steps=20, batch_size=4, seq_len=32, grad_accum=2),
-    # 4 experts per rank, an odd batch (ranks hold 2 and 3 windows)
-    "float64_uneven": dict(moe=_moe(num_experts=8, top_k=2), steps=20, batch_size=5, seq_len=24),
+    # 4 experts per rank; an odd batch (ranks hold 3 and 2 windows); 3 multi-token heads
+    "float64_uneven": dict(moe=_moe(num_experts=8, top_k=2), steps=20, batch_size=5, seq_len=24,
+                           n_predict=3),
     # NoisyTop-k annealed over the 20 steps, with capacity drops
     "float64_noise": dict(moe=_moe(capacity_factor=1.0), steps=20, batch_size=4, seq_len=24,
                           noise=[1.0, 20]),

@@ -9,10 +9,9 @@ gradient is that of the global per-token mean: the single-process gradient, also
 uneven padding. Rank 0 alone writes the run folder; its checkpoints hold every expert, so
 `sample`, `analyze` and a resume at another P (any P dividing E) read them.
 
-Equal to the single-process run up to floating-point reassociation of the cross-rank sums.
-With n_predict > 1 the extra heads' per-token means are taken per rank, so they equal the
-single-process ones only when the ranks hold as many targets for each head (usual, not
-guaranteed near padding).
+Equal to the single-process run up to floating-point reassociation of the cross-rank sums,
+multi-token heads included: each head's mean is over the global micro-batch's targets of
+that head (every rank holds the global batch, so it counts them without communicating).
 """
 from __future__ import annotations
 
@@ -31,7 +30,7 @@ from ..checkpoint import load_model
 from ..collapse import CollapseWatch
 from ..config import IGNORE_INDEX
 from ..data import Batch, BatchSampler, Corpus, corpus_summary, load_corpus
-from ..lm_losses import cross_entropy
+from ..lm_losses import cross_entropy, multi_token_cross_entropy, multi_token_labels
 from ..machine import rss_mib
 from ..models import ModelConfig, TransformerLM
 from ..optim import AdamW, lr_at
@@ -68,6 +67,32 @@ def _reduce_stats(stats: _StepStats, comm) -> None:
     stats.real, stats.dropped, stats.slots, stats.unrouted = ([int(v) for v in p] for p in parts[2:])
 
 
+def _head_counts(b: Batch, heads: int) -> np.ndarray:
+    """Targets of each head (head i predicts t+1+i) in a batch."""
+    labels = multi_token_labels(b.targets, b.mask, heads, IGNORE_INDEX)
+    return (labels != IGNORE_INDEX).reshape(heads, -1).sum(axis=1)
+
+
+def loss_and_backward(model: TransformerLM, b: Batch, whole: Batch, loss_weight: float,
+                      aux_weight: float) -> dict:
+    """TransformerLM.loss_and_backward for this rank's rows `b` of the micro-batch `whole`:
+    every head's per-token mean is over the whole micro-batch (a rank's own mean, scaled by
+    its share of that head's targets), so the ranks' gradients add up to the single-process
+    one. Returns the rank's own per-head means, as loss_and_backward does."""
+    out = model.forward(b.inputs, b.mask, training=True)
+    for i, logits in enumerate(out.head_logits):
+        if not np.isfinite(logits).all():
+            raise NonFiniteError(f"the logits of head {i} are not finite")
+    losses, grads = multi_token_cross_entropy(out.head_logits, b.targets, b.mask, IGNORE_INDEX)
+    H = len(grads)
+    mine, total = _head_counts(b, H), _head_counts(whole, H)
+    # Python floats: a NumPy float64 scalar would turn float32 gradients into float64
+    scales = [float(loss_weight / H * (mine[i] / total[i] if total[i] else 0.0)) for i in range(H)]
+    model.backward([g * s for g, s in zip(grads, scales)], aux_weight)
+    return {"head_losses": losses, "loss": float(np.mean(losses)), "aux_loss": out.aux_loss,
+            "layer_losses": out.layer_losses, "routers": out.routers}
+
+
 def train_step(model: TransformerLM, batches: List[Batch], optim: AdamW, lr: float,
                train_cfg: TrainConfig, comm, experts) -> dict:
     """One optimiser step over the global micro-batches `batches` (every rank passes the
@@ -81,9 +106,11 @@ def train_step(model: TransformerLM, batches: List[Batch], optim: AdamW, lr: flo
     for gb in batches:
         b = local_rows(gb, comm)
         n = int((b.targets != IGNORE_INDEX).sum())
+        n_whole = int((gb.targets != IGNORE_INDEX).sum())
         try:
-            res = model.loss_and_backward(b.inputs, b.targets, b.mask, training=True,
-                                          loss_weight=n / max(1, n_total), aux_weight=1.0 / M)
+            # the single-process weight of this micro-batch, n_whole / n_total, shared out by
+            # loss_and_backward in proportion to each rank's targets
+            res = loss_and_backward(model, b, gb, n_whole / max(1, n_total), 1.0 / M)
         except NonFiniteError as e:
             # raised on one rank while the others wait in a collective: abort the job
             raise TrainingDiverged(f"non-finite loss or gradient on rank {comm.Get_rank()} ({e})") from None

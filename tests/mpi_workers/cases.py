@@ -58,7 +58,8 @@ def train_setup(case: dict):
     corpus = _CORPUS["c"]
     moe = MoEConfig(**case["moe"])
     model = ModelConfig(d_model=moe.d_model, n_layers=2, n_heads=2, d_ff=2 * moe.d_ff,
-                        max_seq_len=case["seq_len"], moe=moe, dtype=moe.dtype, seed=1)
+                        max_seq_len=case["seq_len"], moe=moe, dtype=moe.dtype, seed=1,
+                        n_predict=case.get("n_predict", 1))
     train = TrainConfig(corpus="synthetic", steps=case["steps"], batch_size=case["batch_size"],
                         seq_len=case["seq_len"], grad_accum=case.get("grad_accum", 1), warmup=3,
                         lr=3e-3)
