@@ -70,7 +70,7 @@ void select_topk(const RouterInputs<T>& in, index_t n, index_t E, const RouterOp
   const bool balanced = opt.kind == RouterKind::sinkhorn && opt.training;
   if (balanced) {
     balanced_scores.resize(n * E);
-    sinkhorn_scores(out.logits, in.mask, n, E, opt.sinkhorn_iterations, opt.sinkhorn_tolerance,
+    sinkhorn_scores(out.probs, in.mask, n, E, opt.sinkhorn_iterations, opt.sinkhorn_tolerance,
                     balanced_scores.data());
   }
 #pragma omp parallel

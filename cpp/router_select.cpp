@@ -103,11 +103,12 @@ void expert_choice_select(const T* probs, const std::uint8_t* mask, index_t n_to
 #pragma omp for schedule(static)
     for (index_t e = 0; e < E; ++e) {
       order = real;
-      std::partial_sort(order.begin(), order.begin() + capacity, order.end(),
-                        [&](index_t a, index_t b) {
-                          const T pa = probs[a * E + e], pb = probs[b * E + e];
-                          return pa > pb || (pa == pb && a < b);
-                        });
+      // a strict total order (ties to the lower token): which C tokens come first is unique
+      std::nth_element(order.begin(), order.begin() + (capacity - 1), order.end(),
+                       [&](index_t a, index_t b) {
+                         const T pa = probs[a * E + e], pb = probs[b * E + e];
+                         return pa > pb || (pa == pb && a < b);
+                       });
       for (index_t i = 0; i < capacity; ++i) chosen[order[i] * E + e] = 1;
     }
   }
@@ -116,7 +117,7 @@ void expert_choice_select(const T* probs, const std::uint8_t* mask, index_t n_to
 constexpr index_t kSinkhornChunk = 256;
 
 template <typename T>
-void sinkhorn_scores(const T* logits, const std::uint8_t* mask, index_t n_tokens, index_t E,
+void sinkhorn_scores(const T* probs, const std::uint8_t* mask, index_t n_tokens, index_t E,
                      index_t iterations, double tolerance, double* scores) {
   constexpr double eps = 1e-8;
   std::vector<double> d1(E, 1.0);
@@ -127,11 +128,8 @@ void sinkhorn_scores(const T* logits, const std::uint8_t* mask, index_t n_tokens
   if (R == 0) return;
   std::vector<double> cost(R * E), d0(R), next(E);
 #pragma omp parallel for schedule(static)
-  for (index_t i = 0; i < R; ++i) {
-    const T* l = logits + real[i] * E;
-    const double m = double(*std::max_element(l, l + E));
-    for (index_t e = 0; e < E; ++e) cost[i * E + e] = std::exp(double(l[e]) - m);
-  }
+  for (index_t i = 0; i < R; ++i)
+    for (index_t e = 0; e < E; ++e) cost[i * E + e] = double(probs[real[i] * E + e]);
   // Column sums by fixed chunks of rows (partial sums of every column, then the chunks
   // added in order): row-major reads, and bits that never depend on the thread count.
   const index_t chunks = (R + kSinkhornChunk - 1) / kSinkhornChunk;

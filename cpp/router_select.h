@@ -34,14 +34,15 @@ template <typename T>
 void expert_choice_select(const T* probs, const std::uint8_t* mask, index_t n_tokens, index_t E,
                           index_t capacity, std::uint8_t* chosen);
 
-// Sinkhorn balancing of cost[t, e] = exp(logits[t, e] - max_e' logits[t, e']) over the real
-// tokens, in float64: alternately d0[t] = (1/R) / (sum_e d1[e] cost[t, e] + 1e-8) and
-// d1[e] = (1/E) / (sum_t d0[t] cost[t, e] + 1e-8), from d1 = 1, for at most `iterations`
-// sweeps, stopping after the first sweep whose mean |change of d1| is <= tolerance.
-// The balanced matrix is d0[t] d1[e] cost[t, e]; a token's order of experts in it is that
-// of d1[e] cost[t, e], which is written into scores [n, E] for the real tokens.
+// Sinkhorn balancing of cost[t, e] = probs[t, e] (the softmax probabilities: exp(logits)
+// up to a per-token factor, which d0 absorbs) over the real tokens, in float64: alternately
+// d0[t] = (1/R) / (sum_e d1[e] cost[t, e] + 1e-8) and d1[e] = (1/E) / (sum_t d0[t] cost[t, e]
+// + 1e-8), from d1 = 1, for at most `iterations` sweeps, stopping after the first sweep whose
+// mean |change of d1| is <= tolerance. The balanced matrix is d0[t] d1[e] cost[t, e]; a
+// token's order of experts in it is that of d1[e] cost[t, e], which is written into
+// scores [n, E] for the real tokens.
 template <typename T>
-void sinkhorn_scores(const T* logits, const std::uint8_t* mask, index_t n_tokens, index_t E,
+void sinkhorn_scores(const T* probs, const std::uint8_t* mask, index_t n_tokens, index_t E,
                      index_t iterations, double tolerance, double* scores);
 
 // The hash router's score of expert e for a token id: a splitmix64 hash; a token's experts

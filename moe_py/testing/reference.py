@@ -53,8 +53,7 @@ def _hash_choice(token_id: int, E: int, k: int, seed: int) -> list:
     return sorted(range(E), key=lambda e: (-score[e], e))[:k]
 
 
-def _sinkhorn_d1(logits: np.ndarray, iterations: int, tol: float) -> np.ndarray:
-    cost = np.exp(logits - logits.max(axis=1, keepdims=True))
+def _sinkhorn_d1(cost: np.ndarray, iterations: int, tol: float) -> np.ndarray:
     R, E = cost.shape
     d1 = np.ones(E)
     for _ in range(iterations):
@@ -94,8 +93,8 @@ def _select(cfg: MoEConfig, probs, logits, real, training, bias, token_ids) -> n
     if cfg.router == "sinkhorn" and training:
         score = np.zeros((T, E))
         if len(rows):
-            d1 = _sinkhorn_d1(logits[rows], cfg.sinkhorn_iterations, cfg.sinkhorn_tolerance)
-            score[rows] = d1 * np.exp(logits[rows] - logits[rows].max(axis=1, keepdims=True))
+            d1 = _sinkhorn_d1(probs[rows], cfg.sinkhorn_iterations, cfg.sinkhorn_tolerance)
+            score[rows] = d1 * probs[rows]
     else:
         score = probs + (0.0 if bias is None else bias)
     G, size = cfg.n_group, E // cfg.n_group

@@ -36,9 +36,9 @@ def hash_experts(token_id, E, k, seed):
     return sorted(range(E), key=lambda e: (-score[e], e))[:k]
 
 
-def sinkhorn_scales(logits, real, iterations, tol):
-    """docs/design.md: Sinkhorn on exp(logits - row max) over the real tokens, float64."""
-    cost = torch.exp(logits[real] - logits[real].max(-1, keepdim=True).values)
+def sinkhorn_scales(probs, real, iterations, tol):
+    """docs/design.md: Sinkhorn on the softmax probabilities of the real tokens, float64."""
+    cost = probs[real]
     R, E = cost.shape
     d1 = torch.ones(E)
     for _ in range(iterations):
@@ -83,9 +83,9 @@ def select(router, probs, logits, real, k, opt):
             idx[t, :len(es)] = torch.tensor(es, dtype=torch.long)
         return idx
     if router == "sinkhorn" and opt["training"]:
-        d1 = sinkhorn_scales(logits.detach(), torch.from_numpy(real), opt["sinkhorn_iterations"],
+        d1 = sinkhorn_scales(p, torch.from_numpy(real), opt["sinkhorn_iterations"],
                              opt["sinkhorn_tolerance"])
-        score = d1 * torch.exp(logits.detach() - logits.detach().max(-1, keepdim=True).values)
+        score = d1 * p
     else:
         score = p + torch.tensor(opt.get("expert_bias", np.zeros(E)))
     G = opt.get("n_group", 1)
