@@ -46,8 +46,8 @@ def _sample_of(raw: dict, max_batches: Optional[int]):
 
 def analyze_over_training(path: str, max_batches: Optional[int] = None) -> List[dict]:
     """The held-out sample routed through every kept checkpoint of a run: normalised MI per
-    layer, and the share of real tokens whose top-k set changed since the previous one.
-    Written to analysis_over_training.json."""
+    layer, and the share of real tokens whose top-k set (and whose top-1 expert) changed
+    since the previous one. Written to analysis_over_training.json."""
     run = RunFolder(run_dir_of(path))
     paths = run.kept_checkpoints()
     if not paths:
@@ -59,12 +59,15 @@ def analyze_over_training(path: str, max_batches: Optional[int] = None) -> List[
         model, raw = load_model(p)
         routers, labels, _, mask = collect_routing(model, sampler, max_batches)
         n = len(corpus.label_names)
+        pairs = list(zip(previous or routers, routers))  # (previous, this) per layer
+        first = previous is None
         rows.append({"step": int(raw["step"]), "checkpoint": p,
                      "normalized_mi": [analysis.specialisation(r, labels, n, mask)["normalized_mi"]
                                        for r in routers],
-                     "changed_since_previous": [0.0 if previous is None else
-                                                analysis.routing_stability(a, b, mask)["changed"]
-                                                for a, b in zip(previous or routers, routers)]})
+                     "changed_since_previous": [0.0 if first else analysis.routing_stability(a, b, mask)["changed"]
+                                                for a, b in pairs],
+                     "top1_changed_since_previous": [0.0 if first else analysis.first_choice_changed(a, b, mask)
+                                                     for a, b in pairs]})
         previous = routers
     atomic_write(os.path.join(run.path, "analysis_over_training.json"),
                  json.dumps(rows, indent=1).encode())
