@@ -10,6 +10,7 @@ from ..config import MoEConfig
 from ..models import ModelConfig
 from ..run_folder import RunFolder, atomic_write
 from ..train import TrainConfig
+from .corpora import Corpora
 from .entries import BUDGET, ENTRIES, Entry, select_entries
 from .plots import plot_tournament
 from .runner import plan_runs, run_path, train_runs
@@ -40,10 +41,13 @@ def _reference_moe(out: str, entries: Sequence[Entry], seed: int) -> Optional[di
     return None
 
 
-def write_table(out: str, entries: Sequence[Entry], seeds: Sequence[int]) -> dict:
+def write_table(out: str, entries: Sequence[Entry], seeds: Sequence[int],
+                corpora: Optional[Corpora] = None) -> dict:
     """Summarise the complete runs in `out`, write tournament.md, tournament.json and the
     plots there, and return the table."""
-    summaries = {e.name: [summarise_run(run_path(out, e.name, s)) for s in seeds] for e in entries}
+    corpora = Corpora() if corpora is None else corpora
+    summaries = {e.name: [summarise_run(run_path(out, e.name, s), corpora) for s in seeds]
+                 for e in entries}
     rows = [entry_row(e, seeds, summaries[e.name],
                       [os.path.relpath(run_path(out, e.name, s), out) for s in seeds]) for e in entries]
     first = RunFolder(run_path(out, entries[0].name, seeds[0])).read_config()
@@ -71,6 +75,7 @@ def run_tournament(out: str, routers: Optional[Sequence[str]] = None, seeds: int
     base_model = ModelConfig(moe=MoEConfig()) if base_model is None else base_model
     base_train = TrainConfig(steps=DEFAULT_STEPS) if base_train is None else base_train
     runs = plan_runs(out, chosen, base_model, base_train, seed_list)
-    table = {"actions": train_runs(runs, overwrite=overwrite, progress=progress)}
-    table.update(write_table(out, chosen, seed_list))
+    corpora = Corpora()  # loaded once for training and analysis alike
+    table = {"actions": train_runs(runs, overwrite=overwrite, progress=progress, corpora=corpora)}
+    table.update(write_table(out, chosen, seed_list, corpora))
     return table

@@ -8,14 +8,14 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..data import Corpus, load_corpus
 from ..models import ModelConfig
 from ..run_folder import RunFolder
 from ..train import TrainConfig, progress_bar, show_step, train, with_fixed_horizons
+from .corpora import Corpora
 from .entries import Entry, entry_configs
 
 
@@ -82,23 +82,22 @@ def _steps_done(run: PlannedRun, state: str) -> int:
     return 0
 
 
-def train_runs(runs: Sequence[PlannedRun], overwrite: bool = False, progress: bool = True) -> Dict[str, str]:
+def train_runs(runs: Sequence[PlannedRun], overwrite: bool = False, progress: bool = True,
+               corpora: Optional[Corpora] = None) -> Dict[str, str]:
     """Train what is not complete; returns {run path: what was done} ("kept", "resumed",
     "trained"). Bars: one overall (all runs' steps) and one per run."""
+    corpora = Corpora() if corpora is None else corpora
     states = {r.path: "new" if overwrite else run_state(r) for r in runs}
     done = {r.path: _steps_done(r, states[r.path]) for r in runs}
     overall = progress_bar(sum(r.train.steps for r in runs), sum(done.values()), desc="tournament",
                            position=0) if progress else None
-    corpora: Dict[tuple, Corpus] = {}
     actions = {}
     try:
         for r in runs:
             if states[r.path] == "complete":
                 actions[r.path] = "kept"
                 continue
-            key = (r.train.corpus, r.train.seed, r.train.corpus_bytes)
-            if key not in corpora:  # entries of one seed share one corpus: load it once
-                corpora[key] = load_corpus(r.train.corpus, seed=r.train.seed, max_bytes=r.train.corpus_bytes)
+            corpus = corpora.get(r.train.corpus, r.train.seed, r.train.corpus_bytes)
             resume = done[r.path] > 0
             bar = progress_bar(r.train.steps, done[r.path], desc=f"{r.entry.name} seed {r.seed}",
                                position=1, leave=False) if progress else None
@@ -109,7 +108,7 @@ def train_runs(runs: Sequence[PlannedRun], overwrite: bool = False, progress: bo
                 if overall is not None:
                     overall.update(1)
             try:
-                train(r.model, r.train, r.path, corpus=corpora[key], resume=resume, quiet=True,
+                train(r.model, r.train, r.path, corpus=corpus, resume=resume, quiet=True,
                       overwrite=not resume, on_step=on_step)
             finally:
                 if bar is not None:

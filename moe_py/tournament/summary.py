@@ -9,9 +9,11 @@ from typing import Optional
 
 import numpy as np
 
+from ..data import Corpus
 from ..models import ModelConfig, TransformerLM
 from ..report import analyze_over_training, analyze_run
 from ..run_folder import RunFolder
+from .corpora import Corpora
 
 
 def _metrics_numbers(rows: list, steps: int, path: str) -> dict:
@@ -29,10 +31,10 @@ def _metrics_numbers(rows: list, steps: int, path: str) -> dict:
     return out
 
 
-def _routing_numbers(path: str) -> dict:
-    res = analyze_run(path, plots=False)
+def _routing_numbers(path: str, corpus: Corpus) -> dict:
+    res = analyze_run(path, plots=False, corpus=corpus)
     layers = res["layers"]
-    over = analyze_over_training(path)
+    over = analyze_over_training(path, corpus=corpus)
     # None with a single kept checkpoint: there is no pair of checkpoints to compare
     top1 = over[-1]["top1_changed_since_previous"] if len(over) > 1 else None
     return {"max_over_mean": [la["imbalance"]["max_over_mean"] for la in layers],
@@ -47,14 +49,15 @@ def _routing_numbers(path: str) -> dict:
             "expert_label_tables": [la["expert_label_table"] for la in layers]}
 
 
-def summarise_run(path: str) -> dict:
+def summarise_run(path: str, corpora: Optional[Corpora] = None) -> dict:
     """Every number the tournament reports about the run in `path` (a complete run folder)."""
     folder = RunFolder(path)
     cfg = folder.read_config()
+    t = cfg["train"]
+    corpus = (Corpora() if corpora is None else corpora).get(t["corpus"], t["seed"], t["corpus_bytes"])
     model_cfg = ModelConfig.from_dict(cfg["model"])
     out = _metrics_numbers(folder.read_metrics(), cfg["train"]["steps"], path)
     params = TransformerLM(model_cfg).num_parameters()
     out.update(params_total=params["total"], params_active=params["active"])
-    routing: Optional[dict] = _routing_numbers(path) if model_cfg.moe is not None else None
-    out["routing"] = routing
+    out["routing"] = _routing_numbers(path, corpus) if model_cfg.moe is not None else None
     return out
