@@ -63,6 +63,8 @@ def run_state(run: PlannedRun) -> str:
     folder = RunFolder(run.path)
     if not folder.holds_run():
         return "new"
+    if not os.path.exists(folder.config) and not os.path.exists(folder.checkpoint):
+        return "new"  # killed as it started, before writing its config: start it again
     saved = folder.read_config()
     diff = _differences({k: saved.get(k) for k in ("model", "train")}, _as_saved(run))
     if diff:
