@@ -169,3 +169,12 @@ def test_beyond_seed_spread_lists_only_pairs_that_do_not_overlap():
     rows = [row("a", [1.0, 1.1]), row("b", [1.3, 1.2]), row("c", [1.05, 1.25])]
     assert beyond_seed_spread(rows)["val_loss"] == ["a (1.0000-1.1000) < b (1.2000-1.3000)"]
     assert beyond_seed_spread([row("a", [1.0]), row("b", [2.0])])["val_loss"] == []
+
+
+def test_the_entry_table_names_every_router_of_the_issue_once():
+    from moe_py.tournament import ENTRIES, available_entries
+    routers = [e.moe["router"] for e in ENTRIES if e.moe is not None]
+    assert sorted(set(routers)) == ["expert_choice", "hash", "sigmoid_topk", "sinkhorn", "softmax_topk"]
+    assert len({e.name for e in ENTRIES}) == len(ENTRIES) == 8
+    assert all("load_balance_coef" in e.moe for e in ENTRIES if e.moe is not None)
+    assert {"dense", "softmax_lb", "softmax_noise"} <= set(available_entries())

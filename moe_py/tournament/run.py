@@ -17,12 +17,14 @@ from .runner import plan_runs, run_path, train_runs
 from .summary import summarise_run
 from .table import build_table, entry_row, settings_of, table_json, table_markdown
 
-# The default budget of steps per run. Measured on this project's 2-core Xeon (family 6,
-# model 207): one default-size softmax_lb run of 400 steps trained in 36 s (about 0.09 s a
-# step with its validation passes) and its analysis took 5 s; eight entries x two seeds of
-# 600 steps then take about 16 x (54 + 5) s = 16 min, leaving room under the 45 minutes for
-# routers slower than softmax top-k and for a machine shared with other work.
-DEFAULT_STEPS = 600
+# Steps per run: train's own default, so the softmax_lb entry is the default `train` run.
+# Measured on this project's 2-core Xeon (family 6, model 207): a default-size softmax_lb run
+# trains at 0.081 s a step (median over its steps) on a quiet machine, 400 steps in 36 s with
+# their validation passes, and its analysis takes about 4 s; 8 entries x 2 seeds x 400 steps
+# are then about 16 x 40 s = 11 min, four times under the 45 minutes. The headroom is for
+# routers slower than softmax top-k and for other work on the machine: a 600-step run took
+# 293 s instead of about 55 s while compilers and test suites ran on the same two cores.
+DEFAULT_STEPS = TrainConfig().steps
 
 
 def check_seeds(seeds) -> List[int]:
