@@ -95,7 +95,7 @@ def _expert_label_grid(plt, out: str, runs: Dict[str, List[dict]], written: List
         ax.set_title(f"{name}", fontsize=10)
     for ax in axes.reshape(-1)[len(moe):]:
         ax.axis("off")
-    fig.colorbar(im, ax=axes.reshape(-1).tolist(), label=EXPERT_LABEL_COLORBAR)
+    fig.colorbar(im, ax=axes.reshape(-1).tolist(), label=EXPERT_LABEL_COLORBAR.replace(" (", "\n("))
     fig.suptitle("Which experts take which token categories (last MoE layer, first seed)", y=1.03)
     _save(plt, fig, os.path.join(out, "expert_label_grid.png"), written)
 
