@@ -16,6 +16,15 @@ def _plt():
     return plt
 
 
+def pyplot_or_none():
+    """matplotlib.pyplot (Agg), or None after saying that no plots will be written."""
+    try:
+        return _plt()
+    except ImportError:
+        print("moe_py: matplotlib is not installed; no plots written (pip install 'moe_py[train]')")
+        return None
+
+
 def _save(plt, fig, path: str, written: List[str]) -> None:
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -25,10 +34,8 @@ def _save(plt, fig, path: str, written: List[str]) -> None:
 def plot_run(run_dir: str) -> List[str]:
     """Writes loss.png, and for MoE runs utilisation.png, utilisation_heatmap.png,
     entropy.png and training_signals.png."""
-    try:
-        plt = _plt()
-    except ImportError:
-        print("moe_py: matplotlib is not installed; no plots written (pip install 'moe_py[train]')")
+    plt = pyplot_or_none()
+    if plt is None:
         return []
     rows = RunFolder(run_dir).read_metrics()
     if not rows:

@@ -9,7 +9,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from ..plots import EXPERT_LABEL_COLORBAR, _plt, _save, draw_expert_label, expert_label_share
+from ..plots import EXPERT_LABEL_COLORBAR, _save, draw_expert_label, expert_label_share, pyplot_or_none
 
 
 def _seed_band(curves: List[List[List[float]]]):
@@ -104,10 +104,8 @@ def plot_tournament(out: str, runs: Dict[str, List[dict]]) -> List[str]:
     """val_loss.png, load_imbalance.png, specialisation.png and expert_label_grid.png in out;
     runs: {entry name: its runs' summaries, one per seed}, in table order. The last three
     show the MoE entries only (the dense baseline has no router)."""
-    try:
-        plt = _plt()
-    except ImportError:
-        print("moe_py: matplotlib is not installed; no plots written (pip install 'moe_py[train]')")
+    plt = pyplot_or_none()
+    if plt is None:
         return []
     written: List[str] = []
     _val_loss(plt, out, runs, written)
