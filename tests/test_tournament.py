@@ -55,9 +55,11 @@ def held_out_routing(checkpoint):
 @pytest.fixture(scope="module")
 def done(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("tournament") / "t")
-    # an interrupted run waiting to be resumed: softmax_lb seed 1 stopped after step 3
+    # an interrupted run waiting to be resumed: softmax_lb seed 1 stopped after step 3. It is
+    # made by `train` with its defaults, so the tournament taking it as its own (it refuses a
+    # folder of another config) shows that softmax_lb is the default `train` run
     assert main(["train", "--out", os.path.join(out, "softmax_lb", "seed-1"), "--steps", str(STEPS),
-                 "--seed", "1", "--load-balance-coef", "0.01", *TINY]) == 0
+                 "--seed", "1", *TINY]) == 0
     full = metrics(os.path.join(out, "softmax_lb", "seed-1"))
     from moe_py.run_folder import RunFolder
     folder = RunFolder(os.path.join(out, "softmax_lb", "seed-1"))
@@ -123,7 +125,8 @@ def test_interrupted_run_was_resumed_and_rerun_reproduces(done, capsys):
     resumed = metrics(os.path.join(out, "softmax_lb", "seed-1"))
     def strip(rows):  # all but the timing and memory of each step
         return [{k: v for k, v in m.items() if k not in ("tokens_per_s", "rss_mib")} for m in rows]
-    assert strip(resumed) == strip(full)  # resumed from step 3 as if never stopped
+    assert strip(resumed) == strip(full)  # resumed from step 3 as if never stopped...
+    assert resumed[:3] == full[:3]  # ...and not retrained: steps 1-3 keep their own timings
     files = {n: open(os.path.join(out, n), "rb").read() for n in ("tournament.md", "tournament.json")}
     stamp = os.stat(os.path.join(out, "dense", "seed-0", "metrics.jsonl")).st_mtime_ns
     capsys.readouterr()
