@@ -166,11 +166,16 @@ def test_a_rejected_entry_fails_before_anything_trains(moe, tmp_path):
     assert not os.path.exists(tmp_path / "t")
 
 
-def test_beyond_seed_spread_lists_only_pairs_that_do_not_overlap():
+def test_beyond_seed_spread_compares_entries_seed_by_seed():
     def row(name, losses):
         return {"entry": name, "val_loss": {"per_seed": losses}}
-    rows = [row("a", [1.0, 1.1]), row("b", [1.3, 1.2]), row("c", [1.05, 1.25])]
-    assert beyond_seed_spread(rows)["val_loss"] == ["a (1.0000-1.1000) < b (1.2000-1.3000)"]
+    # b - a: gaps 0.2 and 0.15 (smallest 0.15 > spread 0.05); c - a: 0.3 and 0.05 (0.05 < 0.25);
+    # c - b: 0.1 and -0.1 (signs differ). The ranges of a and c overlap, those of a and b do not
+    rows = [row("a", [1.0, 1.2]), row("b", [1.2, 1.35]), row("c", [1.3, 1.25])]
+    assert beyond_seed_spread(rows)["val_loss"] == ["a < b (gap per seed: 0.2000 / 0.1500)"]
+    # overlapping ranges, but b is above a by the same 0.1 at both seeds (same data per seed)
+    assert beyond_seed_spread([row("a", [1.0, 2.0]), row("b", [1.1, 2.1])])["val_loss"] == \
+        ["a < b (gap per seed: 0.1000 / 0.1000)"]
     assert beyond_seed_spread([row("a", [1.0]), row("b", [2.0])])["val_loss"] == []
 
 
