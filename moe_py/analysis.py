@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .router import RouterOutput, row_entropy
+from .router import RouterOutput, row_entropy, unrouted_tokens
 
 
 def _real(r: RouterOutput, mask: Optional[np.ndarray]) -> np.ndarray:
@@ -28,7 +28,8 @@ def _entropy(p: np.ndarray) -> float:
 
 
 def utilisation(r: RouterOutput, mask=None) -> np.ndarray:
-    """Share of the real tokens' top-k assignments (before dropping) per expert; sums to 1."""
+    """Share of the real tokens' top-k assignments (before dropping) per expert; sums to 1.
+    A real token's slot with index -1 (left without an expert) is no assignment."""
     idx = r.topk_indices[_real(r, mask)].reshape(-1)
     counts = np.bincount(idx[idx >= 0], minlength=_num_experts(r)).astype(np.float64)
     return counts / counts.sum() if counts.sum() else counts
@@ -45,6 +46,15 @@ def imbalance(r: RouterOutput, mask=None) -> Dict[str, object]:
             "cv": float(u.std() / mean) if mean > 0 else 0.0,
             "dead": [int(e) for e in np.flatnonzero(u == 0)] if u.sum() else [],
             "drop_rate": float(r.dropped[real].sum() / slots) if slots else 0.0}
+
+
+def unrouted_share(r: RouterOutput, mask=None) -> float:
+    """Share of the real tokens that reach no expert: every one of their slots was dropped
+    for capacity or left without an expert (index -1)."""
+    real = _real(r, mask)
+    if not real.any():
+        return 0.0
+    return float(unrouted_tokens(r, real)[real].mean())
 
 
 def entropy_stats(r: RouterOutput, mask=None) -> Dict[str, object]:
@@ -167,6 +177,15 @@ def routing_stability(r_a: RouterOutput, r_b: RouterOutput, mask=None) -> Dict[s
     return {"changed": float((sa != sb).any(1).mean()), "jaccard": float(jaccard.mean())}
 
 
+def first_choice_changed(r_a: RouterOutput, r_b: RouterOutput, mask=None) -> float:
+    """The same tokens routed twice (e.g. two checkpoints): share of real tokens whose top-1
+    expert differs."""
+    real = _real(r_a, mask)
+    if not real.any():
+        return 0.0
+    return float((r_a.topk_indices[real, 0] != r_b.topk_indices[real, 0]).mean())
+
+
 def topk_margin(r: RouterOutput, mask=None) -> np.ndarray:
     """p_k - p_(k+1) of the clean probabilities per real token (p_k when k == E):
     small margins mark tokens whose routing a small change would flip."""
@@ -184,7 +203,7 @@ def summarize(routers: List[RouterOutput], labels=None, label_names=None, mask=N
         ent = entropy_stats(r, mask)
         margin = topk_margin(r, mask)
         layer = {"layer": i, "utilisation": utilisation(r, mask).round(6).tolist(),
-                 "imbalance": imbalance(r, mask),
+                 "imbalance": imbalance(r, mask), "unrouted": unrouted_share(r, mask),
                  "entropy": {k: v for k, v in ent.items() if k != "token_entropy"},
                  "entropy_quantiles": np.quantile(ent["token_entropy"], [0.1, 0.5, 0.9]).tolist()
                  if ent["token_entropy"].size else [],

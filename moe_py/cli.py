@@ -4,6 +4,7 @@
     compare  train the MoE and a dense baseline with the same active parameters
     sample   generate text from a checkpoint
     analyze  specialisation, utilisation and co-activation of a trained run
+    tournament  every router under identical conditions: run folders, one table, four plots
     demo     route one padded batch through a fresh MoE layer
     info     version, compiler, BLAS and its core type, threads, CPU (for bug reports)
 """
@@ -218,6 +219,52 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+# The tournament's entries set the router fields themselves, and it runs seeds 0 .. N-1 with
+# its own --steps default, so it takes the model's shape and the schedule only.
+TOURNAMENT_MOE_FLAGS = ("num_experts", "top_k", "d_ff", "capacity_factor", "drop_policy", "z_loss_coef")
+TOURNAMENT_TRAIN_FLAGS = tuple(f for f in TRAIN_FLAGS
+                               if f not in ("steps", "seed", "noise_std", "noise_anneal_steps"))
+
+
+def _add_tournament_flags(p: argparse.ArgumentParser) -> None:
+    from .models import ModelConfig
+    from .tournament import DEFAULT_STEPS, ENTRY_NAMES
+    from .train import TrainConfig
+    p.add_argument("--out", required=True, help="folder of the tournament: one run folder per "
+                   "entry and seed (DIR/<entry>/seed-<s>), the table and the plots")
+    p.add_argument("--routers", nargs="+", default=None, metavar="ENTRY",
+                   help=f"the entries to run (default: all): {', '.join(ENTRY_NAMES)}")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per entry, 0 .. N-1 (default: 2)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                   help=f"optimiser steps of every run (default: {DEFAULT_STEPS})")
+    p.add_argument("--overwrite", action="store_true",
+                   help="retrain runs already in --out (default: keep complete runs, resume "
+                        "interrupted ones)")
+    add_config_flags(p.add_argument_group("model"), ModelConfig, MODEL_FLAGS, ALIASES, CHOICES)
+    add_config_flags(p.add_argument_group("experts (each entry sets its router fields)"), MoEConfig,
+                     TOURNAMENT_MOE_FLAGS, ALIASES, CHOICES)
+    add_config_flags(p.add_argument_group("training"), TrainConfig, TOURNAMENT_TRAIN_FLAGS, ALIASES,
+                     CHOICES)
+
+
+def _tournament(args: argparse.Namespace) -> int:
+    import time
+    from .tournament import run_tournament
+    from .tournament.table import table_markdown
+    t0 = time.perf_counter()
+    args.seed = 0  # each run's seed is set by the tournament (0 .. seeds-1)
+    base_model, base_train = _configs(args, dense=False)
+    table = run_tournament(args.out, routers=args.routers, seeds=args.seeds, base_model=base_model,
+                           base_train=base_train, overwrite=args.overwrite)
+    print(table_markdown(table))
+    done = list(table["actions"].values())
+    print(f"runs: {done.count('trained')} trained, {done.count('resumed')} resumed, "
+          f"{done.count('kept')} complete already; {time.perf_counter() - t0:.0f} s")
+    print(f"wrote {os.path.join(args.out, 'tournament.md')}, tournament.json and "
+          f"{len(table['plots'])} plots")
+    return 0
+
+
 def _sample(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
     from .sample import generate
@@ -235,11 +282,12 @@ def _analyze(args: argparse.Namespace) -> int:
     if args.over_training:
         from .report import analyze_over_training
         rows = analyze_over_training(args.run_dir, max_batches=args.batches)
-        print("over training (normalised MI per layer; share of tokens whose top-k set changed "
-              "since the previous checkpoint):")
+        print("over training (normalised MI per layer; share of tokens whose top-k set, and "
+              "whose top-1 expert, changed since the previous checkpoint):")
         for r in rows:
             print(f"  step {r['step']:>6}  MI {' '.join(f'{v:.3f}' for v in r['normalized_mi'])}"
-                  f"  changed {' '.join(f'{v:.3f}' for v in r['changed_since_previous'])}")
+                  f"  changed {' '.join(f'{v:.3f}' for v in r['changed_since_previous'])}"
+                  f"  top-1 {' '.join(f'{v:.3f}' for v in r['top1_changed_since_previous'])}")
     print(f"analysed {res['tokens']:,} validation tokens of {res['corpus']} at step {res['step']}")
     print(f"{'layer':<6} {'norm. MI':>9} {'at init':>8} {'max/mean':>9} {'eff. experts':>13}"
           "   (eff. experts: exp(entropy of the real top-k assignments' shares))")
@@ -302,6 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation batches to route (default: the run's eval_batches, the sample "
                         "behind its val_loss)")
     a.set_defaults(func=_analyze)
+
+    tr = sub.add_parser("tournament", allow_abbrev=False,
+                        help="every router trained under identical conditions; one table, four plots")
+    _add_tournament_flags(tr)
+    tr.set_defaults(func=_tournament)
 
     s = sub.add_parser("sample", allow_abbrev=False, help="generate text from a checkpoint")
     s.add_argument("checkpoint", help="a run folder (its latest checkpoint) or a checkpoint .npz")

@@ -16,6 +16,15 @@ def _plt():
     return plt
 
 
+def pyplot_or_none():
+    """matplotlib.pyplot (Agg), or None after saying that no plots will be written."""
+    try:
+        return _plt()
+    except ImportError:
+        print("moe_py: matplotlib is not installed; no plots written (pip install 'moe_py[train]')")
+        return None
+
+
 def _save(plt, fig, path: str, written: List[str]) -> None:
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -25,10 +34,8 @@ def _save(plt, fig, path: str, written: List[str]) -> None:
 def plot_run(run_dir: str) -> List[str]:
     """Writes loss.png, and for MoE runs utilisation.png, utilisation_heatmap.png,
     entropy.png and training_signals.png."""
-    try:
-        plt = _plt()
-    except ImportError:
-        print("moe_py: matplotlib is not installed; no plots written (pip install 'moe_py[train]')")
+    plt = pyplot_or_none()
+    if plt is None:
         return []
     rows = RunFolder(run_dir).read_metrics()
     if not rows:
@@ -204,6 +211,29 @@ def plot_compare(out_dir: str, runs: dict) -> List[str]:
     return written
 
 
+EXPERT_LABEL_COLORBAR = "share of the label's assignments (at most 1/top_k: every byte of it)"
+
+
+def expert_label_share(table: np.ndarray) -> np.ndarray:
+    """An expert x label count table as each label's share per expert (columns sum to 1)."""
+    t = np.asarray(table, dtype=np.float64)
+    return t / np.maximum(1, t.sum(axis=0, keepdims=True))
+
+
+def draw_expert_label(ax, table: np.ndarray, label_names: List[str], ylabel: bool = True,
+                      vmax=None):
+    """One expert x label heat map on ax; returns the image (for a colorbar)."""
+    share = expert_label_share(table)
+    im = ax.imshow(share, aspect="auto", cmap="viridis", vmin=0,
+                   vmax=max(0.3, float(share.max())) if vmax is None else vmax)
+    ax.set_xticks(range(len(label_names)))
+    ax.set_xticklabels(label_names, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(share.shape[0]))
+    if ylabel:
+        ax.set_ylabel("expert")
+    return im
+
+
 def plot_analysis(run_dir: str, tables: List[np.ndarray], label_names: List[str],
                   coactivation: List[np.ndarray], nmi: List[float], nmi_init: List[float]) -> List[str]:
     """expert_label.png (per layer: share of each label's assignments per expert),
@@ -213,16 +243,9 @@ def plot_analysis(run_dir: str, tables: List[np.ndarray], label_names: List[str]
     n = len(tables)
     fig, axes = plt.subplots(1, n, figsize=(3.2 + 2.6 * n, 4.2), squeeze=False)
     for i, (ax, t) in enumerate(zip(axes[0], tables)):
-        share = t / np.maximum(1, t.sum(axis=0, keepdims=True))  # each label's column sums to 1
-        im = ax.imshow(share, aspect="auto", cmap="viridis", vmin=0, vmax=max(0.3, float(share.max())))
-        ax.set_xticks(range(len(label_names)))
-        ax.set_xticklabels(label_names, rotation=60, ha="right", fontsize=8)
-        ax.set_yticks(range(t.shape[0]))
-        if i == 0:
-            ax.set_ylabel("expert")
+        im = draw_expert_label(ax, t, label_names, ylabel=(i == 0))
         ax.set_title(f"layer {i}")
-    fig.colorbar(im, ax=axes[0].tolist(),
-                 label="share of the label's assignments (at most 1/top_k: every byte of it)")
+    fig.colorbar(im, ax=axes[0].tolist(), label=EXPERT_LABEL_COLORBAR)
     fig.suptitle("Which experts take which token categories")
     written.append(os.path.join(run_dir, "expert_label.png"))
     fig.savefig(written[-1], dpi=110, bbox_inches="tight")

@@ -10,7 +10,7 @@ import numpy as np
 
 from . import analysis
 from .checkpoint import load_model
-from .data import BatchSampler, corpus_summary, load_corpus
+from .data import BatchSampler, Corpus, corpus_summary, load_corpus
 from .models import ModelConfig, TransformerLM
 from .router import RouterOutput, concat_router_outputs
 from .run_folder import RunFolder, atomic_write, resolve_checkpoint, run_dir_of
@@ -35,49 +35,58 @@ def collect_routing(model: TransformerLM, sampler: BatchSampler, max_batches: Op
     return routers, np.concatenate(labels), np.concatenate(tokens), np.concatenate(mask)
 
 
-def _sample_of(raw: dict, max_batches: Optional[int]):
+def _sample_of(raw: dict, max_batches: Optional[int], corpus: Optional[Corpus] = None):
     train_cfg = json.loads(str(raw["train_config"]))
-    corpus = load_corpus(train_cfg["corpus"], seed=train_cfg["seed"], max_bytes=train_cfg["corpus_bytes"])
+    if corpus is None:
+        corpus = load_corpus(train_cfg["corpus"], seed=train_cfg["seed"], max_bytes=train_cfg["corpus_bytes"])
     sampler = BatchSampler(corpus.val, train_cfg["batch_size"], train_cfg["seq_len"], train_cfg["seed"])
     return train_cfg, corpus, sampler, (train_cfg["eval_batches"] if max_batches is None else max_batches)
 
 
-def analyze_over_training(path: str, max_batches: Optional[int] = None) -> List[dict]:
+def analyze_over_training(path: str, max_batches: Optional[int] = None,
+                          corpus: Optional[Corpus] = None) -> List[dict]:
     """The held-out sample routed through every kept checkpoint of a run: normalised MI per
-    layer, and the share of real tokens whose top-k set changed since the previous one.
-    Written to analysis_over_training.json."""
+    layer, and the share of real tokens whose top-k set (and whose top-1 expert) changed
+    since the previous one. Written to analysis_over_training.json. `corpus`: the run's
+    corpus, when the caller has already loaded it (it is loaded from the run's config
+    otherwise)."""
     run = RunFolder(run_dir_of(path))
     paths = run.kept_checkpoints()
     if not paths:
         raise FileNotFoundError(f"run folder: no kept checkpoints in {run.checkpoints}")
     _, raw = load_model(paths[-1])
-    _, corpus, sampler, max_batches = _sample_of(raw, max_batches)
+    _, corpus, sampler, max_batches = _sample_of(raw, max_batches, corpus)
     rows, previous = [], None
     for p in paths:
         model, raw = load_model(p)
         routers, labels, _, mask = collect_routing(model, sampler, max_batches)
         n = len(corpus.label_names)
+        pairs = list(zip(previous or routers, routers))  # (previous, this) per layer
+        first = previous is None
         rows.append({"step": int(raw["step"]), "checkpoint": p,
                      "normalized_mi": [analysis.specialisation(r, labels, n, mask)["normalized_mi"]
                                        for r in routers],
-                     "changed_since_previous": [0.0 if previous is None else
-                                                analysis.routing_stability(a, b, mask)["changed"]
-                                                for a, b in zip(previous or routers, routers)]})
+                     "changed_since_previous": [0.0 if first else analysis.routing_stability(a, b, mask)["changed"]
+                                                for a, b in pairs],
+                     "top1_changed_since_previous": [0.0 if first else analysis.first_choice_changed(a, b, mask)
+                                                     for a, b in pairs]})
         previous = routers
     atomic_write(os.path.join(run.path, "analysis_over_training.json"),
                  json.dumps(rows, indent=1).encode())
     return rows
 
 
-def analyze_run(path: str, max_batches: Optional[int] = None, plots: bool = True) -> dict:
+def analyze_run(path: str, max_batches: Optional[int] = None, plots: bool = True,
+                corpus: Optional[Corpus] = None) -> dict:
     """`path`: a run folder (its latest checkpoint) or one of its checkpoints. max_batches
-    None: the run's own eval_batches, i.e. the very sample behind its val_loss."""
+    None: the run's own eval_batches, i.e. the very sample behind its val_loss. `corpus`:
+    as in analyze_over_training."""
     ckpt = resolve_checkpoint(path)
     run_dir = run_dir_of(path)
     model, raw = load_model(ckpt)
     if not model.moe_layers:
         raise ValueError(f"run folder: {run_dir} holds a dense model; there is no routing to analyse")
-    train_cfg, corpus, sampler, max_batches = _sample_of(raw, max_batches)
+    train_cfg, corpus, sampler, max_batches = _sample_of(raw, max_batches, corpus)
     routers, labels, tokens, mask = collect_routing(model, sampler, max_batches)
     n_labels = len(corpus.label_names)
     result = {"run": run_dir, "step": int(raw["step"]), "corpus": corpus.name,

@@ -14,7 +14,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -76,10 +76,12 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
-def _progress(total: int, initial: int):
+def progress_bar(total: int, initial: int, desc: str = "train", **tqdm_kw):
+    """A tqdm bar on stderr, or None without tqdm."""
     try:
         from tqdm import tqdm
-        return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, file=sys.stderr)
+        return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=sys.stderr,
+                    **tqdm_kw)
     except ImportError:  # the bar is a nicety; training does not depend on it
         return None
 
@@ -188,13 +190,25 @@ def train_step(model: TransformerLM, batches: List[Batch], optim: AdamW, lr: flo
     return m
 
 
+def with_fixed_horizons(train_cfg: TrainConfig) -> TrainConfig:
+    """train_cfg with lr_decay_steps and noise_anneal_steps of 0 set to its steps: the
+    horizons are fixed when a run starts (and saved in its config.json), so that extending
+    the run later keeps its past schedule."""
+    if not train_cfg.lr_decay_steps:
+        train_cfg = dataclasses.replace(train_cfg, lr_decay_steps=train_cfg.steps)
+    if not train_cfg.noise_anneal_steps:
+        train_cfg = dataclasses.replace(train_cfg, noise_anneal_steps=train_cfg.steps)
+    return train_cfg
+
+
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, corpus: Optional[Corpus] = None,
           resume: bool = False, quiet: bool = False, until: Optional[int] = None,
-          overwrite: bool = False) -> dict:
+          overwrite: bool = False, on_step: Optional[Callable[[dict], None]] = None) -> dict:
     """Train (or resume from out_dir/checkpoint.npz) into out_dir; returns the last
     step's metrics. A folder that already holds a run is refused unless `resume` (continue
     it, to train_cfg.steps) or `overwrite` (replace it). `until` stops after that step, as
-    an interruption would (the schedule is unchanged)."""
+    an interruption would (the schedule is unchanged). `on_step(metrics)` is called after
+    each step is logged (e.g. to drive a caller's own progress bars when `quiet`)."""
     run = RunFolder(out_dir)
     if resume and not os.path.exists(run.checkpoint):
         raise FileNotFoundError(f"resume: no checkpoint.npz in {out_dir} to resume from")
@@ -204,11 +218,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, corpus: 
                              "it (--overwrite), or choose another folder")
         run.clear()
     run.remove_stale_temporaries()
-    # horizons fixed when the run starts, so that extending it later keeps its past schedule
-    if not train_cfg.lr_decay_steps:
-        train_cfg = dataclasses.replace(train_cfg, lr_decay_steps=train_cfg.steps)
-    if not train_cfg.noise_anneal_steps:
-        train_cfg = dataclasses.replace(train_cfg, noise_anneal_steps=train_cfg.steps)
+    train_cfg = with_fixed_horizons(train_cfg)
     if corpus is None:
         corpus = load_corpus(train_cfg.corpus, seed=train_cfg.seed, max_bytes=train_cfg.corpus_bytes)
     if model_cfg.max_seq_len < train_cfg.seq_len:
@@ -237,7 +247,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, corpus: 
     val_sampler = BatchSampler(corpus.val, train_cfg.batch_size, train_cfg.seq_len, train_cfg.seed)
     if not quiet:
         print(corpus_summary(corpus, val_sampler, train_cfg.eval_batches), file=sys.stderr)
-    bar = None if quiet else _progress(train_cfg.steps, start)
+    bar = None if quiet else progress_bar(train_cfg.steps, start)
     M = train_cfg.grad_accum
     watch = CollapseWatch(train_cfg.collapse_low_share, train_cfg.collapse_max_over_mean,
                           train_cfg.collapse_steps)
@@ -274,7 +284,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, corpus: 
                 save_checkpoint(path, model, optim, step + 1, dataclasses.asdict(train_cfg))
                 run.publish(path, max(1, train_cfg.keep_checkpoints))
             if bar is not None:
-                _show(bar, m)
+                show_step(bar, m)
+            if on_step is not None:
+                on_step(m)
             last = m
     finally:
         if bar is not None:
@@ -282,7 +294,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, corpus: 
     return last
 
 
-def _show(bar, m: dict) -> None:
+def show_step(bar, m: dict) -> None:
+    """Advance `bar` by one step and show the step's loss, speed and routing numbers."""
     post = {"loss": f"{m['loss']:.3f}", "tok/s": f"{m['tokens_per_s']:.0f}"}
     if "load_balance" in m:
         post["lb"] = f"{np.mean(m['load_balance']):.3f}"

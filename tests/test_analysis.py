@@ -106,3 +106,20 @@ def test_on_a_real_layer_with_padding():
     json.dumps(s)
     assert sum(analysis.utilisation(r, mask)) == pytest.approx(1.0)
     assert analysis.expert_label_table(r, labels, 3, mask).sum() == mask.sum() * 2
+
+
+def test_unrouted_tokens_and_first_choice_changes():
+    # token 0 loses one of two slots (still routed), token 1 loses both, token 3 has one slot
+    # left without an expert (-1) and the other dropped; token 2 is padding
+    r = routed([[0, 1], [1, 2], [-1, -1], [2, 0]], 3, dropped=[[0, 1], [1, 1], [0, 0], [0, 1]])
+    r = r._replace(topk_indices=np.array([[0, 1], [1, 2], [-1, -1], [-1, 0]]))
+    mask = np.array([True, True, False, True])
+    assert analysis.unrouted_share(r, mask) == pytest.approx(2 / 3)
+    assert analysis.utilisation(r, mask).tolist() == pytest.approx([2 / 5, 2 / 5, 1 / 5])
+    a = routed([[0, 1], [1, 2], [2, 0], [3, 1]], 4)
+    b = routed([[0, 2], [2, 1], [2, 0], [1, 3]], 4)  # top-1 changes for tokens 1 and 3 only
+    assert analysis.first_choice_changed(a, b) == 0.5
+    assert analysis.first_choice_changed(a, a) == 0.0
+    # the top-k sets: token 0's changed though its top-1 did not; tokens 1 and 3 kept theirs
+    assert analysis.routing_stability(a, b)["changed"] == 0.25
+    assert analysis.first_choice_changed(a, b, np.array([True, False, True, False])) == 0.0

@@ -35,7 +35,8 @@ from ..machine import rss_mib
 from ..models import ModelConfig, TransformerLM
 from ..optim import AdamW, lr_at
 from ..run_folder import RunFolder
-from ..train import TrainConfig, TrainingDiverged, _StepStats, _progress, _show
+from ..train import (TrainConfig, TrainingDiverged, _StepStats, progress_bar, show_step,
+                     with_fixed_horizons)
 from . import comm as C
 from .model import (allreduce_replicated_grads, global_grad_norm, load_expert_slices,
                     save_gathered_checkpoint, to_expert_parallel)
@@ -171,10 +172,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, comm=Non
         if not resume and run.holds_run():
             run.clear()
         run.remove_stale_temporaries()
-    if not train_cfg.lr_decay_steps:
-        train_cfg = dataclasses.replace(train_cfg, lr_decay_steps=train_cfg.steps)
-    if not train_cfg.noise_anneal_steps:
-        train_cfg = dataclasses.replace(train_cfg, noise_anneal_steps=train_cfg.steps)
+    train_cfg = with_fixed_horizons(train_cfg)
     if corpus is None:
         corpus = load_corpus(train_cfg.corpus, seed=train_cfg.seed, max_bytes=train_cfg.corpus_bytes)
     if model_cfg.max_seq_len < train_cfg.seq_len:
@@ -211,7 +209,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, comm=Non
         print(f"expert parallel over {comm.Get_size()} MPI ranks: "
               f"{model_cfg.moe.num_experts // comm.Get_size() if model_cfg.moe else 0} experts "
               f"per MoE layer on each rank", file=sys.stderr)
-    bar = _progress(train_cfg.steps, start) if root and not quiet else None
+    bar = progress_bar(train_cfg.steps, start) if root and not quiet else None
     M = train_cfg.grad_accum
     watch = CollapseWatch(train_cfg.collapse_low_share, train_cfg.collapse_max_over_mean,
                           train_cfg.collapse_steps)
@@ -251,7 +249,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, comm=Non
                 if root:
                     run.publish(path, max(1, train_cfg.keep_checkpoints))
             if bar is not None:
-                _show(bar, m)
+                show_step(bar, m)
             last = m
     finally:
         if bar is not None:

@@ -1,0 +1,123 @@
+"""The tournament's entries: one table of name -> config overrides, and the one function
+that turns an entry, the base configs and a seed into the configs of its run.
+
+An entry names every router-specific field it relies on (router, load_balance_coef, ...), so
+the base configs contribute only the model's shape and the training schedule. Entries whose
+routers this moe_py does not have are still listed: building them fails with a ValueError
+naming the entry, so enabling one is a matter of the routers landing, not of editing code.
+
+The active-parameter budget: every MoE entry activates top_k experts of width d_ff per token;
+the dense baseline's FFN has width top_k * d_ff (what `train --dense` and `compare` use); an
+entry with s shared experts routes top_k - s experts and gets s shared experts of width d_ff
+(each shared expert replaces one routed one). The router's own weights (d_model x E per MoE
+layer) come on top; the table reports total and active parameters of every entry.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from ..config import MoEConfig
+from ..models import ModelConfig
+from ..train import TrainConfig
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    summary: str  # one line for the table's notes
+    moe: Optional[Dict[str, Any]]  # MoEConfig fields set by the entry; None: the dense baseline
+    train: Dict[str, Any] = field(default_factory=dict)  # TrainConfig fields set by the entry
+
+
+# Aux-loss-free routers and the balanced-by-construction ones get no load-balance loss, so
+# that each entry's balancing comes from its own mechanism only.
+ENTRIES: Tuple[Entry, ...] = (
+    Entry("dense", "dense FFN of width top_k x d_ff (no router)", None),
+    Entry("softmax_lb", "softmax top-k with the load-balance loss (coef 0.01)",
+          {"router": "softmax_topk", "load_balance_coef": 0.01}),
+    Entry("softmax_noise", "softmax top-k, no load-balance loss, router noise of std 1 "
+          "annealed linearly to 0 over the run",
+          {"router": "softmax_topk", "load_balance_coef": 0.0}, {"noise_std": 1.0}),
+    Entry("sigmoid_bias", "sigmoid top-k with the aux-loss-free expert bias (rate 1e-3)",
+          {"router": "sigmoid_topk", "load_balance_coef": 0.0, "bias_update_rate": 1e-3}),
+    Entry("sigmoid_shared", "sigmoid top-k with the expert bias, one shared expert in place "
+          "of one routed expert",
+          {"router": "sigmoid_topk", "load_balance_coef": 0.0, "bias_update_rate": 1e-3,
+           "num_shared_experts": 1}),
+    Entry("expert_choice", "expert choice: each expert picks its tokens",
+          {"router": "expert_choice", "load_balance_coef": 0.0}),
+    Entry("sinkhorn", "Sinkhorn-balanced assignment (S-BASE)",
+          {"router": "sinkhorn", "load_balance_coef": 0.0}),
+    Entry("hash", "hash routing on the token id (no learned router)",
+          {"router": "hash", "load_balance_coef": 0.0}),
+)
+ENTRY_NAMES = tuple(e.name for e in ENTRIES)
+
+# What entry_configs does to keep the active parameters equal, for the table's header.
+BUDGET = ("Active-parameter budget: every MoE entry activates top_k experts of width d_ff per "
+          "token, the dense baseline's FFN has width top_k x d_ff, and an entry with s shared "
+          "experts routes top_k - s experts beside s shared experts of width d_ff; the routers' "
+          "own weights come on top (see the params column).")
+
+
+def select_entries(names: Optional[Sequence[str]], table: Sequence[Entry] = ENTRIES) -> List[Entry]:
+    """The entries named (all when None), in the table's order; unknown names raise."""
+    by_name = {e.name: e for e in table}
+    if names is None:
+        return list(table)
+    names = list(names)
+    unknown = [n for n in names if n not in by_name]
+    if unknown or not names:
+        raise ValueError(f"routers: expected names from {tuple(by_name)}, got {names!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"routers: each entry once, got {names!r}")
+    return [e for e in table if e.name in names]
+
+
+def _moe_config(entry: Entry, base: MoEConfig, seed: int) -> MoEConfig:
+    fields = dataclasses.asdict(base)
+    fields["normalize_topk"] = None  # resolved again for the entry's own top_k
+    fields.update(entry.moe)
+    shared = fields.get("num_shared_experts", 0)
+    if shared:
+        fields["top_k"] = base.top_k - shared
+        fields["shared_d_ff"] = base.d_ff
+        if fields["top_k"] < 1:
+            raise ValueError(f"top_k: {shared} shared expert(s) replace routed ones, so top_k "
+                             f"must exceed {shared}; got {base.top_k}")
+    fields["seed"] = seed
+    return MoEConfig(**fields)
+
+
+def entry_configs(entry: Entry, base_model: ModelConfig, base_train: TrainConfig,
+                  seed: int) -> Tuple[ModelConfig, TrainConfig]:
+    """The model and training configs of `entry` at `seed` (the model's weights and the data
+    order both). base_model.moe gives the experts' shape (num_experts, top_k, d_ff, ...).
+    A config this moe_py rejects raises ValueError naming the entry."""
+    if base_model.moe is None:
+        raise ValueError("base_model: expected an MoE model (its moe sets the experts' shape), "
+                         "got a dense one")
+    base = base_model.moe
+    try:
+        moe = None if entry.moe is None else _moe_config(entry, base, seed)
+        model = dataclasses.replace(base_model, moe=moe, d_ff=base.top_k * base.d_ff, seed=seed)
+        train = dataclasses.replace(base_train, seed=seed, **entry.train)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"tournament entry {entry.name!r}: this moe_py rejects its config "
+                         f"({e})") from None
+    return model, train
+
+
+def available_entries(table: Sequence[Entry] = ENTRIES) -> List[str]:
+    """Names of the entries whose configs this moe_py accepts (at the default sizes)."""
+    base = ModelConfig(moe=MoEConfig())
+    names = []
+    for e in table:
+        try:
+            entry_configs(e, base, TrainConfig(), 0)
+        except ValueError:
+            continue
+        names.append(e.name)
+    return names

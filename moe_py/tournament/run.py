@@ -1,0 +1,83 @@
+"""`python -m moe_py tournament --out DIR`: train every entry x seed (runner.py), then build
+the table (table.py) and the plots (plots.py) from the run folders alone, so that running
+again on a complete DIR trains nothing and writes the same table, byte for byte."""
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Sequence
+
+from ..config import MoEConfig
+from ..models import ModelConfig
+from ..run_folder import RunFolder, atomic_write
+from ..train import TrainConfig
+from .corpora import Corpora
+from .entries import BUDGET, ENTRIES, Entry, select_entries
+from .plots import plot_tournament
+from .runner import plan_runs, run_path, train_runs
+from .summary import summarise_run
+from .table import build_table, entry_row, settings_of, table_json, table_markdown
+
+# Steps per run: train's own default, so the softmax_lb entry is the default `train` run.
+# Measured on this project's 2-core Xeon (family 6, model 207): a default-size softmax_lb run
+# trains at 0.081 s a step (median over its steps) on a quiet machine, 400 steps in 36 s with
+# their validation passes, and its analysis takes about 4 s; 8 entries x 2 seeds x 400 steps
+# are then about 16 x 40 s = 11 min, four times under the 45 minutes. The headroom is for
+# routers slower than softmax top-k and for other work on the machine: a 600-step run took
+# 293 s instead of about 55 s while compilers and test suites ran on the same two cores.
+DEFAULT_STEPS = TrainConfig().steps
+
+
+def check_seeds(seeds) -> List[int]:
+    """Seeds 0 .. seeds-1."""
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds: expected a positive integer (runs seeds 0 .. N-1), got {seeds!r}")
+    return list(range(seeds))
+
+
+def _reference_moe(out: str, entries: Sequence[Entry], seed: int) -> Optional[dict]:
+    """The experts' shape of the first MoE entry without shared experts (the budget's base)."""
+    for e in entries:
+        moe = RunFolder(run_path(out, e.name, seed)).read_config()["model"]["moe"]
+        if moe and not moe.get("num_shared_experts"):
+            return moe
+    return None
+
+
+def write_table(out: str, entries: Sequence[Entry], seeds: Sequence[int],
+                corpora: Optional[Corpora] = None) -> dict:
+    """Summarise the complete runs in `out`, write tournament.md, tournament.json and the
+    plots there, and return the table."""
+    corpora = Corpora() if corpora is None else corpora
+    summaries = {e.name: [summarise_run(run_path(out, e.name, s), corpora) for s in seeds]
+                 for e in entries}
+    rows = [entry_row(e, seeds, summaries[e.name],
+                      [os.path.relpath(run_path(out, e.name, s), out) for s in seeds]) for e in entries]
+    first = RunFolder(run_path(out, entries[0].name, seeds[0])).read_config()
+    settings = settings_of(first, len(entries), seeds, BUDGET, _reference_moe(out, entries, seeds[0]))
+    table = build_table(settings, rows)
+    atomic_write(os.path.join(out, "tournament.json"), table_json(table).encode())
+    atomic_write(os.path.join(out, "tournament.md"), table_markdown(table).encode())
+    table["plots"] = plot_tournament(out, summaries)
+    return table
+
+
+def run_tournament(out: str, routers: Optional[Sequence[str]] = None, seeds: int = 2,
+                   base_model: Optional[ModelConfig] = None, base_train: Optional[TrainConfig] = None,
+                   overwrite: bool = False, progress: bool = True,
+                   entries: Sequence[Entry] = ENTRIES) -> dict:
+    """Train the entries named in `routers` (all when None) with seeds 0 .. seeds-1 into
+    out/<entry>/seed-<s>/, then write the table and plots. base_model (with its moe: the
+    experts' shape) and base_train (the schedule) default to the default model and training
+    with DEFAULT_STEPS steps; each entry overrides only its own fields (entries.py).
+    Every entry's config is checked before anything trains."""
+    if not isinstance(out, str) or not out:
+        raise ValueError(f"out: expected a folder path, got {out!r}")
+    seed_list = check_seeds(seeds)
+    chosen = select_entries(routers, entries)
+    base_model = ModelConfig(moe=MoEConfig()) if base_model is None else base_model
+    base_train = TrainConfig(steps=DEFAULT_STEPS) if base_train is None else base_train
+    runs = plan_runs(out, chosen, base_model, base_train, seed_list)
+    corpora = Corpora()  # loaded once for training and analysis alike
+    table = {"actions": train_runs(runs, overwrite=overwrite, progress=progress, corpora=corpora)}
+    table.update(write_table(out, chosen, seed_list, corpora))
+    return table

@@ -1,0 +1,123 @@
+"""Training every entry x seed of a tournament into DIR/<entry>/seed-<s>/, each a normal run
+folder, resumably: a complete run is not retrained, an interrupted one is resumed from its
+last checkpoint (bit for bit as if it had not stopped), and a folder holding a run of any
+other config is refused."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ..models import ModelConfig
+from ..run_folder import RunFolder
+from ..train import TrainConfig, progress_bar, show_step, train, with_fixed_horizons
+from .corpora import Corpora
+from .entries import Entry, entry_configs
+
+
+@dataclass
+class PlannedRun:
+    entry: Entry
+    seed: int
+    path: str
+    model: ModelConfig
+    train: TrainConfig
+
+
+def run_path(out: str, entry_name: str, seed: int) -> str:
+    return os.path.join(out, entry_name, f"seed-{seed}")
+
+
+def plan_runs(out: str, entries: Sequence[Entry], base_model: ModelConfig, base_train: TrainConfig,
+              seeds: Sequence[int]) -> List[PlannedRun]:
+    """Every entry x seed with its configs, built (and so checked) before anything trains."""
+    return [PlannedRun(e, s, run_path(out, e.name, s), *entry_configs(e, base_model, base_train, s))
+            for e in entries for s in seeds]
+
+
+def _as_saved(run: PlannedRun) -> dict:
+    """What config.json holds for this run once it has started (JSON types)."""
+    return json.loads(json.dumps({"model": run.model.to_dict(),
+                                  "train": dataclasses.asdict(with_fixed_horizons(run.train))}))
+
+
+def _differences(saved, wanted, prefix: str = "") -> List[str]:
+    if isinstance(saved, dict) and isinstance(wanted, dict):
+        return [d for k in sorted(set(saved) | set(wanted))
+                for d in _differences(saved.get(k), wanted.get(k), f"{prefix}{k}.")]
+    return [] if saved == wanted else [f"{prefix[:-1]} is {saved!r} there, {wanted!r} here"]
+
+
+def _checkpoint_step(path: str) -> int:
+    with np.load(path, allow_pickle=False) as z:
+        return int(z["step"])
+
+
+def run_state(run: PlannedRun) -> str:
+    """"new" (nothing there), "partial" (started, not finished) or "complete". A folder
+    holding a run of another config raises ValueError naming the entry and the fields."""
+    folder = RunFolder(run.path)
+    if not folder.holds_run():
+        return "new"
+    if not os.path.exists(folder.config) and not os.path.exists(folder.checkpoint):
+        return "new"  # killed as it started, before writing its config: start it again
+    saved = folder.read_config()
+    diff = _differences({k: saved.get(k) for k in ("model", "train")}, _as_saved(run))
+    if diff:
+        raise ValueError(f"tournament entry {run.entry.name!r} seed {run.seed}: {run.path} holds "
+                         f"a run of another config ({'; '.join(diff[:3])}); choose another --out, "
+                         "or --overwrite to retrain it")
+    if os.path.exists(folder.checkpoint) and _checkpoint_step(folder.checkpoint) == run.train.steps:
+        return "complete"
+    return "partial"
+
+
+def _steps_done(run: PlannedRun, state: str) -> int:
+    if state == "complete":
+        return run.train.steps
+    if state == "partial" and os.path.exists(RunFolder(run.path).checkpoint):
+        return _checkpoint_step(RunFolder(run.path).checkpoint)
+    return 0
+
+
+def train_runs(runs: Sequence[PlannedRun], overwrite: bool = False, progress: bool = True,
+               corpora: Optional[Corpora] = None) -> Dict[str, str]:
+    """Train what is not complete; returns {run path: what was done} ("kept", "resumed",
+    "trained"). Bars: one overall (all runs' steps) and one per run."""
+    corpora = Corpora() if corpora is None else corpora
+    states = {r.path: "new" if overwrite else run_state(r) for r in runs}
+    done = {r.path: _steps_done(r, states[r.path]) for r in runs}
+    overall = progress_bar(sum(r.train.steps for r in runs), sum(done.values()), desc="tournament",
+                           position=0) if progress else None
+    actions = {}
+    try:
+        for r in runs:
+            if states[r.path] == "complete":
+                actions[r.path] = "kept"
+                continue
+            corpus = corpora.get(r.train.corpus, r.train.seed, r.train.corpus_bytes)
+            resume = done[r.path] > 0
+            bar = progress_bar(r.train.steps, done[r.path], desc=f"{r.entry.name} seed {r.seed}",
+                               position=1, leave=False) if progress else None
+
+            def on_step(m, bar=bar):
+                if bar is not None:
+                    show_step(bar, m)
+                if overall is not None:
+                    overall.update(1)
+            try:
+                train(r.model, r.train, r.path, corpus=corpus, resume=resume, quiet=True,
+                      overwrite=not resume, on_step=on_step)
+            finally:
+                if bar is not None:
+                    bar.close()
+            actions[r.path] = "resumed" if resume else "trained"
+    finally:
+        if overall is not None:
+            overall.close()
+    return actions
+

@@ -1,0 +1,63 @@
+"""The numbers of one tournament run, read from its own run folder: metrics.jsonl for the
+losses and speed, and its checkpoints routed through `analyze` (report.analyze_run, which
+also writes the folder's analysis.json) and `analyze --over-training`
+(report.analyze_over_training) for everything about routing. Nothing here depends on when
+or how often it runs: the same folder gives the same numbers, bit for bit."""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from ..data import Corpus
+from ..models import ModelConfig, TransformerLM
+from ..report import analyze_over_training, analyze_run
+from ..run_folder import RunFolder
+from .corpora import Corpora
+
+
+def _metrics_numbers(rows: list, steps: int, path: str) -> dict:
+    if not rows or rows[-1]["step"] != steps or "val_loss" not in rows[-1]:
+        raise ValueError(f"run folder: {path}/metrics.jsonl does not end with the validation loss "
+                         f"of step {steps}: the run is not complete")
+    out = {"val_loss": rows[-1]["val_loss"],
+           # the validation loss every eval_every steps, for the loss-curve plot
+           "val_curve": [[r["step"], r["val_loss"]] for r in rows if "val_loss" in r],
+           # the median step speed: a few steps slowed by other processes do not move it
+           "tokens_per_s": float(np.median([r["tokens_per_s"] for r in rows]))}
+    if "max_over_mean" in rows[0]:
+        # the worst MoE layer's max/mean expert load of each training step
+        out["imbalance_curve"] = [[r["step"], max(r["max_over_mean"])] for r in rows]
+    return out
+
+
+def _routing_numbers(path: str, corpus: Corpus) -> dict:
+    res = analyze_run(path, plots=False, corpus=corpus)
+    layers = res["layers"]
+    over = analyze_over_training(path, corpus=corpus)
+    # None with a single kept checkpoint: there is no pair of checkpoints to compare
+    top1 = over[-1]["top1_changed_since_previous"] if len(over) > 1 else None
+    return {"max_over_mean": [la["imbalance"]["max_over_mean"] for la in layers],
+            "drop_rate": [la["imbalance"]["drop_rate"] for la in layers],
+            "unrouted": [la["unrouted"] for la in layers],
+            "entropy": [la["entropy"]["mean_token_entropy"] for la in layers],
+            "normalized_mi": res["normalized_mi"],
+            "normalized_mi_at_init": res["normalized_mi_at_init"],
+            "top1_changed": top1,
+            "checkpoint_steps": [row["step"] for row in over[-2:]],
+            "label_names": res["label_names"],
+            "expert_label_tables": [la["expert_label_table"] for la in layers]}
+
+
+def summarise_run(path: str, corpora: Optional[Corpora] = None) -> dict:
+    """Every number the tournament reports about the run in `path` (a complete run folder)."""
+    folder = RunFolder(path)
+    cfg = folder.read_config()
+    t = cfg["train"]
+    corpus = (Corpora() if corpora is None else corpora).get(t["corpus"], t["seed"], t["corpus_bytes"])
+    model_cfg = ModelConfig.from_dict(cfg["model"])
+    out = _metrics_numbers(folder.read_metrics(), cfg["train"]["steps"], path)
+    params = TransformerLM(model_cfg).num_parameters()
+    out.update(params_total=params["total"], params_active=params["active"])
+    out["routing"] = _routing_numbers(path, corpus) if model_cfg.moe is not None else None
+    return out

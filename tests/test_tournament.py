@@ -1,0 +1,188 @@
+"""The router tournament end to end on a tiny model: its table's numbers are recomputed here
+from the runs' own files (metrics.jsonl by hand, routing by routing the held-out sample
+through the checkpoints with NumPy), a rerun trains nothing and rewrites the same bytes, and
+entries and arguments this moe_py cannot run fail naming themselves."""
+import json
+import os
+import statistics
+
+import numpy as np
+import pytest
+
+from moe_py.checkpoint import load_model
+from moe_py.cli import main
+from moe_py.config import MoEConfig
+from moe_py.data import BatchSampler, load_corpus
+from moe_py.models import ModelConfig, TransformerLM
+from moe_py.train import TrainConfig
+from moe_py.tournament import Entry, entry_configs, run_tournament
+from moe_py.tournament.table import beyond_seed_spread
+
+ENTRIES = ["dense", "softmax_lb", "softmax_noise"]
+STEPS = 6
+TINY = ["--corpus", "synthetic", "--d-model", "16", "--layers", "2", "--heads", "2", "--experts", "4",
+        "--d-ff", "8", "--seq-len", "16", "--batch-size", "4", "--eval-every", "3",
+        "--eval-batches", "2", "--checkpoint-every", "3"]
+
+
+def tournament(out, *extra):
+    return main(["tournament", "--out", out, "--routers", *ENTRIES, "--seeds", "2",
+                 "--steps", str(STEPS), *TINY, *extra])
+
+
+def metrics(path):
+    with open(os.path.join(path, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def held_out_routing(checkpoint):
+    """The run's validation sample routed through `checkpoint` (eval mode): per MoE layer
+    the top-k indices and clean probabilities of the real tokens."""
+    model, raw = load_model(checkpoint)
+    tc = json.loads(str(raw["train_config"]))
+    corpus = load_corpus(tc["corpus"], seed=tc["seed"], max_bytes=tc["corpus_bytes"])
+    sampler = BatchSampler(corpus.val, tc["batch_size"], tc["seq_len"], tc["seed"])
+    idx, probs = [], []
+    for batch in sampler.iter_eval(tc["eval_batches"]):
+        out = model.forward(batch.inputs, batch.mask, training=False)
+        real = batch.mask.reshape(-1)
+        idx.append([r.topk_indices[real] for r in out.routers])
+        probs.append([r.router_probs_clean[real] for r in out.routers])
+    return ([np.concatenate(layer) for layer in zip(*idx)],
+            [np.concatenate(layer).astype(np.float64) for layer in zip(*probs)])
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("tournament") / "t")
+    # an interrupted run waiting to be resumed: softmax_lb seed 1 stopped after step 3. It is
+    # made by `train` with its defaults, so the tournament taking it as its own (it refuses a
+    # folder of another config) shows that softmax_lb is the default `train` run
+    assert main(["train", "--out", os.path.join(out, "softmax_lb", "seed-1"), "--steps", str(STEPS),
+                 "--seed", "1", *TINY]) == 0
+    full = metrics(os.path.join(out, "softmax_lb", "seed-1"))
+    from moe_py.run_folder import RunFolder
+    folder = RunFolder(os.path.join(out, "softmax_lb", "seed-1"))
+    folder.truncate_metrics(3)
+    folder.steps_after(3)
+    folder.publish(folder.step_checkpoint(3), 5)
+    assert tournament(out) == 0
+    with open(os.path.join(out, "tournament.json")) as f:
+        table = json.load(f)
+    return out, {r["entry"]: r for r in table["rows"]}, full
+
+
+def test_val_loss_and_speed_come_from_each_runs_metrics(done):
+    out, rows, _ = done
+    assert list(rows) == ENTRIES
+    for name, row in rows.items():
+        runs = [metrics(os.path.join(out, name, f"seed-{s}")) for s in (0, 1)]
+        finals = [m[-1]["val_loss"] for m in runs]
+        assert [m[-1]["step"] for m in runs] == [STEPS, STEPS]
+        assert row["val_loss"]["per_seed"] == finals
+        assert row["val_loss"]["mean"] == pytest.approx(statistics.mean(finals), rel=1e-12)
+        assert row["val_loss"]["std"] == pytest.approx(statistics.stdev(finals), rel=1e-9)
+        speeds = [statistics.median(r["tokens_per_s"] for r in m) for m in runs]
+        assert row["tokens_per_s"]["per_seed"] == pytest.approx(speeds, rel=1e-12)
+    with open(os.path.join(out, "tournament.md")) as f:
+        md = f.read()
+    v = rows["softmax_lb"]["val_loss"]
+    assert f"| `softmax_lb` | {v['mean']:.4f} ± {v['std']:.4f} |" in md
+
+
+def test_routing_numbers_match_the_checkpoints(done):
+    out, rows, _ = done
+    row = rows["softmax_noise"]
+    for s in (0, 1):
+        run = os.path.join(out, "softmax_noise", f"seed-{s}")
+        idx, probs = held_out_routing(os.path.join(run, "checkpoint.npz"))
+        load = [np.bincount(i.reshape(-1), minlength=4).max() / (i.size / 4) for i in idx]
+        assert row["max_over_mean"]["per_seed_per_layer"][s] == pytest.approx(load, rel=1e-12)
+        entropy = [float(-(p * np.log(np.where(p > 0, p, 1))).sum(1).mean()) for p in probs]
+        assert row["entropy"]["per_seed_per_layer"][s] == pytest.approx(entropy, abs=1e-5)
+        before, _ = held_out_routing(os.path.join(run, "checkpoints", "step-000003.npz"))
+        changed = [float((a[:, 0] != b[:, 0]).mean()) for a, b in zip(before, idx)]
+        assert row["top1_changed"]["per_seed_per_layer"][s] == pytest.approx(changed, rel=1e-12)
+    assert row["top1_changed"]["between_steps"] == [3, STEPS]
+    assert row["drop_rate"]["mean"] == 0 and row["unrouted"]["mean"] == 0  # dropless
+    assert "max_over_mean" not in rows["dense"]
+
+
+def test_budget_dense_width_is_top_k_experts(done):
+    _, rows, _ = done
+    router = 2 * 16 * 4  # two MoE layers of d_model x E router weights
+    assert rows["dense"]["params_active"] == rows["softmax_lb"]["params_active"] - router
+    assert rows["softmax_lb"]["params_active"] == rows["softmax_noise"]["params_active"]
+    base = ModelConfig(moe=MoEConfig())  # at the default sizes too
+    dense, _ = entry_configs(Entry("d", "", None), base, TrainConfig(), 0)
+    moe, _ = entry_configs(Entry("m", "", {"router": "softmax_topk"}), base, TrainConfig(), 0)
+    d, m = TransformerLM(dense).num_parameters(), TransformerLM(moe).num_parameters()
+    assert d["active"] == m["active"] - 4 * 128 * 8
+
+
+def test_interrupted_run_was_resumed_and_rerun_reproduces(done, capsys):
+    out, _, full = done
+    resumed = metrics(os.path.join(out, "softmax_lb", "seed-1"))
+    def strip(rows):  # all but the timing and memory of each step
+        return [{k: v for k, v in m.items() if k not in ("tokens_per_s", "rss_mib")} for m in rows]
+    assert strip(resumed) == strip(full)  # resumed from step 3 as if never stopped...
+    assert resumed[:3] == full[:3]  # ...and not retrained: steps 1-3 keep their own timings
+    files = {n: open(os.path.join(out, n), "rb").read() for n in ("tournament.md", "tournament.json")}
+    stamp = os.stat(os.path.join(out, "dense", "seed-0", "metrics.jsonl")).st_mtime_ns
+    capsys.readouterr()
+    assert tournament(out) == 0
+    assert "0 trained, 0 resumed, 6 complete already" in capsys.readouterr().out
+    assert os.stat(os.path.join(out, "dense", "seed-0", "metrics.jsonl")).st_mtime_ns == stamp
+    for name, data in files.items():
+        with open(os.path.join(out, name), "rb") as f:
+            assert f.read() == data, name
+    for png in ("val_loss", "load_imbalance", "specialisation", "expert_label_grid"):
+        with open(os.path.join(out, png + ".png"), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n", png
+    assert main(["analyze", os.path.join(out, "softmax_lb", "seed-0")]) == 0
+
+
+def test_a_changed_config_is_refused_naming_the_entry(done, capsys):
+    out, _, _ = done
+    capsys.readouterr()
+    assert tournament(out, "--lr", "0.001") == 2
+    err = capsys.readouterr().err
+    assert "'dense'" in err and "train.lr" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv,word", [(["--seeds", "0"], "seeds"), (["--routers", "nope"], "routers")])
+def test_bad_arguments(argv, word, tmp_path, capsys):
+    assert main(["tournament", "--out", str(tmp_path / "t"), *argv, *TINY]) == 2
+    err = capsys.readouterr().err
+    assert word in err and len(err.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "t")
+
+
+@pytest.mark.parametrize("moe", [{"router": "no_such_router"}, {"router": "softmax_topk", "no_such_field": 1}])
+def test_a_rejected_entry_fails_before_anything_trains(moe, tmp_path):
+    entries = (Entry("dense", "", None), Entry("future", "a router this moe_py lacks", moe))
+    with pytest.raises(ValueError, match="tournament entry 'future'"):
+        run_tournament(str(tmp_path / "t"), entries=entries, progress=False)
+    assert not os.path.exists(tmp_path / "t")
+
+
+def test_beyond_seed_spread_compares_entries_seed_by_seed():
+    def row(name, losses):
+        return {"entry": name, "val_loss": {"per_seed": losses}}
+    # b - a: gaps 0.2 and 0.15 (smallest 0.15 > spread 0.05); c - a: 0.3 and 0.05 (0.05 < 0.25);
+    # c - b: 0.1 and -0.1 (signs differ). The ranges of a and c overlap, those of a and b do not
+    rows = [row("a", [1.0, 1.2]), row("b", [1.2, 1.35]), row("c", [1.3, 1.25])]
+    assert beyond_seed_spread(rows)["val_loss"] == ["a < b (gap per seed: 0.2000 / 0.1500)"]
+    # overlapping ranges, but b is above a by the same 0.1 at both seeds (same data per seed)
+    assert beyond_seed_spread([row("a", [1.0, 2.0]), row("b", [1.1, 2.1])])["val_loss"] == \
+        ["a < b (gap per seed: 0.1000 / 0.1000)"]
+    assert beyond_seed_spread([row("a", [1.0]), row("b", [2.0])])["val_loss"] == []
+
+
+def test_the_entry_table_names_every_router_of_the_issue_once():
+    from moe_py.tournament import ENTRIES, available_entries
+    routers = [e.moe["router"] for e in ENTRIES if e.moe is not None]
+    assert sorted(set(routers)) == ["expert_choice", "hash", "sigmoid_topk", "sinkhorn", "softmax_topk"]
+    assert len({e.name for e in ENTRIES}) == len(ENTRIES) == 8
+    assert all("load_balance_coef" in e.moe for e in ENTRIES if e.moe is not None)
+    assert {"dense", "softmax_lb", "softmax_noise"} <= set(available_entries())
