@@ -135,11 +135,10 @@ def _configs(args: argparse.Namespace, dense: bool):
     from .models import ModelConfig
     from .train import TrainConfig
     shared = dict(d_model=args.d_model, activation=args.activation, dtype=args.dtype, seed=args.seed)
-    moe = None if dense else config_from_args(MoEConfig, args, **shared)
-    shared_width = args.d_ff if args.shared_d_ff is None else args.shared_d_ff
-    dense_width = args.top_k * args.d_ff + args.num_shared_experts * shared_width
-    model = config_from_args(ModelConfig, args, max_seq_len=args.seq_len, d_ff=dense_width, moe=moe,
-                             seed=args.seed)
+    moe = config_from_args(MoEConfig, args, **shared)
+    dense_width = moe.top_k * moe.d_ff + moe.num_shared_experts * moe.shared_width
+    model = config_from_args(ModelConfig, args, max_seq_len=args.seq_len, d_ff=dense_width,
+                             moe=None if dense else moe, seed=args.seed)
     return model, config_from_args(TrainConfig, args)
 
 
