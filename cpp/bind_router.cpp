@@ -192,6 +192,8 @@ void bind_router(py::module_& m) {
       .def_readwrite("noise_std", &O::noise_std, "std of the logit noise (0: none)")
       .def_readwrite("noise_seed", &O::noise_seed, "seed of the noise")
       .def_readwrite("noise_step", &O::noise_step, "step of the noise")
+      .def_readwrite("noise_token_offset", &O::noise_token_offset,
+                     "noise counter index of row 0 (a rank's first row in the global batch)")
       .def_readwrite("capacity_factor", &O::capacity_factor, "< 0: dropless")
       .def_readwrite("drop_policy", &O::drop_policy, "which assignments over capacity drop")
       .def_readwrite("routed_scaling_factor", &O::routed_scaling_factor, "weight multiplier")

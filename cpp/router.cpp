@@ -51,8 +51,10 @@ void score_token(const RouterOptions& opt, const T* l, index_t t, index_t E, boo
     return;
   }
   for (index_t e = 0; e < E; ++e)
-    noisy_logits[e] = l[e] + T(opt.noise_std * normal_at(opt.noise_seed, opt.noise_step,
-                                                         std::uint64_t(t * E + e)));
+    noisy_logits[e] = l[e] + T(opt.noise_std *
+                               normal_at(opt.noise_seed, opt.noise_step,
+                                         (std::uint64_t(t) + opt.noise_token_offset) *
+                                                 std::uint64_t(E) + std::uint64_t(e)));
   if (sigmoid)
     sigmoid_row(noisy_logits, p, E);
   else

@@ -32,6 +32,9 @@ struct RouterOptions {
   double noise_std = 0.0;  // 0: router_probs = router_probs_clean
   std::uint64_t noise_seed = 0;
   std::uint64_t noise_step = 0;
+  // Index of row 0 in the noise counter: a rank holding rows [o, o + n) of a global batch
+  // (expert parallelism) draws the noise a single process gives those rows.
+  std::uint64_t noise_token_offset = 0;
   double capacity_factor = -1.0;  // < 0: dropless (expert choice: C's factor, > 0)
   DropPolicy drop_policy = DropPolicy::position;
   double routed_scaling_factor = 1.0;  // sigmoid_topk: multiplies the combine weights

@@ -115,7 +115,8 @@ def _check_resume_flags(args: argparse.Namespace, saved: dict) -> None:
     """On --resume only --steps may change: any other flag given must match the run."""
     model, moe, train = saved["model"], saved["model"].get("moe") or {}, saved["train"]
     for dest in sorted(args.explicit):
-        if dest in ("steps", "out", "resume", "overwrite", "threads", "command", "func", "explicit"):
+        if dest in ("steps", "out", "resume", "overwrite", "threads", "command", "func", "explicit",
+                    "expert_parallel"):
             continue
         if dest == "dense":
             have = saved["model"].get("moe") is None
@@ -148,6 +149,13 @@ def _plot(run_dir: str) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .distributed.cli import mpi_ranks_from_launcher, train_command
+    if args.expert_parallel:  # under mpiexec: moe_py/distributed/cli.py
+        return train_command(args)
+    if mpi_ranks_from_launcher() > 1:
+        raise ValueError(f"expert_parallel: started by mpiexec with {mpi_ranks_from_launcher()} ranks "
+                         "but without --expert-parallel: every rank would train the same run into "
+                         "one folder")
     from .train import train
     if args.out is None:
         if args.resume:
@@ -319,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its latest checkpoint (--steps extends it)")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    t.add_argument("--expert-parallel", action="store_true",
+                   help="under mpiexec -n P: experts split over the P ranks, the rest data parallel "
+                        "(needs the mpi extra; P must divide --num-experts)")
     t.set_defaults(func=_train)
 
     c = sub.add_parser("compare", allow_abbrev=False, help="MoE vs a dense baseline with the same active parameters")

@@ -1,0 +1,438 @@
+"""ExpertParallelMoELayer: MoELayer's API and maths with the experts spread over MPI ranks.
+
+Rank q of P holds experts [q E/P, (q+1) E/P) of the layer and a replica of the router
+(and of the shared experts, if any).
+Each rank passes its own tokens, and the layer behaves as one MoELayer given the global
+batch (every rank's tokens, in rank order):
+
+  forward   route locally (Router.compute, dropless) -> global stats (one Allgather:
+            tokens_per_expert, sum of probabilities, loss sums) -> capacity over the
+            global batch -> dispatch_plan + gather_rows (rows grouped by expert, so the rows
+            for rank q are one contiguous block) -> counts per (rank, expert) by Alltoall
+            -> rows by one Alltoallv -> local experts (experts_forward) -> outputs back by
+            one Alltoallv -> combine_forward on the tokens' own rank
+  backward  combine_backward -> dy rows out (Alltoallv) -> experts_backward (expert
+            weight gradients stay on their rank) -> dx rows back (Alltoallv) ->
+            gather_rows_backward -> router_backward with the global statistics; the
+            replicated gradients (router, shared experts) are summed over ranks (see below)
+
+Why a sum, not a mean: every rank's share of the objective is already normalised by the
+global batch (the aux losses by the global R; the trainer weights each rank's tokens by
+n_r / N_global), so the ranks' gradients add up to the single-process one exactly, also
+when padding leaves the ranks uneven loads. Averaging per-rank means would match only for
+equal loads.
+
+Rows received from the ranks arrive rank by rank; each local expert's rows are put back
+in rank order, which is the global token order, so every expert sees exactly the rows,
+tiles and reduction order of the single-process layer: its outputs and weight gradients
+are bitwise those of MoELayer. The router's losses and their gradients combine per-rank
+partial sums, so they match to rounding (1e-15 relative in float64).
+
+Every rank calls every collective in the same order, whatever its tokens: a rank with no
+tokens, or no rows for some expert, sends and receives zero counts. Supported: the routers
+that choose token by token (softmax_topk, sigmoid_topk and its expert bias), every balance
+scope, group-limited top-k, shared experts (replicated: data parallel), router noise (each
+rank's draws start at its first token's index in the global batch). Not yet: expert_choice,
+sinkhorn and hash.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Dict, Optional
+
+import numpy as np
+
+from .. import _kernels
+from .._checks import NonFiniteError, as_grad, as_mask, as_tokens, sequence_length
+from .._guard import OneCaller
+from .._kernels import Activation, kernel
+from ..config import MoEConfig
+from ..layer import MoELayer, MoEOutput, _replace_arrays
+from ..experts import SharedExperts
+from ..router import Router
+from . import comm as C
+from .capacity import capacity, drops_position, drops_probs, slot_counts
+
+# Routers whose choices are made token by token (the others choose over the whole batch)
+SUPPORTED_ROUTERS = ("softmax_topk", "sigmoid_topk")
+# Routed-expert weights, split over the ranks; every other parameter is replicated.
+EXPERT_KEYS = ("w1", "w3", "w2")
+_HEAD = 6  # stats vector: T, R, sum lse^2, sum entropy, sum of sequence balance losses, sequences
+# Timed per call into `timings` (seconds, accumulated); the a2a phases time the MPI calls
+# alone, so they include waiting for the slowest rank.
+FORWARD_PHASES = ("route", "dispatch", "a2a_out", "experts", "a2a_back", "combine")
+BACKWARD_PHASES = ("combine_bwd", "a2a_out_bwd", "experts_bwd", "a2a_back_bwd", "router_bwd",
+                   "allreduce")
+
+
+class _Context:
+    """One forward's saved state (an MoEOutput carries it, as MoELayer's)."""
+
+    __slots__ = ("layer", "router_saved", "lead", "scales", "slot_row", "send_rows", "recv_rows",
+                 "perm", "inv", "local_offsets", "xe", "h1", "h3", "ye_back", "topk_weights",
+                 "weights", "shared_saved")
+
+    def __init__(self, **kw):
+        for k, v in kw.items():
+            setattr(self, k, v)
+
+
+class _RankRouter(Router):
+    """A Router whose noise draws continue the single-process ones: this rank's row 0 is
+    row `token_offset` of the global batch (the kernel's noise counter starts there)."""
+
+    token_offset = 0
+
+    def options(self, training: bool, seq_len: int = 0):
+        o = super().options(training, seq_len)
+        o.noise_token_offset = self.token_offset
+        return o
+
+
+class ExpertParallelMoELayer:
+    """MoELayer's API (`layer(x, padding_mask, training) -> MoEOutput`, `backward(dy)`),
+    the experts split over the ranks of `comm`. A collective: every rank calls forward and
+    backward together, each with its own tokens (any count, 0 included).
+
+    params: w1/w3 [E/P, d_model, d_ff] and w2 [E/P, d_ff, d_model] (this rank's experts,
+    `expert_range`); replicated: w_router [d_model, E] and the shared experts' shared_*.
+    `full_params` (a MoELayer's params) sets the weights; by default they are
+    MoELayer(cfg)'s, so the same seed gives the same layer at any P. The outputs'
+    per-token arrays are this rank's tokens; losses and tokens_per_expert are those of the
+    global batch. reduce_replicated_grads=False leaves each rank's own gradient of the
+    replicated weights in grads (a trainer that all-reduces every replicated gradient at
+    once sets it); True sums them over ranks in each backward.
+    Routers: softmax_topk and sigmoid_topk (token-by-token choices), any balance scope,
+    group-limited top-k, shared experts, router noise.
+    """
+
+    has_router = True
+
+    def __init__(self, cfg: MoEConfig, comm=None, full_params: Optional[Dict[str, np.ndarray]] = None,
+                 reduce_replicated_grads: bool = True):
+        if not isinstance(cfg, MoEConfig):
+            raise TypeError(f"cfg: expected a MoEConfig, got {type(cfg).__name__}")
+        if cfg.router not in SUPPORTED_ROUTERS:
+            raise NotImplementedError(
+                f"router: expert parallelism supports {SUPPORTED_ROUTERS} so far (they choose token "
+                f"by token), got {cfg.router!r}")
+        self.comm = C.check_comm(comm)
+        P, rank = self.comm.Get_size(), self.comm.Get_rank()
+        E = cfg.num_experts
+        if E % P:
+            raise ValueError(f"num_experts: expected a multiple of the number of MPI ranks ({P}), "
+                             f"got {E}")
+        self.cfg, self.size, self.rank = cfg, P, rank
+        self.local_experts = E // P
+        self.expert_range = (rank * self.local_experts, (rank + 1) * self.local_experts)
+        reference = MoELayer(cfg)  # the single-process layer's initial weights (same seed)
+        if full_params is not None:  # checks keys, shapes, dtypes, finiteness
+            _replace_arrays(reference.params, full_params, "full_params")
+        lo, hi = self.expert_range
+        self.params: Dict[str, np.ndarray] = {
+            k: (np.ascontiguousarray(v[lo:hi]) if k in EXPERT_KEYS else v.copy())
+            for k, v in reference.params.items()}
+        self.grads: Dict[str, np.ndarray] = {k: np.zeros_like(v) for k, v in self.params.items()}
+        # Routing runs dropless on each rank; capacity is applied over the global batch.
+        self.router = _RankRouter(dataclasses.replace(cfg, capacity_factor=None), self.params, self.grads)
+        # shared experts see every real token of their rank: data parallel, like the router
+        self.shared = SharedExperts(cfg, self.params, self.grads) if cfg.num_shared_experts else None
+        self.reduce_replicated_grads = bool(reduce_replicated_grads)
+        self._activation = Activation.__members__[cfg.activation]
+        self._latest: Optional[_Context] = None
+        self._guard = OneCaller("ExpertParallelMoELayer")
+        self.timings: Dict[str, float] = {p: 0.0 for p in FORWARD_PHASES + BACKWARD_PHASES}
+        self.bytes_sent = 0  # bytes of rows this rank sent to other ranks (all-to-alls)
+
+    @classmethod
+    def from_layer(cls, layer: MoELayer, comm=None, reduce_replicated_grads: bool = True):
+        """The expert-parallel twin of a MoELayer: its config, weights and router state."""
+        out = cls(layer.cfg, comm, layer.params, reduce_replicated_grads)
+        out.router.load_state(layer.router.state())
+        return out
+
+    # ---- parameters -----------------------------------------------------------
+    def gather_params(self) -> Dict[str, np.ndarray]:
+        """Collective: the whole layer's parameters (every expert) on every rank."""
+        return {k: C.allgather_blocks(self.comm, v) if k in EXPERT_KEYS else v.copy()
+                for k, v in self.params.items()}
+
+    def load_full_params(self, full: Dict[str, np.ndarray]) -> None:
+        """Take this rank's experts (and the router) from a whole layer's parameters."""
+        ref = MoELayer(self.cfg)
+        _replace_arrays(ref.params, full, "full")
+        lo, hi = self.expert_range
+        for k, v in ref.params.items():
+            self.params[k][...] = v[lo:hi] if k in EXPERT_KEYS else v
+
+    def zero_grad(self) -> None:
+        for g in self.grads.values():
+            g.fill(0)
+
+    def num_parameters(self) -> Dict[str, int]:
+        """Of the whole layer (all ranks), as MoELayer's."""
+        per_expert = sum(v[0].size for k, v in self.params.items() if k in EXPERT_KEYS)
+        replicated = sum(v.size for k, v in self.params.items() if k not in EXPERT_KEYS)
+        return {"total": int(replicated + self.cfg.num_experts * per_expert),
+                "active": int(replicated + self.cfg.top_k * per_expert)}
+
+    def update_expert_bias(self) -> None:
+        """Router.update_expert_bias: its loads are the global batch's, so every rank takes
+        the same step."""
+        self.router.update_expert_bias()
+
+    def set_noise_annealing(self, start_std: float, anneal_steps: int) -> None:
+        self.router.set_noise_annealing(start_std, anneal_steps)
+
+    @property
+    def noise_std(self) -> float:
+        return self.router.noise_std
+
+    # ---- forward ----------------------------------------------------------------
+    def _tick(self, name: str, t0: float) -> float:
+        t1 = time.perf_counter()
+        self.timings[name] += t1 - t0
+        return t1
+
+    def _global_stats(self, r, mask: np.ndarray, losses: Dict[str, float], seq_len: int):
+        """One Allgather of each rank's counts and partial sums; every rank adds them in
+        rank order, so all ranks hold the same bits (whatever MPI's reduction order)."""
+        E = self.cfg.num_experts
+        R = int(mask.sum())
+        # sequences with real tokens: what the sequence balance scope averages over
+        active = int(mask.reshape(-1, seq_len).any(axis=1).sum()) if seq_len else int(R > 0)
+        mine = np.concatenate((
+            [float(mask.shape[0]), float(R), losses["z_loss"] * R, losses["entropy"] * R,
+             losses["load_balance"] * active, float(active)],
+            r.tokens_per_expert.astype(np.float64), self._balance_dist_sum(r, mask),
+            slot_counts(r.topk_indices, mask, E).ravel().astype(np.float64)))
+        every = C.allgather_blocks(self.comm, mine[None, :])  # [P, len(mine)]
+        return R, active, C.rank_order_sum(every), every
+
+    def _balance_dist_sum(self, r, mask: np.ndarray) -> np.ndarray:
+        """Sum over real tokens of what the balance loss averages into P: the probabilities,
+        or sigmoid scores normalised per token (as the router kernel's balance_dist)."""
+        p = r.router_probs[mask.astype(bool)]
+        if self.cfg.router == "sigmoid_topk":
+            p = p / p.sum(axis=1, keepdims=True)
+        return p.sum(axis=0, dtype=np.float64)
+
+    def __call__(self, x, padding_mask=None, training: bool = True, token_ids=None) -> MoEOutput:
+        """token_ids: accepted for the FFN interface; no supported router reads them."""
+        with self._guard.forward():
+            return self._forward(x, padding_mask, training)
+
+    forward = __call__
+
+    def _forward(self, x, padding_mask, training: bool) -> MoEOutput:
+        cfg, comm = self.cfg, self.comm
+        E, k, D, dt = cfg.num_experts, cfg.top_k, cfg.d_model, cfg.np_dtype
+        t0 = time.perf_counter()
+        x2, lead = as_tokens(x, D, dt)
+        mask = as_mask(padding_mask, lead)
+        if training and self.router.noise_std > 0:  # the same on every rank
+            sizes = C.allgather_blocks(comm, np.array([[x2.shape[0]]], np.int64)).ravel()
+            self.router.token_offset = int(sizes[:self.rank].sum())
+        seq_len = sequence_length(lead, cfg.load_balance_scope)
+        routed = self.router.compute(x2, mask, training, seq_len)
+        r = routed.output
+        R, active, total, every = self._global_stats(r, mask, routed.losses, seq_len)
+        R_g, active_g = int(total[1]), int(total[5])
+        # the global scope's earlier loads of this step: global already (see commit below)
+        losses = _global_losses(total, R_g, active_g, E, seq_len, routed.saved.balance_counts)
+        aux = float(cfg.load_balance_coef * losses["load_balance"] + cfg.z_loss_coef * losses["z_loss"]
+                    + cfg.entropy_coef * losses["entropy"])
+        if not math.isfinite(aux):
+            raise NonFiniteError(f"aux_loss is not finite ({losses}): x too large, or a coefficient")
+        if cfg.capacity_factor is not None:
+            cap = capacity(cfg.capacity_factor, R_g, k, E)
+            if cfg.drop_policy == "position":
+                counts = every[:, _HEAD + 2 * E:].astype(np.int64).reshape(self.size, k, E)
+                dropped = drops_position(r.topk_indices, mask, counts, self.rank, cap)
+            else:
+                token_offset = int(every[:self.rank, 0].sum())
+                dropped = drops_probs(comm, r.topk_indices, r.router_probs, mask, token_offset, cap)
+            r.dropped[...] = dropped  # the arrays backward reads: set before anyone sees them
+            r.topk_weights[dropped] = 0
+        # Global counts: what users see, what the router's step loads (expert bias, global
+        # scope) add up, and what router_backward's f is made of.
+        r.tokens_per_expert[...] = total[_HEAD:_HEAD + E].astype(np.int64)
+        # The kernel normalises the balance gradient by this rank's R (batch and global
+        # scopes) or its sequences (sequence scope), z-loss and entropy by its R.
+        share = R / R_g if R_g else 0.0
+        scales = (active / active_g if active_g else 0.0) if seq_len else share, share
+        t0 = self._tick("route", t0)
+
+        # Rows grouped by expert: the rows for rank q are experts [q El, (q+1) El), contiguous.
+        offsets, row_token, slot_row = _kernels.dispatch_plan(
+            topk_indices=r.topk_indices, dropped=r.dropped.view(np.uint8), num_experts=E)
+        xs = kernel("gather_rows", dt)(x=x2, row_token=row_token)
+        El = self.local_experts
+        per_expert = np.diff(offsets).reshape(self.size, El)
+        t0 = self._tick("dispatch", t0)
+        recv_counts = C.alltoall_counts(comm, per_expert)  # [source rank, local expert]
+        send_rows, recv_rows = per_expert.sum(axis=1), recv_counts.sum(axis=1)
+        xr = C.alltoallv_rows(comm, xs, send_rows, recv_rows)
+        self._count_bytes(send_rows, D, dt)
+        t0 = self._tick("a2a_out", t0)
+
+        perm, inv = _expert_major(recv_counts)
+        xe = xr if perm is None else kernel("gather_rows", dt)(x=xr, row_token=perm)
+        local_offsets = np.concatenate(([0], np.cumsum(recv_counts.sum(axis=0)))).astype(np.int64)
+        w1, w3, w2 = self._expert_weights()
+        h1, h3, ye = kernel("experts_forward", dt)(xs=xe, offsets=local_offsets, w1=w1, w3=w3, w2=w2,
+                                                   activation=self._activation)
+        ye_r = ye if inv is None else kernel("gather_rows", dt)(x=ye, row_token=inv)
+        t0 = self._tick("experts", t0)
+
+        ye_back = C.alltoallv_rows(comm, ye_r, recv_rows, send_rows)
+        self._count_bytes(recv_rows, D, dt)
+        t0 = self._tick("a2a_back", t0)
+
+        y2 = kernel("combine_forward", dt)(ye=ye_back, slot_row=slot_row, topk_weights=r.topk_weights)
+        shared_saved = None
+        if self.shared is not None:
+            y_shared, shared_saved = self.shared.compute(x2, mask)
+            y2 += y_shared
+        if not np.isfinite(y2).all():
+            raise NonFiniteError(f"x: the layer's output is not finite (max |x| = {np.abs(x2).max():.3g})")
+        public = self.router.commit(routed)
+        self.router.losses, self.router.aux_loss = losses, aux
+        ctx = _Context(layer=self, router_saved=routed.saved, lead=lead, scales=scales,
+                       slot_row=slot_row, send_rows=send_rows, recv_rows=recv_rows, perm=perm,
+                       inv=inv, local_offsets=local_offsets, xe=xe, h1=h1, h3=h3, ye_back=ye_back,
+                       topk_weights=r.topk_weights, weights=(w1, w3, w2), shared_saved=shared_saved)
+        self._latest = ctx
+        self._tick("combine", t0)
+        return MoEOutput(y2.reshape(lead + (D,)), public, aux, dict(losses), ctx)
+
+    def _expert_weights(self):
+        w3 = self.params.get("w3", np.zeros((0, 0, 0), dtype=self.cfg.np_dtype))
+        return self.params["w1"], w3, self.params["w2"]
+
+    def _count_bytes(self, rows: np.ndarray, D: int, dt) -> None:
+        # rows kept on this rank cross no wire
+        self.bytes_sent += int((rows.sum() - rows[self.rank]) * D * np.dtype(dt).itemsize)
+
+    # ---- backward ---------------------------------------------------------------
+    def backward(self, dy, aux_weight: float = 1.0, out: Optional[MoEOutput] = None) -> np.ndarray:
+        """Collective: the gradient of sum(dy * y) + aux_weight * aux_loss with respect to
+        this rank's x; expert gradients into this rank's grads, the router's summed over
+        ranks (unless reduce_replicated_grads is False)."""
+        with self._guard.backward():
+            return self._backward(dy, aux_weight, out)
+
+    def _backward(self, dy, aux_weight: float, out: Optional[MoEOutput]) -> np.ndarray:
+        ctx = self._latest if out is None else out.context
+        if ctx is None:
+            raise RuntimeError("backward called before forward")
+        if ctx.layer is not self:
+            raise ValueError("out: the output of another layer")
+        if isinstance(aux_weight, bool) or not isinstance(aux_weight, (int, float, np.number)) \
+                or not math.isfinite(aux_weight):
+            raise ValueError(f"aux_weight: expected a finite number, got {aux_weight!r}")
+        cfg, comm = self.cfg, self.comm
+        D, dt = cfg.d_model, cfg.np_dtype
+        t0 = time.perf_counter()
+        dy2 = as_grad(dy, ctx.lead + (D,), dt, "dy").reshape(-1, D)
+        dye, d_weights = kernel("combine_backward", dt)(dy=dy2, ye=ctx.ye_back, slot_row=ctx.slot_row,
+                                                        topk_weights=ctx.topk_weights)
+        t0 = self._tick("combine_bwd", t0)
+        dye_r = C.alltoallv_rows(comm, dye, ctx.send_rows, ctx.recv_rows)
+        self._count_bytes(ctx.send_rows, D, dt)
+        t0 = self._tick("a2a_out_bwd", t0)
+        dye_e = dye_r if ctx.perm is None else kernel("gather_rows", dt)(x=dye_r, row_token=ctx.perm)
+        w1, w3, w2 = ctx.weights
+        g3 = self.grads.get("w3", np.zeros((0, 0, 0), dtype=dt))
+        dxs_e = kernel("experts_backward", dt)(
+            xs=ctx.xe, offsets=ctx.local_offsets, w1=w1, w3=w3, w2=w2, h1=ctx.h1, h3=ctx.h3,
+            dye=dye_e, activation=self._activation, dw1=self.grads["w1"], dw3=g3, dw2=self.grads["w2"])
+        dxs_r = dxs_e if ctx.inv is None else kernel("gather_rows", dt)(x=dxs_e, row_token=ctx.inv)
+        t0 = self._tick("experts_bwd", t0)
+        dxs = C.alltoallv_rows(comm, dxs_r, ctx.recv_rows, ctx.send_rows)
+        self._count_bytes(ctx.recv_rows, D, dt)
+        t0 = self._tick("a2a_back_bwd", t0)
+        dx2 = kernel("gather_rows_backward", dt)(dxs=dxs, slot_row=ctx.slot_row)
+        if not np.isfinite(d_weights).all():
+            raise NonFiniteError("dy: the gradient through the experts is not finite")
+        replicated = [k for k in self.grads if k not in EXPERT_KEYS]
+        before = [self.grads[k].copy() for k in replicated] if self.reduce_replicated_grads else None
+        if ctx.shared_saved is not None:
+            dx2 += self.shared.backward(dy2, ctx.shared_saved)
+        self._router_backward(ctx, d_weights, dx2, float(aux_weight))
+        t0 = self._tick("router_bwd", t0)
+        if before is not None:  # sum this backward's replicated gradients over the ranks
+            grads = [self.grads[k] for k in replicated]
+            delta = np.concatenate([(g - b).ravel() for g, b in zip(grads, before)])
+            C.allreduce_sum_inplace(comm, delta)
+            at = 0
+            for g, b in zip(grads, before):
+                g[...] = b + delta[at:at + g.size].reshape(g.shape)
+                at += g.size
+        self._tick("allreduce", t0)
+        if not np.isfinite(dx2).all():
+            raise NonFiniteError("dx is not finite: dy or aux_weight x the aux-loss coefficients "
+                                 f"overflow in {cfg.dtype}")
+        return dx2.reshape(ctx.lead + (D,))
+
+    def _router_backward(self, ctx: _Context, d_weights, dx2, aux_weight: float) -> None:
+        """router_backward with the global statistics: given the global tokens_per_expert
+        (so f is the global one) and its loss coefficients scaled by this rank's share
+        (ctx.scales: of the real tokens, or of the sequences for the sequence scope), the
+        kernel yields the global-batch gradients for this rank's tokens."""
+        cfg = self.cfg
+        saved = ctx.router_saved
+        r = saved.routed
+        lb_scale, share = ctx.scales
+        kernel("router_backward", cfg.np_dtype)(
+            x=saved.x2, w_router=saved.w, mask=saved.mask, router_logits=r.router_logits,
+            router_probs_clean=r.router_probs_clean, router_probs=r.router_probs,
+            entropy=r.entropy, topk_indices=r.topk_indices, dropped=r.dropped.view(np.uint8),
+            tokens_per_expert=r.tokens_per_expert, d_topk_weights=d_weights,
+            options=saved.options, balance_counts=saved.balance_counts,
+            load_balance_coef=aux_weight * cfg.load_balance_coef * lb_scale,
+            z_loss_coef=aux_weight * cfg.z_loss_coef * share,
+            entropy_coef=aux_weight * cfg.entropy_coef * share, dx=dx2, dw_router=self.grads["w_router"])
+
+
+def _global_losses(total: np.ndarray, R: int, active: int, E: int, seq_len: int,
+                   extra_counts: Optional[np.ndarray]) -> Dict[str, float]:
+    """The router losses of cpp/losses.h over the global batch, from the summed partials.
+    Batch and global scopes: load_balance = E sum_e f_e P_e, f_e = c_e / sum c (c: the
+    global tokens_per_expert, plus this step's earlier loads for the global scope),
+    P_e = (sum of the balance distribution's column e) / R, in the kernel's order of
+    operations. Sequence scope: the mean over every rank's sequences with real tokens of
+    their balance losses (each sequence lies on one rank). z-loss and entropy: summed
+    per-token values / R. All 0 when R = 0."""
+    if R == 0:
+        return {"load_balance": 0.0, "z_loss": 0.0, "entropy": 0.0}
+    if seq_len:
+        lb = float(total[4]) / active
+    else:
+        counts = total[_HEAD:_HEAD + E] + (0 if extra_counts is None else extra_counts)
+        n = float(counts.sum())
+        psum = total[_HEAD + E:_HEAD + 2 * E]
+        lb = 0.0
+        for e in range(E):
+            lb += (float(counts[e]) / n if n else 0.0) * (float(psum[e]) / float(R))
+        lb *= float(E)
+    return {"load_balance": lb, "z_loss": float(total[2]) / R, "entropy": float(total[3]) / R}
+
+
+def _expert_major(recv_counts: np.ndarray):
+    """Rows arrive grouped by source rank, then local expert; the experts want them by
+    expert, then source rank (= global token order). Returns the row gather that does it
+    and its inverse, or (None, None) when the two orders coincide (one expert per rank,
+    or one rank)."""
+    P, El = recv_counts.shape
+    if P == 1 or El == 1:
+        return None, None
+    start = (np.cumsum(recv_counts.ravel()) - recv_counts.ravel()).reshape(P, El)
+    parts = [np.arange(start[s, e], start[s, e] + recv_counts[s, e], dtype=np.int64)
+             for e in range(El) for s in range(P)]
+    perm = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    inv = np.empty_like(perm)
+    inv[perm] = np.arange(len(perm), dtype=np.int64)
+    return perm, inv
