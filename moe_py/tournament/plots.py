@@ -86,7 +86,8 @@ def _expert_label_grid(plt, out: str, runs: Dict[str, List[dict]], written: List
     moe = {k: v[0]["routing"] for k, v in runs.items() if v[0]["routing"] is not None}
     cols = min(4, len(moe))
     rows = math.ceil(len(moe) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols + 1, 3.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols + 1, 4.2 * rows), squeeze=False)
+    fig.subplots_adjust(hspace=0.55)  # room for the rotated category names above the next title
     tables = {k: np.asarray(r["expert_label_tables"][-1]) for k, r in moe.items()}
     vmax = max(0.3, max(float(expert_label_share(t).max()) for t in tables.values()))
     im = None
