@@ -30,6 +30,14 @@ def layer_setup(case: dict):
     return cfg, params, x, mask, dy, case["splits"]
 
 
+def token_ids(case: dict, T: int):
+    """Byte ids [T] for the hash router (None for the others), from their own generator so
+    that the other cases' inputs stay as they were."""
+    if case["cfg"].get("router") != "hash":
+        return None
+    return np.random.default_rng(case["seed"] + 1000).integers(0, 256, T)
+
+
 def as_sequences(case: dict, *arrays):
     """The arrays as [sequences, seq_len, ...] when the case has sequences."""
     S = case.get("seq_len")
@@ -45,7 +53,9 @@ def prepare(layer, case: dict, x, mask) -> None:
     if "noise" in case:  # NoisyTop-k: [start_std, anneal_steps]
         layer.set_noise_annealing(*case["noise"])
     if case.get("earlier_forward"):
-        layer(*as_sequences(case, x[::-1].copy(), mask[::-1].copy()))
+        ids = token_ids(case, len(x))
+        ids = None if ids is None else as_sequences(case, ids[::-1].copy())[0]
+        layer(*as_sequences(case, x[::-1].copy(), mask[::-1].copy()), token_ids=ids)
 
 
 _CORPUS = {}
