@@ -180,9 +180,9 @@ def _reference(case):
     cfg, params, x, mask, dy, splits = layer_setup(case)
     ref = MoELayer(cfg)
     ref.load_state_dict(params)
-    prepare(ref, case, x, mask)
-    xs, ms, dys = as_sequences(case, x, mask, dy)
     ids = token_ids(case, len(x))
+    prepare(ref, case, x, mask, ids, list(splits) + [len(x)])
+    xs, ms, dys = as_sequences(case, x, mask, dy)
     ids = None if ids is None else as_sequences(case, ids)[0]
     out = ref(xs, padding_mask=ms, training=case.get("training", True), token_ids=ids)
     dx = ref.backward(dys, aux_weight=case.get("aux_weight", 1.0)).reshape(-1, cfg.d_model)

@@ -25,10 +25,11 @@ def main() -> None:
         bounds = list(splits) + [len(x)]
         sl = slice(bounds[rank], bounds[rank + 1])
         layer = ExpertParallelMoELayer(cfg, comm, full_params=params)
-        prepare(layer, case, x[sl], mask[sl])
-        xs, ms, dys = as_sequences(case, x[sl], mask[sl], dy[sl])
         ids = token_ids(case, len(x))
-        ids = None if ids is None else as_sequences(case, ids[sl])[0]
+        ids = None if ids is None else ids[sl]
+        prepare(layer, case, x[sl], mask[sl], ids)
+        xs, ms, dys = as_sequences(case, x[sl], mask[sl], dy[sl])
+        ids = None if ids is None else as_sequences(case, ids)[0]
         sent_before = layer.bytes_sent
         out = layer(xs, padding_mask=ms, training=case.get("training", True), token_ids=ids)
         dx = layer.backward(dys, aux_weight=case.get("aux_weight", 1.0)).reshape(-1, cfg.d_model)
