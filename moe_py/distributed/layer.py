@@ -262,7 +262,7 @@ class ExpertParallelMoELayer:
     forward = __call__
 
     def _forward(self, x, padding_mask, training: bool, token_ids) -> MoEOutput:
-        cfg, comm = self.cfg, self.comm
+        cfg = self.cfg
         D, dt = cfg.d_model, cfg.np_dtype
         t0 = time.perf_counter()
         x2, lead = as_tokens(x, D, dt)
