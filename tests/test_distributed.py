@@ -459,7 +459,9 @@ def test_cli_trains_every_router(mpi_ok, tmp_path, router):
     from moe_py.cli import _configs, build_parser
     from moe_py.train import train
     flags = ["--steps", "2", "--router", router, *TINY]
-    _cli(2, tmp_path / "p2", *flags)
+    proc = _cli(2, tmp_path / "p2", *flags)
+    # expert choice's warning for a causal LM: once (rank 0's), not once per rank
+    assert proc.stderr.count("in a causal LM") == (router == "expert_choice"), proc.stderr
     model_cfg, train_cfg = _configs(build_parser().parse_args(["train", *flags]), dense=False)
     assert model_cfg.moe.router == router
     train(model_cfg, train_cfg, str(tmp_path / "single"), quiet=True)
