@@ -83,7 +83,8 @@ SUPPORTED_ROUTERS = TOKEN_ROUTERS + GLOBAL_ROUTERS
 EXPERT_KEYS = ("w1", "w3", "w2")
 _HEAD = 6  # stats vector: T, R, sum lse^2, sum entropy, sum of sequence balance losses, sequences
 # Timed per call into `timings` (seconds, accumulated); the a2a phases time the MPI calls
-# alone, so they include waiting for the slowest rank.
+# alone, so they include waiting for the slowest rank. The global routers' allgathers are
+# in "route" (x, mask) and "router_bwd" (d_topk_weights).
 FORWARD_PHASES = ("route", "dispatch", "a2a_out", "experts", "a2a_back", "combine")
 BACKWARD_PHASES = ("combine_bwd", "a2a_out_bwd", "experts_bwd", "a2a_back_bwd", "router_bwd",
                    "allreduce")
@@ -176,7 +177,9 @@ class ExpertParallelMoELayer:
         self._latest: Optional[_Context] = None
         self._guard = OneCaller("ExpertParallelMoELayer")
         self.timings: Dict[str, float] = {p: 0.0 for p in FORWARD_PHASES + BACKWARD_PHASES}
-        self.bytes_sent = 0  # bytes of rows this rank sent to other ranks (all-to-alls)
+        # bytes of rows this rank sent to other ranks: the all-to-alls, and for the global
+        # routers the allgathers of x, the mask and d_topk_weights (each to P - 1 ranks)
+        self.bytes_sent = 0
 
     @classmethod
     def from_layer(cls, layer: MoELayer, comm=None, reduce_replicated_grads: bool = True):
