@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 
 from moe_py.layer import MoELayer
+from moe_py.router import concat_router_outputs, unrouted_tokens
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKERS = os.path.join(HERE, "mpi_workers")
 sys.path.insert(0, WORKERS)
-from cases import EvalWindows, as_sequences, layer_setup, prepare, train_setup  # noqa: E402
+from cases import EvalWindows, as_sequences, layer_setup, prepare, token_ids, train_setup  # noqa: E402
 
 
 def _find_mpiexec():
@@ -129,7 +130,39 @@ LAYER_CASES = {
     # NoisyTop-k at its second step: rank 1's draws start at global token 23
     "noise": dict(cfg=_cfg(capacity_factor=1.0), tokens=50, splits=[0, 23], padding=0.1, seed=13,
                   noise=[0.5, 10], earlier_forward=True),
+    # hash: token by token from each rank's token ids; no router weight
+    "hash_sequence_scope": dict(cfg=_cfg(router="hash", load_balance_scope="sequence",
+                                         load_balance_coef=0.1), tokens=40, seq_len=8,
+                                splits=[0, 16], padding=0.1, seed=14),
+    "hash_capacity_probs": dict(cfg=_cfg(router="hash", num_experts=8, capacity_factor=0.6,
+                                         drop_policy="probs", num_shared_experts=1),
+                                tokens=50, splits=[0, 29], padding=0.1, seed=15),
+    "hash_capacity_position": dict(cfg=_cfg(router="hash", num_experts=8, top_k=3,
+                                            capacity_factor=0.8), tokens=44, splits=[0, 30], seed=16),
+    # the routers that choose over the whole batch: routed globally on every rank
+    "sinkhorn": dict(cfg=_cfg(router="sinkhorn", capacity_factor=1.0, load_balance_coef=0.01),
+                     tokens=60, splits=[0, 26], padding=0.1, seed=17, aux_weight=0.5),
+    "sinkhorn_eval": dict(cfg=_cfg(router="sinkhorn", num_experts=8), tokens=40, splits=[0, 15],
+                          seed=18, training=False),
+    "sinkhorn_global_scope": dict(cfg=_cfg(router="sinkhorn", num_experts=8, capacity_factor=0.9,
+                                           drop_policy="probs", load_balance_scope="global",
+                                           load_balance_coef=0.1),
+                                  tokens=44, splits=[0, 20], padding=0.1, seed=19, earlier_forward=True),
+    # 4 experts per rank; a token taken by 0..E experts (slot width set by the global batch)
+    "expert_choice": dict(cfg=_cfg(router="expert_choice", num_experts=8), tokens=64,
+                          splits=[0, 40], padding=0.15, seed=20, aux_weight=0.5),
+    # rank 1 holds only padding; gelu, a shared expert, half the capacity
+    "expert_choice_capacity": dict(cfg=_cfg(router="expert_choice", capacity_factor=0.5,
+                                            num_shared_experts=1, activation="gelu"),
+                                   tokens=40, splits=[0, 25], padded_ranges=[[25, 40]], seed=21),
+    # rank 1 has no tokens at all; sequences of 8
+    "expert_choice_rank_empty": dict(cfg=_cfg(router="expert_choice", capacity_factor=2.0,
+                                              load_balance_scope="sequence", load_balance_coef=0.1),
+                                     tokens=32, seq_len=8, splits=[0, 32], seed=22),
+    "expert_choice_float32": dict(cfg=_cfg(router="expert_choice", dtype="float32"), tokens=48,
+                                  splits=[0, 24], padding=0.1, seed=23),
 }
+GLOBAL_ROUTERS = ("expert_choice", "sinkhorn")
 
 BITWISE_ROUTER = ("topk_indices", "topk_weights", "dropped", "router_probs", "router_probs_clean",
                   "router_logits", "entropy", "tokens_per_expert")
@@ -147,9 +180,11 @@ def _reference(case):
     cfg, params, x, mask, dy, splits = layer_setup(case)
     ref = MoELayer(cfg)
     ref.load_state_dict(params)
-    prepare(ref, case, x, mask)
+    ids = token_ids(case, len(x))
+    prepare(ref, case, x, mask, ids, list(splits) + [len(x)])
     xs, ms, dys = as_sequences(case, x, mask, dy)
-    out = ref(xs, padding_mask=ms, training=case.get("training", True))
+    ids = None if ids is None else as_sequences(case, ids)[0]
+    out = ref(xs, padding_mask=ms, training=case.get("training", True), token_ids=ids)
     dx = ref.backward(dys, aux_weight=case.get("aux_weight", 1.0)).reshape(-1, cfg.d_model)
     out = out._replace(y=out.y.reshape(-1, cfg.d_model))
     return cfg, ref, out, dx, list(splits) + [len(x)]
@@ -160,6 +195,9 @@ def test_layer_equals_single_process(layer_results, name):
     case = LAYER_CASES[name]
     cfg, ref, out, dx, bounds = _reference(case)
     tol = dict(rtol=1e-12, atol=1e-13) if cfg.dtype == "float64" else dict(rtol=1e-5, atol=1e-6)
+    # the global routing runs the single-process router itself: bitwise, losses included
+    routed_globally = cfg.router in GLOBAL_ROUTERS
+    router_tol = dict(rtol=0, atol=0) if routed_globally else tol
     D, itemsize = cfg.d_model, np.dtype(cfg.np_dtype).itemsize
     E_local = cfg.num_experts // 2
     for rank in range(2):
@@ -179,13 +217,17 @@ def test_layer_equals_single_process(layer_results, name):
             elif w != "w_router":
                 np.testing.assert_array_equal(got[f"grad.{w}"], ref.grads[w][lo:hi],
                                               err_msg=f"{name} rank {rank}: grad {w}")
-        # sums over ranks of the router's partials: equal to rounding
-        np.testing.assert_allclose(got["dx"], dx[sl], **tol, err_msg=f"{name} rank {rank}: dx")
-        np.testing.assert_allclose(got["grad.w_router"], ref.grads["w_router"], **tol,
-                                   err_msg=f"{name} rank {rank}: grad w_router")
+        # token by token: sums over ranks of the router's partials, equal to rounding
+        np.testing.assert_allclose(got["dx"], dx[sl], **router_tol, err_msg=f"{name} rank {rank}: dx")
+        if "w_router" in ref.grads:
+            np.testing.assert_allclose(got["grad.w_router"], ref.grads["w_router"], **router_tol,
+                                       err_msg=f"{name} rank {rank}: grad w_router")
+        else:  # hash: no router weight on any rank
+            assert "grad.w_router" not in got.files
+        loss_tol = dict(rtol=0, atol=0) if routed_globally else dict(rtol=1e-12, atol=1e-15)
         np.testing.assert_allclose(got["losses"], [out.losses[n] for n in ("load_balance", "z_loss", "entropy")],
-                                   rtol=1e-12, atol=1e-15)
-        np.testing.assert_allclose(float(got["aux_loss"]), out.aux_loss, rtol=1e-12, atol=1e-15)
+                                   **loss_tol)
+        np.testing.assert_allclose(float(got["aux_loss"]), out.aux_loss, **loss_tol)
         # bytes on the wire: rows to other ranks' experts and rows back, forward and backward
         idx, kept = out.router.topk_indices, ~out.router.dropped & (out.router.topk_indices >= 0)
         owner = np.where(kept, idx // E_local, -1)
@@ -193,7 +235,11 @@ def test_layer_equals_single_process(layer_results, name):
         mine[sl] = True
         out_rows = int((kept & mine[:, None] & (owner != rank)).sum())
         in_rows = int((kept & ~mine[:, None] & (owner == rank)).sum())
-        assert int(got["bytes_sent"]) == 2 * (out_rows + in_rows) * D * itemsize
+        expected = 2 * (out_rows + in_rows) * D * itemsize
+        if routed_globally:  # this rank's x, mask and d_topk_weights rows, to the other rank
+            n = bounds[rank + 1] - bounds[rank]
+            expected += n * (D * itemsize + 1 + idx.shape[1] * itemsize)
+        assert int(got["bytes_sent"]) == expected
 
 
 BAD_INPUTS = {  # argument -> (exception, words its message must contain)
@@ -203,7 +249,9 @@ BAD_INPUTS = {  # argument -> (exception, words its message must contain)
     "x_dtype": ("TypeError", "x: expected dtype float64"),
     "x_shape": ("ValueError", "x: expected shape [..., 8]"),
     "mask": ("ValueError", "padding_mask: expected shape [3]"),
-    "router": ("NotImplementedError", "router: expert parallelism supports ('softmax_topk', 'sigmoid_topk')"),
+    "token_ids": ("ValueError", "token_ids: the hash router needs the token ids (shape [3]"),
+    "seq_len": ("ValueError", "x: the sequence balance scope needs sequences of one length on every "
+                              "rank, got [2, 3]"),
     "backward_first": ("RuntimeError", "backward called before forward"),
 }
 
@@ -243,6 +291,27 @@ def test_layer_cases_mean_what_they_say():
     assert out.router.tokens_per_expert.sum() == 0
     cfg, params, x, mask, *_ = layer_setup(LAYER_CASES["rank_all_padding"])
     assert not mask[25:].any() and mask[:25].any()
+    for name in ("hash_capacity_probs", "hash_capacity_position", "sinkhorn", "sinkhorn_global_scope"):
+        assert drops[name] > 0, name
+    cfg, _, out, _, _ = _reference(LAYER_CASES["expert_choice"])
+    real = layer_setup(LAYER_CASES["expert_choice"])[3]
+    assert unrouted_tokens(out.router, real).any()  # some real token taken by no expert
+    assert ((out.router.topk_indices >= 0).sum(axis=1) > cfg.top_k).any()  # and one by more than k
+    # each rank routing its own tokens alone would choose differently: the global routing
+    # is what the equality above checks
+    for name in ("sinkhorn", "expert_choice"):
+        _, _, out, _, bounds = _reference(LAYER_CASES[name])
+        alone = concat_router_outputs(_route_alone(LAYER_CASES[name], bounds))
+        assert alone.topk_indices.shape != out.router.topk_indices.shape or \
+            (alone.topk_indices != out.router.topk_indices).any(), name
+
+
+def _route_alone(case, bounds):
+    cfg, params, x, mask, *_ = layer_setup(case)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        layer = MoELayer(cfg)
+        layer.load_state_dict(params)
+        yield layer(x[a:b], padding_mask=mask[a:b]).router
 
 
 # ---- training: 20 steps against the single-process train_step --------------------------
@@ -270,6 +339,13 @@ TRAIN_CASES = {
                                    steps=20, batch_size=4, seq_len=24),
     "float64_global_scope": dict(moe=_moe(load_balance_scope="global", capacity_factor=1.25),
                                  steps=20, batch_size=4, seq_len=24, grad_accum=2),
+    # the routers of the routers issue that are not token-by-token top-k (hash: the LM's byte ids)
+    "float64_hash": dict(moe=_moe(router="hash", capacity_factor=1.0), steps=20, batch_size=4,
+                         seq_len=24),
+    "float64_sinkhorn": dict(moe=_moe(router="sinkhorn", capacity_factor=1.25), steps=20,
+                             batch_size=5, seq_len=24),
+    "float64_expert_choice": dict(moe=_moe(router="expert_choice", num_experts=8), steps=20,
+                                  batch_size=4, seq_len=24, grad_accum=2),
 }
 
 
@@ -376,6 +452,25 @@ def test_cli_train_checkpoint_and_resume_at_another_p(mpi_ok, tmp_path):
     assert [m["step"] for m in resumed] == [1, 2, 3, 4]
     for g, w in zip(resumed, want):
         np.testing.assert_allclose(g["loss"], w["loss"], rtol=1e-10)
+
+
+@pytest.mark.parametrize("router", ["hash", "sinkhorn", "expert_choice"])
+def test_cli_trains_every_router(mpi_ok, tmp_path, router):
+    from moe_py.cli import _configs, build_parser
+    from moe_py.train import train
+    flags = ["--steps", "2", "--router", router, *TINY]
+    proc = _cli(2, tmp_path / "p2", *flags)
+    # expert choice's warning for a causal LM: once (rank 0's), not once per rank
+    assert proc.stderr.count("in a causal LM") == (router == "expert_choice"), proc.stderr
+    model_cfg, train_cfg = _configs(build_parser().parse_args(["train", *flags]), dense=False)
+    assert model_cfg.moe.router == router
+    train(model_cfg, train_cfg, str(tmp_path / "single"), quiet=True)
+    got, want = _metrics(tmp_path / "p2"), _metrics(tmp_path / "single")
+    assert [m["step"] for m in got] == [1, 2]
+    for g, w in zip(got, want):
+        for key in ("loss", "aux_loss", "grad_norm", "val_loss"):
+            if key in w:
+                np.testing.assert_allclose(g[key], w[key], rtol=1e-10, err_msg=key)
 
 
 def test_cli_ranks_must_divide_experts(mpi_ok, tmp_path):

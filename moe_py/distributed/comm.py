@@ -84,13 +84,19 @@ def allreduce_sum_inplace(comm, a: np.ndarray) -> None:
     comm.Allreduce(mpi().IN_PLACE, a, op=mpi().SUM)
 
 
-def allgather_rows(comm, local: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Every rank's `local` [n_r, ...] stacked in rank order, with the n_r."""
+def allgather_rows(comm, local: np.ndarray, counts: Optional[np.ndarray] = None
+                   ) -> Tuple[np.ndarray, np.ndarray]:
+    """Every rank's `local` [n_r, ...] stacked in rank order, with the n_r (`counts`, when
+    the caller already knows every rank's n_r, saves the Allgather that finds them)."""
     local = np.ascontiguousarray(local)
-    n = np.array([local.shape[0]], np.int64)
-    counts = np.empty(comm.Get_size(), np.int64)
-    comm.Allgather(n, counts)
+    if counts is None:
+        n = np.array([local.shape[0]], np.int64)
+        counts = np.empty(comm.Get_size(), np.int64)
+        comm.Allgather(n, counts)
     row = int(np.prod(local.shape[1:], dtype=np.int64))
+    if int(counts.sum()) * row > _MAX_ELEMS:
+        raise ValueError(f"x: an allgather of {int(counts.sum()) * row} elements exceeds MPI's "
+                         f"32-bit counts ({_MAX_ELEMS}): split the batch")
     out = np.empty((int(counts.sum()),) + local.shape[1:], dtype=local.dtype)
     c = (counts * row).astype(np.int32)
     displ = np.concatenate(([0], np.cumsum(c)[:-1])).astype(np.int32)

@@ -29,11 +29,30 @@ are bitwise those of MoELayer. The router's losses and their gradients combine p
 partial sums, so they match to rounding (1e-15 relative in float64).
 
 Every rank calls every collective in the same order, whatever its tokens: a rank with no
-tokens, or no rows for some expert, sends and receives zero counts. Supported: the routers
-that choose token by token (softmax_topk, sigmoid_topk and its expert bias), every balance
-scope, group-limited top-k, shared experts (replicated: data parallel), router noise (each
-rank's draws start at its first token's index in the global batch). Not yet: expert_choice,
-sinkhorn and hash.
+tokens, or no rows for some expert, sends and receives zero counts. Supported: every router
+of MoEConfig, every balance scope, group-limited top-k, shared experts (replicated: data
+parallel), router noise (each rank's draws start at its first token's index in the global
+batch).
+
+Two ways to route:
+  token by token (softmax_topk, sigmoid_topk, hash): as above; hash reads this rank's
+            token_ids and has no router weight (nothing to all-reduce, no router backward).
+  global    (expert_choice, sinkhorn; GLOBAL_ROUTERS): their choices depend on the whole
+            batch (an expert's top-C tokens, Sinkhorn's column balancing), so no rank can
+            route its tokens alone. One Allgatherv of x and of the mask gives every rank the
+            global batch, which it routes with the single-process Router (capacity
+            included): the routing, the losses and expert choice's capacity and slot width
+            are bitwise those of MoELayer, and each rank keeps its own rows for dispatch and
+            combine. Backward: one Allgatherv of d_topk_weights, then every rank runs the
+            router backward on the global batch, with this rank's dx rows (from the experts)
+            in place and zeros elsewhere, and keeps its rows of dx: bitwise too (a GEMM row
+            depends on its own row only). The router gradient, the same on every rank, is
+            kept by rank 0 alone (the others hold 0 for it), so the sum over ranks that the
+            replicated gradients go through gives it exactly, once.
+            Cost: every rank sends its T_r x d_model rows of x to the P - 1 others and
+            routes the global batch (router FLOPs and memory P times over); fine for the
+            router's share of a layer at small P, the first thing to replace at large P
+            (allgather the logits [T, E] instead of x, which needs the kernel split in two).
 """
 from __future__ import annotations
 
@@ -45,23 +64,27 @@ from typing import Dict, Optional
 import numpy as np
 
 from .. import _kernels
-from .._checks import NonFiniteError, as_grad, as_mask, as_tokens, sequence_length
+from .._checks import NonFiniteError, as_grad, as_mask, as_token_ids, as_tokens, sequence_length
 from .._guard import OneCaller
 from .._kernels import Activation, kernel
 from ..config import MoEConfig
 from ..layer import MoELayer, MoEOutput, _replace_arrays
 from ..experts import SharedExperts
-from ..router import Router
+from ..router import Router, RouterOutput, read_only
 from . import comm as C
 from .capacity import capacity, drops_position, drops_probs, slot_counts
 
-# Routers whose choices are made token by token (the others choose over the whole batch)
-SUPPORTED_ROUTERS = ("softmax_topk", "sigmoid_topk")
+# Routers whose choices are made token by token: each rank routes its own tokens.
+TOKEN_ROUTERS = ("softmax_topk", "sigmoid_topk", "hash")
+# Routers that choose over the whole batch: every rank routes the global batch.
+GLOBAL_ROUTERS = ("expert_choice", "sinkhorn")
+SUPPORTED_ROUTERS = TOKEN_ROUTERS + GLOBAL_ROUTERS
 # Routed-expert weights, split over the ranks; every other parameter is replicated.
 EXPERT_KEYS = ("w1", "w3", "w2")
 _HEAD = 6  # stats vector: T, R, sum lse^2, sum entropy, sum of sequence balance losses, sequences
 # Timed per call into `timings` (seconds, accumulated); the a2a phases time the MPI calls
-# alone, so they include waiting for the slowest rank.
+# alone, so they include waiting for the slowest rank. The global routers' allgathers are
+# in "route" (x, mask) and "router_bwd" (d_topk_weights).
 FORWARD_PHASES = ("route", "dispatch", "a2a_out", "experts", "a2a_back", "combine")
 BACKWARD_PHASES = ("combine_bwd", "a2a_out_bwd", "experts_bwd", "a2a_back_bwd", "router_bwd",
                    "allreduce")
@@ -72,7 +95,7 @@ class _Context:
 
     __slots__ = ("layer", "router_saved", "lead", "scales", "slot_row", "send_rows", "recv_rows",
                  "perm", "inv", "local_offsets", "xe", "h1", "h3", "ye_back", "topk_weights",
-                 "weights", "shared_saved")
+                 "weights", "shared_saved", "rows")
 
     def __init__(self, **kw):
         for k, v in kw.items():
@@ -104,8 +127,10 @@ class ExpertParallelMoELayer:
     global batch. reduce_replicated_grads=False leaves each rank's own gradient of the
     replicated weights in grads (a trainer that all-reduces every replicated gradient at
     once sets it); True sums them over ranks in each backward.
-    Routers: softmax_topk and sigmoid_topk (token-by-token choices), any balance scope,
-    group-limited top-k, shared experts, router noise.
+    Routers: all of MoEConfig's (softmax_topk, sigmoid_topk and hash route token by
+    token; expert_choice and sinkhorn route the allgathered global batch: see the module
+    docstring), any balance scope, group-limited top-k, shared experts, router noise.
+    The hash router needs `token_ids` (this rank's, shape x.shape[:-1]).
     """
 
     has_router = True
@@ -114,10 +139,9 @@ class ExpertParallelMoELayer:
                  reduce_replicated_grads: bool = True):
         if not isinstance(cfg, MoEConfig):
             raise TypeError(f"cfg: expected a MoEConfig, got {type(cfg).__name__}")
-        if cfg.router not in SUPPORTED_ROUTERS:
+        if cfg.router not in SUPPORTED_ROUTERS:  # a router added to MoEConfig but not here
             raise NotImplementedError(
-                f"router: expert parallelism supports {SUPPORTED_ROUTERS} so far (they choose token "
-                f"by token), got {cfg.router!r}")
+                f"router: expert parallelism supports {SUPPORTED_ROUTERS}, got {cfg.router!r}")
         self.comm = C.check_comm(comm)
         P, rank = self.comm.Get_size(), self.comm.Get_rank()
         E = cfg.num_experts
@@ -135,8 +159,17 @@ class ExpertParallelMoELayer:
             k: (np.ascontiguousarray(v[lo:hi]) if k in EXPERT_KEYS else v.copy())
             for k, v in reference.params.items()}
         self.grads: Dict[str, np.ndarray] = {k: np.zeros_like(v) for k, v in self.params.items()}
-        # Routing runs dropless on each rank; capacity is applied over the global batch.
-        self.router = _RankRouter(dataclasses.replace(cfg, capacity_factor=None), self.params, self.grads)
+        self.routes_globally = cfg.router in GLOBAL_ROUTERS
+        if self.routes_globally:
+            # The single-process Router on the global batch, capacity included. Its weight
+            # gradient goes into this rank's grads on rank 0 only: the other ranks' router
+            # adds the very same values into a scratch buffer, which backward clears.
+            router_grads = self.grads if rank == 0 else {"w_router": np.zeros_like(self.params["w_router"])}
+            self.router = Router(cfg, self.params, router_grads)
+        else:
+            # Routing runs dropless on each rank; capacity is applied over the global batch.
+            self.router = _RankRouter(dataclasses.replace(cfg, capacity_factor=None), self.params,
+                                      self.grads)
         # shared experts see every real token of their rank: data parallel, like the router
         self.shared = SharedExperts(cfg, self.params, self.grads) if cfg.num_shared_experts else None
         self.reduce_replicated_grads = bool(reduce_replicated_grads)
@@ -144,7 +177,9 @@ class ExpertParallelMoELayer:
         self._latest: Optional[_Context] = None
         self._guard = OneCaller("ExpertParallelMoELayer")
         self.timings: Dict[str, float] = {p: 0.0 for p in FORWARD_PHASES + BACKWARD_PHASES}
-        self.bytes_sent = 0  # bytes of rows this rank sent to other ranks (all-to-alls)
+        # bytes of rows this rank sent to other ranks: the all-to-alls, and for the global
+        # routers the allgathers of x, the mask and d_topk_weights (each to P - 1 ranks)
+        self.bytes_sent = 0
 
     @classmethod
     def from_layer(cls, layer: MoELayer, comm=None, reduce_replicated_grads: bool = True):
@@ -173,10 +208,13 @@ class ExpertParallelMoELayer:
 
     def num_parameters(self) -> Dict[str, int]:
         """Of the whole layer (all ranks), as MoELayer's."""
+        cfg = self.cfg
         per_expert = sum(v[0].size for k, v in self.params.items() if k in EXPERT_KEYS)
         replicated = sum(v.size for k, v in self.params.items() if k not in EXPERT_KEYS)
-        return {"total": int(replicated + self.cfg.num_experts * per_expert),
-                "active": int(replicated + self.cfg.top_k * per_expert)}
+        # expert choice: capacity_factor * k experts per token on average, as MoELayer
+        experts = cfg.top_k * (cfg.capacity if cfg.router == "expert_choice" else 1)
+        return {"total": int(replicated + cfg.num_experts * per_expert),
+                "active": int(replicated + int(round(experts * per_expert)))}
 
     def update_expert_bias(self) -> None:
         """Router.update_expert_bias: its loads are the global batch's, so every rank takes
@@ -220,23 +258,62 @@ class ExpertParallelMoELayer:
         return p.sum(axis=0, dtype=np.float64)
 
     def __call__(self, x, padding_mask=None, training: bool = True, token_ids=None) -> MoEOutput:
-        """token_ids: accepted for the FFN interface; no supported router reads them."""
+        """token_ids (shape x.shape[:-1], this rank's): read by the hash router only."""
         with self._guard.forward():
-            return self._forward(x, padding_mask, training)
+            return self._forward(x, padding_mask, training, token_ids)
 
     forward = __call__
 
-    def _forward(self, x, padding_mask, training: bool) -> MoEOutput:
-        cfg, comm = self.cfg, self.comm
-        E, k, D, dt = cfg.num_experts, cfg.top_k, cfg.d_model, cfg.np_dtype
+    def _forward(self, x, padding_mask, training: bool, token_ids) -> MoEOutput:
+        cfg = self.cfg
+        D, dt = cfg.d_model, cfg.np_dtype
         t0 = time.perf_counter()
         x2, lead = as_tokens(x, D, dt)
         mask = as_mask(padding_mask, lead)
+        ids = as_token_ids(token_ids, lead, required=cfg.router == "hash")
+        seq_len = sequence_length(lead, cfg.load_balance_scope)
+        if self.routes_globally:
+            routed, r, losses, aux, rows = self._route_global(x2, mask, training, seq_len)
+            scales = None
+        else:
+            routed, r, losses, aux, scales = self._route_tokens(x2, mask, ids, training, seq_len)
+            rows = None
+        t0 = self._tick("route", t0)
+        return self._experts_forward(x2, lead, mask, routed, r, losses, aux, scales, rows, t0)
+
+    def _route_global(self, x2: np.ndarray, mask: np.ndarray, training: bool, seq_len: int):
+        """Route the global batch (every rank's rows, in rank order) with the single-process
+        Router; returns its routing, this rank's rows of it, the losses and the row range."""
+        comm, P = self.comm, self.size
+        T = x2.shape[0]
+        # every rank's row count and sequence length: the rows to gather, and a check that
+        # every rank raises alike (a rank raising alone would leave the others waiting)
+        shapes = C.allgather_blocks(comm, np.array([[T, seq_len]], np.int64))
+        if (shapes[:, 1] != seq_len).any():
+            raise ValueError(f"x: the sequence balance scope needs sequences of one length on "
+                             f"every rank, got {shapes[:, 1].tolist()} (x.shape[-2] by rank)")
+        counts = shapes[:, 0]
+        xg, _ = C.allgather_rows(comm, x2, counts)
+        mg, _ = C.allgather_rows(comm, mask, counts)
+        self.bytes_sent += (P - 1) * (x2.nbytes + mask.nbytes)
+        routed = self.router.compute(xg, mg, training, seq_len)
+        lo = int(counts[:self.rank].sum())
+        rows = (lo, lo + T, counts)
+        g = routed.output
+        # per-token fields: this rank's rows (contiguous views); tokens_per_expert: global
+        r = RouterOutput(*(a if f == "tokens_per_expert" else a[lo:lo + T]
+                           for f, a in zip(RouterOutput._fields, g)))
+        return routed, r, routed.losses, routed.aux_loss, rows
+
+    def _route_tokens(self, x2: np.ndarray, mask: np.ndarray, ids, training: bool, seq_len: int):
+        """Route this rank's tokens, then make the losses, the capacity drops and the
+        counts those of the global batch."""
+        cfg, comm = self.cfg, self.comm
+        E, k = cfg.num_experts, cfg.top_k
         if training and self.router.noise_std > 0:  # the same on every rank
             sizes = C.allgather_blocks(comm, np.array([[x2.shape[0]]], np.int64)).ravel()
             self.router.token_offset = int(sizes[:self.rank].sum())
-        seq_len = sequence_length(lead, cfg.load_balance_scope)
-        routed = self.router.compute(x2, mask, training, seq_len)
+        routed = self.router.compute(x2, mask, training, seq_len, ids)
         r = routed.output
         R, active, total, every = self._global_stats(r, mask, routed.losses, seq_len)
         R_g, active_g = int(total[1]), int(total[5])
@@ -263,7 +340,13 @@ class ExpertParallelMoELayer:
         # scopes) or its sequences (sequence scope), z-loss and entropy by its R.
         share = R / R_g if R_g else 0.0
         scales = (active / active_g if active_g else 0.0) if seq_len else share, share
-        t0 = self._tick("route", t0)
+        return routed, r, losses, aux, scales
+
+    def _experts_forward(self, x2, lead, mask, routed, r, losses, aux, scales, rows, t0) -> MoEOutput:
+        """Dispatch this rank's routed rows to the experts' ranks and combine what comes
+        back (r: this rank's rows of the routing)."""
+        cfg, comm = self.cfg, self.comm
+        E, D, dt = cfg.num_experts, cfg.d_model, cfg.np_dtype
 
         # Rows grouped by expert: the rows for rank q are experts [q El, (q+1) El), contiguous.
         offsets, row_token, slot_row = _kernels.dispatch_plan(
@@ -299,11 +382,14 @@ class ExpertParallelMoELayer:
         if not np.isfinite(y2).all():
             raise NonFiniteError(f"x: the layer's output is not finite (max |x| = {np.abs(x2).max():.3g})")
         public = self.router.commit(routed)
+        if rows is not None:  # the global routing: users see this rank's rows
+            public = read_only(r)
         self.router.losses, self.router.aux_loss = losses, aux
         ctx = _Context(layer=self, router_saved=routed.saved, lead=lead, scales=scales,
                        slot_row=slot_row, send_rows=send_rows, recv_rows=recv_rows, perm=perm,
                        inv=inv, local_offsets=local_offsets, xe=xe, h1=h1, h3=h3, ye_back=ye_back,
-                       topk_weights=r.topk_weights, weights=(w1, w3, w2), shared_saved=shared_saved)
+                       topk_weights=r.topk_weights, weights=(w1, w3, w2), shared_saved=shared_saved,
+                       rows=rows)
         self._latest = ctx
         self._tick("combine", t0)
         return MoEOutput(y2.reshape(lead + (D,)), public, aux, dict(losses), ctx)
@@ -361,9 +447,12 @@ class ExpertParallelMoELayer:
         before = [self.grads[k].copy() for k in replicated] if self.reduce_replicated_grads else None
         if ctx.shared_saved is not None:
             dx2 += self.shared.backward(dy2, ctx.shared_saved)
-        self._router_backward(ctx, d_weights, dx2, float(aux_weight))
+        if ctx.rows is not None:
+            dx2 = self._router_backward_global(ctx, d_weights, dx2, float(aux_weight))
+        elif self.router.has_weight:  # hash: no weight, and nothing it computes depends on x
+            self._router_backward(ctx, d_weights, dx2, float(aux_weight))
         t0 = self._tick("router_bwd", t0)
-        if before is not None:  # sum this backward's replicated gradients over the ranks
+        if before:  # sum this backward's replicated gradients over the ranks
             grads = [self.grads[k] for k in replicated]
             delta = np.concatenate([(g - b).ravel() for g, b in zip(grads, before)])
             C.allreduce_sum_inplace(comm, delta)
@@ -376,6 +465,21 @@ class ExpertParallelMoELayer:
             raise NonFiniteError("dx is not finite: dy or aux_weight x the aux-loss coefficients "
                                  f"overflow in {cfg.dtype}")
         return dx2.reshape(ctx.lead + (D,))
+
+    def _router_backward_global(self, ctx: _Context, d_weights, dx2, aux_weight: float) -> np.ndarray:
+        """The single-process router backward on the global batch (see the module
+        docstring); returns this rank's rows of dx."""
+        lo, hi, counts = ctx.rows
+        dwg, _ = C.allgather_rows(self.comm, d_weights, counts)
+        self.bytes_sent += (self.size - 1) * d_weights.nbytes
+        saved = ctx.router_saved
+        # other ranks' rows start at 0: the kernel adds into dx, row by row
+        dxg = np.zeros_like(saved.x2)
+        dxg[lo:hi] = dx2
+        if self.rank != 0:
+            self.router.grads["w_router"].fill(0)  # the scratch copy of rank 0's gradient
+        self.router.backward_into(dwg, dxg, aux_weight, saved)
+        return dxg[lo:hi]
 
     def _router_backward(self, ctx: _Context, d_weights, dx2, aux_weight: float) -> None:
         """router_backward with the global statistics: given the global tokens_per_expert

@@ -15,6 +15,7 @@ that head (every rank holds the global batch, so it counts them without communic
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -145,6 +146,15 @@ def evaluate(model: TransformerLM, sampler: BatchSampler, max_batches: Optional[
     return float(total / count) if count else float("nan")
 
 
+@contextlib.contextmanager
+def _root_warns(root: bool):
+    """Warnings every rank would give alike (expert choice in a causal LM): rank 0's only."""
+    with warnings.catch_warnings():
+        if not root:
+            warnings.simplefilter("ignore", UserWarning)
+        yield
+
+
 def _check_supported(train_cfg: TrainConfig, comm) -> None:
     if train_cfg.batch_size < comm.Get_size():
         raise ValueError(f"batch_size: expected at least one window per MPI rank "
@@ -180,7 +190,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, comm=Non
 
     start = 0
     if resume:
-        model, data = load_model(run.checkpoint)  # the whole model; each rank keeps its experts
+        with _root_warns(root):
+            model, data = load_model(run.checkpoint)  # the whole model; each rank keeps its experts
         experts = to_expert_parallel(model, comm)
         optim = AdamW(model.named_parameters(), weight_decay=train_cfg.weight_decay)
         load_expert_slices(model, optim, data, experts)
@@ -192,7 +203,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, comm=Non
             run.truncate_metrics(start)
             run.steps_after(start)
     else:
-        model = TransformerLM(model_cfg)
+        with _root_warns(root):
+            model = TransformerLM(model_cfg)
         experts = to_expert_parallel(model, comm)
         optim = AdamW(model.named_parameters(), weight_decay=train_cfg.weight_decay)
         if train_cfg.noise_std > 0:

@@ -30,22 +30,35 @@ def layer_setup(case: dict):
     return cfg, params, x, mask, dy, case["splits"]
 
 
+def token_ids(case: dict, T: int):
+    """Byte ids [T] for the hash router (None for the others), from their own generator so
+    that the other cases' inputs stay as they were."""
+    if case["cfg"].get("router") != "hash":
+        return None
+    return np.random.default_rng(case["seed"] + 1000).integers(0, 256, T)
+
+
 def as_sequences(case: dict, *arrays):
     """The arrays as [sequences, seq_len, ...] when the case has sequences."""
     S = case.get("seq_len")
     return arrays if S is None else tuple(a.reshape((-1, S) + a.shape[1:]) for a in arrays)
 
 
-def prepare(layer, case: dict, x, mask) -> None:
+def prepare(layer, case: dict, x, mask, ids=None, bounds=None) -> None:
     """What happens to a layer before the compared forward: an expert bias (sigmoid_topk),
     router noise, and an earlier training forward of the same step (whose loads the global
-    scope reads, and which moves the noise one step on)."""
+    scope reads, and which moves the noise one step on). The earlier batch reverses each
+    rank's rows (`bounds`: the ranks' row ranges, for the global batch), so the global
+    batch of that forward is the same in one process and over the ranks."""
     if "expert_bias" in case:
         layer.router.expert_bias[...] = case["expert_bias"]
     if "noise" in case:  # NoisyTop-k: [start_std, anneal_steps]
         layer.set_noise_annealing(*case["noise"])
     if case.get("earlier_forward"):
-        layer(*as_sequences(case, x[::-1].copy(), mask[::-1].copy()))
+        bounds = [0, len(x)] if bounds is None else bounds
+        order = np.concatenate([np.arange(a, b)[::-1] for a, b in zip(bounds[:-1], bounds[1:])])
+        earlier = None if ids is None else as_sequences(case, ids[order])[0]
+        layer(*as_sequences(case, x[order], mask[order]), token_ids=earlier)
 
 
 _CORPUS = {}

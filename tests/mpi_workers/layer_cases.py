@@ -13,7 +13,7 @@ from moe_py.distributed import ExpertParallelMoELayer
 from moe_py.layer import MoELayer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cases import as_sequences, layer_setup, prepare  # noqa: E402
+from cases import as_sequences, layer_setup, prepare, token_ids  # noqa: E402
 
 
 def main() -> None:
@@ -25,10 +25,13 @@ def main() -> None:
         bounds = list(splits) + [len(x)]
         sl = slice(bounds[rank], bounds[rank + 1])
         layer = ExpertParallelMoELayer(cfg, comm, full_params=params)
-        prepare(layer, case, x[sl], mask[sl])
+        ids = token_ids(case, len(x))
+        ids = None if ids is None else ids[sl]
+        prepare(layer, case, x[sl], mask[sl], ids)
         xs, ms, dys = as_sequences(case, x[sl], mask[sl], dy[sl])
+        ids = None if ids is None else as_sequences(case, ids)[0]
         sent_before = layer.bytes_sent
-        out = layer(xs, padding_mask=ms, training=case.get("training", True))
+        out = layer(xs, padding_mask=ms, training=case.get("training", True), token_ids=ids)
         dx = layer.backward(dys, aux_weight=case.get("aux_weight", 1.0)).reshape(-1, cfg.d_model)
         r = out.router
         np.savez(os.path.join(sys.argv[2], f"{name}.rank{rank}.npz"), y=out.y.reshape(-1, cfg.d_model), dx=dx,
@@ -68,8 +71,12 @@ def bad_inputs(comm, path: str) -> None:
         "x_dtype": lambda: layer(np.zeros((3, 8), np.float32)),
         "x_shape": lambda: layer(np.zeros((3, 7))),
         "mask": lambda: layer(np.zeros((3, 8)), padding_mask=np.ones(4, bool)),
-        "router": lambda: ExpertParallelMoELayer(
-            moe_py.MoEConfig(d_model=8, d_ff=8, num_experts=4, router="expert_choice"), comm),
+        "token_ids": lambda: ExpertParallelMoELayer(
+            moe_py.MoEConfig(d_model=8, d_ff=8, num_experts=4, router="hash", dtype="float64"), comm)(np.zeros((3, 8))),
+        # a collective check: every rank sees the others' sequence length and raises alike
+        "seq_len": lambda: ExpertParallelMoELayer(
+            moe_py.MoEConfig(d_model=8, d_ff=8, num_experts=4, router="sinkhorn", dtype="float64",
+                             load_balance_scope="sequence"), comm)(np.zeros((2, 2 + comm.Get_rank(), 8))),
         "backward_first": lambda: ExpertParallelMoELayer(cfg, comm).backward(np.zeros((3, 8))),
     }
     seen = {}
