@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import time
 
 from . import comm as C
 
@@ -38,8 +39,11 @@ def train_command(args: argparse.Namespace) -> int:
         else:
             print(f"[rank {comm.Get_rank()}] {msg}", file=sys.stderr)
         if comm.Get_size() > 1:
-            # the other ranks may be waiting in a collective this one will never join
+            # the other ranks may be waiting in a collective this one will never join; mpiexec
+            # forwards each rank's stderr asynchronously and an abort can drop what is still in
+            # flight (seen under load), so the message gets a moment to arrive first
             sys.stderr.flush()
+            time.sleep(1.0)
             comm.Abort(code)
         return code
 
