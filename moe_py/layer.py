@@ -140,14 +140,7 @@ class MoELayer:
         `out` picks the forward to differentiate (default: the latest); `out.backward(dy)`
         says the same."""
         with self._guard.backward():
-            ctx = self._latest if out is None else out.context
-            if ctx is None:
-                raise RuntimeError("backward called before forward")
-            if ctx.layer is not self:
-                raise ValueError("out: the output of another layer")
-            if isinstance(aux_weight, bool) or not isinstance(aux_weight, (int, float, np.number)) \
-                    or not math.isfinite(aux_weight):
-                raise ValueError(f"aux_weight: expected a finite number, got {aux_weight!r}")
+            ctx = backward_context(self, out, aux_weight)
             D = self.cfg.d_model
             dy2 = as_grad(dy, ctx.lead + (D,), self.cfg.np_dtype, "dy").reshape(-1, D)
             dx2, d_weights = self.experts.backward(dy2, ctx.experts_saved)
@@ -177,6 +170,20 @@ class MoELayer:
         experts = self.cfg.top_k * (self.cfg.capacity if self.cfg.router == "expert_choice" else 1)
         active = router + int(round(experts * per_expert)) + shared
         return {"total": int(total), "active": int(active)}
+
+
+def backward_context(layer, out: Optional[MoEOutput], aux_weight):
+    """The forward state a backward differentiates (out's, or the layer's latest), after
+    checking the arguments every MoE layer's backward takes."""
+    ctx = layer._latest if out is None else out.context
+    if ctx is None:
+        raise RuntimeError("backward called before forward")
+    if ctx.layer is not layer:
+        raise ValueError("out: the output of another layer")
+    if isinstance(aux_weight, bool) or not isinstance(aux_weight, (int, float, np.number)) \
+            or not math.isfinite(aux_weight):
+        raise ValueError(f"aux_weight: expected a finite number, got {aux_weight!r}")
+    return ctx
 
 
 def _replace_arrays(target: Dict[str, np.ndarray], new: Dict[str, np.ndarray], what: str) -> None:

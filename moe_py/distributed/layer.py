@@ -68,7 +68,7 @@ from .._checks import NonFiniteError, as_grad, as_mask, as_token_ids, as_tokens,
 from .._guard import OneCaller
 from .._kernels import Activation, kernel
 from ..config import MoEConfig
-from ..layer import MoELayer, MoEOutput, _replace_arrays
+from ..layer import MoELayer, MoEOutput, _replace_arrays, backward_context
 from ..experts import SharedExperts
 from ..router import Router, RouterOutput, read_only
 from . import comm as C
@@ -411,14 +411,7 @@ class ExpertParallelMoELayer:
             return self._backward(dy, aux_weight, out)
 
     def _backward(self, dy, aux_weight: float, out: Optional[MoEOutput]) -> np.ndarray:
-        ctx = self._latest if out is None else out.context
-        if ctx is None:
-            raise RuntimeError("backward called before forward")
-        if ctx.layer is not self:
-            raise ValueError("out: the output of another layer")
-        if isinstance(aux_weight, bool) or not isinstance(aux_weight, (int, float, np.number)) \
-                or not math.isfinite(aux_weight):
-            raise ValueError(f"aux_weight: expected a finite number, got {aux_weight!r}")
+        ctx = backward_context(self, out, aux_weight)
         cfg, comm = self.cfg, self.comm
         D, dt = cfg.d_model, cfg.np_dtype
         t0 = time.perf_counter()
