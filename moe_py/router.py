@@ -263,10 +263,13 @@ class Router:
     forward = __call__
 
     def backward_into(self, d_topk_weights: Optional[np.ndarray], dx2: np.ndarray,
-                      aux_weight: float = 1.0, saved: Optional["_Saved"] = None) -> None:
+                      aux_weight: float = 1.0, saved: Optional["_Saved"] = None,
+                      balance_scale: float = 1.0, token_scale: float = 1.0) -> None:
         """Add the gradient of sum(d_topk_weights * topk_weights) + aux_weight * aux_loss
         w.r.t. the flattened x into dx2 [T, d_model], and w.r.t. w_router into grads.
-        `saved`: a forward's saved state (default: the latest forward's)."""
+        `saved`: a forward's saved state (default: the latest forward's). balance_scale and
+        token_scale further scale the load-balance and the z-loss/entropy coefficients (an
+        expert-parallel rank's share of the global batch)."""
         saved = self._saved if saved is None else saved
         if saved is None:
             raise RuntimeError("backward called before forward")
@@ -285,8 +288,9 @@ class Router:
             entropy=r.entropy, topk_indices=r.topk_indices, dropped=r.dropped.view(np.uint8),
             tokens_per_expert=r.tokens_per_expert, d_topk_weights=d_topk_weights,
             options=saved.options, balance_counts=saved.balance_counts,
-            load_balance_coef=aux_weight * cfg.load_balance_coef,
-            z_loss_coef=aux_weight * cfg.z_loss_coef, entropy_coef=aux_weight * cfg.entropy_coef,
+            load_balance_coef=aux_weight * cfg.load_balance_coef * balance_scale,
+            z_loss_coef=aux_weight * cfg.z_loss_coef * token_scale,
+            entropy_coef=aux_weight * cfg.entropy_coef * token_scale,
             dx=dx2, dw_router=self.grads["w_router"])
 
     def backward(self, d_topk_weights: Optional[np.ndarray] = None) -> np.ndarray:

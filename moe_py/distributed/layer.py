@@ -479,19 +479,9 @@ class ExpertParallelMoELayer:
         (so f is the global one) and its loss coefficients scaled by this rank's share
         (ctx.scales: of the real tokens, or of the sequences for the sequence scope), the
         kernel yields the global-batch gradients for this rank's tokens."""
-        cfg = self.cfg
-        saved = ctx.router_saved
-        r = saved.routed
         lb_scale, share = ctx.scales
-        kernel("router_backward", cfg.np_dtype)(
-            x=saved.x2, w_router=saved.w, mask=saved.mask, router_logits=r.router_logits,
-            router_probs_clean=r.router_probs_clean, router_probs=r.router_probs,
-            entropy=r.entropy, topk_indices=r.topk_indices, dropped=r.dropped.view(np.uint8),
-            tokens_per_expert=r.tokens_per_expert, d_topk_weights=d_weights,
-            options=saved.options, balance_counts=saved.balance_counts,
-            load_balance_coef=aux_weight * cfg.load_balance_coef * lb_scale,
-            z_loss_coef=aux_weight * cfg.z_loss_coef * share,
-            entropy_coef=aux_weight * cfg.entropy_coef * share, dx=dx2, dw_router=self.grads["w_router"])
+        self.router.backward_into(d_weights, dx2, aux_weight, ctx.router_saved,
+                                  balance_scale=lb_scale, token_scale=share)
 
 
 def _global_losses(total: np.ndarray, R: int, active: int, E: int, seq_len: int,
