@@ -264,20 +264,10 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, corpus: 
             except TrainingDiverged as e:
                 raise TrainingDiverged(f"{e} at step {step + 1}; training stopped, the last good "
                                        f"checkpoint is untouched: {run.checkpoint}") from None
-            m["tokens_per_s"] = m["tokens"] / (time.perf_counter() - t0)
-            rss = rss_mib()  # logged each step, so that memory growth shows
-            if rss is not None:
-                m["rss_mib"] = round(rss, 1)
+            add_speed(m, t0)
             if (step + 1) % train_cfg.eval_every == 0 or step + 1 == train_cfg.steps:
                 m["val_loss"] = evaluate(model, val_sampler, train_cfg.eval_batches)
-            if "expert_share" in m:
-                m["max_over_mean"] = [max(sh) * len(sh) for sh in m["expert_share"]]
-                for msg in watch.update(m["expert_share"]):
-                    m.setdefault("collapse_warnings", []).append(msg)
-                    if bar is not None:  # the progress bar's own line, not a traceback-like warning
-                        bar.write(f"WARNING: {msg} (step {step + 1})")
-                    else:
-                        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            add_collapse_watch(m, watch, bar, step)
             run.append_metrics(m)
             if (step + 1) % train_cfg.checkpoint_every == 0 or step + 1 == end:
                 path = run.step_checkpoint(step + 1)
@@ -292,6 +282,28 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, corpus: 
         if bar is not None:
             bar.close()
     return last
+
+
+def add_speed(m: dict, t0: float) -> None:
+    """A step's tokens/s (since t0) and this process's RSS, added to its metrics."""
+    m["tokens_per_s"] = m["tokens"] / (time.perf_counter() - t0)
+    rss = rss_mib()  # logged each step, so that memory growth shows
+    if rss is not None:
+        m["rss_mib"] = round(rss, 1)
+
+
+def add_collapse_watch(m: dict, watch: CollapseWatch, bar, step: int, warn: bool = True) -> None:
+    """The step's max/mean expert share per layer, and the collapse warnings it raises: on
+    the progress bar's own line, else as a RuntimeWarning when `warn`."""
+    if "expert_share" not in m:
+        return
+    m["max_over_mean"] = [max(sh) * len(sh) for sh in m["expert_share"]]
+    for msg in watch.update(m["expert_share"]):
+        m.setdefault("collapse_warnings", []).append(msg)
+        if bar is not None:  # the progress bar's own line, not a traceback-like warning
+            bar.write(f"WARNING: {msg} (step {step + 1})")
+        elif warn:
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 def show_step(bar, m: dict) -> None:

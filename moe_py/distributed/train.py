@@ -32,12 +32,11 @@ from ..collapse import CollapseWatch
 from ..config import IGNORE_INDEX
 from ..data import Batch, BatchSampler, Corpus, corpus_summary, load_corpus
 from ..lm_losses import cross_entropy, multi_token_cross_entropy, multi_token_labels
-from ..machine import rss_mib
 from ..models import ModelConfig, TransformerLM
 from ..optim import AdamW, lr_at
 from ..run_folder import RunFolder
-from ..train import (TrainConfig, TrainingDiverged, _StepStats, progress_bar, show_step,
-                     with_fixed_horizons)
+from ..train import (TrainConfig, TrainingDiverged, _StepStats, add_collapse_watch, add_speed,
+                     progress_bar, show_step, with_fixed_horizons)
 from . import comm as C
 from .model import (allreduce_replicated_grads, global_grad_norm, load_expert_slices,
                     save_gathered_checkpoint, to_expert_parallel)
@@ -238,20 +237,10 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, comm=Non
             except TrainingDiverged as e:
                 raise TrainingDiverged(f"{e} at step {step + 1}; training stopped, the last good "
                                        f"checkpoint is untouched: {run.checkpoint}") from None
-            m["tokens_per_s"] = m["tokens"] / (time.perf_counter() - t0)
-            rss = rss_mib()  # rank 0's
-            if rss is not None:
-                m["rss_mib"] = round(rss, 1)
+            add_speed(m, t0)  # rank 0's RSS is the one written
             if (step + 1) % train_cfg.eval_every == 0 or step + 1 == train_cfg.steps:
                 m["val_loss"] = evaluate(model, val_sampler, train_cfg.eval_batches, comm)
-            if "expert_share" in m:
-                m["max_over_mean"] = [max(sh) * len(sh) for sh in m["expert_share"]]
-                for msg in watch.update(m["expert_share"]):
-                    m.setdefault("collapse_warnings", []).append(msg)
-                    if bar is not None:
-                        bar.write(f"WARNING: {msg} (step {step + 1})")
-                    elif root:
-                        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            add_collapse_watch(m, watch, bar, step, warn=root)
             if root:
                 run.append_metrics(m)
             if (step + 1) % train_cfg.checkpoint_every == 0 or step + 1 == end:
