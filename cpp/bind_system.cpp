@@ -1,4 +1,4 @@
-// Bindings of threads, the block cache, build facts, the FMA peak loop and the plain GEMM.
+// Bindings of threads, the block cache, the finiteness check, build facts, the FMA peak loop and the plain GEMM.
 #include "bind_common.h"
 
 #include <omp.h>
@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "blas.h"
+#include "finite.h"
 #include "machine.h"
 #include "pool.h"
 
@@ -48,6 +49,17 @@ void bind_typed(py::module_& m, const std::string& sfx) {
       },
       py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("shape"),
       "an array of zeros whose memory comes from the kernels' block cache");
+
+  m.def(
+      ("all_finite" + sfx).c_str(),
+      [](py::array_t<T, py::array::c_style> a) {
+        const T* p = a.data();
+        const index_t n = index_t(a.size());
+        py::gil_scoped_release release;
+        return moe::all_finite(p, n);
+      },
+      py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("a"),
+      "whether every value of a (C-contiguous) is finite: no NaN, no Inf");
 
   m.def(
       ("matmul" + sfx).c_str(),

@@ -6,6 +6,7 @@
 #include "activations.h"
 #include "blas.h"
 #include "pool.h"
+#include "small_gemm.h"
 
 namespace moe {
 
@@ -49,16 +50,16 @@ void experts_forward(const ExpertShape& s, const index_t* offsets, const T* xs, 
       const index_t row = offsets[it.expert] + it.r0;
       const T* x = xs + row * D;
       T* g = h1 + row * F;
-      gemm(false, false, it.rows, F, D, T(1), x, D, w1 + it.expert * D * F, F, T(0), g, F);
+      small_gemm(false, false, it.rows, F, D, x, D, w1 + it.expert * D * F, F, false, g, F);
       if (glu) {
         T* u = h3 + row * F;
-        gemm(false, false, it.rows, F, D, T(1), x, D, w3 + it.expert * D * F, F, T(0), u, F);
+        small_gemm(false, false, it.rows, F, D, x, D, w3 + it.expert * D * F, F, false, u, F);
         swiglu_forward(g, u, a.data(), it.rows * F);
       } else {
         gelu_forward(g, a.data(), it.rows * F);
       }
-      gemm(false, false, it.rows, D, F, T(1), a.data(), F, w2 + it.expert * F * D, D, T(0),
-           ye + row * D, D);
+      small_gemm(false, false, it.rows, D, F, a.data(), F, w2 + it.expert * F * D, D, false,
+                 ye + row * D, D);
     }
   }
 }
@@ -74,6 +75,20 @@ void experts_backward(const ExpertShape& s, const index_t* offsets, const T* xs,
   // uninitialised on purpose: every element is written in phase 1
   Scratch<T> a(N * F), dh1(N * F), dh3(glu ? N * F : 0);
 
+  // W2^T, W1^T and W3^T packed once per expert with rows, not once per row tile: a
+  // transposed pack is a strided gather, as costly as a small tile's GEMM.
+  const index_t p2 = packed_b_size<T>(D, F), p1 = packed_b_size<T>(F, D);
+  Scratch<T> w2t(s.E * p2), w1t(s.E * p1), w3t(glu ? s.E * p1 : 0);
+  const index_t n_packs = s.E * (glu ? 3 : 2);
+#pragma omp parallel for schedule(dynamic, 1)
+  for (index_t i = 0; i < n_packs; ++i) {
+    const index_t e = i / (glu ? 3 : 2), which = i % (glu ? 3 : 2);
+    if (offsets[e + 1] == offsets[e]) continue;
+    if (which == 0) pack_b(true, D, F, w2 + e * F * D, D, w2t.get() + e * p2);
+    if (which == 1) pack_b(true, F, D, w1 + e * D * F, F, w1t.get() + e * p1);
+    if (which == 2) pack_b(true, F, D, w3 + e * D * F, F, w3t.get() + e * p1);
+  }
+
   // Phase 1, over row tiles: dA = dYe W2^T, the activation backward, dXs.
   const auto row_items =
       tiles(s.E, kRowTile, [&](index_t e) { return offsets[e + 1] - offsets[e]; });
@@ -85,19 +100,19 @@ void experts_backward(const ExpertShape& s, const index_t* offsets, const T* xs,
     for (index_t i = 0; i < n_row_items; ++i) {
       const Item it = row_items[i];
       const index_t e = it.expert, row = offsets[e] + it.r0, n = it.rows * F;
-      gemm(false, true, it.rows, F, D, T(1), dye + row * D, D, w2 + e * F * D, D, T(0),
-           da.data(), F);
+      small_gemm_packed(false, it.rows, F, D, dye + row * D, D, w2t.get() + e * p2, false,
+                        da.data(), F);
       if (glu) {
         swiglu_backward(h1 + row * F, h3 + row * F, da.data(), a.get() + row * F,
                         dh1.get() + row * F, dh3.get() + row * F, n);
-        gemm(false, true, it.rows, D, F, T(1), dh1.get() + row * F, F, w1 + e * D * F, F, T(0),
-             dxs + row * D, D);
-        gemm(false, true, it.rows, D, F, T(1), dh3.get() + row * F, F, w3 + e * D * F, F, T(1),
-             dxs + row * D, D);
+        small_gemm_packed(false, it.rows, D, F, dh1.get() + row * F, F, w1t.get() + e * p1,
+                          false, dxs + row * D, D);
+        small_gemm_packed(false, it.rows, D, F, dh3.get() + row * F, F, w3t.get() + e * p1,
+                          true, dxs + row * D, D);
       } else {
         gelu_backward(h1 + row * F, da.data(), a.get() + row * F, dh1.get() + row * F, n);
-        gemm(false, true, it.rows, D, F, T(1), dh1.get() + row * F, F, w1 + e * D * F, F, T(0),
-             dxs + row * D, D);
+        small_gemm_packed(false, it.rows, D, F, dh1.get() + row * F, F, w1t.get() + e * p1,
+                          false, dxs + row * D, D);
       }
     }
   }
@@ -123,12 +138,12 @@ void experts_backward(const ExpertShape& s, const index_t* offsets, const T* xs,
     const index_t e = g.it.expert, row = offsets[e], n_e = offsets[e + 1] - offsets[e];
     if (g.which == 2) {
       // rows r0.. of A^T are columns r0.. of A
-      gemm(true, false, g.it.rows, D, n_e, T(1), a.get() + row * F + g.it.r0, F, dye + row * D,
-           D, T(1), dw2 + e * F * D + g.it.r0 * D, D);
+      small_gemm(true, false, g.it.rows, D, n_e, a.get() + row * F + g.it.r0, F, dye + row * D,
+                 D, true, dw2 + e * F * D + g.it.r0 * D, D);
     } else {
       const T* dh = (g.which == 1 ? dh1.get() : dh3.get()) + row * F;
       T* dw = (g.which == 1 ? dw1 : dw3) + e * D * F + g.it.r0 * F;
-      gemm(true, false, g.it.rows, F, n_e, T(1), xs + row * D + g.it.r0, D, dh, F, T(1), dw, F);
+      small_gemm(true, false, g.it.rows, F, n_e, xs + row * D + g.it.r0, D, dh, F, true, dw, F);
     }
   }
 }

@@ -7,6 +7,8 @@ from typing import Tuple
 
 import numpy as np
 
+from ._kernels import all_finite
+
 # The BLAS takes 32-bit sizes: rows of one product (tokens x top_k) must stay below this.
 MAX_ROWS = 2**31 - 1
 
@@ -40,7 +42,7 @@ def as_tokens(x, d_model: int, dtype: type, name: str = "x") -> Tuple[np.ndarray
         raise TypeError(f"{name}: expected dtype {np.dtype(dtype).name} (the layer dtype), got {x.dtype}")
     if x.ndim < 1 or x.shape[-1] != d_model:
         raise ValueError(f"{name}: expected shape [..., {d_model}], got {list(x.shape)}")
-    if not np.isfinite(x).all():
+    if not all_finite(x):
         raise ValueError(f"{name}: contains NaN or Inf")
     lead = x.shape[:-1]
     return np.ascontiguousarray(x.reshape(-1, d_model)), lead
@@ -68,7 +70,7 @@ def as_grad(g, shape: tuple, dtype: type, name: str) -> np.ndarray:
         raise TypeError(f"{name}: expected dtype {np.dtype(dtype).name}, got {g.dtype}")
     if g.shape != tuple(shape):
         raise ValueError(f"{name}: expected shape {list(shape)}, got {list(g.shape)}")
-    if not np.isfinite(g).all():
+    if not all_finite(g):
         raise ValueError(f"{name}: contains NaN or Inf")
     return np.ascontiguousarray(g)
 
@@ -79,7 +81,7 @@ def check_param(value, shape: tuple, dtype: type, name: str) -> None:
         raise TypeError(f"{name}: expected a {np.dtype(dtype).name} array, got {got}")
     if value.shape != tuple(shape):
         raise ValueError(f"{name}: expected shape {list(shape)}, got {list(value.shape)}")
-    if not np.isfinite(np.asarray(value)).all():
+    if not all_finite(value):
         raise ValueError(f"{name}: contains NaN or Inf")
 
 

@@ -109,6 +109,12 @@ def adamw_step_f32(*, param: numpy.ndarray, grad: typing.Annotated[numpy.typing.
 def adamw_step_f64(*, param: numpy.ndarray, grad: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], m: numpy.ndarray, v: numpy.ndarray, lr: float, beta1: float, beta2: float, bias1: float, bias2: float, eps: float, decay: float, grad_scale: float) -> None:
     """one AdamW update in place of param, m and v"""
 
+def all_finite_f32(*, a: typing.Annotated[numpy.typing.ArrayLike, numpy.float32]) -> bool:
+    """whether every value of a (C-contiguous) is finite: no NaN, no Inf"""
+
+def all_finite_f64(*, a: typing.Annotated[numpy.typing.ArrayLike, numpy.float64]) -> bool:
+    """whether every value of a (C-contiguous) is finite: no NaN, no Inf"""
+
 def attention_backward_f32(*, qkv: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], probs: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], dout: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], heads: int) -> numpy.typing.NDArray[numpy.float32]:
     """dqkv of attention_forward from the saved probs"""
 

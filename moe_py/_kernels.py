@@ -62,3 +62,11 @@ def pool_release() -> None:
 def zeros(shape, dtype) -> np.ndarray:
     """Zeros from the block cache (no fresh pages for a buffer made every step)."""
     return kernel("zeros", dtype)(shape=[int(d) for d in shape])
+
+
+def all_finite(a) -> bool:
+    """np.isfinite(a).all() in one parallel pass with no temporary (contiguous float arrays;
+    anything else goes through NumPy)."""
+    if isinstance(a, np.ndarray) and a.dtype in _SUFFIX and a.flags.c_contiguous:
+        return bool(kernel("all_finite", a.dtype)(a=a))
+    return bool(np.isfinite(a).all())

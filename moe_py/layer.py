@@ -8,6 +8,7 @@ import numpy as np
 
 from ._checks import NonFiniteError, as_grad, as_mask, as_token_ids, as_tokens, sequence_length
 from ._guard import OneCaller
+from ._kernels import all_finite
 from .config import MoEConfig
 from .experts import Experts, SharedExperts, init_expert_weights, init_shared_weights
 from .router import Router, RouterOutput, init_router_weight
@@ -122,7 +123,7 @@ class MoELayer:
             if self.shared is not None:
                 y_shared, shared_saved = self.shared.compute(x2, mask)
                 y2 += y_shared
-            if not np.isfinite(y2).all():
+            if not all_finite(y2):
                 raise NonFiniteError(
                     f"x: the layer's output is not finite (max |x| = {np.abs(x2).max():.3g}; "
                     f"values this large overflow the router or the experts in {self.cfg.dtype})")
@@ -144,13 +145,13 @@ class MoELayer:
             D = self.cfg.d_model
             dy2 = as_grad(dy, ctx.lead + (D,), self.cfg.np_dtype, "dy").reshape(-1, D)
             dx2, d_weights = self.experts.backward(dy2, ctx.experts_saved)
-            if not np.isfinite(d_weights).all():
+            if not all_finite(d_weights):
                 raise NonFiniteError(f"dy: the gradient through the experts is not finite (max |dy| "
                                      f"= {np.abs(dy2).max():.3g} overflows in {self.cfg.dtype})")
             if ctx.shared_saved is not None:
                 dx2 += self.shared.backward(dy2, ctx.shared_saved)
             self.router.backward_into(d_weights, dx2, float(aux_weight), ctx.router_saved)
-            if not np.isfinite(dx2).all():
+            if not all_finite(dx2):
                 raise NonFiniteError(f"dx is not finite: dy (max |dy| = {np.abs(dy2).max():.3g}) "
                                      f"or aux_weight={aux_weight} x the aux-loss coefficients overflow "
                                      f"in {self.cfg.dtype}")

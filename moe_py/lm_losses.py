@@ -7,7 +7,7 @@ from typing import List, Tuple
 import numpy as np
 
 from . import _kernels
-from ._kernels import kernel
+from ._kernels import all_finite, kernel
 from .config import IGNORE_INDEX
 
 
@@ -25,7 +25,7 @@ def cross_entropy(logits, labels, ignore_index: int = IGNORE_INDEX) -> Tuple[flo
         raise TypeError(f"labels: expected integers, got {labels.dtype}")
     if labels.shape != logits.shape[:-1]:
         raise ValueError(f"labels: expected shape {list(logits.shape[:-1])}, got {list(labels.shape)}")
-    if not np.isfinite(logits).all():
+    if not all_finite(logits):
         raise ValueError("logits: contains NaN or Inf")
     V = logits.shape[-1]
     flat = np.ascontiguousarray(logits.reshape(-1, V))

@@ -17,6 +17,7 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 import numpy as np
 
 from ._checks import NonFiniteError, as_mask
+from ._kernels import all_finite
 from .config import DTYPES, IGNORE_INDEX, MoEConfig, check_seed, plain_scalars, positive_int
 from .ffn import build_ffn
 from .layer import MoELayer
@@ -220,7 +221,7 @@ class TransformerLM:
         Returns the unweighted numbers and the RouterOutputs for logging."""
         out = self.forward(inputs, mask, training)
         for i, logits in enumerate(out.head_logits):
-            if not np.isfinite(logits).all():
+            if not all_finite(logits):
                 raise NonFiniteError(f"the logits of head {i} are not finite")
         losses, grads = multi_token_cross_entropy(out.head_logits, targets, mask, IGNORE_INDEX)
         scale = loss_weight / len(losses)

@@ -1,0 +1,369 @@
+#include "small_gemm.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <limits>
+#include <new>
+
+#include "blas.h"
+
+namespace moe {
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#define MOE_SMALL_GEMM_SIMD 1
+
+namespace {
+
+// One SIMD register of T, and the few operations the micro-kernel needs.
+template <typename T>
+struct Simd;
+
+#if defined(__AVX512F__)
+constexpr int kRows = 12;  // micro-tile rows: 2 x 12 accumulators + 2 B vectors + 1 broadcast <= 32 zmm
+
+template <>
+struct Simd<float> {
+  using V = __m512;
+  static constexpr int L = 16;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V set1(float a) { return _mm512_set1_ps(a); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static __mmask16 mask(int n) { return n >= L ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+  static V load_n(const float* p, int n) { return _mm512_maskz_loadu_ps(mask(n), p); }
+  static void store_n(float* p, V v, int n) { _mm512_mask_storeu_ps(p, mask(n), v); }
+  // p[j * stride] for j < n (zeros beyond)
+  static V gather_n(const float* p, int stride, int n) {
+    const __m512i idx = _mm512_mullo_epi32(_mm512_set1_epi32(stride),
+                                           _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
+                                                             12, 13, 14, 15));
+    return _mm512_mask_i32gather_ps(zero(), mask(n), idx, p, 4);
+  }
+};
+
+template <>
+struct Simd<double> {
+  using V = __m512d;
+  static constexpr int L = 8;
+  static V zero() { return _mm512_setzero_pd(); }
+  static V set1(double a) { return _mm512_set1_pd(a); }
+  static V load(const double* p) { return _mm512_loadu_pd(p); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
+  static V add(V a, V b) { return _mm512_add_pd(a, b); }
+  static void store(double* p, V v) { _mm512_storeu_pd(p, v); }
+  static __mmask8 mask(int n) { return n >= L ? __mmask8(0xFF) : __mmask8((1u << n) - 1); }
+  static V load_n(const double* p, int n) { return _mm512_maskz_loadu_pd(mask(n), p); }
+  static void store_n(double* p, V v, int n) { _mm512_mask_storeu_pd(p, mask(n), v); }
+  static V gather_n(const double* p, int stride, int n) {
+    const __m256i idx = _mm256_mullo_epi32(_mm256_set1_epi32(stride),
+                                           _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return _mm512_mask_i32gather_pd(zero(), mask(n), idx, p, 8);
+  }
+};
+#else
+constexpr int kRows = 6;  // 2 x 6 accumulators + 2 B vectors + 1 broadcast <= 16 ymm
+
+template <>
+struct Simd<float> {
+  using V = __m256;
+  static constexpr int L = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V set1(float a) { return _mm256_set1_ps(a); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static __m256i mask(int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static V load_n(const float* p, int n) { return _mm256_maskload_ps(p, mask(n)); }
+  static void store_n(float* p, V v, int n) { _mm256_maskstore_ps(p, mask(n), v); }
+  static V gather_n(const float* p, int stride, int n) {
+    const __m256i idx = _mm256_mullo_epi32(_mm256_set1_epi32(stride),
+                                           _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return _mm256_mask_i32gather_ps(zero(), p, idx, _mm256_castsi256_ps(mask(n)), 4);
+  }
+};
+
+template <>
+struct Simd<double> {
+  using V = __m256d;
+  static constexpr int L = 4;
+  static V zero() { return _mm256_setzero_pd(); }
+  static V set1(double a) { return _mm256_set1_pd(a); }
+  static V load(const double* p) { return _mm256_loadu_pd(p); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_pd(a, b); }
+  static void store(double* p, V v) { _mm256_storeu_pd(p, v); }
+  static __m256i mask(int n) {
+    return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+  }
+  static V load_n(const double* p, int n) { return _mm256_maskload_pd(p, mask(n)); }
+  static void store_n(double* p, V v, int n) { _mm256_maskstore_pd(p, mask(n), v); }
+  static V gather_n(const double* p, int stride, int n) {
+    const __m128i idx = _mm_mullo_epi32(_mm_set1_epi32(stride), _mm_setr_epi32(0, 1, 2, 3));
+    return _mm256_mask_i32gather_pd(zero(), p, idx, _mm256_castsi256_pd(mask(n)), 8);
+  }
+};
+#endif
+
+// Columns per packed panel: two registers.
+template <typename T>
+constexpr index_t kCols = 2 * Simd<T>::L;
+
+// k and columns per block of packed panels: kKc x kNc values stay in L2 (512 KiB in
+// float32), one micro-tile's rows of A (kRows x kKc) in L1.
+constexpr index_t kKc = 256;
+constexpr index_t kNc = 512;
+
+// op(B) rows k0..k0+kc, columns j0..j0+nc (nc <= kCols) into panel [kc][kCols], zero-padded.
+template <typename T>
+void pack_panel(bool trans_b, const T* B, index_t ldb, index_t k0, index_t kc, index_t j0,
+                index_t nc, T* panel) {
+  constexpr index_t NR = kCols<T>;
+  using S = Simd<T>;
+  constexpr int L = S::L;
+  if (!trans_b) {
+    const int n0 = int(std::min<index_t>(nc, L)), n1 = int(nc) - n0;
+    for (index_t k = 0; k < kc; ++k) {
+      const T* src = B + (k0 + k) * ldb + j0;
+      T* dst = panel + k * NR;
+      S::store(dst, nc == NR ? S::load(src) : S::load_n(src, n0));
+      S::store(dst + L, nc == NR ? S::load(src + L) : n1 > 0 ? S::load_n(src + L, n1) : S::zero());
+    }
+    return;
+  }
+  // op(B)(k, j) = B[j * ldb + k]: one gather of L columns' values per register
+  const int n0 = int(std::min<index_t>(nc, L)), n1 = int(nc) - n0;
+  const T* src = B + j0 * ldb + k0;
+  if (L * ldb <= std::numeric_limits<int>::max()) {
+    const int stride = int(ldb);
+    for (index_t k = 0; k < kc; ++k) {
+      S::store(panel + k * NR, S::gather_n(src + k, stride, n0));
+      S::store(panel + k * NR + L, n1 > 0 ? S::gather_n(src + L * ldb + k, stride, n1) : S::zero());
+    }
+    return;
+  }
+  if (nc < NR) std::fill(panel, panel + kc * NR, T(0));  // rows too long for 32-bit offsets
+  for (index_t j = 0; j < nc; ++j)
+    for (index_t k = 0; k < kc; ++k) panel[k * NR + j] = src[j * ldb + k];
+}
+
+template <typename T>
+void zero_unless(bool accumulate, index_t M, index_t N, T* C, index_t ldc) {
+  if (!accumulate)
+    for (index_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, T(0));
+}
+
+// A 64-byte aligned buffer: a vector load that splits two cache lines costs two.
+template <typename T>
+class AlignedBuffer {
+ public:
+  explicit AlignedBuffer(std::size_t n)
+      : p_(static_cast<T*>(std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64))) {
+    if (!p_) throw std::bad_alloc();
+  }
+  ~AlignedBuffer() { std::free(p_); }
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+  T* get() { return p_; }
+
+ private:
+  T* p_;
+};
+
+// op(A)(i, k) of an A stored plain ([M, K]) or transposed ([K, M]); a compile-time choice
+// so that the micro-tile's row offsets are constants (transposed) or hoisted pointers.
+template <bool TransA, typename T>
+inline const T* a_at(const T* a, index_t lda, index_t i, index_t k) {
+  return TransA ? a + k * lda + i : a + i * lda + k;
+}
+
+// C rows [R][nc] (+)= op(A) rows [R][kc] x panel [kc][kCols].
+template <bool TransA, typename T, int R>
+void micro_tile(index_t kc, const T* a, index_t lda, const T* panel, T* c, index_t ldc,
+                index_t nc, bool accumulate) {
+  using S = Simd<T>;
+  constexpr int L = S::L;
+  typename S::V lo[R], hi[R];
+#pragma GCC unroll 16
+  for (int i = 0; i < R; ++i) lo[i] = hi[i] = S::zero();
+  for (index_t k = 0; k < kc; ++k) {
+    const typename S::V b0 = S::load(panel + k * 2 * L), b1 = S::load(panel + k * 2 * L + L);
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+      const typename S::V ai = S::set1(*a_at<TransA>(a, lda, i, k));
+      lo[i] = S::fma(ai, b0, lo[i]);
+      hi[i] = S::fma(ai, b1, hi[i]);
+    }
+  }
+  if (nc == 2 * L) {
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+      T* ci = c + i * ldc;
+      S::store(ci, accumulate ? S::add(S::load(ci), lo[i]) : lo[i]);
+      S::store(ci + L, accumulate ? S::add(S::load(ci + L), hi[i]) : hi[i]);
+    }
+    return;
+  }
+  const int n0 = int(std::min<index_t>(nc, L)), n1 = int(nc) - n0;
+#pragma GCC unroll 16
+  for (int i = 0; i < R; ++i) {
+    T* ci = c + i * ldc;
+    S::store_n(ci, accumulate ? S::add(S::load_n(ci, n0), lo[i]) : lo[i], n0);
+    if (n1 > 0) S::store_n(ci + L, accumulate ? S::add(S::load_n(ci + L, n1), hi[i]) : hi[i], n1);
+  }
+}
+
+// The micro-tile for the last R < kRows rows of a block (R known only at run time).
+template <bool TransA, typename T, int R = kRows - 1>
+void micro_tail(int rows, index_t kc, const T* a, index_t lda, const T* panel, T* c,
+                index_t ldc, index_t nc, bool accumulate) {
+  if constexpr (R >= 1) {
+    if (rows == R) return micro_tile<TransA, T, R>(kc, a, lda, panel, c, ldc, nc, accumulate);
+    micro_tail<TransA, T, R - 1>(rows, kc, a, lda, panel, c, ldc, nc, accumulate);
+  }
+}
+
+// C [M][N] (+)= op(A) rows 0..M, k0..k0+kc x packed panels of that k block (panel j at
+// panels + j * stride). Rows outer: the micro-tile's rows of A stay in L1 across the
+// panels, which stream from L2 in order.
+template <bool TransA, typename T>
+void panels_block(index_t M, index_t N, index_t kc, const T* a, index_t lda, const T* panels,
+                  index_t stride, T* c, index_t ldc, bool accumulate) {
+  constexpr index_t NR = kCols<T>;
+  for (index_t i = 0; i < M; i += kRows) {
+    const int rows = int(std::min<index_t>(kRows, M - i));
+    const T* ai = a_at<TransA>(a, lda, i, 0);
+    for (index_t j0 = 0; j0 < N; j0 += NR) {
+      const T* panel = panels + (j0 / NR) * stride;
+      const index_t nc = std::min(NR, N - j0);
+      if (rows == kRows)
+        micro_tile<TransA, T, kRows>(kc, ai, lda, panel, c + i * ldc + j0, ldc, nc, accumulate);
+      else
+        micro_tail<TransA, T>(rows, kc, ai, lda, panel, c + i * ldc + j0, ldc, nc, accumulate);
+    }
+  }
+}
+
+// Column k0 of op(A).
+template <typename T>
+const T* a_at(bool trans_a, const T* a, index_t lda, index_t k0) {
+  return trans_a ? a + k0 * lda : a + k0;
+}
+
+// panels_block with the transposition of A chosen at run time.
+template <typename T>
+void panels_block(bool trans_a, index_t M, index_t N, index_t kc, const T* a, index_t lda,
+                  const T* panels, index_t stride, T* c, index_t ldc, bool accumulate) {
+  if (trans_a)
+    panels_block<true>(M, N, kc, a, lda, panels, stride, c, ldc, accumulate);
+  else
+    panels_block<false>(M, N, kc, a, lda, panels, stride, c, ldc, accumulate);
+}
+
+}  // namespace
+
+template <typename T>
+void small_gemm(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, const T* A,
+                index_t lda, const T* B, index_t ldb, bool accumulate, T* C, index_t ldc) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) return zero_unless(accumulate, M, N, C, ldc);
+  constexpr index_t NR = kCols<T>;
+  // one block of packed panels per thread, reused by every call on it (the kernels call
+  // this inside OpenMP); kKc x kNc values, which stay in L2
+  thread_local AlignedBuffer<T> panels(kKc * kNc);
+  for (index_t n0 = 0; n0 < N; n0 += kNc) {
+    const index_t nb = std::min(kNc, N - n0);
+    for (index_t k0 = 0; k0 < K; k0 += kKc) {
+      const index_t kc = std::min(kKc, K - k0);
+      for (index_t j0 = 0; j0 < nb; j0 += NR)
+        pack_panel(trans_b, B, ldb, k0, kc, n0 + j0, std::min(NR, nb - j0),
+                   panels.get() + (j0 / NR) * kc * NR);
+      panels_block(trans_a, M, nb, kc, a_at(trans_a, A, lda, k0), lda, panels.get(), kc * NR,
+                   C + n0, ldc, accumulate || k0 > 0);
+    }
+  }
+}
+
+template <typename T>
+index_t packed_b_size(index_t K, index_t N) {
+  constexpr index_t NR = kCols<T>;
+  return (N + NR - 1) / NR * NR * K;
+}
+
+template <typename T>
+void pack_b(bool trans_b, index_t K, index_t N, const T* B, index_t ldb, T* packed) {
+  constexpr index_t NR = kCols<T>;
+  for (index_t j0 = 0; j0 < N; j0 += NR)
+    pack_panel(trans_b, B, ldb, 0, K, j0, std::min(NR, N - j0), packed + (j0 / NR) * K * NR);
+}
+
+template <typename T>
+void small_gemm_packed(bool trans_a, index_t M, index_t N, index_t K, const T* A, index_t lda,
+                       const T* packed, bool accumulate, T* C, index_t ldc) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) return zero_unless(accumulate, M, N, C, ldc);
+  constexpr index_t NR = kCols<T>;
+  // the same blocks, in the same order, as small_gemm: the same bits
+  for (index_t n0 = 0; n0 < N; n0 += kNc)
+    for (index_t k0 = 0; k0 < K; k0 += kKc)
+      panels_block(trans_a, M, std::min(kNc, N - n0), std::min(kKc, K - k0),
+                   a_at(trans_a, A, lda, k0), lda, packed + (n0 / NR) * K * NR + k0 * NR, K * NR,
+                   C + n0, ldc, accumulate || k0 > 0);
+}
+
+const char* small_gemm_kernel() {
+#if defined(__AVX512F__)
+  return "avx512";
+#else
+  return "avx2";
+#endif
+}
+
+#else  // no AVX2/AVX-512 in this build: the BLAS
+
+template <typename T>
+void small_gemm(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, const T* A,
+                index_t lda, const T* B, index_t ldb, bool accumulate, T* C, index_t ldc) {
+  gemm(trans_a, trans_b, M, N, K, T(1), A, lda, B, ldb, accumulate ? T(1) : T(0), C, ldc);
+}
+
+template <typename T>
+index_t packed_b_size(index_t K, index_t N) {
+  return K * N;
+}
+
+// "packed" is op(B) itself, row-major [K, N]
+template <typename T>
+void pack_b(bool trans_b, index_t K, index_t N, const T* B, index_t ldb, T* packed) {
+  for (index_t k = 0; k < K; ++k)
+    for (index_t j = 0; j < N; ++j) packed[k * N + j] = trans_b ? B[j * ldb + k] : B[k * ldb + j];
+}
+
+template <typename T>
+void small_gemm_packed(bool trans_a, index_t M, index_t N, index_t K, const T* A, index_t lda,
+                       const T* packed, bool accumulate, T* C, index_t ldc) {
+  gemm(trans_a, false, M, N, K, T(1), A, lda, packed, N, accumulate ? T(1) : T(0), C, ldc);
+}
+
+const char* small_gemm_kernel() { return "blas"; }
+
+#endif
+
+#define MOE_INSTANTIATE(T)                                                                  \
+  template void small_gemm<T>(bool, bool, index_t, index_t, index_t, const T*, index_t,     \
+                              const T*, index_t, bool, T*, index_t);                        \
+  template index_t packed_b_size<T>(index_t, index_t);                                      \
+  template void pack_b<T>(bool, index_t, index_t, const T*, index_t, T*);                   \
+  template void small_gemm_packed<T>(bool, index_t, index_t, index_t, const T*, index_t,    \
+                                     const T*, bool, T*, index_t);
+MOE_INSTANTIATE(float)
+MOE_INSTANTIATE(double)
+#undef MOE_INSTANTIATE
+
+}  // namespace moe
