@@ -1,5 +1,7 @@
 #include "blas.h"
 
+#include "small_gemm.h"
+
 #include <cblas.h>
 #include <omp.h>
 
@@ -59,7 +61,11 @@ void gemm_tiled(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, T a
     // column c0 of op(B) at B + c0 (plain) or at row c0 (transposed).
     const T* a = trans_a ? A + r0 : A + r0 * lda;
     const T* b = trans_b ? B + c0 * ldb : B + c0;
-    gemm(trans_a, trans_b, rows, cols, K, alpha, a, lda, b, ldb, beta, C + r0 * ldc + c0, ldc);
+    if (alpha == T(1) && (beta == T(0) || beta == T(1)))
+      small_gemm(trans_a, trans_b, rows, cols, K, a, lda, b, ldb, beta == T(1), C + r0 * ldc + c0,
+                 ldc);
+    else
+      gemm(trans_a, trans_b, rows, cols, K, alpha, a, lda, b, ldb, beta, C + r0 * ldc + c0, ldc);
   }
 }
 

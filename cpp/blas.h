@@ -31,7 +31,8 @@ constexpr index_t kGemmColTile = 256;
 // The same product, with C split into fixed kGemmRowTile x kGemmColTile tiles
 // run in parallel (serially when already inside a parallel region). Columns are
 // split too so that a product with few rows (a weight gradient) still uses
-// every thread.
+// every thread. Tiles with alpha 1 and beta 0 or 1 (every caller's) run on
+// small_gemm (small_gemm.h), others on the BLAS.
 template <typename T>
 void gemm_tiled(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, T alpha,
                 const T* A, index_t lda, const T* B, index_t ldb, T beta, T* C, index_t ldc);

@@ -183,50 +183,64 @@ inline const T* a_at(const T* a, index_t lda, index_t i, index_t k) {
   return TransA ? a + k * lda + i : a + i * lda + k;
 }
 
-// C rows [R][nc] (+)= op(A) rows [R][kc] x panel [kc][kCols].
-template <bool TransA, typename T, int R>
+// C rows [R][nc] (+)= op(A) rows [R][kc] x panel [kc][kCols], with NV = 2 registers per
+// row, or NV = 1 when nc <= L (a narrow product, e.g. a router's E columns, would
+// otherwise spend half the FMAs on the panel's zero padding).
+template <bool TransA, typename T, int NV, int R>
 void micro_tile(index_t kc, const T* a, index_t lda, const T* panel, T* c, index_t ldc,
                 index_t nc, bool accumulate) {
   using S = Simd<T>;
   constexpr int L = S::L;
-  typename S::V lo[R], hi[R];
+  typename S::V acc[NV][R];
 #pragma GCC unroll 16
-  for (int i = 0; i < R; ++i) lo[i] = hi[i] = S::zero();
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < NV; ++v) acc[v][i] = S::zero();
   for (index_t k = 0; k < kc; ++k) {
-    const typename S::V b0 = S::load(panel + k * 2 * L), b1 = S::load(panel + k * 2 * L + L);
+    typename S::V b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = S::load(panel + k * 2 * L + v * L);
 #pragma GCC unroll 16
     for (int i = 0; i < R; ++i) {
       const typename S::V ai = S::set1(*a_at<TransA>(a, lda, i, k));
-      lo[i] = S::fma(ai, b0, lo[i]);
-      hi[i] = S::fma(ai, b1, hi[i]);
+      for (int v = 0; v < NV; ++v) acc[v][i] = S::fma(ai, b[v], acc[v][i]);
     }
   }
-  if (nc == 2 * L) {
+  if (nc == NV * L) {
 #pragma GCC unroll 16
-    for (int i = 0; i < R; ++i) {
-      T* ci = c + i * ldc;
-      S::store(ci, accumulate ? S::add(S::load(ci), lo[i]) : lo[i]);
-      S::store(ci + L, accumulate ? S::add(S::load(ci + L), hi[i]) : hi[i]);
-    }
+    for (int i = 0; i < R; ++i)
+      for (int v = 0; v < NV; ++v) {
+        T* ci = c + i * ldc + v * L;
+        S::store(ci, accumulate ? S::add(S::load(ci), acc[v][i]) : acc[v][i]);
+      }
     return;
   }
-  const int n0 = int(std::min<index_t>(nc, L)), n1 = int(nc) - n0;
 #pragma GCC unroll 16
-  for (int i = 0; i < R; ++i) {
-    T* ci = c + i * ldc;
-    S::store_n(ci, accumulate ? S::add(S::load_n(ci, n0), lo[i]) : lo[i], n0);
-    if (n1 > 0) S::store_n(ci + L, accumulate ? S::add(S::load_n(ci + L, n1), hi[i]) : hi[i], n1);
-  }
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < NV; ++v) {
+      const int n = int(std::min<index_t>(L, nc - v * L));
+      if (n <= 0) continue;
+      T* ci = c + i * ldc + v * L;
+      S::store_n(ci, accumulate ? S::add(S::load_n(ci, n), acc[v][i]) : acc[v][i], n);
+    }
 }
 
 // The micro-tile for the last R < kRows rows of a block (R known only at run time).
-template <bool TransA, typename T, int R = kRows - 1>
+template <bool TransA, typename T, int NV, int R = kRows - 1>
 void micro_tail(int rows, index_t kc, const T* a, index_t lda, const T* panel, T* c,
                 index_t ldc, index_t nc, bool accumulate) {
   if constexpr (R >= 1) {
-    if (rows == R) return micro_tile<TransA, T, R>(kc, a, lda, panel, c, ldc, nc, accumulate);
-    micro_tail<TransA, T, R - 1>(rows, kc, a, lda, panel, c, ldc, nc, accumulate);
+    if (rows == R) return micro_tile<TransA, T, NV, R>(kc, a, lda, panel, c, ldc, nc, accumulate);
+    micro_tail<TransA, T, NV, R - 1>(rows, kc, a, lda, panel, c, ldc, nc, accumulate);
   }
+}
+
+// Rows i.. (at most kRows) of C, columns of one panel.
+template <bool TransA, typename T, int NV>
+void micro_rows(int rows, index_t kc, const T* a, index_t lda, const T* panel, T* c,
+                index_t ldc, index_t nc, bool accumulate) {
+  if (rows == kRows)
+    micro_tile<TransA, T, NV, kRows>(kc, a, lda, panel, c, ldc, nc, accumulate);
+  else
+    micro_tail<TransA, T, NV>(rows, kc, a, lda, panel, c, ldc, nc, accumulate);
 }
 
 // C [M][N] (+)= op(A) rows 0..M, k0..k0+kc x packed panels of that k block (panel j at
@@ -242,10 +256,10 @@ void panels_block(index_t M, index_t N, index_t kc, const T* a, index_t lda, con
     for (index_t j0 = 0; j0 < N; j0 += NR) {
       const T* panel = panels + (j0 / NR) * stride;
       const index_t nc = std::min(NR, N - j0);
-      if (rows == kRows)
-        micro_tile<TransA, T, kRows>(kc, ai, lda, panel, c + i * ldc + j0, ldc, nc, accumulate);
+      if (nc <= Simd<T>::L)
+        micro_rows<TransA, T, 1>(rows, kc, ai, lda, panel, c + i * ldc + j0, ldc, nc, accumulate);
       else
-        micro_tail<TransA, T>(rows, kc, ai, lda, panel, c + i * ldc + j0, ldc, nc, accumulate);
+        micro_rows<TransA, T, 2>(rows, kc, ai, lda, panel, c + i * ldc + j0, ldc, nc, accumulate);
     }
   }
 }
