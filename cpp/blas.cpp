@@ -1,5 +1,6 @@
 #include "blas.h"
 
+#include "pool.h"
 #include "small_gemm.h"
 
 #include <cblas.h>
@@ -53,19 +54,37 @@ void gemm_tiled(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, T a
   const index_t row_tiles = (M + kGemmRowTile - 1) / kGemmRowTile;
   const index_t col_tiles = (N + kGemmColTile - 1) / kGemmColTile;
   const index_t tiles = row_tiles * col_tiles;
-#pragma omp parallel for schedule(dynamic, 1) if (tiles > 1 && !omp_in_parallel())
-  for (index_t i = 0; i < tiles; ++i) {
-    const index_t r0 = (i / col_tiles) * kGemmRowTile, c0 = (i % col_tiles) * kGemmColTile;
-    const index_t rows = std::min(kGemmRowTile, M - r0), cols = std::min(kGemmColTile, N - c0);
-    // Row r0 of op(A) starts at A + r0*lda (plain) or at column r0 (transposed);
-    // column c0 of op(B) at B + c0 (plain) or at row c0 (transposed).
-    const T* a = trans_a ? A + r0 : A + r0 * lda;
-    const T* b = trans_b ? B + c0 * ldb : B + c0;
-    if (alpha == T(1) && (beta == T(0) || beta == T(1)))
-      small_gemm(trans_a, trans_b, rows, cols, K, a, lda, b, ldb, beta == T(1), C + r0 * ldc + c0,
-                 ldc);
-    else
-      gemm(trans_a, trans_b, rows, cols, K, alpha, a, lda, b, ldb, beta, C + r0 * ldc + c0, ldc);
+  const bool parallel = tiles > 1 && !omp_in_parallel();
+  // Row r0 of op(A) starts at A + r0*lda (plain) or at column r0 (transposed);
+  // column c0 of op(B) at B + c0 (plain) or at row c0 (transposed).
+  const auto a_rows = [&](index_t r0) { return trans_a ? A + r0 : A + r0 * lda; };
+  const auto b_cols = [&](index_t c0) { return trans_b ? B + c0 * ldb : B + c0; };
+  if (!(alpha == T(1) && (beta == T(0) || beta == T(1)))) {
+#pragma omp parallel for schedule(dynamic, 1) if (parallel)
+    for (index_t i = 0; i < tiles; ++i) {
+      const index_t r0 = (i / col_tiles) * kGemmRowTile, c0 = (i % col_tiles) * kGemmColTile;
+      gemm(trans_a, trans_b, std::min(kGemmRowTile, M - r0), std::min(kGemmColTile, N - c0), K,
+           alpha, a_rows(r0), lda, b_cols(c0), ldb, beta, C + r0 * ldc + c0, ldc);
+    }
+    return;
+  }
+  // op(B) packed once, by column tiles, for every row tile (not once per tile)
+  static_assert(kGemmColTile % kPackedColumnAlign == 0, "column tiles must start on a panel");
+  Scratch<T> packed(packed_b_size<T>(K, N));
+#pragma omp parallel if (parallel)
+  {
+#pragma omp for schedule(dynamic, 1)
+    for (index_t c = 0; c < col_tiles; ++c) {
+      const index_t c0 = c * kGemmColTile;
+      pack_b(trans_b, K, std::min(kGemmColTile, N - c0), b_cols(c0), ldb, packed.get() + c0 * K);
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (index_t i = 0; i < tiles; ++i) {
+      const index_t r0 = (i / col_tiles) * kGemmRowTile, c0 = (i % col_tiles) * kGemmColTile;
+      small_gemm_packed(trans_a, std::min(kGemmRowTile, M - r0), std::min(kGemmColTile, N - c0),
+                        K, a_rows(r0), lda, packed.get() + c0 * K, beta == T(1),
+                        C + r0 * ldc + c0, ldc);
+    }
   }
 }
 

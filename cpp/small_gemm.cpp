@@ -114,6 +114,8 @@ struct Simd<double> {
 // Columns per packed panel: two registers.
 template <typename T>
 constexpr index_t kCols = 2 * Simd<T>::L;
+static_assert(kPackedColumnAlign % kCols<float> == 0 && kPackedColumnAlign % kCols<double> == 0,
+              "a packed column range must start on a panel");
 
 // k and columns per block of packed panels: kKc x kNc values stay in L2 (512 KiB in
 // float32), one micro-tile's rows of A (kRows x kKc) in L1.
@@ -352,17 +354,18 @@ index_t packed_b_size(index_t K, index_t N) {
   return K * N;
 }
 
-// "packed" is op(B) itself, row-major [K, N]
+// "packed" is op(B)^T, row-major [N, K]: column j starts at packed + j * K, as in the
+// SIMD layout
 template <typename T>
 void pack_b(bool trans_b, index_t K, index_t N, const T* B, index_t ldb, T* packed) {
-  for (index_t k = 0; k < K; ++k)
-    for (index_t j = 0; j < N; ++j) packed[k * N + j] = trans_b ? B[j * ldb + k] : B[k * ldb + j];
+  for (index_t j = 0; j < N; ++j)
+    for (index_t k = 0; k < K; ++k) packed[j * K + k] = trans_b ? B[j * ldb + k] : B[k * ldb + j];
 }
 
 template <typename T>
 void small_gemm_packed(bool trans_a, index_t M, index_t N, index_t K, const T* A, index_t lda,
                        const T* packed, bool accumulate, T* C, index_t ldc) {
-  gemm(trans_a, false, M, N, K, T(1), A, lda, packed, N, accumulate ? T(1) : T(0), C, ldc);
+  gemm(trans_a, true, M, N, K, T(1), A, lda, packed, K, accumulate ? T(1) : T(0), C, ldc);
 }
 
 const char* small_gemm_kernel() { return "blas"; }

@@ -27,6 +27,11 @@ void small_gemm(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, con
 // The same product with op(B) packed beforehand, for a B used by many calls (an expert's
 // weights, by every row tile): pack_b writes packed_b_size(K, N) values (64-byte aligned
 // storage keeps the kernel's loads within cache lines). Bitwise the same as small_gemm.
+//
+// Packed columns [j, j + n) of op(B), for j a multiple of kPackedColumnAlign, start at
+// packed + j * K and are exactly what pack_b of those columns alone writes: threads may
+// pack disjoint column ranges, and a product may use a column range of a packed B.
+constexpr index_t kPackedColumnAlign = 64;
 template <typename T>
 index_t packed_b_size(index_t K, index_t N);
 template <typename T>
