@@ -1,6 +1,7 @@
 #include "attention.h"
 
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "activations.h"
@@ -29,6 +30,8 @@ void attention_forward(const AttentionShape& s, const T* qkv, const std::uint8_t
 #pragma omp parallel
   {
     Scratch<T> kt(packed_b_size<T>(hd, S));  // K^T, packed once per (sequence, head)
+    // per key: -inf / 0 for padded keys, 0 / 1 for real ones (branch-free softmax rows)
+    std::vector<T> key_bias(S), key_keep(S);
 #pragma omp for schedule(dynamic, 1)
   for (index_t bh = 0; bh < s.batch * H; ++bh) {
     const index_t b = bh / H, h = bh % H;
@@ -37,6 +40,10 @@ void attention_forward(const AttentionShape& s, const T* qkv, const std::uint8_t
     const T* v = q + 2 * D;
     const std::uint8_t* m = mask + b * S;
     T* P = probs + bh * S * S;
+    for (index_t j = 0; j < S; ++j) {
+      key_bias[j] = m[j] ? T(0) : -std::numeric_limits<T>::infinity();
+      key_keep[j] = m[j] ? T(1) : T(0);
+    }
     pack_b(true, hd, S, k, ld, kt.get());
     for (index_t r0 = 0; r0 < S; r0 += kCausalRows) {  // scores Q K^T, keys j < r1 only
       const index_t r1 = std::min(S, r0 + kCausalRows);
@@ -48,19 +55,15 @@ void attention_forward(const AttentionShape& s, const T* qkv, const std::uint8_t
         std::fill(row, row + S, T(0));
         continue;
       }
-      for (index_t j = 0; j <= i; ++j) row[j] *= scale;
-      T mx = row[i];  // the query itself is always visible
-      for (index_t j = 0; j < i; ++j)
-        if (m[j]) mx = std::max(mx, row[j]);
-      exp_shifted(row, mx, row, i + 1);
-      T sum = 0;
-      for (index_t j = 0; j <= i; ++j) {
-        if (!m[j]) row[j] = T(0);
-        sum += row[j];
-      }
-      const T inv = T(1) / sum;
-      for (index_t j = 0; j <= i; ++j) row[j] *= inv;
-      std::fill(row + i + 1, row + S, T(0));
+      const index_t n = i + 1;
+      for (index_t j = 0; j < n; ++j) row[j] = row[j] * scale + key_bias[j];
+      // the query itself is always visible, so the max is finite
+      const T mx = ConstArrMap<T>(row, n).maxCoeff();
+      exp_shifted(row, mx, row, n);
+      for (index_t j = 0; j < n; ++j) row[j] *= key_keep[j];  // exactly 0 for padded keys
+      const T inv = T(1) / sum(row, n);
+      for (index_t j = 0; j < n; ++j) row[j] *= inv;
+      std::fill(row + n, row + S, T(0));
     }
     for (index_t r0 = 0; r0 < S; r0 += kCausalRows) {  // out = P V: row i of P is 0 past i
       const index_t r1 = std::min(S, r0 + kCausalRows);

@@ -17,6 +17,16 @@ inline T dot(const T* a, const T* b, index_t n) {
   return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
 }
 
+template <typename T>
+inline T sum(const T* a, index_t n) {
+  T acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  index_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int l = 0; l < 8; ++l) acc[l] += a[i + l];
+  for (int l = 0; i < n; ++i, ++l) acc[l] += a[i];
+  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
 // Rows per chunk when a sum over tokens is split for threads: fixed, so the
 // partial sums (and the order they are added in) never depend on the thread count.
 constexpr index_t kReduceRowChunk = 64;
