@@ -51,8 +51,15 @@ template <typename T>
 void gemm_tiled(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, T alpha,
                 const T* A, index_t lda, const T* B, index_t ldb, T beta, T* C, index_t ldc) {
   check_blas_dims({M, N, K, lda, ldb, ldc});
-  const index_t row_tiles = (M + kGemmRowTile - 1) / kGemmRowTile;
-  const index_t col_tiles = (N + kGemmColTile - 1) / kGemmColTile;
+  // A product with few tiles (a weight gradient: few rows and columns, a long K) gets
+  // smaller ones, so that every thread has work. Chosen from the shape alone.
+  index_t row_tile = kGemmRowTile, col_tile = kGemmColTile;
+  const auto count = [&](index_t n, index_t tile) { return (n + tile - 1) / tile; };
+  if (count(M, row_tile) * count(N, col_tile) < kGemmMinTiles) {
+    row_tile = kGemmSmallRowTile;
+    col_tile = kGemmSmallColTile;
+  }
+  const index_t row_tiles = count(M, row_tile), col_tiles = count(N, col_tile);
   const index_t tiles = row_tiles * col_tiles;
   const bool parallel = tiles > 1 && !omp_in_parallel();
   // Row r0 of op(A) starts at A + r0*lda (plain) or at column r0 (transposed);
@@ -62,26 +69,27 @@ void gemm_tiled(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, T a
   if (!(alpha == T(1) && (beta == T(0) || beta == T(1)))) {
 #pragma omp parallel for schedule(dynamic, 1) if (parallel)
     for (index_t i = 0; i < tiles; ++i) {
-      const index_t r0 = (i / col_tiles) * kGemmRowTile, c0 = (i % col_tiles) * kGemmColTile;
-      gemm(trans_a, trans_b, std::min(kGemmRowTile, M - r0), std::min(kGemmColTile, N - c0), K,
+      const index_t r0 = (i / col_tiles) * row_tile, c0 = (i % col_tiles) * col_tile;
+      gemm(trans_a, trans_b, std::min(row_tile, M - r0), std::min(col_tile, N - c0), K,
            alpha, a_rows(r0), lda, b_cols(c0), ldb, beta, C + r0 * ldc + c0, ldc);
     }
     return;
   }
   // op(B) packed once, by column tiles, for every row tile (not once per tile)
-  static_assert(kGemmColTile % kPackedColumnAlign == 0, "column tiles must start on a panel");
+  static_assert(kGemmColTile % kPackedColumnAlign == 0 && kGemmSmallColTile % kPackedColumnAlign == 0,
+                "column tiles must start on a panel");
   Scratch<T> packed(packed_b_size<T>(K, N));
 #pragma omp parallel if (parallel)
   {
 #pragma omp for schedule(dynamic, 1)
     for (index_t c = 0; c < col_tiles; ++c) {
-      const index_t c0 = c * kGemmColTile;
-      pack_b(trans_b, K, std::min(kGemmColTile, N - c0), b_cols(c0), ldb, packed.get() + c0 * K);
+      const index_t c0 = c * col_tile;
+      pack_b(trans_b, K, std::min(col_tile, N - c0), b_cols(c0), ldb, packed.get() + c0 * K);
     }
 #pragma omp for schedule(dynamic, 1)
     for (index_t i = 0; i < tiles; ++i) {
-      const index_t r0 = (i / col_tiles) * kGemmRowTile, c0 = (i % col_tiles) * kGemmColTile;
-      small_gemm_packed(trans_a, std::min(kGemmRowTile, M - r0), std::min(kGemmColTile, N - c0),
+      const index_t r0 = (i / col_tiles) * row_tile, c0 = (i % col_tiles) * col_tile;
+      small_gemm_packed(trans_a, std::min(row_tile, M - r0), std::min(col_tile, N - c0),
                         K, a_rows(r0), lda, packed.get() + c0 * K, beta == T(1),
                         C + r0 * ldc + c0, ldc);
     }

@@ -27,6 +27,10 @@ void gemm(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, double al
 // so that every run splits the work the same way and gets the same bits.
 constexpr index_t kGemmRowTile = 128;
 constexpr index_t kGemmColTile = 256;
+// Below kGemmMinTiles tiles of that size, a product is split into these smaller ones.
+constexpr index_t kGemmMinTiles = 8;
+constexpr index_t kGemmSmallRowTile = 48;
+constexpr index_t kGemmSmallColTile = 64;
 
 // The same product, with C split into fixed kGemmRowTile x kGemmColTile tiles
 // run in parallel (serially when already inside a parallel region). Columns are
