@@ -225,6 +225,9 @@ class TransformerLM:
                 raise NonFiniteError(f"the logits of head {i} are not finite")
         losses, grads = multi_token_cross_entropy(out.head_logits, targets, mask, IGNORE_INDEX)
         scale = loss_weight / len(losses)
-        self.backward([g * scale for g in grads], aux_weight)
+        if scale != 1.0:  # the gradients are fresh arrays: scale them in place
+            for g in grads:
+                g *= scale
+        self.backward(grads, aux_weight)
         return {"head_losses": losses, "loss": float(np.mean(losses)), "aux_loss": out.aux_loss,
                 "layer_losses": out.layer_losses, "routers": out.routers}

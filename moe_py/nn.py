@@ -128,7 +128,10 @@ class Block(Module):
         """x2 [B*S, d] -> (x2 after the layer, the FFN's output with its routing and losses).
         The FFN sees [B, S, d] (the sequence balance scope needs the sequences) and the
         token ids [B, S] (the hash router reads them)."""
-        x2 = x2 + self.attn.forward(self.norm1.forward(x2), mask, shape)
+        # in place on the sublayers' fresh outputs (nothing else holds them)
+        a = self.attn.forward(self.norm1.forward(x2), mask, shape)
+        a += x2
+        x2 = a
         self._ffn_shape = tuple(shape) + (x2.shape[-1],)
         h = self.norm2.forward(x2).reshape(self._ffn_shape)
         out = self.ffn.forward(h, padding_mask=mask.reshape(shape), training=training,
@@ -137,5 +140,8 @@ class Block(Module):
 
     def backward(self, dx2: np.ndarray, aux_weight: float) -> np.ndarray:
         d_ffn = self.ffn.backward(dx2.reshape(self._ffn_shape), aux_weight=aux_weight)
-        dx2 = dx2 + self.norm2.backward(d_ffn.reshape(dx2.shape))
-        return dx2 + self.norm1.backward(self.attn.backward(dx2))
+        d = self.norm2.backward(d_ffn.reshape(dx2.shape))
+        d += dx2
+        dx = self.norm1.backward(self.attn.backward(d))
+        dx += d
+        return dx
