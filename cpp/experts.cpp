@@ -1,5 +1,6 @@
 #include "experts.h"
 
+#include <algorithm>
 #include <memory>
 #include <vector>
 
@@ -15,6 +16,8 @@ namespace {
 // Rows per work item. Large enough that re-packing an expert's weights for
 // each tile is cheap next to the tile's GEMM; fixed, never from the thread count.
 constexpr index_t kRowTile = 256;
+static_assert(kRowTile == kSmallGemmKBlock,
+              "a tile's weight-gradient share must be one k block of small_gemm");
 
 struct Item {
   index_t expert, r0, rows;
@@ -28,6 +31,68 @@ std::vector<Item> tiles(index_t E, index_t tile, Extent extent) {
     for (index_t r = 0, n = extent(e); r < n; r += tile)
       items.push_back({e, r, std::min(tile, n - r)});
   return items;
+}
+
+// One expert's backward, tile by tile: dA = dYe W2^T, the activation backward, dXs, then
+// the tile's share of dW1 = Xs^T dH1, dW3 = Xs^T dH3, dW2 = A^T dYe while its rows are
+// still in cache. Adding tile after tile of kRowTile = small_gemm's k block rows gives the
+// very sums (and bits) of one product over all the expert's rows.
+template <typename T>
+void expert_backward_tiles(const ExpertShape& s, index_t e, const index_t* offsets, const T* xs,
+                           const T* h1, const T* h3, const T* dye, const T* w1t, const T* w3t,
+                           const T* w2t, T* dxs, T* dw1, T* dw3, T* dw2, T* da, T* a, T* dh1,
+                           T* dh3) {
+  const index_t D = s.d_model, F = s.d_ff;
+  const bool glu = s.act == Activation::swiglu;
+  const index_t n_e = offsets[e + 1] - offsets[e];
+  for (index_t r0 = 0; r0 < n_e; r0 += kRowTile) {
+    const index_t rows = std::min(kRowTile, n_e - r0), row = offsets[e] + r0, n = rows * F;
+    small_gemm_packed(false, rows, F, D, dye + row * D, D, w2t, false, da, F);
+    if (glu)
+      swiglu_backward(h1 + row * F, h3 + row * F, da, a, dh1, dh3, n);
+    else
+      gelu_backward(h1 + row * F, da, a, dh1, n);
+    small_gemm_packed(false, rows, D, F, dh1, F, w1t, false, dxs + row * D, D);
+    if (glu) small_gemm_packed(false, rows, D, F, dh3, F, w3t, true, dxs + row * D, D);
+    small_gemm(true, false, D, F, rows, xs + row * D, D, dh1, F, true, dw1 + e * D * F, F);
+    if (glu) small_gemm(true, false, D, F, rows, xs + row * D, D, dh3, F, true, dw3 + e * D * F, F);
+    small_gemm(true, false, F, D, rows, a, F, dye + row * D, D, true, dw2 + e * F * D, D);
+  }
+}
+
+// The experts' backward with one item per expert (expert_backward_tiles), largest first.
+template <typename T>
+void experts_backward_by_expert(const ExpertShape& s, const index_t* offsets, const T* xs,
+                                const T* h1, const T* h3, const T* dye, const T* w1t,
+                                const T* w3t, const T* w2t, index_t p1, index_t p2, T* dxs,
+                                T* dw1, T* dw3, T* dw2) {
+  const index_t F = s.d_ff;
+  const bool glu = s.act == Activation::swiglu;
+  const auto rows = [&](index_t e) { return offsets[e + 1] - offsets[e]; };
+  std::vector<index_t> order;
+  for (index_t e = 0; e < s.E; ++e)
+    if (rows(e) > 0) order.push_back(e);
+  std::stable_sort(order.begin(), order.end(), [&](index_t x, index_t y) { return rows(x) > rows(y); });
+  const index_t n = index_t(order.size());
+#pragma omp parallel
+  {
+    Scratch<T> da(kRowTile * F), a(kRowTile * F), dh1(kRowTile * F), dh3(glu ? kRowTile * F : 0);
+#pragma omp for schedule(dynamic, 1)
+    for (index_t i = 0; i < n; ++i) {
+      const index_t e = order[i];
+      expert_backward_tiles(s, e, offsets, xs, h1, h3, dye, w1t + e * p1,
+                            glu ? w3t + e * p1 : nullptr, w2t + e * p2, dxs, dw1, dw3, dw2,
+                            da.get(), a.get(), dh1.get(), dh3.get());
+    }
+  }
+}
+
+// One item per expert keeps each tile's rows in cache from dXs to the weight gradients,
+// but only pays while the experts can share the threads: not when one holds most rows.
+bool fused_backward_pays(index_t E, const index_t* offsets) {
+  index_t largest = 0;
+  for (index_t e = 0; e < E; ++e) largest = std::max(largest, offsets[e + 1] - offsets[e]);
+  return 4 * largest <= offsets[E];
 }
 
 }  // namespace
@@ -72,9 +137,6 @@ void experts_backward(const ExpertShape& s, const index_t* offsets, const T* xs,
   const bool glu = s.act == Activation::swiglu;
   const index_t N = offsets[s.E];
   check_blas_dims({N, D, F});
-  // uninitialised on purpose: every element is written in phase 1
-  Scratch<T> a(N * F), dh1(N * F), dh3(glu ? N * F : 0);
-
   // W2^T, W1^T and W3^T packed once per expert with rows, not once per row tile: a
   // transposed pack is a strided gather, as costly as a small tile's GEMM.
   const index_t p2 = packed_b_size<T>(D, F), p1 = packed_b_size<T>(F, D);
@@ -88,6 +150,13 @@ void experts_backward(const ExpertShape& s, const index_t* offsets, const T* xs,
     if (which == 1) pack_b(true, F, D, w1 + e * D * F, F, w1t.get() + e * p1);
     if (which == 2) pack_b(true, F, D, w3 + e * D * F, F, w3t.get() + e * p1);
   }
+
+  if (fused_backward_pays(s.E, offsets))
+    return experts_backward_by_expert(s, offsets, xs, h1, h3, dye, w1t.get(), w3t.get(),
+                                      w2t.get(), p1, p2, dxs, dw1, dw3, dw2);
+
+  // uninitialised on purpose: every element is written in phase 1
+  Scratch<T> a(N * F), dh1(N * F), dh3(glu ? N * F : 0);
 
   // Phase 1, over row tiles: dA = dYe W2^T, the activation backward, dXs.
   const auto row_items =

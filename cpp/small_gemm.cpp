@@ -119,7 +119,7 @@ static_assert(kPackedColumnAlign % kCols<float> == 0 && kPackedColumnAlign % kCo
 
 // k and columns per block of packed panels: kKc x kNc values stay in L2 (512 KiB in
 // float32), one micro-tile's rows of A (kRows x kKc) in L1.
-constexpr index_t kKc = 256;
+constexpr index_t kKc = kSmallGemmKBlock;
 constexpr index_t kNc = 512;
 
 // op(B) rows k0..k0+kc, columns j0..j0+nc (nc <= kCols) into panel [kc][kCols], zero-padded.

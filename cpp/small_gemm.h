@@ -18,6 +18,11 @@
 
 namespace moe {
 
+// Each C element's sum runs over k in blocks of this many, each block's sum added into C
+// in order: a product over K rows equals, bit for bit, the same product accumulated
+// block by block over row ranges [0, kSmallGemmKBlock), [kSmallGemmKBlock, ...), ...
+constexpr index_t kSmallGemmKBlock = 256;
+
 // op(A) is [M,K]: A [M,K] (lda >= K) or, when trans_a, A [K,M] (lda >= M); likewise
 // op(B) [K,N]. accumulate: C += op(A) op(B), else C = op(A) op(B).
 template <typename T>
