@@ -10,6 +10,7 @@
 #include "finite.h"
 #include "machine.h"
 #include "pool.h"
+#include "small_gemm.h"
 
 namespace moe_bind {
 
@@ -60,6 +61,34 @@ void bind_typed(py::module_& m, const std::string& sfx) {
       },
       py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("a"),
       "whether every value of a (C-contiguous) is finite: no NaN, no Inf");
+
+  m.def(
+      ("small_gemm" + sfx).c_str(),
+      [](In<T> a, In<T> b, bool trans_a, bool trans_b, py::array c, bool accumulate, bool packed) {
+        if (a.ndim() != 2 || b.ndim() != 2) throw std::invalid_argument("a, b: expected matrices");
+        const index_t M = trans_a ? a.shape(1) : a.shape(0), K = trans_a ? a.shape(0) : a.shape(1);
+        const index_t N = trans_b ? b.shape(0) : b.shape(1);
+        if ((trans_b ? b.shape(1) : b.shape(0)) != K)
+          throw std::invalid_argument("b: inner dimension does not match a's");
+        T* cp = inout<T>(c, "c", {M, N});
+        moe::check_blas_dims({M, N, K});
+        const T* ap = a.data();
+        const T* bp = b.data();
+        const index_t lda = a.shape(1), ldb = b.shape(1);
+        py::gil_scoped_release release;
+        if (packed) {
+          std::vector<T> pb(moe::packed_b_size<T>(K, N));
+          moe::pack_b(trans_b, K, N, bp, ldb, pb.data());
+          moe::small_gemm_packed(trans_a, M, N, K, ap, lda, pb.data(), accumulate, cp, N);
+        } else {
+          moe::small_gemm(trans_a, trans_b, M, N, K, ap, lda, bp, ldb, accumulate, cp, N);
+        }
+      },
+      py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("a"), py::arg("b"),
+      py::arg("trans_a"), py::arg("trans_b"), py::arg("c"), py::arg("accumulate"),
+      py::arg("packed"),
+      "c (+)= op(a) op(b) by the expert kernels' micro-kernel GEMM, one call (packed: op(b) "
+      "packed beforehand, as for expert weights)");
 
   m.def(
       ("matmul" + sfx).c_str(),

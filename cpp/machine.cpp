@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include "blas.h"
+#include "small_gemm.h"
 #include "pool.h"
 
 namespace moe {
@@ -46,6 +47,7 @@ std::vector<std::pair<std::string, std::string>> build_facts() {
       {"blas", MOE_BLAS_NAME},
       {"blas_config", blas_config()},
       {"blas_corename", blas_corename()},
+      {"gemm_kernel", small_gemm_kernel()},
       {"block_cache", pool_enabled() ? "on" : "off (sanitizer build)"},
   };
 }

@@ -247,6 +247,12 @@ def scatter_add_rows_f64(*, dout: typing.Annotated[numpy.typing.ArrayLike, numpy
 def set_num_threads(*, n: int) -> None:
     """OpenMP threads of every later kernel call, from any thread"""
 
+def small_gemm_f32(*, a: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], b: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], trans_a: bool, trans_b: bool, c: numpy.ndarray, accumulate: bool, packed: bool) -> None:
+    """c (+)= op(a) op(b) by the expert kernels' micro-kernel GEMM, one call (packed: op(b) packed beforehand, as for expert weights)"""
+
+def small_gemm_f64(*, a: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], b: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], trans_a: bool, trans_b: bool, c: numpy.ndarray, accumulate: bool, packed: bool) -> None:
+    """c (+)= op(a) op(b) by the expert kernels' micro-kernel GEMM, one call (packed: op(b) packed beforehand, as for expert weights)"""
+
 def sum_squares_f32(*, g: typing.Annotated[numpy.typing.ArrayLike, numpy.float32]) -> float:
     """sum of g**2 in float64, in a fixed order"""
 

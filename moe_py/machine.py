@@ -94,6 +94,9 @@ def build_info() -> Dict[str, object]:
         "blas_version": version.group(1) if version else "unknown",
         "blas_config": facts["blas_config"],
         "blas_corename": facts["blas_corename"],
+        # the micro-kernel of the expert, attention and linear GEMMs (cpp/small_gemm.h);
+        # "blas" when the build targets neither AVX2 nor AVX-512
+        "gemm_kernel": facts["gemm_kernel"],
         "block_cache": facts["block_cache"],
         "cpu": cpu_model(),
         "cpu_simd": " ".join(cpu_simd_flags()),

@@ -20,6 +20,10 @@ def test_build_info_names_compiler_blas_threads_and_cpu():
     assert info["openmp_threads"] == moe_py.get_num_threads()
     assert "-ffp-contract=off" in info["cxx_flags"]
     assert re.match(r"\d+\.\d+\.\d+", info["blas_version"])
+    # the micro-kernel matches what the build was compiled for
+    simd = info["compiled_simd"].split()
+    assert info["gemm_kernel"] == ("avx512" if "avx512f" in simd else
+                                   "avx2" if "avx2" in simd and "fma" in simd else "blas")
 
 
 def test_default_build_links_pypi_openblas_found_beside_us():
