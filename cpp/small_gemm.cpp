@@ -343,10 +343,21 @@ const char* small_gemm_kernel() {
 
 #else  // no AVX2/AVX-512 in this build: the BLAS
 
+// One BLAS call per k block of kSmallGemmKBlock, in order: a product over K is then bitwise
+// the same as the k blocks accumulated one call at a time, as with the SIMD kernels (the
+// experts' by-expert backward adds each row tile's weight-gradient share that way).
 template <typename T>
 void small_gemm(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, const T* A,
                 index_t lda, const T* B, index_t ldb, bool accumulate, T* C, index_t ldc) {
-  gemm(trans_a, trans_b, M, N, K, T(1), A, lda, B, ldb, accumulate ? T(1) : T(0), C, ldc);
+  index_t k0 = 0;
+  do {
+    const index_t kc = std::min(kSmallGemmKBlock, K - k0);
+    const T* a = trans_a ? A + k0 * lda : A + k0;
+    const T* b = trans_b ? B + k0 : B + k0 * ldb;
+    gemm(trans_a, trans_b, M, N, kc, T(1), a, lda, b, ldb, accumulate || k0 > 0 ? T(1) : T(0),
+         C, ldc);
+    k0 += kc;
+  } while (k0 < K);
 }
 
 template <typename T>
@@ -365,7 +376,7 @@ void pack_b(bool trans_b, index_t K, index_t N, const T* B, index_t ldb, T* pack
 template <typename T>
 void small_gemm_packed(bool trans_a, index_t M, index_t N, index_t K, const T* A, index_t lda,
                        const T* packed, bool accumulate, T* C, index_t ldc) {
-  gemm(trans_a, true, M, N, K, T(1), A, lda, packed, K, accumulate ? T(1) : T(0), C, ldc);
+  small_gemm(trans_a, true, M, N, K, A, lda, packed, K, accumulate, C, ldc);
 }
 
 const char* small_gemm_kernel() { return "blas"; }
