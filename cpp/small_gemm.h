@@ -31,7 +31,8 @@ void small_gemm(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, con
 
 // The same product with op(B) packed beforehand, for a B used by many calls (an expert's
 // weights, by every row tile): pack_b writes packed_b_size(K, N) values (64-byte aligned
-// storage keeps the kernel's loads within cache lines). Bitwise the same as small_gemm.
+// storage keeps the kernel's loads within cache lines). Bitwise the same as small_gemm with
+// the SIMD kernels; the BLAS fallback may pick another kernel for the packed (transposed) B.
 //
 // Packed columns [j, j + n) of op(B), for j a multiple of kPackedColumnAlign, start at
 // packed + j * K and are exactly what pack_b of those columns alone writes: threads may
