@@ -248,20 +248,39 @@ void micro_rows(int rows, index_t kc, const T* a, index_t lda, const T* panel, T
 // C [M][N] (+)= op(A) rows 0..M, k0..k0+kc x packed panels of that k block (panel j at
 // panels + j * stride). Rows outer: the micro-tile's rows of A stay in L1 across the
 // panels, which stream from L2 in order.
+//
+// A transposed A read by many panels is first copied, kRows values per k, into a contiguous
+// block: read in place, its kc rows lie lda apart, and with lda a multiple of 512 bytes
+// (d_model or d_ff of 128, 256, 512, ...) they all fall into a few L1 sets and evict each
+// other on every panel. The copy holds the same values, read in the same order: the same
+// bits. Over few panels the copy costs more than it saves (measured at 4 and 8 panels).
+constexpr index_t kCopyTransAPanels = 12;
 template <bool TransA, typename T>
 void panels_block(index_t M, index_t N, index_t kc, const T* a, index_t lda, const T* panels,
                   index_t stride, T* c, index_t ldc, bool accumulate) {
   constexpr index_t NR = kCols<T>;
+  alignas(64) T a_block[TransA ? kKc * kRows : 1];
   for (index_t i = 0; i < M; i += kRows) {
     const int rows = int(std::min<index_t>(kRows, M - i));
     const T* ai = a_at<TransA>(a, lda, i, 0);
+    index_t la = lda;
+    if constexpr (TransA) {
+      if (N >= kCopyTransAPanels * NR) {
+        using S = Simd<T>;
+        for (index_t k = 0; k < kc; ++k)
+          for (int v = 0; v < rows; v += S::L)
+            S::store_n(a_block + k * kRows + v, S::load_n(ai + k * lda + v, rows - v), rows - v);
+        ai = a_block;
+        la = kRows;
+      }
+    }
     for (index_t j0 = 0; j0 < N; j0 += NR) {
       const T* panel = panels + (j0 / NR) * stride;
       const index_t nc = std::min(NR, N - j0);
       if (nc <= Simd<T>::L)
-        micro_rows<TransA, T, 1>(rows, kc, ai, lda, panel, c + i * ldc + j0, ldc, nc, accumulate);
+        micro_rows<TransA, T, 1>(rows, kc, ai, la, panel, c + i * ldc + j0, ldc, nc, accumulate);
       else
-        micro_rows<TransA, T, 2>(rows, kc, ai, lda, panel, c + i * ldc + j0, ldc, nc, accumulate);
+        micro_rows<TransA, T, 2>(rows, kc, ai, la, panel, c + i * ldc + j0, ldc, nc, accumulate);
     }
   }
 }

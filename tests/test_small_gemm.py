@@ -8,7 +8,7 @@ import moe_py
 from moe_py import _core
 
 SHAPES = [(1, 1, 1), (12, 32, 256), (13, 33, 257), (11, 31, 255), (25, 16, 7), (5, 8, 600),
-          (100, 77, 300), (48, 130, 513), (7, 1, 40)]
+          (100, 77, 300), (48, 130, 513), (7, 1, 40), (29, 520, 270)]
 
 
 def run(dtype, M, N, K, trans_a, trans_b, accumulate, packed, seed=0):
@@ -80,3 +80,19 @@ def test_bad_shapes_are_value_errors():
     with pytest.raises(ValueError, match="c"):
         _core.small_gemm_f64(a=a, b=np.zeros((4, 6)), trans_a=False, trans_b=False,
                              c=np.zeros((3, 5)), accumulate=False, packed=False)
+
+
+def test_a_column_range_has_the_bits_of_the_whole_product():
+    """Each C element's sum is the same whatever the product's width: a transposed A read by
+    many panels (here 600 columns) is copied to a contiguous block first, by few (40) it is
+    read in place, and both must give the same bits."""
+    rng = np.random.default_rng(5)
+    for dtype, fn in ((np.float32, _core.small_gemm_f32), (np.float64, _core.small_gemm_f64)):
+        a = rng.standard_normal((300, 37)).astype(dtype)    # A^T: [K, M]
+        b = rng.standard_normal((300, 600)).astype(dtype)
+        wide = np.zeros((37, 600), dtype)
+        fn(a=a, b=b, trans_a=True, trans_b=False, c=wide, accumulate=False, packed=False)
+        narrow = np.zeros((37, 40), dtype)
+        fn(a=a, b=np.ascontiguousarray(b[:, 64:104]), trans_a=True, trans_b=False, c=narrow,
+           accumulate=False, packed=False)
+        assert np.array_equal(wide[:, 64:104], narrow)
