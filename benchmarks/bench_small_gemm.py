@@ -1,0 +1,95 @@
+"""The expert tiles' GEMMs on one thread: moe_py's micro-kernel (cpp/small_gemm.cpp, as the
+expert kernels call it, op(B) packed inside each call) against the OpenBLAS moe_py links
+(scipy-openblas32, cblas_sgemm) and torch.mm when torch is installed. float32, GFLOP/s,
+medians of interleaved samples.
+
+    .venv/bin/python benchmarks/bench_small_gemm.py [--samples 7]
+
+Rows: a forward tile (256 token rows x d_model) x W1 (d_model x d_ff), and the weight
+gradient X^T dH (d_model x 256) x (256 x d_ff) of one 256-row tile, at the expert widths of
+the bench_layer shapes; the second reads a transposed A.
+"""
+import argparse
+import ctypes
+import os
+import statistics
+import time
+
+import numpy as np
+
+import moe_py
+from moe_py import _core
+from roofline import machine_line
+
+SIZES = [(128, 128), (256, 256), (256, 512), (512, 128), (512, 1024)]  # (d_model, d_ff)
+TILE = 256
+
+
+def openblas():
+    import scipy_openblas32
+    lib = ctypes.CDLL(os.path.join(scipy_openblas32.get_lib_dir(), scipy_openblas32.get_library(True)))
+    lib.scipy_openblas_set_num_threads(1)
+    return lib.scipy_cblas_sgemm
+
+
+def rate(fn, flops):
+    """GFLOP/s of one sample: as many calls as fill ~20 ms."""
+    n, t = 1, 0.0
+    while True:
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        t = time.perf_counter() - start
+        if t > 0.02:
+            return flops * n / t / 1e9
+        n *= 2
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=7)
+    args = ap.parse_args()
+    moe_py.set_num_threads(1)
+    sgemm = openblas()
+    try:
+        import torch
+        torch.set_num_threads(1)
+    except ImportError:
+        torch = None
+    print(machine_line())
+    print(f"moe_py GEMM micro-kernel: {moe_py.build_info()['gemm_kernel']}; 1 thread, float32, "
+          f"median of {args.samples} interleaved samples")
+    print(f"{'product':44s} {'moe_py':>8} {'OpenBLAS':>9} {'torch.mm':>9}  GFLOP/s")
+    ptr = lambda x: x.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
+    rng = np.random.default_rng(0)
+    for D, F in SIZES:
+        for trans_a in (False, True):
+            M, N, K = (D, F, TILE) if trans_a else (TILE, F, D)
+            a = rng.standard_normal((K, M) if trans_a else (M, K), dtype=np.float32)
+            b = rng.standard_normal((K, N), dtype=np.float32)
+            c = np.zeros((M, N), np.float32)
+            ours = lambda: _core.small_gemm_f32(a=a, b=b, trans_a=trans_a, trans_b=False, c=c,  # noqa: E731
+                                                accumulate=False, packed=False)
+            blas_args = (101, 112 if trans_a else 111, 111, M, N, K, ctypes.c_float(1), ptr(a),
+                         M if trans_a else K, ptr(b), N, ctypes.c_float(0), ptr(c), N)
+            theirs = lambda: sgemm(*blas_args)  # noqa: E731
+            fns = [ours, theirs]
+            if torch is not None:
+                ta, tb, tc = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(c)
+                fns.append(lambda: torch.mm(ta.T if trans_a else ta, tb, out=tc))
+            flops = 2.0 * M * N * K
+            samples = [[] for _ in fns]
+            for _ in range(args.samples):
+                for f, s in zip(fns, samples):
+                    s.append(rate(f, flops))
+            med = [statistics.median(s) for s in samples] + [float("nan")] * (3 - len(fns))
+            name = (f"X^T dH  [{D}x{TILE}]x[{TILE}x{F}] (weight grad)" if trans_a
+                    else f"X W1    [{TILE}x{D}]x[{D}x{F}] (forward tile)")
+            print(f"{name:44s} {med[0]:8.0f} {med[1]:9.0f} {med[2]:9.0f}")
+            want = (a.T if trans_a else a).astype(np.float64) @ b
+            ours()
+            assert np.allclose(c, want, rtol=1e-3, atol=1e-3 * np.sqrt(K)), "wrong product"
+
+
+if __name__ == "__main__":
+    main()
