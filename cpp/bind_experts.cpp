@@ -2,6 +2,8 @@
 #include "bind_common.h"
 #include "experts.h"
 
+#include <string>
+
 namespace moe_bind {
 
 namespace {
@@ -35,7 +37,14 @@ void bind_typed(py::module_& m, const std::string& sfx) {
   m.def(
       ("experts_backward" + sfx).c_str(),
       [](In<T> xs, Idx offsets, In<T> w1, In<T> w3, In<T> w2, In<T> h1, In<T> h3, In<T> dye,
-         moe::Activation activation, py::array dw1, py::array dw3, py::array dw2) {
+         moe::Activation activation, py::array dw1, py::array dw3, py::array dw2,
+         const std::string& path) {
+        const auto p = path == "auto"        ? moe::BackwardPath::automatic
+                       : path == "by_expert" ? moe::BackwardPath::by_expert
+                       : path == "two_phase" ? moe::BackwardPath::two_phase
+                                             : throw std::invalid_argument(
+                                                   "path: expected 'auto', 'by_expert' or "
+                                                   "'two_phase', got '" + path + "'");
         const index_t N = xs.shape(0), D = xs.shape(1), E = w1.shape(0), F = w1.shape(2);
         const moe::ExpertShape s{E, D, F, activation};
         const bool glu = s.act == moe::Activation::swiglu;
@@ -58,14 +67,15 @@ void bind_typed(py::module_& m, const std::string& sfx) {
         {
           py::gil_scoped_release release;
           moe::experts_backward<T>(s, offsets.data(), xs.data(), w1.data(), w3.data(), w2.data(),
-                                   h1.data(), h3.data(), dye.data(), dxsp, dw1p, dw3p, dw2p);
+                                   h1.data(), h3.data(), dye.data(), dxsp, dw1p, dw3p, dw2p, p);
         }
         return dxs;
       },
       py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("xs"), py::arg("offsets"), py::arg("w1"), py::arg("w3"), py::arg("w2"),
       py::arg("h1"), py::arg("h3"), py::arg("dye"), py::arg("activation"), py::arg("dw1"),
-      py::arg("dw3"), py::arg("dw2"),
-      "dxs from dye; adds the weight gradients into dw1, dw3, dw2");
+      py::arg("dw3"), py::arg("dw2"), py::arg("path") = "auto",
+      "dxs from dye; adds the weight gradients into dw1, dw3, dw2 (path: 'auto', or "
+      "'by_expert' / 'two_phase' to force one walk; both give the same bits)");
 }
 
 }  // namespace

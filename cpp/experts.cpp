@@ -132,7 +132,7 @@ void experts_forward(const ExpertShape& s, const index_t* offsets, const T* xs, 
 template <typename T>
 void experts_backward(const ExpertShape& s, const index_t* offsets, const T* xs, const T* w1,
                       const T* w3, const T* w2, const T* h1, const T* h3, const T* dye, T* dxs,
-                      T* dw1, T* dw3, T* dw2) {
+                      T* dw1, T* dw3, T* dw2, BackwardPath path) {
   const index_t D = s.d_model, F = s.d_ff;
   const bool glu = s.act == Activation::swiglu;
   const index_t N = offsets[s.E];
@@ -151,7 +151,8 @@ void experts_backward(const ExpertShape& s, const index_t* offsets, const T* xs,
     if (which == 2) pack_b(true, F, D, w3 + e * D * F, F, w3t.get() + e * p1);
   }
 
-  if (fused_backward_pays(s.E, offsets))
+  if (path == BackwardPath::by_expert ||
+      (path == BackwardPath::automatic && fused_backward_pays(s.E, offsets)))
     return experts_backward_by_expert(s, offsets, xs, h1, h3, dye, w1t.get(), w3t.get(),
                                       w2t.get(), p1, p2, dxs, dw1, dw3, dw2);
 
@@ -222,7 +223,7 @@ void experts_backward(const ExpertShape& s, const index_t* offsets, const T* xs,
                                    const T*, const T*, T*, T*, T*);                          \
   template void experts_backward<T>(const ExpertShape&, const index_t*, const T*, const T*,  \
                                     const T*, const T*, const T*, const T*, const T*, T*, T*, \
-                                    T*, T*);
+                                    T*, T*, BackwardPath);
 MOE_INSTANTIATE(float)
 MOE_INSTANTIATE(double)
 #undef MOE_INSTANTIATE

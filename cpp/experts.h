@@ -23,11 +23,18 @@ template <typename T>
 void experts_forward(const ExpertShape& s, const index_t* offsets, const T* xs, const T* w1,
                      const T* w3, const T* w2, T* h1, T* h3, T* ye);
 
+// How the backward walks the work: by expert (each expert's row tiles from dye to its
+// weight-gradient shares while in cache) or in two phases (dxs for every row tile, then the
+// weight gradients tiled over the weights' rows). Both give the same bits; automatic picks
+// by expert unless one expert holds over a quarter of the rows. The choice is exposed so
+// that the tests can hold the two to that.
+enum class BackwardPath { automatic = 0, by_expert = 1, two_phase = 2 };
+
 // Reads xs, h1, h3 (saved) and dye [N, d_model]; writes dxs [N, d_model] and
 // accumulates (+=) into dw1, dw3, dw2. An expert with no rows is not touched.
 template <typename T>
 void experts_backward(const ExpertShape& s, const index_t* offsets, const T* xs, const T* w1,
                       const T* w3, const T* w2, const T* h1, const T* h3, const T* dye, T* dxs,
-                      T* dw1, T* dw3, T* dw2);
+                      T* dw1, T* dw3, T* dw2, BackwardPath path = BackwardPath::automatic);
 
 }  // namespace moe

@@ -56,8 +56,9 @@ def test_forward_matches_a_loop_over_experts(activation):
         np.testing.assert_allclose(ye[r], act_forward(g, u, activation) @ w2[e], rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.parametrize("path", ["auto", "by_expert", "two_phase"])
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-def test_backward_matches_a_loop_and_accumulates(activation):
+def test_backward_matches_a_loop_and_accumulates(activation, path):
     offsets, xs, w1, w3, w2 = make(activation)
     h1, h3, ye = forward(offsets, xs, w1, w3, w2, activation)
     dye = np.random.default_rng(1).standard_normal(ye.shape)
@@ -65,7 +66,7 @@ def test_backward_matches_a_loop_and_accumulates(activation):
     dw3 = np.ones_like(w3)
     dxs = kernel("experts_backward", np.float64)(
         xs=xs, offsets=offsets, w1=w1, w3=w3, w2=w2, h1=h1, h3=h3, dye=dye,
-        activation=Activation.__members__[activation], dw1=dw1, dw3=dw3, dw2=dw2)
+        activation=Activation.__members__[activation], dw1=dw1, dw3=dw3, dw2=dw2, path=path)
     for e in range(len(offsets) - 1):
         r = slice(offsets[e], offsets[e + 1])
         g = xs[r] @ w1[e]
@@ -113,6 +114,47 @@ def test_same_bits_at_1_2_3_threads():
     for other in outs[1:]:
         for a, b in zip(outs[0], other):
             assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_backward_by_expert_and_in_two_phases_give_the_same_bits(activation, dtype):
+    """The by-expert walk adds each 256-row tile's weight-gradient share in turn; the
+    two-phase walk takes one product over all of an expert's rows. The GEMM kernel's k
+    blocks of 256 make them the same sums: same bits, at any thread count (experts of
+    several tiles, a partial last tile, an empty expert)."""
+    offsets, xs, w1, w3, w2 = (a.astype(dtype) for a in
+                               make(activation, rows=(600, 0, 257, 90, 512), D=40, F=56, seed=4))
+    h1, h3, ye = forward(offsets, xs, w1, w3, w2, activation)
+    dye = np.random.default_rng(5).standard_normal(ye.shape).astype(dtype)
+    outs = {}
+    for path in ("by_expert", "two_phase"):
+        for n in (1, 2, 3):
+            moe_py.set_num_threads(n)
+            g = [np.full_like(w, 0.5) for w in (w1, w3, w2)]
+            dxs = kernel("experts_backward", dtype)(
+                xs=xs, offsets=offsets, w1=w1, w3=w3, w2=w2, h1=h1, h3=h3, dye=dye,
+                activation=Activation.__members__[activation], dw1=g[0], dw3=g[1], dw2=g[2],
+                path=path)
+            outs[path, n] = [dxs, *g]
+    first = outs["by_expert", 1]
+    np.testing.assert_allclose(first[1][0], 0.5 + xs[:600].astype(np.float64).T
+                               @ act_backward(h1[:600], h3[:600] if activation == "swiglu" else None,
+                                              dye[:600] @ w2[0].T, activation)[0],
+                               rtol=1e-4 if dtype == np.float32 else 1e-10, atol=1e-3)
+    for key, other in outs.items():
+        for a, b in zip(first, other):
+            assert np.array_equal(a, b), key
+
+
+def test_backward_path_must_be_known():
+    offsets, xs, w1, w3, w2 = make("swiglu")
+    h1, h3, ye = forward(offsets, xs, w1, w3, w2, "swiglu")
+    with pytest.raises(ValueError, match="path"):
+        kernel("experts_backward", np.float64)(
+            xs=xs, offsets=offsets, w1=w1, w3=w3, w2=w2, h1=h1, h3=h3, dye=ye,
+            activation=Activation.swiglu, dw1=np.zeros_like(w1), dw3=np.zeros_like(w3),
+            dw2=np.zeros_like(w2), path="fused")
 
 
 def test_offsets_must_cover_the_rows():
