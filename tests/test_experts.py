@@ -123,8 +123,8 @@ def test_backward_by_expert_and_in_two_phases_give_the_same_bits(activation, dty
     two-phase walk takes one product over all of an expert's rows. The GEMM kernel's k
     blocks of 256 make them the same sums: same bits, at any thread count (experts of
     several tiles, a partial last tile, an empty expert)."""
-    offsets, xs, w1, w3, w2 = (a.astype(dtype) for a in
-                               make(activation, rows=(600, 0, 257, 90, 512), D=40, F=56, seed=4))
+    offsets, *arrays = make(activation, rows=(600, 0, 257, 90, 512), D=40, F=56, seed=4)
+    xs, w1, w3, w2 = (a.astype(dtype) for a in arrays)
     h1, h3, ye = forward(offsets, xs, w1, w3, w2, activation)
     dye = np.random.default_rng(5).standard_normal(ye.shape).astype(dtype)
     outs = {}
