@@ -1,6 +1,7 @@
 # Sourced by sanitize.sh and isa_check.sh: build the extension with extra CMake arguments
 # into a folder of its own and make a Python that imports moe_py from that build.
 #   build_elsewhere BUILD_DIR CMAKE_ARGS...   sets PKG (the package copy) and ALT_PY
+#   check_imports_copy                          checks that ALT_PY imports that copy
 # ALT_PY is a venv of its own that sees .venv's packages but not the editable install's
 # import hook (a .pth in a site folder runs; a folder named by another .pth does not have
 # its .pth files run); with PYTHONPATH="$PKG" it imports the copy.
@@ -25,4 +26,11 @@ build_elsewhere() {
   alt_site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
   echo "$site" > "$alt_site/moe_py_deps.pth"
   ALT_PY="$venv/bin/python"
+}
+
+# Fails unless ALT_PY, run in the current environment (PYTHONPATH="$PKG", and whatever a
+# sanitizer build must preload), imports the copy. Run it from the build folder: python -c
+# puts the working folder first on the path.
+check_imports_copy() {
+  "$ALT_PY" -c 'import moe_py, sys; assert moe_py.__file__.startswith(sys.argv[1]), moe_py.__file__' "$PKG"
 }

@@ -17,7 +17,7 @@ export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1"
 export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
 export MOE_PY_SANITIZED=1 PYTHONPATH="$PKG" MPLBACKEND=Agg
 cd "$BUILD"  # not the checkout: python -m puts the working folder first on the path
-"$ALT_PY" -c 'import moe_py, sys; assert moe_py.__file__.startswith(sys.argv[1]), moe_py.__file__' "$PKG"
+check_imports_copy
 echo "sanitize: running the non-slow and property tests under ASan + UBSan" >&2
 # torch's own libraries are not built for ASan: its tests run in the release job only
 exec "$ALT_PY" -m pytest -q -p no:cacheprovider -m "not slow" \
