@@ -11,7 +11,6 @@ the bench_layer shapes; the second reads a transposed A.
 """
 import argparse
 import ctypes
-import os
 import statistics
 import time
 
@@ -20,16 +19,10 @@ import numpy as np
 import moe_py
 from moe_py import _core
 from roofline import machine_line
+from sgemm_of import one_thread_sgemm
 
 SIZES = [(128, 128), (256, 256), (256, 512), (512, 128), (512, 1024)]  # (d_model, d_ff)
 TILE = 256
-
-
-def openblas():
-    import scipy_openblas32
-    lib = ctypes.CDLL(os.path.join(scipy_openblas32.get_lib_dir(), scipy_openblas32.get_library(True)))
-    lib.scipy_openblas_set_num_threads(1)
-    return lib.scipy_cblas_sgemm
 
 
 def rate(fn, flops):
@@ -50,7 +43,7 @@ def main():
     ap.add_argument("--samples", type=int, default=7)
     args = ap.parse_args()
     moe_py.set_num_threads(1)
-    sgemm = openblas()
+    _, sgemm, _ = one_thread_sgemm()
     try:
         import torch
         torch.set_num_threads(1)

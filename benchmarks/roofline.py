@@ -1,8 +1,8 @@
 """The machine's real limits, measured in the same run as the thing they judge.
 
 - best_sgemm(): the best SGEMM rate of any library in this process at a given shape and thread
-  count: moe_py's own GEMM path (_core.matmul_f32: fixed tiles, one BLAS call per tile on our
-  OpenMP threads), NumPy's `@` (its own bundled OpenBLAS, thread count set through ctypes) and
+  count: moe_py's own GEMM path (_core.matmul_f32: fixed tiles on our OpenMP threads, the GEMM
+  micro-kernel of cpp/small_gemm.cpp in each), NumPy's `@` (its own bundled OpenBLAS, thread count set through ctypes) and
   torch.mm (oneDNN/MKL). A benchmark that divides by its own GEMM alone cannot see a slow BLAS.
 - fma_peak(): the FP32 FMA peak measured with a register-only FMA loop (_core.fma_peak:
   16 independent SIMD accumulators per thread, 2 FLOPs per lane per FMA).

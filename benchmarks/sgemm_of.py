@@ -17,15 +17,10 @@ import time
 import numpy as np
 
 
-def main(argv):
-    M, N, K = 4096, 1024, 512
-    if "--shape" in argv:
-        i = argv.index("--shape")
-        M, N, K = (int(v) for v in argv[i + 1:i + 4])
-        argv = argv[:i] + argv[i + 4:]
-    if argv:
-        path = argv[0]
-    else:
+def one_thread_sgemm(path=None):
+    """(path, cblas_sgemm, openblas_get_corename) of an OpenBLAS library set to one thread;
+    without a path, the scipy-openblas32 moe_py links (its symbols carry a scipy_ prefix)."""
+    if path is None:
         import scipy_openblas32
         path = os.path.join(scipy_openblas32.get_lib_dir(), scipy_openblas32.get_library(True))
     lib = ctypes.CDLL(path)
@@ -33,7 +28,16 @@ def main(argv):
     getattr(lib, prefix + "openblas_set_num_threads")(1)
     core = getattr(lib, prefix + "openblas_get_corename")
     core.restype = ctypes.c_char_p
-    sgemm = getattr(lib, prefix + "cblas_sgemm")
+    return path, getattr(lib, prefix + "cblas_sgemm"), core
+
+
+def main(argv):
+    M, N, K = 4096, 1024, 512
+    if "--shape" in argv:
+        i = argv.index("--shape")
+        M, N, K = (int(v) for v in argv[i + 1:i + 4])
+        argv = argv[:i] + argv[i + 4:]
+    path, sgemm, core = one_thread_sgemm(argv[0] if argv else None)
     rng = np.random.default_rng(0)
     a = rng.standard_normal((M, K), dtype=np.float32)
     b = rng.standard_normal((K, N), dtype=np.float32)

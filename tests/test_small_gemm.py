@@ -6,6 +6,7 @@ import pytest
 
 import moe_py
 from moe_py import _core
+from moe_py._kernels import kernel
 
 SHAPES = [(1, 1, 1), (12, 32, 256), (13, 33, 257), (11, 31, 255), (25, 16, 7), (5, 8, 600),
           (100, 77, 300), (48, 130, 513), (7, 1, 40), (29, 520, 270)]
@@ -17,8 +18,7 @@ def run(dtype, M, N, K, trans_a, trans_b, accumulate, packed, seed=0):
     b = rng.standard_normal((N, K) if trans_b else (K, N)).astype(dtype)
     c0 = rng.standard_normal((M, N)).astype(dtype)
     c = c0.copy()
-    fn = getattr(_core, "small_gemm_f32" if dtype == np.float32 else "small_gemm_f64")
-    fn(a=a, b=b, trans_a=trans_a, trans_b=trans_b, c=c, accumulate=accumulate, packed=packed)
+    kernel("small_gemm", dtype)(a=a, b=b, trans_a=trans_a, trans_b=trans_b, c=c, accumulate=accumulate, packed=packed)
     oa = a.T.astype(np.float64) if trans_a else a.astype(np.float64)
     ob = b.T.astype(np.float64) if trans_b else b.astype(np.float64)
     want = oa @ ob + (c0.astype(np.float64) if accumulate else 0.0)
@@ -55,7 +55,7 @@ def test_packed_b_gives_the_same_bits_and_k_blocks_add_up():
         rng = np.random.default_rng(4)
         xs = rng.standard_normal((700, 37)).astype(dtype)   # [K, M]: A = xs^T
         dh = rng.standard_normal((700, 70)).astype(dtype)
-        fn = getattr(_core, "small_gemm_f32" if dtype == np.float32 else "small_gemm_f64")
+        fn = kernel("small_gemm", dtype)
         whole = np.zeros((37, 70), dtype)
         fn(a=xs, b=dh, trans_a=True, trans_b=False, c=whole, accumulate=True, packed=False)
         tiles = np.zeros((37, 70), dtype)
@@ -87,7 +87,8 @@ def test_a_column_range_has_the_bits_of_the_whole_product():
     many panels (here 600 columns) is copied to a contiguous block first, by few (40) it is
     read in place, and both must give the same bits."""
     rng = np.random.default_rng(5)
-    for dtype, fn in ((np.float32, _core.small_gemm_f32), (np.float64, _core.small_gemm_f64)):
+    for dtype in (np.float32, np.float64):
+        fn = kernel("small_gemm", dtype)
         a = rng.standard_normal((300, 37)).astype(dtype)    # A^T: [K, M]
         b = rng.standard_normal((300, 600)).astype(dtype)
         wide = np.zeros((37, 600), dtype)
