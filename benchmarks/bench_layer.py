@@ -404,11 +404,12 @@ def bench_shape(shape: Shape, threads: List[int], args, torch_mod, np_blas,
         for name, (t, ts) in timed.items():
             row[name + "_s"], row[name + "_spread"] = t, (max(ts) - min(ts)) / t
 
-        row["sgemm"] = sgemm_rates(shape, n, args.repeats, torch_mod, np_blas)
-        row["fma_peak"] = peaks[n]
-
+        # before the SGEMM rates: NumPy's OpenBLAS threads spin for a while after its
+        # multi-threaded SGEMM and would take a core from the breakdown's kernels
         if args.breakdown:
             row["breakdown"] = breakdown(layer, x, dy, args.repeats, args.warmup)
+        row["sgemm"] = sgemm_rates(shape, n, args.repeats, torch_mod, np_blas)
+        row["fma_peak"] = peaks[n]
         row["foreign"] = load.cores()
         rows.append(row)
         print(f"  done {shape_str(shape)} threads={n}: moe {row['moe_s'] * 1e3:.1f} ms"
