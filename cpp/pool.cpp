@@ -15,8 +15,10 @@ namespace moe {
 namespace {
 
 constexpr std::size_t kAlign = 64;
-// Below this, malloc's own free lists already reuse memory without new faults.
-constexpr std::size_t kSmall = std::size_t(1) << 20;
+// Below this, malloc serves the block. Kernel scratch made on every call (packed weights,
+// each OpenMP thread's row tiles: 128 KiB and up) comes from the cache: glibc may hand such
+// blocks back to the OS on free, and every call then faulted its pages in again.
+constexpr std::size_t kSmall = std::size_t(64) << 10;
 // The cache may always hold this much, and beyond it as much as the largest working set
 // (bytes handed out at once) seen so far: enough for every buffer of one step to come
 // back from the cache in the next, never more.
