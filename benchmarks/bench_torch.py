@@ -1,12 +1,14 @@
 """moe_py.torch.MoE inside a PyTorch model, against an eager torch MoE block written the way
 Hugging Face's Mixtral block is (router softmax, top-k, a loop over the experts that were hit,
 index_add_), in the same small transformer LM: the default `train` model's sizes, the same
-weights, batches and threads, steps interleaved. Also the module's overhead over the NumPy
-layer it wraps, at the largest bench_layer shape.
+weights, batches and threads, steps interleaved. Also the block's time inside the model
+against the same block called alone, and the module's overhead over the NumPy layer it
+wraps, at the two largest bench_layer shapes.
 
     .venv/bin/python benchmarks/bench_torch.py [--threads 1 2] [--steps 10]
 """
 import argparse
+import time
 
 import numpy as np
 import torch
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 import moe_py
 from moe_py.cli import _configs, build_parser
 from moe_py.data import BatchSampler, python_source_corpus
-from moe_py.torch import MoE
+from moe_py.torch import MoE, _MoEFunction
 from bench_train import interleaved_medians as interleaved
 from roofline import machine_line
 
@@ -130,6 +132,57 @@ def overhead(shape, repeats=5):
     return interleaved([lambda _: numpy_side(), lambda _: torch_side()], [None] * (repeats + 1), 1)
 
 
+class FunctionTimer:
+    """Wall time of every moe_py.torch forward and backward (the autograd Function: the C++
+    layer and its glue) while active."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.calls = 0
+
+    def __enter__(self):
+        self._fwd, self._bwd = _MoEFunction.forward, _MoEFunction.backward
+
+        def timed(fn):
+            def run(ctx, *args):
+                t = time.perf_counter()
+                try:
+                    return fn(ctx, *args)
+                finally:
+                    self.seconds += time.perf_counter() - t
+            return staticmethod(run)
+        _MoEFunction.forward, _MoEFunction.backward = timed(self._fwd), timed(self._bwd)
+        return self
+
+    def __exit__(self, *exc):
+        _MoEFunction.forward, _MoEFunction.backward = staticmethod(self._fwd), staticmethod(self._bwd)
+
+
+def inside_vs_alone(model, batches, warmup):
+    """Median ms per MoE block of forward + backward: inside the training model, and the
+    same block called alone, again and again, on a batch of the same shape and padding."""
+    step = step_fn(model)
+    inside = []
+    for i, b in enumerate(batches):
+        with FunctionTimer() as ft:
+            step(b)
+        if i >= warmup:
+            inside.append(ft.seconds / len(model.blocks))
+    block = model.blocks[0].moe
+    b = batches[0]
+    x = torch.randn(*b.inputs.shape, block.cfg.d_model, requires_grad=True)
+    mask = torch.from_numpy(b.mask)
+    dy = torch.randn(*b.inputs.shape, block.cfg.d_model)
+    alone = []
+    for i in range(len(batches)):
+        with FunctionTimer() as ft:
+            y, aux, _ = block(x, padding_mask=mask)
+            torch.autograd.backward([y, aux], [dy, torch.ones_like(aux)])
+        if i >= warmup:
+            alone.append(ft.seconds)
+    return 1e3 * float(np.median(inside)), 1e3 * float(np.median(alone))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -149,6 +202,7 @@ def main():
           f"median of {args.steps} interleaved steps after {args.warmup}")
     print(f"{'threads':>7} {'moe_py.torch tok/s':>19} {'eager torch tok/s':>18} {'ratio':>6} "
           f"{'MoE share of eager step':>24} {'ceiling':>8}")
+    inside = {}
     for n in args.threads:
         torch.set_num_threads(n)
         moe_py.set_num_threads(n)
@@ -165,9 +219,13 @@ def main():
         share = 1 - t[2] / t[1]
         print(f"{n:>7} {real / t[0]:>19.0f} {real / t[1]:>18.0f} {t[1] / t[0]:>6.2f} "
               f"{100 * share:>23.0f}% {t[1] / t[2]:>8.2f}", flush=True)
+        inside[n] = inside_vs_alone(ours, batches, args.warmup)
     print("ratio = eager step time / moe_py.torch step time (> 1: the moe_py module is faster).")
     print("MoE share = 1 - (step time of the same model with no FFN work) / (eager step time);")
     print("ceiling = the ratio an MoE block that took no time at all would reach (Amdahl).")
+    for n, (t_in, t_alone) in inside.items():
+        print(f"moe_py MoE block, forward + backward, {n} thread(s): {t_in:.2f} ms inside the model, "
+              f"{t_alone:.2f} ms called alone on a batch of the same shape ({100 * (t_in / t_alone - 1):+.0f} %)")
     print()
     for shape in [(8192, 256, 256, 64, 8), (4096, 512, 1024, 8, 2)]:
         moe_py.set_num_threads(max(args.threads))

@@ -1,0 +1,88 @@
+"""Why the MoE block is slower inside a model than called alone: one experts_backward call
+captured inside the bench_torch model (moe_py.torch.MoE blocks, default model sizes), then
+replayed on its own: warm (repeated back to back), after sweeping 64 MB and 600 MB of other
+memory through the caches, and after such a sweep followed by reading the call's own
+arrays back in. Medians in ms, with the call's median time inside the model.
+
+    .venv/bin/python benchmarks/replay_cold.py [--threads 2] [--repeats 9]
+"""
+import argparse
+import time
+
+import numpy as np
+import torch
+
+import moe_py
+from moe_py import _core
+from moe_py.cli import _configs, build_parser
+from moe_py.data import BatchSampler, python_source_corpus
+from moe_py.torch import MoE
+from bench_torch import LM, step_fn
+from roofline import machine_line
+
+
+def capture(steps: int):
+    """The arguments (copied) and inside-the-model times of experts_backward_f32 calls."""
+    defaults = build_parser().parse_args(["train"])
+    model_cfg, _ = _configs(defaults, dense=False)
+    corpus = python_source_corpus(max_bytes=500_000)
+    sampler = BatchSampler(corpus.train, defaults.batch_size, defaults.seq_len, 0)
+    torch.manual_seed(0)
+    step = step_fn(LM(model_cfg, lambda: MoE(model_cfg.moe)))
+    for i in range(2):
+        step(sampler.batch(i))
+    calls, times = [], []
+    real = _core.experts_backward_f32
+
+    def recording(**kw):
+        t = time.perf_counter()
+        out = real(**kw)
+        times.append(time.perf_counter() - t)
+        calls.append({k: v.copy() if isinstance(v, np.ndarray) else v for k, v in kw.items()})
+        return out
+    _core.experts_backward_f32 = recording
+    try:
+        for i in range(steps):
+            step(sampler.batch(2 + i))
+    finally:
+        _core.experts_backward_f32 = real
+    return calls, times
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=9)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    moe_py.set_num_threads(args.threads)
+    print(machine_line())
+    calls, inside = capture(4)
+    call = calls[0]
+    sweep = np.zeros((600 << 20) // 4, np.float32)
+    arrays = [v for v in call.values() if isinstance(v, np.ndarray)]
+    cases = {
+        "warm (back to back)": lambda: None,
+        "after a 64 MB sweep": lambda: sweep[: (64 << 20) // 4].__iadd__(1),
+        "after a 600 MB sweep": lambda: sweep.__iadd__(1),
+        "after a 600 MB sweep, then reading its arrays": lambda: (sweep.__iadd__(1),
+                                                                  [a.sum() for a in arrays]),
+    }
+    times = {name: [] for name in cases}
+    _core.experts_backward_f32(**call)
+    for _ in range(args.repeats):
+        for name, before in cases.items():
+            before()
+            t = time.perf_counter()
+            _core.experts_backward_f32(**call)
+            times[name].append(time.perf_counter() - t)
+    print(f"experts_backward_f32 at N={call['xs'].shape[0]} rows, d_model {call['xs'].shape[1]}, "
+          f"{len(call['offsets']) - 1} experts, {args.threads} thread(s); median ms")
+    label = "inside the model (every layer's calls)"
+    print(f"  {label:<63s}{1e3 * np.median(inside):6.2f}")
+    for name, ts in times.items():
+        print(f"  {'replayed alone, ' + name:<63s}{1e3 * np.median(ts):6.2f}")
+
+
+if __name__ == "__main__":
+    main()
