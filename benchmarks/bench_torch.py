@@ -138,7 +138,6 @@ class FunctionTimer:
 
     def __init__(self):
         self.seconds = 0.0
-        self.calls = 0
 
     def __enter__(self):
         self._fwd, self._bwd = _MoEFunction.forward, _MoEFunction.backward
