@@ -182,6 +182,15 @@ def inside_vs_alone(model, batches, warmup):
     return 1e3 * float(np.median(inside)), 1e3 * float(np.median(alone))
 
 
+def default_model_and_batches(n: int):
+    """The default `train` model's config, its defaults, and its first n training batches."""
+    defaults = build_parser().parse_args(["train"])
+    model_cfg, _ = _configs(defaults, dense=False)
+    corpus = python_source_corpus(max_bytes=500_000)
+    sampler = BatchSampler(corpus.train, defaults.batch_size, defaults.seq_len, 0)
+    return model_cfg, defaults, [sampler.batch(i) for i in range(n)]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -189,11 +198,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     args = ap.parse_args()
     print(machine_line())
-    defaults = build_parser().parse_args(["train"])
-    model_cfg, _ = _configs(defaults, dense=False)
-    corpus = python_source_corpus(max_bytes=500_000)
-    sampler = BatchSampler(corpus.train, defaults.batch_size, defaults.seq_len, 0)
-    batches = [sampler.batch(i) for i in range(args.steps + args.warmup)]
+    model_cfg, defaults, batches = default_model_and_batches(args.steps + args.warmup)
     real = float(np.median([b.mask.sum() for b in batches]))
     print(f"default model sizes: d_model {model_cfg.d_model}, {model_cfg.n_layers} layers, "
           f"{model_cfg.moe.num_experts} experts of width {model_cfg.moe.d_ff}, top-{model_cfg.moe.top_k}; "

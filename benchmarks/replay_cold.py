@@ -14,23 +14,18 @@ import torch
 
 import moe_py
 from moe_py import _core
-from moe_py.cli import _configs, build_parser
-from moe_py.data import BatchSampler, python_source_corpus
 from moe_py.torch import MoE
-from bench_torch import LM, step_fn
+from bench_torch import LM, default_model_and_batches, step_fn
 from roofline import machine_line
 
 
 def capture(steps: int):
     """The arguments (copied) and inside-the-model times of experts_backward_f32 calls."""
-    defaults = build_parser().parse_args(["train"])
-    model_cfg, _ = _configs(defaults, dense=False)
-    corpus = python_source_corpus(max_bytes=500_000)
-    sampler = BatchSampler(corpus.train, defaults.batch_size, defaults.seq_len, 0)
+    model_cfg, _, batches = default_model_and_batches(2 + steps)
     torch.manual_seed(0)
     step = step_fn(LM(model_cfg, lambda: MoE(model_cfg.moe)))
-    for i in range(2):
-        step(sampler.batch(i))
+    for b in batches[:2]:
+        step(b)
     calls, times = [], []
     real = _core.experts_backward_f32
 
@@ -42,8 +37,8 @@ def capture(steps: int):
         return out
     _core.experts_backward_f32 = recording
     try:
-        for i in range(steps):
-            step(sampler.batch(2 + i))
+        for b in batches[2:]:
+            step(b)
     finally:
         _core.experts_backward_f32 = real
     return calls, times

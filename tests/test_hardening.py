@@ -93,20 +93,18 @@ def test_repeated_expert_backward_takes_no_fresh_pages(threads):
     act = _kernels.Activation.swiglu
     h1, h3, _ = _kernels.kernel("experts_forward", np.float32)(
         xs=xs, offsets=offsets, w1=w1, w3=w3, w2=w2, activation=act)
-    moe_py.set_num_threads(threads)
-    try:
-        def call():
-            _kernels.kernel("experts_backward", np.float32)(
-                xs=xs, offsets=offsets, w1=w1, w3=w3, w2=w2, h1=h1, h3=h3, dye=dye,
-                activation=act, dw1=grads[0], dw3=grads[1], dw2=grads[2])
+    moe_py.set_num_threads(threads)  # the autouse fixture of conftest.py restores it
+
+    def call():
+        _kernels.kernel("experts_backward", np.float32)(
+            xs=xs, offsets=offsets, w1=w1, w3=w3, w2=w2, h1=h1, h3=h3, dye=dye,
+            activation=act, dw1=grads[0], dw3=grads[1], dw2=grads[2])
+    call()
+    call()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
         call()
-        call()
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(5):
-            call()
-        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
-    finally:
-        moe_py.set_num_threads(1)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
     assert faults < 20, faults
 
 
