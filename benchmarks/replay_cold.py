@@ -54,14 +54,21 @@ def main():
     print(machine_line())
     calls, inside = capture(4)
     call = calls[0]
-    sweep = np.zeros((600 << 20) // 4, np.float32)
+    memory = np.zeros((600 << 20) // 4, np.float32)
     arrays = [v for v in call.values() if isinstance(v, np.ndarray)]
+
+    def sweep(mb):  # read and write mb MB of other memory, evicting the call's data
+        memory[: (mb << 20) // 4] += 1
+
+    def sweep_then_read():
+        sweep(600)
+        for a in arrays:
+            a.sum()
     cases = {
         "warm (back to back)": lambda: None,
-        "after a 64 MB sweep": lambda: sweep[: (64 << 20) // 4].__iadd__(1),
-        "after a 600 MB sweep": lambda: sweep.__iadd__(1),
-        "after a 600 MB sweep, then reading its arrays": lambda: (sweep.__iadd__(1),
-                                                                  [a.sum() for a in arrays]),
+        "after a 64 MB sweep": lambda: sweep(64),
+        "after a 600 MB sweep": lambda: sweep(600),
+        "after a 600 MB sweep, then reading its arrays": sweep_then_read,
     }
     times = {name: [] for name in cases}
     _core.experts_backward_f32(**call)
