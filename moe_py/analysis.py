@@ -10,6 +10,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from .router import RouterOutput, row_entropy, unrouted_tokens
+from .specialisation import entropy_nats, mutual_information, specialisation_report
 
 
 def _real(r: RouterOutput, mask: Optional[np.ndarray]) -> np.ndarray:
@@ -92,17 +93,22 @@ def expert_label_table(r: RouterOutput, labels, n_labels: int, mask=None, slot: 
 def specialisation(r: RouterOutput, labels, n_labels: int, mask=None) -> Dict[str, float]:
     """Mutual information (nats) between the chosen expert (each top-k assignment
     counted once) and the token's label, and its ratio to the label entropy:
-    1 when the expert determines the label, about 0 when routing ignores it."""
-    table = expert_label_table(r, labels, n_labels, mask).astype(np.float64)
-    n = table.sum()
-    if n == 0:
-        return {"mi": 0.0, "label_entropy": 0.0, "normalized_mi": 0.0}
-    joint = table / n
-    pe, pl = joint.sum(1), joint.sum(0)
-    nz = joint > 0
-    mi = float((joint[nz] * np.log(joint[nz] / np.outer(pe, pl)[nz])).sum())
-    hl = _entropy(pl)
+    1 when the expert determines the label, about 0 when routing ignores it. Its nulls
+    (byte tables, the conditional MI given the byte) are in specialisation.py."""
+    table = expert_label_table(r, labels, n_labels, mask)
+    hl = entropy_nats(table.sum(0))
+    mi = mutual_information(table)
     return {"mi": mi, "label_entropy": hl, "normalized_mi": mi / hl if hl > 0 else 0.0}
+
+
+def specialisation_with_nulls(r: RouterOutput, labels, tokens, n_labels: int, mask=None,
+                              r_at_init: Optional[RouterOutput] = None) -> Dict[str, object]:
+    """specialisation.specialisation_report for the real, labelled tokens of one layer."""
+    labels = np.asarray(labels).reshape(-1)
+    keep = _real(r, mask) & (labels >= 0)
+    return specialisation_report(r.topk_indices[keep], labels[keep], np.asarray(tokens).reshape(-1)[keep],
+                                 _num_experts(r), n_labels,
+                                 experts_at_init=None if r_at_init is None else r_at_init.topk_indices[keep])
 
 
 def top_labels(table: np.ndarray, label_names: Sequence[str], top: int = 3) -> Dict[int, List]:

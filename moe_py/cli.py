@@ -82,7 +82,7 @@ MOE_FLAGS = ("num_experts", "top_k", "d_ff", "router", "normalize_topk", "capaci
 TRAIN_FLAGS = ("corpus", "corpus_bytes", "steps", "batch_size", "seq_len", "grad_accum", "lr",
                "warmup", "lr_decay_steps", "min_lr_ratio", "weight_decay", "grad_clip",
                "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "noise_std",
-               "noise_anneal_steps", "seed", "collapse_low_share", "collapse_max_over_mean",
+               "noise_anneal_steps", "seed", "split_seed", "collapse_low_share", "collapse_max_over_mean",
                "collapse_steps")
 # Short names kept from earlier versions of the CLI.
 ALIASES = {"n_layers": ["--layers"], "n_heads": ["--heads"], "num_experts": ["--experts"]}
@@ -137,8 +137,7 @@ def _configs(args: argparse.Namespace, dense: bool):
     from .train import TrainConfig
     shared = dict(d_model=args.d_model, activation=args.activation, dtype=args.dtype, seed=args.seed)
     moe = config_from_args(MoEConfig, args, **shared)
-    dense_width = moe.top_k * moe.d_ff + moe.num_shared_experts * moe.shared_width
-    model = config_from_args(ModelConfig, args, max_seq_len=args.seq_len, d_ff=dense_width,
+    model = config_from_args(ModelConfig, args, max_seq_len=args.seq_len, d_ff=moe.active_ffn_width,
                              moe=None if dense else moe, seed=args.seed)
     return model, config_from_args(TrainConfig, args)
 
@@ -169,7 +168,7 @@ def _train(args: argparse.Namespace) -> int:
         saved = RunFolder(args.out).read_config()
         _check_resume_flags(args, saved)
         model_cfg = ModelConfig.from_dict(saved["model"])
-        train_cfg = TrainConfig(**saved["train"])
+        train_cfg = TrainConfig.from_dict(saved["train"])
         if "steps" in args.explicit:
             train_cfg = dataclasses.replace(train_cfg, steps=args.steps)
         last = train(model_cfg, train_cfg, args.out, resume=True)
@@ -225,15 +224,40 @@ TOURNAMENT_TRAIN_FLAGS = tuple(f for f in TRAIN_FLAGS
                                if f not in ("steps", "seed", "noise_std", "noise_anneal_steps"))
 
 
+def _lr_grid(text: str) -> List[float]:
+    try:
+        grid = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated learning rates, got {text!r}") from None
+    if not grid or any(not 0 < v < float("inf") for v in grid) or len(set(grid)) != len(grid):
+        raise argparse.ArgumentTypeError(f"expected distinct positive learning rates, got {text!r}")
+    return grid
+
+
+def _add_comparison_flags(p: argparse.ArgumentParser, seeds_default: int) -> None:
+    """--seeds, --lr-grid and --tune-seed: what compare and tournament share."""
+    from .tournament import TUNE_SEED
+    p.add_argument("--seeds", type=int, default=seeds_default,
+                   help=f"seeds per arm, 0 .. N-1: each sets the weights and the batch order, never "
+                        f"the validation split (--split-seed) (default: {seeds_default})")
+    p.add_argument("--lr-grid", type=_lr_grid, default=None, metavar="A,B,C",
+                   help="tune the learning rate per arm: each arm trains once per rate at --tune-seed "
+                        "and its seeds use the rate with the lowest validation loss (default: --lr "
+                        "for every arm)")
+    p.add_argument("--tune-seed", type=int, default=TUNE_SEED,
+                   help=f"seed of the --lr-grid tuning runs, not one of the compared seeds "
+                        f"(default: {TUNE_SEED})")
+
+
 def _add_tournament_flags(p: argparse.ArgumentParser) -> None:
     from .models import ModelConfig
-    from .tournament import DEFAULT_STEPS, ENTRY_NAMES
+    from .tournament import DEFAULT_SEEDS, DEFAULT_STEPS, ENTRY_NAMES
     from .train import TrainConfig
     p.add_argument("--out", required=True, help="folder of the tournament: one run folder per "
                    "entry and seed (DIR/<entry>/seed-<s>), the table and the plots")
     p.add_argument("--routers", nargs="+", default=None, metavar="ENTRY",
                    help=f"the entries to run (default: all): {', '.join(ENTRY_NAMES)}")
-    p.add_argument("--seeds", type=int, default=2, help="seeds per entry, 0 .. N-1 (default: 2)")
+    _add_comparison_flags(p, DEFAULT_SEEDS)
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
                    help=f"optimiser steps of every run (default: {DEFAULT_STEPS})")
     p.add_argument("--overwrite", action="store_true",
@@ -254,7 +278,8 @@ def _tournament(args: argparse.Namespace) -> int:
     args.seed = 0  # each run's seed is set by the tournament (0 .. seeds-1)
     base_model, base_train = _configs(args, dense=False)
     table = run_tournament(args.out, routers=args.routers, seeds=args.seeds, base_model=base_model,
-                           base_train=base_train, overwrite=args.overwrite)
+                           base_train=base_train, overwrite=args.overwrite, lr_grid=args.lr_grid,
+                           tune_seed=args.tune_seed)
     print(table_markdown(table))
     done = list(table["actions"].values())
     print(f"runs: {done.count('trained')} trained, {done.count('resumed')} resumed, "
@@ -284,17 +309,27 @@ def _analyze(args: argparse.Namespace) -> int:
         print("over training (normalised MI per layer; share of tokens whose top-k set, and "
               "whose top-1 expert, changed since the previous checkpoint):")
         for r in rows:
-            print(f"  step {r['step']:>6}  MI {' '.join(f'{v:.3f}' for v in r['normalized_mi'])}"
+            print(f"  step {r['step']:>6}  MI {' '.join(f'{v:.3f}' for v in r['mi'])}"
                   f"  changed {' '.join(f'{v:.3f}' for v in r['changed_since_previous'])}"
                   f"  top-1 {' '.join(f'{v:.3f}' for v in r['top1_changed_since_previous'])}")
     print(f"analysed {res['tokens']:,} validation tokens of {res['corpus']} at step {res['step']}")
-    print(f"{'layer':<6} {'norm. MI':>9} {'at init':>8} {'max/mean':>9} {'eff. experts':>13}"
-          "   (eff. experts: exp(entropy of the real top-k assignments' shares))")
+    lab = res["label_given_byte"][0]
+    print(f"the byte alone fixes {100 * lab['byte_label_mi']:.0f} % of the label's entropy "
+          f"(I(byte; label) / H(label)); H(label | byte) = {lab['label_entropy_given_byte']:.3f} nats")
+    print(f"{'layer':<6} {'mi':>6} {'byte null [5-95 %]':>20} {'at init':>8} {'first ch.':>9} "
+          f"{'its null':>8} {'mi|byte':>8} {'floor [5-95 %]':>21} {'beyond':>6} {'max/mean':>9} {'eff. exp.':>9}")
     for i, layer in enumerate(res["layers"]):
-        imb = layer.get("imbalance", {})
-        ent = layer.get("entropy", {})
-        print(f"{i:<6} {res['normalized_mi'][i]:>9.4f} {res['normalized_mi_at_init'][i]:>8.4f} "
-              f"{imb.get('max_over_mean', float('nan')):>9.3f} {ent.get('effective_experts', float('nan')):>13.2f}")
+        null, floor = layer["mi_byte_null"], layer["mi_given_byte_floor"]
+        print(f"{i:<6} {layer['mi']:>6.3f} {null['mean']:>6.3f} [{null['p5']:.3f}, {null['p95']:.3f}] "
+              f"{layer['mi_at_init']:>8.3f} {layer['mi_first_choice']:>9.3f} "
+              f"{null['first_choice']['mean']:>8.3f} {layer['mi_given_byte']:>8.4f} "
+              f"{floor['mean']:>6.4f} [{floor['p5']:.4f}, {floor['p95']:.4f}] "
+              f"{'yes' if layer['beyond_byte'] else 'no':>6} {layer['imbalance']['max_over_mean']:>9.3f} "
+              f"{layer['entropy']['effective_experts']:>9.2f}")
+    print("mi: MI(expert; label) / H(label) over all top-k slots; byte null: the same for random "
+          "byte -> expert tables with the same k; first ch.: first choices only; mi|byte: "
+          "MI(expert; label | byte) / H(label | byte), against experts shuffled within each byte; "
+          "beyond: mi|byte above the floor's mean by more than its 5-95 % width")
     print("top byte trigrams per expert (ending at the bytes it takes most often):")
     for i, layer in enumerate(res["layers"]):
         for e, grams in layer.get("top_trigrams", {}).items():

@@ -37,9 +37,9 @@ def plain_scalars(cfg) -> None:
             setattr(cfg, f.name, float(v))
 
 
-def check_seed(value) -> None:
+def check_seed(value, name: str = "seed") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
-        raise ValueError(f"seed: expected an integer in [0, 2**63 - 1], got {value!r}")
+        raise ValueError(f"{name}: expected an integer in [0, 2**63 - 1], got {value!r}")
 
 
 def positive_int(name: str, value) -> None:
@@ -189,6 +189,12 @@ class MoEConfig:
     def shared_width(self) -> int:
         """The hidden width of one shared expert."""
         return self.d_ff if self.shared_d_ff is None else self.shared_d_ff
+
+    @property
+    def active_ffn_width(self) -> int:
+        """The FFN width one token runs through (top_k routed experts and the shared ones):
+        the width of the dense baseline with the same active parameters."""
+        return self.top_k * self.d_ff + self.num_shared_experts * self.shared_width
 
     @property
     def capacity(self) -> Optional[float]:

@@ -56,11 +56,19 @@ def _stable_fraction(key: str) -> float:
     return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") / 2.0 ** 64
 
 
-def _split(docs: List[Document], val_fraction: float, seed: int) -> Tuple[List[Document], List[Document]]:
+def source_name(doc_name: str) -> str:
+    """The file a document came from: pieces of one file ("file#offset") share it; pieces of
+    a single text file cut for its own split ("file@i") do not."""
+    return doc_name.split("#")[0]
+
+
+def _split(docs: List[Document], val_fraction: float, split_seed: int) -> Tuple[List[Document], List[Document]]:
+    """Train/validation by a stable hash of (split_seed, file): the split depends on the
+    corpus and split_seed only, never on the training seed, so every seed and every arm of
+    a comparison is evaluated on the same held-out files."""
     train, val = [], []
-    for d in docs:  # pieces of one file ("file#offset") stay on the same side
-        key = d.name.split("#")[0]
-        (val if _stable_fraction(f"{seed}:{key}") < val_fraction else train).append(d)
+    for d in docs:  # pieces of one file stay on the same side (no leakage between them)
+        (val if _stable_fraction(f"{split_seed}:{source_name(d.name)}") < val_fraction else train).append(d)
     if not val and len(train) > 1:  # always keep some data on both sides
         val.append(train.pop())
     if not train and len(val) > 1:
@@ -134,9 +142,18 @@ def _stdlib_files() -> List[str]:
     return sorted(out, key=lambda p: os.path.relpath(p, root))
 
 
-def _top_level_pieces(tokens: np.ndarray, labels: np.ndarray, name: str) -> List[Document]:
+# Bytes kept of one source file: the stdlib has files of up to 750 KB (median 6.5 KB), and
+# whole files made two of them 57 % of a 20-file validation split. At 16 KiB a file is at
+# most ~8 % of the default corpus's ~200 KB of validation bytes.
+MAX_FILE_BYTES = 16 * 1024
+
+
+def _top_level_pieces(tokens: np.ndarray, labels: np.ndarray, name: str,
+                      max_bytes: int = MAX_FILE_BYTES) -> List[Document]:
     """A file cut before each top-level `def`, `class` or decorator: documents of
-    very different lengths, as real code has (so short ones give padded rows)."""
+    very different lengths, as real code has (so short ones give padded rows). Only the
+    file's first max_bytes are kept, cut at a piece boundary (a first piece longer than
+    that is truncated)."""
     data = tokens.tobytes()
     cuts = [0]
     for marker in (b"\ndef ", b"\nclass ", b"\n@", b"\nasync def "):
@@ -145,6 +162,9 @@ def _top_level_pieces(tokens: np.ndarray, labels: np.ndarray, name: str) -> List
             cuts.append(i + 1)
             i = data.find(marker, i + 1)
     cuts = sorted(set(cuts)) + [len(data)]
+    cuts = [c for c in cuts if c <= max_bytes]
+    if len(cuts) == 1:  # one first piece longer than max_bytes: truncated
+        cuts.append(max_bytes)
     out = []
     for a, b in zip(cuts[:-1], cuts[1:]):
         if b - a >= 2:
@@ -153,10 +173,10 @@ def _top_level_pieces(tokens: np.ndarray, labels: np.ndarray, name: str) -> List
     return out
 
 
-def python_source_corpus(max_bytes: int = 4_000_000, val_fraction: float = 0.1, seed: int = 0) -> Corpus:
+def python_source_corpus(max_bytes: int = 4_000_000, val_fraction: float = 0.1, split_seed: int = 0) -> Corpus:
     """The standard library's .py files of the running interpreter, in a fixed
     order (shuffled by a stable hash so that max_bytes takes a mix of packages),
-    until max_bytes. Split into train/val by file."""
+    at most MAX_FILE_BYTES of each, until max_bytes. Split into train/val by file."""
     root = sysconfig.get_paths()["stdlib"]
     files = _stdlib_files()
     if not files:
@@ -174,9 +194,10 @@ def python_source_corpus(max_bytes: int = 4_000_000, val_fraction: float = 0.1, 
             continue
         if len(tokens) < 2:
             continue
-        docs.extend(_top_level_pieces(tokens, labels, os.path.relpath(path, root)))
-        total += len(tokens)
-    train, val = _split(docs, val_fraction, seed)
+        pieces = _top_level_pieces(tokens, labels, os.path.relpath(path, root))
+        docs.extend(pieces)
+        total += sum(len(d.tokens) for d in pieces)
+    train, val = _split(docs, val_fraction, split_seed)
     return Corpus("python", list(PYTHON_LABELS), train, val)
 
 
@@ -237,13 +258,15 @@ def _zipf(rng: np.random.Generator, vocab: List[str]) -> str:
     return " ".join(vocab[w] for w in words) + ".\n"
 
 
-def synthetic_corpus(n_docs: int = 2000, seed: int = 0, val_fraction: float = 0.1) -> Corpus:
+def synthetic_corpus(n_docs: int = 2000, split_seed: int = 0, val_fraction: float = 0.1) -> Corpus:
     """n_docs documents, each of one domain (SYNTHETIC_DOMAINS, round robin), every
-    byte labelled with its document's domain; lengths vary so batches get padding."""
+    byte labelled with its document's domain; lengths vary so batches get padding. The
+    domains share bytes (digits, letters, "=", newlines), so the label is not a function
+    of the byte: I(byte; domain) < H(domain). split_seed draws the documents and the split."""
     if n_docs < 2:
         raise ValueError(f"n_docs: expected at least 2, got {n_docs}")
-    rng = np.random.default_rng([seed, 1])
-    vocab = _zipf_vocab(seed)
+    rng = np.random.default_rng([split_seed, 1])
+    vocab = _zipf_vocab(split_seed)
     makers = [_arithmetic, _brackets, _records, lambda r: _zipf(r, vocab)]
     docs = []
     for i in range(n_docs):
@@ -251,7 +274,7 @@ def synthetic_corpus(n_docs: int = 2000, seed: int = 0, val_fraction: float = 0.
         text = makers[d](rng).encode("ascii")
         docs.append(Document(np.frombuffer(text, np.uint8).copy(), np.full(len(text), d, np.int16),
                              f"{SYNTHETIC_DOMAINS[d]}/{i}"))
-    train, val = _split(docs, val_fraction, seed)
+    train, val = _split(docs, val_fraction, split_seed)
     return Corpus("synthetic", list(SYNTHETIC_DOMAINS), train, val)
 
 
@@ -275,7 +298,7 @@ def byte_class_labels(tokens: np.ndarray) -> np.ndarray:
     return out
 
 
-def text_corpus(paths: Sequence[str], val_fraction: float = 0.1, seed: int = 0) -> Corpus:
+def text_corpus(paths: Sequence[str], val_fraction: float = 0.1, split_seed: int = 0) -> Corpus:
     """Files, or folders searched recursively; every byte labelled by its class (BYTE_CLASSES).
     Only regular files are read; files that are not valid UTF-8 text are skipped; a missing
     path raises."""
@@ -313,17 +336,18 @@ def text_corpus(paths: Sequence[str], val_fraction: float = 0.1, seed: int = 0) 
         bounds = np.linspace(0, len(d.tokens), pieces + 1).astype(int)
         docs = [Document(d.tokens[a:b], d.labels[a:b], f"{d.name}@{i}")  # split apart, unlike "#"
                 for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if b - a >= 2]
-    train, val = _split(docs, val_fraction, seed)
+    train, val = _split(docs, val_fraction, split_seed)
     return Corpus("text", list(BYTE_CLASSES), train, val)
 
 
-def load_corpus(name_or_path: str, seed: int = 0, max_bytes: int = 4_000_000, **kw) -> Corpus:
-    """"python" | "synthetic" | a file or folder (comma-separated for several)."""
+def load_corpus(name_or_path: str, split_seed: int = 0, max_bytes: int = 4_000_000, **kw) -> Corpus:
+    """"python" | "synthetic" | a file or folder (comma-separated for several). split_seed
+    fixes the train/validation split (and the synthetic corpus's documents)."""
     if name_or_path == "python":
-        return python_source_corpus(max_bytes=max_bytes, seed=seed, **kw)
+        return python_source_corpus(max_bytes=max_bytes, split_seed=split_seed, **kw)
     if name_or_path == "synthetic":
-        return synthetic_corpus(seed=seed, **kw)
-    return text_corpus([p for p in name_or_path.split(",") if p], seed=seed, **kw)
+        return synthetic_corpus(split_seed=split_seed, **kw)
+    return text_corpus([p for p in name_or_path.split(",") if p], split_seed=split_seed, **kw)
 
 
 # ---- batches -------------------------------------------------------------------------
@@ -410,8 +434,25 @@ def label_mix(labels: np.ndarray, n_labels: int) -> np.ndarray:
     return counts / max(1.0, counts.sum())
 
 
+# A validation split where one file holds more than this share of the bytes measures
+# that file more than the corpus: corpus_summary says so.
+MAX_VAL_FILE_SHARE = 0.10
+
+
+def largest_file_share(docs: Sequence[Document]) -> Tuple[str, float]:
+    """The file holding the most bytes of docs, and its share of them."""
+    sizes: dict = {}
+    for d in docs:
+        sizes[source_name(d.name)] = sizes.get(source_name(d.name), 0) + len(d.tokens)
+    if not sizes:
+        return "", 0.0
+    name = max(sorted(sizes), key=lambda k: sizes[k])
+    return name, sizes[name] / sum(sizes.values())
+
+
 def corpus_summary(corpus: Corpus, sampler: BatchSampler, max_batches: Optional[int]) -> str:
-    """Files, bytes, the train/val split and the label mix of the evaluated sample."""
+    """Files, bytes, the train/val split, its largest file's share (with a warning above
+    MAX_VAL_FILE_SHARE) and the label mix of the evaluated sample."""
     def files(docs):
         return len({d.name.split("#")[0].split("@")[0] for d in docs})
 
@@ -425,6 +466,11 @@ def corpus_summary(corpus: Corpus, sampler: BatchSampler, max_batches: Optional[
     order = np.argsort(-mix, kind="stable")[:6]
     top = ", ".join(f"{corpus.label_names[i]} {100 * mix[i]:.0f}% (split {100 * split[i]:.0f}%)"
                     for i in order if mix[i] > 0)
+    big, share = largest_file_share(corpus.val)
+    warn = (f"\nWARNING: {big} is {100 * share:.0f} % of the validation bytes (over "
+            f"{100 * MAX_VAL_FILE_SHARE:.0f} %): the validation loss measures that file more than "
+            "the corpus; give more or smaller files") if share > MAX_VAL_FILE_SHARE else ""
     return (f"corpus {corpus.name}: train {files(corpus.train)} files, {nbytes(corpus.train):,} bytes; "
-            f"val {files(corpus.val)} files, {nbytes(corpus.val):,} bytes; evaluated sample "
-            f"{len(windows)} windows from {files([w[0] for w in windows])} files; label mix: {top}")
+            f"val {files(corpus.val)} files, {nbytes(corpus.val):,} bytes (largest file "
+            f"{100 * share:.1f} %); evaluated sample {len(windows)} windows from "
+            f"{files([w[0] for w in windows])} files; label mix: {top}{warn}")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 
@@ -234,10 +234,51 @@ def draw_expert_label(ax, table: np.ndarray, label_names: List[str], ylabel: boo
     return im
 
 
+def draw_null_bands(ax, x: np.ndarray, width: float, bands: List[dict], label: Optional[str]) -> None:
+    """A grey 5-95 % band and a line at the mean of a null, one per x."""
+    for j, (xi, b) in enumerate(zip(x, bands)):
+        ax.fill_between([xi - width / 2, xi + width / 2], b["p5"], b["p95"], color="0.6", alpha=0.5,
+                        lw=0, label=label if j == 0 else None)
+        ax.hlines(b["mean"], xi - width / 2, xi + width / 2, colors="k", lw=1.5)
+
+
+def plot_specialisation(path: str, res: dict) -> None:
+    """Two panels per layer: MI(expert; label) / H(label) against random byte tables with the
+    same k (band: 5-95 %, line: mean) and the model at init; and the conditional
+    MI(expert; label | byte) / H(label | byte) against its shuffle floor."""
+    plt = _plt()
+    n = len(res["mi"])
+    x = np.arange(n)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
+    a.bar(x - 0.2, res["mi"], width=0.4, color="C0", label="trained, all top-k slots")
+    a.bar(x + 0.2, res["mi_first_choice"], width=0.4, color="C1", label="trained, first choice")
+    draw_null_bands(a, x - 0.2, 0.4, res["mi_byte_null"], "random byte -> expert tables (5-95 %)")
+    draw_null_bands(a, x + 0.2, 0.4, [m["first_choice"] for m in res["mi_byte_null"]], None)
+    a.plot(x - 0.2, res["mi_at_init"], "kx", label="same model at init")
+    a.set_ylabel("MI(expert; label) / H(label)")
+    a.set_title("Specialisation against routing by the byte alone")
+    b.bar(x, res["mi_given_byte"], width=0.5, color="C2", label="trained")
+    draw_null_bands(b, x, 0.5, res["mi_given_byte_floor"], "experts shuffled within each byte (5-95 %)")
+    b.plot(x, res["mi_given_byte_at_init"], "kx", label="same model at init")
+    b.set_ylabel("MI(expert; label | byte) / H(label | byte)")
+    b.set_title("Beyond the byte (* = clears the floor by more than its spread)")
+    for i, beyond in enumerate(res["beyond_byte"]):
+        if beyond:
+            b.annotate("*", (i, res["mi_given_byte"][i]), ha="center", va="bottom", fontsize=14)
+    for ax in (a, b):
+        ax.set_xticks(x)
+        ax.set_xticklabels([f"layer {i}" for i in x])
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_analysis(run_dir: str, tables: List[np.ndarray], label_names: List[str],
-                  coactivation: List[np.ndarray], nmi: List[float], nmi_init: List[float]) -> List[str]:
+                  coactivation: List[np.ndarray], res: dict) -> List[str]:
     """expert_label.png (per layer: share of each label's assignments per expert),
-    coactivation.png and specialisation.png."""
+    coactivation.png and specialisation.png (res: analyze's result, with the per-layer
+    specialisation lists)."""
     plt = _plt()
     written = []
     n = len(tables)
@@ -264,17 +305,6 @@ def plot_analysis(run_dir: str, tables: List[np.ndarray], label_names: List[str]
     fig.savefig(written[-1], dpi=110, bbox_inches="tight")
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    x = np.arange(n)
-    ax.bar(x - 0.2, nmi, width=0.4, label="trained")
-    ax.bar(x + 0.2, nmi_init, width=0.4, label="at initialisation (floor)")
-    ax.set_xticks(x)
-    ax.set_xticklabels([f"layer {i}" for i in x])
-    ax.set_ylabel("MI(expert; label) / H(label)")
-    ax.set_title("Expert specialisation per layer")
-    ax.legend()
-    fig.tight_layout()
     written.append(os.path.join(run_dir, "specialisation.png"))
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    plot_specialisation(written[-1], res)
     return written

@@ -10,10 +10,17 @@ import numpy as np
 
 from . import analysis
 from .checkpoint import load_model
-from .data import BatchSampler, Corpus, corpus_summary, load_corpus
+from .data import BatchSampler, Corpus, corpus_summary
 from .models import ModelConfig, TransformerLM
 from .router import RouterOutput, concat_router_outputs
 from .run_folder import RunFolder, atomic_write, resolve_checkpoint, run_dir_of
+from .train import TrainConfig, corpus_of, val_sampler_of
+
+
+# The per-layer specialisation numbers analysis.json also lists at its top level
+# (specialisation.py defines them).
+SPECIALISATION_KEYS = ("mi", "mi_first_choice", "mi_byte_null", "mi_given_byte", "mi_given_byte_floor",
+                       "beyond_byte", "mi_at_init", "mi_given_byte_at_init", "label_given_byte")
 
 
 def collect_routing(model: TransformerLM, sampler: BatchSampler, max_batches: Optional[int]
@@ -36,11 +43,13 @@ def collect_routing(model: TransformerLM, sampler: BatchSampler, max_batches: Op
 
 
 def _sample_of(raw: dict, max_batches: Optional[int], corpus: Optional[Corpus] = None):
-    train_cfg = json.loads(str(raw["train_config"]))
+    """The run's training config, corpus, and held-out sampler: the very windows behind its
+    val_loss."""
+    train_cfg = TrainConfig.from_dict(json.loads(str(raw["train_config"])))
     if corpus is None:
-        corpus = load_corpus(train_cfg["corpus"], seed=train_cfg["seed"], max_bytes=train_cfg["corpus_bytes"])
-    sampler = BatchSampler(corpus.val, train_cfg["batch_size"], train_cfg["seq_len"], train_cfg["seed"])
-    return train_cfg, corpus, sampler, (train_cfg["eval_batches"] if max_batches is None else max_batches)
+        corpus = corpus_of(train_cfg)
+    sampler = val_sampler_of(corpus, train_cfg)
+    return train_cfg, corpus, sampler, (train_cfg.eval_batches if max_batches is None else max_batches)
 
 
 def analyze_over_training(path: str, max_batches: Optional[int] = None,
@@ -64,8 +73,7 @@ def analyze_over_training(path: str, max_batches: Optional[int] = None,
         pairs = list(zip(previous or routers, routers))  # (previous, this) per layer
         first = previous is None
         rows.append({"step": int(raw["step"]), "checkpoint": p,
-                     "normalized_mi": [analysis.specialisation(r, labels, n, mask)["normalized_mi"]
-                                       for r in routers],
+                     "mi": [analysis.specialisation(r, labels, n, mask)["normalized_mi"] for r in routers],
                      "changed_since_previous": [0.0 if first else analysis.routing_stability(a, b, mask)["changed"]
                                                 for a, b in pairs],
                      "top1_changed_since_previous": [0.0 if first else analysis.first_choice_changed(a, b, mask)
@@ -93,14 +101,15 @@ def analyze_run(path: str, max_batches: Optional[int] = None, plots: bool = True
               "corpus_summary": corpus_summary(corpus, sampler, max_batches),
               "label_names": corpus.label_names, "tokens": int(mask.sum()),
               "layers": analysis.summarize(routers, labels=labels, label_names=corpus.label_names,
-                                           mask=mask, tokens=tokens, row_len=train_cfg["seq_len"])}
-    # the floor: the same model frozen at initialisation, on the same tokens
+                                           mask=mask, tokens=tokens, row_len=train_cfg.seq_len)}
+    # the model frozen at initialisation, on the same tokens: the floor of every measure
     init = TransformerLM(ModelConfig.from_dict(model.cfg.to_dict()))
     init_routers, *_ = collect_routing(init, sampler, max_batches)
-    result["normalized_mi"] = [analysis.specialisation(r, labels, n_labels, mask)["normalized_mi"]
-                               for r in routers]
-    result["normalized_mi_at_init"] = [analysis.specialisation(r, labels, n_labels, mask)["normalized_mi"]
-                                       for r in init_routers]
+    for layer, r, r0 in zip(result["layers"], routers, init_routers):
+        layer.update(analysis.specialisation_with_nulls(r, labels, tokens, n_labels, mask, r0))
+    # per-layer lists of the specialisation keys, for tables and plots
+    for key in SPECIALISATION_KEYS:
+        result[key] = [layer[key] for layer in result["layers"]]
     result["routing_stability_vs_init"] = [analysis.routing_stability(a, b, mask)
                                            for a, b in zip(init_routers, routers)]
     atomic_write(os.path.join(run_dir, "analysis.json"),
@@ -110,8 +119,7 @@ def analyze_run(path: str, max_batches: Optional[int] = None, plots: bool = True
         plot_run(run_dir)
         tables = [analysis.expert_label_table(r, labels, n_labels, mask) for r in routers]
         co = [analysis.coactivation(r, mask) for r in routers]
-        result["plots"] = plot_analysis(run_dir, tables, corpus.label_names, co, result["normalized_mi"],
-                                        result["normalized_mi_at_init"])
+        result["plots"] = plot_analysis(run_dir, tables, corpus.label_names, co, result)
         result["plots"] += plot_routing(run_dir, routers, mask)
     return result
 

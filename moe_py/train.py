@@ -51,7 +51,8 @@ class TrainConfig:
     keep_checkpoints: int = 5  # step checkpoints kept in checkpoints/ (0: only the latest)
     noise_std: float = 0.0  # NoisyTop-k start std (0: off)
     noise_anneal_steps: int = 0  # steps to anneal the noise to 0 (0: steps; kept on resume)
-    seed: int = 0  # seed of the data order (and of the model, from the CLI)
+    seed: int = 0  # seed of the weights and the batch order; never moves the validation split
+    split_seed: int = 0  # seed of the train/validation split and held-out sample (and of the synthetic corpus)
     collapse_low_share: float = 0.1  # warn when an expert's share stays below this x uniform
     collapse_max_over_mean: float = 3.0  # warn when the largest share stays above this x uniform
     collapse_steps: int = 20  # steps in a row before a collapse warning (once per layer)
@@ -60,6 +61,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         plain_scalars(self)
         check_seed(self.seed)
+        check_seed(self.split_seed, "split_seed")
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
                      "checkpoint_every", "collapse_steps"):
             positive_int(name, getattr(self, name))
@@ -70,6 +72,31 @@ class TrainConfig:
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) \
                     or getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected an integer >= 0, got {getattr(self, name)!r}")
+
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """From a config.json's "train". Runs made before split_seed existed split the data
+        by their seed: they keep that split, so that they resume and analyse as they were."""
+        d = dict(d)
+        d.setdefault("split_seed", d.get("seed", 0))
+        return cls(**d)
+
+
+def corpus_of(train_cfg: TrainConfig) -> Corpus:
+    """The corpus a run trains on: its name or path, its size and its split seed."""
+    return load_corpus(train_cfg.corpus, split_seed=train_cfg.split_seed, max_bytes=train_cfg.corpus_bytes)
+
+
+def train_sampler_of(corpus: Corpus, train_cfg: TrainConfig) -> BatchSampler:
+    """Training batches: their order is the run's seed."""
+    return BatchSampler(corpus.train, train_cfg.batch_size, train_cfg.seq_len, train_cfg.seed)
+
+
+def val_sampler_of(corpus: Corpus, train_cfg: TrainConfig) -> BatchSampler:
+    """The held-out sample: fixed by the split seed, so that every seed and every arm of a
+    comparison reads the same validation windows."""
+    return BatchSampler(corpus.val, train_cfg.batch_size, train_cfg.seq_len, train_cfg.split_seed)
 
 
 class TrainingDiverged(RuntimeError):
@@ -220,7 +247,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, corpus: 
     run.remove_stale_temporaries()
     train_cfg = with_fixed_horizons(train_cfg)
     if corpus is None:
-        corpus = load_corpus(train_cfg.corpus, seed=train_cfg.seed, max_bytes=train_cfg.corpus_bytes)
+        corpus = corpus_of(train_cfg)
     if model_cfg.max_seq_len < train_cfg.seq_len:
         raise ValueError(f"seq_len: expected at most max_seq_len={model_cfg.max_seq_len}, got {train_cfg.seq_len}")
 
@@ -243,8 +270,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, corpus: 
         run.start_metrics()
     run.write_config(model.cfg, train_cfg, corpus)
 
-    train_sampler = BatchSampler(corpus.train, train_cfg.batch_size, train_cfg.seq_len, train_cfg.seed)
-    val_sampler = BatchSampler(corpus.val, train_cfg.batch_size, train_cfg.seq_len, train_cfg.seed)
+    train_sampler = train_sampler_of(corpus, train_cfg)
+    val_sampler = val_sampler_of(corpus, train_cfg)
     if not quiet:
         print(corpus_summary(corpus, val_sampler, train_cfg.eval_batches), file=sys.stderr)
     bar = None if quiet else progress_bar(train_cfg.steps, start)

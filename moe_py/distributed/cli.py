@@ -64,7 +64,7 @@ def _train(args, comm, root: bool, cli) -> int:
         saved = RunFolder(args.out).read_config()
         cli._check_resume_flags(args, saved)
         model_cfg = ModelConfig.from_dict(saved["model"])
-        train_cfg = TrainConfig(**saved["train"])
+        train_cfg = TrainConfig.from_dict(saved["train"])
         if "steps" in args.explicit:
             train_cfg = dataclasses.replace(train_cfg, steps=args.steps)
         last = train(model_cfg, train_cfg, args.out, comm, resume=True)

@@ -30,13 +30,14 @@ from .._checks import NonFiniteError
 from ..checkpoint import load_model
 from ..collapse import CollapseWatch
 from ..config import IGNORE_INDEX
-from ..data import Batch, BatchSampler, Corpus, corpus_summary, load_corpus
+from ..data import Batch, BatchSampler, Corpus, corpus_summary
 from ..lm_losses import cross_entropy, multi_token_cross_entropy, multi_token_labels
 from ..models import ModelConfig, TransformerLM
 from ..optim import AdamW, lr_at
 from ..run_folder import RunFolder
 from ..train import (TrainConfig, TrainingDiverged, _StepStats, add_collapse_watch, add_speed,
-                     progress_bar, show_step, with_fixed_horizons)
+                     corpus_of, progress_bar, show_step, train_sampler_of, val_sampler_of,
+                     with_fixed_horizons)
 from . import comm as C
 from .model import (allreduce_replicated_grads, global_grad_norm, load_expert_slices,
                     save_gathered_checkpoint, to_expert_parallel)
@@ -183,7 +184,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, comm=Non
         run.remove_stale_temporaries()
     train_cfg = with_fixed_horizons(train_cfg)
     if corpus is None:
-        corpus = load_corpus(train_cfg.corpus, seed=train_cfg.seed, max_bytes=train_cfg.corpus_bytes)
+        corpus = corpus_of(train_cfg)
     if model_cfg.max_seq_len < train_cfg.seq_len:
         raise ValueError(f"seq_len: expected at most max_seq_len={model_cfg.max_seq_len}, got {train_cfg.seq_len}")
 
@@ -213,8 +214,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, comm=Non
     if root:
         run.write_config(model.cfg, train_cfg, corpus)
 
-    train_sampler = BatchSampler(corpus.train, train_cfg.batch_size, train_cfg.seq_len, train_cfg.seed)
-    val_sampler = BatchSampler(corpus.val, train_cfg.batch_size, train_cfg.seq_len, train_cfg.seed)
+    train_sampler = train_sampler_of(corpus, train_cfg)
+    val_sampler = val_sampler_of(corpus, train_cfg)
     if root and not quiet:
         print(corpus_summary(corpus, val_sampler, train_cfg.eval_batches), file=sys.stderr)
         print(f"expert parallel over {comm.Get_size()} MPI ranks: "

@@ -92,18 +92,21 @@ def _moe_config(entry: Entry, base: MoEConfig, seed: int) -> MoEConfig:
 
 
 def entry_configs(entry: Entry, base_model: ModelConfig, base_train: TrainConfig,
-                  seed: int) -> Tuple[ModelConfig, TrainConfig]:
+                  seed: int, lr: Optional[float] = None) -> Tuple[ModelConfig, TrainConfig]:
     """The model and training configs of `entry` at `seed` (the model's weights and the data
-    order both). base_model.moe gives the experts' shape (num_experts, top_k, d_ff, ...).
-    A config this moe_py rejects raises ValueError naming the entry."""
+    order both; the split is base_train.split_seed's for every seed), with learning rate `lr`
+    (None: base_train's). base_model.moe gives the experts' shape (num_experts, top_k, d_ff,
+    ...). A config this moe_py rejects raises ValueError naming the entry."""
     if base_model.moe is None:
         raise ValueError("base_model: expected an MoE model (its moe sets the experts' shape), "
                          "got a dense one")
     base = base_model.moe
     try:
         moe = None if entry.moe is None else _moe_config(entry, base, seed)
-        model = dataclasses.replace(base_model, moe=moe, d_ff=base.top_k * base.d_ff, seed=seed)
+        model = dataclasses.replace(base_model, moe=moe, d_ff=base.active_ffn_width, seed=seed)
         train = dataclasses.replace(base_train, seed=seed, **entry.train)
+        if lr is not None:
+            train = dataclasses.replace(train, lr=lr)
     except (ValueError, TypeError) as e:
         raise ValueError(f"tournament entry {entry.name!r}: this moe_py rejects its config "
                          f"({e})") from None

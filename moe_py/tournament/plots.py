@@ -9,7 +9,8 @@ from typing import Dict, List
 
 import numpy as np
 
-from ..plots import EXPERT_LABEL_COLORBAR, _save, draw_expert_label, expert_label_share, pyplot_or_none
+from ..plots import (EXPERT_LABEL_COLORBAR, _save, draw_expert_label, draw_null_bands, expert_label_share,
+                     pyplot_or_none)
 
 
 def _seed_band(curves: List[List[List[float]]]):
@@ -59,26 +60,37 @@ def _imbalance(plt, out: str, runs: Dict[str, List[dict]], written: List[str]) -
     _save(plt, fig, os.path.join(out, "load_imbalance.png"), written)
 
 
+def _mean_bands(per_seed: List[List[dict]]) -> List[dict]:
+    """Per layer, the seeds' mean of each of a null band's mean, p5 and p95."""
+    return [{k: float(np.mean([seed[i][k] for seed in per_seed])) for k in ("mean", "p5", "p95")}
+            for i in range(len(per_seed[0]))]
+
+
 def _specialisation(plt, out: str, runs: Dict[str, List[dict]], written: List[str]) -> None:
     moe = {k: [s["routing"] for s in v] for k, v in runs.items() if v[0]["routing"] is not None}
-    n_layers = len(next(iter(moe.values()))[0]["normalized_mi"])
+    n_layers = len(next(iter(moe.values()))[0]["mi"])
     width = 0.8 / len(moe)
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 + 0.5 * n_layers * len(moe)), 4.2))
+    fig, axes = plt.subplots(2, 1, figsize=(max(7, 1.6 + 0.5 * n_layers * len(moe)), 8))
     colours = {name: f"C{i}" for i, name in enumerate(runs)}
-    for j, (name, rs) in enumerate(moe.items()):
-        mi = np.array([r["normalized_mi"] for r in rs])  # [seeds, layers]
-        floor = np.array([r["normalized_mi_at_init"] for r in rs]).mean(axis=0)
-        x = np.arange(n_layers) - 0.4 + width * (j + 0.5)
-        mean = mi.mean(axis=0)
-        ax.bar(x, mean, width=width, color=colours[name], label=name,
-               yerr=[mean - mi.min(axis=0), mi.max(axis=0) - mean], capsize=2)
-        ax.hlines(floor, x - width / 2, x + width / 2, colors="k", lw=2,
-                  label="frozen at init (floor)" if j == 0 else None)
-    ax.set_xticks(range(n_layers))
-    ax.set_xticklabels([f"MoE layer {i}" for i in range(n_layers)])
-    ax.set_ylabel("MI(expert; token category) / H(category)")
-    ax.set_title("Specialisation per MoE layer\n(bars: mean over seeds, whiskers: min-max)")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    panels = (("mi", "mi_byte_null_band", "MI(expert; category) / H(category)",
+               "random byte -> expert tables, same k (5-95 %)"),
+              ("mi_given_byte", "mi_given_byte_floor_band", "MI(expert; category | byte) / H(category | byte)",
+               "experts shuffled within each byte (5-95 %)"))
+    for ax, (key, band_key, ylabel, band_label) in zip(axes, panels):
+        for j, (name, rs) in enumerate(moe.items()):
+            v = np.array([r[key] for r in rs])  # [seeds, layers]
+            x = np.arange(n_layers) - 0.4 + width * (j + 0.5)
+            mean = v.mean(axis=0)
+            ax.bar(x, mean, width=width, color=colours[name], label=name,
+                   yerr=[mean - v.min(axis=0), v.max(axis=0) - mean], capsize=2)
+            draw_null_bands(ax, x, width, _mean_bands([r[band_key] for r in rs]), band_label if j == 0 else None)
+        ax.set_xticks(range(n_layers))
+        ax.set_xticklabels([f"MoE layer {i}" for i in range(n_layers)])
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axes[0].set_title("Specialisation per MoE layer against its nulls\n(bars: mean over seeds, "
+                      "whiskers: min-max; grey: null band, line: its mean, both averaged over seeds)")
+    fig.tight_layout()
     _save(plt, fig, os.path.join(out, "specialisation.png"), written)
 
 

@@ -13,7 +13,7 @@ from ..train import TrainConfig
 from .corpora import Corpora
 from .entries import BUDGET, ENTRIES, Entry, select_entries
 from .plots import plot_tournament
-from .runner import plan_runs, run_path, train_runs
+from .runner import choose_lrs, plan_runs, plan_tuning_runs, run_path, train_runs
 from .summary import summarise_run
 from .table import build_table, entry_row, settings_of, table_json, table_markdown
 
@@ -25,6 +25,12 @@ from .table import build_table, entry_row, settings_of, table_json, table_markdo
 # routers slower than softmax top-k and for other work on the machine: a 600-step run took
 # 293 s instead of about 55 s while compilers and test suites ran on the same two cores.
 DEFAULT_STEPS = TrainConfig().steps
+# Seeds per entry: the fewest that give a t-interval (two seeds give one with a t quantile of
+# 12.7, useless); docs/results.md shows what 3 seeds can and cannot separate.
+DEFAULT_SEEDS = 3
+# The seed of the learning-rate tuning runs: outside 0 .. seeds-1 for any sensible seeds, so
+# that no compared run is the one its rate was chosen on.
+TUNE_SEED = 1000
 
 
 def check_seeds(seeds) -> List[int]:
@@ -43,17 +49,31 @@ def _reference_moe(out: str, entries: Sequence[Entry], seed: int) -> Optional[di
     return None
 
 
+def check_lr_grid(lr_grid) -> Optional[List[float]]:
+    """None, or a list of distinct positive finite learning rates."""
+    if lr_grid is None:
+        return None
+    grid = list(lr_grid)
+    if not grid or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf")
+                       for v in grid) or len(set(grid)) != len(grid):
+        raise ValueError(f"lr_grid: expected distinct positive learning rates, got {lr_grid!r}")
+    return sorted(float(v) for v in grid)
+
+
 def write_table(out: str, entries: Sequence[Entry], seeds: Sequence[int],
-                corpora: Optional[Corpora] = None) -> dict:
+                corpora: Optional[Corpora] = None, lr_choice: Optional[dict] = None) -> dict:
     """Summarise the complete runs in `out`, write tournament.md, tournament.json and the
-    plots there, and return the table."""
+    plots there, and return the table. lr_choice: choose_lrs' result when the rates were
+    tuned."""
     corpora = Corpora() if corpora is None else corpora
     summaries = {e.name: [summarise_run(run_path(out, e.name, s), corpora) for s in seeds]
                  for e in entries}
     rows = [entry_row(e, seeds, summaries[e.name],
-                      [os.path.relpath(run_path(out, e.name, s), out) for s in seeds]) for e in entries]
+                      [os.path.relpath(run_path(out, e.name, s), out) for s in seeds],
+                      summaries[e.name][0]["lr"]) for e in entries]
     first = RunFolder(run_path(out, entries[0].name, seeds[0])).read_config()
-    settings = settings_of(first, len(entries), seeds, BUDGET, _reference_moe(out, entries, seeds[0]))
+    settings = settings_of(first, len(entries), seeds, BUDGET, _reference_moe(out, entries, seeds[0]),
+                           lr_choice)
     table = build_table(settings, rows)
     atomic_write(os.path.join(out, "tournament.json"), table_json(table).encode())
     atomic_write(os.path.join(out, "tournament.md"), table_markdown(table).encode())
@@ -61,23 +81,37 @@ def write_table(out: str, entries: Sequence[Entry], seeds: Sequence[int],
     return table
 
 
-def run_tournament(out: str, routers: Optional[Sequence[str]] = None, seeds: int = 2,
+def run_tournament(out: str, routers: Optional[Sequence[str]] = None, seeds: int = DEFAULT_SEEDS,
                    base_model: Optional[ModelConfig] = None, base_train: Optional[TrainConfig] = None,
                    overwrite: bool = False, progress: bool = True,
-                   entries: Sequence[Entry] = ENTRIES) -> dict:
+                   entries: Sequence[Entry] = ENTRIES, lr_grid: Optional[Sequence[float]] = None,
+                   tune_seed: int = TUNE_SEED) -> dict:
     """Train the entries named in `routers` (all when None) with seeds 0 .. seeds-1 into
     out/<entry>/seed-<s>/, then write the table and plots. base_model (with its moe: the
-    experts' shape) and base_train (the schedule) default to the default model and training
-    with DEFAULT_STEPS steps; each entry overrides only its own fields (entries.py).
-    Every entry's config is checked before anything trains."""
+    experts' shape) and base_train (the schedule, and the split seed every run shares)
+    default to the default model and training with DEFAULT_STEPS steps; each entry
+    overrides only its own fields (entries.py). With lr_grid, each entry first trains once
+    per rate at tune_seed (out/<entry>/tune-lr-<lr>/) and its seeds then use the rate with
+    the lowest validation loss there. Every config is checked before anything trains."""
     if not isinstance(out, str) or not out:
         raise ValueError(f"out: expected a folder path, got {out!r}")
     seed_list = check_seeds(seeds)
+    grid = check_lr_grid(lr_grid)
     chosen = select_entries(routers, entries)
     base_model = ModelConfig(moe=MoEConfig()) if base_model is None else base_model
     base_train = TrainConfig(steps=DEFAULT_STEPS) if base_train is None else base_train
-    runs = plan_runs(out, chosen, base_model, base_train, seed_list)
+    if grid is not None and tune_seed in seed_list:
+        raise ValueError(f"tune_seed: {tune_seed} is one of the compared seeds 0 .. {len(seed_list) - 1}")
+    tuning = [] if grid is None else plan_tuning_runs(out, chosen, base_model, base_train, grid, tune_seed)
+    for lr in grid or []:  # check every rate's configs before anything trains
+        plan_runs(out, chosen, base_model, base_train, seed_list, {e.name: lr for e in chosen})
     corpora = Corpora()  # loaded once for training and analysis alike
-    table = {"actions": train_runs(runs, overwrite=overwrite, progress=progress, corpora=corpora)}
-    table.update(write_table(out, chosen, seed_list, corpora))
+    actions = train_runs(tuning, overwrite=overwrite, progress=progress, corpora=corpora,
+                         may_diverge=True)
+    lr_choice = choose_lrs(tuning) if tuning else None
+    runs = plan_runs(out, chosen, base_model, base_train, seed_list,
+                     lr_choice and {name: c["lr"] for name, c in lr_choice.items()})
+    actions.update(train_runs(runs, overwrite=overwrite, progress=progress, corpora=corpora))
+    table = {"actions": actions}
+    table.update(write_table(out, chosen, seed_list, corpora, lr_choice))
     return table

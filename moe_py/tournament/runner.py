@@ -14,7 +14,8 @@ import numpy as np
 
 from ..models import ModelConfig
 from ..run_folder import RunFolder
-from ..train import TrainConfig, progress_bar, show_step, train, with_fixed_horizons
+from ..train import (TrainConfig, TrainingDiverged, progress_bar, read_metrics, show_step, train,
+                     with_fixed_horizons)
 from .corpora import Corpora
 from .entries import Entry, entry_configs
 
@@ -32,11 +33,43 @@ def run_path(out: str, entry_name: str, seed: int) -> str:
     return os.path.join(out, entry_name, f"seed-{seed}")
 
 
+def tune_path(out: str, entry_name: str, lr: float) -> str:
+    return os.path.join(out, entry_name, f"tune-lr-{lr:g}")
+
+
 def plan_runs(out: str, entries: Sequence[Entry], base_model: ModelConfig, base_train: TrainConfig,
-              seeds: Sequence[int]) -> List[PlannedRun]:
-    """Every entry x seed with its configs, built (and so checked) before anything trains."""
-    return [PlannedRun(e, s, run_path(out, e.name, s), *entry_configs(e, base_model, base_train, s))
+              seeds: Sequence[int], lrs: Optional[Dict[str, float]] = None) -> List[PlannedRun]:
+    """Every entry x seed with its configs, built (and so checked) before anything trains;
+    lrs: each entry's learning rate (None: base_train's)."""
+    lrs = lrs or {}
+    return [PlannedRun(e, s, run_path(out, e.name, s),
+                       *entry_configs(e, base_model, base_train, s, lrs.get(e.name)))
             for e in entries for s in seeds]
+
+
+def plan_tuning_runs(out: str, entries: Sequence[Entry], base_model: ModelConfig,
+                     base_train: TrainConfig, lr_grid: Sequence[float], tune_seed: int) -> List[PlannedRun]:
+    """Every entry x learning rate of the grid at the tuning seed (a seed that no compared
+    run uses, so that the rate is not chosen on the runs it is then judged by)."""
+    return [PlannedRun(e, tune_seed, tune_path(out, e.name, lr),
+                       *entry_configs(e, base_model, base_train, tune_seed, lr))
+            for e in entries for lr in lr_grid]
+
+
+def choose_lrs(tuning: Sequence[PlannedRun]) -> Dict[str, dict]:
+    """Per entry, the rate of the grid with the lowest final validation loss of its tuning
+    run (a diverged run, loss None, never wins; ties go to the smaller rate): {entry: {"lr":
+    chosen, "val_loss": {"<lr>": loss or None, ...}}}."""
+    out: Dict[str, dict] = {}
+    for r in tuning:
+        rows = read_metrics(r.path) if os.path.exists(RunFolder(r.path).metrics) else []
+        done = rows and rows[-1]["step"] == r.train.steps and "val_loss" in rows[-1]
+        loss = float(rows[-1]["val_loss"]) if done and np.isfinite(rows[-1]["val_loss"]) else None
+        out.setdefault(r.entry.name, {"val_loss": {}})["val_loss"][f"{r.train.lr:g}"] = loss
+    for name, d in out.items():
+        ranked = sorted((float("inf") if loss is None else loss, float(lr)) for lr, loss in d["val_loss"].items())
+        d["lr"] = ranked[0][1]
+    return out
 
 
 def _as_saved(run: PlannedRun) -> dict:
@@ -85,9 +118,10 @@ def _steps_done(run: PlannedRun, state: str) -> int:
 
 
 def train_runs(runs: Sequence[PlannedRun], overwrite: bool = False, progress: bool = True,
-               corpora: Optional[Corpora] = None) -> Dict[str, str]:
+               corpora: Optional[Corpora] = None, may_diverge: bool = False) -> Dict[str, str]:
     """Train what is not complete; returns {run path: what was done} ("kept", "resumed",
-    "trained"). Bars: one overall (all runs' steps) and one per run."""
+    "trained", and with may_diverge (tuning runs) "diverged" instead of stopping).
+    Bars: one overall (all runs' steps) and one per run."""
     corpora = Corpora() if corpora is None else corpora
     states = {r.path: "new" if overwrite else run_state(r) for r in runs}
     done = {r.path: _steps_done(r, states[r.path]) for r in runs}
@@ -99,7 +133,7 @@ def train_runs(runs: Sequence[PlannedRun], overwrite: bool = False, progress: bo
             if states[r.path] == "complete":
                 actions[r.path] = "kept"
                 continue
-            corpus = corpora.get(r.train.corpus, r.train.seed, r.train.corpus_bytes)
+            corpus = corpora.get(r.train)
             resume = done[r.path] > 0
             bar = progress_bar(r.train.steps, done[r.path], desc=f"{r.entry.name} seed {r.seed}",
                                position=1, leave=False) if progress else None
@@ -109,13 +143,17 @@ def train_runs(runs: Sequence[PlannedRun], overwrite: bool = False, progress: bo
                     show_step(bar, m)
                 if overall is not None:
                     overall.update(1)
+            actions[r.path] = "resumed" if resume else "trained"
             try:
                 train(r.model, r.train, r.path, corpus=corpus, resume=resume, quiet=True,
                       overwrite=not resume, on_step=on_step)
+            except TrainingDiverged:
+                if not may_diverge:
+                    raise
+                actions[r.path] = "diverged"
             finally:
                 if bar is not None:
                     bar.close()
-            actions[r.path] = "resumed" if resume else "trained"
     finally:
         if overall is not None:
             overall.close()

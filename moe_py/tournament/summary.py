@@ -1,5 +1,5 @@
 """The numbers of one tournament run, read from its own run folder: metrics.jsonl for the
-losses and speed, and its checkpoints routed through `analyze` (report.analyze_run, which
+losses (not speed: runs made at different machine loads are not a benchmark), and its checkpoints routed through `analyze` (report.analyze_run, which
 also writes the folder's analysis.json) and `analyze --over-training`
 (report.analyze_over_training) for everything about routing. Nothing here depends on when
 or how often it runs: the same folder gives the same numbers, bit for bit."""
@@ -7,12 +7,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
-
 from ..data import Corpus
 from ..models import ModelConfig, TransformerLM
 from ..report import analyze_over_training, analyze_run
 from ..run_folder import RunFolder
+from ..train import TrainConfig
 from .corpora import Corpora
 
 
@@ -22,9 +21,7 @@ def _metrics_numbers(rows: list, steps: int, path: str) -> dict:
                          f"of step {steps}: the run is not complete")
     out = {"val_loss": rows[-1]["val_loss"],
            # the validation loss every eval_every steps, for the loss-curve plot
-           "val_curve": [[r["step"], r["val_loss"]] for r in rows if "val_loss" in r],
-           # the median step speed: a few steps slowed by other processes do not move it
-           "tokens_per_s": float(np.median([r["tokens_per_s"] for r in rows]))}
+           "val_curve": [[r["step"], r["val_loss"]] for r in rows if "val_loss" in r]}
     if "max_over_mean" in rows[0]:
         # the worst MoE layer's max/mean expert load of each training step
         out["imbalance_curve"] = [[r["step"], max(r["max_over_mean"])] for r in rows]
@@ -41,8 +38,19 @@ def _routing_numbers(path: str, corpus: Corpus) -> dict:
             "drop_rate": [la["imbalance"]["drop_rate"] for la in layers],
             "unrouted": [la["unrouted"] for la in layers],
             "entropy": [la["entropy"]["mean_token_entropy"] for la in layers],
-            "normalized_mi": res["normalized_mi"],
-            "normalized_mi_at_init": res["normalized_mi_at_init"],
+            "mi": res["mi"],
+            "mi_at_init": res["mi_at_init"],
+            "mi_first_choice": res["mi_first_choice"],
+            "mi_byte_null": [b["mean"] for b in res["mi_byte_null"]],
+            "mi_byte_null_p95": [b["p95"] for b in res["mi_byte_null"]],
+            "mi_first_choice_byte_null": [b["first_choice"]["mean"] for b in res["mi_byte_null"]],
+            "mi_given_byte": res["mi_given_byte"],
+            "mi_given_byte_floor": [b["mean"] for b in res["mi_given_byte_floor"]],
+            "beyond_byte": res["beyond_byte"],
+            # the nulls' 5-95 % bands per layer, for the plot
+            "mi_byte_null_band": [{k: b[k] for k in ("mean", "p5", "p95")} for b in res["mi_byte_null"]],
+            "mi_given_byte_floor_band": [{k: b[k] for k in ("mean", "p5", "p95")}
+                                         for b in res["mi_given_byte_floor"]],
             "top1_changed": top1,
             "checkpoint_steps": [row["step"] for row in over[-2:]],
             "label_names": res["label_names"],
@@ -54,10 +62,11 @@ def summarise_run(path: str, corpora: Optional[Corpora] = None) -> dict:
     folder = RunFolder(path)
     cfg = folder.read_config()
     t = cfg["train"]
-    corpus = (Corpora() if corpora is None else corpora).get(t["corpus"], t["seed"], t["corpus_bytes"])
+    corpus = (Corpora() if corpora is None else corpora).get(TrainConfig.from_dict(t))
     model_cfg = ModelConfig.from_dict(cfg["model"])
     out = _metrics_numbers(folder.read_metrics(), cfg["train"]["steps"], path)
     params = TransformerLM(model_cfg).num_parameters()
-    out.update(params_total=params["total"], params_active=params["active"])
+    out.update(params_total=params["total"], params_active=params["active"],
+               top_k=model_cfg.moe.top_k if model_cfg.moe is not None else None, lr=cfg["train"]["lr"])
     out["routing"] = _routing_numbers(path, corpus) if model_cfg.moe is not None else None
     return out

@@ -1,36 +1,44 @@
 """The tournament table: one row per entry from its runs' summaries (summary.py), the
-differences that exceed the seed-to-seed spread, and its Markdown and JSON forms. Every
+paired, Holm-corrected comparisons between entries, and its Markdown and JSON forms. Every
 number is computed from the summaries; the same run folders give the same bytes."""
 from __future__ import annotations
 
 import json
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 
+from ..stats import holm, mean_interval, paired_test
 from .entries import Entry
 
-# The per-seed numbers whose differences between entries are tested against the seed spread:
-# (key in a row, what it is, format)
-SPREAD_METRICS = (("val_loss", "validation loss", "{:.4f}"),
-                  ("max_over_mean", "worst max/mean expert load", "{:.3f}"),
-                  ("entropy", "mean routing entropy", "{:.3f}"),
-                  ("normalized_mi", "mean normalised MI", "{:.4f}"),
-                  ("top1_changed", "top-1 changed between the last two checkpoints", "{:.3f}"))
+# The per-seed numbers whose differences between entries are tested, every pair of entries
+# that has them, with one Holm correction over all of those tests: (key, what it is, format)
+SCANNED_METRICS = (("val_loss", "validation loss", "{:.4f}"),
+                   ("max_over_mean", "worst max/mean expert load", "{:.3f}"),
+                   ("mi", "MI(expert; label) / H(label), mean over layers", "{:.4f}"),
+                   ("mi_given_byte", "MI(expert; label | byte) / H(label | byte), mean over layers",
+                    "{:.4f}"))
+ALPHA = 0.05  # family-wise error rate of the scanned comparisons
 
 
 def _stat(per_seed: Sequence[float]) -> dict:
-    """Mean, sample standard deviation (None with one seed) and the per-seed values."""
-    v = np.asarray(per_seed, dtype=np.float64)
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else None,
-            "per_seed": [float(x) for x in v]}
+    """Mean, sample standard deviation and 95 % t-interval over seeds (None with one seed),
+    and the per-seed values."""
+    v = [float(x) for x in per_seed]
+    ci = mean_interval(v)
+    return {"mean": ci["mean"], "std": ci["sd"], "low": ci["low"], "high": ci["high"],
+            "half_width": ci["half_width"], "per_seed": v}
 
 
 def _layer_stat(per_seed_layers: Sequence[Sequence[float]]) -> dict:
-    """Per-layer means over seeds, and per seed the mean over layers (the seed-spread value)."""
+    """Per-layer means over seeds, and per seed the mean over layers (the compared value)."""
     v = np.asarray(per_seed_layers, dtype=np.float64)  # [seeds, layers]
     return {"per_layer": [float(x) for x in v.mean(axis=0)], **_stat(v.mean(axis=1)),
             "per_seed_per_layer": v.tolist()}
+
+
+LAYER_KEYS = ("drop_rate", "unrouted", "entropy", "mi", "mi_at_init", "mi_first_choice", "mi_byte_null",
+              "mi_byte_null_p95", "mi_first_choice_byte_null", "mi_given_byte", "mi_given_byte_floor")
 
 
 def _routing_row(runs: List[dict]) -> dict:
@@ -39,13 +47,11 @@ def _routing_row(runs: List[dict]) -> dict:
     per_layer = load.mean(axis=0)
     row = {"max_over_mean": {"per_layer": [float(x) for x in per_layer],
                              "worst_layer": int(np.argmax(per_layer)),
-                             # the seed-spread value: each seed's worst layer
+                             # the compared value: each seed's worst layer
                              **_stat(load.max(axis=1)), "per_seed_per_layer": load.tolist()},
-           "drop_rate": _layer_stat([x["drop_rate"] for x in r]),
-           "unrouted": _layer_stat([x["unrouted"] for x in r]),
-           "entropy": _layer_stat([x["entropy"] for x in r]),
-           "normalized_mi": _layer_stat([x["normalized_mi"] for x in r]),
-           "normalized_mi_at_init": _layer_stat([x["normalized_mi_at_init"] for x in r]),
+           **{key: _layer_stat([x[key] for x in r]) for key in LAYER_KEYS},
+           # per layer: in how many seeds the layer is specialised beyond the byte
+           "beyond_byte": [int(v) for v in np.asarray([x["beyond_byte"] for x in r]).sum(axis=0)],
            "top1_changed": None}
     if all(x["top1_changed"] is not None for x in r):
         row["top1_changed"] = {**_layer_stat([x["top1_changed"] for x in r]),
@@ -53,48 +59,37 @@ def _routing_row(runs: List[dict]) -> dict:
     return row
 
 
-def entry_row(entry: Entry, seeds: Sequence[int], runs: List[dict], paths: List[str]) -> dict:
+def entry_row(entry: Entry, seeds: Sequence[int], runs: List[dict], paths: List[str],
+              lr: float) -> dict:
     """The table row of one entry from the summaries of its runs (one per seed)."""
-    row = {"entry": entry.name, "summary": entry.summary, "seeds": list(seeds), "runs": paths,
-           "val_loss": _stat([s["val_loss"] for s in runs]),
-           "tokens_per_s": _stat([s["tokens_per_s"] for s in runs]),
+    row = {"entry": entry.name, "summary": entry.summary, "seeds": list(seeds), "runs": paths, "lr": lr,
+           "top_k": runs[0]["top_k"], "val_loss": _stat([s["val_loss"] for s in runs]),
            "params_total": runs[0]["params_total"], "params_active": runs[0]["params_active"]}
     if runs[0]["routing"] is not None:
         row.update(_routing_row(runs))
     return row
 
 
-def gaps_beyond_spread(low: Sequence[float], high: Sequence[float]) -> bool:
-    """Whether `low` is below `high` beyond the seed-to-seed spread. Seed s gives both
-    entries the same data, batches and held-out sample, so the entries are compared seed by
-    seed: the gaps high[s] - low[s] must all be positive and the smallest must exceed their
-    spread over seeds (max - min), i.e. the gap is larger than its own seed-to-seed
-    variation. Never with fewer than two seeds."""
-    gaps = np.asarray(high, dtype=np.float64) - np.asarray(low, dtype=np.float64)
-    return gaps.size > 1 and bool(gaps.min() > gaps.max() - gaps.min())
-
-
-def beyond_seed_spread(rows: List[dict]) -> Dict[str, List[str]]:
-    """Per metric, the pairs of entries whose difference exceeds the seed-to-seed spread
-    (gaps_beyond_spread), as "a < b (gap per seed: ...)"."""
-    out = {}
-    for key, _, fmt in SPREAD_METRICS:
+def comparisons(rows: List[dict]) -> List[dict]:
+    """Every pair of entries on every scanned metric both have: the paired test over seeds
+    (gap = first - second, in table order) and its Holm-adjusted p-value over all of them;
+    "separable" when that is below ALPHA."""
+    tests = []
+    for key, what, _ in SCANNED_METRICS:
         have = [r for r in rows if r.get(key)]
-        found = []
         for i, a in enumerate(have):
             for b in have[i + 1:]:
-                va, vb = a[key]["per_seed"], b[key]["per_seed"]
-                lo, hi = (a, b) if gaps_beyond_spread(va, vb) else (b, a) if gaps_beyond_spread(vb, va) \
-                    else (None, None)
-                if lo is not None:
-                    gaps = " / ".join(fmt.format(h - g) for g, h in zip(lo[key]["per_seed"], hi[key]["per_seed"]))
-                    found.append(f"{lo['entry']} < {hi['entry']} (gap per seed: {gaps})")
-        out[key] = found
-    return out
+                t = paired_test(a[key]["per_seed"], b[key]["per_seed"])
+                tests.append({"metric": key, "a": a["entry"], "b": b["entry"], "gaps": t["gaps"],
+                              "mean": t["mean"], "low": t["low"], "high": t["high"], "p": t["p"]})
+    for t, adj in zip(tests, holm([t["p"] for t in tests])):
+        t["p_holm"] = adj
+        t["separable"] = adj is not None and adj < ALPHA
+    return tests
 
 
 def build_table(settings: dict, rows: List[dict]) -> dict:
-    return {"settings": settings, "rows": rows, "beyond_seed_spread": beyond_seed_spread(rows)}
+    return {"settings": settings, "rows": rows, "comparisons": comparisons(rows)}
 
 
 def table_json(table: dict) -> str:
@@ -103,35 +98,46 @@ def table_json(table: dict) -> str:
 
 # ---- Markdown ----------------------------------------------------------------------------
 
-def _pm(stat: dict, fmt: str) -> str:
-    std = "n/a" if stat["std"] is None else fmt.format(stat["std"])
-    return f"{fmt.format(stat['mean'])} ± {std}"
+def _ci(stat: dict, fmt: str) -> str:
+    if stat["half_width"] is None:
+        return f"{fmt.format(stat['mean'])} (one seed)"
+    return f"{fmt.format(stat['mean'])} ± {fmt.format(stat['half_width'])}"
 
 
-def _layers(values: Sequence[float]) -> str:
-    return " / ".join(f"{v:.3f}" for v in values)
+def _layers(values: Sequence[float], fmt: str = "{:.3f}") -> str:
+    return " / ".join(fmt.format(v) for v in values)
 
 
 def _cells(row: dict) -> List[str]:
-    cells = [f"`{row['entry']}`", _pm(row["val_loss"], "{:.4f}"), f"{row['tokens_per_s']['mean']:,.0f}"]
+    cells = [f"`{row['entry']}`", f"{row['lr']:g}", _ci(row["val_loss"], "{:.4f}")]
     if "max_over_mean" not in row:
-        cells += ["—"] * 7
+        cells += ["—"] * 5
     else:
         load = row["max_over_mean"]
         top1 = row["top1_changed"]
         cells += [f"{max(load['per_layer']):.3f} (layer {load['worst_layer']})",
                   f"{100 * row['drop_rate']['mean']:.2f} %", f"{100 * row['unrouted']['mean']:.2f} %",
-                  f"{row['entropy']['mean']:.3f}", _layers(row["normalized_mi"]["per_layer"]),
-                  _layers(row["normalized_mi_at_init"]["per_layer"]),
-                  "—" if top1 is None else f"{top1['mean']:.3f}"]
+                  f"{row['entropy']['mean']:.3f}", "—" if top1 is None else f"{top1['mean']:.3f}"]
     cells.append(f"{row['params_total']:,} / {row['params_active']:,}")
     return cells
 
 
-HEADER = ("entry", "val loss (nats/byte), mean ± std", "tokens/s", "max/mean load (worst MoE layer)",
+HEADER = ("entry", "lr", "val loss (nats/byte), mean ± 95 % CI", "max/mean load (worst MoE layer)",
           "slots dropped", "tokens reaching no expert", "routing entropy (nats)",
-          "normalised MI per MoE layer", "MI at init (floor)", "top-1 changed, last 2 checkpoints",
-          "params total / active")
+          "top-1 changed, last 2 checkpoints", "params total / active")
+
+SPEC_HEADER = ("entry", "k", "mi per layer", "byte null (mean)", "mi first choice", "byte null, first choice",
+               "mi given byte", "its floor (mean)", "layers beyond the byte (seeds)")
+
+
+def _spec_cells(row: dict) -> List[str]:
+    n = len(row["seeds"])
+    return [f"`{row['entry']}`", str(row["top_k"]), _layers(row["mi"]["per_layer"]),
+            _layers(row["mi_byte_null"]["per_layer"]), _layers(row["mi_first_choice"]["per_layer"]),
+            _layers(row["mi_first_choice_byte_null"]["per_layer"]),
+            _layers(row["mi_given_byte"]["per_layer"], "{:.4f}"),
+            _layers(row["mi_given_byte_floor"]["per_layer"], "{:.4f}"),
+            " / ".join(f"{b}/{n}" for b in row["beyond_byte"])]
 
 
 def _notes(settings: dict, rows: List[dict]) -> List[str]:
@@ -140,10 +146,9 @@ def _notes(settings: dict, rows: List[dict]) -> List[str]:
     between = f"steps {top1['between_steps'][0]} and {top1['between_steps'][1]}" if top1 else \
         "the last two kept checkpoints (— when a run kept only one)"
     return [
-        f"- **val loss**: the validation loss at the last step (metrics.jsonl), mean ± sample "
-        f"standard deviation over the {seeds} seed(s).",
-        "- **tokens/s**: the median over the training steps of each run's tokens/s "
-        "(metrics.jsonl), mean over seeds; runs on a shared machine, so a guide, not a benchmark.",
+        f"- **val loss**: the validation loss at the last step (metrics.jsonl), mean over the "
+        f"{seeds} seed(s) ± the half-width of its 95 % t-interval.",
+        "- **lr**: the peak learning rate of the entry's runs (chosen per entry when tuned).",
         "- Routing columns route the run's held-out sample (the windows behind its val loss) "
         "through its last checkpoint, as `analyze` does, and are means over seeds; layers are "
         "the MoE layers in order.",
@@ -154,14 +159,40 @@ def _notes(settings: dict, rows: List[dict]) -> List[str]:
         "means over MoE layers.",
         "- **routing entropy**: mean over tokens and MoE layers of the entropy of the clean "
         "router probabilities.",
-        "- **normalised MI**: mutual information between the chosen expert and the token's "
-        "category over the category entropy; the floor is the same model frozen at its "
-        "initialisation, on the same tokens.",
         f"- **top-1 changed**: share of the held-out tokens whose first-choice expert differs "
         f"between {between}, mean over MoE layers.",
         "- **params**: of the whole model; active = used for one token (router + top_k experts "
         "in each MoE layer).",
+        "- **mi**: MI(expert; token category) / H(category) over all top-k slots; **byte null**: "
+        "the same for random byte -> k-expert tables on the same tokens (what routing by the "
+        "byte alone gives); **first choice**: the first slot only, comparable across k; **mi "
+        "given byte**: MI(expert; category | byte) / H(category | byte), against its floor "
+        "(each token's experts shuffled among tokens of the same byte); a layer is **beyond "
+        "the byte** at a seed when mi given byte exceeds the floor's mean by more than the "
+        "floor's 5-95 % width. No speed column: runs made at different machine loads are not a "
+        "benchmark (benchmarks/ measures speed, interleaved).",
     ]
+
+
+def _comparison_lines(table: dict) -> List[str]:
+    tests = table["comparisons"]
+    seeds = len(table["rows"][0]["seeds"])
+    if seeds < 2:
+        return ["One seed per entry: no interval, so no comparison."]
+    scanned = [t for t in tests if t["p"] is not None]
+    lines = [f"Paired over the {seeds} seeds (a seed gives every entry the same batches and the same "
+             f"held-out windows): per pair and metric, the mean gap with its 95 % t-interval and a "
+             f"paired t-test, Holm-corrected over all {len(scanned)} comparisons scanned "
+             f"({len(SCANNED_METRICS)} metrics x the pairs that have them). A pair is separable "
+             f"when its Holm-adjusted p is below {ALPHA}; every other pair is not separable at "
+             "this budget.", ""]
+    for key, what, fmt in SCANNED_METRICS:
+        found = [t for t in tests if t["metric"] == key and t["separable"]]
+        parts = [f"{t['a'] if t['mean'] < 0 else t['b']} < {t['b'] if t['mean'] < 0 else t['a']} "
+                 f"(gap {fmt.format(abs(t['mean']))}, 95 % CI [{fmt.format(t['low'])}, {fmt.format(t['high'])}] "
+                 f"for {t['a']} - {t['b']}, Holm p {t['p_holm']:.3g})" for t in found]
+        lines.append(f"- {what}: {'; '.join(parts) if parts else 'no pair separable'}.")
+    return lines
 
 
 def table_markdown(table: dict) -> str:
@@ -169,19 +200,20 @@ def table_markdown(table: dict) -> str:
     lines = ["# Router tournament", "", s["description"], "", "| " + " | ".join(HEADER) + " |",
              "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
-    lines += ["", "## Differences beyond the seed-to-seed spread", ""]
-    if len(rows[0]["seeds"]) < 2:
-        lines.append("One seed per entry: there is no seed-to-seed spread to compare with.")
-    else:
-        lines.append("Each seed gives every entry the same data, batches and held-out sample, so "
-                     "entries are compared seed by seed: a difference counts when one entry is "
-                     "below the other at every seed, by a gap whose smallest value exceeds its "
-                     "spread over seeds (max - min). Every pair not listed is within the seed "
-                     "spread.")
-        lines.append("")
-        for key, what, _ in SPREAD_METRICS:
-            found = table["beyond_seed_spread"][key]
-            lines.append(f"- {what}: {'; '.join(found) if found else 'none'}.")
+    moe = [r for r in rows if "mi" in r]
+    if moe:
+        lines += ["", "## Specialisation against the byte", "", "| " + " | ".join(SPEC_HEADER) + " |",
+                  "|" + "---|" * len(SPEC_HEADER)]
+        lines += ["| " + " | ".join(_spec_cells(r)) + " |" for r in moe]
+    lines += ["", "## Differences that survive the seeds", ""] + _comparison_lines(table)
+    if s.get("lr_choice"):
+        lines += ["", "## Learning rates", "", "Validation loss of each entry's tuning run per rate "
+                  "(the chosen rate in bold):", ""]
+        for name, c in s["lr_choice"].items():
+            cells = [(f"**{lr}: {'diverged' if v is None else f'{v:.4f}'}**" if float(lr) == c["lr"]
+                      else f"{lr}: {'diverged' if v is None else f'{v:.4f}'}")
+                     for lr, v in c["val_loss"].items()]
+            lines.append(f"- `{name}`: {', '.join(cells)}")
     lines += ["", "## Entries", ""]
     lines += [f"- `{r['entry']}`: {r['summary']}." for r in rows]
     lines += ["", "## Columns", ""] + _notes(s, rows)
@@ -189,17 +221,24 @@ def table_markdown(table: dict) -> str:
 
 
 def settings_of(config: dict, n_entries: int, seeds: Sequence[int], budget: str,
-                reference_moe: Optional[dict]) -> dict:
-    """The table's settings, from a run's config.json (so they come from the runs too)."""
+                reference_moe: Optional[dict], lr_choice: Optional[dict] = None) -> dict:
+    """The table's settings, from a run's config.json (so they come from the runs too), and
+    the learning-rate choice when the rates were tuned."""
     m, t = config["model"], config["train"]
     experts = "" if reference_moe is None else (
         f", {reference_moe['num_experts']} experts of width {reference_moe['d_ff']}, "
         f"top-{reference_moe['top_k']}")
+    split = t.get("split_seed", t["seed"])
+    lrs = (f"learning rate {t['lr']:g} for every entry" if lr_choice is None else
+           "learning rate per entry chosen from {" + ", ".join(next(iter(lr_choice.values()))["val_loss"])
+           + "} by its validation loss at a tuning seed no compared run uses (column lr)")
     desc = (f"{n_entries} entries x {len(seeds)} seed(s) ({', '.join(map(str, seeds))}; each seed "
-            f"sets the weights and the data order), {t['steps']} steps of {t['batch_size']} x "
-            f"{t['seq_len']} bytes each on the `{t['corpus']}` corpus; model: {m['n_layers']} "
-            f"layers, d_model {m['d_model']}{experts}. {budget}")
+            f"sets the weights and the batch order), {t['steps']} steps of {t['batch_size']} x "
+            f"{t['seq_len']} bytes each on the `{t['corpus']}` corpus, one validation split for "
+            f"every run (split seed {split}); {lrs}; model: {m['n_layers']} layers, d_model "
+            f"{m['d_model']}{experts}. {budget}")
     return {"description": desc, "steps": t["steps"], "seeds": list(seeds), "corpus": t["corpus"],
+            "split_seed": split, "lr_choice": lr_choice,
             "batch_size": t["batch_size"], "seq_len": t["seq_len"], "n_layers": m["n_layers"],
             "d_model": m["d_model"], "experts": reference_moe and {
                 k: reference_moe[k] for k in ("num_experts", "d_ff", "top_k")}}
