@@ -5,6 +5,7 @@
     sample   generate text from a checkpoint
     analyze  specialisation, utilisation and co-activation of a trained run
     tournament  every router under identical conditions: run folders, one table, four plots
+    runs     many run folders at a glance (--csv FILE)
     demo     route one padded batch through a fresh MoE layer
     info     version, compiler, BLAS and its core type, threads, CPU (for bug reports)
 """
@@ -14,7 +15,7 @@ import argparse
 import dataclasses
 import os
 import sys
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import numpy as np
 
@@ -90,13 +91,14 @@ CHOICES = {"activation": ACTIVATIONS, "dtype": tuple(DTYPES), "router": ROUTERS,
            "drop_policy": DROP_POLICIES, "load_balance_scope": BALANCE_SCOPES}
 
 
-def _add_model_flags(p: argparse.ArgumentParser) -> None:
+def _add_model_flags(p: argparse.ArgumentParser, exclude: Sequence[str] = ()) -> None:
     from .models import ModelConfig
     from .train import TrainConfig
     add_config_flags(p.add_argument_group("model"), ModelConfig, MODEL_FLAGS, ALIASES, CHOICES)
     add_config_flags(p.add_argument_group("router and experts"), MoEConfig, MOE_FLAGS, ALIASES,
                      CHOICES)
-    add_config_flags(p.add_argument_group("training"), TrainConfig, TRAIN_FLAGS, ALIASES, CHOICES)
+    add_config_flags(p.add_argument_group("training"), TrainConfig,
+                     [f for f in TRAIN_FLAGS if f not in exclude], ALIASES, CHOICES)
 
 
 def _new_run_dir(kind: str) -> str:
@@ -186,34 +188,18 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .data import load_corpus
-    from .models import TransformerLM
-    from .train import read_metrics, train
+    from .compare import format_compare, run_compare
     if args.out is None:
         args.out = _new_run_dir("compare")
         print(f"run folder: {args.out}", file=sys.stderr)
-    rows, folders = [], {}
-    corpus = None
-    for name, dense in (("moe", False), ("dense", True)):
-        model_cfg, train_cfg = _configs(args, dense=dense)
-        if corpus is None:
-            corpus = load_corpus(train_cfg.corpus, seed=train_cfg.seed, max_bytes=train_cfg.corpus_bytes)
-        out = os.path.join(args.out, name)
-        folders[name] = out
-        print(f"== {name}: training into {out}", file=sys.stderr)
-        last = train(model_cfg, train_cfg, out, corpus=corpus, overwrite=args.overwrite)
-        _plot(out)
-        metrics = read_metrics(out)
-        tps = float(np.median([m["tokens_per_s"] for m in metrics]))
-        params = TransformerLM(model_cfg).num_parameters()
-        rows.append((name, last["val_loss"], last["loss"], tps, params["total"], params["active"]))
-    print(f"\n{'model':<6} {'val loss':>9} {'train loss':>10} {'tokens/s':>9} {'params':>10} {'active':>10}")
-    for name, val, tr, tps, total, active in rows:
-        print(f"{name:<6} {val:>9.4f} {tr:>10.4f} {tps:>9.0f} {total:>10,d} {active:>10,d}")
-    from .plots import plot_compare
-    plot_compare(args.out, folders)
-    diff = rows[0][1] - rows[1][1]
-    print(f"\nMoE val loss minus dense val loss: {diff:+.4f} ({'MoE better' if diff <= 0 else 'dense better'})")
+    if args.lr_grid is not None and "lr" in args.explicit:
+        raise ValueError("lr_grid: give --lr or --lr-grid, not both")
+    args.seed = 0  # each run's seed is set by compare (0 .. seeds-1)
+    model_cfg, train_cfg = _configs(args, dense=False)
+    result = run_compare(args.out, model_cfg, train_cfg, seeds=args.seeds, lr_grid=args.lr_grid,
+                         tune_seed=args.tune_seed, overwrite=args.overwrite)
+    print(format_compare(result))
+    print(f"wrote {os.path.join(args.out, 'compare.json')} and compare.png; runs in {args.out}/<arm>/seed-<s>")
     return 0
 
 
@@ -275,6 +261,8 @@ def _tournament(args: argparse.Namespace) -> int:
     from .tournament import run_tournament
     from .tournament.table import table_markdown
     t0 = time.perf_counter()
+    if args.lr_grid is not None and "lr" in args.explicit:
+        raise ValueError("lr_grid: give --lr or --lr-grid, not both")
     args.seed = 0  # each run's seed is set by the tournament (0 .. seeds-1)
     base_model, base_train = _configs(args, dense=False)
     table = run_tournament(args.out, routers=args.routers, seeds=args.seeds, base_model=base_model,
@@ -286,6 +274,17 @@ def _tournament(args: argparse.Namespace) -> int:
           f"{done.count('kept')} complete already; {time.perf_counter() - t0:.0f} s")
     print(f"wrote {os.path.join(args.out, 'tournament.md')}, tournament.json and "
           f"{len(table['plots'])} plots")
+    return 0
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from .run_folder import atomic_write
+    from .runs_table import format_runs, runs_csv, runs_table
+    rows = runs_table(args.dirs)
+    print(format_runs(rows))
+    if args.csv:
+        atomic_write(args.csv, runs_csv(rows).encode())
+        print(f"wrote {args.csv}")
     return 0
 
 
@@ -367,11 +366,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(needs the mpi extra; P must divide --num-experts)")
     t.set_defaults(func=_train)
 
-    c = sub.add_parser("compare", allow_abbrev=False, help="MoE vs a dense baseline with the same active parameters")
-    _add_model_flags(c)
+    c = sub.add_parser("compare", allow_abbrev=False,
+                       help="MoE vs a dense baseline with the same active parameters, over seeds")
+    _add_model_flags(c, exclude=("seed",))
+    _add_comparison_flags(c, 3)
     c.add_argument("--out", default=None,
-                   help="folder for the two runs (default: a new runs/<date>-<time>-compare)")
-    c.add_argument("--overwrite", action="store_true", help="replace runs already there")
+                   help="folder for the runs, OUT/<arm>/seed-<s> (default: a new runs/<date>-<time>-compare)")
+    c.add_argument("--overwrite", action="store_true",
+                   help="retrain runs already there (default: keep complete runs, resume interrupted ones)")
     c.set_defaults(func=_compare)
 
     a = sub.add_parser("analyze", allow_abbrev=False, help="what the experts of a trained run learned")
@@ -389,6 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="every router trained under identical conditions; one table, four plots")
     _add_tournament_flags(tr)
     tr.set_defaults(func=_tournament)
+
+    r = sub.add_parser("runs", allow_abbrev=False, help="one row per run folder: router, seeds, val loss, "
+                       "specialisation, imbalance, and the config fields that differ")
+    r.add_argument("dirs", nargs="+", metavar="DIR", help="run folders, or folders holding them")
+    r.add_argument("--csv", default=None, metavar="FILE", help="also write the table as CSV")
+    r.set_defaults(func=_runs)
 
     s = sub.add_parser("sample", allow_abbrev=False, help="generate text from a checkpoint")
     s.add_argument("checkpoint", help="a run folder (its latest checkpoint) or a checkpoint .npz")

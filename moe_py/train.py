@@ -26,7 +26,7 @@ from .config import IGNORE_INDEX
 from .lm_losses import cross_entropy
 from .machine import rss_mib
 from .models import ModelConfig, TransformerLM
-from .collapse import CollapseWatch, worst_max_over_mean
+from .collapse import CollapseWatch, summary_lines, worst_max_over_mean
 from .optim import AdamW, global_grad_norm, lr_at
 from .router import row_entropy, unrouted_tokens
 from .run_folder import RunFolder
@@ -276,8 +276,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, corpus: 
         print(corpus_summary(corpus, val_sampler, train_cfg.eval_batches), file=sys.stderr)
     bar = None if quiet else progress_bar(train_cfg.steps, start)
     M = train_cfg.grad_accum
-    watch = CollapseWatch(train_cfg.collapse_low_share, train_cfg.collapse_max_over_mean,
-                          train_cfg.collapse_steps)
+    watch = collapse_watch_of(train_cfg, run)
     last: dict = {}
     end = train_cfg.steps if until is None else min(until, train_cfg.steps)
     try:
@@ -294,7 +293,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, corpus: 
             add_speed(m, t0)
             if (step + 1) % train_cfg.eval_every == 0 or step + 1 == train_cfg.steps:
                 m["val_loss"] = evaluate(model, val_sampler, train_cfg.eval_batches)
-            add_collapse_watch(m, watch, bar, step)
+            add_collapse_watch(m, watch, bar, final=step + 1 == train_cfg.steps)
             run.append_metrics(m)
             if (step + 1) % train_cfg.checkpoint_every == 0 or step + 1 == end:
                 path = run.step_checkpoint(step + 1)
@@ -308,6 +307,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, corpus: 
     finally:
         if bar is not None:
             bar.close()
+    if not quiet:
+        print_collapse_summary(last)
     return last
 
 
@@ -319,18 +320,40 @@ def add_speed(m: dict, t0: float) -> None:
         m["rss_mib"] = round(rss, 1)
 
 
-def add_collapse_watch(m: dict, watch: CollapseWatch, bar, step: int, warn: bool = True) -> None:
-    """The step's max/mean expert share per layer, and the collapse warnings it raises: on
-    the progress bar's own line, else as a RuntimeWarning when `warn`."""
+def collapse_watch_of(train_cfg: TrainConfig, run: RunFolder) -> CollapseWatch:
+    """The run's collapse watch, with the steps already in its metrics.jsonl replayed
+    (silently), so that a resumed run reports the same episodes as an uninterrupted one."""
+    watch = CollapseWatch(train_cfg.collapse_low_share, train_cfg.collapse_max_over_mean,
+                          train_cfg.collapse_steps)
+    if os.path.exists(run.metrics):
+        for row in run.read_metrics():
+            if "expert_share" in row:
+                watch.update(row["step"], row["expert_share"])
+    return watch
+
+
+def add_collapse_watch(m: dict, watch: CollapseWatch, bar, final: bool, warn: bool = True) -> None:
+    """The step's max/mean expert share per layer, and the collapse messages it raises
+    ("collapse_events"; on the progress bar's own line, else as a RuntimeWarning when
+    `warn`); on the run's last step, the episodes' summary ("collapse_summary")."""
     if "expert_share" not in m:
         return
     m["max_over_mean"] = [max(sh) * len(sh) for sh in m["expert_share"]]
-    for msg in watch.update(m["expert_share"]):
-        m.setdefault("collapse_warnings", []).append(msg)
+    for msg in watch.update(m["step"], m["expert_share"]):
+        m.setdefault("collapse_events", []).append(msg)
         if bar is not None:  # the progress bar's own line, not a traceback-like warning
-            bar.write(f"WARNING: {msg} (step {step + 1})")
+            bar.write(f"WARNING: {msg}")
         elif warn:
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    if final:
+        m["collapse_summary"] = watch.summary(m["expert_share"])
+
+
+def print_collapse_summary(last: dict) -> None:
+    """The end-of-run collapse report of a run's last metrics row, on stderr."""
+    if "collapse_summary" in last:
+        for line in summary_lines(last["collapse_summary"], last["step"]):
+            print(line, file=sys.stderr)
 
 
 def show_step(bar, m: dict) -> None:

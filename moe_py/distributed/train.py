@@ -28,7 +28,6 @@ import numpy as np
 
 from .._checks import NonFiniteError
 from ..checkpoint import load_model
-from ..collapse import CollapseWatch
 from ..config import IGNORE_INDEX
 from ..data import Batch, BatchSampler, Corpus, corpus_summary
 from ..lm_losses import cross_entropy, multi_token_cross_entropy, multi_token_labels
@@ -36,7 +35,7 @@ from ..models import ModelConfig, TransformerLM
 from ..optim import AdamW, lr_at
 from ..run_folder import RunFolder
 from ..train import (TrainConfig, TrainingDiverged, _StepStats, add_collapse_watch, add_speed,
-                     corpus_of, progress_bar, show_step, train_sampler_of, val_sampler_of,
+                     collapse_watch_of, corpus_of, print_collapse_summary, progress_bar, show_step, train_sampler_of, val_sampler_of,
                      with_fixed_horizons)
 from . import comm as C
 from .model import (allreduce_replicated_grads, global_grad_norm, load_expert_slices,
@@ -223,8 +222,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, comm=Non
               f"per MoE layer on each rank", file=sys.stderr)
     bar = progress_bar(train_cfg.steps, start) if root and not quiet else None
     M = train_cfg.grad_accum
-    watch = CollapseWatch(train_cfg.collapse_low_share, train_cfg.collapse_max_over_mean,
-                          train_cfg.collapse_steps)
+    watch = collapse_watch_of(train_cfg, run)
     last: dict = {}
     end = train_cfg.steps if until is None else min(until, train_cfg.steps)
     try:
@@ -241,7 +239,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, comm=Non
             add_speed(m, t0)  # rank 0's RSS is the one written
             if (step + 1) % train_cfg.eval_every == 0 or step + 1 == train_cfg.steps:
                 m["val_loss"] = evaluate(model, val_sampler, train_cfg.eval_batches, comm)
-            add_collapse_watch(m, watch, bar, step, warn=root)
+            add_collapse_watch(m, watch, bar, final=step + 1 == train_cfg.steps, warn=root)
             if root:
                 run.append_metrics(m)
             if (step + 1) % train_cfg.checkpoint_every == 0 or step + 1 == end:
@@ -256,5 +254,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, comm=Non
     finally:
         if bar is not None:
             bar.close()
+    if root and not quiet:
+        print_collapse_summary(last)
     comm.Barrier()  # the run folder is complete when any rank returns
     return last
