@@ -88,7 +88,7 @@ def train_rate(comm, n_steps: int) -> dict:
     from moe_py.optim import AdamW
     args = build_parser().parse_args(["train", "--corpus", "synthetic"])
     model_cfg, train_cfg = _configs(args, dense=False)
-    corpus = load_corpus("synthetic", seed=0)
+    corpus = load_corpus("synthetic", split_seed=0)
     sampler = BatchSampler(corpus.train, train_cfg.batch_size, train_cfg.seq_len, 0)
     model = TransformerLM(model_cfg)
     experts = to_expert_parallel(model, comm)

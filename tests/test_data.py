@@ -47,7 +47,7 @@ def test_stdlib_corpus_is_found_split_by_file_and_deterministic(python_corpus):
 
 
 def test_synthetic_domains_are_well_formed():
-    c = data.synthetic_corpus(n_docs=40, seed=1)
+    c = data.synthetic_corpus(n_docs=40, split_seed=1)
     docs = c.train + c.val
     assert {int(d.labels[0]) for d in docs} == set(range(len(data.SYNTHETIC_DOMAINS)))
     for d in docs:
@@ -97,7 +97,7 @@ def test_eval_iteration_covers_documents_in_order(python_corpus):
 def test_the_evaluated_sample_matches_the_split():
     """The capped sample spreads over the whole validation split: its label mix is the
     split's to within a few points, and it draws from many files, not the first one."""
-    corpus = data.python_source_corpus(max_bytes=2_000_000, seed=0)
+    corpus = data.python_source_corpus(max_bytes=2_000_000, split_seed=0)
     s = data.BatchSampler(corpus.val, 16, 128, seed=0)
     windows = s.eval_windows(max_batches=8)
     assert len(windows) == 128
@@ -110,6 +110,45 @@ def test_the_evaluated_sample_matches_the_split():
     all_files = {d.name.split("#")[0] for d in corpus.val}
     assert len(files) >= 0.5 * min(len(all_files), 128)
     assert "label mix" in data.corpus_summary(corpus, s, 8)
+
+
+@pytest.mark.parametrize("name", ["python", "synthetic"])
+def test_the_split_depends_on_the_split_seed_not_on_the_seed(name, tmp_path):
+    """Two runs with different --seed read the same validation files and windows; another
+    --split-seed moves them."""
+    from moe_py.train import TrainConfig, corpus_of, val_sampler_of
+    names = {}
+    for seed, split_seed in ((0, 0), (1, 0), (7, 0), (0, 3)):
+        tc = TrainConfig(corpus=name, seed=seed, split_seed=split_seed, corpus_bytes=400_000)
+        corpus = corpus_of(tc)
+        windows = val_sampler_of(corpus, tc).eval_windows(tc.eval_batches)
+        names[seed, split_seed] = ([d.name for d in corpus.val], [(w[0].name, w[1]) for w in windows])
+    assert names[0, 0] == names[1, 0] == names[7, 0]
+    assert names[0, 3][0] != names[0, 0][0]
+
+
+def test_a_run_made_before_split_seed_keeps_its_split():
+    from moe_py.train import TrainConfig
+    old = TrainConfig.from_dict({"seed": 4, "steps": 10})
+    assert old.split_seed == 4  # its split was made from its seed
+    assert TrainConfig.from_dict({"seed": 4, "split_seed": 0}).split_seed == 0
+
+
+def test_no_file_dominates_the_python_validation_split():
+    for split_seed in (0, 1, 2):
+        corpus = data.python_source_corpus(max_bytes=2_000_000, split_seed=split_seed)
+        name, share = data.largest_file_share(corpus.val)
+        assert share <= data.MAX_VAL_FILE_SHARE, (split_seed, name, share)
+        assert all(len(d.tokens) <= data.MAX_FILE_BYTES for d in corpus.val + corpus.train)
+
+
+def test_the_summary_warns_when_one_file_dominates_validation(tmp_path):
+    (tmp_path / "zbig.txt").write_text("x" * 50_000)  # sorted last: never the one moved to train
+    for i in range(30):
+        (tmp_path / f"small{i}.txt").write_text("y" * 300)
+    corpus = data.load_corpus(str(tmp_path), val_fraction=0.9999)
+    summary = data.corpus_summary(corpus, data.BatchSampler(corpus.val, 4, 32, 0), 2)
+    assert "WARNING: " in summary and "of the validation bytes" in summary
 
 
 def test_text_corpus_from_files_and_folders(tmp_path):

@@ -376,6 +376,6 @@ def test_a_diverging_moe_layer_stops_training_with_the_designed_message():
     from moe_py.train import TrainConfig, TrainingDiverged, train_step
     m = tiny_model()
     m.moe_layers[0].params["w2"][...] = 1e38  # finite weights whose output overflows
-    batch = BatchSampler(synthetic_corpus(n_docs=20, seed=0).train, 2, 8, 0).batch(0)
+    batch = BatchSampler(synthetic_corpus(n_docs=20, split_seed=0).train, 2, 8, 0).batch(0)
     with pytest.raises(TrainingDiverged, match="non-finite loss or gradient"):
         train_step(m, [batch], AdamW(m.named_parameters()), 1e-3, TrainConfig(seq_len=8))

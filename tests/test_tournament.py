@@ -16,7 +16,7 @@ from moe_py.data import BatchSampler, load_corpus
 from moe_py.models import ModelConfig, TransformerLM
 from moe_py.train import TrainConfig
 from moe_py.tournament import Entry, entry_configs, run_tournament
-from moe_py.tournament.table import beyond_seed_spread
+from moe_py.tournament.table import comparisons
 
 ENTRIES = ["dense", "softmax_lb", "softmax_noise"]
 STEPS = 6
@@ -40,8 +40,9 @@ def held_out_routing(checkpoint):
     the top-k indices and clean probabilities of the real tokens."""
     model, raw = load_model(checkpoint)
     tc = json.loads(str(raw["train_config"]))
-    corpus = load_corpus(tc["corpus"], seed=tc["seed"], max_bytes=tc["corpus_bytes"])
-    sampler = BatchSampler(corpus.val, tc["batch_size"], tc["seq_len"], tc["seed"])
+    # the split and the held-out windows come from the split seed, never the run's seed
+    corpus = load_corpus(tc["corpus"], split_seed=tc["split_seed"], max_bytes=tc["corpus_bytes"])
+    sampler = BatchSampler(corpus.val, tc["batch_size"], tc["seq_len"], tc["split_seed"])
     idx, probs = [], []
     for batch in sampler.iter_eval(tc["eval_batches"]):
         out = model.forward(batch.inputs, batch.mask, training=False)
@@ -72,7 +73,8 @@ def done(tmp_path_factory):
     return out, {r["entry"]: r for r in table["rows"]}, full
 
 
-def test_val_loss_and_speed_come_from_each_runs_metrics(done):
+def test_val_loss_and_its_interval_come_from_each_runs_metrics(done):
+    t_975_1 = 12.706204736174698  # Student t, 1 degree of freedom, 0.975 quantile (tables)
     out, rows, _ = done
     assert list(rows) == ENTRIES
     for name, row in rows.items():
@@ -82,12 +84,27 @@ def test_val_loss_and_speed_come_from_each_runs_metrics(done):
         assert row["val_loss"]["per_seed"] == finals
         assert row["val_loss"]["mean"] == pytest.approx(statistics.mean(finals), rel=1e-12)
         assert row["val_loss"]["std"] == pytest.approx(statistics.stdev(finals), rel=1e-9)
-        speeds = [statistics.median(r["tokens_per_s"] for r in m) for m in runs]
-        assert row["tokens_per_s"]["per_seed"] == pytest.approx(speeds, rel=1e-12)
+        assert row["val_loss"]["half_width"] == pytest.approx(t_975_1 * statistics.stdev(finals) / 2 ** 0.5,
+                                                              rel=1e-9)
+        assert "tokens_per_s" not in row  # runs made at different loads are no benchmark
     with open(os.path.join(out, "tournament.md")) as f:
         md = f.read()
     v = rows["softmax_lb"]["val_loss"]
-    assert f"| `softmax_lb` | {v['mean']:.4f} ± {v['std']:.4f} |" in md
+    assert f"| `softmax_lb` | 0.003 | {v['mean']:.4f} ± {v['half_width']:.4f} |" in md
+    assert "tokens/s" not in md
+
+
+def test_specialisation_columns_come_from_analysis_json(done):
+    out, rows, _ = done
+    row = rows["softmax_lb"]
+    for s in (0, 1):
+        with open(os.path.join(out, "softmax_lb", f"seed-{s}", "analysis.json")) as f:
+            res = json.load(f)
+        for key in ("mi", "mi_first_choice", "mi_given_byte"):
+            assert row[key]["per_seed_per_layer"][s] == res[key]
+        assert row["mi_byte_null"]["per_seed_per_layer"][s] == [b["mean"] for b in res["mi_byte_null"]]
+        assert row["mi_given_byte_floor"]["per_seed_per_layer"][s] == [b["mean"] for b in res["mi_given_byte_floor"]]
+    assert len(row["beyond_byte"]) == 2 and all(0 <= b <= 2 for b in row["beyond_byte"])
 
 
 def test_routing_numbers_match_the_checkpoints(done):
@@ -166,17 +183,25 @@ def test_a_rejected_entry_fails_before_anything_trains(moe, tmp_path):
     assert not os.path.exists(tmp_path / "t")
 
 
-def test_beyond_seed_spread_compares_entries_seed_by_seed():
+def test_comparisons_are_paired_t_tests_with_one_holm_correction():
+    scipy_stats = pytest.importorskip("scipy.stats")
+
     def row(name, losses):
         return {"entry": name, "val_loss": {"per_seed": losses}}
-    # b - a: gaps 0.2 and 0.15 (smallest 0.15 > spread 0.05); c - a: 0.3 and 0.05 (0.05 < 0.25);
-    # c - b: 0.1 and -0.1 (signs differ). The ranges of a and c overlap, those of a and b do not
-    rows = [row("a", [1.0, 1.2]), row("b", [1.2, 1.35]), row("c", [1.3, 1.25])]
-    assert beyond_seed_spread(rows)["val_loss"] == ["a < b (gap per seed: 0.2000 / 0.1500)"]
-    # overlapping ranges, but b is above a by the same 0.1 at both seeds (same data per seed)
-    assert beyond_seed_spread([row("a", [1.0, 2.0]), row("b", [1.1, 2.1])])["val_loss"] == \
-        ["a < b (gap per seed: 0.1000 / 0.1000)"]
-    assert beyond_seed_spread([row("a", [1.0]), row("b", [2.0])])["val_loss"] == []
+    rows = [row("a", [1.0, 1.2, 1.1]), row("b", [1.5, 1.71, 1.6]), row("c", [1.3, 1.0, 1.2])]
+    tests = comparisons(rows)
+    assert [(t["a"], t["b"]) for t in tests] == [("a", "b"), ("a", "c"), ("b", "c")]
+    p = [scipy_stats.ttest_rel(x["val_loss"]["per_seed"], y["val_loss"]["per_seed"]).pvalue
+         for x, y in ((rows[0], rows[1]), (rows[0], rows[2]), (rows[1], rows[2]))]
+    assert [t["p"] for t in tests] == pytest.approx(p, rel=1e-8)
+    order = np.argsort(p)  # Holm: the smallest p times 3, the next times 2, ...
+    expected = np.maximum.accumulate(np.minimum(1, np.array(p)[order] * [3, 2, 1]))
+    assert [tests[i]["p_holm"] for i in order] == pytest.approx(list(expected), rel=1e-8)
+    assert [t["separable"] for t in tests] == [p_holm < 0.05 for p_holm in (t["p_holm"] for t in tests)]
+    assert tests[0]["separable"]  # b is above a by 0.5 +- 0.01 at every seed
+    assert not tests[1]["separable"]  # a and c cross
+    one_seed = comparisons([row("a", [1.0]), row("b", [2.0])])
+    assert one_seed[0]["p"] is None and not one_seed[0]["separable"]
 
 
 def test_the_entry_table_names_every_router_of_the_issue_once():

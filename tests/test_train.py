@@ -16,7 +16,7 @@ TIMING_KEYS = {"tokens_per_s", "rss_mib"}  # measured, not computed
 
 @pytest.fixture(scope="module")
 def corpus():
-    return data.synthetic_corpus(n_docs=200, seed=0)
+    return data.synthetic_corpus(n_docs=200, split_seed=0)
 
 
 def small_cfgs(steps=20, **train_kw):

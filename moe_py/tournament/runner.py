@@ -122,6 +122,8 @@ def train_runs(runs: Sequence[PlannedRun], overwrite: bool = False, progress: bo
     """Train what is not complete; returns {run path: what was done} ("kept", "resumed",
     "trained", and with may_diverge (tuning runs) "diverged" instead of stopping).
     Bars: one overall (all runs' steps) and one per run."""
+    if not runs:
+        return {}
     corpora = Corpora() if corpora is None else corpora
     states = {r.path: "new" if overwrite else run_state(r) for r in runs}
     done = {r.path: _steps_done(r, states[r.path]) for r in runs}

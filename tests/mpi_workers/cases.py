@@ -67,7 +67,7 @@ _CORPUS = {}
 def train_setup(case: dict):
     """(ModelConfig, TrainConfig, BatchSampler) of a small LM on the synthetic corpus."""
     if "c" not in _CORPUS:
-        _CORPUS["c"] = synthetic_corpus(n_docs=200, seed=0)
+        _CORPUS["c"] = synthetic_corpus(n_docs=200, split_seed=0)
     corpus = _CORPUS["c"]
     moe = MoEConfig(**case["moe"])
     model = ModelConfig(d_model=moe.d_model, n_layers=2, n_heads=2, d_ff=2 * moe.d_ff,
