@@ -7,9 +7,12 @@ only ever appended to: a process killed at any instant leaves each file whole, o
 except possibly a torn last metrics line, which readers drop with a warning."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import warnings
@@ -33,18 +36,35 @@ def _maybe_die(point: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def temporary_of(path: str) -> str:
+    """The name a file is written under before it is renamed over `path`."""
+    return f"{path}.tmp.{os.getpid()}"
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
 def atomic_write(path: str, data: bytes, fault_point: str = "") -> None:
-    """Replace path by data: written beside it, flushed to disk, then renamed over it."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data[: len(data) // 2])
-        if fault_point:
+    """Replace path by data: written beside it, flushed to disk, then renamed over it. A
+    failed write (a full disk) removes its temporary and leaves path as it was."""
+    tmp = temporary_of(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data[: len(data) // 2])
+            if fault_point:
+                f.flush()
+                _maybe_die(fault_point)
+            f.write(data[len(data) // 2:])
             f.flush()
-            _maybe_die(fault_point)
-        f.write(data[len(data) // 2:])
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
     fsync_dir(os.path.dirname(path) or ".")
 
 
@@ -66,9 +86,17 @@ class RunFolder:
     """checkpoint.npz is the latest checkpoint; checkpoints/step-NNNNNN.npz keep the last
     few (TrainConfig.keep_checkpoints) for studying routing across training."""
 
-    # everything a run writes (removed by --overwrite, and nothing else is)
+    # everything a run writes (removed by --overwrite, and nothing else is): its files, and
+    # the plots of plots.py (tests/test_plots.py holds that list to what the plots write)
     OUTPUTS = ("config.json", "metrics.jsonl", "checkpoint.npz", "checkpoints", "analysis.json",
                "analysis_over_training.json")
+    PLOTS = ("loss.png", "utilisation.png", "utilisation_heatmap.png", "entropy.png",
+             "training_signals.png", "expert_label.png", "specialisation.png", "coactivation.png",
+             "entropy_margin.png", "transitions.png", "compare.png")
+    LOCK = ".lock"  # held (flock) by the process training into the folder
+    # the temporaries of a killed writer: an output (or a step checkpoint) + ".tmp.<pid>"
+    _TEMPORARY = re.compile(r"^(config\.json|metrics\.jsonl|checkpoint\.npz|analysis\.json|"
+                            r"analysis_over_training\.json|step-\d{6}\.npz|[a-z_]+\.png)\.tmp\.\d+$")
 
     def __init__(self, path: str):
         self.path = path
@@ -82,17 +110,35 @@ class RunFolder:
                    for f in ("config.json", "metrics.jsonl", "checkpoint.npz"))
 
     def clear(self) -> None:
-        """Remove a previous run's files and plots (for --overwrite)."""
-        for name in self.OUTPUTS:
+        """Remove a previous run's files and plots (for --overwrite): only the names a run
+        writes; a user's own files in the folder stay."""
+        for name in self.OUTPUTS + self.PLOTS:
             p = os.path.join(self.path, name)
             if os.path.isdir(p):
                 shutil.rmtree(p)
             elif os.path.exists(p):
                 os.remove(p)
-        if os.path.isdir(self.path):
-            for name in os.listdir(self.path):
-                if name.endswith(".png"):
-                    os.remove(os.path.join(self.path, name))
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Hold the folder's exclusive lock (fcntl.flock on .lock) while training into it; a
+        second process gets "in use by process N" instead of two writers in one folder. The
+        lock goes with the process, however it ends."""
+        os.makedirs(self.path, exist_ok=True)
+        fd = os.open(os.path.join(self.path, self.LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                raise RuntimeError(f"run folder: {self.path} is in use by process {owner} "
+                                   "(another train is writing it); wait for it or choose another "
+                                   "--out") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def step_checkpoint(self, step: int) -> str:
         os.makedirs(self.checkpoints, exist_ok=True)
@@ -108,12 +154,16 @@ class RunFolder:
     def publish(self, step_path: str, keep: int) -> None:
         """Make step_path the latest checkpoint.npz (atomically: a hard link renamed over
         it, or a copy where links are not possible) and keep only the `keep` newest."""
-        tmp = f"{self.checkpoint}.tmp.{os.getpid()}"
+        tmp = temporary_of(self.checkpoint)
         try:
-            os.link(step_path, tmp)
-        except OSError:
-            shutil.copyfile(step_path, tmp)
-        os.replace(tmp, self.checkpoint)
+            try:
+                os.link(step_path, tmp)
+            except OSError:
+                shutil.copyfile(step_path, tmp)
+            os.replace(tmp, self.checkpoint)
+        except BaseException:
+            _remove_quietly(tmp)
+            raise
         fsync_dir(self.path)
         for old in self.kept_checkpoints()[:-keep]:
             os.remove(old)
@@ -125,11 +175,12 @@ class RunFolder:
                 os.remove(p)
 
     def remove_stale_temporaries(self) -> None:
-        """Temporary files a killed run left behind (their targets are whole)."""
+        """Temporary files a killed run left behind (their targets are whole): only names of
+        the form <output>.tmp.<pid>; call it holding the lock, so no live writer owns them."""
         for folder in (self.path, self.checkpoints):
             if os.path.isdir(folder):
                 for name in os.listdir(folder):
-                    if ".tmp." in name:
+                    if self._TEMPORARY.match(name):
                         os.remove(os.path.join(folder, name))
 
     def write_config(self, model_cfg, train_cfg, corpus) -> None:

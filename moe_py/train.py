@@ -8,6 +8,7 @@ micro-batch means. Aux losses are averaged over micro-batches.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -228,6 +229,40 @@ def with_fixed_horizons(train_cfg: TrainConfig) -> TrainConfig:
     return train_cfg
 
 
+def _first_difference(a, b, prefix: str = ""):
+    """The first (sorted) dotted field where two JSON-like dicts differ, with both values."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            d = _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
+            if d:
+                return d
+        return None
+    return None if a == b else (prefix[:-1], a, b)
+
+
+def check_resumable(run: RunFolder, data: dict, model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
+    """Refuse to resume when the checkpoint, config.json and the configs asked for are not
+    one run (all but train.steps, which --resume may extend), naming the first differing
+    field; nothing in the folder has been touched then."""
+    def norm(d):
+        return json.loads(json.dumps(d))
+
+    def train_dict(d):
+        return {k: v for k, v in dataclasses.asdict(TrainConfig.from_dict(d)).items() if k != "steps"}
+    ckpt_model = norm(json.loads(str(data["model_config"])))
+    ckpt_train = train_dict(json.loads(str(data["train_config"])))
+    saved = run.read_config()
+    pairs = (("config.json", ckpt_model, norm(saved.get("model")), ckpt_train, train_dict(saved.get("train") or {})),
+             ("the configs given", ckpt_model, norm(model_cfg.to_dict()), ckpt_train,
+              {k: v for k, v in dataclasses.asdict(train_cfg).items() if k != "steps"}))
+    for source, m_ckpt, m_other, t_ckpt, t_other in pairs:
+        d = _first_difference({"model": m_ckpt, "train": t_ckpt}, {"model": m_other, "train": t_other})
+        if d:
+            raise ValueError(f"resume: {run.path}: {d[0]} is {d[1]!r} in its checkpoint but {d[2]!r} in "
+                             f"{source}: not the same run; nothing was changed (start a new run, or "
+                             "--overwrite)")
+
+
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, corpus: Optional[Corpus] = None,
           resume: bool = False, quiet: bool = False, until: Optional[int] = None,
           overwrite: bool = False, on_step: Optional[Callable[[dict], None]] = None) -> dict:
@@ -235,10 +270,19 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, corpus: 
     step's metrics. A folder that already holds a run is refused unless `resume` (continue
     it, to train_cfg.steps) or `overwrite` (replace it). `until` stops after that step, as
     an interruption would (the schedule is unchanged). `on_step(metrics)` is called after
-    each step is logged (e.g. to drive a caller's own progress bars when `quiet`)."""
+    each step is logged (e.g. to drive a caller's own progress bars when `quiet`). The
+    folder is locked for the whole call: a second trainer is refused."""
     run = RunFolder(out_dir)
     if resume and not os.path.exists(run.checkpoint):
         raise FileNotFoundError(f"resume: no checkpoint.npz in {out_dir} to resume from")
+    with run.locked():
+        return _train_locked(run, model_cfg, train_cfg, corpus, resume, quiet, until, overwrite, on_step)
+
+
+def _train_locked(run: RunFolder, model_cfg: ModelConfig, train_cfg: TrainConfig, corpus: Optional[Corpus],
+                  resume: bool, quiet: bool, until: Optional[int], overwrite: bool,
+                  on_step: Optional[Callable[[dict], None]]) -> dict:
+    out_dir = run.path
     if not resume and run.holds_run():
         if not overwrite:
             raise ValueError(f"out: {out_dir} already holds a run: resume it (--resume), replace "
@@ -254,6 +298,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, corpus: 
     start = 0
     if resume:
         model, data = load_model(run.checkpoint)
+        check_resumable(run, data, model_cfg, train_cfg)
         optim = AdamW(model.named_parameters(), weight_decay=train_cfg.weight_decay)
         load_optimizer(optim, data)
         start = int(data["step"])

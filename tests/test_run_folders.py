@@ -104,3 +104,68 @@ def test_prose_gets_byte_class_labels_and_a_nonzero_specialisation(tmp_path, cap
     assert "lower" in res["label_names"] and "digit" in res["label_names"]
     assert res["mi"][0] > 0.01  # before byte classes every byte was "text": MI 0
     assert "expert 0:" in capsys.readouterr().out  # the top trigrams are printed
+
+
+def test_a_run_touches_only_the_files_it_writes(tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    mine = {"notes.tmp.txt": "n", "data.tmp.csv": "d", "my_plot.png": "p", "config.json.tmp.x": "t"}
+    for name, text in mine.items():
+        (out / name).write_text(text)
+    stale = out / "metrics.jsonl.tmp.12345"  # what a killed writer leaves: removed
+    stale.write_text("half")
+    assert main(["train", *TINY, "--steps", "3", "--out", str(out)]) == 0
+    assert main(["train", *TINY, "--steps", "3", "--out", str(out), "--overwrite"]) == 0
+    assert {n: (out / n).read_text() for n in mine} == mine
+    assert not stale.exists()
+    assert (out / "loss.png").exists()  # the run's own plot, rewritten
+
+
+def test_a_second_trainer_is_refused_while_the_folder_is_locked(tmp_path, capsys):
+    from moe_py.run_folder import RunFolder
+    out = str(tmp_path / "r")
+    assert main(["train", *TINY, "--steps", "3", "--out", out]) == 0
+    before = metrics(out)
+    capsys.readouterr()
+    with RunFolder(out).locked():  # as another process training into it would hold it
+        assert main(["train", "--out", out, "--resume", "--steps", "6"]) == 2
+    err = capsys.readouterr().err
+    assert f"is in use by process {os.getpid()}" in err and len(err.strip().splitlines()) == 1
+    assert metrics(out) == before
+    assert main(["train", "--out", out, "--resume", "--steps", "6"]) == 0  # released with the holder
+
+
+def test_a_failed_write_leaves_no_temporary_and_the_old_file(tmp_path, monkeypatch):
+    import errno
+    from moe_py import run_folder
+    target = tmp_path / "checkpoint.npz"
+    target.write_bytes(b"old")
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(run_folder.os, "fsync", full_disk)
+    try:
+        run_folder.atomic_write(str(target), b"new" * 1000)
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
+    else:
+        raise AssertionError("the write should have failed")
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["checkpoint.npz"]
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, capsys):
+    import shutil
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert main(["train", *TINY, "--steps", "3", "--out", a]) == 0
+    assert main(["train", *TINY, "--d-model", "32", "--steps", "3", "--out", b]) == 0
+    shutil.copyfile(os.path.join(b, "checkpoint.npz"), os.path.join(a, "checkpoint.npz"))
+    with open(os.path.join(a, "config.json")) as f:
+        config = f.read()
+    before = metrics(a)
+    capsys.readouterr()
+    assert main(["train", "--out", a, "--resume", "--steps", "6"]) == 2
+    err = capsys.readouterr().err
+    assert "model.d_model is 32 in its checkpoint but 16 in config.json" in err
+    with open(os.path.join(a, "config.json")) as f:
+        assert f.read() == config  # never rewritten
+    assert metrics(a) == before

@@ -35,7 +35,7 @@ from ..models import ModelConfig, TransformerLM
 from ..optim import AdamW, lr_at
 from ..run_folder import RunFolder
 from ..train import (TrainConfig, TrainingDiverged, _StepStats, add_collapse_watch, add_speed,
-                     collapse_watch_of, corpus_of, print_collapse_summary, progress_bar, show_step, train_sampler_of, val_sampler_of,
+                     check_resumable, collapse_watch_of, corpus_of, print_collapse_summary, progress_bar, show_step, train_sampler_of, val_sampler_of,
                      with_fixed_horizons)
 from . import comm as C
 from .model import (allreduce_replicated_grads, global_grad_norm, load_expert_slices,
@@ -169,92 +169,105 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, comm=Non
     root = comm.Get_rank() == 0
     _check_supported(train_cfg, comm)
     run = RunFolder(out_dir)
-    # every rank decides from the same files before rank 0 changes any of them
-    if resume and not os.path.exists(run.checkpoint):
-        raise FileNotFoundError(f"resume: no checkpoint.npz in {out_dir} to resume from")
-    refuse = not resume and run.holds_run() and not overwrite
-    comm.Barrier()
-    if refuse:
-        raise ValueError(f"out: {out_dir} already holds a run: resume it (--resume), replace "
-                         "it (--overwrite), or choose another folder")
+    # rank 0 holds the folder's lock for the whole run; every rank stops if it cannot
+    lock = contextlib.ExitStack()
+    refused = None
     if root:
-        if not resume and run.holds_run():
-            run.clear()
-        run.remove_stale_temporaries()
-    train_cfg = with_fixed_horizons(train_cfg)
-    if corpus is None:
-        corpus = corpus_of(train_cfg)
-    if model_cfg.max_seq_len < train_cfg.seq_len:
-        raise ValueError(f"seq_len: expected at most max_seq_len={model_cfg.max_seq_len}, got {train_cfg.seq_len}")
-
-    start = 0
-    if resume:
-        with _root_warns(root):
-            model, data = load_model(run.checkpoint)  # the whole model; each rank keeps its experts
-        experts = to_expert_parallel(model, comm)
-        optim = AdamW(model.named_parameters(), weight_decay=train_cfg.weight_decay)
-        load_expert_slices(model, optim, data, experts)
-        start = int(data["step"])
-        if train_cfg.steps < start:
-            raise ValueError(f"steps: the run in {out_dir} is at step {start}; expected steps >= "
-                             f"{start}, got {train_cfg.steps}")
+        try:
+            lock.enter_context(run.locked())
+        except RuntimeError as e:
+            refused = str(e)
+    refused = comm.bcast(refused, root=0)
+    if refused:
+        raise RuntimeError(refused)
+    with lock:
+        # every rank decides from the same files before rank 0 changes any of them
+        if resume and not os.path.exists(run.checkpoint):
+            raise FileNotFoundError(f"resume: no checkpoint.npz in {out_dir} to resume from")
+        refuse = not resume and run.holds_run() and not overwrite
+        comm.Barrier()
+        if refuse:
+            raise ValueError(f"out: {out_dir} already holds a run: resume it (--resume), replace "
+                             "it (--overwrite), or choose another folder")
         if root:
-            run.truncate_metrics(start)
-            run.steps_after(start)
-    else:
-        with _root_warns(root):
-            model = TransformerLM(model_cfg)
-        experts = to_expert_parallel(model, comm)
-        optim = AdamW(model.named_parameters(), weight_decay=train_cfg.weight_decay)
-        if train_cfg.noise_std > 0:
-            model.set_noise_annealing(train_cfg.noise_std, train_cfg.noise_anneal_steps)
-        if root:
-            run.start_metrics()
-    if root:
-        run.write_config(model.cfg, train_cfg, corpus)
+            if not resume and run.holds_run():
+                run.clear()
+            run.remove_stale_temporaries()
+        train_cfg = with_fixed_horizons(train_cfg)
+        if corpus is None:
+            corpus = corpus_of(train_cfg)
+        if model_cfg.max_seq_len < train_cfg.seq_len:
+            raise ValueError(f"seq_len: expected at most max_seq_len={model_cfg.max_seq_len}, got {train_cfg.seq_len}")
 
-    train_sampler = train_sampler_of(corpus, train_cfg)
-    val_sampler = val_sampler_of(corpus, train_cfg)
-    if root and not quiet:
-        print(corpus_summary(corpus, val_sampler, train_cfg.eval_batches), file=sys.stderr)
-        print(f"expert parallel over {comm.Get_size()} MPI ranks: "
-              f"{model_cfg.moe.num_experts // comm.Get_size() if model_cfg.moe else 0} experts "
-              f"per MoE layer on each rank", file=sys.stderr)
-    bar = progress_bar(train_cfg.steps, start) if root and not quiet else None
-    M = train_cfg.grad_accum
-    watch = collapse_watch_of(train_cfg, run)
-    last: dict = {}
-    end = train_cfg.steps if until is None else min(until, train_cfg.steps)
-    try:
-        for step in range(start, end):
-            t0 = time.perf_counter()
-            batches = [train_sampler.batch(step * M + i) for i in range(M)]
-            lr = lr_at(step, train_cfg.lr, train_cfg.warmup, train_cfg.lr_decay_steps,
-                       train_cfg.min_lr_ratio)
-            try:
-                m = {"step": step + 1, **train_step(model, batches, optim, lr, train_cfg, comm, experts)}
-            except TrainingDiverged as e:
-                raise TrainingDiverged(f"{e} at step {step + 1}; training stopped, the last good "
-                                       f"checkpoint is untouched: {run.checkpoint}") from None
-            add_speed(m, t0)  # rank 0's RSS is the one written
-            if (step + 1) % train_cfg.eval_every == 0 or step + 1 == train_cfg.steps:
-                m["val_loss"] = evaluate(model, val_sampler, train_cfg.eval_batches, comm)
-            add_collapse_watch(m, watch, bar, final=step + 1 == train_cfg.steps, warn=root)
+        start = 0
+        if resume:
+            with _root_warns(root):
+                model, data = load_model(run.checkpoint)  # the whole model; each rank keeps its experts
+            check_resumable(run, data, model_cfg, train_cfg)
+            experts = to_expert_parallel(model, comm)
+            optim = AdamW(model.named_parameters(), weight_decay=train_cfg.weight_decay)
+            load_expert_slices(model, optim, data, experts)
+            start = int(data["step"])
+            if train_cfg.steps < start:
+                raise ValueError(f"steps: the run in {out_dir} is at step {start}; expected steps >= "
+                                 f"{start}, got {train_cfg.steps}")
             if root:
-                run.append_metrics(m)
-            if (step + 1) % train_cfg.checkpoint_every == 0 or step + 1 == end:
-                path = run.step_checkpoint(step + 1) if root else ""
-                save_gathered_checkpoint(path, model, optim, step + 1, dataclasses.asdict(train_cfg),
-                                         comm, experts)
+                run.truncate_metrics(start)
+                run.steps_after(start)
+        else:
+            with _root_warns(root):
+                model = TransformerLM(model_cfg)
+            experts = to_expert_parallel(model, comm)
+            optim = AdamW(model.named_parameters(), weight_decay=train_cfg.weight_decay)
+            if train_cfg.noise_std > 0:
+                model.set_noise_annealing(train_cfg.noise_std, train_cfg.noise_anneal_steps)
+            if root:
+                run.start_metrics()
+        if root:
+            run.write_config(model.cfg, train_cfg, corpus)
+
+        train_sampler = train_sampler_of(corpus, train_cfg)
+        val_sampler = val_sampler_of(corpus, train_cfg)
+        if root and not quiet:
+            print(corpus_summary(corpus, val_sampler, train_cfg.eval_batches), file=sys.stderr)
+            print(f"expert parallel over {comm.Get_size()} MPI ranks: "
+                  f"{model_cfg.moe.num_experts // comm.Get_size() if model_cfg.moe else 0} experts "
+                  f"per MoE layer on each rank", file=sys.stderr)
+        bar = progress_bar(train_cfg.steps, start) if root and not quiet else None
+        M = train_cfg.grad_accum
+        watch = collapse_watch_of(train_cfg, run)
+        last: dict = {}
+        end = train_cfg.steps if until is None else min(until, train_cfg.steps)
+        try:
+            for step in range(start, end):
+                t0 = time.perf_counter()
+                batches = [train_sampler.batch(step * M + i) for i in range(M)]
+                lr = lr_at(step, train_cfg.lr, train_cfg.warmup, train_cfg.lr_decay_steps,
+                           train_cfg.min_lr_ratio)
+                try:
+                    m = {"step": step + 1, **train_step(model, batches, optim, lr, train_cfg, comm, experts)}
+                except TrainingDiverged as e:
+                    raise TrainingDiverged(f"{e} at step {step + 1}; training stopped, the last good "
+                                           f"checkpoint is untouched: {run.checkpoint}") from None
+                add_speed(m, t0)  # rank 0's RSS is the one written
+                if (step + 1) % train_cfg.eval_every == 0 or step + 1 == train_cfg.steps:
+                    m["val_loss"] = evaluate(model, val_sampler, train_cfg.eval_batches, comm)
+                add_collapse_watch(m, watch, bar, final=step + 1 == train_cfg.steps, warn=root)
                 if root:
-                    run.publish(path, max(1, train_cfg.keep_checkpoints))
+                    run.append_metrics(m)
+                if (step + 1) % train_cfg.checkpoint_every == 0 or step + 1 == end:
+                    path = run.step_checkpoint(step + 1) if root else ""
+                    save_gathered_checkpoint(path, model, optim, step + 1, dataclasses.asdict(train_cfg),
+                                             comm, experts)
+                    if root:
+                        run.publish(path, max(1, train_cfg.keep_checkpoints))
+                if bar is not None:
+                    show_step(bar, m)
+                last = m
+        finally:
             if bar is not None:
-                show_step(bar, m)
-            last = m
-    finally:
-        if bar is not None:
-            bar.close()
-    if root and not quiet:
-        print_collapse_summary(last)
-    comm.Barrier()  # the run folder is complete when any rank returns
-    return last
+                bar.close()
+        if root and not quiet:
+            print_collapse_summary(last)
+        comm.Barrier()  # the run folder is complete when any rank returns
+        return last

@@ -1,0 +1,187 @@
+"""Write docs/results.md from the run folders `scripts/results.sh` makes: every number there
+comes from the tournaments' tournament.json files and the runs' own metrics, on this machine.
+
+    .venv/bin/python scripts/results.py RESULTS_DIR [--out docs/results.md]
+
+RESULTS_DIR holds python/ and synthetic/ (tournament folders), machine.txt (`moe_py info`)
+and <corpus>.txt: the "runs: N trained, ...; S s" line of every tournament call; the cost
+reported is that of the call that trained the most runs."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import sys
+
+from moe_py.stats import t_ppf
+
+CORPORA = ("synthetic", "python")
+# The gap (nats/byte) a seed budget should resolve: a tenth of the spread between the
+# tournament's entries, the size of the differences the README used to claim.
+TARGET_GAP = 0.02
+
+
+def load(results: str, corpus: str) -> dict:
+    with open(os.path.join(results, corpus, "tournament.json")) as f:
+        return json.load(f)
+
+
+def rows_by_entry(table: dict) -> dict:
+    return {r["entry"]: r for r in table["rows"]}
+
+
+def fmt_ci(stat: dict, digits: int = 3) -> str:
+    return f"{stat['mean']:.{digits}f} ± {stat['half_width']:.{digits}f}"
+
+
+def test_of(table: dict, metric: str, a: str, b: str) -> dict:
+    for t in table["comparisons"]:
+        if t["metric"] == metric and {t["a"], t["b"]} == {a, b}:
+            if t["a"] == a:
+                return t
+            flipped = dict(t, a=a, b=b, mean=-t["mean"], low=-t["high"], high=-t["low"],
+                           gaps=[-g for g in t["gaps"]])
+            return flipped
+    raise KeyError(f"no comparison {metric} {a} {b}")
+
+
+def describe_test(t: dict) -> str:
+    status = "separable" if t["separable"] else "not separable at this budget"
+    return (f"{t['mean']:+.3f} (95 % CI [{t['low']:+.3f}, {t['high']:+.3f}]; per seed "
+            f"{', '.join(f'{g:+.3f}' for g in t['gaps'])}; Holm p {t['p_holm']:.2g}): {status}")
+
+
+def loss_table(table: dict) -> list:
+    lines = ["| entry | lr (tuned) | val loss, mean ± 95 % CI | per seed |", "|---|---|---|---|"]
+    for r in sorted(table["rows"], key=lambda r: r["val_loss"]["mean"]):
+        lines.append(f"| `{r['entry']}` | {r['lr']:g} | {fmt_ci(r['val_loss'])} | "
+                     f"{' / '.join(f'{v:.3f}' for v in r['val_loss']['per_seed'])} |")
+    return lines
+
+
+def spec_table(table: dict) -> list:
+    lines = ["| entry | k | mi (mean of layers) | byte null | mi, first choice | its byte null | "
+             "mi given byte | its floor | layers x seeds beyond the byte |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in table["rows"]:
+        if "mi" not in r:
+            continue
+        n = len(r["seeds"]) * len(r["beyond_byte"])
+        mean = lambda key: sum(r[key]["per_layer"]) / len(r[key]["per_layer"])  # noqa: E731
+        lines.append(f"| `{r['entry']}` | {r['top_k']} | {fmt_ci(r['mi'])} | {mean('mi_byte_null'):.3f} | "
+                     f"{mean('mi_first_choice'):.3f} | {mean('mi_first_choice_byte_null'):.3f} | "
+                     f"{fmt_ci(r['mi_given_byte'], 4)} | {mean('mi_given_byte_floor'):.4f} | "
+                     f"{sum(r['beyond_byte'])} of {n} |")
+    return lines
+
+
+def separable_lines(table: dict) -> list:
+    found = [t for t in table["comparisons"] if t["separable"]]
+    scanned = sum(1 for t in table["comparisons"] if t["p"] is not None)
+    out = [f"{len(found)} of {scanned} comparisons survive Holm at 0.05:"]
+    for t in sorted(found, key=lambda t: (t["metric"], t["p_holm"])):
+        lo, hi = (t["a"], t["b"]) if t["mean"] < 0 else (t["b"], t["a"])
+        out.append(f"- {t['metric']}: `{lo}` < `{hi}` by {abs(t['mean']):.4f} "
+                   f"(95 % CI of {t['a']} - {t['b']}: [{t['low']:+.4f}, {t['high']:+.4f}], Holm p {t['p_holm']:.2g})")
+    return out
+
+
+def seeds_needed(sd: float, gap: float, most: int = 200) -> int:
+    """The fewest seeds whose 95 % t half-width on a paired gap of spread sd is below gap."""
+    for n in range(2, most + 1):
+        if t_ppf(0.975, n - 1) * sd / n ** 0.5 < gap:
+            return n
+    return most
+
+
+def budget_lines(table: dict) -> list:
+    sds = sorted(float((sum((g - t["mean"]) ** 2 for g in t["gaps"]) / (len(t["gaps"]) - 1)) ** 0.5)
+                 for t in table["comparisons"] if t["metric"] == "val_loss" and len(t["gaps"]) > 1)
+    median = sds[len(sds) // 2]
+    return [f"Paired val-loss gaps between entries vary over seeds with a standard deviation of "
+            f"{sds[0]:.3f} to {sds[-1]:.3f} (median {median:.3f}) nats/byte. At the median, a 95 % "
+            f"interval narrower than ±{TARGET_GAP} needs {seeds_needed(median, TARGET_GAP)} seeds; "
+            f"±0.05 needs {seeds_needed(median, 0.05)}. (A projection from this spread, before any "
+            f"multiple-comparison correction, which asks for more.)"]
+
+
+def collapse_lines(results: str, corpus: str, entry: str, seeds) -> list:
+    out = []
+    for s in seeds:
+        with open(os.path.join(results, corpus, entry, f"seed-{s}", "metrics.jsonl")) as f:
+            last = [json.loads(line) for line in f][-1]
+        c = last.get("collapse_summary")
+        if c is None:
+            continue
+        eps = "; ".join(f"layer {e['layer']} steps {e['start']}-{e['end']}" for e in c["episodes"]) or "none"
+        dead = sum(len(d) for d in c["dead_experts"])
+        out.append(f"- seed {s}: episodes {eps}; all layers within thresholds since step "
+                   f"{c['stable_since']}; {dead} dead expert(s) at step {last['step']}")
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("results")
+    p.add_argument("--out", default="docs/results.md")
+    args = p.parse_args()
+    with open(os.path.join(args.results, "machine.txt")) as f:
+        machine = f.read().strip()
+    times = {}  # corpus: (runs trained, wall seconds) of the call that trained the most
+    for c in CORPORA:
+        path = os.path.join(args.results, f"{c}.txt")
+        if os.path.exists(path):
+            with open(path) as f:
+                calls = [tuple(int(v) for v in m.groups())
+                         for m in re.finditer(r"runs: (\d+) trained.*?; (\d+) s", f.read())]
+            if calls and max(calls)[0] > 0:
+                times[c] = max(calls)
+    tables = {c: load(args.results, c) for c in CORPORA}
+    settings = tables["python"]["settings"]
+    today = datetime.date.today().isoformat()
+    L = ["# Results", "",
+         f"Made by `bash scripts/results.sh` on {today}. Every number below comes from the run folders "
+         "it writes (`runs/results/`), through `scripts/results.py`; rerun it to check them. Machine "
+         "(`python -m moe_py info`):", "", "```", machine, "```", "",
+         f"Budget: {settings['description']}", ""]
+    for c, (trained, seconds) in times.items():
+        L.append(f"- `{c}` tournament: {trained} runs of {settings['steps']} steps (tuning and seeds) "
+                 f"trained in {seconds / 60:.0f} min of wall time on 2 threads, then analysed.")
+    L += ["", "## MoE against a dense FFN of the same active width", "",
+          "`softmax_lb` (the default `train` model) against `dense` (FFN width top_k x d_ff), each at "
+          "its own tuned learning rate, paired over seeds (gap = MoE - dense, validation loss in "
+          "nats/byte):", ""]
+    for c in CORPORA:
+        L.append(f"- `{c}`: " + describe_test(test_of(tables[c], "val_loss", "softmax_lb", "dense")))
+    for c in CORPORA:
+        t = tables[c]
+        L += ["", f"## The tournament on `{c}`", "", *loss_table(t), "", *separable_lines(t), "",
+              "Specialisation against its nulls (means over MoE layers and seeds; per-layer values in "
+              f"`runs/results/{c}/tournament.md`):", "", *spec_table(t), "",
+              "How many seeds the spread asks for:", "", *budget_lines(t)]
+        col = collapse_lines(args.results, c, "softmax_lb", t["settings"]["seeds"])
+        if col:
+            L += ["", "Collapse episodes of `softmax_lb` (collapse_summary of each run's last step):", "", *col]
+    L += ["", "## What the nulls say", ""]
+    spec = {c: rows_by_entry(tables[c]) for c in CORPORA}
+    for c in CORPORA:
+        r = spec[c]["softmax_lb"]
+        with open(os.path.join(args.results, c, "softmax_lb", "seed-0", "analysis.json")) as f:
+            lab = json.load(f)["label_given_byte"][0]
+        L.append(f"- `{c}`: the byte fixes {100 * lab['byte_label_mi']:.0f} % of the label's entropy on "
+                 f"the analysed tokens. `softmax_lb`: mi {fmt_ci(r['mi'])} against random byte tables "
+                 f"{sum(r['mi_byte_null']['per_layer']) / len(r['mi_byte_null']['per_layer']):.3f} "
+                 f"(95th percentile {sum(r['mi_byte_null_p95']['per_layer']) / len(r['mi_byte_null_p95']['per_layer']):.3f}); "
+                 f"mi given byte {fmt_ci(r['mi_given_byte'], 4)} against its shuffle floor "
+                 f"{sum(r['mi_given_byte_floor']['per_layer']) / len(r['mi_given_byte_floor']['per_layer']):.4f}; "
+                 f"beyond the byte in {sum(r['beyond_byte'])} of {len(r['beyond_byte']) * len(r['seeds'])} "
+                 "layer-seeds.")
+    with open(args.out, "w") as f:
+        f.write("\n".join(L) + "\n")
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
