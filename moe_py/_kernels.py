@@ -9,7 +9,10 @@ from typing import Callable
 
 import numpy as np
 
-from . import _core
+from ._omp_env import clamp_omp_num_threads
+
+clamp_omp_num_threads()  # before _core loads libgomp, which reads it once
+from . import _core  # noqa: E402
 
 Activation = _core.Activation
 DropPolicy = _core.DropPolicy

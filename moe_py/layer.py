@@ -112,6 +112,10 @@ class MoELayer:
         with self._guard.forward():
             cfg = self.cfg
             x2, lead = as_tokens(x, cfg.d_model, cfg.np_dtype)
+            if np.may_share_memory(x2, x):
+                # the backward reads x (the router's weight gradient): a caller changing its
+                # array in place between forward and backward must not change that gradient
+                x2 = x2.copy()
             mask = as_mask(padding_mask, lead)
             ids = as_token_ids(token_ids, lead, required=cfg.router == "hash")
             # nothing on the layer changes until every part has succeeded

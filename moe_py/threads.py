@@ -2,10 +2,7 @@
 import numpy as np
 
 from . import _kernels
-
-
-# More than this is a typo, not a machine (libgomp fails past some tens of thousands).
-MAX_THREADS = 1024
+from ._omp_env import MAX_THREADS  # noqa: F401  (the limit set_num_threads checks)
 
 
 def set_num_threads(n: int) -> None:

@@ -22,6 +22,7 @@ from typing import Tuple
 
 import numpy as np
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import _kernels
 from .config import MoEConfig
@@ -46,6 +47,7 @@ class _MoEFunction(torch.autograd.Function):
         return torch.from_numpy(out.y), torch.tensor(out.aux_loss, dtype=x.dtype)
 
     @staticmethod
+    @once_differentiable  # its backward is C++: a second derivative raises instead of being 0
     def backward(ctx, dy, daux):
         layer: MoELayer = ctx.layer
         # this call's parameter gradients alone, in fresh zeroed buffers from the block cache

@@ -231,3 +231,19 @@ def test_save_and_load_a_layer(tmp_path):
     open(path, "wb").write(b"garbage")
     with pytest.raises(ValueError, match="not a saved moe_py layer"):
         moe_py.load(path)
+
+
+def test_changing_x_in_place_after_forward_leaves_the_backward_unchanged():
+    cfg = moe_py.MoEConfig(d_model=16, d_ff=16, num_experts=4, top_k=2, dtype="float64")
+    x = np.random.default_rng(0).standard_normal((2, 8, 16))
+    dy = np.random.default_rng(1).standard_normal((2, 8, 16))
+    clean = moe_py.MoELayer(cfg)
+    clean(x.copy())
+    dx_clean = clean.backward(dy)
+    layer = moe_py.MoELayer(cfg)
+    layer(x)
+    x *= 10  # the caller reuses its buffer before the backward
+    dx = layer.backward(dy)
+    assert np.array_equal(dx, dx_clean)
+    for k in clean.grads:
+        assert np.array_equal(layer.grads[k], clean.grads[k]), k

@@ -236,3 +236,28 @@ def test_moe_py_testing_gradcheck_takes_the_module():
     x = np.random.default_rng(0).standard_normal((2, 5, 6))
     report = gradcheck(m, {"x": x, "padding_mask": np.arange(10).reshape(2, 5) % 3 != 0})
     assert report.checked > 0 and report.worst_rel_error < 1e-6
+
+
+def test_an_in_place_change_of_the_input_after_forward_leaves_the_gradient_right():
+    cfg = moe_py.MoEConfig(d_model=16, d_ff=16, num_experts=4, top_k=2, dtype="float64")
+    base = torch.randn(2, 8, 16, dtype=torch.float64)
+    grads = []
+    for change in (False, True):
+        moe = MoE(cfg)
+        leaf = base.clone().requires_grad_()
+        h = leaf * 1.0  # a non-leaf activation a caller may reuse in place
+        y, aux, _ = moe(h)
+        if change:
+            h.detach().mul_(10)
+        (y.pow(2).sum() + aux).backward()
+        grads.append((leaf.grad.clone(), moe.w_router.grad.clone()))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_double_backward_raises_instead_of_returning_no_graph():
+    moe = MoE(moe_py.MoEConfig(d_model=16, d_ff=16, num_experts=4, top_k=2, dtype="float64"))
+    x = torch.randn(2, 8, 16, dtype=torch.float64, requires_grad=True)
+    y, aux, _ = moe(x)
+    g, = torch.autograd.grad(y.pow(2).sum() + aux, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.pow(2).sum().backward()

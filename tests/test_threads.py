@@ -1,0 +1,33 @@
+"""OMP_NUM_THREADS from the environment: clamped before libgomp reads it, never a crash."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from moe_py._omp_env import MAX_THREADS, clamp_omp_num_threads
+
+CALL = ("import numpy as np, moe_py; "
+        "layer = moe_py.MoELayer(moe_py.MoEConfig(d_model=16, d_ff=16, num_experts=4, top_k=2)); "
+        "out = layer(np.ones((1, 4, 16), np.float32)); layer.backward(np.ones_like(out.y)); "
+        "print(moe_py.get_num_threads())")
+
+
+@pytest.mark.parametrize("value", ["200000", "40000"])
+def test_a_huge_omp_num_threads_is_clamped_not_a_crash(value):
+    env = dict(os.environ, OMP_NUM_THREADS=value)
+    run = subprocess.run([sys.executable, "-c", CALL], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[-1] == str(MAX_THREADS)
+    assert f"OMP_NUM_THREADS={value}: more than {MAX_THREADS} threads" in run.stderr
+
+
+def test_the_clamp_reads_lists_and_leaves_other_text_to_libgomp():
+    env = {"OMP_NUM_THREADS": "5000,2"}
+    with pytest.warns(RuntimeWarning, match="OMP_NUM_THREADS=5000,2"):
+        clamp_omp_num_threads(env)
+    assert env["OMP_NUM_THREADS"] == f"{MAX_THREADS},2"
+    for text in ("4", "abc", "", "2,3"):
+        env = {"OMP_NUM_THREADS": text}
+        clamp_omp_num_threads(env)
+        assert env["OMP_NUM_THREADS"] == text
