@@ -37,6 +37,14 @@ def plain_scalars(cfg) -> None:
             setattr(cfg, f.name, float(v))
 
 
+# Bounds of options whose absurd values would run for minutes or overflow rather than fail:
+# a sigmoid score lies in (0, 1), so an expert-bias step above 1 per optimiser step is a typo
+# (and 1e300 drove the bias to +-inf); 10,000 Sinkhorn sweeps take about half a second on
+# 8192 x 64 scores, where 1e6 took 47 s that Ctrl-C could not stop.
+MAX_BIAS_UPDATE_RATE = 1.0
+MAX_SINKHORN_ITERATIONS = 10_000
+
+
 def check_seed(value, name: str = "seed") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
         raise ValueError(f"{name}: expected an integer in [0, 2**63 - 1], got {value!r}")
@@ -151,6 +159,9 @@ class MoEConfig:
         if self.routed_scaling_factor != 1.0 and router != "sigmoid_topk":
             raise ValueError("routed_scaling_factor: only sigmoid_topk scales its weights")
         finite_number("bias_update_rate", self.bias_rate)
+        if not 0 <= self.bias_rate <= MAX_BIAS_UPDATE_RATE:
+            raise ValueError(f"bias_update_rate: expected a step in [0, {MAX_BIAS_UPDATE_RATE}] "
+                             f"(DeepSeek-V3 uses 1e-3), got {self.bias_rate!r}")
         if self.bias_rate > 0 and router != "sigmoid_topk":
             raise ValueError("bias_update_rate: the aux-loss-free expert bias belongs to "
                              "sigmoid_topk; set it to 0 or None for other routers")
@@ -167,6 +178,9 @@ class MoEConfig:
                 raise ValueError(f"topk_group: expected topk_group <= n_group ({self.n_group}) "
                                  f"and top_k <= topk_group * num_experts / n_group")
         positive_int("sinkhorn_iterations", self.sinkhorn_iterations)
+        if self.sinkhorn_iterations > MAX_SINKHORN_ITERATIONS:
+            raise ValueError(f"sinkhorn_iterations: expected at most {MAX_SINKHORN_ITERATIONS} (a "
+                             f"forward's sweeps run in C++, uninterruptible), got {self.sinkhorn_iterations}")
         finite_number("sinkhorn_tolerance", self.sinkhorn_tolerance)
         if isinstance(self.num_shared_experts, bool) or \
                 not isinstance(self.num_shared_experts, int) or self.num_shared_experts < 0:

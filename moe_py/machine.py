@@ -57,6 +57,18 @@ def rss_mib() -> Optional[float]:
     return None
 
 
+def available_bytes() -> Optional[int]:
+    """Memory the kernel says is available to new allocations (MemAvailable; Linux, else None)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def cpu_model() -> str:
     info = _cpuinfo()
     name = info.get("model name") or platform.processor() or platform.machine()

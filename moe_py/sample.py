@@ -7,12 +7,16 @@ import numpy as np
 
 from .models import TransformerLM
 
+# One forward per byte: a million bytes is hours on a laptop core, more is a typo.
+MAX_SAMPLE_LENGTH = 1_000_000
+
 
 def generate(model: TransformerLM, prompt: bytes, length: int, temperature: float = 0.8,
              seed: int = 0) -> bytes:
     """Sample `length` bytes after `prompt` (temperature 0: greedy)."""
-    if length < 0:
-        raise ValueError(f"length: expected >= 0, got {length}")
+    if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= MAX_SAMPLE_LENGTH:
+        raise ValueError(f"length: expected an integer in [0, {MAX_SAMPLE_LENGTH:,}] (one forward per "
+                         f"byte), got {length!r}")
     if not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature: expected a finite number >= 0, got {temperature}")
     rng = np.random.default_rng(seed)

@@ -324,6 +324,9 @@ def test_global_scope_counts_the_earlier_micro_batches_of_the_step():
     (dict(num_shared_experts=-1), "num_shared_experts"),
     (dict(shared_d_ff=0), "shared_d_ff"),
     (dict(sinkhorn_iterations=0), "sinkhorn_iterations"),
+    (dict(router="sinkhorn", sinkhorn_iterations=10**6), "sinkhorn_iterations: expected at most 10000"),
+    (dict(router="sigmoid_topk", bias_update_rate=1e300), r"bias_update_rate: expected a step in \[0, 1.0\]"),
+    (dict(router="sigmoid_topk", bias_update_rate=-0.1), "bias_update_rate"),
     (dict(sinkhorn_tolerance=float("nan")), "sinkhorn_tolerance"),
 ])
 def test_bad_router_options_name_the_field(kw, word):

@@ -118,3 +118,29 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, corpus, m
     with pytest.raises(TrainingDiverged, match="step 3"):
         train(model, tc, str(tmp_path), corpus=corpus, quiet=True, resume=True)
     assert (tmp_path / "checkpoint.npz").read_bytes() == before
+
+
+def test_a_micro_batch_too_big_for_memory_is_refused_before_anything(tmp_path, monkeypatch):
+    from moe_py import machine
+    from moe_py.train import activation_bytes
+    model = ModelConfig(max_seq_len=128, moe=moe_py.MoEConfig())
+    tc = TrainConfig(batch_size=100_000_000, seq_len=128, steps=1)
+    out = tmp_path / "r"
+    with pytest.raises(ValueError, match=r"batch_size: a micro-batch of 100000000 x 128 bytes needs about"):
+        train(model, tc, str(out))
+    assert not out.exists()
+    # the estimate grows with the batch and is far below the memory for the default run
+    assert activation_bytes(model, 16, 128) < 2**30 < activation_bytes(model, 16_000, 128)
+    # where the memory is unknown nothing is refused up front
+    monkeypatch.setattr(machine, "available_bytes", lambda: None)
+    from moe_py.train import check_memory
+    check_memory(model, tc)
+
+
+def test_sample_length_is_bounded():
+    from moe_py.models import TransformerLM
+    from moe_py.sample import MAX_SAMPLE_LENGTH, generate
+    model = TransformerLM(ModelConfig(max_seq_len=16, d_model=16, n_layers=1, n_heads=2, moe=None, d_ff=16))
+    with pytest.raises(ValueError, match="length: expected an integer in"):
+        generate(model, b"a", MAX_SAMPLE_LENGTH + 1)
+    assert len(generate(model, b"a", 3)) == 4

@@ -35,7 +35,7 @@ from ..models import ModelConfig, TransformerLM
 from ..optim import AdamW, lr_at
 from ..run_folder import RunFolder
 from ..train import (TrainConfig, TrainingDiverged, _StepStats, add_collapse_watch, add_speed,
-                     check_resumable, collapse_watch_of, corpus_of, print_collapse_summary, progress_bar, show_step, train_sampler_of, val_sampler_of,
+                     check_memory, check_resumable, collapse_watch_of, corpus_of, print_collapse_summary, progress_bar, show_step, train_sampler_of, val_sampler_of,
                      with_fixed_horizons)
 from . import comm as C
 from .model import (allreduce_replicated_grads, global_grad_norm, load_expert_slices,
@@ -198,6 +198,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, comm=Non
             corpus = corpus_of(train_cfg)
         if model_cfg.max_seq_len < train_cfg.seq_len:
             raise ValueError(f"seq_len: expected at most max_seq_len={model_cfg.max_seq_len}, got {train_cfg.seq_len}")
+        check_memory(model_cfg, train_cfg)
 
         start = 0
         if resume:
