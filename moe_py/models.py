@@ -210,8 +210,10 @@ class TransformerLM:
             g = head.backward(np.ascontiguousarray(d.reshape(B * S, -1)))
             dh = g if dh is None else dh + g
         dx = self.norm_f.backward(dh)
-        for b in reversed(self.blocks):
-            dx = b.backward(dx, aux_weight)
+        for i in reversed(range(len(self.blocks))):
+            if not all_finite(dx):  # made here, not passed in: a diverging run, not bad input
+                raise NonFiniteError(f"the gradient reaching block {i} is not finite")
+            dx = self.blocks[i].backward(dx, aux_weight)
         self.embed.backward(dx)
 
     def loss_and_backward(self, inputs, targets, mask, training: bool = True,

@@ -104,6 +104,13 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
+def diverged(cause: Exception, step: int, run: RunFolder) -> TrainingDiverged:
+    """The one message of a run that met NaN/Inf: the step, the cause, and what is kept."""
+    kept = (f"the last good checkpoint is untouched: {run.checkpoint}" if os.path.exists(run.checkpoint)
+            else "no checkpoint had been written yet")
+    return TrainingDiverged(f"training diverged at step {step}: {cause}; training stopped, {kept}")
+
+
 def progress_bar(total: int, initial: int, desc: str = "train", **tqdm_kw):
     """A tqdm bar on stderr, or None without tqdm."""
     try:
@@ -359,8 +366,7 @@ def _train_locked(run: RunFolder, model_cfg: ModelConfig, train_cfg: TrainConfig
             try:
                 m = {"step": step + 1, **train_step(model, batches, optim, lr, train_cfg)}
             except TrainingDiverged as e:
-                raise TrainingDiverged(f"{e} at step {step + 1}; training stopped, the last good "
-                                       f"checkpoint is untouched: {run.checkpoint}") from None
+                raise diverged(e, step + 1, run) from None
             add_speed(m, t0)
             if (step + 1) % train_cfg.eval_every == 0 or step + 1 == train_cfg.steps:
                 m["val_loss"] = evaluate(model, val_sampler, train_cfg.eval_batches)

@@ -115,9 +115,21 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, corpus, m
         return res
 
     monkeypatch.setattr(models.TransformerLM, "loss_and_backward", poisoned)
-    with pytest.raises(TrainingDiverged, match="step 3"):
+    with pytest.raises(TrainingDiverged, match="training diverged at step 3: .*the last good checkpoint"):
         train(model, tc, str(tmp_path), corpus=corpus, quiet=True, resume=True)
     assert (tmp_path / "checkpoint.npz").read_bytes() == before
+
+
+def test_a_diverging_moe_run_says_training_diverged(tmp_path, corpus, capsys):
+    """A learning rate of 1e30 makes the gradient inside the model non-finite (before, the MoE
+    layer's input check said "dy: contains NaN or Inf", as if the user had passed it)."""
+    from moe_py.cli import main
+    out = str(tmp_path / "r")
+    assert main(["train", "--out", out, "--corpus", "synthetic", "--steps", "20", "--d-model", "16",
+                 "--layers", "1", "--heads", "2", "--experts", "4", "--d-ff", "16", "--batch-size", "4",
+                 "--seq-len", "16", "--lr", "1e30"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("moe_py: training diverged at step ") and "no checkpoint had been written yet" in err
 
 
 def test_a_micro_batch_too_big_for_memory_is_refused_before_anything(tmp_path, monkeypatch):

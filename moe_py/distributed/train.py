@@ -35,7 +35,7 @@ from ..models import ModelConfig, TransformerLM
 from ..optim import AdamW, lr_at
 from ..run_folder import RunFolder
 from ..train import (TrainConfig, TrainingDiverged, _StepStats, add_collapse_watch, add_speed,
-                     check_memory, check_resumable, collapse_watch_of, corpus_of, print_collapse_summary, progress_bar, show_step, train_sampler_of, val_sampler_of,
+                     check_memory, check_resumable, diverged, collapse_watch_of, corpus_of, print_collapse_summary, progress_bar, show_step, train_sampler_of, val_sampler_of,
                      with_fixed_horizons)
 from . import comm as C
 from .model import (allreduce_replicated_grads, global_grad_norm, load_expert_slices,
@@ -248,8 +248,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, comm=Non
                 try:
                     m = {"step": step + 1, **train_step(model, batches, optim, lr, train_cfg, comm, experts)}
                 except TrainingDiverged as e:
-                    raise TrainingDiverged(f"{e} at step {step + 1}; training stopped, the last good "
-                                           f"checkpoint is untouched: {run.checkpoint}") from None
+                    raise diverged(e, step + 1, run) from None
                 add_speed(m, t0)  # rank 0's RSS is the one written
                 if (step + 1) % train_cfg.eval_every == 0 or step + 1 == train_cfg.steps:
                     m["val_loss"] = evaluate(model, val_sampler, train_cfg.eval_batches, comm)
