@@ -72,12 +72,37 @@ def read_archive(path: str, what: str, required=()) -> dict:
 
 def _read(path: str) -> dict:
     data = read_archive(path, "not a valid moe_py checkpoint", ("model_config", "step"))
+    step = data["step"]
+    if step.shape != () or step.dtype.kind not in "iu" or int(step) < 0:
+        raise CheckpointError(f"not a valid moe_py checkpoint: {path}: its step is {step!r}, "
+                              "not an integer >= 0")
     try:
-        data["_model_config"] = ModelConfig.from_dict(json.loads(str(data["model_config"])))
+        data["_model_config"] = ModelConfig.from_dict(json_entry(data, "model_config", "not a valid moe_py "
+                                                                 "checkpoint", path))
+    except CheckpointError:
+        raise
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"not a valid moe_py checkpoint: {path}: its model config is "
                               f"invalid ({e})") from None
     return data
+
+
+def json_entry(data: dict, key: str, what: str, path: str):
+    """The JSON an archive entry holds; CheckpointError("<what>: <path>: ...") when it is not."""
+    try:
+        return json.loads(str(data[key]))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{what}: {path}: its '{key}' entry is not valid JSON ({e})") from None
+
+
+def load_router_state(router, data: dict, key: str, what: str, path: str) -> None:
+    """router.load_state from an archive entry, any fault as a CheckpointError."""
+    try:
+        router.load_state(json_entry(data, key, what, path))
+    except (ValueError, TypeError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{what}: {path}: its '{key}' entry is not a router state ({e})") from None
 
 
 def _fill(dst: np.ndarray, data: dict, key: str, path: str) -> None:
@@ -102,7 +127,7 @@ def load_model(path: str) -> Tuple[TransformerLM, dict]:
         key = next((k for k in (f"router.{i}", f"noise.{i}") if k in data), None)
         if key is None:
             raise CheckpointError(f"not a valid moe_py checkpoint: {path}: missing 'router.{i}'")
-        layer.router.load_state(json.loads(str(data[key])))
+        load_router_state(layer.router, data, key, "not a valid moe_py checkpoint", path)
     data["_path"] = path
     return model, data
 

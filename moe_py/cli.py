@@ -134,9 +134,18 @@ def _check_resume_flags(args: argparse.Namespace, saved: dict) -> None:
                              f"{have!r}, not {given!r}; on --resume only --steps may change")
 
 
+def _absolute_corpus(corpus: str) -> str:
+    """A corpus of files as absolute paths, so that the run folder can be analysed and resumed
+    from any working directory; the built-in names as they are."""
+    if corpus in ("python", "synthetic"):
+        return corpus
+    return ",".join(os.path.abspath(p) for p in corpus.split(",") if p)
+
+
 def _configs(args: argparse.Namespace, dense: bool):
     from .models import ModelConfig
     from .train import TrainConfig
+    args.corpus = _absolute_corpus(args.corpus)
     shared = dict(d_model=args.d_model, activation=args.activation, dtype=args.dtype, seed=args.seed)
     moe = config_from_args(MoEConfig, args, **shared)
     model = config_from_args(ModelConfig, args, max_seq_len=args.seq_len, d_ff=moe.active_ffn_width,
@@ -167,10 +176,11 @@ def _train(args: argparse.Namespace) -> int:
         from .models import ModelConfig
         from .run_folder import RunFolder
         from .train import TrainConfig
-        saved = RunFolder(args.out).read_config()
+        folder = RunFolder(args.out)
+        saved = folder.read_config()
         _check_resume_flags(args, saved)
-        model_cfg = ModelConfig.from_dict(saved["model"])
-        train_cfg = TrainConfig.from_dict(saved["train"])
+        model_cfg = ModelConfig.from_dict(saved["model"], f"run folder: {folder.config}: model")
+        train_cfg = TrainConfig.from_dict(saved["train"], f"run folder: {folder.config}: train")
         if "steps" in args.explicit:
             train_cfg = dataclasses.replace(train_cfg, steps=args.steps)
         last = train(model_cfg, train_cfg, args.out, resume=True)

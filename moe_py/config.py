@@ -45,6 +45,27 @@ MAX_BIAS_UPDATE_RATE = 1.0
 MAX_SINKHORN_ITERATIONS = 10_000
 
 
+def one_of(name: str, value, allowed) -> None:
+    """value must be one of the allowed strings (a dict or a list is refused, not hashed)."""
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name}: expected one of {tuple(allowed)}, got {value!r}")
+
+
+def config_from_dict(cls, d, what: str):
+    """cls(**d) for a dict read from a file, with one clear ValueError naming `what` when d is
+    not a dict, has fields this moe_py's cls does not know, or has invalid values."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{what}: expected a JSON object of {cls.__name__} fields, got {type(d).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{what}: unknown field(s) {unknown} (not fields of this moe_py's {cls.__name__})")
+    try:
+        return cls(**d)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what}: {e}") from None
+
+
 def check_seed(value, name: str = "seed") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
         raise ValueError(f"{name}: expected an integer in [0, 2**63 - 1], got {value!r}")
@@ -113,17 +134,10 @@ class MoEConfig:
             raise ValueError(
                 f"top_k: expected top_k <= num_experts ({self.num_experts}), got {self.top_k}"
             )
-        if self.router not in ROUTERS:
-            raise ValueError(f"router: expected one of {ROUTERS}, got {self.router!r}")
-        if self.load_balance_scope not in BALANCE_SCOPES:
-            raise ValueError(f"load_balance_scope: expected one of {BALANCE_SCOPES}, "
-                             f"got {self.load_balance_scope!r}")
-        if self.drop_policy not in DROP_POLICIES:
-            raise ValueError(f"drop_policy: expected one of {DROP_POLICIES}, got {self.drop_policy!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {self.activation!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype: expected one of {tuple(DTYPES)}, got {self.dtype!r}")
+        for name, allowed in (("router", ROUTERS), ("load_balance_scope", BALANCE_SCOPES),
+                              ("drop_policy", DROP_POLICIES), ("activation", ACTIVATIONS),
+                              ("dtype", tuple(DTYPES))):
+            one_of(name, getattr(self, name), allowed)
         if self.capacity_factor is not None:
             finite_number("capacity_factor", self.capacity_factor)
             if self.capacity_factor <= 0:

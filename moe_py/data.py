@@ -73,8 +73,9 @@ def _split(docs: List[Document], val_fraction: float, split_seed: int) -> Tuple[
         val.append(train.pop())
     if not train and len(val) > 1:
         train.append(val.pop(0))
-    if not train:
-        raise ValueError("corpus: no training documents left after the validation split")
+    if not train or not val:
+        raise ValueError(f"corpus: {len(docs)} document(s) of {sum(len(d.tokens) for d in docs)} bytes "
+                         "are too few for a training and a validation split; give more text")
     return train, val
 
 

@@ -64,6 +64,7 @@ class MoELayer:
         self._params.update(init_expert_weights(cfg, rng))
         self._params.update(init_shared_weights(cfg, rng))
         self._grads: Dict[str, np.ndarray] = {k: np.zeros_like(v) for k, v in self._params.items()}
+        self._names = tuple(self._params)
         self.router = Router(cfg, self._params, self._grads)
         self.experts = Experts(cfg, self._params, self._grads)
         self.shared = SharedExperts(cfg, self._params, self._grads) if cfg.num_shared_experts else None
@@ -108,8 +109,17 @@ class MoELayer:
         calls it once per optimiser step, after all micro-batches."""
         self.router.update_expert_bias()
 
+    def _check_keys(self) -> None:
+        """params and grads are plain dicts a caller can edit: a deleted or added key is named
+        here instead of surfacing as a KeyError deep inside a kernel call."""
+        for what, d in (("params", self._params), ("grads", self._grads)):
+            if set(d) != set(self._names):
+                raise ValueError(f"{what}: expected the keys {sorted(self._names)}, got {sorted(d)} "
+                                 "(a key was deleted or added)")
+
     def __call__(self, x, padding_mask=None, training: bool = True, token_ids=None) -> MoEOutput:
         with self._guard.forward():
+            self._check_keys()
             cfg = self.cfg
             x2, lead = as_tokens(x, cfg.d_model, cfg.np_dtype)
             if np.may_share_memory(x2, x):
@@ -145,6 +155,7 @@ class MoELayer:
         `out` picks the forward to differentiate (default: the latest); `out.backward(dy)`
         says the same."""
         with self._guard.backward():
+            self._check_keys()
             ctx = backward_context(self, out, aux_weight)
             D = self.cfg.d_model
             dy2 = as_grad(dy, ctx.lead + (D,), self.cfg.np_dtype, "dy").reshape(-1, D)

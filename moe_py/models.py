@@ -18,7 +18,8 @@ import numpy as np
 
 from ._checks import NonFiniteError, as_mask
 from ._kernels import all_finite
-from .config import DTYPES, IGNORE_INDEX, MoEConfig, check_seed, plain_scalars, positive_int
+from .config import (DTYPES, IGNORE_INDEX, MoEConfig, check_seed, config_from_dict, one_of, plain_scalars,
+                     positive_int)
 from .ffn import build_ffn
 from .layer import MoELayer
 from .lm_losses import multi_token_cross_entropy
@@ -56,7 +57,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         plain_scalars(self)
         if isinstance(self.moe, dict):
-            self.moe = MoEConfig(**self.moe)
+            self.moe = config_from_dict(MoEConfig, self.moe, "moe")
         if self.moe is not None and not isinstance(self.moe, MoEConfig):
             raise TypeError(f"moe: expected a MoEConfig, a dict of its fields or None, "
                             f"got {type(self.moe).__name__}")
@@ -68,8 +69,7 @@ class ModelConfig:
             raise ValueError(f"first_dense: expected an integer >= 0, got {self.first_dense!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"n_heads: expected a divisor of d_model ({self.d_model}), got {self.n_heads}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype: expected one of {tuple(DTYPES)}, got {self.dtype!r}")
+        one_of("dtype", self.dtype, tuple(DTYPES))
         if self.moe is not None:
             if self.moe.d_model != self.d_model:
                 raise ValueError(f"moe.d_model: expected d_model ({self.d_model}), got {self.moe.d_model}")
@@ -84,8 +84,10 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        return cls(**d)
+    def from_dict(cls, d: dict, what: str = "model config") -> "ModelConfig":
+        """From a config.json's "model" (or a checkpoint's); ValueError naming `what` when it
+        is not a valid one."""
+        return config_from_dict(cls, d, what)
 
 
 class ModelOutput(NamedTuple):
@@ -169,6 +171,9 @@ class TransformerLM:
         if inputs.ndim != 2 or not np.issubdtype(inputs.dtype, np.integer):
             raise ValueError(f"inputs: expected int token ids [B, S], got {inputs.dtype} {list(inputs.shape)}")
         B, S = inputs.shape
+        if B == 0 or S == 0:
+            raise ValueError(f"inputs: expected at least one sequence of at least one token, got shape "
+                             f"{list(inputs.shape)}")
         if S > self.cfg.max_seq_len:
             raise ValueError(f"inputs: expected at most max_seq_len={self.cfg.max_seq_len} positions, got {S}")
         if inputs.size and (inputs.min() < 0 or inputs.max() >= self.cfg.vocab_size):

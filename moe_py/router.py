@@ -172,6 +172,10 @@ class Router:
 
     def load_state(self, state: Dict[str, object]) -> None:
         """Restore state(); a file written before the expert bias existed has no bias."""
+        missing = [k for k in ("start_std", "anneal_steps", "step")
+                   if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise ValueError(f"state: expected a router state with {missing}, got {state!r:.80}")
         self._noise_start = float(state["start_std"])
         self._noise_anneal_steps = int(state["anneal_steps"])
         self._noise_step = int(state["step"])

@@ -94,6 +94,7 @@ class RunFolder:
              "training_signals.png", "expert_label.png", "specialisation.png", "coactivation.png",
              "entropy_margin.png", "transitions.png", "compare.png")
     LOCK = ".lock"  # held (flock) by the process training into the folder
+    _STEP_FILE = re.compile(r"^step-\d{6}\.npz$")  # the kept checkpoints' names
     # the temporaries of a killed writer: an output (or a step checkpoint) + ".tmp.<pid>"
     _TEMPORARY = re.compile(r"^(config\.json|metrics\.jsonl|checkpoint\.npz|analysis\.json|"
                             r"analysis_over_training\.json|step-\d{6}\.npz|[a-z_]+\.png)\.tmp\.\d+$")
@@ -124,8 +125,10 @@ class RunFolder:
         """Hold the folder's exclusive lock (fcntl.flock on .lock) while training into it; a
         second process gets "in use by process N" instead of two writers in one folder. The
         lock goes with the process, however it ends."""
+        created = not os.path.isdir(self.path)
         os.makedirs(self.path, exist_ok=True)
-        fd = os.open(os.path.join(self.path, self.LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        lock = os.path.join(self.path, self.LOCK)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -138,6 +141,10 @@ class RunFolder:
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             yield
         finally:
+            if created and os.listdir(self.path) == [self.LOCK]:
+                # a run refused before it wrote anything leaves no folder behind
+                os.remove(lock)
+                os.rmdir(self.path)
             os.close(fd)  # releases the lock
 
     def step_checkpoint(self, step: int) -> str:
@@ -148,8 +155,9 @@ class RunFolder:
         """The kept step checkpoints, oldest first."""
         if not os.path.isdir(self.checkpoints):
             return []
+        # only names this moe_py writes (step-NNNNNN.npz): a stray step-xyz.npz is not one
         return [os.path.join(self.checkpoints, f) for f in sorted(os.listdir(self.checkpoints))
-                if f.startswith("step-") and f.endswith(".npz")]
+                if self._STEP_FILE.match(f)]
 
     def publish(self, step_path: str, keep: int) -> None:
         """Make step_path the latest checkpoint.npz (atomically: a hard link renamed over
@@ -191,14 +199,20 @@ class RunFolder:
         atomic_write(self.config, text.encode(), fault_point="config")
 
     def read_config(self) -> dict:
+        """config.json: a JSON object whose "model" and "train" are objects (their fields are
+        checked by ModelConfig.from_dict and TrainConfig.from_dict)."""
         try:
             with open(self.config) as f:
-                return json.load(f)
+                saved = json.load(f)
         except FileNotFoundError:
             raise FileNotFoundError(f"run folder: no config.json in {self.path}: "
                                     "not a moe_py run folder") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"run folder: {self.config} is not valid JSON ({e})") from None
+        if not isinstance(saved, dict) or not all(isinstance(saved.get(k), dict) for k in ("model", "train")):
+            raise ValueError(f"run folder: {self.config}: expected a JSON object with \"model\" and "
+                             "\"train\" objects (not a moe_py config.json, or edited by hand)")
+        return saved
 
     def start_metrics(self) -> None:
         """An empty metrics.jsonl for a new run."""

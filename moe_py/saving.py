@@ -8,8 +8,8 @@ import json
 
 import numpy as np
 
-from .checkpoint import CheckpointError, array_checksum, read_archive
-from .config import MoEConfig
+from .checkpoint import CheckpointError, array_checksum, json_entry, load_router_state, read_archive
+from .config import MoEConfig, config_from_dict
 from .layer import MoELayer
 from .run_folder import atomic_write
 
@@ -35,12 +35,22 @@ def load(path: str) -> MoELayer:
     data = read_archive(path, "not a saved moe_py layer", ("kind", "config"))
     if str(data["kind"]) != _KIND:
         raise CheckpointError(f"not a saved moe_py layer: {path}: it holds {data['kind']}")
-    layer = MoELayer(MoEConfig(**json.loads(str(data["config"]))))
+    what = "not a saved moe_py layer"
+    try:
+        cfg = config_from_dict(MoEConfig, json_entry(data, "config", what, path), "config")
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        raise CheckpointError(f"{what}: {path}: its {e}") from None
+    layer = MoELayer(cfg)
     state = {k[len("param."):]: v for k, v in data.items() if k.startswith("param.")}
-    layer.load_state_dict(state)
+    try:
+        layer.load_state_dict(state)
+    except ValueError as e:
+        raise CheckpointError(f"{what}: {path}: its parameters do not fit its config ({e})") from None
     # "noise": the name (and the noise-only content) before the expert bias existed
     key = next((k for k in ("router", "noise") if k in data), None)
     if key is None:
         raise CheckpointError(f"not a saved moe_py layer: {path}: missing 'router'")
-    layer.router.load_state(json.loads(str(data[key])))
+    load_router_state(layer.router, data, key, what, path)
     return layer

@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from .config import check_seed, finite_number, plain_scalars, positive_int
+from .config import check_seed, config_from_dict, finite_number, plain_scalars, positive_int
 from ._checks import NonFiniteError
 from .checkpoint import load_model, load_optimizer, save_checkpoint
 from .data import Batch, BatchSampler, Corpus, corpus_summary, load_corpus
@@ -76,12 +76,14 @@ class TrainConfig:
 
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        """From a config.json's "train". Runs made before split_seed existed split the data
-        by their seed: they keep that split, so that they resume and analyse as they were."""
-        d = dict(d)
-        d.setdefault("split_seed", d.get("seed", 0))
-        return cls(**d)
+    def from_dict(cls, d: dict, what: str = "train config") -> "TrainConfig":
+        """From a config.json's "train" (ValueError naming `what` when it is not a valid one).
+        Runs made before split_seed existed split the data by their seed: they keep that
+        split, so that they resume and analyse as they were."""
+        if isinstance(d, dict):
+            d = dict(d)
+            d.setdefault("split_seed", d.get("seed", 0))
+        return config_from_dict(cls, d, what)
 
 
 def corpus_of(train_cfg: TrainConfig) -> Corpus:

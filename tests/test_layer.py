@@ -247,3 +247,19 @@ def test_changing_x_in_place_after_forward_leaves_the_backward_unchanged():
     assert np.array_equal(dx, dx_clean)
     for k in clean.grads:
         assert np.array_equal(layer.grads[k], clean.grads[k]), k
+
+
+def test_a_deleted_parameter_is_named_not_a_key_error():
+    layer = moe_py.MoELayer(moe_py.MoEConfig(d_model=8, d_ff=8, num_experts=4, top_k=2))
+    out = layer(np.ones((2, 8), np.float32))
+    del layer.params["w3"]
+    with pytest.raises(ValueError, match=r"params: expected the keys \['w1', 'w2', 'w3', 'w_router'\]"):
+        layer(np.ones((2, 8), np.float32))
+    with pytest.raises(ValueError, match="params: expected the keys"):
+        layer.backward(np.ones_like(out.y))
+
+
+@pytest.mark.parametrize("field", ["dtype", "router", "activation", "drop_policy", "load_balance_scope"])
+def test_a_non_string_choice_is_a_value_error_naming_the_field(field):
+    with pytest.raises(ValueError, match=f"{field}: expected one of"):
+        moe_py.MoEConfig(**{field: {}})

@@ -172,3 +172,13 @@ def test_mixed_dense_and_moe_blocks():
         ModelConfig(first_dense=-1)
     with pytest.raises(ValueError, match="moe_every"):
         ModelConfig(moe_every=0)
+
+
+def test_empty_token_ids_are_refused_naming_inputs():
+    import moe_py
+    from moe_py.models import ModelConfig, TransformerLM
+    model = TransformerLM(ModelConfig(max_seq_len=16, d_model=16, n_layers=1, n_heads=2,
+                                      moe=moe_py.MoEConfig(d_model=16, d_ff=16, num_experts=4, top_k=2)))
+    for shape in ((2, 0), (0, 4)):
+        with pytest.raises(ValueError, match="inputs: expected at least one sequence of at least one token"):
+            model.forward(np.zeros(shape, np.int64))

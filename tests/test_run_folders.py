@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from moe_py.checkpoint import load_model
 from moe_py.cli import main
@@ -169,3 +170,57 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, capsys):
     with open(os.path.join(a, "config.json")) as f:
         assert f.read() == config  # never rewritten
     assert metrics(a) == before
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda c: {"model": 5, "train": c["train"]}, 'expected a JSON object with "model" and "train" objects'),
+    (lambda c: [c], 'expected a JSON object with "model" and "train" objects'),
+    (lambda c: {**c, "train": {**c["train"], "no_such_field": 1}}, "train: unknown field(s) ['no_such_field']"),
+    (lambda c: {**c, "model": {**c["model"], "d_model": "wide"}}, "model: d_model"),
+])
+def test_a_tampered_config_json_is_one_line_naming_the_file(tmp_path, capsys, edit, words):
+    out = str(tmp_path / "r")
+    assert main(["train", *TINY, "--steps", "3", "--out", out]) == 0
+    path = os.path.join(out, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    with open(path, "w") as f:
+        json.dump(edit(config), f)
+    capsys.readouterr()
+    assert main(["train", "--out", out, "--resume", "--steps", "6"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "config.json" in err and words in err
+
+
+def test_a_stray_file_among_the_step_checkpoints_is_not_taken_for_one(tmp_path):
+    out = str(tmp_path / "r")
+    assert main(["train", *TINY, "--steps", "3", "--out", out]) == 0
+    with open(os.path.join(out, "checkpoints", "step-xyz.npz"), "w") as f:
+        f.write("not mine")
+    assert main(["train", "--out", out, "--resume", "--steps", "6"]) == 0
+    assert os.path.exists(os.path.join(out, "checkpoints", "step-xyz.npz"))  # and left alone
+    assert main(["analyze", out, "--over-training"]) == 0
+
+
+def test_a_run_on_a_relative_corpus_path_is_analysed_from_anywhere(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 400)
+    monkeypatch.chdir(data)
+    flags = [f for f in TINY if f not in ("--corpus", "synthetic")]
+    out = str(tmp_path / "r")
+    assert main(["train", "--corpus", "a.txt", *flags, "--steps", "3", "--out", out]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(["analyze", out]) == 0
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["train"]["corpus"] == str(data / "a.txt")
+
+
+def test_a_corpus_too_small_to_split_is_one_line_and_no_folder(tmp_path, capsys):
+    (tmp_path / "tiny.txt").write_text("abc")
+    out = tmp_path / "r"
+    flags = [f for f in TINY if f not in ("--corpus", "synthetic")]
+    assert main(["train", "--corpus", str(tmp_path / "tiny.txt"), *flags, "--steps", "3", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "too few for a training and a validation split" in err and len(err.splitlines()) == 1
+    assert not out.exists()
