@@ -23,9 +23,12 @@ class OneCaller:
             self._forward_thread = threading.get_ident()
 
     @contextmanager
-    def backward(self):
+    def backward(self, forward_thread=None):
+        """forward_thread: the thread that made the forward being differentiated (default:
+        the latest forward's)."""
         with self._held():
-            if self._forward_thread not in (None, threading.get_ident()):
+            made_by = self._forward_thread if forward_thread is None else forward_thread
+            if made_by not in (None, threading.get_ident()):
                 raise RuntimeError(f"{self._what}: backward called from another thread than its "
                                    "forward; give each thread its own layer")
             yield

@@ -430,7 +430,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.explicit = _explicit_dests(parser, sys.argv[1:] if argv is None else argv, args.command)
-    from .train import TrainingDiverged
+    from .train import TrainingDiverged, TrainingInterrupted
     try:
         if args.threads is not None:
             set_num_threads(args.threads)
@@ -438,6 +438,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except TrainingDiverged as e:
         print(f"moe_py: {e}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as e:
+        print(f"moe_py: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("moe_py: interrupted", file=sys.stderr)
+        return 130
     except (ValueError, TypeError, OSError, KeyError, RuntimeError) as e:
         print(f"moe_py: error: {e}", file=sys.stderr)
         return 2

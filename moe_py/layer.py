@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from typing import Dict, NamedTuple, Optional
 
 import numpy as np
@@ -18,11 +19,12 @@ class ForwardContext:
     """What one forward of a MoELayer saved for its backward. Its MoEOutput holds it, so each
     output can be backpropagated on its own; the layer also keeps the latest one."""
 
-    __slots__ = ("layer", "router_saved", "experts_saved", "shared_saved", "lead")
+    __slots__ = ("layer", "router_saved", "experts_saved", "shared_saved", "lead", "thread")
 
     def __init__(self, layer, router_saved, experts_saved, shared_saved, lead):
         self.layer, self.router_saved, self.experts_saved, self.shared_saved, self.lead = \
             layer, router_saved, experts_saved, shared_saved, lead
+        self.thread = threading.get_ident()  # the thread that made this forward
 
 
 class MoEOutput(NamedTuple):
@@ -154,9 +156,9 @@ class MoELayer:
         accumulated and the aux loss is averaged over them); 1 is the contract above.
         `out` picks the forward to differentiate (default: the latest); `out.backward(dy)`
         says the same."""
-        with self._guard.backward():
+        ctx = backward_context(self, out, aux_weight)
+        with self._guard.backward(ctx.thread):
             self._check_keys()
-            ctx = backward_context(self, out, aux_weight)
             D = self.cfg.d_model
             dy2 = as_grad(dy, ctx.lead + (D,), self.cfg.np_dtype, "dy").reshape(-1, D)
             dx2, d_weights = self.experts.backward(dy2, ctx.experts_saved)

@@ -11,7 +11,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -104,6 +106,35 @@ def val_sampler_of(corpus: Corpus, train_cfg: TrainConfig) -> BatchSampler:
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT or SIGTERM stopped a run after a whole step and its checkpoint."""
+
+
+class StopRequests:
+    """While it is open (in the main thread), SIGINT and SIGTERM only set `requested`: the
+    loop finishes its step, writes a checkpoint and stops, instead of dying mid-step and
+    losing every step since the last checkpoint. A second signal stops at once
+    (KeyboardInterrupt)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested: Optional[str] = None
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def close(self) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+        self._old = {}
 
 
 def diverged(cause: Exception, step: int, run: RunFolder) -> TrainingDiverged:
@@ -359,6 +390,7 @@ def _train_locked(run: RunFolder, model_cfg: ModelConfig, train_cfg: TrainConfig
     watch = collapse_watch_of(train_cfg, run)
     last: dict = {}
     end = train_cfg.steps if until is None else min(until, train_cfg.steps)
+    stop = StopRequests()
     try:
         for step in range(start, end):
             t0 = time.perf_counter()
@@ -374,7 +406,7 @@ def _train_locked(run: RunFolder, model_cfg: ModelConfig, train_cfg: TrainConfig
                 m["val_loss"] = evaluate(model, val_sampler, train_cfg.eval_batches)
             add_collapse_watch(m, watch, bar, final=step + 1 == train_cfg.steps)
             run.append_metrics(m)
-            if (step + 1) % train_cfg.checkpoint_every == 0 or step + 1 == end:
+            if (step + 1) % train_cfg.checkpoint_every == 0 or step + 1 == end or stop.requested:
                 path = run.step_checkpoint(step + 1)
                 save_checkpoint(path, model, optim, step + 1, dataclasses.asdict(train_cfg))
                 run.publish(path, max(1, train_cfg.keep_checkpoints))
@@ -383,7 +415,12 @@ def _train_locked(run: RunFolder, model_cfg: ModelConfig, train_cfg: TrainConfig
             if on_step is not None:
                 on_step(m)
             last = m
+            if stop.requested and step + 1 < end:
+                raise TrainingInterrupted(f"interrupted at step {step + 1} ({stop.requested}); the "
+                                          f"checkpoint is saved; resume with: python -m moe_py train "
+                                          f"--out {out_dir} --resume")
     finally:
+        stop.close()
         if bar is not None:
             bar.close()
     if not quiet:

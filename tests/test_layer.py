@@ -1,4 +1,6 @@
 """MoELayer: whole-layer gradients, dense equivalence, padding, expert gradients."""
+import threading
+
 import numpy as np
 import pytest
 
@@ -263,3 +265,28 @@ def test_a_deleted_parameter_is_named_not_a_key_error():
 def test_a_non_string_choice_is_a_value_error_naming_the_field(field):
     with pytest.raises(ValueError, match=f"{field}: expected one of"):
         moe_py.MoEConfig(**{field: {}})
+
+
+def test_a_threads_own_output_backpropagates_after_another_threads_forward():
+    """Thread A's forward, then thread B's forward on the same layer, then A differentiates its
+    own output: that is A's forward, so it is allowed (the check is per forward, not the
+    latest); B differentiating A's output is refused."""
+    layer = moe_py.MoELayer(moe_py.MoEConfig(d_model=16, d_ff=16, num_experts=4, top_k=2))
+    x = np.ones((8, 16), np.float32)
+    out_a = layer(x)
+    out_b = []
+    t = threading.Thread(target=lambda: out_b.append(layer(x)))
+    t.start()
+    t.join()
+    out_a.backward(np.ones_like(x))  # A's own forward: allowed
+    err = []
+
+    def from_b():
+        try:
+            out_a.backward(np.ones_like(x))
+        except RuntimeError as e:
+            err.append(str(e))
+    t = threading.Thread(target=from_b)
+    t.start()
+    t.join()
+    assert "another thread than its forward" in err[0]

@@ -156,3 +156,29 @@ def test_sample_length_is_bounded():
     with pytest.raises(ValueError, match="length: expected an integer in"):
         generate(model, b"a", MAX_SAMPLE_LENGTH + 1)
     assert len(generate(model, b"a", 3)) == 4
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_finishes_the_step_writes_a_checkpoint_and_exits_130(tmp_path, sig):
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = str(tmp_path / "r")
+    cmd = [sys.executable, "-m", "moe_py", "train", "--out", out, "--corpus", "synthetic", "--steps", "100000",
+           "--d-model", "16", "--layers", "1", "--heads", "2", "--experts", "4", "--d-ff", "16",
+           "--batch-size", "4", "--seq-len", "16", "--checkpoint-every", "1000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(metrics) and open(metrics).read().count("\n") >= 3):
+        time.sleep(0.05)
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("moe_py: interrupted at step ") and f"({sig})" in line and "--resume" in line
+    step = int(line.split("interrupted at step ")[1].split()[0])
+    _, raw = load_model(os.path.join(out, "checkpoint.npz"))
+    assert int(raw["step"]) == step == read_metrics(out)[-1]["step"]  # nothing lost
