@@ -294,11 +294,11 @@ def check_memory(model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
                          "(--grad-accum keeps the step's size)")
 
 
-def _first_difference(a, b, prefix: str = ""):
+def first_difference(a, b, prefix: str = ""):
     """The first (sorted) dotted field where two JSON-like dicts differ, with both values."""
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b)):
-            d = _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
+            d = first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
             if d:
                 return d
         return None
@@ -321,7 +321,7 @@ def check_resumable(run: RunFolder, data: dict, model_cfg: ModelConfig, train_cf
              ("the configs given", ckpt_model, norm(model_cfg.to_dict()), ckpt_train,
               {k: v for k, v in dataclasses.asdict(train_cfg).items() if k != "steps"}))
     for source, m_ckpt, m_other, t_ckpt, t_other in pairs:
-        d = _first_difference({"model": m_ckpt, "train": t_ckpt}, {"model": m_other, "train": t_other})
+        d = first_difference({"model": m_ckpt, "train": t_ckpt}, {"model": m_other, "train": t_other})
         if d:
             raise ValueError(f"resume: {run.path}: {d[0]} is {d[1]!r} in its checkpoint but {d[2]!r} in "
                              f"{source}: not the same run; nothing was changed (start a new run, or "

@@ -492,3 +492,22 @@ def test_cli_refuses_mpiexec_without_expert_parallel(mpi_ok, tmp_path):
     assert proc.returncode != 0
     assert "without --expert-parallel" in proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("flag, a, b", [("--lr", "0.001", "0.002"), ("--num-experts", "4", "2")])
+def test_ranks_started_with_different_flags_stop_naming_the_field(mpi_ok, tmp_path, flag, a, b):
+    """An MPMD launch (`mpiexec -n 1 ... : -n 1 ...`) whose ranks got different flags."""
+    exe = _mpiexec()
+    path = os.pathsep.join(p for p in (WORKERS, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
+    libmpi = os.path.join(os.path.dirname(exe), "..", "lib", "libmpi.so.12")
+    if "MPI4PY_LIBMPI" not in env and os.path.exists(libmpi):
+        env["MPI4PY_LIBMPI"] = os.path.realpath(libmpi)
+    base = [sys.executable, "-m", "moe_py", "train", "--expert-parallel", "--out", str(tmp_path / "r"),
+            *TINY, "--steps", "1"]
+    proc = subprocess.run([exe, "-n", "1", *base, flag, a, ":", "-n", "1", *base, flag, b], env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    field = {"--lr": "train.lr", "--num-experts": "model.moe.num_experts"}[flag]
+    assert f"rank 1 was started with {field} = {float(b) if flag == '--lr' else int(b)!r}" in proc.stderr, proc.stderr
+    assert not (tmp_path / "r" / "checkpoint.npz").exists()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -35,8 +36,9 @@ from ..models import ModelConfig, TransformerLM
 from ..optim import AdamW, lr_at
 from ..run_folder import RunFolder
 from ..train import (TrainConfig, TrainingDiverged, _StepStats, add_collapse_watch, add_speed,
-                     check_memory, check_resumable, diverged, collapse_watch_of, corpus_of, print_collapse_summary, progress_bar, show_step, train_sampler_of, val_sampler_of,
-                     with_fixed_horizons)
+                     check_memory, check_resumable, collapse_watch_of, corpus_of, diverged,
+                     first_difference, print_collapse_summary, progress_bar, show_step,
+                     train_sampler_of, val_sampler_of, with_fixed_horizons)
 from . import comm as C
 from .model import (allreduce_replicated_grads, global_grad_norm, load_expert_slices,
                     save_gathered_checkpoint, to_expert_parallel)
@@ -154,6 +156,21 @@ def _root_warns(root: bool):
         yield
 
 
+def _check_same_configs(comm, model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str,
+                        resume: bool) -> None:
+    """Every rank must train the same run: rank 0's configs are sent to all, and any rank
+    that differs stops every rank naming the field (MPMD launches with different flags
+    trained different replicas, or ended in an MPI error stack)."""
+    mine = json.loads(json.dumps({"model": model_cfg.to_dict(), "train": dataclasses.asdict(train_cfg),
+                                  "out": os.path.abspath(out_dir), "resume": resume}))
+    first = first_difference(comm.bcast(mine if comm.Get_rank() == 0 else None, root=0), mine)
+    found = [(rank, d) for rank, d in enumerate(comm.allgather(first)) if d]
+    if found:
+        rank, (field, theirs, ours) = found[0]
+        raise ValueError(f"expert_parallel: rank {rank} was started with {field} = {ours!r}, rank 0 with "
+                         f"{theirs!r}; every rank must get the same flags")
+
+
 def _check_supported(train_cfg: TrainConfig, comm) -> None:
     if train_cfg.batch_size < comm.Get_size():
         raise ValueError(f"batch_size: expected at least one window per MPI rank "
@@ -167,6 +184,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, comm=Non
     with the same arguments). Returns the last step's metrics on every rank."""
     comm = C.check_comm(comm)
     root = comm.Get_rank() == 0
+    _check_same_configs(comm, model_cfg, train_cfg, out_dir, resume)
     _check_supported(train_cfg, comm)
     run = RunFolder(out_dir)
     # rank 0 holds the folder's lock for the whole run; every rank stops if it cannot
