@@ -379,7 +379,9 @@ def _train_locked(run: RunFolder, model_cfg: ModelConfig, train_cfg: TrainConfig
         if train_cfg.noise_std > 0:
             model.set_noise_annealing(train_cfg.noise_std, train_cfg.noise_anneal_steps)
         run.start_metrics()
-    run.write_config(model.cfg, train_cfg, corpus)
+    if not resume or run.read_config()["train"].get("steps") != train_cfg.steps:
+        # a resumed run's config.json changes only when --steps extends it (checked above)
+        run.write_config(model.cfg, train_cfg, corpus)
 
     train_sampler = train_sampler_of(corpus, train_cfg)
     val_sampler = val_sampler_of(corpus, train_cfg)

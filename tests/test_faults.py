@@ -41,11 +41,12 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path):
     assert start(ref).wait(timeout=300) == 0
 
     out = str(tmp_path / "run")
-    # the last four interrupt resumed runs: at start-up (config.json rewritten), a torn metrics
-    # line, the rewrite of metrics.jsonl that drops the steps after the checkpoint, then a torn
-    # checkpoint
-    for kill_at in ["config:1", "metrics:2", "checkpoint:1", "metrics:3", "config:1", "checkpoint:2",
-                    "config:1", "metrics:2", "truncate:1", "checkpoint:1"]:
+    # the first is a fresh run killed writing config.json (a resumed run does not rewrite it);
+    # the rest interrupt resumed runs: torn metrics lines (the first a resumed run writes, or
+    # a later one), the rewrite of metrics.jsonl that drops the steps after the checkpoint,
+    # and torn checkpoints
+    for kill_at in ["config:1", "metrics:2", "checkpoint:1", "metrics:3", "metrics:1", "checkpoint:2",
+                    "truncate:1", "metrics:2", "truncate:1", "checkpoint:1"]:
         p = start(out, kill_at)
         _, err = p.communicate(timeout=300)
         assert p.returncode == -signal.SIGKILL, (kill_at, p.returncode, err)

@@ -243,7 +243,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, comm=Non
             if root:
                 run.start_metrics()
         if root:
-            run.write_config(model.cfg, train_cfg, corpus)
+            if not resume or run.read_config()["train"].get("steps") != train_cfg.steps:
+                run.write_config(model.cfg, train_cfg, corpus)  # on resume: only when extended
 
         train_sampler = train_sampler_of(corpus, train_cfg)
         val_sampler = val_sampler_of(corpus, train_cfg)
