@@ -56,9 +56,9 @@ def _mpiexec() -> str:
     return exe
 
 
-def run_mpi(n: int, args, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess:
-    """`mpiexec -n n python ARGS` with one OpenMP thread per rank (2 cores, 2 ranks)."""
-    exe = _mpiexec()
+def _mpi_env(exe: str) -> dict:
+    """The environment of the ranks: one OpenMP thread each (2 cores, 2 ranks), the workers
+    importable."""
     path = os.pathsep.join(p for p in (WORKERS, os.environ.get("PYTHONPATH")) if p)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
     # mpi4py looks for libmpi under the interpreter's prefix: in another venv (the sanitize
@@ -66,7 +66,13 @@ def run_mpi(n: int, args, timeout: float = 240, check: bool = True) -> subproces
     libmpi = os.path.join(os.path.dirname(exe), "..", "lib", "libmpi.so.12")
     if "MPI4PY_LIBMPI" not in env and os.path.exists(libmpi):
         env["MPI4PY_LIBMPI"] = os.path.realpath(libmpi)
-    proc = subprocess.run([exe, "-n", str(n), sys.executable, *args], env=env,
+    return env
+
+
+def run_mpi(n: int, args, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess:
+    """`mpiexec -n n python ARGS`."""
+    exe = _mpiexec()
+    proc = subprocess.run([exe, "-n", str(n), sys.executable, *args], env=_mpi_env(exe),
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         pytest.fail(f"mpiexec -n {n} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -498,14 +504,9 @@ def test_cli_refuses_mpiexec_without_expert_parallel(mpi_ok, tmp_path):
 def test_ranks_started_with_different_flags_stop_naming_the_field(mpi_ok, tmp_path, flag, a, b):
     """An MPMD launch (`mpiexec -n 1 ... : -n 1 ...`) whose ranks got different flags."""
     exe = _mpiexec()
-    path = os.pathsep.join(p for p in (WORKERS, os.environ.get("PYTHONPATH")) if p)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
-    libmpi = os.path.join(os.path.dirname(exe), "..", "lib", "libmpi.so.12")
-    if "MPI4PY_LIBMPI" not in env and os.path.exists(libmpi):
-        env["MPI4PY_LIBMPI"] = os.path.realpath(libmpi)
     base = [sys.executable, "-m", "moe_py", "train", "--expert-parallel", "--out", str(tmp_path / "r"),
             *TINY, "--steps", "1"]
-    proc = subprocess.run([exe, "-n", "1", *base, flag, a, ":", "-n", "1", *base, flag, b], env=env,
+    proc = subprocess.run([exe, "-n", "1", *base, flag, a, ":", "-n", "1", *base, flag, b], env=_mpi_env(exe),
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode != 0
     field = {"--lr": "train.lr", "--num-experts": "model.moe.num_experts"}[flag]
