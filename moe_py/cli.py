@@ -221,18 +221,17 @@ TOURNAMENT_TRAIN_FLAGS = tuple(f for f in TRAIN_FLAGS
 
 
 def _lr_grid(text: str) -> List[float]:
+    from .tournament.run import check_lr_grid
     try:
-        grid = [float(v) for v in text.split(",") if v.strip()]
+        return check_lr_grid([float(v) for v in text.split(",") if v.strip()])
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated learning rates, got {text!r}") from None
-    if not grid or any(not 0 < v < float("inf") for v in grid) or len(set(grid)) != len(grid):
-        raise argparse.ArgumentTypeError(f"expected distinct positive learning rates, got {text!r}")
-    return grid
+        raise argparse.ArgumentTypeError(f"expected comma-separated, distinct, positive learning "
+                                         f"rates, got {text!r}") from None
 
 
-def _add_comparison_flags(p: argparse.ArgumentParser, seeds_default: int) -> None:
+def _add_comparison_flags(p: argparse.ArgumentParser) -> None:
     """--seeds, --lr-grid and --tune-seed: what compare and tournament share."""
-    from .tournament import TUNE_SEED
+    from .tournament import DEFAULT_SEEDS as seeds_default, TUNE_SEED
     p.add_argument("--seeds", type=int, default=seeds_default,
                    help=f"seeds per arm, 0 .. N-1: each sets the weights and the batch order, never "
                         f"the validation split (--split-seed) (default: {seeds_default})")
@@ -247,13 +246,13 @@ def _add_comparison_flags(p: argparse.ArgumentParser, seeds_default: int) -> Non
 
 def _add_tournament_flags(p: argparse.ArgumentParser) -> None:
     from .models import ModelConfig
-    from .tournament import DEFAULT_SEEDS, DEFAULT_STEPS, ENTRY_NAMES
+    from .tournament import DEFAULT_STEPS, ENTRY_NAMES
     from .train import TrainConfig
     p.add_argument("--out", required=True, help="folder of the tournament: one run folder per "
                    "entry and seed (DIR/<entry>/seed-<s>), the table and the plots")
     p.add_argument("--routers", nargs="+", default=None, metavar="ENTRY",
                    help=f"the entries to run (default: all): {', '.join(ENTRY_NAMES)}")
-    _add_comparison_flags(p, DEFAULT_SEEDS)
+    _add_comparison_flags(p)
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
                    help=f"optimiser steps of every run (default: {DEFAULT_STEPS})")
     p.add_argument("--overwrite", action="store_true",
@@ -379,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", allow_abbrev=False,
                        help="MoE vs a dense baseline with the same active parameters, over seeds")
     _add_model_flags(c, exclude=("seed",))
-    _add_comparison_flags(c, 3)
+    _add_comparison_flags(c)
     c.add_argument("--out", default=None,
                    help="folder for the runs, OUT/<arm>/seed-<s> (default: a new runs/<date>-<time>-compare)")
     c.add_argument("--overwrite", action="store_true",

@@ -19,10 +19,8 @@ from .run_folder import RunFolder, atomic_write
 from .stats import paired_test, verdict
 from .train import TrainConfig
 from .tournament.entries import Entry
-from .tournament.run import TUNE_SEED, check_lr_grid, check_seeds
+from .tournament.run import DEFAULT_SEEDS, TUNE_SEED, check_lr_grid, check_seeds
 from .tournament.runner import choose_lrs, plan_runs, plan_tuning_runs, run_path, train_runs
-
-DEFAULT_SEEDS = 3
 
 
 def _arms(moe_model: ModelConfig) -> List[Entry]:
