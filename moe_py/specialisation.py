@@ -9,7 +9,8 @@ anything. So every layer is reported with:
 
 - `mi`               I(E; L) / H(L) over all top-k slots;
 - `mi_first_choice`  the same over first choices only, comparable between k = 1 and k = 2;
-- `mi_byte_null`     `mi` (and the first-choice value) of random byte -> k-expert tables,
+- `mi_byte_null`     `mi` (and the first-choice value) of random byte -> expert tables
+                     giving each token as many experts as the router did (k for top-k),
                      mean and 5-95 % range over `draws` tables: what routing by the byte
                      alone gives on the same tokens;
 - `mi_given_byte`    I(E; L | byte) / H(L | byte): what the expert says about the label
@@ -107,14 +108,22 @@ def random_byte_tables(rng: np.random.Generator, n_experts: int, k: int, n_bytes
 
 
 def byte_null(tokens: np.ndarray, labels: np.ndarray, n_experts: int, k: int, n_labels: int,
-              draws: int = NULL_DRAWS, seed: int = NULL_SEED) -> Dict[str, Dict[str, float]]:
-    """Normalised MI of random byte -> k-expert tables on these tokens: {"all": band over
-    every slot, "first_choice": band over the first slot}, each {"mean", "p5", "p95", "draws"}."""
+              draws: int = NULL_DRAWS, seed: int = NULL_SEED,
+              slots_per_token: Optional[np.ndarray] = None) -> Dict[str, Dict[str, float]]:
+    """Normalised MI of random byte -> expert tables on these tokens: {"all": band over every
+    slot, "first_choice": band over the first slot}, each {"mean", "p5", "p95", "draws"}.
+    Each draw ranks the experts at random for every byte value; a token takes the first
+    slots_per_token[t] experts of its byte's ranking (default k each), so a router that
+    gives tokens different numbers of experts (expert choice) is matched token by token."""
     rng = np.random.default_rng(seed)
     tokens = np.asarray(tokens, dtype=np.int64)
+    n = np.full(len(tokens), k, np.int64) if slots_per_token is None else np.asarray(slots_per_token)
+    width = int(n.max()) if n.size else 0
+    unused = np.arange(width)[None, :] >= n[:, None]  # slots beyond a token's count
     all_slots, first = [], []
     for _ in range(draws):
-        experts = random_byte_tables(rng, n_experts, k)[tokens]
+        experts = random_byte_tables(rng, n_experts, max(width, 1))[tokens][:, :width]
+        experts[unused] = -1
         all_slots.append(normalized_mi(expert_label_counts(experts, labels, n_experts, n_labels)))
         first.append(normalized_mi(expert_label_counts(experts[:, :1], labels, n_experts, n_labels)))
     return {"all": _band(all_slots), "first_choice": _band(first)}
@@ -150,7 +159,8 @@ def specialisation_report(experts: np.ndarray, labels: np.ndarray, tokens: np.nd
     labels = np.asarray(labels, dtype=np.int64)
     tokens = np.asarray(tokens, dtype=np.int64)
     k = experts.shape[1]
-    null = byte_null(tokens, labels, n_experts, k, n_labels, draws)
+    # the null gives each token as many experts as the router did (k for top-k routers)
+    null = byte_null(tokens, labels, n_experts, k, n_labels, draws, slots_per_token=(experts >= 0).sum(1))
     floor = conditional_floor(experts, labels, tokens, n_experts, n_labels, draws)
     given = conditional_mi(experts, labels, tokens, n_experts, n_labels)
     out = {"mi": normalized_mi(expert_label_counts(experts, labels, n_experts, n_labels)),

@@ -95,3 +95,17 @@ def test_brute_force_helper_is_itself_right_on_a_hand_example():
     labels = np.array([0, 1, 0, 1])
     assert _brute_normalized(experts, labels) == pytest.approx(1.0)
     assert list(itertools.chain(*experts.tolist())) == [0, 1, 0, 1]
+
+
+def test_the_byte_null_gives_each_token_as_many_experts_as_the_router_did():
+    rng = np.random.default_rng(4)
+    tokens, labels = rng.integers(0, 40, 3000), rng.integers(0, 3, 3000)
+    # every token on every expert (as expert choice can do): no table can say anything
+    every = byte_null(tokens, labels, 4, 4, 3, draws=5, slots_per_token=np.full(3000, 4))
+    assert every["all"]["mean"] == pytest.approx(0.0, abs=1e-12)
+    # k slots for every token is the default
+    assert byte_null(tokens, labels, 8, 2, 3, draws=5) == \
+        byte_null(tokens, labels, 8, 2, 3, draws=5, slots_per_token=np.full(3000, 2))
+    # tokens with no expert count nowhere, as in the trained routing
+    some = byte_null(tokens, labels, 8, 3, 3, draws=5, slots_per_token=rng.integers(0, 4, 3000))
+    assert 0 < some["all"]["mean"] < 1

@@ -81,8 +81,9 @@ def _specialisation(plt, out: str, runs: Dict[str, List[dict]], written: List[st
             v = np.array([r[key] for r in rs])  # [seeds, layers]
             x = np.arange(n_layers) - 0.4 + width * (j + 0.5)
             mean = v.mean(axis=0)
-            ax.bar(x, mean, width=width, color=colours[name], label=name,
-                   yerr=[mean - v.min(axis=0), v.max(axis=0) - mean], capsize=2)
+            # whiskers from the mean to the seeds' extremes (clipped at 0: rounding of equal values)
+            err = np.maximum(0.0, [mean - v.min(axis=0), v.max(axis=0) - mean])
+            ax.bar(x, mean, width=width, color=colours[name], label=name, yerr=err, capsize=2)
             draw_null_bands(ax, x, width, _mean_bands([r[band_key] for r in rs]), band_label if j == 0 else None)
         ax.set_xticks(range(n_layers))
         ax.set_xticklabels([f"MoE layer {i}" for i in range(n_layers)])
