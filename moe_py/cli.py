@@ -429,7 +429,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.explicit = _explicit_dests(parser, sys.argv[1:] if argv is None else argv, args.command)
-    from .train import TrainingDiverged, TrainingInterrupted
+    from .interrupts import TrainingInterrupted
+    from .train import TrainingDiverged
     try:
         if args.threads is not None:
             set_num_threads(args.threads)

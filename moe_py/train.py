@@ -11,9 +11,7 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import sys
-import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -26,8 +24,10 @@ from ._checks import NonFiniteError
 from .checkpoint import load_model, load_optimizer, save_checkpoint
 from .data import Batch, BatchSampler, Corpus, corpus_summary, load_corpus
 from .config import IGNORE_INDEX
+from .interrupts import StopRequests, TrainingInterrupted
 from .lm_losses import cross_entropy
 from .machine import rss_mib
+from .memory_estimate import check_memory
 from .models import ModelConfig, TransformerLM
 from .collapse import CollapseWatch, summary_lines, worst_max_over_mean
 from .optim import AdamW, global_grad_norm, lr_at
@@ -76,7 +76,6 @@ class TrainConfig:
                     or getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected an integer >= 0, got {getattr(self, name)!r}")
 
-
     @classmethod
     def from_dict(cls, d: dict, what: str = "train config") -> "TrainConfig":
         """From a config.json's "train" (ValueError naming `what` when it is not a valid one).
@@ -106,35 +105,6 @@ def val_sampler_of(corpus: Corpus, train_cfg: TrainConfig) -> BatchSampler:
 
 class TrainingDiverged(RuntimeError):
     pass
-
-
-class TrainingInterrupted(RuntimeError):
-    """SIGINT or SIGTERM stopped a run after a whole step and its checkpoint."""
-
-
-class StopRequests:
-    """While it is open (in the main thread), SIGINT and SIGTERM only set `requested`: the
-    loop finishes its step, writes a checkpoint and stops, instead of dying mid-step and
-    losing every step since the last checkpoint. A second signal stops at once
-    (KeyboardInterrupt)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.requested: Optional[str] = None
-        self._old = {}
-        if threading.current_thread() is threading.main_thread():
-            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested is not None:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-
-    def close(self) -> None:
-        for s, handler in self._old.items():
-            signal.signal(s, handler)
-        self._old = {}
 
 
 def diverged(cause: Exception, step: int, run: RunFolder) -> TrainingDiverged:
@@ -267,31 +237,6 @@ def with_fixed_horizons(train_cfg: TrainConfig) -> TrainConfig:
     if not train_cfg.noise_anneal_steps:
         train_cfg = dataclasses.replace(train_cfg, noise_anneal_steps=train_cfg.steps)
     return train_cfg
-
-
-def activation_bytes(model_cfg: ModelConfig, batch_size: int, seq_len: int) -> int:
-    """A rough estimate (within a small factor) of the memory one micro-batch's forward and
-    backward hold: per token and block the attention's projections and scores and the FFN's
-    hidden rows, and the heads' logits, twice (values and their gradients)."""
-    d, S = model_cfg.d_model, seq_len
-    moe = model_cfg.moe
-    ffn = (moe.top_k * (4 * moe.d_ff + 3 * d) if moe is not None else 3 * model_cfg.d_ff)
-    per_token = model_cfg.n_layers * (16 * d + 2 * model_cfg.n_heads * S + ffn) \
-        + 3 * model_cfg.n_predict * model_cfg.vocab_size
-    return 2 * batch_size * seq_len * per_token * np.dtype(model_cfg.dtype).itemsize
-
-
-def check_memory(model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
-    """Refuse a micro-batch whose activations cannot fit in the memory available now,
-    before anything is allocated (Linux overcommits: it would run on into swap or the OOM
-    killer instead of failing)."""
-    from .machine import available_bytes
-    need, have = activation_bytes(model_cfg, train_cfg.batch_size, train_cfg.seq_len), available_bytes()
-    if have is not None and need > have:
-        raise ValueError(f"batch_size: a micro-batch of {train_cfg.batch_size} x {train_cfg.seq_len} "
-                         f"bytes needs about {need / 2**30:.1f} GiB of activations, more than the "
-                         f"{have / 2**30:.1f} GiB available; try a smaller --batch-size or --seq-len "
-                         "(--grad-accum keeps the step's size)")
 
 
 def first_difference(a, b, prefix: str = ""):

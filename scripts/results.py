@@ -49,9 +49,14 @@ def test_of(table: dict, metric: str, a: str, b: str) -> dict:
 
 
 def describe_test(t: dict) -> str:
-    status = "separable" if t["separable"] else "not separable at this budget"
+    """A planned comparison (what `compare` computes: its own interval decides) and the same
+    pair inside the table's scan (Holm over every comparison it makes)."""
+    planned = "excludes 0" if t["low"] > 0 or t["high"] < 0 else "includes 0"
+    scanned = "separable" if t["separable"] else "not separable"
     return (f"{t['mean']:+.3f} (95 % CI [{t['low']:+.3f}, {t['high']:+.3f}]; per seed "
-            f"{', '.join(f'{g:+.3f}' for g in t['gaps'])}; Holm p {t['p_holm']:.2g}): {status}")
+            f"{', '.join(f'{g:+.3f}' for g in t['gaps'])}; paired p {t['p']:.2g}). As one planned "
+            f"comparison its interval {planned}; among the table's comparisons (Holm p "
+            f"{t['p_holm']:.2g}) it is {scanned}")
 
 
 def loss_table(table: dict) -> list:
@@ -129,25 +134,26 @@ def collapse_lines(results: str, corpus: str, entry: str, seeds) -> list:
 
 
 def status(t: dict) -> str:
+    """A claim scanned among many: it holds only when it survives Holm."""
+    gap = (f"{t['a']} - {t['b']} = {t['mean']:+.3f}, 95 % CI [{t['low']:+.3f}, {t['high']:+.3f}], "
+           f"Holm p {t['p_holm']:.2g}")
     if t["separable"]:
-        return (f"holds: {t['a'] if t['mean'] < 0 else t['b']} lower by {abs(t['mean']):.3f} "
-                f"(95 % CI of {t['a']} - {t['b']} [{t['low']:+.3f}, {t['high']:+.3f}], Holm p {t['p_holm']:.2g})")
-    return (f"not separable at this budget ({t['a']} - {t['b']} = {t['mean']:+.3f}, 95 % CI "
-            f"[{t['low']:+.3f}, {t['high']:+.3f}], Holm p {t['p_holm']:.2g})")
+        return f"holds: {t['a'] if t['mean'] < 0 else t['b']} lower ({gap})"
+    return f"not separable at this budget ({gap})"
 
 
 def claims(tables: dict, results: str) -> list:
     py = tables["python"]
     rows = rows_by_entry(py)
     out = [f"- \"MoE beats a dense FFN of the same active size\" (`compare`, one seed: 2.591 against "
-           f"2.629): on `python`, {status(test_of(py, 'val_loss', 'softmax_lb', 'dense'))}; on `synthetic`, "
-           f"{status(test_of(tables['synthetic'], 'val_loss', 'softmax_lb', 'dense'))}."]
+           f"2.629). MoE - dense on `python`: {describe_test(test_of(py, 'val_loss', 'softmax_lb', 'dense'))}; "
+           f"on `synthetic`: {describe_test(test_of(tables['synthetic'], 'val_loss', 'softmax_lb', 'dense'))}."]
     for a, b, said in (("hash", "dense", "`hash` has the lowest validation loss"),
                        ("softmax_noise", "softmax_lb", "`softmax_noise` is behind `softmax_lb`"),
                        ("softmax_noise", "sigmoid_bias", "`softmax_noise` is behind `sigmoid_bias`"),
                        ("expert_choice", "sigmoid_bias", "`expert_choice` is ahead of `sigmoid_bias`")):
         if a in rows and b in rows:
-            out.append(f"- \"{said}\" (python, 2 seeds): {status(test_of(py, 'val_loss', a, b))}.")
+            out.append(f"- \"{said}\" (said from 2 seeds): at 3 seeds, {status(test_of(py, 'val_loss', a, b))}.")
     learned = [r for r in py["rows"] if "mi" in r and r["entry"] != "hash"]
     above = [r["entry"] for r in learned
              if all(m > n for m, n in zip(r["mi"]["per_layer"], r["mi_byte_null_p95"]["per_layer"]))]

@@ -133,8 +133,8 @@ def test_a_diverging_moe_run_says_training_diverged(tmp_path, corpus, capsys):
 
 
 def test_a_micro_batch_too_big_for_memory_is_refused_before_anything(tmp_path, monkeypatch):
-    from moe_py import machine
-    from moe_py.train import activation_bytes
+    from moe_py import memory_estimate
+    from moe_py.memory_estimate import activation_bytes, check_memory
     model = ModelConfig(max_seq_len=128, moe=moe_py.MoEConfig())
     tc = TrainConfig(batch_size=100_000_000, seq_len=128, steps=1)
     out = tmp_path / "r"
@@ -144,8 +144,7 @@ def test_a_micro_batch_too_big_for_memory_is_refused_before_anything(tmp_path, m
     # the estimate grows with the batch and is far below the memory for the default run
     assert activation_bytes(model, 16, 128) < 2**30 < activation_bytes(model, 16_000, 128)
     # where the memory is unknown nothing is refused up front
-    monkeypatch.setattr(machine, "available_bytes", lambda: None)
-    from moe_py.train import check_memory
+    monkeypatch.setattr(memory_estimate, "available_bytes", lambda: None)
     check_memory(model, tc)
 
 

@@ -34,9 +34,10 @@ from ..data import Batch, BatchSampler, Corpus, corpus_summary
 from ..lm_losses import cross_entropy, multi_token_cross_entropy, multi_token_labels
 from ..models import ModelConfig, TransformerLM
 from ..optim import AdamW, lr_at
+from ..memory_estimate import check_memory
 from ..run_folder import RunFolder
 from ..train import (TrainConfig, TrainingDiverged, _StepStats, add_collapse_watch, add_speed,
-                     check_memory, check_resumable, collapse_watch_of, corpus_of, diverged,
+                     check_resumable, collapse_watch_of, corpus_of, diverged,
                      first_difference, print_collapse_summary, progress_bar, show_step,
                      train_sampler_of, val_sampler_of, with_fixed_horizons)
 from . import comm as C
