@@ -13,6 +13,7 @@ CALL = ("import numpy as np, moe_py; "
         "print(moe_py.get_num_threads())")
 
 
+@pytest.mark.slow  # 1024 OpenMP threads: not under the sanitizers' memory overhead
 @pytest.mark.parametrize("value", ["200000", "40000"])
 def test_a_huge_omp_num_threads_is_clamped_not_a_crash(value):
     env = dict(os.environ, OMP_NUM_THREADS=value)
