@@ -275,6 +275,14 @@ def main() -> int:
                  f"{sum(r['mi_given_byte_floor']['per_layer']) / len(r['mi_given_byte_floor']['per_layer']):.4f}; "
                  f"beyond the byte in {sum(r['beyond_byte'])} of {len(r['beyond_byte']) * len(r['seeds'])} "
                  "layer-seeds.")
+    L += ["", "## Figures", "",
+          "The default model (`softmax_lb`, seed 0) on `synthetic` against its nulls "
+          "(`analyze`'s specialisation.png), and which experts take which domain (its expert_label.png):",
+          "", "![](specialisation.png)", "", "![](expert_label.png)", "",
+          "Every entry on `synthetic` (the tournament's specialisation.png):", "",
+          "![](tournament_specialisation.png)", "",
+          "Validation loss of every entry on `python` (the tournament's val_loss.png):", "",
+          "![](tournament_val_loss.png)"]
     L += ["", "## The earlier claims, restated", "",
           "What the README and notebooks said before this budget existed (one seed, or two, a split that "
           "moved with the seed, one learning rate, MI against the model at init only), and what the "
