@@ -335,8 +335,8 @@ def _analyze(args: argparse.Namespace) -> int:
               f"{'yes' if layer['beyond_byte'] else 'no':>6} {layer['imbalance']['max_over_mean']:>9.3f} "
               f"{layer['entropy']['effective_experts']:>9.2f}")
     print("mi: MI(expert; label) / H(label) over all top-k slots; byte null: the same for random "
-          "byte -> expert tables with the same k; first ch.: first choices only; mi|byte: "
-          "MI(expert; label | byte) / H(label | byte), against experts shuffled within each byte; "
+          "byte -> expert tables giving each token as many experts; first ch.: first choices only; "
+          "mi|byte: MI(expert; label | byte) / H(label | byte), against experts shuffled within each byte; "
           "beyond: mi|byte above the floor's mean by more than its 5-95 % width")
     print("top byte trigrams per expert (ending at the bytes it takes most often):")
     for i, layer in enumerate(res["layers"]):

@@ -164,8 +164,8 @@ def _notes(settings: dict, rows: List[dict]) -> List[str]:
         "- **params**: of the whole model; active = used for one token (router + top_k experts "
         "in each MoE layer).",
         "- **mi**: MI(expert; token category) / H(category) over all top-k slots; **byte null**: "
-        "the same for random byte -> k-expert tables on the same tokens (what routing by the "
-        "byte alone gives); **first choice**: the first slot only, comparable across k; **mi "
+        "the same for random byte -> expert tables giving each token as many experts as the "
+        "router did (what routing by the byte alone gives); **first choice**: the first slot only, comparable across k; **mi "
         "given byte**: MI(expert; category | byte) / H(category | byte), against its floor "
         "(each token's experts shuffled among tokens of the same byte); a layer is **beyond "
         "the byte** at a seed when mi given byte exceeds the floor's mean by more than the "
