@@ -1,6 +1,7 @@
 """The numbers of one tournament run, read from its own run folder: metrics.jsonl for the
-losses (not speed: runs made at different machine loads are not a benchmark), and its checkpoints routed through `analyze` (report.analyze_run, which
-also writes the folder's analysis.json) and `analyze --over-training`
+losses (not speed: runs made at different machine loads are not a benchmark), and its
+checkpoints routed through `analyze` (report.analyze_run, which also writes the folder's
+analysis.json) and `analyze --over-training`
 (report.analyze_over_training) for everything about routing. Nothing here depends on when
 or how often it runs: the same folder gives the same numbers, bit for bit."""
 from __future__ import annotations
