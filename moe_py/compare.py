@@ -15,12 +15,12 @@ import os
 from typing import Dict, List, Optional, Sequence
 
 from .models import ModelConfig, TransformerLM
-from .run_folder import RunFolder, atomic_write
+from .run_folder import atomic_write
 from .stats import paired_test, verdict
 from .train import TrainConfig
 from .tournament.entries import Entry
-from .tournament.run import DEFAULT_SEEDS, TUNE_SEED, check_lr_grid, check_seeds
-from .tournament.runner import choose_lrs, plan_runs, plan_tuning_runs, run_path, train_runs
+from .tournament.run import DEFAULT_SEEDS, TUNE_SEED, check_lr_grid, check_seeds, train_entries
+from .tournament.runner import final_val_loss, run_path
 
 
 def _arms(moe_model: ModelConfig) -> List[Entry]:
@@ -29,11 +29,6 @@ def _arms(moe_model: ModelConfig) -> List[Entry]:
     return [Entry("moe", f"{moe.router}, {moe.num_experts} experts of width {moe.d_ff}, top-{moe.top_k}",
                   {"normalize_topk": moe.normalize_topk}),
             Entry("dense", f"dense FFN of width {moe.active_ffn_width} (the MoE's active width)", None)]
-
-
-def _final_val_loss(path: str) -> float:
-    rows = RunFolder(path).read_metrics()
-    return float(rows[-1]["val_loss"])
 
 
 def run_compare(out: str, base_model: ModelConfig, base_train: TrainConfig, seeds: int = DEFAULT_SEEDS,
@@ -45,17 +40,11 @@ def run_compare(out: str, base_model: ModelConfig, base_train: TrainConfig, seed
     if base_model.moe is None:
         raise ValueError("base_model: expected the MoE arm's config (the dense arm is derived from it)")
     seed_list = check_seeds(seeds)
-    grid = check_lr_grid(lr_grid)
-    if grid is not None and tune_seed in seed_list:
-        raise ValueError(f"tune_seed: {tune_seed} is one of the compared seeds 0 .. {len(seed_list) - 1}")
     arms = _arms(base_model)
-    tuning = [] if grid is None else plan_tuning_runs(out, arms, base_model, base_train, grid, tune_seed)
-    actions = train_runs(tuning, overwrite=overwrite, progress=progress, may_diverge=True)
-    lr_choice = choose_lrs(tuning) if tuning else None
-    lrs = {a.name: (lr_choice[a.name]["lr"] if lr_choice else base_train.lr) for a in arms}
-    runs = plan_runs(out, arms, base_model, base_train, seed_list, lrs)
-    actions.update(train_runs(runs, overwrite=overwrite, progress=progress))
-    losses = {a.name: [_final_val_loss(run_path(out, a.name, s)) for s in seed_list] for a in arms}
+    actions, lr_choice, runs = train_entries(out, arms, base_model, base_train, seed_list,
+                                             check_lr_grid(lr_grid), tune_seed, overwrite, progress)
+    lrs = {a.name: next(r.train.lr for r in runs if r.entry is a) for a in arms}
+    losses = {a.name: [final_val_loss(r) for r in runs if r.entry is a] for a in arms}
     test = paired_test(losses["moe"], losses["dense"])
     params = {a.name: TransformerLM(r.model).num_parameters()
               for a in arms for r in runs if r.entry is a and r.seed == seed_list[0]}

@@ -60,6 +60,26 @@ def check_lr_grid(lr_grid) -> Optional[List[float]]:
     return sorted(float(v) for v in grid)
 
 
+def train_entries(out: str, entries: Sequence[Entry], base_model: ModelConfig, base_train: TrainConfig,
+                  seed_list: List[int], grid: Optional[List[float]], tune_seed: int, overwrite: bool,
+                  progress: bool, corpora: Optional[Corpora] = None):
+    """The training both `tournament` and `compare` do: with a grid, every entry once per rate
+    at tune_seed, then every entry x seed at its chosen rate (without one, at base_train's).
+    Every config is checked before anything trains. Returns (actions, lr_choice or None,
+    the planned seed runs)."""
+    if grid is not None and tune_seed in seed_list:
+        raise ValueError(f"tune_seed: {tune_seed} is one of the compared seeds 0 .. {len(seed_list) - 1}")
+    tuning = [] if grid is None else plan_tuning_runs(out, entries, base_model, base_train, grid, tune_seed)
+    for lr in grid or []:  # every rate's seed configs too, before anything trains
+        plan_runs(out, entries, base_model, base_train, seed_list, {e.name: lr for e in entries})
+    actions = train_runs(tuning, overwrite=overwrite, progress=progress, corpora=corpora, may_diverge=True)
+    lr_choice = choose_lrs(tuning) if tuning else None
+    runs = plan_runs(out, entries, base_model, base_train, seed_list,
+                     lr_choice and {name: c["lr"] for name, c in lr_choice.items()})
+    actions.update(train_runs(runs, overwrite=overwrite, progress=progress, corpora=corpora))
+    return actions, lr_choice, runs
+
+
 def write_table(out: str, entries: Sequence[Entry], seeds: Sequence[int],
                 corpora: Optional[Corpora] = None, lr_choice: Optional[dict] = None) -> dict:
     """Summarise the complete runs in `out`, write tournament.md, tournament.json and the
@@ -100,18 +120,9 @@ def run_tournament(out: str, routers: Optional[Sequence[str]] = None, seeds: int
     chosen = select_entries(routers, entries)
     base_model = ModelConfig(moe=MoEConfig()) if base_model is None else base_model
     base_train = TrainConfig(steps=DEFAULT_STEPS) if base_train is None else base_train
-    if grid is not None and tune_seed in seed_list:
-        raise ValueError(f"tune_seed: {tune_seed} is one of the compared seeds 0 .. {len(seed_list) - 1}")
-    tuning = [] if grid is None else plan_tuning_runs(out, chosen, base_model, base_train, grid, tune_seed)
-    for lr in grid or []:  # check every rate's configs before anything trains
-        plan_runs(out, chosen, base_model, base_train, seed_list, {e.name: lr for e in chosen})
     corpora = Corpora()  # loaded once for training and analysis alike
-    actions = train_runs(tuning, overwrite=overwrite, progress=progress, corpora=corpora,
-                         may_diverge=True)
-    lr_choice = choose_lrs(tuning) if tuning else None
-    runs = plan_runs(out, chosen, base_model, base_train, seed_list,
-                     lr_choice and {name: c["lr"] for name, c in lr_choice.items()})
-    actions.update(train_runs(runs, overwrite=overwrite, progress=progress, corpora=corpora))
+    actions, lr_choice, _ = train_entries(out, chosen, base_model, base_train, seed_list, grid, tune_seed,
+                                          overwrite, progress, corpora)
     table = {"actions": actions}
     table.update(write_table(out, chosen, seed_list, corpora, lr_choice))
     return table

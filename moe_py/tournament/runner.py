@@ -56,16 +56,21 @@ def plan_tuning_runs(out: str, entries: Sequence[Entry], base_model: ModelConfig
             for e in entries for lr in lr_grid]
 
 
+def final_val_loss(run: PlannedRun) -> Optional[float]:
+    """The validation loss at the run's last step; None when it did not get there (diverged
+    or not trained) or the loss is not finite."""
+    rows = read_metrics(run.path) if os.path.exists(RunFolder(run.path).metrics) else []
+    done = rows and rows[-1]["step"] == run.train.steps and "val_loss" in rows[-1]
+    return float(rows[-1]["val_loss"]) if done and np.isfinite(rows[-1]["val_loss"]) else None
+
+
 def choose_lrs(tuning: Sequence[PlannedRun]) -> Dict[str, dict]:
     """Per entry, the rate of the grid with the lowest final validation loss of its tuning
     run (a diverged run, loss None, never wins; ties go to the smaller rate): {entry: {"lr":
     chosen, "val_loss": {"<lr>": loss or None, ...}}}."""
     out: Dict[str, dict] = {}
     for r in tuning:
-        rows = read_metrics(r.path) if os.path.exists(RunFolder(r.path).metrics) else []
-        done = rows and rows[-1]["step"] == r.train.steps and "val_loss" in rows[-1]
-        loss = float(rows[-1]["val_loss"]) if done and np.isfinite(rows[-1]["val_loss"]) else None
-        out.setdefault(r.entry.name, {"val_loss": {}})["val_loss"][f"{r.train.lr:g}"] = loss
+        out.setdefault(r.entry.name, {"val_loss": {}})["val_loss"][f"{r.train.lr:g}"] = final_val_loss(r)
     for name, d in out.items():
         ranked = sorted((float("inf") if loss is None else loss, float(lr)) for lr, loss in d["val_loss"].items())
         d["lr"] = ranked[0][1]
