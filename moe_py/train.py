@@ -250,10 +250,11 @@ def first_difference(a, b, prefix: str = ""):
     return None if a == b else (prefix[:-1], a, b)
 
 
-def check_resumable(run: RunFolder, data: dict, model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
+def check_resumable(run: RunFolder, data: dict, model_cfg: ModelConfig, train_cfg: TrainConfig) -> bool:
     """Refuse to resume when the checkpoint, config.json and the configs asked for are not
     one run (all but train.steps, which --resume may extend), naming the first differing
-    field; nothing in the folder has been touched then."""
+    field; nothing in the folder has been touched then. Returns whether --steps changed, the
+    only reason to rewrite config.json."""
     def norm(d):
         return json.loads(json.dumps(d))
 
@@ -271,6 +272,19 @@ def check_resumable(run: RunFolder, data: dict, model_cfg: ModelConfig, train_cf
             raise ValueError(f"resume: {run.path}: {d[0]} is {d[1]!r} in its checkpoint but {d[2]!r} in "
                              f"{source}: not the same run; nothing was changed (start a new run, or "
                              "--overwrite)")
+    return saved["train"].get("steps") != train_cfg.steps
+
+
+def run_inputs(model_cfg: ModelConfig, train_cfg: TrainConfig, corpus: Optional[Corpus]):
+    """What both trainers derive before a run starts: the schedule's horizons fixed, the
+    corpus, and the sizes checked. Returns (train_cfg, corpus)."""
+    train_cfg = with_fixed_horizons(train_cfg)
+    if corpus is None:
+        corpus = corpus_of(train_cfg)
+    if model_cfg.max_seq_len < train_cfg.seq_len:
+        raise ValueError(f"seq_len: expected at most max_seq_len={model_cfg.max_seq_len}, got {train_cfg.seq_len}")
+    check_memory(model_cfg, train_cfg)
+    return train_cfg, corpus
 
 
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, corpus: Optional[Corpus] = None,
@@ -285,7 +299,6 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, corpus: 
     run = RunFolder(out_dir)
     if resume and not os.path.exists(run.checkpoint):
         raise FileNotFoundError(f"resume: no checkpoint.npz in {out_dir} to resume from")
-    check_memory(model_cfg, train_cfg)
     with run.locked():
         return _train_locked(run, model_cfg, train_cfg, corpus, resume, quiet, until, overwrite, on_step)
 
@@ -294,22 +307,18 @@ def _train_locked(run: RunFolder, model_cfg: ModelConfig, train_cfg: TrainConfig
                   resume: bool, quiet: bool, until: Optional[int], overwrite: bool,
                   on_step: Optional[Callable[[dict], None]]) -> dict:
     out_dir = run.path
+    if not resume and run.holds_run() and not overwrite:
+        raise ValueError(f"out: {out_dir} already holds a run: resume it (--resume), replace "
+                         "it (--overwrite), or choose another folder")
+    train_cfg, corpus = run_inputs(model_cfg, train_cfg, corpus)  # may refuse: nothing touched yet
     if not resume and run.holds_run():
-        if not overwrite:
-            raise ValueError(f"out: {out_dir} already holds a run: resume it (--resume), replace "
-                             "it (--overwrite), or choose another folder")
         run.clear()
     run.remove_stale_temporaries()
-    train_cfg = with_fixed_horizons(train_cfg)
-    if corpus is None:
-        corpus = corpus_of(train_cfg)
-    if model_cfg.max_seq_len < train_cfg.seq_len:
-        raise ValueError(f"seq_len: expected at most max_seq_len={model_cfg.max_seq_len}, got {train_cfg.seq_len}")
 
-    start = 0
+    start, write_config = 0, not resume
     if resume:
         model, data = load_model(run.checkpoint)
-        check_resumable(run, data, model_cfg, train_cfg)
+        write_config = check_resumable(run, data, model_cfg, train_cfg)
         optim = AdamW(model.named_parameters(), weight_decay=train_cfg.weight_decay)
         load_optimizer(optim, data)
         start = int(data["step"])
@@ -324,8 +333,7 @@ def _train_locked(run: RunFolder, model_cfg: ModelConfig, train_cfg: TrainConfig
         if train_cfg.noise_std > 0:
             model.set_noise_annealing(train_cfg.noise_std, train_cfg.noise_anneal_steps)
         run.start_metrics()
-    if not resume or run.read_config()["train"].get("steps") != train_cfg.steps:
-        # a resumed run's config.json changes only when --steps extends it (checked above)
+    if write_config:  # a resumed run's config.json changes only when --steps extends it
         run.write_config(model.cfg, train_cfg, corpus)
 
     train_sampler = train_sampler_of(corpus, train_cfg)

@@ -34,12 +34,11 @@ from ..data import Batch, BatchSampler, Corpus, corpus_summary
 from ..lm_losses import cross_entropy, multi_token_cross_entropy, multi_token_labels
 from ..models import ModelConfig, TransformerLM
 from ..optim import AdamW, lr_at
-from ..memory_estimate import check_memory
 from ..run_folder import RunFolder
 from ..train import (TrainConfig, TrainingDiverged, _StepStats, add_collapse_watch, add_speed,
-                     check_resumable, collapse_watch_of, corpus_of, diverged,
-                     first_difference, print_collapse_summary, progress_bar, show_step,
-                     train_sampler_of, val_sampler_of, with_fixed_horizons)
+                     check_resumable, collapse_watch_of, diverged, first_difference,
+                     print_collapse_summary, progress_bar, run_inputs, show_step, train_sampler_of,
+                     val_sampler_of)
 from . import comm as C
 from .model import (allreduce_replicated_grads, global_grad_norm, load_expert_slices,
                     save_gathered_checkpoint, to_expert_parallel)
@@ -208,22 +207,17 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, comm=Non
         if refuse:
             raise ValueError(f"out: {out_dir} already holds a run: resume it (--resume), replace "
                              "it (--overwrite), or choose another folder")
+        train_cfg, corpus = run_inputs(model_cfg, train_cfg, corpus)  # may refuse: nothing touched yet
         if root:
             if not resume and run.holds_run():
                 run.clear()
             run.remove_stale_temporaries()
-        train_cfg = with_fixed_horizons(train_cfg)
-        if corpus is None:
-            corpus = corpus_of(train_cfg)
-        if model_cfg.max_seq_len < train_cfg.seq_len:
-            raise ValueError(f"seq_len: expected at most max_seq_len={model_cfg.max_seq_len}, got {train_cfg.seq_len}")
-        check_memory(model_cfg, train_cfg)
 
-        start = 0
+        start, write_config = 0, not resume
         if resume:
             with _root_warns(root):
                 model, data = load_model(run.checkpoint)  # the whole model; each rank keeps its experts
-            check_resumable(run, data, model_cfg, train_cfg)
+            write_config = check_resumable(run, data, model_cfg, train_cfg)
             experts = to_expert_parallel(model, comm)
             optim = AdamW(model.named_parameters(), weight_decay=train_cfg.weight_decay)
             load_expert_slices(model, optim, data, experts)
@@ -243,9 +237,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, comm=Non
                 model.set_noise_annealing(train_cfg.noise_std, train_cfg.noise_anneal_steps)
             if root:
                 run.start_metrics()
-        if root:
-            if not resume or run.read_config()["train"].get("steps") != train_cfg.steps:
-                run.write_config(model.cfg, train_cfg, corpus)  # on resume: only when extended
+        if root and write_config:  # on resume: only when --steps extends the run
+            run.write_config(model.cfg, train_cfg, corpus)
 
         train_sampler = train_sampler_of(corpus, train_cfg)
         val_sampler = val_sampler_of(corpus, train_cfg)
