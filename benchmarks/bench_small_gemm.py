@@ -17,9 +17,8 @@ import time
 import numpy as np
 
 import moe_py
-from moe_py import _core
-from roofline import machine_line
-from sgemm_of import one_thread_sgemm
+from common import machine_line, one_thread_sgemm
+from moe_py import kernels
 
 SIZES = [(128, 128), (256, 256), (256, 512), (512, 128), (512, 1024)]  # (d_model, d_ff)
 TILE = 256
@@ -55,14 +54,15 @@ def main():
     print(f"{'product':44s} {'moe_py':>8} {'OpenBLAS':>9} {'torch.mm':>9}  GFLOP/s")
     ptr = lambda x: x.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
     rng = np.random.default_rng(0)
+    small_gemm = kernels.kernel("small_gemm", np.float32)
     for D, F in SIZES:
         for trans_a in (False, True):
             M, N, K = (D, F, TILE) if trans_a else (TILE, F, D)
             a = rng.standard_normal((K, M) if trans_a else (M, K), dtype=np.float32)
             b = rng.standard_normal((K, N), dtype=np.float32)
             c = np.zeros((M, N), np.float32)
-            ours = lambda: _core.small_gemm_f32(a=a, b=b, trans_a=trans_a, trans_b=False, c=c,  # noqa: E731
-                                                accumulate=False, packed=False)
+            ours = lambda: small_gemm(a=a, b=b, trans_a=trans_a, trans_b=False, c=c,  # noqa: E731
+                                      accumulate=False, packed=False)
             blas_args = (101, 112 if trans_a else 111, 111, M, N, K, ctypes.c_float(1), ptr(a),
                          M if trans_a else K, ptr(b), N, ctypes.c_float(0), ptr(c), N)
             theirs = lambda: sgemm(*blas_args)  # noqa: E731

@@ -1,5 +1,5 @@
 """Why the MoE block is slower inside a model than called alone: one experts_backward call
-captured inside the bench_torch model (moe_py.torch.MoE blocks, default model sizes), then
+captured inside bench_torch.py's model (moe_py.torch.MoE blocks, default model sizes), then
 replayed on its own: warm (repeated back to back), after sweeping 64 MB and 600 MB of other
 memory through the caches, and after such a sweep followed by reading the call's own
 arrays back in. Medians in ms, with the call's median time inside the model.
@@ -12,35 +12,34 @@ import time
 import numpy as np
 import torch
 
-import moe_py
-from moe_py import _core
+from common import default_model_and_batches, machine_line, set_threads
+from moe_py import kernels
 from moe_py.torch import MoE
-from bench_torch import LM, default_model_and_batches, step_fn
-from roofline import machine_line
+from torch_reference import TorchLM, lm_train_step
+
+KERNEL = "experts_backward_f32"
 
 
 def capture(steps: int):
     """The arguments (copied) and inside-the-model times of experts_backward_f32 calls."""
     model_cfg, _, batches = default_model_and_batches(2 + steps)
     torch.manual_seed(0)
-    step = step_fn(LM(model_cfg, lambda: MoE(model_cfg.moe)))
+    step = lm_train_step(TorchLM(model_cfg, lambda: MoE(model_cfg.moe)))
     for b in batches[:2]:
         step(b)
     calls, times = [], []
-    real = _core.experts_backward_f32
 
-    def recording(**kw):
-        t = time.perf_counter()
-        out = real(**kw)
-        times.append(time.perf_counter() - t)
-        calls.append({k: v.copy() if isinstance(v, np.ndarray) else v for k, v in kw.items()})
-        return out
-    _core.experts_backward_f32 = recording
-    try:
+    def recording(name, real):
+        def record(**kw):
+            t = time.perf_counter()
+            out = real(**kw)
+            times.append(time.perf_counter() - t)
+            calls.append({k: v.copy() if isinstance(v, np.ndarray) else v for k, v in kw.items()})
+            return out
+        return record
+    with kernels.wrapped(recording, KERNEL):
         for b in batches[2:]:
             step(b)
-    finally:
-        _core.experts_backward_f32 = real
     return calls, times
 
 
@@ -49,8 +48,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=9)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    moe_py.set_num_threads(args.threads)
+    set_threads(args.threads, torch)
     print(machine_line())
     calls, inside = capture(4)
     call = calls[0]
@@ -71,14 +69,15 @@ def main():
         "after a 600 MB sweep, then reading its arrays": sweep_then_read,
     }
     times = {name: [] for name in cases}
-    _core.experts_backward_f32(**call)
+    experts_backward = kernels.kernel(KERNEL)
+    experts_backward(**call)
     for _ in range(args.repeats):
         for name, before in cases.items():
             before()
             t = time.perf_counter()
-            _core.experts_backward_f32(**call)
+            experts_backward(**call)
             times[name].append(time.perf_counter() - t)
-    print(f"experts_backward_f32 at N={call['xs'].shape[0]} rows, d_model {call['xs'].shape[1]}, "
+    print(f"{KERNEL} at N={call['xs'].shape[0]} rows, d_model {call['xs'].shape[1]}, "
           f"{len(call['offsets']) - 1} experts, {args.threads} thread(s); median ms")
     label = "inside the model (every layer's calls)"
     print(f"  {label:<63s}{1e3 * np.median(inside):6.2f}")

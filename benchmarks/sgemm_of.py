@@ -9,26 +9,13 @@ Prints the core type the library picked and the median GFLOP/s of C[M,N] = A[M,K
 library that does not know the CPU falls back to generic kernels: this shows it in one line.
 """
 import ctypes
-import os
 import statistics
 import sys
 import time
 
 import numpy as np
 
-
-def one_thread_sgemm(path=None):
-    """(path, cblas_sgemm, openblas_get_corename) of an OpenBLAS library set to one thread;
-    without a path, the scipy-openblas32 moe_py links (its symbols carry a scipy_ prefix)."""
-    if path is None:
-        import scipy_openblas32
-        path = os.path.join(scipy_openblas32.get_lib_dir(), scipy_openblas32.get_library(True))
-    lib = ctypes.CDLL(path)
-    prefix = "scipy_" if hasattr(lib, "scipy_cblas_sgemm") else ""
-    getattr(lib, prefix + "openblas_set_num_threads")(1)
-    core = getattr(lib, prefix + "openblas_get_corename")
-    core.restype = ctypes.c_char_p
-    return path, getattr(lib, prefix + "cblas_sgemm"), core
+from common import one_thread_sgemm
 
 
 def main(argv):
