@@ -53,7 +53,7 @@ def worker(args) -> None:
     steps, phases, sent = [], [], []
     for i in range(args.repeats + 2):  # two warm-up steps
         layer.zero_grad()
-        layer.timings = dict.fromkeys(layer.timings, 0.0)
+        layer.reset_timings()
         b0 = layer.bytes_sent
         comm.Barrier()
         t0 = time.perf_counter()
@@ -80,44 +80,44 @@ def worker(args) -> None:
 
 def train_rate(comm, n_steps: int) -> dict:
     """tokens/s of whole expert-parallel steps of the default model (synthetic corpus)."""
-    from moe_py.cli import _configs, build_parser
+    from moe_py.cli import build_parser, configs_from_args
     from moe_py.data import BatchSampler, load_corpus
-    import moe_py.distributed.train as dtrain
-    from moe_py.distributed.model import to_expert_parallel
+    from moe_py.distributed import ExpertParallel
     from moe_py.models import TransformerLM
     from moe_py.optim import AdamW
+    from moe_py.train import train_step
     args = build_parser().parse_args(["train", "--corpus", "synthetic"])
-    model_cfg, train_cfg = _configs(args, dense=False)
+    model_cfg, train_cfg = configs_from_args(args, dense=False)
     corpus = load_corpus("synthetic", split_seed=0)
     sampler = BatchSampler(corpus.train, train_cfg.batch_size, train_cfg.seq_len, 0)
     model = TransformerLM(model_cfg)
-    experts = to_expert_parallel(model, comm)
+    parallel = ExpertParallel(comm)
+    parallel.prepare(model)
     optim = AdamW(model.named_parameters())
     # time the dense gradients' all-reduce inside train_step
     grad_sync = {"s": 0.0}
-    plain = dtrain.allreduce_replicated_grads
+    plain = parallel.sync_grads
 
-    def timed_sync(*a):
+    def timed_sync(model):
         t = time.perf_counter()
-        plain(*a)
+        plain(model)
         grad_sync["s"] += time.perf_counter() - t
-    dtrain.allreduce_replicated_grads = timed_sync
+    parallel.sync_grads = timed_sync
     times, comm_s, tokens = [], [], 0
     for step in range(n_steps + 1):
         b = sampler.batch(step)
         for layer in model.moe_layers:
-            layer.timings = dict.fromkeys(layer.timings, 0.0)
+            layer.reset_timings()
         grad_sync["s"] = 0.0
         comm.Barrier()
         t0 = time.perf_counter()
-        m = dtrain.train_step(model, [b], optim, 1e-3, train_cfg, comm, experts)
+        m = train_step(model, [b], optim, 1e-3, train_cfg, parallel)
         comm.Barrier()
         if step:  # the first step warms up
             times.append(time.perf_counter() - t0)
             comm_s.append(grad_sync["s"] + sum(layer.timings[c] for layer in model.moe_layers
                                                for c in COMM))
             tokens = m["tokens"]
-    dtrain.allreduce_replicated_grads = plain
     step_s = float(np.median(times))
     return {"tokens_per_step": tokens, "step_s": step_s, "tokens_per_s": tokens / step_s,
             "comm_share": float(np.median(np.array(comm_s) / np.array(times)))}
@@ -152,11 +152,9 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         return worker(args)
-    import moe_py
-    info = moe_py.build_info()
+    from common import machine_line  # imports moe_py, which the workers import only after mpi4py
     T, D, F, E, k = args.shape
-    print(f"CPU: {info['cpu']}; {os.cpu_count()} cores; BLAS {info['blas']} {info['blas_version']} "
-          f"({info['blas_corename']}); load average before: {os.getloadavg()[0]:.2f}")
+    print(f"{machine_line()}; {os.cpu_count()} cores; load average before: {os.getloadavg()[0]:.2f}")
     print(f"one thread per rank; layer T={T} (global), d_model={D}, d_ff={F}, E={E}, k={k}, "
           f"float32, swiglu; {args.repeats} steps, medians")
     res = {P: run(P, args) for P in args.ranks}

@@ -8,7 +8,7 @@ import hashlib
 import io
 import json
 import zipfile
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -105,11 +105,12 @@ def load_router_state(router, data: dict, key: str, what: str, path: str) -> Non
         raise CheckpointError(f"{what}: {path}: its '{key}' entry is not a router state ({e})") from None
 
 
-def _fill(dst: np.ndarray, data: dict, key: str, path: str) -> None:
+def _fill(dst: np.ndarray, data: dict, key: str, path: str, rows=None) -> None:
+    """dst <- data[key] (its rows [lo, hi) when `rows` is given: a slice of the experts)."""
     if key not in data:
         raise CheckpointError(f"not a valid moe_py checkpoint: {path}: missing array '{key}' "
                               f"(expected {dst.dtype} {list(dst.shape)})")
-    src = data[key]
+    src = data[key] if rows is None else data[key][rows[0]:rows[1]]
     if src.shape != dst.shape:
         raise CheckpointError(f"not a valid moe_py checkpoint: {path}: array '{key}' has shape "
                               f"{list(src.shape)}, expected {list(dst.shape)}")
@@ -132,11 +133,14 @@ def load_model(path: str) -> Tuple[TransformerLM, dict]:
     return model, data
 
 
-def load_optimizer(optim: AdamW, data: dict) -> None:
+def load_optimizer(optim: AdamW, data: dict, slices: Optional[Dict[str, Tuple[int, int]]] = None) -> None:
+    """The AdamW state of a checkpoint; `slices` names the parameters of which this process
+    holds only rows [lo, hi) (an expert-parallel rank's experts)."""
     path = data.get("_path", "checkpoint")
     if "optim.t" not in data:
         raise CheckpointError(f"not a valid moe_py checkpoint: {path}: missing 'optim.t'")
     optim.t = int(data["optim.t"])
+    slices = slices or {}
     for n in optim.m:
-        _fill(optim.m[n], data, f"optim.m.{n}", path)
-        _fill(optim.v[n], data, f"optim.v.{n}", path)
+        _fill(optim.m[n], data, f"optim.m.{n}", path, slices.get(n))
+        _fill(optim.v[n], data, f"optim.v.{n}", path, slices.get(n))

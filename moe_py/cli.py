@@ -142,7 +142,9 @@ def _absolute_corpus(corpus: str) -> str:
     return ",".join(os.path.abspath(p) for p in corpus.split(",") if p)
 
 
-def _configs(args: argparse.Namespace, dense: bool):
+def configs_from_args(args: argparse.Namespace, dense: bool):
+    """The (ModelConfig, TrainConfig) that parsed `train` flags describe (dense: no MoE layers,
+    an FFN as wide as the MoE's active width); benchmarks build their runs through it."""
     from .models import ModelConfig
     from .train import TrainConfig
     args.corpus = _absolute_corpus(args.corpus)
@@ -159,19 +161,34 @@ def _plot(run_dir: str) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .distributed.cli import mpi_ranks_from_launcher, train_command
-    if args.expert_parallel:  # under mpiexec: moe_py/distributed/cli.py
-        return train_command(args)
+    """The train command; under `mpiexec -n P ... --expert-parallel`, every rank runs it and
+    rank 0 alone prints, plots and writes the run folder."""
+    from .parallel import SingleProcess
+    from .train import train
+    from .distributed.comm import mpi_ranks_from_launcher  # reads the environment only
+    if args.expert_parallel:
+        from .distributed import ExpertParallel
+        parallel = ExpertParallel()
+        try:
+            return _train_with(args, train, parallel)
+        except Exception as e:  # noqa: BLE001 - a failure on one rank must end every rank
+            return _abort_ranks(e, parallel)
     if mpi_ranks_from_launcher() > 1:
         raise ValueError(f"expert_parallel: started by mpiexec with {mpi_ranks_from_launcher()} ranks "
                          "but without --expert-parallel: every rank would train the same run into "
                          "one folder")
-    from .train import train
+    return _train_with(args, train, SingleProcess())
+
+
+def _train_with(args: argparse.Namespace, train, parallel) -> int:
+    root = parallel.is_root
     if args.out is None:
         if args.resume:
             raise ValueError("out: --resume needs the run folder to continue (--out)")
-        args.out = _new_run_dir("dense" if args.dense else args.router)
-        print(f"run folder: {args.out}", file=sys.stderr)
+        # one name for every process: the root's clock decides
+        args.out = parallel.broadcast(_new_run_dir("dense" if args.dense else args.router) if root else None)
+        if root:
+            print(f"run folder: {args.out}", file=sys.stderr)
     if args.resume:
         from .models import ModelConfig
         from .run_folder import RunFolder
@@ -183,18 +200,43 @@ def _train(args: argparse.Namespace) -> int:
         train_cfg = TrainConfig.from_dict(saved["train"], f"run folder: {folder.config}: train")
         if "steps" in args.explicit:
             train_cfg = dataclasses.replace(train_cfg, steps=args.steps)
-        last = train(model_cfg, train_cfg, args.out, resume=True)
+        last = train(model_cfg, train_cfg, args.out, resume=True, parallel=parallel)
     else:
-        model_cfg, train_cfg = _configs(args, dense=args.dense)
-        last = train(model_cfg, train_cfg, args.out, overwrite=args.overwrite)
+        model_cfg, train_cfg = configs_from_args(args, dense=args.dense)
+        last = train(model_cfg, train_cfg, args.out, overwrite=args.overwrite, parallel=parallel)
+    if not root:
+        return 0
     _plot(args.out)
     if not last:
         print(f"nothing to do: the run in {args.out} is already at step {train_cfg.steps} "
               "(--steps extends it)")
         return 0
+    where = parallel.describe(model_cfg)
     print(f"done: step {last['step']} loss {last['loss']:.4f} "
-          f"val_loss {last.get('val_loss', float('nan')):.4f}; run folder {args.out}")
+          f"val_loss {last.get('val_loss', float('nan')):.4f}; run folder {args.out}"
+          + (f" ({where})" if where else ""))
     return 0
+
+
+def _abort_ranks(e: Exception, parallel) -> int:
+    """Print a rank's failure as main() would, then end the whole MPI job: the other ranks
+    may be waiting in a collective this one will never join."""
+    import time
+    from .train import TrainingDiverged
+    if isinstance(e, TrainingDiverged):
+        msg, code = f"moe_py: {e}", 1
+    elif isinstance(e, (ValueError, TypeError, OSError, KeyError, RuntimeError)):
+        msg, code = f"moe_py: error: {e}", 2
+    else:
+        raise e
+    print(msg if parallel.is_root or parallel.size == 1 else f"[rank {parallel.rank}] {msg}", file=sys.stderr)
+    if parallel.size > 1:
+        # mpiexec forwards each rank's stderr asynchronously and an abort can drop what is
+        # still in flight (seen under load): the message gets a moment to arrive first
+        sys.stderr.flush()
+        time.sleep(1.0)
+        parallel.comm.Abort(code)
+    return code
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -205,7 +247,7 @@ def _compare(args: argparse.Namespace) -> int:
     if args.lr_grid is not None and "lr" in args.explicit:
         raise ValueError("lr_grid: give --lr or --lr-grid, not both")
     args.seed = 0  # each run's seed is set by compare (0 .. seeds-1)
-    model_cfg, train_cfg = _configs(args, dense=False)
+    model_cfg, train_cfg = configs_from_args(args, dense=False)
     result = run_compare(args.out, model_cfg, train_cfg, seeds=args.seeds, lr_grid=args.lr_grid,
                          tune_seed=args.tune_seed, overwrite=args.overwrite)
     print(format_compare(result))
@@ -273,7 +315,7 @@ def _tournament(args: argparse.Namespace) -> int:
     if args.lr_grid is not None and "lr" in args.explicit:
         raise ValueError("lr_grid: give --lr or --lr-grid, not both")
     args.seed = 0  # each run's seed is set by the tournament (0 .. seeds-1)
-    base_model, base_train = _configs(args, dense=False)
+    base_model, base_train = configs_from_args(args, dense=False)
     table = run_tournament(args.out, routers=args.routers, seeds=args.seeds, base_model=base_model,
                            base_train=base_train, overwrite=args.overwrite, lr_grid=args.lr_grid,
                            tune_seed=args.tune_seed)

@@ -10,10 +10,10 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from . import _kernels
 from ._kernels import Activation, kernel
 from ._checks import check_grad_buffer, check_param
 from .config import MoEConfig
+from .dispatch import LocalDispatcher
 
 
 def init_expert_weights(cfg: MoEConfig, rng: np.random.Generator) -> Dict[str, np.ndarray]:
@@ -27,44 +27,47 @@ def init_expert_weights(cfg: MoEConfig, rng: np.random.Generator) -> Dict[str, n
 
 
 class Experts:
-    """The E expert FFNs of one layer, run on tokens grouped by expert. Their weights are
-    params[prefix + "w1"] etc. (a layer's shared experts use the prefix "shared_")."""
+    """The expert FFNs of one layer, run on tokens grouped by expert. Their weights are
+    params[prefix + "w1"] etc. (a layer's shared experts use the prefix "shared_"). The
+    dispatcher (moe_py/dispatch.py) moves the routed rows to the experts and back: all of
+    them are here with the LocalDispatcher; with an all-to-all one, only this process's
+    slice [lo, hi) of the experts is (params hold hi - lo experts)."""
 
     def __init__(self, cfg: MoEConfig, params: Dict[str, np.ndarray], grads: Dict[str, np.ndarray],
-                 prefix: str = ""):
+                 prefix: str = "", dispatcher=None):
         self.cfg = cfg
         self.params = params
         self.grads = grads
         self.prefix = prefix
+        self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
+        lo, hi = self.dispatcher.local_experts(cfg.num_experts)
+        self.num_local = hi - lo
         self._activation = Activation.__members__[cfg.activation]
         self._saved = None
 
+    def _shapes(self):
+        E, D, F = self.num_local, self.cfg.d_model, self.cfg.d_ff
+        return (("w1", (E, D, F)), ("w3", (E, D, F)), ("w2", (E, F, D)))
+
     def _weights(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        cfg = self.cfg
-        E, D, F, dt, p = cfg.num_experts, cfg.d_model, cfg.d_ff, cfg.np_dtype, self.prefix
-        check_param(self.params[p + "w1"], (E, D, F), dt, p + "w1")
-        check_param(self.params[p + "w2"], (E, F, D), dt, p + "w2")
-        if cfg.activation == "swiglu":
-            check_param(self.params[p + "w3"], (E, D, F), dt, p + "w3")
-            w3 = self.params[p + "w3"]
-        else:
-            w3 = np.zeros((0, 0, 0), dtype=dt)
+        dt, p = self.cfg.np_dtype, self.prefix
+        for name, shape in self._shapes():
+            if name != "w3" or self.cfg.activation == "swiglu":
+                check_param(self.params[p + name], shape, dt, p + name)
+        w3 = self.params[p + "w3"] if self.cfg.activation == "swiglu" else np.zeros((0, 0, 0), dtype=dt)
         return self.params[p + "w1"], w3, self.params[p + "w2"]
 
     def compute(self, x2: np.ndarray, topk_indices: np.ndarray, topk_weights: np.ndarray,
                 dropped: np.ndarray) -> Tuple[np.ndarray, tuple]:
         """x2 [T, d_model] -> (y [T, d_model], what backward needs); changes nothing here.
-        Padded tokens and dropped slots cost nothing."""
-        w1, w3, w2 = self._weights()
-        dt = self.cfg.np_dtype
-        offsets, row_token, slot_row = _kernels.dispatch_plan(
-            topk_indices=topk_indices, dropped=dropped.view(np.uint8),
-            num_experts=self.cfg.num_experts)
-        xs = kernel("gather_rows", dt)(x=x2, row_token=row_token)
-        h1, h3, ye = kernel("experts_forward", dt)(
-            xs=xs, offsets=offsets, w1=w1, w3=w3, w2=w2, activation=self._activation)
-        y = kernel("combine_forward", dt)(ye=ye, slot_row=slot_row, topk_weights=topk_weights)
-        return y, (offsets, slot_row, xs, h1, h3, ye, topk_weights, (w1, w3, w2))
+        Padded tokens (index -1) and dropped slots cost nothing."""
+        weights = self._weights()
+        w1, w3, w2 = weights
+        xe, offsets, state = self.dispatcher.dispatch(x2, topk_indices, dropped, self.cfg.num_experts)
+        h1, h3, ye = kernel("experts_forward", self.cfg.np_dtype)(
+            xs=xe, offsets=offsets, w1=w1, w3=w3, w2=w2, activation=self._activation)
+        y = self.dispatcher.combine(ye, topk_weights, state)
+        return y, (state, offsets, xe, h1, h3, weights)
 
     def commit(self, saved: tuple) -> None:
         self._saved = saved
@@ -81,20 +84,17 @@ class Experts:
         saved = self._saved if saved is None else saved
         if saved is None:
             raise RuntimeError("backward called before forward")
-        offsets, slot_row, xs, h1, h3, ye, topk_weights, (w1, w3, w2) = saved
-        dt = self.cfg.np_dtype
-        E, D, F, p = self.cfg.num_experts, self.cfg.d_model, self.cfg.d_ff, self.prefix
-        for name, shape in (("w1", (E, D, F)), ("w3", (E, D, F)), ("w2", (E, F, D))):
+        state, offsets, xe, h1, h3, (w1, w3, w2) = saved
+        dt, p = self.cfg.np_dtype, self.prefix
+        for name, shape in self._shapes():
             if p + name in self.params:
                 check_grad_buffer(self.grads.get(p + name), shape, dt, f"grads['{p + name}']")
-        dye, d_weights = kernel("combine_backward", dt)(
-            dy=dy2, ye=ye, slot_row=slot_row, topk_weights=topk_weights)
+        dye, d_weights = self.dispatcher.combine_backward(dy2, state)
         g3 = self.grads.get(p + "w3", np.zeros((0, 0, 0), dtype=dt))
-        dxs = kernel("experts_backward", dt)(
-            xs=xs, offsets=offsets, w1=w1, w3=w3, w2=w2, h1=h1, h3=h3, dye=dye,
+        dxe = kernel("experts_backward", dt)(
+            xs=xe, offsets=offsets, w1=w1, w3=w3, w2=w2, h1=h1, h3=h3, dye=dye,
             activation=self._activation, dw1=self.grads[p + "w1"], dw3=g3, dw2=self.grads[p + "w2"])
-        dx2 = kernel("gather_rows_backward", dt)(dxs=dxs, slot_row=slot_row)
-        return dx2, d_weights
+        return self.dispatcher.dispatch_backward(dxe, state), d_weights
 
 
 def every_token(real: np.ndarray, n_experts: int, dtype) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -222,18 +222,22 @@ class TransformerLM:
         self.embed.backward(dx)
 
     def loss_and_backward(self, inputs, targets, mask, training: bool = True,
-                          loss_weight: float = 1.0, aux_weight: float = 1.0) -> dict:
+                          loss_weight: float = 1.0, aux_weight: float = 1.0,
+                          head_shares: Optional[List[float]] = None) -> dict:
         """Forward, the multi-token LM loss (mean over heads of each head's per-token
         mean), and backward of loss_weight * that + aux_weight * aux_loss.
+        head_shares[i] scales head i's gradient: this batch's share of head i's targets
+        when the batch is one process's rows of a larger one (moe_py/parallel.py).
         Returns the unweighted numbers and the RouterOutputs for logging."""
         out = self.forward(inputs, mask, training)
         for i, logits in enumerate(out.head_logits):
             if not all_finite(logits):
                 raise NonFiniteError(f"the logits of head {i} are not finite")
         losses, grads = multi_token_cross_entropy(out.head_logits, targets, mask, IGNORE_INDEX)
-        scale = loss_weight / len(losses)
-        if scale != 1.0:  # the gradients are fresh arrays: scale them in place
-            for g in grads:
+        for i, g in enumerate(grads):
+            # a Python float: a NumPy float64 scalar would make float32 gradients float64
+            scale = float(loss_weight / len(losses) * (1.0 if head_shares is None else head_shares[i]))
+            if scale != 1.0:  # the gradients are fresh arrays: scale them in place
                 g *= scale
         self.backward(grads, aux_weight)
         return {"head_losses": losses, "loss": float(np.mean(losses)), "aux_loss": out.aux_loss,

@@ -33,8 +33,9 @@ from .router import RouterOutput
 TORCH_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 
 
-class _MoEFunction(torch.autograd.Function):
-    """y and aux_loss of one forward; one C++ backward gives dx and every parameter's grad."""
+class MoEFunction(torch.autograd.Function):
+    """y and aux_loss of one forward; one C++ backward gives dx and every parameter's grad.
+    Public so that a benchmark can time the autograd function without the module around it."""
 
     @staticmethod
     def forward(ctx, x, module, mask, training, token_ids, *params):
@@ -134,7 +135,7 @@ class MoE(torch.nn.Module):
             token_ids = token_ids.detach().cpu().numpy()
         params = [getattr(self, n) for n in self.param_names]
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
-            y, aux = _MoEFunction.apply(x, self, mask, self.training, token_ids, *params)
+            y, aux = MoEFunction.apply(x, self, mask, self.training, token_ids, *params)
             router = self._router_out
         else:
             out: MoEOutput = self.layer(x.detach().contiguous().numpy(), padding_mask=mask,

@@ -21,16 +21,17 @@ import numpy as np
 
 from .config import check_seed, config_from_dict, finite_number, plain_scalars, positive_int
 from ._checks import NonFiniteError
-from .checkpoint import load_model, load_optimizer, save_checkpoint
+from .checkpoint import load_model
 from .data import Batch, BatchSampler, Corpus, corpus_summary, load_corpus
 from .config import IGNORE_INDEX
-from .interrupts import StopRequests, TrainingInterrupted
+from .interrupts import TrainingInterrupted
 from .lm_losses import cross_entropy
 from .machine import rss_mib
 from .memory_estimate import check_memory
 from .models import ModelConfig, TransformerLM
 from .collapse import CollapseWatch, summary_lines, worst_max_over_mean
-from .optim import AdamW, global_grad_norm, lr_at
+from .optim import AdamW, lr_at
+from .parallel import Parallel, SingleProcess
 from .router import row_entropy, unrouted_tokens
 from .run_folder import RunFolder
 
@@ -124,17 +125,22 @@ def progress_bar(total: int, initial: int, desc: str = "train", **tqdm_kw):
         return None
 
 
-def evaluate(model: TransformerLM, sampler: BatchSampler, max_batches: Optional[int]) -> float:
-    """Per-token mean next-token loss over the validation batches (eval mode, no noise)."""
+def evaluate(model: TransformerLM, sampler: BatchSampler, max_batches: Optional[int],
+             parallel: Optional[Parallel] = None) -> float:
+    """Per-token mean next-token loss over the validation batches (eval mode, no noise);
+    each process routes its rows of every batch."""
+    parallel = parallel or SingleProcess()
     total, count = 0.0, 0
-    for batch in sampler.iter_eval(max_batches):
+    for whole in sampler.iter_eval(max_batches):
+        batch = parallel.rows(whole)
         out = model.forward(batch.inputs, batch.mask, training=False)
         n = int((batch.targets != IGNORE_INDEX).sum())
         if n:
             loss, _ = cross_entropy(out.head_logits[0], batch.targets, IGNORE_INDEX)
             total += loss * n
             count += n
-    return total / count if count else float("nan")
+    total, count = parallel.sum(np.array([total, count], np.float64))
+    return float(total / count) if count else float("nan")
 
 
 class _StepStats:
@@ -177,6 +183,21 @@ class _StepStats:
             self.slots[i] += int(real.sum()) * r.topk_indices.shape[1]
             self.unrouted[i] += int(unrouted_tokens(r, real).sum())
 
+    def reduce(self, parallel: Parallel) -> None:
+        """The per-token sums each process gathered over its own tokens, summed over
+        processes (the layer losses, aux loss and tokens_per_expert are already global)."""
+        n = len(self.real)
+        mine = np.concatenate(([self.nll, self.n_targets], self.entropy_sum, self.noisy_entropy_sum,
+                               self.real, self.dropped, self.slots, self.unrouted)).astype(np.float64)
+        tot = parallel.sum(mine)
+        if tot is mine:  # one process: the sums are already the totals
+            return
+        self.nll, self.n_targets = float(tot[0]), int(tot[1])
+        parts = [tot[2 + i * n:2 + (i + 1) * n] for i in range(6)]
+        self.entropy_sum = [float(v) for v in parts[0]]
+        self.noisy_entropy_sum = [float(v) for v in parts[1]]
+        self.real, self.dropped, self.slots, self.unrouted = ([int(v) for v in p] for p in parts[2:])
+
     def metrics(self, micro: int) -> dict:
         out = {"loss": self.nll / self.n_targets if self.n_targets else 0.0,
                "aux_loss": self.aux / micro}
@@ -194,35 +215,42 @@ class _StepStats:
 
 
 def train_step(model: TransformerLM, batches: List[Batch], optim: AdamW, lr: float,
-               train_cfg: TrainConfig) -> dict:
-    """One optimiser step over `batches` (its micro-batches): no I/O, no timing.
+               train_cfg: TrainConfig, parallel: Optional[Parallel] = None) -> dict:
+    """One optimiser step over the global micro-batches `batches` (each process takes its
+    rows of them): no I/O, no timing.
 
     The gradient is that of the per-token mean loss over every real target of the step
     plus the aux losses averaged over micro-batches; it is clipped to train_cfg.grad_clip.
     Returns the step's metrics; raises TrainingDiverged (before updating anything) when
     the loss or the gradient is not finite."""
+    parallel = parallel or SingleProcess()
     M = len(batches)
     n_total = sum(int((b.targets != IGNORE_INDEX).sum()) for b in batches)
-    n_moe = len(model.moe_layers)
     model.zero_grad()
     stats = _StepStats([layer.cfg.router for layer in model.moe_layers])
-    noise_std = model.moe_layers[0].noise_std if n_moe else 0.0
-    for b in batches:
+    noise_std = model.moe_layers[0].noise_std if model.moe_layers else 0.0
+    for whole in batches:
+        b = parallel.rows(whole)
         n = int((b.targets != IGNORE_INDEX).sum())
-        # weight n/N makes the summed gradient that of the per-token mean over the step
+        n_whole = int((whole.targets != IGNORE_INDEX).sum())
         try:
-            res = model.loss_and_backward(b.inputs, b.targets, b.mask, training=True,
-                                          loss_weight=n / max(1, n_total), aux_weight=1.0 / M)
+            # weight n_whole/N makes the summed gradient that of the per-token mean over the step
+            res = model.loss_and_backward(
+                b.inputs, b.targets, b.mask, training=True, loss_weight=n_whole / max(1, n_total),
+                aux_weight=1.0 / M, head_shares=parallel.head_shares(b, whole, len(model.heads)))
         except NonFiniteError as e:
-            raise TrainingDiverged(f"non-finite loss or gradient ({e})") from None
-        stats.add(res, n, res["head_losses"][0], b.mask)
+            # under MPI, raised on one rank while the others wait in a collective: the job aborts
+            raise TrainingDiverged(f"{parallel.failed('non-finite loss or gradient')} ({e})") from None
+        stats.add(res, n, res["head_losses"][0] if n else 0.0, b.mask)
+    stats.reduce(parallel)
     m = stats.metrics(M)
-    gnorm = global_grad_norm(g for _, _, g in model.named_parameters())
+    parallel.sync_grads(model)
+    gnorm = parallel.grad_norm(model)
     if not (math.isfinite(m["loss"]) and math.isfinite(gnorm) and math.isfinite(m["aux_loss"])):
         raise TrainingDiverged(f"non-finite loss or gradient (loss={m['loss']}, grad_norm={gnorm})")
     scale = min(1.0, train_cfg.grad_clip / (gnorm + 1e-12)) if train_cfg.grad_clip > 0 else 1.0
     optim.step(lr, scale)
-    model.update_expert_bias()
+    model.update_expert_bias()  # from the global loads: the same step in every process
     m.update(grad_norm=gnorm, lr=lr, noise_std=noise_std,
              tokens=sum(int(b.mask.sum()) for b in batches))
     return m
@@ -276,8 +304,8 @@ def check_resumable(run: RunFolder, data: dict, model_cfg: ModelConfig, train_cf
 
 
 def run_inputs(model_cfg: ModelConfig, train_cfg: TrainConfig, corpus: Optional[Corpus]):
-    """What both trainers derive before a run starts: the schedule's horizons fixed, the
-    corpus, and the sizes checked. Returns (train_cfg, corpus)."""
+    """What a run derives before it starts: the schedule's horizons fixed, the corpus, and
+    the sizes checked. Returns (train_cfg, corpus)."""
     train_cfg = with_fixed_horizons(train_cfg)
     if corpus is None:
         corpus = corpus_of(train_cfg)
@@ -289,63 +317,84 @@ def run_inputs(model_cfg: ModelConfig, train_cfg: TrainConfig, corpus: Optional[
 
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, corpus: Optional[Corpus] = None,
           resume: bool = False, quiet: bool = False, until: Optional[int] = None,
-          overwrite: bool = False, on_step: Optional[Callable[[dict], None]] = None) -> dict:
+          overwrite: bool = False, on_step: Optional[Callable[[dict], None]] = None,
+          parallel: Optional[Parallel] = None) -> dict:
     """Train (or resume from out_dir/checkpoint.npz) into out_dir; returns the last
     step's metrics. A folder that already holds a run is refused unless `resume` (continue
     it, to train_cfg.steps) or `overwrite` (replace it). `until` stops after that step, as
     an interruption would (the schedule is unchanged). `on_step(metrics)` is called after
     each step is logged (e.g. to drive a caller's own progress bars when `quiet`). The
-    folder is locked for the whole call: a second trainer is refused."""
+    folder is locked for the whole call: a second trainer is refused.
+
+    `parallel` spreads the run over processes (moe_py/parallel.py; default SingleProcess).
+    With moe_py.distributed.ExpertParallel every rank of an MPI job calls train with the
+    same arguments; rank 0 alone writes the folder and prints, and every rank returns the
+    last step's metrics."""
+    parallel = parallel or SingleProcess()
+    parallel.check_run(model_cfg, train_cfg, out_dir, resume)
     run = RunFolder(out_dir)
     if resume and not os.path.exists(run.checkpoint):
         raise FileNotFoundError(f"resume: no checkpoint.npz in {out_dir} to resume from")
-    with run.locked():
-        return _train_locked(run, model_cfg, train_cfg, corpus, resume, quiet, until, overwrite, on_step)
+    with parallel.locked(run):
+        return _train_locked(run, model_cfg, train_cfg, corpus, resume, quiet, until, overwrite, on_step,
+                             parallel)
 
 
 def _train_locked(run: RunFolder, model_cfg: ModelConfig, train_cfg: TrainConfig, corpus: Optional[Corpus],
                   resume: bool, quiet: bool, until: Optional[int], overwrite: bool,
-                  on_step: Optional[Callable[[dict], None]]) -> dict:
-    out_dir = run.path
-    if not resume and run.holds_run() and not overwrite:
+                  on_step: Optional[Callable[[dict], None]], parallel: Parallel) -> dict:
+    out_dir, root = run.path, parallel.is_root
+    refuse = not resume and run.holds_run() and not overwrite
+    parallel.barrier()  # every process decides from the same files before the root changes any
+    if refuse:
         raise ValueError(f"out: {out_dir} already holds a run: resume it (--resume), replace "
                          "it (--overwrite), or choose another folder")
     train_cfg, corpus = run_inputs(model_cfg, train_cfg, corpus)  # may refuse: nothing touched yet
-    if not resume and run.holds_run():
-        run.clear()
-    run.remove_stale_temporaries()
+    if root:
+        if not resume and run.holds_run():
+            run.clear()
+        run.remove_stale_temporaries()
 
     start, write_config = 0, not resume
     if resume:
-        model, data = load_model(run.checkpoint)
+        with parallel.model_warnings():
+            model, data = load_model(run.checkpoint)  # the whole model: a process keeps its part
         write_config = check_resumable(run, data, model_cfg, train_cfg)
+        parallel.prepare(model)
         optim = AdamW(model.named_parameters(), weight_decay=train_cfg.weight_decay)
-        load_optimizer(optim, data)
+        parallel.load_optimizer(model, optim, data)
         start = int(data["step"])
         if train_cfg.steps < start:
             raise ValueError(f"steps: the run in {out_dir} is at step {start}; expected steps >= "
                              f"{start}, got {train_cfg.steps}")
-        run.truncate_metrics(start)
-        run.steps_after(start)
+        if root:
+            run.truncate_metrics(start)
+            run.steps_after(start)
     else:
-        model = TransformerLM(model_cfg)
+        with parallel.model_warnings():
+            model = TransformerLM(model_cfg)
+        parallel.prepare(model)
         optim = AdamW(model.named_parameters(), weight_decay=train_cfg.weight_decay)
         if train_cfg.noise_std > 0:
             model.set_noise_annealing(train_cfg.noise_std, train_cfg.noise_anneal_steps)
-        run.start_metrics()
-    if write_config:  # a resumed run's config.json changes only when --steps extends it
+        if root:
+            run.start_metrics()
+    if root and write_config:  # a resumed run's config.json changes only when --steps extends it
         run.write_config(model.cfg, train_cfg, corpus)
 
     train_sampler = train_sampler_of(corpus, train_cfg)
     val_sampler = val_sampler_of(corpus, train_cfg)
-    if not quiet:
+    talk = root and not quiet
+    if talk:
         print(corpus_summary(corpus, val_sampler, train_cfg.eval_batches), file=sys.stderr)
-    bar = None if quiet else progress_bar(train_cfg.steps, start)
+        if parallel.describe(model_cfg):
+            print(parallel.describe(model_cfg), file=sys.stderr)
+    bar = progress_bar(train_cfg.steps, start) if talk else None
     M = train_cfg.grad_accum
     watch = collapse_watch_of(train_cfg, run)
     last: dict = {}
     end = train_cfg.steps if until is None else min(until, train_cfg.steps)
-    stop = StopRequests()
+    stop = parallel.stop_requests()
     try:
         for step in range(start, end):
             t0 = time.perf_counter()
@@ -353,18 +402,20 @@ def _train_locked(run: RunFolder, model_cfg: ModelConfig, train_cfg: TrainConfig
             lr = lr_at(step, train_cfg.lr, train_cfg.warmup, train_cfg.lr_decay_steps,
                        train_cfg.min_lr_ratio)
             try:
-                m = {"step": step + 1, **train_step(model, batches, optim, lr, train_cfg)}
+                m = {"step": step + 1, **train_step(model, batches, optim, lr, train_cfg, parallel)}
             except TrainingDiverged as e:
                 raise diverged(e, step + 1, run) from None
-            add_speed(m, t0)
+            add_speed(m, t0)  # the root's RSS is the one written
             if (step + 1) % train_cfg.eval_every == 0 or step + 1 == train_cfg.steps:
-                m["val_loss"] = evaluate(model, val_sampler, train_cfg.eval_batches)
-            add_collapse_watch(m, watch, bar, final=step + 1 == train_cfg.steps)
-            run.append_metrics(m)
+                m["val_loss"] = evaluate(model, val_sampler, train_cfg.eval_batches, parallel)
+            add_collapse_watch(m, watch, bar, final=step + 1 == train_cfg.steps, warn=root)
+            if root:
+                run.append_metrics(m)
             if (step + 1) % train_cfg.checkpoint_every == 0 or step + 1 == end or stop.requested:
-                path = run.step_checkpoint(step + 1)
-                save_checkpoint(path, model, optim, step + 1, dataclasses.asdict(train_cfg))
-                run.publish(path, max(1, train_cfg.keep_checkpoints))
+                path = run.step_checkpoint(step + 1) if root else ""
+                parallel.save_checkpoint(path, model, optim, step + 1, dataclasses.asdict(train_cfg))
+                if root:
+                    run.publish(path, max(1, train_cfg.keep_checkpoints))
             if bar is not None:
                 show_step(bar, m)
             if on_step is not None:
@@ -378,7 +429,7 @@ def _train_locked(run: RunFolder, model_cfg: ModelConfig, train_cfg: TrainConfig
         stop.close()
         if bar is not None:
             bar.close()
-    if not quiet:
+    if talk:
         print_collapse_summary(last)
     return last
 

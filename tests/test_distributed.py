@@ -422,14 +422,14 @@ def _metrics(run_dir):
 
 def test_cli_train_checkpoint_and_resume_at_another_p(mpi_ok, tmp_path):
     from moe_py.checkpoint import load_model
-    from moe_py.cli import _configs, build_parser
+    from moe_py.cli import build_parser, configs_from_args
     from moe_py.train import train
     whole = tmp_path / "p2"
     proc = _cli(2, whole, "--steps", "4")
     assert "2 MPI ranks" in proc.stdout
     # the same run in this process, single-process trainer
     args = build_parser().parse_args(["train", "--steps", "4", *TINY])
-    model_cfg, train_cfg = _configs(args, dense=False)
+    model_cfg, train_cfg = configs_from_args(args, dense=False)
     ref_dir = tmp_path / "single"
     train(model_cfg, train_cfg, str(ref_dir), quiet=True)
     got, want = _metrics(whole), _metrics(ref_dir)
@@ -462,13 +462,13 @@ def test_cli_train_checkpoint_and_resume_at_another_p(mpi_ok, tmp_path):
 
 @pytest.mark.parametrize("router", ["hash", "sinkhorn", "expert_choice"])
 def test_cli_trains_every_router(mpi_ok, tmp_path, router):
-    from moe_py.cli import _configs, build_parser
+    from moe_py.cli import build_parser, configs_from_args
     from moe_py.train import train
     flags = ["--steps", "2", "--router", router, *TINY]
     proc = _cli(2, tmp_path / "p2", *flags)
     # expert choice's warning for a causal LM: once (rank 0's), not once per rank
     assert proc.stderr.count("in a causal LM") == (router == "expert_choice"), proc.stderr
-    model_cfg, train_cfg = _configs(build_parser().parse_args(["train", *flags]), dense=False)
+    model_cfg, train_cfg = configs_from_args(build_parser().parse_args(["train", *flags]), dense=False)
     assert model_cfg.moe.router == router
     train(model_cfg, train_cfg, str(tmp_path / "single"), quiet=True)
     got, want = _metrics(tmp_path / "p2"), _metrics(tmp_path / "single")

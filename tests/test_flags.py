@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 
-from moe_py.cli import _configs, build_parser
+from moe_py.cli import configs_from_args, build_parser
 from moe_py.config import MoEConfig
 from moe_py.flags import field_comments
 from moe_py.models import ModelConfig
@@ -18,7 +18,7 @@ def test_every_field_is_documented(cls):
 
 
 def test_train_flags_default_to_the_dataclass_defaults():
-    model, train = _configs(build_parser().parse_args(["train"]), dense=False)
+    model, train = configs_from_args(build_parser().parse_args(["train"]), dense=False)
     assert train == TrainConfig()
     moe_defaults = MoEConfig()
     for f in dataclasses.fields(MoEConfig):
@@ -26,7 +26,7 @@ def test_train_flags_default_to_the_dataclass_defaults():
     for name in ("d_model", "n_layers", "n_heads", "activation", "n_predict", "dtype", "seed"):
         assert getattr(model, name) == getattr(ModelConfig(), name), name
     assert model.max_seq_len == train.seq_len
-    dense, _ = _configs(build_parser().parse_args(["train"]), dense=True)
+    dense, _ = configs_from_args(build_parser().parse_args(["train"]), dense=True)
     assert dense.moe is None and dense.d_ff == moe_defaults.top_k * moe_defaults.d_ff
 
 
@@ -35,7 +35,7 @@ def test_flags_reach_their_fields_under_both_names():
         ["train", "--layers", "3", "--n-heads", "2", "--experts", "5", "--top-k", "1",
          "--capacity-factor", "1.5", "--straight-through", "--normalize-topk", "false",
          "--lr", "0.01", "--grad-clip", "0.5", "--seed", "7"])
-    model, train = _configs(args, dense=False)
+    model, train = configs_from_args(args, dense=False)
     assert (model.n_layers, model.n_heads) == (3, 2)
     assert (model.moe.num_experts, model.moe.top_k, model.moe.capacity_factor) == (5, 1, 1.5)
     assert model.moe.straight_through is True and model.moe.normalize_topk is False

@@ -2,10 +2,13 @@
 
     mpiexec -n P python -m moe_py train --expert-parallel ...
 
-`ExpertParallelMoELayer` is MoELayer with its experts split over the ranks and tokens
-travelling by all-to-all; `moe_py.distributed.train` trains the LM with it (data parallel
-for the dense parts). Nothing in the core package imports this one, nor mpi4py.
+`ExpertParallel` is the trainer's strategy for an MPI job (moe_py/parallel.py): every MoE
+layer's experts split over the ranks, the rest data parallel. `ExpertParallelMoELayer` is
+MoELayer with its experts on the ranks and tokens travelling by all-to-all
+(moe_py/dispatch.py's AllToAllDispatcher). Nothing in the core package imports this one,
+nor mpi4py, unless asked for expert parallelism.
 """
 from .layer import ExpertParallelMoELayer
+from .parallel import ExpertParallel
 
-__all__ = ["ExpertParallelMoELayer"]
+__all__ = ["ExpertParallel", "ExpertParallelMoELayer"]

@@ -6,6 +6,7 @@ the core package works without it (`pip install moe_py[mpi]` brings mpi4py and m
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import numpy as np
@@ -19,6 +20,15 @@ def mpi():
         raise ImportError("moe_py.distributed needs mpi4py and an MPI: pip install 'moe_py[mpi]' "
                           f"({e})") from None
     return MPI
+
+
+def mpi_ranks_from_launcher() -> int:
+    """The job size mpiexec announced in the environment (MPICH's hydra: PMI_SIZE; Open
+    MPI: OMPI_COMM_WORLD_SIZE), 1 outside MPI; read without importing mpi4py."""
+    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 1
 
 
 def world():

@@ -7,13 +7,10 @@ batch (every rank's tokens, in rank order):
 
   forward   route locally (Router.compute, dropless) -> global stats (one Allgather:
             tokens_per_expert, sum of probabilities, loss sums) -> capacity over the
-            global batch -> dispatch_plan + gather_rows (rows grouped by expert, so the rows
-            for rank q are one contiguous block) -> counts per (rank, expert) by Alltoall
-            -> rows by one Alltoallv -> local experts (experts_forward) -> outputs back by
-            one Alltoallv -> combine_forward on the tokens' own rank
-  backward  combine_backward -> dy rows out (Alltoallv) -> experts_backward (expert
-            weight gradients stay on their rank) -> dx rows back (Alltoallv) ->
-            gather_rows_backward -> router_backward with the global statistics; the
+            global batch -> the experts with an AllToAllDispatcher
+            (moe_py/distributed/dispatch.py: rows to the experts' ranks and back)
+  backward  the experts' backward through the same dispatcher (expert weight gradients
+            stay on their rank) -> router_backward with the global statistics; the
             replicated gradients (router, shared experts) are summed over ranks (see below)
 
 Why a sum, not a mean: every rank's share of the objective is already normalised by the
@@ -22,11 +19,10 @@ n_r / N_global), so the ranks' gradients add up to the single-process one exactl
 when padding leaves the ranks uneven loads. Averaging per-rank means would match only for
 equal loads.
 
-Rows received from the ranks arrive rank by rank; each local expert's rows are put back
-in rank order, which is the global token order, so every expert sees exactly the rows,
-tiles and reduction order of the single-process layer: its outputs and weight gradients
-are bitwise those of MoELayer. The router's losses and their gradients combine per-rank
-partial sums, so they match to rounding (1e-15 relative in float64).
+The experts see exactly the rows of the single-process layer in its order (see the
+dispatcher), so their outputs and weight gradients are bitwise those of MoELayer. The
+router's losses and their gradients combine per-rank partial sums, so they match to
+rounding (1e-15 relative in float64).
 
 Every rank calls every collective in the same order, whatever its tokens: a rank with no
 tokens, or no rows for some expert, sends and receives zero counts. Supported: every router
@@ -63,16 +59,16 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from .. import _kernels
 from .._checks import NonFiniteError, as_grad, as_mask, as_token_ids, as_tokens, sequence_length
 from .._guard import OneCaller
-from .._kernels import Activation, kernel
 from ..config import MoEConfig
 from ..layer import MoELayer, MoEOutput, _replace_arrays, backward_context
-from ..experts import SharedExperts
+from ..experts import Experts, SharedExperts
 from ..router import Router, RouterOutput, read_only
 from . import comm as C
 from .capacity import capacity, drops_position, drops_probs, slot_counts
+from .dispatch import BACKWARD_PHASES as DISPATCH_BACKWARD, FORWARD_PHASES as DISPATCH_FORWARD
+from .dispatch import AllToAllDispatcher
 
 # Routers whose choices are made token by token: each rank routes its own tokens.
 TOKEN_ROUTERS = ("softmax_topk", "sigmoid_topk", "hash")
@@ -82,20 +78,17 @@ SUPPORTED_ROUTERS = TOKEN_ROUTERS + GLOBAL_ROUTERS
 # Routed-expert weights, split over the ranks; every other parameter is replicated.
 EXPERT_KEYS = ("w1", "w3", "w2")
 _HEAD = 6  # stats vector: T, R, sum lse^2, sum entropy, sum of sequence balance losses, sequences
-# Timed per call into `timings` (seconds, accumulated); the a2a phases time the MPI calls
-# alone, so they include waiting for the slowest rank. The global routers' allgathers are
-# in "route" (x, mask) and "router_bwd" (d_topk_weights).
-FORWARD_PHASES = ("route", "dispatch", "a2a_out", "experts", "a2a_back", "combine")
-BACKWARD_PHASES = ("combine_bwd", "a2a_out_bwd", "experts_bwd", "a2a_back_bwd", "router_bwd",
-                   "allreduce")
+# Timed per call into `timings` (seconds, accumulated): the dispatcher's phases, and the
+# layer's own. The global routers' allgathers are in "route" (x, mask) and "router_bwd"
+# (d_topk_weights).
+FORWARD_PHASES = ("route",) + DISPATCH_FORWARD
+BACKWARD_PHASES = DISPATCH_BACKWARD + ("router_bwd", "allreduce")
 
 
 class _Context:
     """One forward's saved state (an MoEOutput carries it, as MoELayer's)."""
 
-    __slots__ = ("layer", "router_saved", "lead", "scales", "slot_row", "send_rows", "recv_rows",
-                 "perm", "inv", "local_offsets", "xe", "h1", "h3", "ye_back", "topk_weights",
-                 "weights", "shared_saved", "rows")
+    __slots__ = ("layer", "router_saved", "lead", "scales", "experts_saved", "shared_saved", "rows")
 
     def __init__(self, **kw):
         for k, v in kw.items():
@@ -144,13 +137,10 @@ class ExpertParallelMoELayer:
                 f"router: expert parallelism supports {SUPPORTED_ROUTERS}, got {cfg.router!r}")
         self.comm = C.check_comm(comm)
         P, rank = self.comm.Get_size(), self.comm.Get_rank()
-        E = cfg.num_experts
-        if E % P:
-            raise ValueError(f"num_experts: expected a multiple of the number of MPI ranks ({P}), "
-                             f"got {E}")
+        self.dispatcher = AllToAllDispatcher(self.comm, cfg.num_experts)  # checks that P divides E
         self.cfg, self.size, self.rank = cfg, P, rank
-        self.local_experts = E // P
-        self.expert_range = (rank * self.local_experts, (rank + 1) * self.local_experts)
+        self.local_experts = self.dispatcher.per_rank
+        self.expert_range = self.dispatcher.local_experts(cfg.num_experts)
         reference = MoELayer(cfg)  # the single-process layer's initial weights (same seed)
         if full_params is not None:  # checks keys, shapes, dtypes, finiteness
             _replace_arrays(reference.params, full_params, "full_params")
@@ -173,13 +163,13 @@ class ExpertParallelMoELayer:
         # shared experts see every real token of their rank: data parallel, like the router
         self.shared = SharedExperts(cfg, self.params, self.grads) if cfg.num_shared_experts else None
         self.reduce_replicated_grads = bool(reduce_replicated_grads)
-        self._activation = Activation.__members__[cfg.activation]
+        self.experts = Experts(cfg, self.params, self.grads, dispatcher=self.dispatcher)
         self._latest: Optional[_Context] = None
         self._guard = OneCaller("ExpertParallelMoELayer")
-        self.timings: Dict[str, float] = {p: 0.0 for p in FORWARD_PHASES + BACKWARD_PHASES}
-        # bytes of rows this rank sent to other ranks: the all-to-alls, and for the global
-        # routers the allgathers of x, the mask and d_topk_weights (each to P - 1 ranks)
-        self.bytes_sent = 0
+        self._timings: Dict[str, float] = {"route": 0.0, "router_bwd": 0.0, "allreduce": 0.0}
+        # bytes this rank sent for the global routers: the allgathers of x, the mask and
+        # d_topk_weights (each to P - 1 ranks); the all-to-alls' are the dispatcher's
+        self._bytes_gathered = 0
 
     @classmethod
     def from_layer(cls, layer: MoELayer, comm=None, reduce_replicated_grads: bool = True):
@@ -187,6 +177,22 @@ class ExpertParallelMoELayer:
         out = cls(layer.cfg, comm, layer.params, reduce_replicated_grads)
         out.router.load_state(layer.router.state())
         return out
+
+    @property
+    def timings(self) -> Dict[str, float]:
+        """Seconds spent in each phase (FORWARD_PHASES, BACKWARD_PHASES), accumulated."""
+        both = {**self._timings, **self.dispatcher.timings}
+        return {p: both[p] for p in FORWARD_PHASES + BACKWARD_PHASES}
+
+    def reset_timings(self) -> None:
+        for d in (self._timings, self.dispatcher.timings):
+            for k in d:
+                d[k] = 0.0
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes of rows this rank sent to other ranks (all-to-alls and allgathers)."""
+        return self._bytes_gathered + self.dispatcher.bytes_sent
 
     # ---- parameters -----------------------------------------------------------
     def gather_params(self) -> Dict[str, np.ndarray]:
@@ -231,7 +237,7 @@ class ExpertParallelMoELayer:
     # ---- forward ----------------------------------------------------------------
     def _tick(self, name: str, t0: float) -> float:
         t1 = time.perf_counter()
-        self.timings[name] += t1 - t0
+        self._timings[name] += t1 - t0
         return t1
 
     def _global_stats(self, r, mask: np.ndarray, losses: Dict[str, float], seq_len: int):
@@ -278,8 +284,8 @@ class ExpertParallelMoELayer:
         else:
             routed, r, losses, aux, scales = self._route_tokens(x2, mask, ids, training, seq_len)
             rows = None
-        t0 = self._tick("route", t0)
-        return self._experts_forward(x2, lead, mask, routed, r, losses, aux, scales, rows, t0)
+        self._tick("route", t0)
+        return self._experts_forward(x2, lead, mask, routed, r, losses, aux, scales, rows)
 
     def _route_global(self, x2: np.ndarray, mask: np.ndarray, training: bool, seq_len: int):
         """Route the global batch (every rank's rows, in rank order) with the single-process
@@ -295,7 +301,7 @@ class ExpertParallelMoELayer:
         counts = shapes[:, 0]
         xg, _ = C.allgather_rows(comm, x2, counts)
         mg, _ = C.allgather_rows(comm, mask, counts)
-        self.bytes_sent += (P - 1) * (x2.nbytes + mask.nbytes)
+        self._bytes_gathered += (P - 1) * (x2.nbytes + mask.nbytes)
         routed = self.router.compute(xg, mg, training, seq_len)
         lo = int(counts[:self.rank].sum())
         rows = (lo, lo + T, counts)
@@ -342,39 +348,10 @@ class ExpertParallelMoELayer:
         scales = (active / active_g if active_g else 0.0) if seq_len else share, share
         return routed, r, losses, aux, scales
 
-    def _experts_forward(self, x2, lead, mask, routed, r, losses, aux, scales, rows, t0) -> MoEOutput:
-        """Dispatch this rank's routed rows to the experts' ranks and combine what comes
-        back (r: this rank's rows of the routing)."""
-        cfg, comm = self.cfg, self.comm
-        E, D, dt = cfg.num_experts, cfg.d_model, cfg.np_dtype
-
-        # Rows grouped by expert: the rows for rank q are experts [q El, (q+1) El), contiguous.
-        offsets, row_token, slot_row = _kernels.dispatch_plan(
-            topk_indices=r.topk_indices, dropped=r.dropped.view(np.uint8), num_experts=E)
-        xs = kernel("gather_rows", dt)(x=x2, row_token=row_token)
-        El = self.local_experts
-        per_expert = np.diff(offsets).reshape(self.size, El)
-        t0 = self._tick("dispatch", t0)
-        recv_counts = C.alltoall_counts(comm, per_expert)  # [source rank, local expert]
-        send_rows, recv_rows = per_expert.sum(axis=1), recv_counts.sum(axis=1)
-        xr = C.alltoallv_rows(comm, xs, send_rows, recv_rows)
-        self._count_bytes(send_rows, D, dt)
-        t0 = self._tick("a2a_out", t0)
-
-        perm, inv = _expert_major(recv_counts)
-        xe = xr if perm is None else kernel("gather_rows", dt)(x=xr, row_token=perm)
-        local_offsets = np.concatenate(([0], np.cumsum(recv_counts.sum(axis=0)))).astype(np.int64)
-        w1, w3, w2 = self._expert_weights()
-        h1, h3, ye = kernel("experts_forward", dt)(xs=xe, offsets=local_offsets, w1=w1, w3=w3, w2=w2,
-                                                   activation=self._activation)
-        ye_r = ye if inv is None else kernel("gather_rows", dt)(x=ye, row_token=inv)
-        t0 = self._tick("experts", t0)
-
-        ye_back = C.alltoallv_rows(comm, ye_r, recv_rows, send_rows)
-        self._count_bytes(recv_rows, D, dt)
-        t0 = self._tick("a2a_back", t0)
-
-        y2 = kernel("combine_forward", dt)(ye=ye_back, slot_row=slot_row, topk_weights=r.topk_weights)
+    def _experts_forward(self, x2, lead, mask, routed, r, losses, aux, scales, rows) -> MoEOutput:
+        """The experts for this rank's rows of the routing `r`, through the all-to-all
+        dispatcher; the shared experts on this rank's tokens."""
+        y2, experts_saved = self.experts.compute(x2, r.topk_indices, r.topk_weights, r.dropped)
         shared_saved = None
         if self.shared is not None:
             y_shared, shared_saved = self.shared.compute(x2, mask)
@@ -386,21 +363,9 @@ class ExpertParallelMoELayer:
             public = read_only(r)
         self.router.losses, self.router.aux_loss = losses, aux
         ctx = _Context(layer=self, router_saved=routed.saved, lead=lead, scales=scales,
-                       slot_row=slot_row, send_rows=send_rows, recv_rows=recv_rows, perm=perm,
-                       inv=inv, local_offsets=local_offsets, xe=xe, h1=h1, h3=h3, ye_back=ye_back,
-                       topk_weights=r.topk_weights, weights=(w1, w3, w2), shared_saved=shared_saved,
-                       rows=rows)
+                       experts_saved=experts_saved, shared_saved=shared_saved, rows=rows)
         self._latest = ctx
-        self._tick("combine", t0)
-        return MoEOutput(y2.reshape(lead + (D,)), public, aux, dict(losses), ctx)
-
-    def _expert_weights(self):
-        w3 = self.params.get("w3", np.zeros((0, 0, 0), dtype=self.cfg.np_dtype))
-        return self.params["w1"], w3, self.params["w2"]
-
-    def _count_bytes(self, rows: np.ndarray, D: int, dt) -> None:
-        # rows kept on this rank cross no wire
-        self.bytes_sent += int((rows.sum() - rows[self.rank]) * D * np.dtype(dt).itemsize)
+        return MoEOutput(y2.reshape(lead + (self.cfg.d_model,)), public, aux, dict(losses), ctx)
 
     # ---- backward ---------------------------------------------------------------
     def backward(self, dy, aux_weight: float = 1.0, out: Optional[MoEOutput] = None) -> np.ndarray:
@@ -414,26 +379,9 @@ class ExpertParallelMoELayer:
         ctx = backward_context(self, out, aux_weight)
         cfg, comm = self.cfg, self.comm
         D, dt = cfg.d_model, cfg.np_dtype
-        t0 = time.perf_counter()
         dy2 = as_grad(dy, ctx.lead + (D,), dt, "dy").reshape(-1, D)
-        dye, d_weights = kernel("combine_backward", dt)(dy=dy2, ye=ctx.ye_back, slot_row=ctx.slot_row,
-                                                        topk_weights=ctx.topk_weights)
-        t0 = self._tick("combine_bwd", t0)
-        dye_r = C.alltoallv_rows(comm, dye, ctx.send_rows, ctx.recv_rows)
-        self._count_bytes(ctx.send_rows, D, dt)
-        t0 = self._tick("a2a_out_bwd", t0)
-        dye_e = dye_r if ctx.perm is None else kernel("gather_rows", dt)(x=dye_r, row_token=ctx.perm)
-        w1, w3, w2 = ctx.weights
-        g3 = self.grads.get("w3", np.zeros((0, 0, 0), dtype=dt))
-        dxs_e = kernel("experts_backward", dt)(
-            xs=ctx.xe, offsets=ctx.local_offsets, w1=w1, w3=w3, w2=w2, h1=ctx.h1, h3=ctx.h3,
-            dye=dye_e, activation=self._activation, dw1=self.grads["w1"], dw3=g3, dw2=self.grads["w2"])
-        dxs_r = dxs_e if ctx.inv is None else kernel("gather_rows", dt)(x=dxs_e, row_token=ctx.inv)
-        t0 = self._tick("experts_bwd", t0)
-        dxs = C.alltoallv_rows(comm, dxs_r, ctx.recv_rows, ctx.send_rows)
-        self._count_bytes(ctx.recv_rows, D, dt)
-        t0 = self._tick("a2a_back_bwd", t0)
-        dx2 = kernel("gather_rows_backward", dt)(dxs=dxs, slot_row=ctx.slot_row)
+        dx2, d_weights = self.experts.backward(dy2, ctx.experts_saved)
+        t0 = time.perf_counter()
         if not np.isfinite(d_weights).all():
             raise NonFiniteError("dy: the gradient through the experts is not finite")
         replicated = [k for k in self.grads if k not in EXPERT_KEYS]
@@ -464,7 +412,7 @@ class ExpertParallelMoELayer:
         docstring); returns this rank's rows of dx."""
         lo, hi, counts = ctx.rows
         dwg, _ = C.allgather_rows(self.comm, d_weights, counts)
-        self.bytes_sent += (self.size - 1) * d_weights.nbytes
+        self._bytes_gathered += (self.size - 1) * d_weights.nbytes
         saved = ctx.router_saved
         # other ranks' rows start at 0: the kernel adds into dx, row by row
         dxg = np.zeros_like(saved.x2)
@@ -507,19 +455,3 @@ def _global_losses(total: np.ndarray, R: int, active: int, E: int, seq_len: int,
         lb *= float(E)
     return {"load_balance": lb, "z_loss": float(total[2]) / R, "entropy": float(total[3]) / R}
 
-
-def _expert_major(recv_counts: np.ndarray):
-    """Rows arrive grouped by source rank, then local expert; the experts want them by
-    expert, then source rank (= global token order). Returns the row gather that does it
-    and its inverse, or (None, None) when the two orders coincide (one expert per rank,
-    or one rank)."""
-    P, El = recv_counts.shape
-    if P == 1 or El == 1:
-        return None, None
-    start = (np.cumsum(recv_counts.ravel()) - recv_counts.ravel()).reshape(P, El)
-    parts = [np.arange(start[s, e], start[s, e] + recv_counts[s, e], dtype=np.int64)
-             for e in range(El) for s in range(P)]
-    perm = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-    inv = np.empty_like(perm)
-    inv[perm] = np.arange(len(perm), dtype=np.int64)
-    return perm, inv

@@ -6,10 +6,10 @@ import sys
 
 from mpi4py import MPI
 
-from moe_py.distributed.model import to_expert_parallel
-from moe_py.distributed.train import evaluate, train_step
+from moe_py.distributed import ExpertParallel
 from moe_py.models import TransformerLM
 from moe_py.optim import AdamW, lr_at
+from moe_py.train import evaluate, train_step
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from cases import EvalWindows, train_setup  # noqa: E402
@@ -17,12 +17,13 @@ from cases import EvalWindows, train_setup  # noqa: E402
 
 def main() -> None:
     comm = MPI.COMM_WORLD
+    parallel = ExpertParallel(comm)
     cases = json.load(open(sys.argv[1]))
     results = {}
     for name, case in cases.items():
         model_cfg, train_cfg, sampler = train_setup(case)
         model = TransformerLM(model_cfg)
-        experts = to_expert_parallel(model, comm)
+        parallel.prepare(model)
         if "noise" in case:
             model.set_noise_annealing(*case["noise"])
         optim = AdamW(model.named_parameters(), weight_decay=train_cfg.weight_decay)
@@ -31,17 +32,17 @@ def main() -> None:
             M = train_cfg.grad_accum
             batches = [sampler.batch(step * M + i) for i in range(M)]
             lr = lr_at(step, train_cfg.lr, train_cfg.warmup, train_cfg.steps, train_cfg.min_lr_ratio)
-            m = train_step(model, batches, optim, lr, train_cfg, comm, experts)
+            m = train_step(model, batches, optim, lr, train_cfg, parallel)
             rows.append({k: m[k] for k in ("loss", "aux_loss", "grad_norm", "load_balance", "z_loss",
                                            "entropy", "expert_share", "drop_rate", "tokens")})
         # replicated weights must stay bit-identical on every rank
         same = True
         for n, p, _ in model.named_parameters():
-            if n not in experts:
+            if n not in parallel.experts:
                 ref = p.copy()
                 comm.Bcast(ref, root=0)
                 same &= bool((ref == p).all())
-        evals = {str(n): evaluate(model, EvalWindows(sampler, n), None, comm) for n in (1, 3)}
+        evals = {str(n): evaluate(model, EvalWindows(sampler, n), None, parallel) for n in (1, 3)}
         results[name] = {"steps": rows, "replicated_identical": comm.allreduce(same, op=MPI.LAND),
                          "eval": evals}
     if comm.Get_rank() == 0:
