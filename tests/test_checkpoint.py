@@ -59,3 +59,43 @@ def test_a_checkpoint_step_that_is_not_an_integer_is_a_checkpoint_error(tmp_path
         with pytest.raises(CheckpointError, match="its step is .*not an integer >= 0"):
             load_model(bad)
     assert int(load_model(path)[1]["step"]) == 3
+
+
+def one_layer_lm():
+    moe = moe_py.MoEConfig(d_model=16, d_ff=16, num_experts=2, top_k=1)
+    return TransformerLM(ModelConfig(max_seq_len=8, d_model=16, n_layers=1, n_heads=2, moe=moe))
+
+
+def saved_checkpoint(tmp_path):
+    m = one_layer_lm()
+    path = str(tmp_path / "c.npz")
+    save_checkpoint(path, m, AdamW(m.named_parameters()), 3, {})
+    return path
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "flip", "random", "text"])
+def test_damaged_checkpoints_say_so(tmp_path, damage):
+    path = saved_checkpoint(tmp_path)
+    data = bytearray(open(path, "rb").read())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "empty":
+        data = b""
+    elif damage == "flip":
+        data[len(data) // 3] ^= 0x10
+    elif damage == "random":
+        data = np.random.default_rng(0).bytes(5000)
+    else:
+        data = b"just some text\n" * 100
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(CheckpointError, match="not a valid moe_py checkpoint"):
+        load_model(path)
+
+
+def test_checkpoint_missing_array_is_named_with_its_shape(tmp_path):
+    path = saved_checkpoint(tmp_path)
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files if k != "model.norm_f.g" and k != "checksum"}
+    np.savez(path, **arrays)
+    with pytest.raises(CheckpointError, match=r"model.norm_f.g' \(expected float32 \[16\]\)"):
+        load_model(path)

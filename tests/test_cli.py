@@ -37,3 +37,21 @@ def test_bad_arguments_give_one_line_errors(argv, word, tmp_path, capsys):
 def test_demo_runs(capsys):
     assert main(["demo"]) == 0
     assert "tokens_per_expert" in capsys.readouterr().out
+
+
+def test_cli_refuses_absurd_threads_in_one_line(capsys):
+    from moe_py.cli import main
+    assert main(["--threads", "200000", "demo"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "threads" in err
+
+
+def test_cli_out_of_memory_is_one_line(monkeypatch, capsys):
+    from moe_py import cli
+
+    def boom(args):
+        raise MemoryError()
+    monkeypatch.setattr(cli, "_demo", boom)
+    assert cli.main(["demo"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "out of memory" in err

@@ -1,4 +1,8 @@
 """Corpora and batches: labels line up with bytes, splits and batches are deterministic."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -161,3 +165,14 @@ def test_text_corpus_from_files_and_folders(tmp_path):
     assert single.train and single.val
     with pytest.raises(FileNotFoundError, match="no/such"):
         data.load_corpus(str(tmp_path / "no/such"))
+
+
+def test_a_named_pipe_in_a_corpus_folder_does_not_hang(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world, " * 2000)
+    os.mkfifo(tmp_path / "pipe.txt")
+    code = f"from moe_py.data import load_corpus; c = load_corpus({str(tmp_path)!r}); print(len(c.train))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    with pytest.raises(ValueError, match="not a regular file"):
+        from moe_py.data import load_corpus
+        load_corpus(str(tmp_path / "pipe.txt"))

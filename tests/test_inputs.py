@@ -1,10 +1,14 @@
 """Bad input gets a clear exception naming the argument; odd layouts give the same bits."""
+import json
 import warnings
 
 import numpy as np
 import pytest
 
 import moe_py
+from moe_py._checks import NonFiniteError, check_row_count
+from moe_py.config import MoEConfig
+from moe_py.models import ModelConfig
 
 
 def cfg(**kw):
@@ -120,3 +124,70 @@ def test_shapes_single_token_and_batched_equal_flat():
     b = run_all(layer, x.reshape(10, 8), mask.reshape(10))
     for u, v in zip(a, b):
         assert np.array_equal(u.reshape(v.shape), v)
+
+
+# ---- configs: bounds and NumPy scalars; non-finite values named where they are made ----
+
+def small_layer(**kw):
+    cfg = dict(d_model=16, d_ff=24, num_experts=4, top_k=2, seed=1)
+    cfg.update(kw)
+    return moe_py.MoELayer(MoEConfig(**cfg))
+
+
+def test_zero_capacity_is_refused():
+    with pytest.raises(ValueError, match="capacity_factor"):
+        MoEConfig(capacity_factor=0)
+
+
+@pytest.mark.parametrize("kw,word", [({"seed": 2**64}, "seed"), ({"seed": -1}, "seed")])
+def test_config_bounds_name_the_field(kw, word):
+    with pytest.raises(ValueError, match=word):
+        MoEConfig(**kw)
+
+
+def test_numpy_scalars_become_python_scalars():
+    cfg = MoEConfig(d_model=np.uint8(200), d_ff=np.int64(8), num_experts=np.int32(4),
+                    load_balance_coef=np.float32(0.5), straight_through=np.bool_(True))
+    assert type(cfg.d_model) is int and cfg.d_model * 3 == 600
+    json.dumps(ModelConfig(d_model=200, n_heads=4, moe=cfg).to_dict())
+
+
+def test_noise_too_large_for_float32_is_refused():
+    with pytest.raises(ValueError, match="start_std"):
+        small_layer().set_noise_annealing(1e39, 10)
+
+
+def test_huge_coefficient_names_itself():
+    layer = small_layer(z_loss_coef=1e308)
+    x = np.random.default_rng(0).standard_normal((10, 16)).astype(np.float32) * 30
+    with pytest.raises(NonFiniteError, match="z_loss_coef"):
+        layer(x)
+
+
+def test_nan_aux_weight_is_refused():
+    layer = small_layer()
+    x = np.ones((5, 16), np.float32)
+    layer(x)
+    with pytest.raises(ValueError, match="aux_weight"):
+        layer.backward(np.ones_like(x), aux_weight=float("nan"))
+
+
+def test_huge_x_names_x_not_an_internal_argument():
+    layer = small_layer()
+    x = np.full((5, 16), 1e20, np.float32)
+    with pytest.raises(ValueError, match="^x: "):
+        layer(x)
+
+
+def test_masked_nan_is_still_nan():
+    x = np.ma.masked_array(np.ones((4, 16), np.float32), mask=np.zeros((4, 16), bool))
+    x.data[0, 0] = np.nan
+    x.mask[0, 0] = True
+    with pytest.raises(ValueError, match="x: contains NaN"):
+        small_layer()(x)
+
+
+def test_rows_past_the_32_bit_blas_are_refused():
+    with pytest.raises(ValueError, match="32-bit"):
+        check_row_count(2**31, "x")
+    check_row_count(2**31 - 1, "x")

@@ -290,3 +290,92 @@ def test_a_threads_own_output_backpropagates_after_another_threads_forward():
     t.start()
     t.join()
     assert "another thread than its forward" in err[0]
+
+
+# ---- outputs are read-only, one layer per thread, failed calls change nothing, grads and params ----
+
+def small_layer(**kw):
+    cfg = dict(d_model=16, d_ff=24, num_experts=4, top_k=2, seed=1)
+    cfg.update(kw)
+    return moe_py.MoELayer(moe_py.MoEConfig(**cfg))
+
+
+def test_router_output_is_read_only_and_backward_checks_indices():
+    layer = small_layer()
+    x = np.random.default_rng(0).standard_normal((30, 16)).astype(np.float32)
+    o = layer(x)
+    with pytest.raises(ValueError, match="read-only"):
+        o.router.topk_indices[:, 0] = 4
+    idx = o.router.topk_indices
+    idx.flags.writeable = True  # a determined user: the C++ still refuses
+    idx[:, 0] = 1_000_000
+    with pytest.raises(ValueError, match="saved topk_indices"):
+        layer.backward(np.ones_like(x))
+
+
+def test_a_layer_in_use_by_another_thread_raises():
+    layer = small_layer()
+    x = np.ones((8, 16), np.float32)
+    layer._guard._lock.acquire()  # as if another thread were inside forward
+    try:
+        with pytest.raises(RuntimeError, match="in use by another thread"):
+            layer(x)
+    finally:
+        layer._guard._lock.release()
+    layer(x)
+    err = []
+    t = threading.Thread(target=lambda: err.append(_raises(lambda: layer.backward(np.ones_like(x)))))
+    t.start()
+    t.join()
+    assert "another thread" in err[0]
+
+
+def _raises(fn):
+    try:
+        fn()
+    except RuntimeError as e:
+        return str(e)
+    return ""
+
+
+def test_failed_forward_changes_nothing():
+    layer = small_layer()
+    layer.set_noise_annealing(0.5, 10)
+    rng = np.random.default_rng(0)
+    x, dy = rng.standard_normal((20, 16)).astype(np.float32), rng.standard_normal((20, 16)).astype(np.float32)
+    layer(x)
+    std = layer.noise_std
+    layer.zero_grad()
+    want = layer.backward(dy).copy(), {k: g.copy() for k, g in layer.grads.items()}
+    w1 = layer.params["w1"].copy()
+    layer.params["w1"][0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="w1"):
+        layer(rng.standard_normal((7, 16)).astype(np.float32))
+    layer.params["w1"][...] = w1
+    assert layer.noise_std == std
+    layer.zero_grad()
+    np.testing.assert_array_equal(layer.backward(dy), want[0])
+    for k, g in layer.grads.items():
+        np.testing.assert_array_equal(g, want[1][k])
+
+
+def test_grad_buffer_errors_name_layer_grads():
+    layer = small_layer()
+    x = np.ones((6, 16), np.float32)
+    layer(x)
+    layer.grads["w1"] = np.zeros((2, 2), np.float32)  # a wrong entry put into the dict
+    with pytest.raises(ValueError, match=r"grads\['w1'\]"):
+        layer.backward(np.ones_like(x))
+
+
+def test_assigning_params_takes_effect():
+    layer = small_layer()
+    x = np.random.default_rng(0).standard_normal((6, 16)).astype(np.float32)
+    before = layer(x).y
+    new = {k: v * 2 for k, v in layer.params.items()}
+    layer.params = new
+    after = layer(x).y
+    assert not np.array_equal(before, after)
+    np.testing.assert_array_equal(layer.params["w2"], new["w2"])
+    with pytest.raises(ValueError, match="params"):
+        layer.params = {"w1": new["w1"]}

@@ -7,7 +7,7 @@ from moe_py.testing import gradcheck
 from moe_py.models import ModelConfig, TransformerLM
 from moe_py.nn import CausalSelfAttention, RMSNorm
 
-GRAD_TOL = 1e-6  # float64 central differences (see test_router.py)
+GRAD_TOL = 1e-6  # float64 central differences (see test_router_softmax_topk.py)
 
 
 def test_rmsnorm_gradient_and_value():
@@ -182,3 +182,22 @@ def test_empty_token_ids_are_refused_naming_inputs():
     for shape in ((2, 0), (0, 4)):
         with pytest.raises(ValueError, match="inputs: expected at least one sequence of at least one token"):
             model.forward(np.zeros(shape, np.int64))
+
+
+def one_layer_lm():
+    moe = moe_py.MoEConfig(d_model=16, d_ff=16, num_experts=2, top_k=1)
+    return TransformerLM(ModelConfig(max_seq_len=8, d_model=16, n_layers=1, n_heads=2, moe=moe))
+
+
+def test_model_config_rejects_a_non_config_moe():
+    with pytest.raises(TypeError, match="moe"):
+        ModelConfig(moe=5)
+
+
+def test_model_backward_checks_its_calls():
+    m = one_layer_lm()
+    with pytest.raises(RuntimeError, match="before forward"):
+        m.backward([np.zeros((1, 8, 256), np.float32)])
+    out = m.forward(np.zeros((1, 8), np.int64))
+    with pytest.raises(ValueError, match="one gradient per head"):
+        m.backward([np.zeros_like(out.head_logits[0])] * 2)

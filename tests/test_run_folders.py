@@ -8,6 +8,7 @@ import pytest
 
 from moe_py.checkpoint import load_model
 from moe_py.cli import main
+from moe_py.run_folder import RunFolder
 
 TINY = ["--corpus", "synthetic", "--d-model", "16", "--layers", "1", "--heads", "2",
         "--experts", "3", "--d-ff", "8", "--seq-len", "16", "--batch-size", "4", "--eval-every", "3",
@@ -224,3 +225,13 @@ def test_a_corpus_too_small_to_split_is_one_line_and_no_folder(tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert "too few for a training and a validation split" in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_torn_metrics_line_is_dropped_with_a_warning(tmp_path):
+    run = RunFolder(str(tmp_path))
+    run.start_metrics()
+    run.append_metrics({"step": 1, "loss": 2.0})
+    with open(run.metrics, "a") as f:
+        f.write('{"step": 2, "lo')
+    with pytest.warns(RuntimeWarning, match="torn last line"):
+        assert run.read_metrics() == [{"step": 1, "loss": 2.0}]

@@ -2,9 +2,12 @@
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
+import moe_py
+from moe_py import _kernels
 from moe_py._omp_env import MAX_THREADS, clamp_omp_num_threads
 
 CALL = ("import numpy as np, moe_py; "
@@ -32,3 +35,26 @@ def test_the_clamp_reads_lists_and_leaves_other_text_to_libgomp():
         env = {"OMP_NUM_THREADS": text}
         clamp_omp_num_threads(env)
         assert env["OMP_NUM_THREADS"] == text
+
+
+# ---- set_num_threads: bounds, and the count reaches other Python threads ----
+
+@pytest.mark.parametrize("n", [0, 200_000, 2**31, True, 2.0])
+def test_absurd_thread_counts_are_refused(n):
+    with pytest.raises(ValueError, match="n: expected"):
+        moe_py.set_num_threads(n)
+
+
+def test_thread_count_reaches_other_python_threads():
+    moe_py.set_num_threads(3)
+    seen = {}
+
+    def work():  # fma_peak's FLOP count is proportional to the team size that ran it
+        seen["flops"], _ = _kernels.fma_peak(iters=1)
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    here, _ = _kernels.fma_peak(iters=1)
+    moe_py.set_num_threads(1)
+    single, _ = _kernels.fma_peak(iters=1)
+    assert seen["flops"] == here == 3 * single

@@ -8,7 +8,8 @@ import pytest
 import moe_py
 from moe_py import data
 from moe_py.checkpoint import load_model
-from moe_py.models import ModelConfig
+from moe_py.models import ModelConfig, TransformerLM
+from moe_py.optim import AdamW
 from moe_py.train import TrainConfig, TrainingDiverged, read_metrics, train
 
 TIMING_KEYS = {"tokens_per_s", "rss_mib"}  # measured, not computed
@@ -181,3 +182,18 @@ def test_a_signal_finishes_the_step_writes_a_checkpoint_and_exits_130(tmp_path, 
     step = int(line.split("interrupted at step ")[1].split()[0])
     _, raw = load_model(os.path.join(out, "checkpoint.npz"))
     assert int(raw["step"]) == step == read_metrics(out)[-1]["step"]  # nothing lost
+
+
+def one_layer_lm():
+    moe = moe_py.MoEConfig(d_model=16, d_ff=16, num_experts=2, top_k=1)
+    return TransformerLM(ModelConfig(max_seq_len=8, d_model=16, n_layers=1, n_heads=2, moe=moe))
+
+
+def test_a_diverging_moe_layer_stops_training_with_the_designed_message():
+    from moe_py.data import synthetic_corpus, BatchSampler
+    from moe_py.train import TrainConfig, TrainingDiverged, train_step
+    m = one_layer_lm()
+    m.moe_layers[0].params["w2"][...] = 1e38  # finite weights whose output overflows
+    batch = BatchSampler(synthetic_corpus(n_docs=20, split_seed=0).train, 2, 8, 0).batch(0)
+    with pytest.raises(TrainingDiverged, match="non-finite loss or gradient"):
+        train_step(m, [batch], AdamW(m.named_parameters()), 1e-3, TrainConfig(seq_len=8))

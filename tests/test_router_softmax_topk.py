@@ -1,4 +1,5 @@
-"""Router and router losses: gradients, padding, noise, STE, capacity, known values."""
+"""The default router (softmax top-k) and the router losses: gradients, padding, noise, STE,
+capacity, known values. The other routers: tests/test_router_variants.py."""
 import math
 import warnings
 
@@ -299,3 +300,18 @@ def test_probs_drop_policy_keeps_each_experts_most_probable_assignments():
     assert not np.array_equal(kept_by["position"], kept_by["probs"])
     report = gradcheck(r, {"x": x}, tol=GRAD_TOL)
     assert report.checked > 0
+
+
+# ---- capacity overflow ----
+
+def _layer(**kw):
+    return moe_py.MoELayer(moe_py.MoEConfig(**{"d_model": 16, "d_ff": 24, "num_experts": 4, "top_k": 2,
+                                               "seed": 1, **kw}))
+
+
+def test_huge_capacity_factor_is_dropless():
+    x = np.random.default_rng(0).standard_normal((50, 16)).astype(np.float32)
+    y_free = _layer()(x).y
+    o = _layer(capacity_factor=1e300)(x)
+    assert not o.router.dropped.any()
+    np.testing.assert_array_equal(o.y, y_free)
