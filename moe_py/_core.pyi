@@ -1,31 +1,42 @@
 """Typed signatures of moe_py._core, written by scripts/make_core_stub.py: do not edit."""
+import collections.abc
 import typing
 
 import numpy
 import numpy.typing
 
 
-class Activation:
+@typing.type_check_only
+class _pybind11_type(type):
+    """the metaclass of pybind11's classes (pybind11_builtins.pybind11_type)"""
+
+class Activation(metaclass=_pybind11_type):
     """the expert FFN's activation"""
     swiglu: typing.ClassVar[Activation]
     gelu: typing.ClassVar[Activation]
+    __members__: typing.ClassVar[dict[str, Activation]]
     def __init__(self, value: int) -> None: ...
+    def __int__(self) -> int: ...
+    def __index__(self) -> int: ...
     @property
     def name(self) -> str: ...
     @property
     def value(self) -> int: ...
 
-class DropPolicy:
+class DropPolicy(metaclass=_pybind11_type):
     """which assignments an expert over capacity drops"""
     position: typing.ClassVar[DropPolicy]
     probs: typing.ClassVar[DropPolicy]
+    __members__: typing.ClassVar[dict[str, DropPolicy]]
     def __init__(self, value: int) -> None: ...
+    def __int__(self) -> int: ...
+    def __index__(self) -> int: ...
     @property
     def name(self) -> str: ...
     @property
     def value(self) -> int: ...
 
-class RouterForwardResult:
+class RouterForwardResult(metaclass=_pybind11_type):
     """router_forward's buffers in RouterOutput's field order, then the unweighted load_balance, z_loss and entropy_loss"""
     @property
     def dropped(self) -> numpy.ndarray: ...
@@ -50,20 +61,23 @@ class RouterForwardResult:
     @property
     def z_loss(self) -> float: ...
 
-class RouterKind:
+class RouterKind(metaclass=_pybind11_type):
     """the routing algorithm"""
     softmax_topk: typing.ClassVar[RouterKind]
     sigmoid_topk: typing.ClassVar[RouterKind]
     expert_choice: typing.ClassVar[RouterKind]
     sinkhorn: typing.ClassVar[RouterKind]
     hash: typing.ClassVar[RouterKind]
+    __members__: typing.ClassVar[dict[str, RouterKind]]
     def __init__(self, value: int) -> None: ...
+    def __int__(self) -> int: ...
+    def __index__(self) -> int: ...
     @property
     def name(self) -> str: ...
     @property
     def value(self) -> int: ...
 
-class RouterOptions:
+class RouterOptions(metaclass=_pybind11_type):
     """the routing options of cpp/router.h, field by field"""
     @property
     def capacity_factor(self) -> float: ...

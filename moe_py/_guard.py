@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
+from typing import Optional
 
 
 class OneCaller:
@@ -14,7 +15,7 @@ class OneCaller:
     def __init__(self, what: str):
         self._what = what
         self._lock = threading.Lock()
-        self._forward_thread = None
+        self._forward_thread: Optional[int] = None
 
     @contextmanager
     def forward(self):

@@ -5,7 +5,7 @@ defaults to the tokens whose first index is not -1."""
 from __future__ import annotations
 
 from collections import Counter
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -36,7 +36,7 @@ def utilisation(r: RouterOutput, mask=None) -> np.ndarray:
     return counts / counts.sum() if counts.sum() else counts
 
 
-def imbalance(r: RouterOutput, mask=None) -> Dict[str, object]:
+def imbalance(r: RouterOutput, mask=None) -> Dict[str, Any]:
     """max/mean and coefficient of variation of the utilisation, dead experts (no
     assignment), and the drop rate (dropped real slots / real slots)."""
     u = utilisation(r, mask)
@@ -58,7 +58,7 @@ def unrouted_share(r: RouterOutput, mask=None) -> float:
     return float(unrouted_tokens(r, real)[real].mean())
 
 
-def entropy_stats(r: RouterOutput, mask=None) -> Dict[str, object]:
+def entropy_stats(r: RouterOutput, mask=None) -> Dict[str, Any]:
     """Per-token entropy of the CLEAN router probabilities (noise never enters) and its mean;
     the entropy of the load, i.e. of the share of real assignments per expert, and the
     effective number of experts exp(load entropy) (E when balanced, 1 when collapsed); and,
@@ -102,7 +102,7 @@ def specialisation(r: RouterOutput, labels, n_labels: int, mask=None) -> Dict[st
 
 
 def specialisation_with_nulls(r: RouterOutput, labels, tokens, n_labels: int, mask=None,
-                              r_at_init: Optional[RouterOutput] = None) -> Dict[str, object]:
+                              r_at_init: Optional[RouterOutput] = None) -> Dict[str, Any]:
     """specialisation.specialisation_report for the real, labelled tokens of one layer."""
     labels = np.asarray(labels).reshape(-1)
     keep = _real(r, mask) & (labels >= 0)

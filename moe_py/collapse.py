@@ -12,7 +12,7 @@ and the experts with no assignment at the last step.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 
 @dataclass
@@ -72,9 +72,9 @@ class CollapseWatch:
         last episode's end (1 with no episode); None while an episode lasts."""
         if any(ep.end is None for ep in self.episodes):
             return None
-        return max((ep.end + 1 for ep in self.episodes), default=1)
+        return max((ep.end + 1 for ep in self.episodes if ep.end is not None), default=1)
 
-    def summary(self, expert_share: List[List[float]]) -> Dict[str, object]:
+    def summary(self, expert_share: List[List[float]]) -> Dict[str, Any]:
         """Episodes, stable_since and the experts with no assignment in expert_share (the
         last step's), as stored in metrics.jsonl's last row."""
         return {"episodes": [asdict(ep) for ep in self.episodes], "stable_since": self.stable_since(),
@@ -83,7 +83,7 @@ class CollapseWatch:
                                "steps": self.steps}}
 
 
-def summary_lines(summary: Dict[str, object], last_step: int) -> List[str]:
+def summary_lines(summary: Dict[str, Any], last_step: int) -> List[str]:
     """The end-of-run report of a CollapseWatch.summary."""
     lines = []
     by_layer: Dict[int, List[dict]] = {}

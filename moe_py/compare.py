@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from .models import ModelConfig, TransformerLM
 from .run_folder import atomic_write
@@ -25,15 +25,24 @@ from .tournament.runner import final_val_loss, run_path
 
 def _arms(moe_model: ModelConfig) -> List[Entry]:
     moe = moe_model.moe
+    assert moe is not None  # run_compare checks it
     # the MoE exactly as the flags give it (normalize_topk already resolved for its top_k)
     return [Entry("moe", f"{moe.router}, {moe.num_experts} experts of width {moe.d_ff}, top-{moe.top_k}",
                   {"normalize_topk": moe.normalize_topk}),
             Entry("dense", f"dense FFN of width {moe.active_ffn_width} (the MoE's active width)", None)]
 
 
+def _finished_loss(run) -> float:
+    """The final validation loss of a compared run (trained without may_diverge: it got there)."""
+    loss = final_val_loss(run)
+    if loss is None:
+        raise RuntimeError(f"{run.path}: no final validation loss (the run did not finish)")
+    return loss
+
+
 def run_compare(out: str, base_model: ModelConfig, base_train: TrainConfig, seeds: int = DEFAULT_SEEDS,
                 lr_grid: Optional[Sequence[float]] = None, tune_seed: int = TUNE_SEED,
-                overwrite: bool = False, progress: bool = True) -> Dict[str, object]:
+                overwrite: bool = False, progress: bool = True) -> Dict[str, Any]:
     """Train both arms at seeds 0 .. seeds-1 (after tuning their rates when lr_grid is
     given), write OUT/compare.json and compare.png, and return the result: per seed the two
     validation losses and the gap, the paired test over seeds and its verdict."""
@@ -44,7 +53,7 @@ def run_compare(out: str, base_model: ModelConfig, base_train: TrainConfig, seed
     actions, lr_choice, runs = train_entries(out, arms, base_model, base_train, seed_list,
                                              check_lr_grid(lr_grid), tune_seed, overwrite, progress)
     lrs = {a.name: next(r.train.lr for r in runs if r.entry is a) for a in arms}
-    losses = {a.name: [final_val_loss(r) for r in runs if r.entry is a] for a in arms}
+    losses = {a.name: [_finished_loss(r) for r in runs if r.entry is a] for a in arms}
     test = paired_test(losses["moe"], losses["dense"])
     params = {a.name: TransformerLM(r.model).num_parameters()
               for a in arms for r in runs if r.entry is a and r.seed == seed_list[0]}
@@ -58,7 +67,7 @@ def run_compare(out: str, base_model: ModelConfig, base_train: TrainConfig, seed
     return result
 
 
-def format_compare(result: Dict[str, object]) -> str:
+def format_compare(result: Dict[str, Any]) -> str:
     """The printed table: a row per seed, the mean gap with its interval, and the verdict."""
     losses, test = result["val_loss"], result["gap_moe_minus_dense"]
     lines = [f"validation split seed {result['split_seed']}; learning rate MoE {result['lr']['moe']:g}, "

@@ -66,7 +66,8 @@ def _split(docs: List[Document], val_fraction: float, split_seed: int) -> Tuple[
     """Train/validation by a stable hash of (split_seed, file): the split depends on the
     corpus and split_seed only, never on the training seed, so every seed and every arm of
     a comparison is evaluated on the same held-out files."""
-    train, val = [], []
+    train: List[Document] = []
+    val: List[Document] = []
     for d in docs:  # pieces of one file stay on the same side (no leakage between them)
         (val if _stable_fraction(f"{split_seed}:{source_name(d.name)}") < val_fraction else train).append(d)
     if not val and len(train) > 1:  # always keep some data on both sides
@@ -136,7 +137,7 @@ def label_python_source(text: str) -> Tuple[np.ndarray, np.ndarray]:
 
 def _stdlib_files() -> List[str]:
     root = sysconfig.get_paths()["stdlib"]
-    out = []
+    out: List[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__"))
         out.extend(os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py"))
@@ -219,7 +220,8 @@ def _arithmetic(rng: np.random.Generator) -> str:
 
 def _brackets(rng: np.random.Generator) -> str:
     pairs = ["()", "[]", "{}"]
-    out, stack = [], []
+    out: List[str] = []
+    stack: List[str] = []
     for _ in range(int(rng.integers(20, 200))):
         if stack and (rng.random() < 0.45 or len(stack) > 12):
             out.append(stack.pop())

@@ -13,7 +13,7 @@ experts, another router) plugs in through build_ffn without touching the model.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -37,7 +37,7 @@ class DenseFFN:
         self.params["w2"] *= out_scale
         self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
         self.experts = Experts(self.cfg, self.params, self.grads)
-        self._lead = None
+        self._lead: Optional[Tuple[int, ...]] = None  # the leading shape of forward's x
 
     def forward(self, x, padding_mask=None, training: bool = True, token_ids=None) -> MoEOutput:
         x = np.asarray(x)
@@ -48,6 +48,7 @@ class DenseFFN:
         return MoEOutput(y.reshape(x.shape), None, 0.0, {})
 
     def backward(self, dy, aux_weight: float = 1.0) -> np.ndarray:
+        assert self._lead is not None, "backward before forward"
         dx2, _ = self.experts.backward(np.asarray(dy).reshape(-1, self.cfg.d_model))
         return dx2.reshape(self._lead + (self.cfg.d_model,))
 

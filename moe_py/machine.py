@@ -8,7 +8,7 @@ from __future__ import annotations
 import platform
 import re
 import warnings
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from . import _kernels
 
@@ -82,7 +82,7 @@ def blas_is_generic(corename: str, simd: List[str]) -> bool:
     return corename.strip().lower() in _PRE_AVX2_CORES and ("avx2" in simd or "avx512f" in simd)
 
 
-def build_info() -> Dict[str, object]:
+def build_info() -> Dict[str, Any]:
     """Version, compiler and flags, BLAS (name, version, core type), threads, CPU and SIMD."""
     from . import __version__
     import numpy as np
@@ -116,7 +116,7 @@ def build_info() -> Dict[str, object]:
     }
 
 
-def format_build_info(info: Dict[str, object]) -> str:
+def format_build_info(info: Dict[str, Any]) -> str:
     width = max(len(k) for k in info)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in info.items())
 

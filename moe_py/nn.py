@@ -6,7 +6,7 @@ saves in forward exactly what its backward reads.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -113,7 +113,7 @@ class Block(Module):
     ...); `make_ffn(rng)` builds it after the attention, so the draws from rng keep their order.
     """
 
-    def __init__(self, d_model: int, n_heads: int, make_ffn: Callable[[np.random.Generator], object],
+    def __init__(self, d_model: int, n_heads: int, make_ffn: Callable[[np.random.Generator], Any],
                  rng: np.random.Generator, dtype, out_std: float):
         self.norm1 = RMSNorm(d_model, dtype)
         self.attn = CausalSelfAttention(d_model, n_heads, rng, dtype, out_std)

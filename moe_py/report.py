@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -97,7 +97,7 @@ def analyze_run(path: str, max_batches: Optional[int] = None, plots: bool = True
     train_cfg, corpus, sampler, max_batches = _sample_of(raw, max_batches, corpus)
     routers, labels, tokens, mask = collect_routing(model, sampler, max_batches)
     n_labels = len(corpus.label_names)
-    result = {"run": run_dir, "step": int(raw["step"]), "corpus": corpus.name,
+    result: Dict[str, Any] = {"run": run_dir, "step": int(raw["step"]), "corpus": corpus.name,
               "corpus_summary": corpus_summary(corpus, sampler, max_batches),
               "label_names": corpus.label_names, "tokens": int(mask.sum()),
               "layers": analysis.summarize(routers, labels=labels, label_names=corpus.label_names,

@@ -11,7 +11,7 @@ import csv
 import io
 import json
 import os
-from typing import Dict, List, Sequence
+from typing import Any, Dict, List, Sequence
 
 from .run_folder import RunFolder
 
@@ -34,7 +34,7 @@ def find_runs(paths: Sequence[str]) -> List[str]:
     return sorted(set(found))
 
 
-def _flatten(d: dict, prefix: str = "") -> Dict[str, object]:
+def _flatten(d: dict, prefix: str = "") -> Dict[str, Any]:
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
@@ -48,7 +48,7 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def run_row(path: str) -> Dict[str, object]:
+def run_row(path: str) -> Dict[str, Any]:
     folder = RunFolder(path)
     cfg = folder.read_config()
     moe, train = cfg["model"].get("moe"), cfg["train"]
@@ -74,7 +74,7 @@ def run_row(path: str) -> Dict[str, object]:
     return row
 
 
-def runs_table(paths: Sequence[str]) -> List[Dict[str, object]]:
+def runs_table(paths: Sequence[str]) -> List[Dict[str, Any]]:
     """One row per run folder found, with the differing config fields added to each."""
     rows = [run_row(p) for p in find_runs(paths)]
     keys = sorted(set().union(*(r["_config"] for r in rows)))
@@ -97,7 +97,7 @@ def _cell(v) -> str:
     return str(v)
 
 
-def format_runs(rows: List[Dict[str, object]]) -> str:
+def format_runs(rows: List[Dict[str, Any]]) -> str:
     cols = list(rows[0])
     cells = [[_cell(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
@@ -109,7 +109,7 @@ def format_runs(rows: List[Dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
-def runs_csv(rows: List[Dict[str, object]]) -> str:
+def runs_csv(rows: List[Dict[str, Any]]) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     w.writeheader()

@@ -26,7 +26,7 @@ def save(layer: MoELayer, path: str) -> None:
     arrays["router"] = np.array(json.dumps(layer.router.state()))
     arrays["checksum"] = np.array(array_checksum(arrays))
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub lets **arrays reach allow_pickle: bool
     atomic_write(path, buf.getvalue())
 
 

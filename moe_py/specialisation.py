@@ -24,7 +24,7 @@ The nulls use a fixed generator (NULL_SEED), so the same routing gives the same 
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 
@@ -150,7 +150,7 @@ def conditional_floor(experts: np.ndarray, labels: np.ndarray, strata: np.ndarra
 
 def specialisation_report(experts: np.ndarray, labels: np.ndarray, tokens: np.ndarray, n_experts: int,
                           n_labels: int, draws: int = NULL_DRAWS,
-                          experts_at_init: Optional[np.ndarray] = None) -> Dict[str, object]:
+                          experts_at_init: Optional[np.ndarray] = None) -> Dict[str, Any]:
     """The keys of the module docstring for one layer: experts [T, k] (-1: no expert), labels
     [T] and tokens [T] (bytes) of the real, labelled tokens only. experts_at_init: the same
     tokens routed by the model at initialisation, reported as `mi_at_init` and

@@ -7,7 +7,7 @@ same batches and the same held-out windows, so the per-seed gaps are what varies
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 CONFIDENCE = 0.95  # of every interval moe_py prints
 
@@ -84,7 +84,7 @@ def _mean_sd(values: Sequence[float]):
     return n, mean, sd
 
 
-def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Dict[str, object]:
+def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Dict[str, Any]:
     """Mean over seeds with its two-sided t-interval: {"mean", "low", "high", "half_width",
     "n", "sd"}. With one value the interval is undefined (low/high/half_width None)."""
     if len(values) == 0:
@@ -96,7 +96,7 @@ def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Di
     return {"mean": mean, "low": mean - half, "high": mean + half, "half_width": half, "n": n, "sd": sd}
 
 
-def paired_test(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE) -> Dict[str, object]:
+def paired_test(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE) -> Dict[str, Any]:
     """Paired comparison of two arms over the same seeds: the gaps a[s] - b[s], their mean
     with its t-interval, and the two-sided p-value of "mean gap = 0" (None with fewer than
     two seeds; 0 or 1 when every gap is equal)."""
@@ -128,7 +128,7 @@ def holm(pvalues: Sequence[Optional[float]]) -> List[Optional[float]]:
     return out
 
 
-def verdict(test: Dict[str, object], name_a: str, name_b: str) -> str:
+def verdict(test: Dict[str, Any], name_a: str, name_b: str) -> str:
     """A sentence for paired_test(a, b) (gaps a - b): which arm is lower when the interval
     excludes 0, otherwise "no difference at this budget"; the interval either way."""
     if test["low"] is None:

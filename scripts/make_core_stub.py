@@ -33,22 +33,40 @@ def _doc_lines(obj) -> tuple:
     return lines[0], " ".join(ln.strip() for ln in lines[1:] if ln.strip())
 
 
+_QUALIFIED = re.compile(r"\b([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)")
+
+
+def _imports(typed: list) -> list:
+    """`import m` for each module m that a qualified name in the signatures comes from
+    (collections.abc.Sequence -> collections.abc), so the stub names nothing it does not import."""
+    modules = {name.rsplit(".", 1)[0] for text in typed for name in _QUALIFIED.findall(text)}
+    std = sorted(m for m in modules if m.split(".")[0] in ("collections", "typing"))
+    third = sorted(modules - set(std))
+    return [f"import {m}" for m in std] + [""] + [f"import {m}" for m in third]
+
+
 def render(core) -> str:
-    out = ['"""Typed signatures of moe_py._core, written by scripts/make_core_stub.py: do not edit."""',
-           "import typing", "", "import numpy", "import numpy.typing", ""]
+    # pybind11's classes have the metaclass pybind11_builtins.pybind11_type, a module no stub
+    # describes: a stub-only stand-in says so (mypy.stubtest checks that a metaclass is declared)
+    out: list = ["", "@typing.type_check_only", "class _pybind11_type(type):",
+                 '    """the metaclass of pybind11\'s classes (pybind11_builtins.pybind11_type)"""']
+    typed: list = ["typing.ClassVar"]  # the text the imports must cover: signatures, not docstrings
     for name, obj in sorted(vars(core).items()):
         if name.startswith("_") or not inspect.isclass(obj):
             continue
-        out += ["", f"class {name}:", f'    """{obj.__doc__.strip().splitlines()[0]}"""']
+        out += ["", f"class {name}(metaclass=_pybind11_type):", f'    """{obj.__doc__.strip().splitlines()[0]}"""']
         members = getattr(obj, "__members__", None)
         if members:  # a py::enum_
             out += [f"    {m}: typing.ClassVar[{name}]" for m in members]
-            out += ["    def __init__(self, value: int) -> None: ...", "    @property",
+            out += [f"    __members__: typing.ClassVar[dict[str, {name}]]",
+                    "    def __init__(self, value: int) -> None: ...",
+                    "    def __int__(self) -> int: ...", "    def __index__(self) -> int: ...", "    @property",
                     "    def name(self) -> str: ...", "    @property", "    def value(self) -> int: ..."]
             continue
         for attr, prop in sorted(vars(obj).items()):
             if isinstance(prop, property):
                 ret = _tidy(_doc_lines(prop.fget)[0].split("->")[-1].strip())
+                typed.append(ret)
                 out += ["    @property", f"    def {attr}(self) -> {ret}: ..."]
     out.append("")
     for name, obj in sorted(vars(core).items()):
@@ -59,8 +77,11 @@ def render(core) -> str:
             raise SystemExit(f"{name}: no pybind11 signature in its docstring")
         if not doc:
             raise SystemExit(f"{name}: the binding has no docstring")
+        typed.append(_tidy(sig))
         out += ["", f"def {_tidy(sig)}:", f'    """{doc}"""']
-    return "\n".join(out) + "\n"
+    head = ['"""Typed signatures of moe_py._core, written by scripts/make_core_stub.py: do not edit."""',
+            *_imports(typed), ""]
+    return "\n".join(head + out) + "\n"
 
 
 def main(argv) -> int:

@@ -48,7 +48,7 @@ def save_golden(path: str, layer, inputs: Dict[str, np.ndarray]) -> None:
         "moe_py": __version__, "cpu": info["cpu"],
         "blas": f"{info['blas']} {info['blas_version']} {info['blas_corename']}"}))
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub lets **arrays reach allow_pickle: bool
     atomic_write(path, buf.getvalue())
 
 
@@ -98,7 +98,7 @@ def assert_matches_golden(path: str, layer=None, inputs: Optional[Dict[str, np.n
             bad.append(f"{key[4:]} (shape {list(have.shape)}, file {list(want.shape)})")
             continue
         ok = (np.array_equal(have, want) if want.dtype.kind in "biu" or tol["rtol"] == tol["atol"] == 0
-              else np.allclose(have, want, **tol))
+              else np.allclose(have, want, rtol=tol["rtol"], atol=tol["atol"]))
         if not ok:
             diff = (float(np.max(np.abs(have.astype(np.float64) - want))) if want.size else 0.0)
             bad.append(f"{key[4:]} (max |diff| {diff:.3e})")

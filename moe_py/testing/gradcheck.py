@@ -2,7 +2,7 @@
 any function that returns its own gradients."""
 from __future__ import annotations
 
-from typing import Callable, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -34,7 +34,7 @@ def _routing(out) -> Optional[Tuple[np.ndarray, ...]]:
     return None
 
 
-def _adapter(obj, inputs: Dict[str, np.ndarray], rng) -> Tuple[Callable, Callable, Dict[str, np.ndarray]]:
+def _adapter(obj, inputs: Dict[str, Any], rng) -> Tuple[Callable, Callable, Dict[str, np.ndarray]]:
     """(loss_and_routing(), analytic_grads() -> {name: array}, {name: array to perturb})."""
     from ..layer import MoELayer
     from ..models import TransformerLM
@@ -73,20 +73,20 @@ def _adapter(obj, inputs: Dict[str, np.ndarray], rng) -> Tuple[Callable, Callabl
             return {"x": dx.copy(), **{k: g.copy() for k, g in obj.grads.items()}}
         return loss, analytic, {"x": x, **obj.params}
     if isinstance(obj, TransformerLM):
-        ids, targets, mask = inputs["inputs"], inputs["targets"], inputs.get("mask")
+        tokens, targets, mask = inputs["inputs"], inputs["targets"], inputs.get("mask")
 
         def loss():
-            out = obj.forward(ids, mask, training=True)
+            out = obj.forward(tokens, mask, training=True)
             from ..lm_losses import multi_token_cross_entropy
             from ..config import IGNORE_INDEX
-            m = mask if mask is not None else np.ones(np.shape(ids), bool)
+            m = mask if mask is not None else np.ones(np.shape(tokens), np.bool_)
             ls, _ = multi_token_cross_entropy(out.head_logits, targets, m, IGNORE_INDEX)
             return float(np.mean(ls) + out.aux_loss), _routing(out)
 
         def analytic():
             obj.zero_grad()
-            m = mask if mask is not None else np.ones(np.shape(ids), bool)
-            obj.loss_and_backward(ids, targets, m)
+            m = mask if mask is not None else np.ones(np.shape(tokens), np.bool_)
+            obj.loss_and_backward(tokens, targets, m)
             return {n: g.copy() for n, _, g in obj.named_parameters()}
         return loss, analytic, {n: p for n, p, _ in obj.named_parameters()}
     if type(obj).__module__ == "moe_py.torch":  # the torch module (torch imported only here)
@@ -129,7 +129,7 @@ def _adapter(obj, inputs: Dict[str, np.ndarray], rng) -> Tuple[Callable, Callabl
                     f"returning (loss, grads), got {type(obj).__name__}")
 
 
-def gradcheck(layer_or_fn, inputs: Dict[str, object], eps: float = 1e-6, tol: float = 1e-6,
+def gradcheck(layer_or_fn, inputs: Dict[str, Any], eps: float = 1e-6, tol: float = 1e-6,
               max_entries: int = 40, seed: int = 0) -> GradcheckReport:
     """Compare the analytic gradient of a scalar loss with float64 central differences.
 

@@ -7,7 +7,7 @@ set_noise_annealing was called; the reference refuses a layer with noise on).
 from __future__ import annotations
 
 import math
-from typing import Dict, NamedTuple, Optional
+from typing import Any, Dict, NamedTuple, Optional
 
 import numpy as np
 
@@ -75,7 +75,9 @@ def _select(cfg: MoEConfig, probs, logits, real, training, bias, token_ids) -> n
     T, E, k = probs.shape[0], cfg.num_experts, cfg.top_k
     rows = np.flatnonzero(real)
     if cfg.router == "expert_choice":
-        C = min(len(rows), math.ceil(cfg.capacity * len(rows) * k / E))
+        cap = cfg.capacity
+        assert cap is not None  # expert choice always has one (1.0 by default)
+        C = min(len(rows), math.ceil(cap * len(rows) * k / E))
         chosen = np.zeros((T, E), bool)
         for e in range(E):
             chosen[rows[_top(probs[rows, e], C)], e] = True
@@ -87,7 +89,7 @@ def _select(cfg: MoEConfig, probs, logits, real, training, bias, token_ids) -> n
         return idx
     idx = np.full((T, k), -1, np.int64)
     if cfg.router == "hash":
-        for t in rows:
+        for t in rows.tolist():
             idx[t] = _hash_choice(token_ids[t], E, k, cfg.seed)
         return idx
     if cfg.router == "sinkhorn" and training:
@@ -98,7 +100,7 @@ def _select(cfg: MoEConfig, probs, logits, real, training, bias, token_ids) -> n
     else:
         score = probs + (0.0 if bias is None else bias)
     G, size = cfg.n_group, E // cfg.n_group
-    for t in rows:
+    for t in rows.tolist():
         v = score[t]
         if G > 1:  # the topk_group groups with the best sums of their two best values
             gscore = [np.sort(v[g * size:(g + 1) * size])[::-1][:2].sum() for g in range(G)]
@@ -299,17 +301,18 @@ def assert_matches_reference(layer, x, mask=None, dy=None, training: bool = True
         shape = x.shape if is_layer else (T, _slots(layer, x, mask, training, token_ids))
         dy = np.random.default_rng(12345).standard_normal(shape).astype(cfg.np_dtype)
     saved_grads = {k: g.copy() for k, g in layer.grads.items()}
-    router_part = layer.router if is_layer else layer
+    router_part = layer.router if isinstance(layer, MoELayer) else layer
     bias = router_part.expert_bias.copy() if cfg.router == "sigmoid_topk" else None
     earlier = router_part.step_loads.copy() \
         if training and cfg.load_balance_scope == "global" else None
     layer.zero_grad()
-    out = layer(x, padding_mask=mask, training=training, token_ids=token_ids)
+    out: Any = layer(x, padding_mask=mask, training=training, token_ids=token_ids)  # MoEOutput or RouterOutput
     if is_layer:
         dx = layer.backward(dy)
         router, y, losses, aux = out.router, out.y, out.losses, out.aux_loss
     else:
         dx = layer.backward(dy)
+        assert isinstance(layer, Router)
         router, y, losses, aux = out, None, layer.losses, layer.aux_loss
     grads = {k: g.copy() for k, g in layer.grads.items()}
     for k, g in layer.grads.items():
@@ -320,7 +323,7 @@ def assert_matches_reference(layer, x, mask=None, dy=None, training: bool = True
 
     def close(name, got, want):
         got, want = np.asarray(got, np.float64).reshape(np.shape(want)), np.asarray(want)
-        if not np.allclose(got, want, **tol):
+        if not np.allclose(got, want, rtol=tol["rtol"], atol=tol["atol"]):
             err = float(np.max(np.abs(got - want))) if want.size else 0.0
             problems.append(f"{name}: max |diff| {err:.3e} (rtol {tol['rtol']}, atol {tol['atol']})")
     for f in router._fields:

@@ -79,6 +79,7 @@ def select_entries(names: Optional[Sequence[str]], table: Sequence[Entry] = ENTR
 def _moe_config(entry: Entry, base: MoEConfig, seed: int) -> MoEConfig:
     fields = dataclasses.asdict(base)
     fields["normalize_topk"] = None  # resolved again for the entry's own top_k
+    assert entry.moe is not None, "a dense entry has no MoE config"
     fields.update(entry.moe)
     shared = fields.get("num_shared_experts", 0)
     if shared:

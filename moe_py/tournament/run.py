@@ -75,7 +75,7 @@ def train_entries(out: str, entries: Sequence[Entry], base_model: ModelConfig, b
     actions = train_runs(tuning, overwrite=overwrite, progress=progress, corpora=corpora, may_diverge=True)
     lr_choice = choose_lrs(tuning) if tuning else None
     runs = plan_runs(out, entries, base_model, base_train, seed_list,
-                     lr_choice and {name: c["lr"] for name, c in lr_choice.items()})
+                     None if lr_choice is None else {name: c["lr"] for name, c in lr_choice.items()})
     actions.update(train_runs(runs, overwrite=overwrite, progress=progress, corpora=corpora))
     return actions, lr_choice, runs
 
