@@ -12,6 +12,7 @@ from ._guard import OneCaller
 from ._kernels import all_finite
 from .config import MoEConfig
 from .experts import Experts, SharedExperts, init_expert_weights, init_shared_weights
+from .routed_experts import RoutedExperts
 from .router import Router, RouterOutput, init_router_weight
 
 
@@ -173,6 +174,11 @@ class MoELayer:
                                      f"or aux_weight={aux_weight} x the aux-loss coefficients overflow "
                                      f"in {self.cfg.dtype}")
             return dx2.reshape(ctx.lead + (D,))
+
+    def routed_experts(self) -> RoutedExperts:
+        """This layer's experts for a routing the caller gives (moe_py/routed_experts.py):
+        they share its weights and add into its grads."""
+        return RoutedExperts(self.cfg, self._params, self._grads)
 
     def zero_grad(self) -> None:
         for g in self.grads.values():

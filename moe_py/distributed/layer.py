@@ -64,9 +64,9 @@ from .._guard import OneCaller
 from ..config import MoEConfig
 from ..layer import MoELayer, MoEOutput, _replace_arrays, backward_context
 from ..experts import Experts, SharedExperts
+from ..capacity import capacity, drops_position, drops_probs, slot_counts
 from ..router import Router, RouterOutput, read_only
 from . import comm as C
-from .capacity import capacity, drops_position, drops_probs, slot_counts
 from .dispatch import BACKWARD_PHASES as DISPATCH_BACKWARD, FORWARD_PHASES as DISPATCH_FORWARD
 from .dispatch import AllToAllDispatcher
 
@@ -336,7 +336,9 @@ class ExpertParallelMoELayer:
                 dropped = drops_position(r.topk_indices, mask, counts, self.rank, cap)
             else:
                 token_offset = int(every[:self.rank, 0].sum())
-                dropped = drops_probs(comm, r.topk_indices, r.router_probs, mask, token_offset, cap)
+                scores = np.take_along_axis(r.router_probs, np.maximum(r.topk_indices, 0), axis=1)
+                dropped = drops_probs(r.topk_indices, scores, mask, token_offset, cap,
+                                      lambda a: C.allgather_rows(comm, a)[0])
             r.dropped[...] = dropped  # the arrays backward reads: set before anyone sees them
             r.topk_weights[dropped] = 0
         # Global counts: what users see, what the router's step loads (expert bias, global

@@ -1,20 +1,20 @@
-"""Capacity dropping over the global batch (docs/design.md, "Routing", step 5).
+"""Capacity dropping of a routing made elsewhere (docs/design.md, "Routing", step 5).
 
-In expert parallelism each rank routes its own tokens, but an expert's capacity
-C = ceil(c * R * k / E) counts the real tokens R of the whole global batch, and which
-assignments it keeps depends on every rank's. The router kernel (cpp/router.cpp) decides
-drops for one process; here the same rules are applied to the global batch, whose token
-order is rank 0's tokens, then rank 1's, ... (how the trainer splits a batch), so the
-drops equal those of a single process routing the whole batch. Each rank routes dropless,
-then marks its own slots with `global_drops`.
+The router kernel (cpp/router.cpp) decides drops while it routes. Two callers route
+without it and apply the same rules here: the experts run for a caller's routing
+(moe_py/routed_experts.py), and expert parallelism, where each rank routes its own tokens
+dropless but an expert's capacity C = ceil(c * R * k / E) counts the real tokens R of the
+whole global batch, and which assignments it keeps depends on every rank's. The global
+batch's token order is rank 0's tokens, then rank 1's, ... (how the trainer splits a
+batch), so the drops equal those of a single process routing the whole batch. A slot whose
+index is -1 (no expert) takes no capacity.
 """
 from __future__ import annotations
 
 import math
+from typing import Callable, Optional
 
 import numpy as np
-
-from .comm import allgather_rows
 
 
 def capacity(capacity_factor: float, R: int, k: int, E: int) -> int:
@@ -31,13 +31,18 @@ def rank_within_groups(keys: np.ndarray) -> np.ndarray:
     return out
 
 
+def _live(topk_indices: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """[T, k]: the slots of real tokens that name an expert."""
+    return mask.astype(bool)[:, None] & (topk_indices >= 0)
+
+
 def slot_counts(topk_indices: np.ndarray, mask: np.ndarray, E: int) -> np.ndarray:
     """[k, E]: this rank's real tokens whose slot j chose expert e."""
     k = topk_indices.shape[1]
-    real = mask.astype(bool)
+    live = _live(topk_indices, mask)
     out = np.zeros((k, E), np.int64)
     for j in range(k):
-        out[j] = np.bincount(topk_indices[real, j], minlength=E)
+        out[j] = np.bincount(topk_indices[live[:, j], j], minlength=E)
     return out
 
 
@@ -47,28 +52,31 @@ def drops_position(topk_indices, mask, all_counts: np.ndarray, rank: int, C: int
     (slot j, expert e) of this rank comes after all slots j' < j of every rank and after
     slot j of the ranks before it; it is kept while fewer than C came before it."""
     T, k = topk_indices.shape
-    real = mask.astype(bool)
+    live = _live(topk_indices, mask)
     totals = all_counts.sum(axis=0)  # [k, E]
     before = np.cumsum(totals, axis=0) - totals + all_counts[:rank].sum(axis=0)
     dropped = np.zeros((T, k), bool)
     for j in range(k):
-        e = topk_indices[real, j]
-        dropped[real, j] = before[j, e] + rank_within_groups(e) >= C
+        e = topk_indices[live[:, j], j]
+        dropped[live[:, j], j] = before[j, e] + rank_within_groups(e) >= C
     return dropped
 
 
-def drops_probs(comm, topk_indices, router_probs, mask, token_offset: int, C: int) -> np.ndarray:
-    """The "probs" policy: each expert keeps its C assignments of highest probability,
-    ties to the lower global token, then the lower slot. Needs every rank's (expert,
-    probability) of each real slot: one Allgatherv of 2 ints and 1 float per slot."""
+def drops_probs(topk_indices, slot_scores, mask, token_offset: int, C: int,
+                allgather: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> np.ndarray:
+    """The "probs" policy: each expert keeps its C assignments of highest score (slot_scores
+    [T, k]: the router's probability of each chosen expert), ties to the lower global token,
+    then the lower slot. `allgather` stacks every rank's rows in rank order (None: one
+    process); it is called once for the (key, expert) pairs and once for the scores."""
     T, k = topk_indices.shape
-    t, j = np.nonzero(np.broadcast_to(mask.astype(bool)[:, None], (T, k)))
+    t, j = np.nonzero(_live(topk_indices, mask))
     e = topk_indices[t, j]
     ids = np.stack([(t + token_offset) * k + j, e], axis=1).astype(np.int64)
-    all_ids, _ = allgather_rows(comm, ids)
-    all_p, _ = allgather_rows(comm, router_probs[t, e])
-    key, ex = all_ids[:, 0], all_ids[:, 1]
-    order = np.lexsort((key, -all_p, ex))  # by expert, probability down, then (token, slot)
+    scores = np.ascontiguousarray(slot_scores[t, j])
+    if allgather is not None:
+        ids, scores = allgather(ids), allgather(scores)
+    key, ex = ids[:, 0], ids[:, 1]
+    order = np.lexsort((key, -scores, ex))  # by expert, score down, then (token, slot)
     kept_rank = np.empty(len(order), np.int64)
     kept_rank[order] = _rank_in_sorted(ex[order])
     dropped = np.zeros((T, k), bool)
