@@ -79,42 +79,24 @@ class RouterKind(metaclass=_pybind11_type):
 
 class RouterOptions(metaclass=_pybind11_type):
     """the routing options of cpp/router.h, field by field"""
-    @property
-    def capacity_factor(self) -> float: ...
-    @property
-    def drop_policy(self) -> DropPolicy: ...
-    @property
-    def hash_seed(self) -> int: ...
-    @property
-    def kind(self) -> RouterKind: ...
-    @property
-    def n_group(self) -> int: ...
-    @property
-    def noise_seed(self) -> int: ...
-    @property
-    def noise_std(self) -> float: ...
-    @property
-    def noise_step(self) -> int: ...
-    @property
-    def noise_token_offset(self) -> int: ...
-    @property
-    def normalize_topk(self) -> bool: ...
-    @property
-    def routed_scaling_factor(self) -> float: ...
-    @property
-    def seq_len(self) -> int: ...
-    @property
-    def sinkhorn_iterations(self) -> int: ...
-    @property
-    def sinkhorn_tolerance(self) -> float: ...
-    @property
-    def straight_through(self) -> bool: ...
-    @property
-    def top_k(self) -> int: ...
-    @property
-    def topk_group(self) -> int: ...
-    @property
-    def training(self) -> bool: ...
+    capacity_factor: float
+    drop_policy: DropPolicy
+    hash_seed: int
+    kind: RouterKind
+    n_group: int
+    noise_seed: int
+    noise_std: float
+    noise_step: int
+    noise_token_offset: int
+    normalize_topk: bool
+    routed_scaling_factor: float
+    seq_len: int
+    sinkhorn_iterations: int
+    sinkhorn_tolerance: float
+    straight_through: bool
+    top_k: int
+    topk_group: int
+    training: bool
 
 
 def adamw_step_f32(*, param: numpy.ndarray, grad: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], m: numpy.ndarray, v: numpy.ndarray, lr: float, beta1: float, beta2: float, bias1: float, bias2: float, eps: float, decay: float, grad_scale: float) -> None:

@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import inspect
 import re
-from typing import Dict, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 _FIELD_LINE = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+?)\s*$")
 
@@ -29,8 +29,8 @@ def _parse_bool_or_none(text: str):
     return None if text == "auto" else {"true": True, "false": False}[text.lower()]
 
 
-def add_config_flags(parser, cls, names: Sequence[str], aliases: Optional[Dict[str, Sequence[str]]] = None,
-                     choices: Optional[Dict[str, Sequence]] = None) -> None:
+def add_config_flags(parser, cls, names: Sequence[str], aliases: Optional[Mapping[str, Sequence[str]]] = None,
+                     choices: Optional[Mapping[str, Sequence]] = None) -> None:
     """Add one flag per field of `cls` named in `names` to parser (or an argument group)."""
     aliases, choices = aliases or {}, choices or {}
     helps = field_comments(cls)

@@ -67,7 +67,10 @@ def render(core) -> str:
             if isinstance(prop, property):
                 ret = _tidy(_doc_lines(prop.fget)[0].split("->")[-1].strip())
                 typed.append(ret)
-                out += ["    @property", f"    def {attr}(self) -> {ret}: ..."]
+                if prop.fset is not None:  # def_readwrite: a field
+                    out.append(f"    {attr}: {ret}")
+                else:
+                    out += ["    @property", f"    def {attr}(self) -> {ret}: ..."]
     out.append("")
     for name, obj in sorted(vars(core).items()):
         if name.startswith("_") or inspect.isclass(obj) or not callable(obj):
