@@ -96,19 +96,7 @@ class MoE(torch.nn.Module):
         for name in self.param_names:
             # shares memory with the C++ layer's array: no copy per step, in-place updates seen
             self.register_parameter(name, torch.nn.Parameter(torch.from_numpy(self.layer.params[name])))
-        self.shared = None  # an optional SharedExpert (set by from_hf for Qwen2-MoE blocks)
-
-    @classmethod
-    def from_hf(cls, block, router_aux_loss_coef=None) -> "MoE":
-        """A module with the weights of a transformers MixtralSparseMoeBlock or
-        Qwen2MoeSparseMoeBlock (with its shared expert); see moe_py/torch_hf.py."""
-        from .torch_hf import from_hf
-        return from_hf(block, router_aux_loss_coef)
-
-    def to_hf(self, block) -> None:
-        """Write this module's weights into a transformers block of the same shape."""
-        from .torch_hf import to_hf
-        to_hf(self, block)
+        self.shared = None  # an optional SharedExpert (set by moe_py.hf.from_hf for Qwen2-MoE blocks)
 
     def update_expert_bias(self) -> None:
         """sigmoid_topk's aux-loss-free bias step from the loads since the last call."""

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from .config import MoEConfig
-from .torch import TORCH_DTYPES, MoE, SharedExpert
+from ..config import MoEConfig
+from ..torch import TORCH_DTYPES, MoE, SharedExpert
 
 
 def _kind(block) -> str:
