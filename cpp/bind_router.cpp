@@ -155,6 +155,24 @@ void bind_typed(py::module_& m, const std::string& sfx) {
       "add d(sum(d_topk_weights * topk_weights) + weighted aux losses) into dx and dw_router");
 
   m.def(
+      ("balance_distribution" + sfx).c_str(),
+      [](In<T> probs, Mask mask, moe::RouterKind kind) {
+        if (probs.ndim() != 2) throw std::invalid_argument("probs: expected [T, E]");
+        const index_t n = probs.shape(0), E = probs.shape(1);
+        expect_shape(mask, "padding_mask", {n});
+        auto out = empty<T>({n, E});
+        std::vector<T> scratch;
+        py::gil_scoped_release release;
+        const T* d = moe::balance_dist<T>(kind, probs.data(), mask.data(), n, E, scratch);
+        std::copy(d, d + n * E, out.mutable_data());
+        return out;
+      },
+      py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("probs"), py::arg("mask"),
+      py::arg("kind"),
+      "the distribution the load-balance loss averages: probs, or sigmoid scores normalised "
+      "per real token");
+
+  m.def(
       ("row_entropy" + sfx).c_str(),
       [](In<T> probs) {
         if (probs.ndim() != 2) throw std::invalid_argument("probs: expected [T, E]");
@@ -172,6 +190,22 @@ void bind_typed(py::module_& m, const std::string& sfx) {
 }  // namespace
 
 void bind_router(py::module_& m) {
+  m.def(
+      "load_balance_of_sums",
+      [](Idx counts, py::array_t<double, py::array::c_style | py::array::forcecast> prob_sums,
+         index_t real) {
+        if (counts.ndim() != 1) throw std::invalid_argument("counts: expected [E]");
+        const index_t E = counts.shape(0);
+        expect_shape(prob_sums, "prob_sums", {E});
+        if (real < 0) throw std::invalid_argument("real: expected >= 0");
+        for (index_t e = 0; e < E; ++e)
+          if (counts.data()[e] < 0) throw std::invalid_argument("counts: expected counts >= 0");
+        return moe::load_balance_of_sums(counts.data(), prob_sums.data(), real, E);
+      },
+      py::kw_only(), py::arg("counts"), py::arg("prob_sums"), py::arg("real"),
+      "the batch-scope load balance E * sum_e f_e * prob_sums[e] / real, f from the counts "
+      "(the router kernel's own formula, for sums gathered over processes)");
+
   py::enum_<moe::DropPolicy>(m, "DropPolicy", "which assignments an expert over capacity drops")
       .value("position", moe::DropPolicy::position)
       .value("probs", moe::DropPolicy::probs);

@@ -50,11 +50,19 @@ double load_balance_forward(const T* dist, const std::uint8_t* mask, const Balan
       const T* row = dist + t * E;
       for (index_t e = 0; e < E; ++e) P[e] += row[e];
     }
-    double total = 0.0;
-    for (index_t e = 0; e < E; ++e) total += g.f[s * E + e] * (P[e] / double(g.real[s]));
-    sum += double(E) * total;
+    sum += group_load_balance(g.f.data() + s * E, P.data(), g.real[s], E);
   }
   return sum / double(g.active);
+}
+
+double load_balance_of_sums(const index_t* counts, const double* prob_sums, index_t real,
+                            index_t E) {
+  index_t total = 0;
+  for (index_t e = 0; e < E; ++e) total += counts[e];
+  if (real == 0 || total == 0) return 0.0;
+  std::vector<double> f(E);
+  for (index_t e = 0; e < E; ++e) f[e] = double(counts[e]) / double(total);
+  return group_load_balance(f.data(), prob_sums, real, E);
 }
 
 template <typename T>

@@ -75,6 +75,21 @@ template <typename T>
 double load_balance_forward(const T* dist, const std::uint8_t* mask, const BalanceGroups& g,
                             index_t n_tokens, index_t E);
 
+// One group's loss from its f and its column sums of dist over its `real` tokens:
+// E * sum_e f_e * (prob_sums[e] / real). load_balance_forward adds these up.
+inline double group_load_balance(const double* f, const double* prob_sums, index_t real,
+                                 index_t E) {
+  double total = 0.0;
+  for (index_t e = 0; e < E; ++e) total += f[e] * (prob_sums[e] / double(real));
+  return double(E) * total;
+}
+
+// The batch scope's loss from counts and column sums gathered elsewhere (expert
+// parallelism adds up every rank's): f from the counts as balance_groups makes it. 0 when
+// real = 0 or no assignment was counted.
+double load_balance_of_sums(const index_t* counts, const double* prob_sums, index_t real,
+                            index_t E);
+
 // The gradient w.r.t. dist is the same row for every real token of a group:
 // d/ddist[t, e] = coef * E * f_ge / (R_g * active). Writes it into grad_rows[count * E].
 template <typename T>

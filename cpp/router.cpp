@@ -21,19 +21,6 @@ index_t count_real(const std::uint8_t* mask, index_t n) {
   return R;
 }
 
-// The distribution the load-balance loss reads: the probabilities themselves, or the
-// sigmoid scores normalised per token (into `scratch`, [n, E]).
-template <typename T>
-const T* balance_dist(RouterKind kind, const T* probs, const std::uint8_t* mask, index_t n,
-                      index_t E, std::vector<T>& scratch) {
-  if (!uses_sigmoid(kind)) return probs;
-  scratch.assign(n * E, T(0));
-#pragma omp parallel for schedule(static)
-  for (index_t t = 0; t < n; ++t)
-    if (mask[t]) normalized_row(probs + t * E, scratch.data() + t * E, E);
-  return scratch.data();
-}
-
 // Scores, entropy and (noisy) probabilities of one real token.
 template <typename T>
 void score_token(const RouterOptions& opt, const T* l, index_t t, index_t E, bool noisy,
@@ -61,123 +48,18 @@ void score_token(const RouterOptions& opt, const T* l, index_t t, index_t E, boo
     softmax_row(noisy_logits, p, E);
 }
 
-// Top-k selection of softmax_topk, sigmoid_topk and sinkhorn, with their combine weights.
-template <typename T>
-void select_topk(const RouterInputs<T>& in, index_t n, index_t E, const RouterOptions& opt,
-                 const RouterBuffers<T>& out) {
-  const index_t k = opt.top_k;
-  std::vector<double> balanced_scores;
-  const bool balanced = opt.kind == RouterKind::sinkhorn && opt.training;
-  if (balanced) {
-    balanced_scores.resize(n * E);
-    sinkhorn_scores(out.probs, in.mask, n, E, opt.sinkhorn_iterations, opt.sinkhorn_tolerance,
-                    balanced_scores.data());
-  }
-#pragma omp parallel
-  {
-    std::vector<T> sel(E), scratch(E);
-#pragma omp for schedule(static)
-    for (index_t t = 0; t < n; ++t) {
-      index_t* idx = out.topk_indices + t * k;
-      T* wts = out.topk_weights + t * k;
-      if (!in.mask[t]) {
-        std::fill(idx, idx + k, index_t(-1));
-        std::fill(wts, wts + k, T(0));
-        continue;
-      }
-      const T* p = out.probs + t * E;
-      if (balanced) {
-        topk_row(balanced_scores.data() + t * E, E, k, idx);
-      } else {
-        const T* v = p;
-        if (in.expert_bias) {
-          for (index_t e = 0; e < E; ++e) sel[e] = p[e] + in.expert_bias[e];
-          v = sel.data();
-        }
-        if (opt.n_group > 1)
-          grouped_topk_row(v, E, k, opt.n_group, opt.topk_group, scratch.data(), idx);
-        else
-          topk_row(v, E, k, idx);
-      }
-      T sum = 0;
-      for (index_t j = 0; j < k; ++j) sum += p[idx[j]];
-      for (index_t j = 0; j < k; ++j) {
-        const T soft = opt.normalize_topk ? p[idx[j]] / sum : p[idx[j]];
-        wts[j] = opt.straight_through ? T(1) : soft * T(opt.routed_scaling_factor);
-      }
-    }
-  }
-}
-
-// Hash routing: k distinct experts by hash score, weight 1/k; the probabilities are the
-// weights (what the layer combines with).
-template <typename T>
-void select_hash(const RouterInputs<T>& in, index_t n, index_t E, const RouterOptions& opt,
-                 const RouterBuffers<T>& out) {
-  const index_t k = opt.top_k;
-#pragma omp parallel
-  {
-    std::vector<std::uint64_t> score(E);
-#pragma omp for schedule(static)
-    for (index_t t = 0; t < n; ++t) {
-      index_t* idx = out.topk_indices + t * k;
-      T* wts = out.topk_weights + t * k;
-      T* p = out.probs + t * E;
-      std::fill(p, p + E, T(0));
-      if (!in.mask[t]) {
-        std::fill(idx, idx + k, index_t(-1));
-        std::fill(wts, wts + k, T(0));
-        std::fill(out.probs_clean + t * E, out.probs_clean + (t + 1) * E, T(0));
-        out.entropy[t] = 0;
-        continue;
-      }
-      for (index_t e = 0; e < E; ++e) score[e] = hash_score(opt.hash_seed, in.token_ids[t], e);
-      topk_row(score.data(), E, k, idx);
-      for (index_t j = 0; j < k; ++j) {
-        wts[j] = T(1) / T(k);
-        p[idx[j]] = T(1) / T(k);
-      }
-      std::copy(p, p + E, out.probs_clean + t * E);
-      out.entropy[t] = entropy_row(p, E);
-    }
-  }
-}
-
-// Expert choice: each expert takes its C best real tokens; a token's slots list the experts
-// that took it by descending probability (ties to the lower index), then -1. Returns the
-// width (the largest count, at least 1).
-template <typename T>
-index_t select_expert_choice(const RouterInputs<T>& in, index_t n, index_t E, index_t R,
-                             const RouterOptions& opt, const RouterBuffers<T>& out) {
-  const index_t C = expert_choice_capacity(R, opt.top_k, E, opt.capacity_factor);
-  std::vector<std::uint8_t> chosen(n * E);
-  expert_choice_select(out.probs, in.mask, n, E, C, chosen.data());
-  std::vector<index_t> count(n, 0);
-  for (index_t t = 0; t < n; ++t)
-    for (index_t e = 0; e < E; ++e) count[t] += chosen[t * E + e];
-  index_t width = 1;
-  for (index_t c : count) width = std::max(width, c);
-#pragma omp parallel
-  {
-    std::vector<T> row(E);
-#pragma omp for schedule(static)
-    for (index_t t = 0; t < n; ++t) {
-      index_t* idx = out.topk_indices + t * width;
-      T* wts = out.topk_weights + t * width;
-      std::fill(idx, idx + width, index_t(-1));
-      std::fill(wts, wts + width, T(0));
-      if (count[t] == 0) continue;
-      const T* p = out.probs + t * E;
-      for (index_t e = 0; e < E; ++e)
-        row[e] = chosen[t * E + e] ? p[e] : std::numeric_limits<T>::lowest();
-      topk_row(row.data(), E, count[t], idx);
-      for (index_t j = 0; j < count[t]; ++j) wts[j] = p[idx[j]];
-    }
-  }
-  return width;
-}
-
 }  // namespace
+
+template <typename T>
+const T* balance_dist(RouterKind kind, const T* probs, const std::uint8_t* mask, index_t n,
+                      index_t E, std::vector<T>& scratch) {
+  if (!uses_sigmoid(kind)) return probs;
+  scratch.assign(n * E, T(0));
+#pragma omp parallel for schedule(static)
+  for (index_t t = 0; t < n; ++t)
+    if (mask[t]) normalized_row(probs + t * E, scratch.data() + t * E, E);
+  return scratch.data();
+}
 
 template <typename T>
 RouterLossValues router_forward(const RouterInputs<T>& in, index_t n_tokens, index_t d_model,
@@ -342,6 +224,8 @@ void router_backward(const RouterInputs<T>& in, index_t n_tokens, index_t d_mode
 }
 
 #define MOE_INSTANTIATE(T)                                                                    \
+  template const T* balance_dist<T>(RouterKind, const T*, const std::uint8_t*, index_t, index_t, \
+                                    std::vector<T>&);                                            \
   template RouterLossValues router_forward<T>(const RouterInputs<T>&, index_t, index_t,      \
                                               index_t, const RouterOptions&,                  \
                                               const RouterBuffers<T>&);                       \

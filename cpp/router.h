@@ -4,6 +4,7 @@
 // router losses; with the backward that turns d(combine weights) and the loss coefficients
 // into dx and dw_router.
 #pragma once
+#include <vector>
 #include "tensor.h"
 
 namespace moe {
@@ -83,6 +84,13 @@ struct RouterBuffers {
 template <typename T>
 RouterLossValues router_forward(const RouterInputs<T>& in, index_t n_tokens, index_t d_model,
                                 index_t E, const RouterOptions& opt, const RouterBuffers<T>& out);
+
+// The distribution the load-balance loss reads (docs/design.md, "Losses"): the
+// probabilities themselves, or the sigmoid scores normalised per token (written into
+// `scratch` [n, E], whose padded rows are 0).
+template <typename T>
+const T* balance_dist(RouterKind kind, const T* probs, const std::uint8_t* mask, index_t n,
+                      index_t E, std::vector<T>& scratch);
 
 struct RouterLossCoefs {
   double load_balance = 0.0;

@@ -1,6 +1,7 @@
-// How each router picks its experts (docs/design.md, "Routers"): top-k of a row, grouped
-// top-k, capacity dropping, expert choice, Sinkhorn balancing and hashing. Selection has no
-// gradient; router.cpp turns the picks into weights and differentiates those.
+// How each router picks its experts (docs/design.md, "Routers"): all of the selection code,
+// per router and its pieces (top-k of a row, grouped top-k, capacity dropping, expert
+// choice, Sinkhorn balancing and hashing). Selection has no gradient; router.cpp scores
+// the tokens before it and differentiates the weights it writes.
 #pragma once
 #include <cstdint>
 
@@ -48,5 +49,23 @@ void sinkhorn_scores(const T* probs, const std::uint8_t* mask, index_t n_tokens,
 // The hash router's score of expert e for a token id: a splitmix64 hash; a token's experts
 // are the k largest scores (k distinct experts, each uniformly likely).
 std::uint64_t hash_score(std::uint64_t seed, std::int64_t token_id, index_t e);
+
+// Each router's selection over a batch whose scores (out.probs) are computed: indices and
+// combine weights into out (hash also writes its probabilities and entropy).
+// softmax_topk, sigmoid_topk and sinkhorn: top-k (with bias, groups, Sinkhorn balancing in
+// training), weights normalised / straight-through / scaled as the options say.
+template <typename T>
+void select_topk(const RouterInputs<T>& in, index_t n, index_t E, const RouterOptions& opt,
+                 const RouterBuffers<T>& out);
+// hash: k distinct experts by hash score, weight 1/k; the probabilities are the weights.
+template <typename T>
+void select_hash(const RouterInputs<T>& in, index_t n, index_t E, const RouterOptions& opt,
+                 const RouterBuffers<T>& out);
+// expert_choice: each expert takes its C best real tokens; a token's slots list the experts
+// that took it by descending probability (ties to the lower index), then -1. Returns the
+// width (the largest count, at least 1).
+template <typename T>
+index_t select_expert_choice(const RouterInputs<T>& in, index_t n, index_t E, index_t R,
+                             const RouterOptions& opt, const RouterBuffers<T>& out);
 
 }  // namespace moe

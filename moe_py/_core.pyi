@@ -123,6 +123,12 @@ def attention_forward_f32(*, qkv: typing.Annotated[numpy.typing.ArrayLike, numpy
 def attention_forward_f64(*, qkv: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], heads: int) -> tuple[numpy.typing.NDArray[numpy.float64], numpy.typing.NDArray[numpy.float64]]:
     """causal multi-head attention over qkv [B, S, 3D], padded keys hidden; returns (out, probs)"""
 
+def balance_distribution_f32(*, probs: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], kind: RouterKind) -> numpy.typing.NDArray[numpy.float32]:
+    """the distribution the load-balance loss averages: probs, or sigmoid scores normalised per real token"""
+
+def balance_distribution_f64(*, probs: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], kind: RouterKind) -> numpy.typing.NDArray[numpy.float64]:
+    """the distribution the load-balance loss averages: probs, or sigmoid scores normalised per real token"""
+
 def build_facts() -> dict:
     """compiler, flags, compiled SIMD, OpenMP, Eigen and BLAS facts of this build"""
 
@@ -188,6 +194,9 @@ def linear_forward_f32(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.floa
 
 def linear_forward_f64(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], w: typing.Annotated[numpy.typing.ArrayLike, numpy.float64]) -> numpy.typing.NDArray[numpy.float64]:
     """y = x @ w"""
+
+def load_balance_of_sums(*, counts: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], prob_sums: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], real: int) -> float:
+    """the batch-scope load balance E * sum_e f_e * prob_sums[e] / real, f from the counts (the router kernel's own formula, for sums gathered over processes)"""
 
 def matmul_f32(*, a: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], b: typing.Annotated[numpy.typing.ArrayLike, numpy.float32]) -> numpy.typing.NDArray[numpy.float32]:
     """c = a @ b through the kernels' tiled GEMM path (the benchmarks' own SGEMM)"""

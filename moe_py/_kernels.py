@@ -1,8 +1,9 @@
-"""The only way into the C++ extension moe_py._core (typed in _core.pyi).
+"""The layers' way into the C++ extension moe_py._core (typed in _core.pyi); the public
+moe_py.kernels hands the same kernels to benchmarks and experiments.
 
 Kernels that exist per dtype are bound twice (name_f32, name_f64): `kernel(name, dtype)`
 picks one. Everything is looked up on _core at call time, so a profiler may wrap _core's
-functions (benchmarks/bench_layer.py does). Call every kernel by keyword: a misspelt or
+functions (moe_py.kernels.wrapped does). Call every kernel by keyword: a misspelt or
 missing keyword fails at once with the kernel's signature in the message.
 """
 from typing import Callable
@@ -32,6 +33,10 @@ def kernel(name: str, dtype) -> Callable:
 
 def dispatch_plan(**kw):
     return _core.dispatch_plan(**kw)
+
+
+def load_balance_of_sums(**kw) -> float:
+    return float(_core.load_balance_of_sums(**kw))
 
 
 def multi_token_labels(**kw):

@@ -34,7 +34,7 @@ def _demo(args: argparse.Namespace) -> int:
     x = rng.standard_normal((B, S, cfg.d_model)).astype(cfg.np_dtype)
     lengths = rng.integers(S // 2, S + 1, size=B)
     mask = np.arange(S)[None, :] < lengths[:, None]
-    ids = rng.integers(0, 256, (B, S)) if cfg.router == "hash" else None  # random byte ids
+    ids = rng.integers(0, 256, (B, S)) if cfg.traits.needs_token_ids else None  # random byte ids
     out = layer(x, padding_mask=mask, token_ids=ids)
     r = out.router
     real = mask.reshape(-1)

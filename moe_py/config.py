@@ -5,15 +5,62 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, Optional
 
 import numpy as np
 
 # The label of positions no loss reads (no next byte, or padding); as PyTorch's default.
 IGNORE_INDEX = -100
-ROUTERS = ("softmax_topk", "sigmoid_topk", "expert_choice", "sinkhorn", "hash")
-# the routers that pick each token's k experts by a score (and so take noise, groups, STE)
-TOPK_ROUTERS = ("softmax_topk", "sigmoid_topk")
+
+
+@dataclass(frozen=True)
+class RouterTraits:
+    """What the code outside a router's kernel needs to know of it. Every such question is
+    asked here (`router_traits(cfg.router).has_weight`), never by comparing router names."""
+
+    has_weight: bool  # a learned w_router [d_model, E] (params["w_router"]) and a router backward
+    needs_token_ids: bool  # routes by the token ids (x.shape[:-1] integers), not by x
+    picks_by_score: bool  # each token picks its top k by a score: logit noise and expert groups apply
+    soft_weights: bool  # combine weights are scores (normalize_topk and straight_through apply)
+    sigmoid_scores: bool  # scores are sigmoids: the balance loss and logged entropy normalise them per token
+    expert_bias: bool  # DeepSeek-V3's aux-loss-free selection bias and routed_scaling_factor
+    experts_choose: bool  # experts pick their tokens: capacity defaults to 1.0, k is per expert on average
+    chooses_over_batch: bool  # a token's routing depends on the other tokens of the batch
+
+
+# The routers, in the order the CLI lists them, with their traits. Adding a router: see
+# docs/design.md, "Adding a router".
+ROUTER_TRAITS: Dict[str, RouterTraits] = {
+    "softmax_topk": RouterTraits(has_weight=True, needs_token_ids=False, picks_by_score=True, soft_weights=True,
+                                 sigmoid_scores=False, expert_bias=False, experts_choose=False,
+                                 chooses_over_batch=False),
+    "sigmoid_topk": RouterTraits(has_weight=True, needs_token_ids=False, picks_by_score=True, soft_weights=True,
+                                 sigmoid_scores=True, expert_bias=True, experts_choose=False,
+                                 chooses_over_batch=False),
+    "expert_choice": RouterTraits(has_weight=True, needs_token_ids=False, picks_by_score=False,
+                                  soft_weights=False, sigmoid_scores=False, expert_bias=False,
+                                  experts_choose=True, chooses_over_batch=True),
+    "sinkhorn": RouterTraits(has_weight=True, needs_token_ids=False, picks_by_score=False, soft_weights=True,
+                             sigmoid_scores=False, expert_bias=False, experts_choose=False,
+                             chooses_over_batch=True),
+    "hash": RouterTraits(has_weight=False, needs_token_ids=True, picks_by_score=False, soft_weights=False,
+                         sigmoid_scores=False, expert_bias=False, experts_choose=False,
+                         chooses_over_batch=False),
+}
+ROUTERS = tuple(ROUTER_TRAITS)
+
+
+def router_traits(router: str) -> RouterTraits:
+    if router not in ROUTER_TRAITS:
+        raise ValueError(f"router: expected one of {ROUTERS}, got {router!r}")
+    return ROUTER_TRAITS[router]
+
+
+def routers_with(trait: str) -> tuple:
+    """The routers that have `trait` (for messages: "needs one of ...")."""
+    return tuple(r for r, t in ROUTER_TRAITS.items() if getattr(t, trait))
+
+
 BALANCE_SCOPES = ("batch", "sequence", "global")
 DROP_POLICIES = ("position", "probs")
 ACTIVATIONS = ("swiglu", "gelu")
@@ -149,8 +196,8 @@ class MoEConfig:
         if not isinstance(self.straight_through, (bool, np.bool_)):
             raise ValueError(f"straight_through: expected a bool, got {self.straight_through!r}")
         self._check_router_options()
-        if self.router in ("expert_choice", "hash"):
-            # their weights are the softmax scores (expert choice) or 1/k (hash)
+        if not self.traits.soft_weights:
+            # their weights are the experts' own scores (expert choice) or 1/k (hash)
             self.normalize_topk = False
         elif self.normalize_topk is None:
             self.normalize_topk = self.top_k > 1
@@ -165,25 +212,25 @@ class MoEConfig:
         check_seed(self.seed)
 
     def _check_router_options(self) -> None:
-        router = self.router
+        router, traits = self.router, self.traits
         finite_number("routed_scaling_factor", self.routed_scaling_factor)
         if self.routed_scaling_factor <= 0:
             raise ValueError(f"routed_scaling_factor: expected a number > 0, got "
                              f"{self.routed_scaling_factor!r}")
-        if self.routed_scaling_factor != 1.0 and router != "sigmoid_topk":
-            raise ValueError("routed_scaling_factor: only sigmoid_topk scales its weights")
+        if self.routed_scaling_factor != 1.0 and not traits.expert_bias:
+            raise ValueError(f"routed_scaling_factor: only {routers_with('expert_bias')} scale their weights")
         finite_number("bias_update_rate", self.bias_rate)
         if not 0 <= self.bias_rate <= MAX_BIAS_UPDATE_RATE:
             raise ValueError(f"bias_update_rate: expected a step in [0, {MAX_BIAS_UPDATE_RATE}] "
                              f"(DeepSeek-V3 uses 1e-3), got {self.bias_rate!r}")
-        if self.bias_rate > 0 and router != "sigmoid_topk":
-            raise ValueError("bias_update_rate: the aux-loss-free expert bias belongs to "
-                             "sigmoid_topk; set it to 0 or None for other routers")
+        if self.bias_rate > 0 and not traits.expert_bias:
+            raise ValueError(f"bias_update_rate: the aux-loss-free expert bias belongs to "
+                             f"{routers_with('expert_bias')}; set it to 0 or None for other routers")
         positive_int("n_group", self.n_group)
         positive_int("topk_group", self.topk_group)
         if self.n_group > 1:
-            if router not in TOPK_ROUTERS:
-                raise ValueError(f"n_group: group-limited routing needs one of {TOPK_ROUTERS}")
+            if not traits.picks_by_score:
+                raise ValueError(f"n_group: group-limited routing needs one of {routers_with('picks_by_score')}")
             if self.num_experts % self.n_group:
                 raise ValueError(f"n_group: expected a divisor of num_experts "
                                  f"({self.num_experts}), got {self.n_group}")
@@ -201,17 +248,21 @@ class MoEConfig:
             raise ValueError(f"num_shared_experts: expected an integer >= 0, got "
                              f"{self.num_shared_experts!r}")
         positive_int("shared_d_ff", self.shared_width)
-        if self.straight_through and router in ("expert_choice", "hash"):
+        if self.straight_through and not traits.soft_weights:
             raise ValueError(f"straight_through: {router} routing has no soft top-k weights")
 
     # The auto defaults are resolved here, not written into the fields, so that
     # dataclasses.replace(cfg, router=...) takes the new router's defaults.
     @property
+    def traits(self) -> RouterTraits:
+        return router_traits(self.router)
+
+    @property
     def bias_rate(self) -> float:
         """The expert-bias step: bias_update_rate, or its default for the router."""
         if self.bias_update_rate is not None:
             return self.bias_update_rate
-        return 1e-3 if self.router == "sigmoid_topk" else 0.0
+        return 1e-3 if self.traits.expert_bias else 0.0
 
     @property
     def shared_width(self) -> int:
@@ -225,9 +276,15 @@ class MoEConfig:
         return self.top_k * self.d_ff + self.num_shared_experts * self.shared_width
 
     @property
+    def experts_per_token(self) -> float:
+        """Routed experts a token runs through: top_k, or on average capacity * top_k when
+        the experts choose (an expert takes capacity * R * k / E tokens)."""
+        return self.top_k * (self.capacity if self.traits.experts_choose else 1)
+
+    @property
     def capacity(self) -> Optional[float]:
         """The capacity factor routing uses: capacity_factor, or 1.0 for expert choice."""
-        if self.capacity_factor is None and self.router == "expert_choice":
+        if self.capacity_factor is None and self.traits.experts_choose:
             return 1.0
         return self.capacity_factor
 

@@ -63,7 +63,7 @@ class MoELayer:
         rng = np.random.default_rng(cfg.seed)
         # drawn for every router, so that the experts start the same whatever the router
         w_router = init_router_weight(cfg, rng)
-        self._params: Dict[str, np.ndarray] = {"w_router": w_router} if cfg.router != "hash" else {}
+        self._params: Dict[str, np.ndarray] = {"w_router": w_router} if cfg.traits.has_weight else {}
         self._params.update(init_expert_weights(cfg, rng))
         self._params.update(init_shared_weights(cfg, rng))
         self._grads: Dict[str, np.ndarray] = {k: np.zeros_like(v) for k, v in self._params.items()}
@@ -130,7 +130,7 @@ class MoELayer:
                 # array in place between forward and backward must not change that gradient
                 x2 = x2.copy()
             mask = as_mask(padding_mask, lead)
-            ids = as_token_ids(token_ids, lead, required=cfg.router == "hash")
+            ids = as_token_ids(token_ids, lead, required=cfg.traits.needs_token_ids)
             # nothing on the layer changes until every part has succeeded
             routed = self.router.compute(x2, mask, training,
                                          sequence_length(lead, cfg.load_balance_scope), ids)
@@ -191,8 +191,7 @@ class MoELayer:
         router = self.params["w_router"].size if "w_router" in self.params else 0
         per_expert = sum(self.params[k][0].size for k in ("w1", "w3", "w2") if k in self.params)
         shared = sum(v.size for k, v in self.params.items() if k.startswith("shared_"))
-        experts = self.cfg.top_k * (self.cfg.capacity if self.cfg.router == "expert_choice" else 1)
-        active = router + int(round(experts * per_expert)) + shared
+        active = router + int(round(self.cfg.experts_per_token * per_expert)) + shared
         return {"total": int(total), "active": int(active)}
 
 

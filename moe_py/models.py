@@ -117,7 +117,7 @@ class TransformerLM:
         self.heads = [Linear(cfg.d_model, cfg.vocab_size, rng, dt) for _ in range(cfg.n_predict)]
         self._shape = None
         self._forward_id = 0
-        if cfg.moe is not None and cfg.moe.router == "expert_choice":
+        if cfg.moe is not None and cfg.moe.traits.experts_choose:
             warnings.warn(EXPERT_CHOICE_IN_LM, stacklevel=2)
 
     # ---- parameters ------------------------------------------------------------

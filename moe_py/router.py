@@ -15,7 +15,7 @@ from ._kernels import DropPolicy, RouterForwardResult, RouterKind, RouterOptions
 from ._checks import (NonFiniteError, as_grad, as_mask, as_token_ids, as_tokens,
                       check_grad_buffer, check_param, check_row_count, sequence_length)
 from ._guard import OneCaller
-from .config import TOPK_ROUTERS, MoEConfig
+from .config import MoEConfig, routers_with
 
 LOSS_NAMES = ("load_balance", "z_loss", "entropy")
 
@@ -48,6 +48,13 @@ def row_entropy(probs: np.ndarray) -> np.ndarray:
         raise ValueError("probs: expected shape [..., E]")
     flat = np.ascontiguousarray(probs.reshape(-1, probs.shape[-1]))
     return kernel("row_entropy", probs.dtype)(probs=flat).reshape(probs.shape[:-1])
+
+
+def balance_distribution(probs: np.ndarray, mask: np.ndarray, router: str) -> np.ndarray:
+    """[T, E]: what the load-balance loss averages for `router`'s scores `probs` (the
+    probabilities, or sigmoid scores normalised per real token), by the kernel's own code."""
+    return kernel("balance_distribution", probs.dtype)(
+        probs=np.ascontiguousarray(probs), mask=np.asarray(mask, np.uint8), kind=RouterKind.__members__[router])
 
 
 def _router_output(res: RouterForwardResult) -> RouterOutput:
@@ -110,7 +117,7 @@ class Router:
         self.cfg = cfg
         self.params = params if params is not None else {}
         self.grads = grads if grads is not None else {}
-        self.has_weight = cfg.router != "hash"
+        self.has_weight = cfg.traits.has_weight
         if self.has_weight:
             if "w_router" not in self.params:
                 self.params["w_router"] = init_router_weight(cfg, np.random.default_rng(cfg.seed))
@@ -129,8 +136,8 @@ class Router:
     def set_noise_annealing(self, start_std: float, anneal_steps: int) -> None:
         """Turn on NoisyTop-k: std(step) = start_std * max(0, 1 - step / anneal_steps),
         step = training-mode forward calls since this call."""
-        if self.cfg.router not in TOPK_ROUTERS:
-            raise ValueError(f"start_std: router noise needs one of {TOPK_ROUTERS}, "
+        if not self.cfg.traits.picks_by_score:
+            raise ValueError(f"start_std: router noise needs one of {routers_with('picks_by_score')}, "
                              f"not {self.cfg.router!r}")
         if isinstance(start_std, bool) or not isinstance(start_std, (int, float, np.number)) \
                 or not math.isfinite(start_std) or start_std < 0:
@@ -227,7 +234,7 @@ class Router:
         opt = self.options(training, seq_len)
         # the global scope counts the loads of this step's earlier training forwards
         counts = self.step_loads.copy() if training and cfg.load_balance_scope == "global" else None
-        bias = self.expert_bias if cfg.router == "sigmoid_topk" else None
+        bias = self.expert_bias if cfg.traits.expert_bias else None
         res = kernel("router_forward", cfg.np_dtype)(
             x=x2, w_router=w, mask=mask, num_experts=cfg.num_experts, options=opt,
             expert_bias=bias, balance_counts=counts, token_ids=token_ids)
@@ -259,7 +266,7 @@ class Router:
         with self._guard.forward():
             x2, lead = as_tokens(x, self.cfg.d_model, self.cfg.np_dtype)
             mask = as_mask(padding_mask, lead)
-            ids = as_token_ids(token_ids, lead, required=self.cfg.router == "hash")
+            ids = as_token_ids(token_ids, lead, required=self.cfg.traits.needs_token_ids)
             out = self.route(x2, mask, training, sequence_length(lead, self.cfg.load_balance_scope), ids)
             self._lead = lead
             return out

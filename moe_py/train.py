@@ -32,7 +32,7 @@ from .models import ModelConfig, TransformerLM
 from .collapse import CollapseWatch, summary_lines, worst_max_over_mean
 from .optim import AdamW, lr_at
 from .parallel import Parallel, SingleProcess
-from .router import row_entropy, unrouted_tokens
+from .router import balance_distribution, row_entropy, unrouted_tokens
 from .run_folder import RunFolder
 
 
@@ -148,7 +148,7 @@ class _StepStats:
 
     def __init__(self, routers: List[str]):
         n_layers = len(routers)
-        self.sigmoid = [r == "sigmoid_topk" for r in routers]
+        self.routers = routers
         self.nll = 0.0
         self.n_targets = 0
         self.aux = 0.0
@@ -173,10 +173,8 @@ class _StepStats:
             tpe = r.tokens_per_expert
             self.tokens_per_expert[i] = tpe if self.tokens_per_expert[i] is None else self.tokens_per_expert[i] + tpe
             self.entropy_sum[i] += float(r.entropy[real].sum())
-            p = r.router_probs[real].astype(np.float64)
-            if self.sigmoid[i]:
-                # sigmoid scores: the entropy of each token's scores normalised, as "entropy"
-                p = p / p.sum(axis=1, keepdims=True)
+            # sigmoid scores: the entropy of each token's scores normalised, as "entropy"
+            p = balance_distribution(r.router_probs, real, self.routers[i])[real].astype(np.float64)
             self.noisy_entropy_sum[i] += float(row_entropy(p).sum())
             self.real[i] += int(real.sum())
             self.dropped[i] += int(r.dropped.sum())

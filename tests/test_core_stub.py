@@ -38,8 +38,10 @@ def test_positional_or_misspelt_arguments_fail_at_once_with_the_signature():
 
 
 def test_only_the_kernels_module_imports_core():
+    """The layers reach _core through _kernels.py; kernels.py is the public door to the same
+    kernels for benchmarks and experiments."""
     pkg = os.path.join(ROOT, "moe_py")
     for name in os.listdir(pkg):
-        if name.endswith(".py") and name != "_kernels.py":
+        if name.endswith(".py") and name not in ("_kernels.py", "kernels.py"):
             text = open(os.path.join(pkg, name)).read()
             assert not re.search(r"import _core|_core\.", text), name

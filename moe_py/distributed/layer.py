@@ -33,7 +33,7 @@ batch).
 Two ways to route:
   token by token (softmax_topk, sigmoid_topk, hash): as above; hash reads this rank's
             token_ids and has no router weight (nothing to all-reduce, no router backward).
-  global    (expert_choice, sinkhorn; GLOBAL_ROUTERS): their choices depend on the whole
+  global    (expert_choice, sinkhorn: the traits' chooses_over_batch): their choices depend on the whole
             batch (an expert's top-C tokens, Sinkhorn's column balancing), so no rank can
             route its tokens alone. One Allgatherv of x and of the mask gives every rank the
             global batch, which it routes with the single-process Router (capacity
@@ -61,20 +61,16 @@ import numpy as np
 
 from .._checks import NonFiniteError, as_grad, as_mask, as_token_ids, as_tokens, sequence_length
 from .._guard import OneCaller
+from .._kernels import load_balance_of_sums
 from ..config import MoEConfig
 from ..layer import MoELayer, MoEOutput, _replace_arrays, backward_context
 from ..experts import Experts, SharedExperts
 from ..capacity import capacity, drops_position, drops_probs, slot_counts
-from ..router import Router, RouterOutput, read_only
+from ..router import Router, RouterOutput, balance_distribution, read_only
 from . import comm as C
 from .dispatch import BACKWARD_PHASES as DISPATCH_BACKWARD, FORWARD_PHASES as DISPATCH_FORWARD
 from .dispatch import AllToAllDispatcher
 
-# Routers whose choices are made token by token: each rank routes its own tokens.
-TOKEN_ROUTERS = ("softmax_topk", "sigmoid_topk", "hash")
-# Routers that choose over the whole batch: every rank routes the global batch.
-GLOBAL_ROUTERS = ("expert_choice", "sinkhorn")
-SUPPORTED_ROUTERS = TOKEN_ROUTERS + GLOBAL_ROUTERS
 # Routed-expert weights, split over the ranks; every other parameter is replicated.
 EXPERT_KEYS = ("w1", "w3", "w2")
 _HEAD = 6  # stats vector: T, R, sum lse^2, sum entropy, sum of sequence balance losses, sequences
@@ -132,9 +128,6 @@ class ExpertParallelMoELayer:
                  reduce_replicated_grads: bool = True):
         if not isinstance(cfg, MoEConfig):
             raise TypeError(f"cfg: expected a MoEConfig, got {type(cfg).__name__}")
-        if cfg.router not in SUPPORTED_ROUTERS:  # a router added to MoEConfig but not here
-            raise NotImplementedError(
-                f"router: expert parallelism supports {SUPPORTED_ROUTERS}, got {cfg.router!r}")
         self.comm = C.check_comm(comm)
         P, rank = self.comm.Get_size(), self.comm.Get_rank()
         self.dispatcher = AllToAllDispatcher(self.comm, cfg.num_experts)  # checks that P divides E
@@ -149,7 +142,8 @@ class ExpertParallelMoELayer:
             k: (np.ascontiguousarray(v[lo:hi]) if k in EXPERT_KEYS else v.copy())
             for k, v in reference.params.items()}
         self.grads: Dict[str, np.ndarray] = {k: np.zeros_like(v) for k, v in self.params.items()}
-        self.routes_globally = cfg.router in GLOBAL_ROUTERS
+        # a router that chooses over the batch routes the global batch on every rank
+        self.routes_globally = cfg.traits.chooses_over_batch
         if self.routes_globally:
             # The single-process Router on the global batch, capacity included. Its weight
             # gradient goes into this rank's grads on rank 0 only: the other ranks' router
@@ -217,10 +211,8 @@ class ExpertParallelMoELayer:
         cfg = self.cfg
         per_expert = sum(v[0].size for k, v in self.params.items() if k in EXPERT_KEYS)
         replicated = sum(v.size for k, v in self.params.items() if k not in EXPERT_KEYS)
-        # expert choice: capacity_factor * k experts per token on average, as MoELayer
-        experts = cfg.top_k * (cfg.capacity if cfg.router == "expert_choice" else 1)
         return {"total": int(replicated + cfg.num_experts * per_expert),
-                "active": int(replicated + int(round(experts * per_expert)))}
+                "active": int(replicated + int(round(cfg.experts_per_token * per_expert)))}
 
     def update_expert_bias(self) -> None:
         """Router.update_expert_bias: its loads are the global batch's, so every rank takes
@@ -256,12 +248,9 @@ class ExpertParallelMoELayer:
         return R, active, C.rank_order_sum(every), every
 
     def _balance_dist_sum(self, r, mask: np.ndarray) -> np.ndarray:
-        """Sum over real tokens of what the balance loss averages into P: the probabilities,
-        or sigmoid scores normalised per token (as the router kernel's balance_dist)."""
-        p = r.router_probs[mask.astype(bool)]
-        if self.cfg.router == "sigmoid_topk":
-            p = p / p.sum(axis=1, keepdims=True)
-        return p.sum(axis=0, dtype=np.float64)
+        """Sum over real tokens of what the balance loss averages into P."""
+        real = mask.astype(bool)
+        return balance_distribution(r.router_probs, mask, self.cfg.router)[real].sum(axis=0, dtype=np.float64)
 
     def __call__(self, x, padding_mask=None, training: bool = True, token_ids=None) -> MoEOutput:
         """token_ids (shape x.shape[:-1], this rank's): read by the hash router only."""
@@ -276,7 +265,7 @@ class ExpertParallelMoELayer:
         t0 = time.perf_counter()
         x2, lead = as_tokens(x, D, dt)
         mask = as_mask(padding_mask, lead)
-        ids = as_token_ids(token_ids, lead, required=cfg.router == "hash")
+        ids = as_token_ids(token_ids, lead, required=cfg.traits.needs_token_ids)
         seq_len = sequence_length(lead, cfg.load_balance_scope)
         if self.routes_globally:
             routed, r, losses, aux, rows = self._route_global(x2, mask, training, seq_len)
@@ -436,24 +425,17 @@ class ExpertParallelMoELayer:
 
 def _global_losses(total: np.ndarray, R: int, active: int, E: int, seq_len: int,
                    extra_counts: Optional[np.ndarray]) -> Dict[str, float]:
-    """The router losses of cpp/losses.h over the global batch, from the summed partials.
-    Batch and global scopes: load_balance = E sum_e f_e P_e, f_e = c_e / sum c (c: the
-    global tokens_per_expert, plus this step's earlier loads for the global scope),
-    P_e = (sum of the balance distribution's column e) / R, in the kernel's order of
-    operations. Sequence scope: the mean over every rank's sequences with real tokens of
-    their balance losses (each sequence lies on one rank). z-loss and entropy: summed
-    per-token values / R. All 0 when R = 0."""
+    """The router losses over the global batch, from the summed partials. Batch and global
+    scopes: the kernel's own load balance (load_balance_of_sums) of the global counts
+    (plus this step's earlier loads for the global scope) and the global column sums.
+    Sequence scope: the mean over every rank's sequences with real tokens of their balance
+    losses (each sequence lies on one rank). z-loss and entropy: summed per-token values / R.
+    All 0 when R = 0."""
     if R == 0:
         return {"load_balance": 0.0, "z_loss": 0.0, "entropy": 0.0}
     if seq_len:
         lb = float(total[4]) / active
     else:
-        counts = total[_HEAD:_HEAD + E] + (0 if extra_counts is None else extra_counts)
-        n = float(counts.sum())
-        psum = total[_HEAD + E:_HEAD + 2 * E]
-        lb = 0.0
-        for e in range(E):
-            lb += (float(counts[e]) / n if n else 0.0) * (float(psum[e]) / float(R))
-        lb *= float(E)
+        counts = total[_HEAD:_HEAD + E].astype(np.int64) + (0 if extra_counts is None else extra_counts)
+        lb = load_balance_of_sums(counts=counts, prob_sums=total[_HEAD + E:_HEAD + 2 * E], real=R)
     return {"load_balance": lb, "z_loss": float(total[2]) / R, "entropy": float(total[3]) / R}
-
