@@ -4,7 +4,7 @@ from .config import MoEConfig
 from .layer import MoELayer, MoEOutput
 from .router import Router, RouterOutput
 from .routed_experts import RoutedExperts
-from .saving import load, save
+from .checkpoint import load, save
 from .threads import get_num_threads, set_num_threads
 
 __all__ = ["build_info", "MoEConfig", "MoELayer", "MoEOutput", "RoutedExperts", "Router", "RouterOutput",

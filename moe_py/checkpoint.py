@@ -1,9 +1,13 @@
 """Checkpoints: one .npz with the model, the optimiser, the step, both configs, the
 routers' state (noise annealing, expert bias) and a SHA-256 checksum of all of it; written atomically, so a crash
 never leaves a half-written file in place of the last good one. Anything that is not a
-whole moe_py checkpoint raises CheckpointError ("not a valid moe_py checkpoint: ...")."""
+whole moe_py checkpoint raises CheckpointError ("not a valid moe_py checkpoint: ...").
+
+`save(layer, path)` / `load(path)` (moe_py.save / moe_py.load) keep one MoE layer the same
+way: its config beside its weights and router state, checksummed, written atomically."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -12,6 +16,8 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+from .config import MoEConfig, config_from_dict
+from .layer import MoELayer
 from .models import ModelConfig, TransformerLM
 from .optim import AdamW
 from .run_folder import atomic_write
@@ -38,10 +44,15 @@ def save_checkpoint(path: str, model: TransformerLM, optim: AdamW, step: int, tr
     arrays["step"] = np.array(step)
     arrays["model_config"] = np.array(json.dumps(model.cfg.to_dict()))
     arrays["train_config"] = np.array(json.dumps(train_cfg))
-    arrays["checksum"] = np.array(array_checksum(arrays))
+    _write_archive(path, arrays, fault_point="checkpoint")
+
+
+def _write_archive(path: str, arrays: Dict[str, np.ndarray], fault_point: str = "") -> None:
+    """The arrays and their checksum as one .npz, written atomically."""
+    arrays = dict(arrays, checksum=np.array(array_checksum(arrays)))
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write(path, buf.getvalue(), fault_point="checkpoint")
+    np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub lets **arrays reach allow_pickle: bool
+    atomic_write(path, buf.getvalue(), fault_point=fault_point)
 
 
 def read_archive(path: str, what: str, required=()) -> dict:
@@ -144,3 +155,45 @@ def load_optimizer(optim: AdamW, data: dict, slices: Optional[Dict[str, Tuple[in
     for n in optim.m:
         _fill(optim.m[n], data, f"optim.m.{n}", path, slices.get(n))
         _fill(optim.v[n], data, f"optim.v.{n}", path, slices.get(n))
+
+
+# ---- one MoE layer (moe_py.save / moe_py.load) ------------------------------------
+
+_KIND = "moe_py.MoELayer"
+
+
+def save(layer: MoELayer, path: str) -> None:
+    """Write `layer` (config, parameters, router state: noise, expert bias) to path (.npz)."""
+    if not isinstance(layer, MoELayer):
+        raise TypeError(f"layer: expected a MoELayer, got {type(layer).__name__}")
+    arrays = {f"param.{k}": v for k, v in layer.params.items()}
+    arrays["kind"] = np.array(_KIND)
+    arrays["config"] = np.array(json.dumps(dataclasses.asdict(layer.cfg)))
+    arrays["router"] = np.array(json.dumps(layer.router.state()))
+    _write_archive(path, arrays)
+
+
+def load(path: str) -> MoELayer:
+    """The layer saved at path; a file that is not one raises CheckpointError (a ValueError)."""
+    data = read_archive(path, "not a saved moe_py layer", ("kind", "config"))
+    if str(data["kind"]) != _KIND:
+        raise CheckpointError(f"not a saved moe_py layer: {path}: it holds {data['kind']}")
+    what = "not a saved moe_py layer"
+    try:
+        cfg = config_from_dict(MoEConfig, json_entry(data, "config", what, path), "config")
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        raise CheckpointError(f"{what}: {path}: its {e}") from None
+    layer = MoELayer(cfg)
+    state = {k[len("param."):]: v for k, v in data.items() if k.startswith("param.")}
+    try:
+        layer.load_state_dict(state)
+    except ValueError as e:
+        raise CheckpointError(f"{what}: {path}: its parameters do not fit its config ({e})") from None
+    # "noise": the name (and the noise-only content) before the expert bias existed
+    key = next((k for k in ("router", "noise") if k in data), None)
+    if key is None:
+        raise CheckpointError(f"not a saved moe_py layer: {path}: missing 'router'")
+    load_router_state(layer.router, data, key, what, path)
+    return layer

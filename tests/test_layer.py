@@ -7,7 +7,7 @@ import pytest
 import moe_py
 from moe_py.testing import gradcheck
 
-GRAD_TOL = 1e-6  # float64 central differences, see test_router.py
+GRAD_TOL = 1e-6  # float64 central differences, see test_router_softmax_topk.py
 
 
 def make_layer(rng, D=6, F=5, E=4, k=2, dtype="float64", **kw):
