@@ -18,7 +18,7 @@ anything. So every layer is reported with:
 - `mi_given_byte_floor`  the same estimator with each token's experts shuffled among the
                      tokens of the same byte (conditional independence, `draws` times):
                      the estimator's bias at this sample size, mean and 5-95 % range;
-- `beyond_byte`      mi_given_byte - floor mean > floor's 5-95 % width.
+- `beyond_byte`      mi_given_byte - floor mean > floor's 5-95 % width (and > ROUNDING).
 
 The nulls use a fixed generator (NULL_SEED), so the same routing gives the same numbers.
 """
@@ -31,6 +31,10 @@ import numpy as np
 NULL_DRAWS = 32  # random tables / shuffles per null (the issue asks for >= 20)
 NULL_SEED = 20261204  # the nulls' own generator: the same routing gives the same report
 
+
+# Normalised MI values (in [0, 1]) closer than this differ by summation order alone: a
+# byte router's mi_given_byte and its floor are both 0 up to a few ULPs either side.
+ROUNDING = 1e-12
 
 def entropy_nats(counts: np.ndarray) -> float:
     """Entropy in nats of the distribution proportional to counts (0 for no counts)."""
@@ -168,7 +172,7 @@ def specialisation_report(experts: np.ndarray, labels: np.ndarray, tokens: np.nd
            "mi_byte_null": {**null["all"], "first_choice": null["first_choice"]},
            "mi_given_byte": given,
            "mi_given_byte_floor": floor,
-           "beyond_byte": bool(given - floor["mean"] > floor["p95"] - floor["p5"]),
+           "beyond_byte": bool(given - floor["mean"] > max(floor["p95"] - floor["p5"], ROUNDING)),
            "label_given_byte": label_given_byte(labels, tokens, n_labels)}
     if experts_at_init is not None:
         init = np.asarray(experts_at_init, dtype=np.int64)
