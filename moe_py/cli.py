@@ -37,6 +37,7 @@ def _demo(args: argparse.Namespace) -> int:
     ids = rng.integers(0, 256, (B, S)) if cfg.traits.needs_token_ids else None  # random byte ids
     out = layer(x, padding_mask=mask, token_ids=ids)
     r = out.router
+    assert r is not None  # a MoELayer always routes
     real = mask.reshape(-1)
     E = cfg.num_experts
     print(f"MoE layer: router={cfg.router} d_model={cfg.d_model} d_ff={cfg.d_ff} E={E} "
@@ -120,6 +121,7 @@ def _check_resume_flags(args: argparse.Namespace, saved: dict) -> None:
         if dest in ("steps", "out", "resume", "overwrite", "threads", "command", "func", "explicit",
                     "expert_parallel"):
             continue
+        have: object  # what the saved run has for the flag
         if dest == "dense":
             have = saved["model"].get("moe") is None
         elif dest in MODEL_FLAGS:
@@ -265,7 +267,9 @@ TOURNAMENT_TRAIN_FLAGS = tuple(f for f in TRAIN_FLAGS
 def _lr_grid(text: str) -> List[float]:
     from .tournament.run import check_lr_grid
     try:
-        return check_lr_grid([float(v) for v in text.split(",") if v.strip()])
+        grid = check_lr_grid([float(v) for v in text.split(",") if v.strip()])
+        assert grid is not None  # None only for None, and it was given a list
+        return grid
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated, distinct, positive learning "
                                          f"rates, got {text!r}") from None

@@ -279,7 +279,11 @@ class MoEConfig:
     def experts_per_token(self) -> float:
         """Routed experts a token runs through: top_k, or on average capacity * top_k when
         the experts choose (an expert takes capacity * R * k / E tokens)."""
-        return self.top_k * (self.capacity if self.traits.experts_choose else 1)
+        if self.traits.experts_choose:
+            cap = self.capacity
+            assert cap is not None  # expert choice always has one (1.0 by default)
+            return self.top_k * cap
+        return self.top_k
 
     @property
     def capacity(self) -> Optional[float]:

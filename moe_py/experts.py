@@ -43,7 +43,7 @@ class Experts:
         lo, hi = self.dispatcher.local_experts(cfg.num_experts)
         self.num_local = hi - lo
         self._activation = Activation.__members__[cfg.activation]
-        self._saved = None
+        self._saved: Optional[tuple] = None
 
     def _shapes(self):
         E, D, F = self.num_local, self.cfg.d_model, self.cfg.d_ff

@@ -13,13 +13,29 @@ experts, another router) plugs in through build_ffn without touching the model.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Protocol, Tuple
 
 import numpy as np
 
 from .config import MoEConfig
 from .experts import Experts, every_token, init_expert_weights
 from .layer import MoELayer, MoEOutput
+
+
+class FFN(Protocol):
+    """The FFN interface above, for type checking (MoELayer, DenseFFN and the expert-parallel
+    layer have it)."""
+
+    params: Dict[str, np.ndarray]
+    grads: Dict[str, np.ndarray]
+    has_router: bool
+
+    def forward(self, x: Any, padding_mask: Any = None, training: bool = True,
+                token_ids: Any = None) -> MoEOutput: ...
+
+    def backward(self, dy: Any, aux_weight: float = 1.0) -> np.ndarray: ...
+
+    def num_parameters(self) -> Dict[str, int]: ...
 
 
 class DenseFFN:

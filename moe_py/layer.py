@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Dict, NamedTuple, Optional
+from typing import Any, Dict, NamedTuple, Optional, Protocol, Tuple
 
 import numpy as np
 
@@ -28,6 +28,14 @@ class ForwardContext:
         self.thread = threading.get_ident()  # the thread that made this forward
 
 
+class SavedForward(Protocol):
+    """What MoEOutput.context holds: one forward's saved state for its layer's backward
+    (ForwardContext for MoELayer; moe_py/distributed/layer.py has its own)."""
+
+    layer: Any  # the layer that made the forward (MoEOutput.backward calls its backward)
+    lead: Tuple[int, ...]  # x.shape[:-1] of that forward
+
+
 class MoEOutput(NamedTuple):
     """What every FFN's forward returns (moe_py/ffn.py); a dense FFN has no router."""
 
@@ -35,7 +43,7 @@ class MoEOutput(NamedTuple):
     router: Optional[RouterOutput]  # None for a dense FFN
     aux_loss: float  # load_balance_coef*load_balance + z_loss_coef*z_loss + entropy_coef*entropy
     losses: Dict[str, float]  # the unweighted components: load_balance, z_loss, entropy
-    context: Optional[ForwardContext] = None  # this forward's saved state (MoELayer)
+    context: Optional[SavedForward] = None  # this forward's saved state (MoE layers)
 
     def backward(self, dy, aux_weight: float = 1.0) -> np.ndarray:
         """The layer's backward for this very forward (even after later forwards)."""
@@ -167,6 +175,7 @@ class MoELayer:
                 raise NonFiniteError(f"dy: the gradient through the experts is not finite (max |dy| "
                                      f"= {np.abs(dy2).max():.3g} overflows in {self.cfg.dtype})")
             if ctx.shared_saved is not None:
+                assert self.shared is not None  # shared_saved is only set by the shared experts
                 dx2 += self.shared.backward(dy2, ctx.shared_saved)
             self.router.backward_into(d_weights, dx2, float(aux_weight), ctx.router_saved)
             if not all_finite(dx2):

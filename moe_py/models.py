@@ -12,7 +12,7 @@ import dataclasses
 import warnings
 import math
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
@@ -20,10 +20,10 @@ from ._checks import NonFiniteError, as_mask
 from ._kernels import all_finite
 from .config import (DTYPES, IGNORE_INDEX, MoEConfig, check_seed, config_from_dict, one_of, plain_scalars,
                      positive_int)
-from .ffn import build_ffn
+from .ffn import FFN, build_ffn
 from .layer import MoELayer
 from .lm_losses import multi_token_cross_entropy
-from .nn import Block, Embedding, Linear, RMSNorm
+from .nn import Block, Embedding, Linear, Module, RMSNorm
 from .router import RouterOutput
 
 
@@ -115,13 +115,13 @@ class TransformerLM:
                        for i in range(cfg.n_layers)]
         self.norm_f = RMSNorm(cfg.d_model, dt)
         self.heads = [Linear(cfg.d_model, cfg.vocab_size, rng, dt) for _ in range(cfg.n_predict)]
-        self._shape = None
+        self._shape: Optional[Tuple[int, int]] = None  # (B, S) of the latest forward
         self._forward_id = 0
         if cfg.moe is not None and cfg.moe.traits.experts_choose:
             warnings.warn(EXPERT_CHOICE_IN_LM, stacklevel=2)
 
     # ---- parameters ------------------------------------------------------------
-    def modules(self) -> Iterator[Tuple[str, object]]:
+    def modules(self) -> Iterator[Tuple[str, Union[Module, FFN]]]:
         yield "embed", self.embed
         for i, b in enumerate(self.blocks):
             for name, m in b.children().items():
@@ -214,6 +214,7 @@ class TransformerLM:
         for head, d in zip(self.heads, head_dlogits):
             g = head.backward(np.ascontiguousarray(d.reshape(B * S, -1)))
             dh = g if dh is None else dh + g
+        assert dh is not None  # at least one head: n_predict is a positive int (ModelConfig)
         dx = self.norm_f.backward(dh)
         for i in reversed(range(len(self.blocks))):
             if not all_finite(dx):  # made here, not passed in: a diverging run, not bad input

@@ -6,11 +6,15 @@ saves in forward exactly what its backward reads.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 
 from ._kernels import kernel
+
+if TYPE_CHECKING:  # for annotations only
+    from .ffn import FFN
+    from .layer import MoEOutput
 
 
 class Module:
@@ -120,11 +124,11 @@ class Block(Module):
         self.norm2 = RMSNorm(d_model, dtype)
         self.ffn = make_ffn(rng)
 
-    def children(self) -> Dict[str, object]:
+    def children(self) -> Dict[str, Union[Module, FFN]]:
         return {"norm1": self.norm1, "attn": self.attn, "norm2": self.norm2, "ffn": self.ffn}
 
     def forward(self, x2: np.ndarray, mask: np.ndarray, shape, training: bool,
-                token_ids: Optional[np.ndarray] = None) -> Tuple[np.ndarray, object]:
+                token_ids: Optional[np.ndarray] = None) -> Tuple[np.ndarray, MoEOutput]:
         """x2 [B*S, d] -> (x2 after the layer, the FFN's output with its routing and losses).
         The FFN sees [B, S, d] (the sequence balance scope needs the sequences) and the
         token ids [B, S] (the hash router reads them)."""

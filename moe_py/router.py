@@ -7,7 +7,7 @@ it is updated from) and what backward needs.
 from __future__ import annotations
 
 import math
-from typing import Dict, NamedTuple, Optional
+from typing import Any, Dict, NamedTuple, Optional
 
 import numpy as np
 
@@ -122,12 +122,12 @@ class Router:
             if "w_router" not in self.params:
                 self.params["w_router"] = init_router_weight(cfg, np.random.default_rng(cfg.seed))
             self.grads.setdefault("w_router", np.zeros_like(self.params["w_router"]))
-        self.expert_bias = np.zeros(cfg.num_experts, cfg.np_dtype)
+        self.expert_bias: np.ndarray = np.zeros(cfg.num_experts, cfg.np_dtype)
         self.step_loads = np.zeros(cfg.num_experts, np.int64)
         self._noise_start = 0.0
         self._noise_anneal_steps = 1
         self._noise_step = 0
-        self._saved = None
+        self._saved: Optional[_Saved] = None
         self._guard = OneCaller("Router")
         self.losses: Dict[str, float] = {name: 0.0 for name in LOSS_NAMES}
         self.aux_loss = 0.0
@@ -177,7 +177,7 @@ class Router:
                 "step": self._noise_step, "expert_bias": [float(b) for b in self.expert_bias],
                 "step_loads": [int(c) for c in self.step_loads]}
 
-    def load_state(self, state: Dict[str, object]) -> None:
+    def load_state(self, state: Dict[str, Any]) -> None:
         """Restore state(); a file written before the expert bias existed has no bias."""
         missing = [k for k in ("start_std", "anneal_steps", "step")
                    if not isinstance(state, dict) or k not in state]
@@ -291,6 +291,7 @@ class Router:
                                      "d_topk_weights")
         if not self.has_weight:
             return  # hash routing: no weight, and nothing it computes depends on x
+        assert saved.w is not None  # a router with a weight saved it (_check_params)
         check_grad_buffer(self.grads.get("w_router"), saved.w.shape, cfg.np_dtype,
                           "grads['w_router']")
         kernel("router_backward", cfg.np_dtype)(

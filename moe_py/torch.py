@@ -18,7 +18,7 @@ the OpenMP default, which torch.set_num_threads changes.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -88,6 +88,8 @@ class MoE(torch.nn.Module):
     works; token_ids [...] (integers) are for router="hash". With sigmoid_topk, call
     update_expert_bias() once per optimiser step (after optimizer.step())."""
 
+    _router_out: Optional[RouterOutput]  # set by MoEFunction.forward: the routing of its call
+
     def __init__(self, cfg: MoEConfig):
         super().__init__()
         self.cfg = cfg
@@ -96,7 +98,7 @@ class MoE(torch.nn.Module):
         for name in self.param_names:
             # shares memory with the C++ layer's array: no copy per step, in-place updates seen
             self.register_parameter(name, torch.nn.Parameter(torch.from_numpy(self.layer.params[name])))
-        self.shared = None  # an optional SharedExpert (set by moe_py.hf.from_hf for Qwen2-MoE blocks)
+        self.shared: Optional[SharedExpert] = None  # set by moe_py.hf.from_hf for Qwen2-MoE blocks
 
     def update_expert_bias(self) -> None:
         """sigmoid_topk's aux-loss-free bias step from the loads since the last call."""
@@ -133,6 +135,7 @@ class MoE(torch.nn.Module):
             keep = torch.ones(x.shape[:-1], dtype=x.dtype) if mask is None else \
                 torch.as_tensor(np.asarray(mask)).reshape(x.shape[:-1]).to(x.dtype)
             y = y + self.shared(x) * keep[..., None]
+        assert router is not None  # a MoELayer's output always carries its routing
         return y, aux, router
 
     def extra_repr(self) -> str:

@@ -15,7 +15,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Union, cast
 
 import numpy as np
 
@@ -154,7 +154,7 @@ class _StepStats:
         self.aux = 0.0
         self.layer_losses: List[Dict[str, float]] = [dict(load_balance=0.0, z_loss=0.0, entropy=0.0)
                                                      for _ in range(n_layers)]
-        self.tokens_per_expert: List[np.ndarray] = [None] * n_layers
+        self.tokens_per_expert: List[Optional[np.ndarray]] = [None] * n_layers  # None until add()
         self.entropy_sum = [0.0] * n_layers
         self.noisy_entropy_sum = [0.0] * n_layers
         self.real = [0] * n_layers
@@ -197,15 +197,18 @@ class _StepStats:
         self.real, self.dropped, self.slots, self.unrouted = ([int(v) for v in p] for p in parts[2:])
 
     def metrics(self, micro: int) -> dict:
-        out = {"loss": self.nll / self.n_targets if self.n_targets else 0.0,
-               "aux_loss": self.aux / micro}
+        out: Dict[str, Union[float, List[float], List[List[float]]]] = {
+            "loss": self.nll / self.n_targets if self.n_targets else 0.0,
+            "aux_loss": self.aux / micro}
         if self.tokens_per_expert and self.tokens_per_expert[0] is not None:
             out["load_balance"] = [ll["load_balance"] / micro for ll in self.layer_losses]
             out["z_loss"] = [ll["z_loss"] / micro for ll in self.layer_losses]
             out["entropy"] = [e / max(1, r) for e, r in zip(self.entropy_sum, self.real)]
             # of the probabilities after noise: equal to "entropy" when noise is off
             out["entropy_noisy"] = [e / max(1, r) for e, r in zip(self.noisy_entropy_sum, self.real)]
-            out["expert_share"] = [(t / max(1, t.sum())).round(6).tolist() for t in self.tokens_per_expert]
+            # add() sets every layer's at once: [0] is not None, so none is
+            loads = cast(List[np.ndarray], self.tokens_per_expert)
+            out["expert_share"] = [(t / max(1, t.sum())).round(6).tolist() for t in loads]
             out["drop_rate"] = [d / max(1, s) for d, s in zip(self.dropped, self.slots)]
             # real tokens no expert processes (expert choice leaves some; capacity drops too)
             out["unrouted"] = [u / max(1, r) for u, r in zip(self.unrouted, self.real)]

@@ -34,6 +34,10 @@ class AllToAllState(LocalState):
     """LocalState plus the rows' travel plan."""
 
     __slots__ = ("send_rows", "recv_rows", "perm", "inv")
+    send_rows: np.ndarray  # [P] rows this rank sends to each rank
+    recv_rows: np.ndarray  # [P] rows it receives from each rank
+    perm: Optional[np.ndarray]  # arrival order -> expert-major order; None when they coincide
+    inv: Optional[np.ndarray]  # its inverse
 
 
 class AllToAllDispatcher:
@@ -112,7 +116,7 @@ def _gather(rows: np.ndarray, order: Optional[np.ndarray]) -> np.ndarray:
     return rows if order is None else kernel("gather_rows", rows.dtype)(x=rows, row_token=order)
 
 
-def _expert_major(recv_counts: np.ndarray):
+def _expert_major(recv_counts: np.ndarray) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
     """Rows arrive grouped by source rank, then local expert; the experts want them by
     expert, then source rank (= global token order). Returns the row gather that does it
     and its inverse, or (None, None) when the two orders coincide (one expert per rank,

@@ -55,7 +55,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -66,7 +66,7 @@ from ..config import MoEConfig
 from ..layer import MoELayer, MoEOutput, _replace_arrays, backward_context
 from ..experts import Experts, SharedExperts
 from ..capacity import capacity, drops_position, drops_probs, slot_counts
-from ..router import Router, RouterOutput, balance_distribution, read_only
+from ..router import Router, RouterOutput, _Saved, balance_distribution, read_only
 from . import comm as C
 from .dispatch import BACKWARD_PHASES as DISPATCH_BACKWARD, FORWARD_PHASES as DISPATCH_FORWARD
 from .dispatch import AllToAllDispatcher
@@ -85,10 +85,19 @@ class _Context:
     """One forward's saved state (an MoEOutput carries it, as MoELayer's)."""
 
     __slots__ = ("layer", "router_saved", "lead", "scales", "experts_saved", "shared_saved", "rows")
+    layer: ExpertParallelMoELayer
+    router_saved: _Saved
+    lead: Tuple[int, ...]
+    scales: Optional[Tuple[float, float]]  # token-by-token routing: (balance, token) shares
+    experts_saved: tuple
+    shared_saved: Optional[tuple]
+    rows: Optional[Tuple[int, int, np.ndarray]]  # global routing: this rank's rows, every rank's count
 
-    def __init__(self, **kw):
-        for k, v in kw.items():
-            setattr(self, k, v)
+    def __init__(self, layer: ExpertParallelMoELayer, router_saved: _Saved, lead: Tuple[int, ...],
+                 scales: Optional[Tuple[float, float]], experts_saved: tuple,
+                 shared_saved: Optional[tuple], rows: Optional[Tuple[int, int, np.ndarray]]):
+        self.layer, self.router_saved, self.lead, self.scales = layer, router_saved, lead, scales
+        self.experts_saved, self.shared_saved, self.rows = experts_saved, shared_saved, rows
 
 
 class _RankRouter(Router):
@@ -307,6 +316,7 @@ class ExpertParallelMoELayer:
         E, k = cfg.num_experts, cfg.top_k
         if training and self.router.noise_std > 0:  # the same on every rank
             sizes = C.allgather_blocks(comm, np.array([[x2.shape[0]]], np.int64)).ravel()
+            assert isinstance(self.router, _RankRouter)  # token-by-token routing's (__init__)
             self.router.token_offset = int(sizes[:self.rank].sum())
         routed = self.router.compute(x2, mask, training, seq_len, ids)
         r = routed.output
@@ -378,6 +388,7 @@ class ExpertParallelMoELayer:
         replicated = [k for k in self.grads if k not in EXPERT_KEYS]
         before = [self.grads[k].copy() for k in replicated] if self.reduce_replicated_grads else None
         if ctx.shared_saved is not None:
+            assert self.shared is not None  # shared_saved is only set by the shared experts
             dx2 += self.shared.backward(dy2, ctx.shared_saved)
         if ctx.rows is not None:
             dx2 = self._router_backward_global(ctx, d_weights, dx2, float(aux_weight))
@@ -401,6 +412,7 @@ class ExpertParallelMoELayer:
     def _router_backward_global(self, ctx: _Context, d_weights, dx2, aux_weight: float) -> np.ndarray:
         """The single-process router backward on the global batch (see the module
         docstring); returns this rank's rows of dx."""
+        assert ctx.rows is not None  # the global routing saved its rows (_backward's test)
         lo, hi, counts = ctx.rows
         dwg, _ = C.allgather_rows(self.comm, d_weights, counts)
         self._bytes_gathered += (self.size - 1) * d_weights.nbytes
@@ -418,6 +430,7 @@ class ExpertParallelMoELayer:
         (so f is the global one) and its loss coefficients scaled by this rank's share
         (ctx.scales: of the real tokens, or of the sequences for the sequence scope), the
         kernel yields the global-batch gradients for this rank's tokens."""
+        assert ctx.scales is not None  # token-by-token routing saved its shares (_route_tokens)
         lb_scale, share = ctx.scales
         self.router.backward_into(d_weights, dx2, aux_weight, ctx.router_saved,
                                   balance_scale=lb_scale, token_scale=share)

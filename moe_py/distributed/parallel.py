@@ -20,7 +20,7 @@ import json
 import math
 import os
 import warnings
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Tuple, cast
 
 import numpy as np
 
@@ -32,6 +32,10 @@ from ..layer import MoELayer
 from ..lm_losses import multi_token_labels
 from . import comm as C
 from .layer import EXPERT_KEYS, ExpertParallelMoELayer
+
+if TYPE_CHECKING:  # for the casts in save_checkpoint
+    from ..models import TransformerLM
+    from ..optim import AdamW
 
 
 class _NoStopRequests:
@@ -171,13 +175,17 @@ class ExpertParallel:
     def save_checkpoint(self, path: str, model, optim, step: int, train_cfg: dict) -> None:
         """Collective: gather every expert (weights and AdamW moments) on rank 0, which writes
         the single-process checkpoint to `path`."""
-        params, state = {}, {"t": np.array(optim.t)}
+        # gather_blocks gives None on the other ranks: their dicts hold None, and are not read
+        params: Dict[str, Optional[np.ndarray]] = {}
+        state: Dict[str, Optional[np.ndarray]] = {"t": np.array(optim.t)}
         for n, p, _ in model.named_parameters():
             for prefix, a, into in (("", p, params), ("m.", optim.m[n], state), ("v.", optim.v[n], state)):
                 into[prefix + n] = C.gather_blocks(self.comm, a, 0) if n in self.experts else a
-        if self.is_root:
-            whole = _Whole(model, params, state)
-            save_checkpoint(path, whole, whole, step, train_cfg)
+        if self.is_root:  # which gathered every array: no None in params
+            whole = _Whole(model, cast(Dict[str, np.ndarray], params), state)
+            # _Whole has what save_checkpoint reads of a TransformerLM (cfg, moe_layers,
+            # named_parameters) and of an AdamW (state_dict), with every rank's experts
+            save_checkpoint(path, cast("TransformerLM", whole), cast("AdamW", whole), step, train_cfg)
 
     def load_optimizer(self, model, optim, data) -> None:
         load_optimizer(optim, data, self.experts)
