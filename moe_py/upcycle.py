@@ -28,7 +28,7 @@ from .data import Corpus
 from .models import ModelConfig, TransformerLM
 from .optim import AdamW
 from .router import Router
-from .run_folder import RunFolder, atomic_write, resolve_checkpoint
+from .run_folder import RunFolder, atomic_write, resolve_checkpoint, run_dir_of
 from .train import TrainConfig, evaluate, run_inputs, val_sampler_of
 
 FILE = "upcycle.json"  # what the upcycled run folder records of its parent and the surgery
@@ -214,6 +214,8 @@ def upcycle_run(dense_run: str, out: str, num_experts: int, granularity: int = 1
         save_checkpoint(ckpt, model, optim, 0, dataclasses.asdict(train_cfg))
         run.publish(ckpt, max(1, train_cfg.keep_checkpoints))
         record = {"parent": os.path.abspath(path), "parent_step": int(data["step"]),
+                  # the parent's run folder from this one (it moves with a folder of both)
+                  "parent_run": os.path.relpath(run_dir_of(path), out),
                   "num_experts": num_experts, "top_k": model_cfg.moe.top_k, "seed": train_cfg.seed,
                   "val_loss": val, "eval_batches": dense_train.eval_batches,
                   **{k: v for k, v in facts.items() if k != "reinit_units"},

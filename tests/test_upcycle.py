@@ -137,3 +137,45 @@ def test_bad_upcycles_are_refused(dense_run, tmp_path, kw, word):
     with pytest.raises(ValueError, match=word):
         upcycle_run(dense_run, str(tmp_path / "up"), **kw)
     assert not os.path.exists(tmp_path / "up" / "config.json")
+
+
+def test_the_upcycled_tournament_entry_trains_half_dense_then_half_upcycled_resumably(tmp_path):
+    from moe_py.run_folder import RunFolder
+    from moe_py.tournament import run_tournament
+    from moe_py.tournament.entries import UPCYCLE_SEED_OFFSET
+    out = str(tmp_path / "t")
+    base_model = ModelConfig(d_model=16, n_layers=2, n_heads=2, max_seq_len=16,
+                             moe=MoEConfig(d_model=16, d_ff=8, num_experts=4, top_k=2))
+    base_train = TrainConfig(corpus="synthetic", steps=6, batch_size=4, seq_len=16, eval_every=3, eval_batches=2,
+                             checkpoint_every=3)
+    kw = dict(routers=["dense", "upcycled"], seeds=1, base_model=base_model, base_train=base_train,
+              progress=False)
+    table = run_tournament(out, **kw)
+    run, parent = os.path.join(out, "upcycled", "seed-0"), os.path.join(out, "upcycled", "dense-parent-seed-0")
+    assert table["actions"] == {os.path.join(out, "dense", "seed-0"): "trained", run: "trained"}
+    p_cfg, u_cfg = RunFolder(parent).read_config(), RunFolder(run).read_config()
+    assert p_cfg["model"]["moe"] is None and p_cfg["model"]["d_ff"] == 16 and p_cfg["train"]["steps"] == 3
+    moe = u_cfg["model"]["moe"]
+    # granularity top_k: E experts of the MoE entries' width, k per token (the parent's active FLOPs)
+    assert (moe["num_experts"], moe["d_ff"], moe["top_k"]) == (4, 8, 2)
+    assert u_cfg["train"]["steps"] == 3 and u_cfg["train"]["seed"] == UPCYCLE_SEED_OFFSET
+    record = json.loads(open(os.path.join(run, "upcycle.json")).read())
+    assert record["parent_step"] == 3 and record["exact_at_step_0"]
+    assert abs(record["val_loss"]["dense"] - record["val_loss"]["upcycled"]) < 1e-6
+    row = next(r for r in table["rows"] if r["entry"] == "upcycled")
+    final = read_metrics(run)[-1]["val_loss"]
+    assert row["val_loss"]["mean"] == pytest.approx(final)
+    # the loss curve covers the whole run: the parent's steps, then the upcycled ones after them
+    from moe_py.tournament.summary import summarise_run
+    assert [s for s, _ in summarise_run(run)["val_curve"]] == [3, 6]
+    # interrupted at step 0 of its second half: resumed, to the same numbers
+    folder = RunFolder(run)
+    folder.truncate_metrics(0)
+    folder.steps_after(0)
+    folder.publish(folder.step_checkpoint(0), 5)
+    parent_ckpt = os.stat(os.path.join(parent, "checkpoint.npz")).st_mtime_ns
+    again = run_tournament(out, **kw)
+    assert again["actions"][run] == "trained"  # all its steps, from its step-0 checkpoint
+    assert os.stat(os.path.join(parent, "checkpoint.npz")).st_mtime_ns == parent_ckpt  # kept
+    assert RunFolder(run).kept_checkpoints()[0].endswith("step-000000.npz")
+    assert read_metrics(run)[-1]["val_loss"] == final
