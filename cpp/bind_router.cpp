@@ -45,7 +45,8 @@ void bind_typed(py::module_& m, const std::string& sfx) {
       ("router_forward" + sfx).c_str(),
       [](In<T> x, std::optional<In<T>> w, Mask mask, index_t E, const moe::RouterOptions& opt,
          std::optional<In<T>> expert_bias, std::optional<Idx> balance_counts,
-         std::optional<Idx> token_ids) {
+         std::optional<Idx> token_ids, std::optional<Idx> forced_indices,
+         std::optional<Mask> expert_mask) {
         if (x.ndim() != 2) throw std::invalid_argument("x: expected a 2-d array");
         const index_t n = x.shape(0), D = x.shape(1);
         const bool hash = opt.kind == moe::RouterKind::hash;
@@ -62,6 +63,27 @@ void bind_typed(py::module_& m, const std::string& sfx) {
         if (extra)
           for (index_t e = 0; e < E; ++e)
             if (extra[e] < 0) throw std::invalid_argument("balance_counts: expected counts >= 0");
+        const index_t* forced = nullptr;
+        if (forced_indices) {
+          if (opt.kind == moe::RouterKind::expert_choice)
+            throw std::invalid_argument("forced_indices: expert choice picks tokens, not experts");
+          expect_shape(*forced_indices, "forced_indices", {n, opt.top_k});
+          forced = forced_indices->data();
+          for (index_t t = 0; t < n; ++t)
+            for (index_t j = 0; j < opt.top_k && mask.data()[t]; ++j)
+              if (forced[t * opt.top_k + j] < 0 || forced[t * opt.top_k + j] >= E)
+                throw std::invalid_argument("forced_indices: expected experts in [0, E) for real tokens");
+        }
+        const std::uint8_t* available = nullptr;
+        if (expert_mask) {
+          if (opt.kind == moe::RouterKind::expert_choice)
+            throw std::invalid_argument("expert_mask: expert choice picks tokens, not experts");
+          expect_shape(*expert_mask, "expert_mask", {E});
+          available = expert_mask->data();
+          index_t left = 0;
+          for (index_t e = 0; e < E; ++e) left += available[e] ? 1 : 0;
+          if (left < opt.top_k) throw std::invalid_argument("expert_mask: fewer experts left than top_k");
+        }
         // expert choice writes up to E slots per token and trims to the largest count
         const index_t room = opt.kind == moe::RouterKind::expert_choice ? E : opt.top_k;
         auto logits = empty<T>({n, E}), pc = empty<T>({n, E}), p = empty<T>({n, E});
@@ -73,7 +95,8 @@ void bind_typed(py::module_& m, const std::string& sfx) {
                                 reinterpret_cast<std::uint8_t*>(dropped.mutable_data()),
                                 tpe.mutable_data()};
         const moe::RouterInputs<T> in{x.data(), w ? w->data() : nullptr, mask.data(),
-                                      optional_row(expert_bias, "expert_bias", E), extra, ids};
+                                      optional_row(expert_bias, "expert_bias", E), extra, ids,
+                                      forced, available};
         moe::RouterLossValues L;
         {
           py::gil_scoped_release release;
@@ -97,9 +120,11 @@ void bind_typed(py::module_& m, const std::string& sfx) {
       },
       py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("x"), py::arg("w_router"),
       py::arg("mask"), py::arg("num_experts"), py::arg("options"), py::arg("expert_bias"),
-      py::arg("balance_counts"), py::arg("token_ids"),
+      py::arg("balance_counts"), py::arg("token_ids"), py::arg("forced_indices") = py::none(),
+      py::arg("expert_mask") = py::none(),
       "route x [T, d_model] with the algorithm of options.kind: logits, clean and noisy "
-      "scores, the selection, combine weights, capacity drops and the router losses");
+      "scores, the selection (or forced_indices; never an expert_mask 0 expert), combine "
+      "weights, capacity drops and the router losses");
 
   m.def(
       ("router_backward" + sfx).c_str(),
@@ -140,7 +165,8 @@ void bind_typed(py::module_& m, const std::string& sfx) {
                                 const_cast<index_t*>(tpe.data())};
         opt.top_k = k;
         const moe::RouterInputs<T> in{x.data(), w.data(), mask.data(), nullptr,
-                                      optional_row(balance_counts, "balance_counts", E), nullptr};
+                                      optional_row(balance_counts, "balance_counts", E), nullptr,
+                                      nullptr, nullptr};
         const moe::RouterLossCoefs coefs{lb_coef, z_coef, ent_coef};
         const T* dwts = d_weights ? d_weights->data() : nullptr;
         py::gil_scoped_release release;

@@ -56,6 +56,10 @@ struct RouterInputs {
   const T* expert_bias;             // [E] selection-only bias (sigmoid_topk)
   const index_t* balance_counts;    // [E] assignments of earlier micro-batches (global scope)
   const index_t* token_ids;         // [n] hash
+  // Interventions (docs/design.md, "Routing interventions"); null: none.
+  const index_t* forced_indices;    // [n, top_k] the experts each real token goes to (replay,
+                                    // forced routing); weights are computed as if selected
+  const std::uint8_t* expert_mask;  // [E] 0 = removed: never selected (ablation, pruning)
 };
 
 struct RouterLossValues {

@@ -176,7 +176,8 @@ void select_topk(const RouterInputs<T>& in, index_t n, index_t E, const RouterOp
                  const RouterBuffers<T>& out) {
   const index_t k = opt.top_k;
   std::vector<double> balanced_scores;
-  const bool balanced = opt.kind == RouterKind::sinkhorn && opt.training;
+  // forced indices replace the selection, and with it Sinkhorn's balancing
+  const bool balanced = opt.kind == RouterKind::sinkhorn && opt.training && !in.forced_indices;
   if (balanced) {
     balanced_scores.resize(n * E);
     sinkhorn_scores(out.probs, in.mask, n, E, opt.sinkhorn_iterations, opt.sinkhorn_tolerance,
@@ -195,12 +196,18 @@ void select_topk(const RouterInputs<T>& in, index_t n, index_t E, const RouterOp
         continue;
       }
       const T* p = out.probs + t * E;
-      if (balanced) {
+      if (in.forced_indices) {
+        std::copy(in.forced_indices + t * k, in.forced_indices + (t + 1) * k, idx);
+      } else if (balanced) {
         topk_row(balanced_scores.data() + t * E, E, k, idx);
       } else {
         const T* v = p;
-        if (in.expert_bias) {
-          for (index_t e = 0; e < E; ++e) sel[e] = p[e] + in.expert_bias[e];
+        if (in.expert_bias || in.expert_mask) {
+          for (index_t e = 0; e < E; ++e) {
+            sel[e] = in.expert_bias ? p[e] + in.expert_bias[e] : p[e];
+            // a removed expert ranks below every score (and k <= the experts left)
+            if (in.expert_mask && !in.expert_mask[e]) sel[e] = std::numeric_limits<T>::lowest();
+          }
           v = sel.data();
         }
         if (opt.n_group > 1)
@@ -240,8 +247,16 @@ void select_hash(const RouterInputs<T>& in, index_t n, index_t E, const RouterOp
         out.entropy[t] = 0;
         continue;
       }
-      for (index_t e = 0; e < E; ++e) score[e] = hash_score(opt.hash_seed, in.token_ids[t], e);
-      topk_row(score.data(), E, k, idx);
+      if (in.forced_indices) {
+        std::copy(in.forced_indices + t * k, in.forced_indices + (t + 1) * k, idx);
+      } else {
+        for (index_t e = 0; e < E; ++e) {
+          score[e] = hash_score(opt.hash_seed, in.token_ids[t], e);
+          // removed: at the bottom (a live expert hashing to exactly 0, p = 2^-64, would tie)
+          if (in.expert_mask && !in.expert_mask[e]) score[e] = 0;
+        }
+        topk_row(score.data(), E, k, idx);
+      }
       for (index_t j = 0; j < k; ++j) {
         wts[j] = T(1) / T(k);
         p[idx[j]] = T(1) / T(k);

@@ -4,6 +4,8 @@
     compare  train the MoE and a dense baseline with the same active parameters
     sample   generate text from a checkpoint
     analyze  specialisation, utilisation and co-activation of a trained run
+    ablate   validation loss without each expert, and as the least used are pruned
+    upcycle  an MoE run folder from a dense run (sparse, granular and Drop-Upcycling)
     tournament  every router under identical conditions: run folders, one table, four plots
     runs     many run folders at a glance (--csv FILE)
     demo     route one padded batch through a fresh MoE layer
@@ -92,6 +94,13 @@ CHOICES = {"activation": ACTIVATIONS, "dtype": tuple(DTYPES), "router": ROUTERS,
            "drop_policy": DROP_POLICIES, "load_balance_scope": BALANCE_SCOPES}
 
 
+# The MoE fields upcycle takes (the experts' shape comes from the dense run; docs/design.md,
+# "Upcycling a dense run").
+UPCYCLE_MOE_FLAGS = ("router", "normalize_topk", "capacity_factor", "drop_policy", "load_balance_coef",
+                     "z_loss_coef", "entropy_coef", "load_balance_scope", "routed_scaling_factor",
+                     "bias_update_rate")
+
+
 def _add_model_flags(p: argparse.ArgumentParser, exclude: Sequence[str] = ()) -> None:
     from .models import ModelConfig
     from .train import TrainConfig
@@ -119,7 +128,7 @@ def _check_resume_flags(args: argparse.Namespace, saved: dict) -> None:
     model, moe, train = saved["model"], saved["model"].get("moe") or {}, saved["train"]
     for dest in sorted(args.explicit):
         if dest in ("steps", "out", "resume", "overwrite", "threads", "command", "func", "explicit",
-                    "expert_parallel"):
+                    "expert_parallel", "trace_routing", "tensorboard", "log_every", "quiet"):
             continue
         have: object  # what the saved run has for the flag
         if dest == "dense":
@@ -191,6 +200,8 @@ def _train_with(args: argparse.Namespace, train, parallel) -> int:
         args.out = parallel.broadcast(_new_run_dir("dense" if args.dense else args.router) if root else None)
         if root:
             print(f"run folder: {args.out}", file=sys.stderr)
+    # TensorBoard's view of the metrics (root only); the extra is checked before training
+    tb = _tensorboard_log(args.out) if args.tensorboard and root else None
     if args.resume:
         from .models import ModelConfig
         from .run_folder import RunFolder
@@ -202,10 +213,14 @@ def _train_with(args: argparse.Namespace, train, parallel) -> int:
         train_cfg = TrainConfig.from_dict(saved["train"], f"run folder: {folder.config}: train")
         if "steps" in args.explicit:
             train_cfg = dataclasses.replace(train_cfg, steps=args.steps)
-        last = train(model_cfg, train_cfg, args.out, resume=True, parallel=parallel)
+        last = train(model_cfg, train_cfg, args.out, resume=True, parallel=parallel,
+                     trace_routing=args.trace_routing, **_progress_kw(args, tb))
     else:
         model_cfg, train_cfg = configs_from_args(args, dense=args.dense)
-        last = train(model_cfg, train_cfg, args.out, overwrite=args.overwrite, parallel=parallel)
+        last = train(model_cfg, train_cfg, args.out, overwrite=args.overwrite, parallel=parallel,
+                     trace_routing=args.trace_routing, **_progress_kw(args, tb))
+    if tb is not None:
+        tb.close()
     if not root:
         return 0
     _plot(args.out)
@@ -218,6 +233,36 @@ def _train_with(args: argparse.Namespace, train, parallel) -> int:
           f"val_loss {last.get('val_loss', float('nan')):.4f}; run folder {args.out}"
           + (f" ({where})" if where else ""))
     return 0
+
+
+def _tensorboard_log(run_dir: str):
+    from .tensorboard_log import TensorBoardLog
+    return TensorBoardLog(run_dir)
+
+
+def _progress_kw(args: argparse.Namespace, on_step=None) -> dict:
+    """train()'s progress arguments from --quiet and --log-every (moe_py/progress.py)."""
+    return dict(quiet=args.quiet, log_every=args.log_every, on_step=on_step)
+
+
+def _log_every(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return n
+
+
+def _add_progress_flags(p: argparse.ArgumentParser) -> None:
+    """--log-every and --quiet: how train, compare and tournament show their progress."""
+    from .progress import LOG_EVERY
+    p.add_argument("--log-every", type=_log_every, default=LOG_EVERY, metavar="N",
+                   help="when stderr is not a terminal (a log file, | tee, a notebook): one plain "
+                        "progress line every N steps instead of a bar; 0: only the last "
+                        f"(default: {LOG_EVERY}, the default --eval-every)")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr (no bar, no lines)")
 
 
 def _abort_ranks(e: Exception, parallel) -> int:
@@ -251,7 +296,8 @@ def _compare(args: argparse.Namespace) -> int:
     args.seed = 0  # each run's seed is set by compare (0 .. seeds-1)
     model_cfg, train_cfg = configs_from_args(args, dense=False)
     result = run_compare(args.out, model_cfg, train_cfg, seeds=args.seeds, lr_grid=args.lr_grid,
-                         tune_seed=args.tune_seed, overwrite=args.overwrite)
+                         tune_seed=args.tune_seed, overwrite=args.overwrite, progress=not args.quiet,
+                         log_every=args.log_every)
     print(format_compare(result))
     print(f"wrote {os.path.join(args.out, 'compare.json')} and compare.png; runs in {args.out}/<arm>/seed-<s>")
     return 0
@@ -288,6 +334,7 @@ def _add_comparison_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tune-seed", type=int, default=TUNE_SEED,
                    help=f"seed of the --lr-grid tuning runs, not one of the compared seeds "
                         f"(default: {TUNE_SEED})")
+    _add_progress_flags(p)
 
 
 def _add_tournament_flags(p: argparse.ArgumentParser) -> None:
@@ -322,7 +369,7 @@ def _tournament(args: argparse.Namespace) -> int:
     base_model, base_train = configs_from_args(args, dense=False)
     table = run_tournament(args.out, routers=args.routers, seeds=args.seeds, base_model=base_model,
                            base_train=base_train, overwrite=args.overwrite, lr_grid=args.lr_grid,
-                           tune_seed=args.tune_seed)
+                           tune_seed=args.tune_seed, progress=not args.quiet, log_every=args.log_every)
     print(table_markdown(table))
     done = list(table["actions"].values())
     print(f"runs: {done.count('trained')} trained, {done.count('resumed')} resumed, "
@@ -350,6 +397,38 @@ def _sample(args: argparse.Namespace) -> int:
     model, _ = load_model(resolve_checkpoint(args.checkpoint))
     text = generate(model, args.prompt.encode("utf-8"), args.length, args.temperature, args.seed)
     sys.stdout.write(text.decode("utf-8", errors="replace") + "\n")
+    return 0
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    from .ablation import ablate_run
+    from .plots import plot_ablation
+    res = ablate_run(args.run_dir, max_batches=args.batches, renormalize=not args.no_renormalize)
+    deltas = np.asarray(res["deltas"])
+    print(f"val loss {res['val_loss']:.4f} at step {res['step']} ({res['batches']} batches); "
+          f"change when one expert is removed ({'renormalised' if res['renormalize'] else 'not renormalised'}):")
+    print(f"{'layer':<6}" + "".join(f"{'e' + str(e):>8}" for e in range(deltas.shape[1])))
+    for i, row in enumerate(deltas):
+        print(f"{i:<6}" + "".join(f"{v:>+8.4f}" for v in row))
+    print("pruning the least used experts of every MoE layer:")
+    for p in res["pruning"]:
+        print(f"  {p['kept']:>3} experts kept  val loss {p['val_loss']:.4f}")
+    for path in plot_ablation(res["run"], res):
+        print(f"wrote {path}")
+    return 0
+
+
+def _upcycle(args: argparse.Namespace) -> int:
+    from .upcycle import upcycle_run, val_loss_line
+    out = args.out if args.out is not None else _new_run_dir("upcycled")
+    moe = {f: getattr(args, f) for f in UPCYCLE_MOE_FLAGS}
+    rec = upcycle_run(args.dense_run, out, args.num_experts, args.granularity, args.reinit_fraction,
+                      top_k=args.top_k, seed=args.seed, steps=args.steps, moe=moe, overwrite=args.overwrite)
+    print(val_loss_line(rec))
+    print(f"upcycled {rec['parent']} (step {rec['parent_step']}): {rec['num_experts']} experts, "
+          f"top_k {rec['top_k']}, granularity {rec['granularity']}, {rec['units_reinit_per_expert']} "
+          f"units re-initialised per expert; run folder {out} at step 0; train it on with: "
+          f"python -m moe_py train --out {out} --resume")
     return 0
 
 
@@ -416,6 +495,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its latest checkpoint (--steps extends it)")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    _add_progress_flags(t)
+    t.add_argument("--tensorboard", action="store_true",
+                   help="also log the metrics and per-layer load histograms to OUT/tensorboard/ "
+                        "(the tensorboard extra; not part of the run's config)")
+    t.add_argument("--trace-routing", action="store_true",
+                   help="write every token's experts per step and MoE layer to OUT/routing_trace.jsonl "
+                        "(moe_py/routing_trace.py; replayable)")
     t.add_argument("--expert-parallel", action="store_true",
                    help="under mpiexec -n P: experts split over the P ranks, the rest data parallel "
                         "(needs the mpi extra; P must divide --num-experts)")
@@ -446,6 +532,36 @@ def build_parser() -> argparse.ArgumentParser:
                         help="every router trained under identical conditions; one table, four plots")
     _add_tournament_flags(tr)
     tr.set_defaults(func=_tournament)
+
+    ab = sub.add_parser("ablate", allow_abbrev=False,
+                        help="validation loss without each expert, and as the least used are pruned")
+    ab.add_argument("run_dir", help="a run folder written by train (its latest checkpoint)")
+    ab.add_argument("--batches", type=int, default=None,
+                    help="validation batches (default: the run's eval_batches, the sample behind its val_loss)")
+    ab.add_argument("--no-renormalize", action="store_true",
+                    help="keep the full router's weights for the experts left (default: renormalise "
+                         "them over the experts left)")
+    ab.set_defaults(func=_ablate)
+
+    up = sub.add_parser("upcycle", allow_abbrev=False,
+                        help="an MoE run folder (step 0) from a dense run: its FFNs copied or split into experts")
+    up.add_argument("dense_run", help="a run folder written by train --dense (its latest checkpoint)")
+    up.add_argument("--num-experts", type=int, required=True, help="experts per MoE layer (E)")
+    up.add_argument("--granularity", type=int, default=1,
+                    help="split each FFN copy into g experts of width d_ff / g (default: 1)")
+    up.add_argument("--reinit-fraction", type=float, default=0.0,
+                    help="Drop-Upcycling: re-initialise this share of each expert's hidden units (default: 0)")
+    up.add_argument("--top-k", type=int, default=None,
+                    help="experts per token (default: granularity: the dense parent's active FLOPs)")
+    up.add_argument("--out", default=None, help="run folder (default: a new runs/<date>-<time>-upcycled)")
+    up.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    up.add_argument("--seed", type=int, default=None,
+                    help="seed of the re-initialised units and of the new run's batch order "
+                         "(default: the dense run's)")
+    up.add_argument("--steps", type=int, default=None,
+                    help="the upcycled run's steps, which fix its schedule (default: the dense run's)")
+    add_config_flags(up.add_argument_group("router"), MoEConfig, UPCYCLE_MOE_FLAGS, ALIASES, CHOICES)
+    up.set_defaults(func=_upcycle)
 
     r = sub.add_parser("runs", allow_abbrev=False, help="one row per run folder: router, seeds, val loss, "
                        "specialisation, imbalance, and the config fields that differ")

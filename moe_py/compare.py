@@ -15,6 +15,7 @@ import os
 from typing import Any, Dict, List, Optional, Sequence
 
 from .models import ModelConfig, TransformerLM
+from .progress import LOG_EVERY
 from .run_folder import atomic_write
 from .stats import paired_test, verdict
 from .train import TrainConfig
@@ -42,7 +43,7 @@ def _finished_loss(run) -> float:
 
 def run_compare(out: str, base_model: ModelConfig, base_train: TrainConfig, seeds: int = DEFAULT_SEEDS,
                 lr_grid: Optional[Sequence[float]] = None, tune_seed: int = TUNE_SEED,
-                overwrite: bool = False, progress: bool = True) -> Dict[str, Any]:
+                overwrite: bool = False, progress: bool = True, log_every: int = LOG_EVERY) -> Dict[str, Any]:
     """Train both arms at seeds 0 .. seeds-1 (after tuning their rates when lr_grid is
     given), write OUT/compare.json and compare.png, and return the result: per seed the two
     validation losses and the gap, the paired test over seeds and its verdict."""
@@ -51,7 +52,8 @@ def run_compare(out: str, base_model: ModelConfig, base_train: TrainConfig, seed
     seed_list = check_seeds(seeds)
     arms = _arms(base_model)
     actions, lr_choice, runs = train_entries(out, arms, base_model, base_train, seed_list,
-                                             check_lr_grid(lr_grid), tune_seed, overwrite, progress)
+                                             check_lr_grid(lr_grid), tune_seed, overwrite, progress,
+                                             log_every=log_every)
     lrs = {a.name: next(r.train.lr for r in runs if r.entry is a) for a in arms}
     losses = {a.name: [_finished_loss(r) for r in runs if r.entry is a] for a in arms}
     test = paired_test(losses["moe"], losses["dense"])

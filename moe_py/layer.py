@@ -12,6 +12,7 @@ from ._guard import OneCaller
 from ._kernels import all_finite
 from .config import MoEConfig
 from .experts import Experts, SharedExperts, init_expert_weights, init_shared_weights
+from .interventions import RoutingIntervention
 from .routed_experts import RoutedExperts
 from .router import Router, RouterOutput, init_router_weight
 
@@ -20,12 +21,16 @@ class ForwardContext:
     """What one forward of a MoELayer saved for its backward. Its MoEOutput holds it, so each
     output can be backpropagated on its own; the layer also keeps the latest one."""
 
-    __slots__ = ("layer", "router_saved", "experts_saved", "shared_saved", "lead", "thread")
+    __slots__ = ("layer", "router_saved", "experts_saved", "shared_saved", "lead", "thread",
+                 "inference_only")
 
-    def __init__(self, layer, router_saved, experts_saved, shared_saved, lead):
+    def __init__(self, layer, router_saved, experts_saved, shared_saved, lead, inference_only=False):
         self.layer, self.router_saved, self.experts_saved, self.shared_saved, self.lead = \
             layer, router_saved, experts_saved, shared_saved, lead
         self.thread = threading.get_ident()  # the thread that made this forward
+        # an ablated or re-k'd forward (moe_py/interventions.py) has no backward: its weights
+        # are not the ones the router's backward differentiates
+        self.inference_only = inference_only
 
 
 class SavedForward(Protocol):
@@ -128,7 +133,10 @@ class MoELayer:
                 raise ValueError(f"{what}: expected the keys {sorted(self._names)}, got {sorted(d)} "
                                  "(a key was deleted or added)")
 
-    def __call__(self, x, padding_mask=None, training: bool = True, token_ids=None) -> MoEOutput:
+    def __call__(self, x, padding_mask=None, training: bool = True, token_ids=None,
+                 routing: Optional[RoutingIntervention] = None) -> MoEOutput:
+        """routing: replay or force a routing, remove experts or change k for this call
+        (moe_py/interventions.py)."""
         with self._guard.forward():
             self._check_keys()
             cfg = self.cfg
@@ -141,7 +149,7 @@ class MoELayer:
             ids = as_token_ids(token_ids, lead, required=cfg.traits.needs_token_ids)
             # nothing on the layer changes until every part has succeeded
             routed = self.router.compute(x2, mask, training,
-                                         sequence_length(lead, cfg.load_balance_scope), ids)
+                                         sequence_length(lead, cfg.load_balance_scope), ids, routing, lead)
             r = routed.output
             y2, saved = self.experts.compute(x2, r.topk_indices, r.topk_weights, r.dropped)
             shared_saved = None
@@ -153,7 +161,8 @@ class MoELayer:
                     f"x: the layer's output is not finite (max |x| = {np.abs(x2).max():.3g}; "
                     f"values this large overflow the router or the experts in {self.cfg.dtype})")
             public = self.router.commit(routed)
-            ctx = ForwardContext(self, routed.saved, saved, shared_saved, lead)
+            ctx = ForwardContext(self, routed.saved, saved, shared_saved, lead,
+                                 routing is not None and routing.inference_only)
             self._latest = ctx
             return MoEOutput(y2.reshape(lead + (self.cfg.d_model,)), public, routed.aux_loss,
                              dict(routed.losses), ctx)
@@ -166,6 +175,9 @@ class MoELayer:
         `out` picks the forward to differentiate (default: the latest); `out.backward(dy)`
         says the same."""
         ctx = backward_context(self, out, aux_weight)
+        if ctx.inference_only:
+            raise RuntimeError("backward: this forward removed experts or changed top_k "
+                               "(routing.ablate / routing.top_k), which is for inference only")
         with self._guard.backward(ctx.thread):
             self._check_keys()
             D = self.cfg.d_model

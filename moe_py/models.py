@@ -12,7 +12,7 @@ import dataclasses
 import warnings
 import math
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -166,7 +166,9 @@ class TransformerLM:
 
     # ---- forward / backward ------------------------------------------------------
     def forward(self, inputs: np.ndarray, padding_mask: Optional[np.ndarray] = None,
-                training: bool = True) -> ModelOutput:
+                training: bool = True, routing: Optional[Sequence] = None) -> ModelOutput:
+        """routing: one RoutingIntervention (or None) per MoE layer, in order
+        (moe_py/interventions.py): replay a recorded routing, remove experts, change k."""
         inputs = np.asarray(inputs)
         if inputs.ndim != 2 or not np.issubdtype(inputs.dtype, np.integer):
             raise ValueError(f"inputs: expected int token ids [B, S], got {inputs.dtype} {list(inputs.shape)}")
@@ -179,10 +181,11 @@ class TransformerLM:
         if inputs.size and (inputs.min() < 0 or inputs.max() >= self.cfg.vocab_size):
             raise ValueError(f"inputs: expected ids in [0, {self.cfg.vocab_size})")
         mask = as_mask(padding_mask, (B, S)).reshape(B, S)
+        per_layer = self._routing_per_block(routing)
         x = self.embed.forward(inputs)
         routers, layer_losses, aux = [], [], 0.0
-        for b in self.blocks:
-            x, ffn_out = b.forward(x, mask, (B, S), training, token_ids=inputs)
+        for b, r in zip(self.blocks, per_layer):
+            x, ffn_out = b.forward(x, mask, (B, S), training, token_ids=inputs, routing=r)
             if ffn_out.router is not None:
                 routers.append(ffn_out.router)
                 layer_losses.append(ffn_out.losses)
@@ -194,6 +197,17 @@ class TransformerLM:
         return ModelOutput(logits, routers, aux, layer_losses, self._forward_id)
 
     __call__ = forward
+
+    def _routing_per_block(self, routing: Optional[Sequence]) -> list:
+        """One intervention (or None) per block from one per MoE layer."""
+        if routing is None:
+            return [None] * len(self.blocks)
+        routing = list(routing)
+        if len(routing) != len(self.moe_layers):
+            raise ValueError(f"routing: expected one intervention (or None) per MoE layer "
+                             f"({len(self.moe_layers)}), got {len(routing)}")
+        it = iter(routing)
+        return [next(it) if b.ffn.has_router else None for b in self.blocks]
 
     def backward(self, head_dlogits: List[np.ndarray], aux_weight: float = 1.0,
                  out: Optional[ModelOutput] = None) -> None:

@@ -128,7 +128,7 @@ class Block(Module):
         return {"norm1": self.norm1, "attn": self.attn, "norm2": self.norm2, "ffn": self.ffn}
 
     def forward(self, x2: np.ndarray, mask: np.ndarray, shape, training: bool,
-                token_ids: Optional[np.ndarray] = None) -> Tuple[np.ndarray, MoEOutput]:
+                token_ids: Optional[np.ndarray] = None, routing=None) -> Tuple[np.ndarray, MoEOutput]:
         """x2 [B*S, d] -> (x2 after the layer, the FFN's output with its routing and losses).
         The FFN sees [B, S, d] (the sequence balance scope needs the sequences) and the
         token ids [B, S] (the hash router reads them)."""
@@ -138,8 +138,10 @@ class Block(Module):
         x2 = a
         self._ffn_shape = tuple(shape) + (x2.shape[-1],)
         h = self.norm2.forward(x2).reshape(self._ffn_shape)
+        # routing (an intervention) reaches only FFNs that route; None keeps the FFN interface
+        extra = {} if routing is None else {"routing": routing}
         out = self.ffn.forward(h, padding_mask=mask.reshape(shape), training=training,
-                               token_ids=token_ids)
+                               token_ids=token_ids, **extra)
         return x2 + out.y.reshape(x2.shape), out
 
     def backward(self, dx2: np.ndarray, aux_weight: float) -> np.ndarray:

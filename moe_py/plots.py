@@ -7,6 +7,7 @@ from typing import List, Optional
 import numpy as np
 
 from .run_folder import RunFolder
+from .telemetry import load_bands
 
 
 def _plt():
@@ -61,20 +62,9 @@ def plot_run(run_dir: str) -> List[str]:
         return written
     share = np.array([r["expert_share"] for r in rows])  # [steps, layers, E]
     n_layers, E = share.shape[1], share.shape[2]
-    fig, axes = plt.subplots(1, n_layers, figsize=(4 * n_layers, 3.6), sharey=True, squeeze=False)
-    for i, ax in enumerate(axes[0]):
-        for e in range(E):
-            ax.plot(steps, share[:, i, e], lw=1, label=f"expert {e}")
-        ax.axhline(1 / E, color="k", ls="--", lw=0.8, label="uniform 1/E")
-        ax.set_title(f"layer {i}")
-        ax.set_xlabel("step")
-    axes[0][0].set_ylabel("share of top-k assignments")
-    axes[0][-1].legend(fontsize=7, loc="upper right")
-    fig.suptitle("Expert utilisation over training")
-    fig.tight_layout()
-    written.append(os.path.join(run_dir, "utilisation.png"))
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    bands = load_bands(rows)  # old runs without the load keys: computed from expert_share
+    fig, _ = utilisation_figure(plt, steps, bands)
+    _save(plt, fig, os.path.join(run_dir, "utilisation.png"), written)
 
     ent = np.array([r["entropy"] for r in rows])
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -98,36 +88,73 @@ def plot_run(run_dir: str) -> List[str]:
     written.append(os.path.join(run_dir, "entropy.png"))
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
-    _utilisation_heatmap(plt, run_dir, steps, share, written)
+    fig, _, _ = heatmap_figure(plt, steps, share, bands["dead_share"] * E)
+    _save(plt, fig, os.path.join(run_dir, "utilisation_heatmap.png"), written)
     _training_signals(plt, run_dir, rows, steps, written)
     return written
 
 
-def _utilisation_heatmap(plt, run_dir, steps, share, written) -> None:
-    """Per layer: expert x step map of share / uniform (diverging around 1 = balanced), and
-    the number of dead experts (no assignment in the step) under it."""
+def utilisation_figure(plt, steps: np.ndarray, bands: dict):
+    """utilisation.png: per layer, the spread of the experts' loads over training as shares of
+    the uniform load (moe_py/telemetry.py): min-max (light) and 5-95 % (dark) bands, the
+    median, and 1 = uniform. Returns (figure, axes)."""
+    n_layers = bands["p50"].shape[1]
+    fig, axes = plt.subplots(1, n_layers, figsize=(3.6 * n_layers + 0.6, 3.4), sharey=True, squeeze=False)
+    for i, ax in enumerate(axes[0]):
+        ax.fill_between(steps, bands["min"][:, i], bands["max"][:, i], color="C0", alpha=0.18, lw=0,
+                        label="min - max")
+        ax.fill_between(steps, bands["p5"][:, i], bands["p95"][:, i], color="C0", alpha=0.45, lw=0,
+                        label="5 - 95 %")
+        ax.plot(steps, bands["p50"][:, i], color="C0", lw=1.2, label="median")
+        ax.axhline(1.0, color="k", ls="--", lw=0.8, label="uniform")
+        ax.set_title(f"layer {i}")
+        ax.set_xlabel("step")
+        ax.set_ylim(bottom=0)
+    axes[0][0].set_ylabel("tokens per expert / uniform")
+    axes[0][-1].legend(fontsize=7, loc="upper right")
+    fig.suptitle("Expert load over training (spread over the experts)")
+    fig.tight_layout()
+    return fig, axes[0]
+
+
+def heatmap_figure(plt, steps: np.ndarray, share: np.ndarray, dead: np.ndarray):
+    """utilisation_heatmap.png: per layer, the expert x step map of share / uniform (diverging
+    around 1 = balanced) over the count of dead experts (no assignment in the step, `dead`:
+    [steps, layers]). Each map and its dead panel are one grid column (the same width and x
+    axis) with integer step ticks; the colorbar has a column of its own, so it narrows no map.
+    Returns (figure, map axes, dead-panel axes)."""
     from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.ticker import MaxNLocator
     n_layers, E = share.shape[1], share.shape[2]
     rel = share * E
-    top = max(2.0, float(rel.max()))
-    fig, axes = plt.subplots(2, n_layers, figsize=(4 * n_layers + 1, 5), squeeze=False,
-                             gridspec_kw={"height_ratios": [3, 1]}, sharex="col")
+    top_value = max(2.0, float(rel.max()))
+    fig = plt.figure(figsize=(3.6 * n_layers + 1.4, 5))
+    grid = fig.add_gridspec(2, n_layers + 1, height_ratios=[3, 1], width_ratios=[1.0] * n_layers + [0.05],
+                            hspace=0.1, wspace=0.15)
+    tops, bottoms = [], []
     for i in range(n_layers):
-        ax = axes[0][i]
+        ax = fig.add_subplot(grid[0, i])
+        low = fig.add_subplot(grid[1, i], sharex=ax)
         im = ax.imshow(rel[:, i, :].T, aspect="auto", cmap="RdBu_r", interpolation="nearest",
-                       norm=TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=top),
+                       norm=TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=top_value),
                        extent=(steps[0] - 0.5, steps[-1] + 0.5, E - 0.5, -0.5))
         ax.set_title(f"layer {i}")
         ax.set_ylabel("expert" if i == 0 else "")
-        dead = (share[:, i, :] == 0).sum(axis=1)
-        axes[1][i].plot(steps, dead, color="k", lw=1)
-        axes[1][i].set_ylim(-0.2, E)
-        axes[1][i].set_xlabel("step")
-        axes[1][i].set_ylabel("dead experts" if i == 0 else "")
-    fig.colorbar(im, ax=axes[0].tolist(),
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
+        ax.tick_params(axis="x", labelbottom=False)
+        low.step(steps, dead[:, i], where="mid", color="k", lw=1)
+        low.set_ylim(-0.2, E + 0.2)
+        low.yaxis.set_major_locator(MaxNLocator(nbins=3, integer=True))
+        low.set_xlabel("step")
+        low.set_ylabel("dead experts" if i == 0 else "")
+        low.grid(axis="x", lw=0.4, alpha=0.5)
+        tops.append(ax)
+        bottoms.append(low)
+    fig.colorbar(im, cax=fig.add_subplot(grid[0, n_layers]),
                  label="share / uniform (1 = balanced, 0 = dead; at most E / top_k)")
     fig.suptitle("Expert load over training")
-    _save(plt, fig, os.path.join(run_dir, "utilisation_heatmap.png"), written)
+    return fig, tops, bottoms
 
 
 def _training_signals(plt, run_dir, rows, steps, written) -> None:
@@ -307,4 +334,33 @@ def plot_analysis(run_dir: str, tables: List[np.ndarray], label_names: List[str]
 
     written.append(os.path.join(run_dir, "specialisation.png"))
     plot_specialisation(written[-1], res)
+    return written
+
+
+def plot_ablation(run_dir: str, res: dict) -> List[str]:
+    """ablation.png: the validation-loss change of removing each expert (layer x expert), and
+    pruning.png: the validation loss against the experts kept per layer (moe_py/ablation.py)."""
+    plt = pyplot_or_none()
+    if plt is None:
+        return []
+    written: List[str] = []
+    deltas = np.asarray(res["deltas"])
+    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * deltas.shape[1], 1.2 + 0.45 * deltas.shape[0]))
+    lim = max(float(np.abs(deltas).max()), 1e-12)
+    im = ax.imshow(deltas, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+    ax.set_xticks(range(deltas.shape[1]))
+    ax.set_yticks(range(deltas.shape[0]))
+    ax.set_xlabel("expert removed")
+    ax.set_ylabel("MoE layer")
+    ax.set_title(f"val loss change (base {res['val_loss']:.3f})")
+    fig.colorbar(im, ax=ax, label="nats/byte")
+    _save(plt, fig, os.path.join(run_dir, "ablation.png"), written)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    kept = [p["kept"] for p in res["pruning"]]
+    ax.plot(kept, [p["val_loss"] for p in res["pruning"]], marker="o")
+    ax.invert_xaxis()
+    ax.set_xticks(kept)
+    ax.set_xlabel("experts kept per MoE layer (least used pruned)")
+    ax.set_ylabel("val loss (nats/byte)")
+    _save(plt, fig, os.path.join(run_dir, "pruning.png"), written)
     return written

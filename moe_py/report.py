@@ -42,7 +42,7 @@ def collect_routing(model: TransformerLM, sampler: BatchSampler, max_batches: Op
     return routers, np.concatenate(labels), np.concatenate(tokens), np.concatenate(mask)
 
 
-def _sample_of(raw: dict, max_batches: Optional[int], corpus: Optional[Corpus] = None):
+def held_out_of(raw: dict, max_batches: Optional[int], corpus: Optional[Corpus] = None):
     """The run's training config, corpus, and held-out sampler: the very windows behind its
     val_loss."""
     train_cfg = TrainConfig.from_dict(json.loads(str(raw["train_config"])))
@@ -64,7 +64,7 @@ def analyze_over_training(path: str, max_batches: Optional[int] = None,
     if not paths:
         raise FileNotFoundError(f"run folder: no kept checkpoints in {run.checkpoints}")
     _, raw = load_model(paths[-1])
-    _, corpus, sampler, max_batches = _sample_of(raw, max_batches, corpus)
+    _, corpus, sampler, max_batches = held_out_of(raw, max_batches, corpus)
     rows, previous = [], None
     for p in paths:
         model, raw = load_model(p)
@@ -94,7 +94,7 @@ def analyze_run(path: str, max_batches: Optional[int] = None, plots: bool = True
     model, raw = load_model(ckpt)
     if not model.moe_layers:
         raise ValueError(f"run folder: {run_dir} holds a dense model; there is no routing to analyse")
-    train_cfg, corpus, sampler, max_batches = _sample_of(raw, max_batches, corpus)
+    train_cfg, corpus, sampler, max_batches = held_out_of(raw, max_batches, corpus)
     routers, labels, tokens, mask = collect_routing(model, sampler, max_batches)
     n_labels = len(corpus.label_names)
     result: Dict[str, Any] = {"run": run_dir, "step": int(raw["step"]), "corpus": corpus.name,

@@ -15,7 +15,9 @@ from ._kernels import DropPolicy, RouterForwardResult, RouterKind, RouterOptions
 from ._checks import (NonFiniteError, as_grad, as_mask, as_token_ids, as_tokens,
                       check_grad_buffer, check_param, check_row_count, sequence_length)
 from ._guard import OneCaller
+from . import interventions
 from .config import MoEConfig, routers_with
+from .interventions import RoutingIntervention
 
 LOSS_NAMES = ("load_balance", "z_loss", "entropy")
 
@@ -129,6 +131,7 @@ class Router:
         self._noise_step = 0
         self._saved: Optional[_Saved] = None
         self._guard = OneCaller("Router")
+        self._inference_only = False
         self.losses: Dict[str, float] = {name: 0.0 for name in LOSS_NAMES}
         self.aux_loss = 0.0
 
@@ -224,20 +227,31 @@ class Router:
         return o
 
     def compute(self, x2: np.ndarray, mask: np.ndarray, training: bool, seq_len: int = 0,
-                token_ids: Optional[np.ndarray] = None) -> _Routed:
+                token_ids: Optional[np.ndarray] = None, routing: Optional[RoutingIntervention] = None,
+                lead: Optional[tuple] = None) -> _Routed:
         """Route already-checked tokens x2 [T, d_model] with mask uint8 [T] (seq_len: rows
-        per sequence for the sequence balance scope; token_ids int64 [T] for hash); changes
-        nothing on the router until commit() (a forward that fails later leaves it as it was)."""
+        per sequence for the sequence balance scope; token_ids int64 [T] for hash; routing:
+        an intervention, moe_py/interventions.py, for tokens of leading shape `lead`);
+        changes nothing on the router until commit() (a forward that fails later leaves it
+        as it was)."""
         cfg = self.cfg
         w = self._check_params()
-        check_row_count(x2.shape[0] * cfg.top_k, "x")
+        forced = available = None
+        k = cfg.top_k
+        if routing is not None:
+            forced, available, k = interventions.checked(routing, cfg, lead or (x2.shape[0],), training)
+            if forced is not None:
+                interventions.check_replay_rows(forced, mask, cfg.num_experts)
+        check_row_count(x2.shape[0] * k, "x")
         opt = self.options(training, seq_len)
+        opt.top_k = k
         # the global scope counts the loads of this step's earlier training forwards
         counts = self.step_loads.copy() if training and cfg.load_balance_scope == "global" else None
         bias = self.expert_bias if cfg.traits.expert_bias else None
         res = kernel("router_forward", cfg.np_dtype)(
             x=x2, w_router=w, mask=mask, num_experts=cfg.num_experts, options=opt,
-            expert_bias=bias, balance_counts=counts, token_ids=token_ids)
+            expert_bias=bias, balance_counts=counts, token_ids=token_ids, forced_indices=forced,
+            expert_mask=available)
         losses = {"load_balance": res.load_balance, "z_loss": res.z_loss, "entropy": res.entropy_loss}
         aux = float(cfg.load_balance_coef * losses["load_balance"] + cfg.z_loss_coef * losses["z_loss"]
                     + cfg.entropy_coef * losses["entropy"])
@@ -247,6 +261,8 @@ class Router:
                 f" + z_loss_coef={cfg.z_loss_coef} x {losses['z_loss']} + entropy_coef="
                 f"{cfg.entropy_coef} x {losses['entropy']} (x too large, or a coefficient too large)")
         routed = _router_output(res)
+        if available is not None and routing is not None and routing.renormalize:
+            interventions.renormalize_weights(routed.topk_weights, routed.router_probs, available, mask)
         return _Routed(routed, losses, aux, _Saved(x2, w, mask, routed, bool(training), opt, counts))
 
     def commit(self, r: _Routed) -> RouterOutput:
@@ -258,16 +274,15 @@ class Router:
         self.losses, self.aux_loss, self._saved = r.losses, r.aux_loss, r.saved
         return read_only(r.output)
 
-    def route(self, x2: np.ndarray, mask: np.ndarray, training: bool, seq_len: int = 0,
-              token_ids: Optional[np.ndarray] = None) -> RouterOutput:
-        return self.commit(self.compute(x2, mask, training, seq_len, token_ids))
-
-    def __call__(self, x, padding_mask=None, training: bool = True, token_ids=None) -> RouterOutput:
+    def __call__(self, x, padding_mask=None, training: bool = True, token_ids=None,
+                 routing: Optional[RoutingIntervention] = None) -> RouterOutput:
         with self._guard.forward():
             x2, lead = as_tokens(x, self.cfg.d_model, self.cfg.np_dtype)
             mask = as_mask(padding_mask, lead)
             ids = as_token_ids(token_ids, lead, required=self.cfg.traits.needs_token_ids)
-            out = self.route(x2, mask, training, sequence_length(lead, self.cfg.load_balance_scope), ids)
+            seq_len = sequence_length(lead, self.cfg.load_balance_scope)
+            out = self.commit(self.compute(x2, mask, training, seq_len, ids, routing, lead))
+            self._inference_only = routing is not None and routing.inference_only
             self._lead = lead
             return out
 
@@ -310,6 +325,9 @@ class Router:
         with self._guard.backward():
             if self._saved is None:
                 raise RuntimeError("backward called before forward")
+            if self._inference_only:
+                raise RuntimeError("backward: this forward removed experts or changed top_k "
+                                   "(routing.ablate / routing.top_k), which is for inference only")
             dx2 = np.zeros_like(self._saved.x2)
             self.backward_into(d_topk_weights, dx2)
             return dx2.reshape(self._lead + (self.cfg.d_model,))

@@ -89,15 +89,16 @@ class RunFolder:
     # everything a run writes (removed by --overwrite, and nothing else is): its files, and
     # the plots of plots.py (tests/test_plots.py holds that list to what the plots write)
     OUTPUTS = ("config.json", "metrics.jsonl", "checkpoint.npz", "checkpoints", "analysis.json",
-               "analysis_over_training.json")
+               "analysis_over_training.json", "routing_trace.jsonl", "ablation.json", "upcycle.json",
+               "tensorboard")
     PLOTS = ("loss.png", "utilisation.png", "utilisation_heatmap.png", "entropy.png",
              "training_signals.png", "expert_label.png", "specialisation.png", "coactivation.png",
-             "entropy_margin.png", "transitions.png", "compare.png")
+             "entropy_margin.png", "transitions.png", "compare.png", "ablation.png", "pruning.png")
     LOCK = ".lock"  # held (flock) by the process training into the folder
     _STEP_FILE = re.compile(r"^step-\d{6}\.npz$")  # the kept checkpoints' names
     # the temporaries of a killed writer: an output (or a step checkpoint) + ".tmp.<pid>"
-    _TEMPORARY = re.compile(r"^(config\.json|metrics\.jsonl|checkpoint\.npz|analysis\.json|"
-                            r"analysis_over_training\.json|step-\d{6}\.npz|[a-z_]+\.png)\.tmp\.\d+$")
+    _TEMPORARY = re.compile(r"^(config\.json|metrics\.jsonl|routing_trace\.jsonl|checkpoint\.npz|analysis\.json|"
+                            r"analysis_over_training\.json|ablation\.json|upcycle\.json|step-\d{6}\.npz|[a-z_]+\.png)\.tmp\.\d+$")
 
     def __init__(self, path: str):
         self.path = path

@@ -8,6 +8,7 @@ micro-batch means. Aux losses are averaged over micro-batches.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -32,8 +33,11 @@ from .models import ModelConfig, TransformerLM
 from .collapse import CollapseWatch, summary_lines, worst_max_over_mean
 from .optim import AdamW, lr_at
 from .parallel import Parallel, SingleProcess
+from .progress import LOG_EVERY, progress_bar
 from .router import balance_distribution, row_entropy, unrouted_tokens
+from .routing_trace import FILE as TRACE_FILE, TraceWriter, records_of
 from .run_folder import RunFolder
+from .telemetry import load_metrics
 
 
 @dataclass
@@ -115,25 +119,16 @@ def diverged(cause: Exception, step: int, run: RunFolder) -> TrainingDiverged:
     return TrainingDiverged(f"training diverged at step {step}: {cause}; training stopped, {kept}")
 
 
-def progress_bar(total: int, initial: int, desc: str = "train", **tqdm_kw):
-    """A tqdm bar on stderr, or None without tqdm."""
-    try:
-        from tqdm import tqdm
-        return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=sys.stderr,
-                    **tqdm_kw)
-    except ImportError:  # the bar is a nicety; training does not depend on it
-        return None
-
-
 def evaluate(model: TransformerLM, sampler: BatchSampler, max_batches: Optional[int],
-             parallel: Optional[Parallel] = None) -> float:
+             parallel: Optional[Parallel] = None, routing: Optional[list] = None) -> float:
     """Per-token mean next-token loss over the validation batches (eval mode, no noise);
-    each process routes its rows of every batch."""
+    each process routes its rows of every batch. routing: one intervention per MoE layer
+    (moe_py/interventions.py) applied to every batch (ablation, pruning, a top-k override)."""
     parallel = parallel or SingleProcess()
     total, count = 0.0, 0
     for whole in sampler.iter_eval(max_batches):
         batch = parallel.rows(whole)
-        out = model.forward(batch.inputs, batch.mask, training=False)
+        out = model.forward(batch.inputs, batch.mask, training=False, routing=routing)
         n = int((batch.targets != IGNORE_INDEX).sum())
         if n:
             loss, _ = cross_entropy(out.head_logits[0], batch.targets, IGNORE_INDEX)
@@ -212,25 +207,30 @@ class _StepStats:
             out["drop_rate"] = [d / max(1, s) for d, s in zip(self.dropped, self.slots)]
             # real tokens no expert processes (expert choice leaves some; capacity drops too)
             out["unrouted"] = [u / max(1, r) for u, r in zip(self.unrouted, self.real)]
+            # load_min .. load_p95 (shares of the uniform load), assignments before and after
+            # capacity, dead_share: from the global loads and the reduced drops
+            out.update(load_metrics(loads, self.dropped))
         return out
 
 
 def train_step(model: TransformerLM, batches: List[Batch], optim: AdamW, lr: float,
-               train_cfg: TrainConfig, parallel: Optional[Parallel] = None) -> dict:
+               train_cfg: TrainConfig, parallel: Optional[Parallel] = None,
+               on_routing: Optional[Callable[[int, list, tuple], None]] = None) -> dict:
     """One optimiser step over the global micro-batches `batches` (each process takes its
     rows of them): no I/O, no timing.
 
     The gradient is that of the per-token mean loss over every real target of the step
     plus the aux losses averaged over micro-batches; it is clipped to train_cfg.grad_clip.
     Returns the step's metrics; raises TrainingDiverged (before updating anything) when
-    the loss or the gradient is not finite."""
+    the loss or the gradient is not finite. on_routing(micro_batch, routers, shape) sees each
+    micro-batch's RouterOutputs (the routing trace)."""
     parallel = parallel or SingleProcess()
     M = len(batches)
     n_total = sum(int((b.targets != IGNORE_INDEX).sum()) for b in batches)
     model.zero_grad()
     stats = _StepStats([layer.cfg.router for layer in model.moe_layers])
     noise_std = model.moe_layers[0].noise_std if model.moe_layers else 0.0
-    for whole in batches:
+    for micro, whole in enumerate(batches):
         b = parallel.rows(whole)
         n = int((b.targets != IGNORE_INDEX).sum())
         n_whole = int((whole.targets != IGNORE_INDEX).sum())
@@ -243,6 +243,8 @@ def train_step(model: TransformerLM, batches: List[Batch], optim: AdamW, lr: flo
             # under MPI, raised on one rank while the others wait in a collective: the job aborts
             raise TrainingDiverged(f"{parallel.failed('non-finite loss or gradient')} ({e})") from None
         stats.add(res, n, res["head_losses"][0] if n else 0.0, b.mask)
+        if on_routing is not None:
+            on_routing(micro, res["routers"], b.inputs.shape)
     stats.reduce(parallel)
     m = stats.metrics(M)
     parallel.sync_grads(model)
@@ -319,12 +321,15 @@ def run_inputs(model_cfg: ModelConfig, train_cfg: TrainConfig, corpus: Optional[
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, corpus: Optional[Corpus] = None,
           resume: bool = False, quiet: bool = False, until: Optional[int] = None,
           overwrite: bool = False, on_step: Optional[Callable[[dict], None]] = None,
-          parallel: Optional[Parallel] = None) -> dict:
+          parallel: Optional[Parallel] = None, trace_routing: bool = False,
+          log_every: int = LOG_EVERY) -> dict:
     """Train (or resume from out_dir/checkpoint.npz) into out_dir; returns the last
     step's metrics. A folder that already holds a run is refused unless `resume` (continue
     it, to train_cfg.steps) or `overwrite` (replace it). `until` stops after that step, as
     an interruption would (the schedule is unchanged). `on_step(metrics)` is called after
-    each step is logged (e.g. to drive a caller's own progress bars when `quiet`). The
+    each step is logged (e.g. to drive a caller's own progress bars when `quiet`). Progress
+    goes to stderr: a tqdm bar on a terminal, else a line every `log_every` steps
+    (moe_py/progress.py); `quiet` prints nothing. The
     folder is locked for the whole call: a second trainer is refused.
 
     `parallel` spreads the run over processes (moe_py/parallel.py; default SingleProcess).
@@ -338,12 +343,13 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, corpus: 
         raise FileNotFoundError(f"resume: no checkpoint.npz in {out_dir} to resume from")
     with parallel.locked(run):
         return _train_locked(run, model_cfg, train_cfg, corpus, resume, quiet, until, overwrite, on_step,
-                             parallel)
+                             parallel, trace_routing, log_every)
 
 
 def _train_locked(run: RunFolder, model_cfg: ModelConfig, train_cfg: TrainConfig, corpus: Optional[Corpus],
                   resume: bool, quiet: bool, until: Optional[int], overwrite: bool,
-                  on_step: Optional[Callable[[dict], None]], parallel: Parallel) -> dict:
+                  on_step: Optional[Callable[[dict], None]], parallel: Parallel,
+                  trace_routing: bool = False, log_every: int = LOG_EVERY) -> dict:
     out_dir, root = run.path, parallel.is_root
     refuse = not resume and run.holds_run() and not overwrite
     parallel.barrier()  # every process decides from the same files before the root changes any
@@ -390,11 +396,12 @@ def _train_locked(run: RunFolder, model_cfg: ModelConfig, train_cfg: TrainConfig
         print(corpus_summary(corpus, val_sampler, train_cfg.eval_batches), file=sys.stderr)
         if parallel.describe(model_cfg):
             print(parallel.describe(model_cfg), file=sys.stderr)
-    bar = progress_bar(train_cfg.steps, start) if talk else None
+    bar = progress_bar(train_cfg.steps, start, log_every=log_every) if talk else None
     M = train_cfg.grad_accum
     watch = collapse_watch_of(train_cfg, run)
     last: dict = {}
     end = train_cfg.steps if until is None else min(until, train_cfg.steps)
+    on_routing = routing_tracer(run, model, start, parallel) if trace_routing else None
     stop = parallel.stop_requests()
     try:
         for step in range(start, end):
@@ -403,7 +410,8 @@ def _train_locked(run: RunFolder, model_cfg: ModelConfig, train_cfg: TrainConfig
             lr = lr_at(step, train_cfg.lr, train_cfg.warmup, train_cfg.lr_decay_steps,
                        train_cfg.min_lr_ratio)
             try:
-                m = {"step": step + 1, **train_step(model, batches, optim, lr, train_cfg, parallel)}
+                step_routing = None if on_routing is None else functools.partial(on_routing, step + 1)
+                m = {"step": step + 1, **train_step(model, batches, optim, lr, train_cfg, parallel, step_routing)}
             except TrainingDiverged as e:
                 raise diverged(e, step + 1, run) from None
             add_speed(m, t0)  # the root's RSS is the one written
@@ -412,7 +420,10 @@ def _train_locked(run: RunFolder, model_cfg: ModelConfig, train_cfg: TrainConfig
             add_collapse_watch(m, watch, bar, final=step + 1 == train_cfg.steps, warn=root)
             if root:
                 run.append_metrics(m)
-            if (step + 1) % train_cfg.checkpoint_every == 0 or step + 1 == end or stop.requested:
+            # one reading per step: a signal arriving after it is handled after the next step,
+            # never between the checkpoint decision and the stop (a stop with no checkpoint)
+            requested = stop.requested
+            if (step + 1) % train_cfg.checkpoint_every == 0 or step + 1 == end or requested:
                 path = run.step_checkpoint(step + 1) if root else ""
                 parallel.save_checkpoint(path, model, optim, step + 1, dataclasses.asdict(train_cfg))
                 if root:
@@ -422,8 +433,8 @@ def _train_locked(run: RunFolder, model_cfg: ModelConfig, train_cfg: TrainConfig
             if on_step is not None:
                 on_step(m)
             last = m
-            if stop.requested and step + 1 < end:
-                raise TrainingInterrupted(f"interrupted at step {step + 1} ({stop.requested}); the "
+            if requested and step + 1 < end:
+                raise TrainingInterrupted(f"interrupted at step {step + 1} ({requested}); the "
                                           f"checkpoint is saved; resume with: python -m moe_py train "
                                           f"--out {out_dir} --resume")
     finally:
@@ -433,6 +444,20 @@ def _train_locked(run: RunFolder, model_cfg: ModelConfig, train_cfg: TrainConfig
     if talk:
         print_collapse_summary(last)
     return last
+
+
+def routing_tracer(run: RunFolder, model: TransformerLM, start: int, parallel: Parallel):
+    """on_routing(step, micro_batch, routers, shape) appending to RUN/routing_trace.jsonl
+    (moe_py/routing_trace.py); a resumed run's later lines are dropped first."""
+    if not isinstance(parallel, SingleProcess):
+        raise NotImplementedError("trace_routing: the routing trace is written by one process; "
+                                  "under --expert-parallel it is not supported yet")
+    writer = TraceWriter(os.path.join(run.path, TRACE_FILE), start)
+    blocks = [i for i, b in enumerate(model.blocks) if b.ffn.has_router]
+
+    def on_routing(step: int, micro_batch: int, routers: list, shape: tuple) -> None:
+        writer.write(records_of(step, micro_batch, routers, blocks, shape))
+    return on_routing
 
 
 def add_speed(m: dict, t0: float) -> None:

@@ -208,6 +208,6 @@ def test_the_entry_table_names_every_router_of_the_issue_once():
     from moe_py.tournament import ENTRIES, available_entries
     routers = [e.moe["router"] for e in ENTRIES if e.moe is not None]
     assert sorted(set(routers)) == ["expert_choice", "hash", "sigmoid_topk", "sinkhorn", "softmax_topk"]
-    assert len({e.name for e in ENTRIES}) == len(ENTRIES) == 8
+    assert len({e.name for e in ENTRIES}) == len(ENTRIES) == 9
     assert all("load_balance_coef" in e.moe for e in ENTRIES if e.moe is not None)
     assert {"dense", "softmax_lb", "softmax_noise"} <= set(available_entries())

@@ -11,6 +11,13 @@ the dense baseline's FFN has width top_k * d_ff (what `train --dense` and `compa
 entry with s shared experts routes top_k - s experts and gets s shared experts of width d_ff
 (each shared expert replaces one routed one). The router's own weights (d_model x E per MoE
 layer) come on top; the table reports total and active parameters of every entry.
+
+The upcycled entry (docs/design.md, "Upcycling a dense run") trains the dense baseline for the
+first half of the steps (steps // 2, in <entry>/dense-parent-seed-<s>), upcycles it with
+granularity top_k into E experts of width d_ff (top_k of them per token: the dense parent's
+active FLOPs) and trains that for the rest, from step 0 with a fresh optimiser and its own
+warm-up and cosine, as `upcycle` + `train --resume` would. Its second half reads the batches of
+seed s + UPCYCLE_SEED_OFFSET, so that it does not read its parent's batches again.
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ class Entry:
     summary: str  # one line for the table's notes
     moe: Optional[Dict[str, Any]]  # MoEConfig fields set by the entry; None: the dense baseline
     train: Dict[str, Any] = field(default_factory=dict)  # TrainConfig fields set by the entry
+    upcycle: bool = False  # half the steps dense, then upcycled (moe_py/upcycle.py) for the rest
 
 
 # Aux-loss-free routers and the balanced-by-construction ones get no load-balance loss, so
@@ -52,7 +60,12 @@ ENTRIES: Tuple[Entry, ...] = (
           {"router": "sinkhorn", "load_balance_coef": 0.0}),
     Entry("hash", "hash routing on the token id (no learned router)",
           {"router": "hash", "load_balance_coef": 0.0}),
+    Entry("upcycled", "the dense baseline for steps // 2 steps, then upcycled (its FFN split into "
+          "top_k experts per copy, E in all) to softmax top-k with the load-balance loss for the rest",
+          {"router": "softmax_topk", "load_balance_coef": 0.01}, upcycle=True),
 )
+# The upcycled entry's second half: batches of seed s + this (not its parent's again).
+UPCYCLE_SEED_OFFSET = 10_000
 ENTRY_NAMES = tuple(e.name for e in ENTRIES)
 
 # What entry_configs does to keep the active parameters equal, for the table's header.
@@ -92,6 +105,35 @@ def _moe_config(entry: Entry, base: MoEConfig, seed: int) -> MoEConfig:
     return MoEConfig(**fields)
 
 
+def parent_configs(entry: Entry, base_model: ModelConfig, base_train: TrainConfig, seed: int,
+                   lr: Optional[float] = None) -> Tuple[ModelConfig, TrainConfig]:
+    """An upcycled entry's dense parent: the dense baseline's configs for the first
+    steps // 2 steps."""
+    if base_train.steps < 2:
+        raise ValueError(f"tournament entry {entry.name!r}: steps: expected at least 2 (half dense, "
+                         f"half upcycled), got {base_train.steps}")
+    dense = Entry(f"{entry.name} (dense parent)", "", None)
+    return entry_configs(dense, base_model, dataclasses.replace(base_train, steps=base_train.steps // 2),
+                         seed, lr)
+
+
+def _upcycled_configs(entry: Entry, base_model: ModelConfig, base_train: TrainConfig, seed: int,
+                      lr: Optional[float]) -> Tuple[ModelConfig, TrainConfig]:
+    from ..upcycle import upcycled_configs
+    assert base_model.moe is not None and entry.moe is not None
+    dense_model, dense_train = parent_configs(entry, base_model, base_train, seed, lr)
+    base = base_model.moe
+    moe = {k: v for k, v in dataclasses.asdict(base).items()
+           if k not in ("d_model", "d_ff", "activation", "dtype", "num_experts", "top_k", "seed")}
+    moe.update(normalize_topk=None, num_shared_experts=0, shared_d_ff=None, **entry.moe)
+    try:
+        return upcycled_configs(dense_model, dense_train, base.num_experts, granularity=base.top_k,
+                                top_k=base.top_k, seed=seed + UPCYCLE_SEED_OFFSET,
+                                steps=base_train.steps - base_train.steps // 2, moe=moe)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"tournament entry {entry.name!r}: this moe_py rejects its config ({e})") from None
+
+
 def entry_configs(entry: Entry, base_model: ModelConfig, base_train: TrainConfig,
                   seed: int, lr: Optional[float] = None) -> Tuple[ModelConfig, TrainConfig]:
     """The model and training configs of `entry` at `seed` (the model's weights and the data
@@ -102,6 +144,8 @@ def entry_configs(entry: Entry, base_model: ModelConfig, base_train: TrainConfig
         raise ValueError("base_model: expected an MoE model (its moe sets the experts' shape), "
                          "got a dense one")
     base = base_model.moe
+    if entry.upcycle:
+        return _upcycled_configs(entry, base_model, base_train, seed, lr)
     try:
         moe = None if entry.moe is None else _moe_config(entry, base, seed)
         model = dataclasses.replace(base_model, moe=moe, d_ff=base.active_ffn_width, seed=seed)

@@ -8,6 +8,7 @@ from typing import List, Optional, Sequence
 
 from ..config import MoEConfig
 from ..models import ModelConfig
+from ..progress import LOG_EVERY
 from ..run_folder import RunFolder, atomic_write
 from ..train import TrainConfig
 from .corpora import Corpora
@@ -62,7 +63,7 @@ def check_lr_grid(lr_grid) -> Optional[List[float]]:
 
 def train_entries(out: str, entries: Sequence[Entry], base_model: ModelConfig, base_train: TrainConfig,
                   seed_list: List[int], grid: Optional[List[float]], tune_seed: int, overwrite: bool,
-                  progress: bool, corpora: Optional[Corpora] = None):
+                  progress: bool, corpora: Optional[Corpora] = None, log_every: int = LOG_EVERY):
     """The training both `tournament` and `compare` do: with a grid, every entry once per rate
     at tune_seed, then every entry x seed at its chosen rate (without one, at base_train's).
     Every config is checked before anything trains. Returns (actions, lr_choice or None,
@@ -72,11 +73,13 @@ def train_entries(out: str, entries: Sequence[Entry], base_model: ModelConfig, b
     tuning = [] if grid is None else plan_tuning_runs(out, entries, base_model, base_train, grid, tune_seed)
     for lr in grid or []:  # every rate's seed configs too, before anything trains
         plan_runs(out, entries, base_model, base_train, seed_list, {e.name: lr for e in entries})
-    actions = train_runs(tuning, overwrite=overwrite, progress=progress, corpora=corpora, may_diverge=True)
+    actions = train_runs(tuning, overwrite=overwrite, progress=progress, corpora=corpora, may_diverge=True,
+                         log_every=log_every)
     lr_choice = choose_lrs(tuning) if tuning else None
     runs = plan_runs(out, entries, base_model, base_train, seed_list,
                      None if lr_choice is None else {name: c["lr"] for name, c in lr_choice.items()})
-    actions.update(train_runs(runs, overwrite=overwrite, progress=progress, corpora=corpora))
+    actions.update(train_runs(runs, overwrite=overwrite, progress=progress, corpora=corpora,
+                              log_every=log_every))
     return actions, lr_choice, runs
 
 
@@ -105,14 +108,15 @@ def run_tournament(out: str, routers: Optional[Sequence[str]] = None, seeds: int
                    base_model: Optional[ModelConfig] = None, base_train: Optional[TrainConfig] = None,
                    overwrite: bool = False, progress: bool = True,
                    entries: Sequence[Entry] = ENTRIES, lr_grid: Optional[Sequence[float]] = None,
-                   tune_seed: int = TUNE_SEED) -> dict:
+                   tune_seed: int = TUNE_SEED, log_every: int = LOG_EVERY) -> dict:
     """Train the entries named in `routers` (all when None) with seeds 0 .. seeds-1 into
     out/<entry>/seed-<s>/, then write the table and plots. base_model (with its moe: the
     experts' shape) and base_train (the schedule, and the split seed every run shares)
     default to the default model and training with DEFAULT_STEPS steps; each entry
     overrides only its own fields (entries.py). With lr_grid, each entry first trains once
     per rate at tune_seed (out/<entry>/tune-lr-<lr>/) and its seeds then use the rate with
-    the lowest validation loss there. Every config is checked before anything trains."""
+    the lowest validation loss there. Every config is checked before anything trains.
+    progress: bars (or, off a terminal, a line every log_every steps; moe_py/progress.py)."""
     if not isinstance(out, str) or not out:
         raise ValueError(f"out: expected a folder path, got {out!r}")
     seed_list = check_seeds(seeds)
@@ -122,7 +126,7 @@ def run_tournament(out: str, routers: Optional[Sequence[str]] = None, seeds: int
     base_train = TrainConfig(steps=DEFAULT_STEPS) if base_train is None else base_train
     corpora = Corpora()  # loaded once for training and analysis alike
     actions, lr_choice, _ = train_entries(out, chosen, base_model, base_train, seed_list, grid, tune_seed,
-                                          overwrite, progress, corpora)
+                                          overwrite, progress, corpora, log_every)
     table = {"actions": actions}
     table.update(write_table(out, chosen, seed_list, corpora, lr_choice))
     return table

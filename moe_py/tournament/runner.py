@@ -14,10 +14,10 @@ import numpy as np
 
 from ..models import ModelConfig
 from ..run_folder import RunFolder
-from ..train import (TrainConfig, TrainingDiverged, progress_bar, read_metrics, show_step, train,
-                     with_fixed_horizons)
+from ..progress import LOG_EVERY, progress_bar
+from ..train import TrainConfig, TrainingDiverged, read_metrics, show_step, train, with_fixed_horizons
 from .corpora import Corpora
-from .entries import Entry, entry_configs
+from .entries import Entry, entry_configs, parent_configs
 
 
 @dataclass
@@ -27,6 +27,20 @@ class PlannedRun:
     path: str
     model: ModelConfig
     train: TrainConfig
+    parent: Optional["PlannedRun"] = None  # an upcycled entry's dense parent (entries.py)
+
+
+def _planned(e: Entry, seed: int, path: str, base_model: ModelConfig, base_train: TrainConfig,
+             lr: Optional[float]) -> PlannedRun:
+    """One run of `e`, and for an upcycled entry its dense parent beside it
+    (<entry>/dense-parent-<run folder name>)."""
+    run = PlannedRun(e, seed, path, *entry_configs(e, base_model, base_train, seed, lr))
+    if e.upcycle:
+        parent = dataclasses.replace(e, name=f"{e.name} (dense parent)", moe=None, upcycle=False)
+        run.parent = PlannedRun(parent, seed, os.path.join(os.path.dirname(path), "dense-parent-" +
+                                                           os.path.basename(path)),
+                                *parent_configs(e, base_model, base_train, seed, lr))
+    return run
 
 
 def run_path(out: str, entry_name: str, seed: int) -> str:
@@ -42,8 +56,7 @@ def plan_runs(out: str, entries: Sequence[Entry], base_model: ModelConfig, base_
     """Every entry x seed with its configs, built (and so checked) before anything trains;
     lrs: each entry's learning rate (None: base_train's)."""
     lrs = lrs or {}
-    return [PlannedRun(e, s, run_path(out, e.name, s),
-                       *entry_configs(e, base_model, base_train, s, lrs.get(e.name)))
+    return [_planned(e, s, run_path(out, e.name, s), base_model, base_train, lrs.get(e.name))
             for e in entries for s in seeds]
 
 
@@ -51,8 +64,7 @@ def plan_tuning_runs(out: str, entries: Sequence[Entry], base_model: ModelConfig
                      base_train: TrainConfig, lr_grid: Sequence[float], tune_seed: int) -> List[PlannedRun]:
     """Every entry x learning rate of the grid at the tuning seed (a seed that no compared
     run uses, so that the rate is not chosen on the runs it is then judged by)."""
-    return [PlannedRun(e, tune_seed, tune_path(out, e.name, lr),
-                       *entry_configs(e, base_model, base_train, tune_seed, lr))
+    return [_planned(e, tune_seed, tune_path(out, e.name, lr), base_model, base_train, lr)
             for e in entries for lr in lr_grid]
 
 
@@ -123,17 +135,19 @@ def _steps_done(run: PlannedRun, state: str) -> int:
 
 
 def train_runs(runs: Sequence[PlannedRun], overwrite: bool = False, progress: bool = True,
-               corpora: Optional[Corpora] = None, may_diverge: bool = False) -> Dict[str, str]:
+               corpora: Optional[Corpora] = None, may_diverge: bool = False,
+               log_every: int = LOG_EVERY) -> Dict[str, str]:
     """Train what is not complete; returns {run path: what was done} ("kept", "resumed",
     "trained", and with may_diverge (tuning runs) "diverged" instead of stopping).
-    Bars: one overall (all runs' steps) and one per run."""
+    Bars: one overall (all runs' steps) and one per run; when stderr is not a terminal, a
+    line every log_every steps of a run and an overall line as each run ends."""
     if not runs:
         return {}
     corpora = Corpora() if corpora is None else corpora
     states = {r.path: "new" if overwrite else run_state(r) for r in runs}
     done = {r.path: _steps_done(r, states[r.path]) for r in runs}
     overall = progress_bar(sum(r.train.steps for r in runs), sum(done.values()), desc="tournament",
-                           position=0) if progress else None
+                           log_every=0, position=0) if progress else None
     actions = {}
     try:
         for r in runs:
@@ -142,15 +156,20 @@ def train_runs(runs: Sequence[PlannedRun], overwrite: bool = False, progress: bo
                 continue
             corpus = corpora.get(r.train)
             resume = done[r.path] > 0
+            if r.parent is not None:  # an upcycled entry: its parent trained and upcycled first
+                if not start_upcycled(r, overwrite, corpora, may_diverge):
+                    actions[r.path] = "diverged"
+                    continue
+                resume = True
             bar = progress_bar(r.train.steps, done[r.path], desc=f"{r.entry.name} seed {r.seed}",
-                               position=1, leave=False) if progress else None
+                               log_every=log_every, position=1, leave=False) if progress else None
 
             def on_step(m, bar=bar):
                 if bar is not None:
                     show_step(bar, m)
                 if overall is not None:
                     overall.update(1)
-            actions[r.path] = "resumed" if resume else "trained"
+            actions[r.path] = "resumed" if done[r.path] > 0 else "trained"
             try:
                 train(r.model, r.train, r.path, corpus=corpus, resume=resume, quiet=True,
                       overwrite=not resume, on_step=on_step)
@@ -161,8 +180,33 @@ def train_runs(runs: Sequence[PlannedRun], overwrite: bool = False, progress: bo
             finally:
                 if bar is not None:
                     bar.close()
+                if overall is not None:
+                    overall.refresh()  # a log file's overall line; a bar's redraw
     finally:
         if overall is not None:
             overall.close()
     return actions
 
+
+
+def start_upcycled(run: PlannedRun, overwrite: bool, corpora: Corpora, may_diverge: bool = False) -> bool:
+    """An upcycled entry's run folder at step 0 (unless it has a checkpoint already and not
+    `overwrite`): its dense parent trained, resumed or kept in run.parent.path (silently), then
+    upcycled into run.path as `python -m moe_py upcycle` does. False when the parent diverged
+    (may_diverge); a folder that does not end up holding the planned configs raises."""
+    from ..upcycle import upcycle_run
+    parent = run.parent
+    assert parent is not None and run.model.moe is not None
+    if not overwrite and os.path.exists(RunFolder(run.path).checkpoint):
+        return True
+    done = train_runs([parent], overwrite=overwrite, progress=False, corpora=corpora, may_diverge=may_diverge)
+    if done.get(parent.path) == "diverged":
+        return False
+    moe = run.model.moe
+    fields = {k: v for k, v in dataclasses.asdict(moe).items()
+              if k not in ("d_model", "d_ff", "activation", "dtype", "num_experts", "top_k", "seed")}
+    upcycle_run(parent.path, run.path, moe.num_experts, parent.model.d_ff // moe.d_ff, top_k=moe.top_k,
+                seed=run.train.seed, steps=run.train.steps, moe=fields, overwrite=True,
+                corpus=corpora.get(parent.train))
+    run_state(run)  # raises when the folder's configs are not the planned ones
+    return True

@@ -6,6 +6,8 @@ analysis.json) and `analyze --over-training`
 or how often it runs: the same folder gives the same numbers, bit for bit."""
 from __future__ import annotations
 
+import json
+import os
 from typing import Optional
 
 from ..data import Corpus
@@ -26,6 +28,24 @@ def _metrics_numbers(rows: list, steps: int, path: str) -> dict:
     if "max_over_mean" in rows[0]:
         # the worst MoE layer's max/mean expert load of each training step
         out["imbalance_curve"] = [[r["step"], max(r["max_over_mean"])] for r in rows]
+    return out
+
+
+def _after_parent(out: dict, path: str) -> dict:
+    """An upcycled run's curves (its folder has upcycle.json) on the steps of the whole run:
+    its dense parent's validation losses first, then its own shifted by the parent's steps."""
+    record_path = os.path.join(path, "upcycle.json")
+    if not os.path.exists(record_path):
+        return out
+    with open(record_path) as f:
+        record = json.load(f)
+    p = int(record["parent_step"])
+    parent = RunFolder(os.path.join(path, record["parent_run"]))
+    before = [[r["step"], r["val_loss"]] for r in parent.read_metrics() if "val_loss" in r and r["step"] <= p] \
+        if os.path.exists(parent.metrics) else []
+    out["val_curve"] = before + [[s + p, v] for s, v in out["val_curve"]]
+    if "imbalance_curve" in out:
+        out["imbalance_curve"] = [[s + p, v] for s, v in out["imbalance_curve"]]
     return out
 
 
@@ -65,7 +85,7 @@ def summarise_run(path: str, corpora: Optional[Corpora] = None) -> dict:
     t = cfg["train"]
     corpus = (Corpora() if corpora is None else corpora).get(TrainConfig.from_dict(t))
     model_cfg = ModelConfig.from_dict(cfg["model"])
-    out = _metrics_numbers(folder.read_metrics(), cfg["train"]["steps"], path)
+    out = _after_parent(_metrics_numbers(folder.read_metrics(), cfg["train"]["steps"], path), path)
     params = TransformerLM(model_cfg).num_parameters()
     out.update(params_total=params["total"], params_active=params["active"],
                top_k=model_cfg.moe.top_k if model_cfg.moe is not None else None, lr=cfg["train"]["lr"])
