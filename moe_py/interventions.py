@@ -2,7 +2,8 @@
 (docs/design.md, "Routing interventions").
 
     out = layer(x)                                              # record: out.router.topk_indices
-    again = layer(x, routing=RoutingIntervention(replay=out.router.topk_indices))
+    again = layer(x, routing=RoutingIntervention(replay=out.router.topk_indices.reshape(...)))
+    model.forward(ids, routing=replay_of(model_out.routers, ids.shape))  # a whole model
     pruned = layer(x, training=False, routing=RoutingIntervention(ablate=(3, 5)))
     wider = layer(x, training=False, routing=RoutingIntervention(top_k=4))
 
@@ -23,7 +24,7 @@ Inference only.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -38,6 +39,13 @@ class RoutingIntervention:
     @property
     def inference_only(self) -> bool:
         return bool(self.ablate) or self.top_k is not None
+
+
+def replay_of(routers, shape: tuple) -> List[RoutingIntervention]:
+    """Interventions that replay a recorded forward: `routers` its RouterOutputs (one per MoE
+    layer, e.g. ModelOutput.routers), `shape` its tokens' leading shape (e.g. [B, S])."""
+    return [RoutingIntervention(replay=np.asarray(r.topk_indices).reshape(tuple(shape) + (-1,)))
+            for r in routers]
 
 
 def checked(routing, cfg, lead: tuple, training: bool) -> Tuple[Optional[np.ndarray], Optional[np.ndarray], int]:
