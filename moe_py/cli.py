@@ -523,9 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--over-training", action="store_true",
                    help="also route the sample through every kept checkpoint: specialisation "
                         "and routing stability across training")
-    a.add_argument("--batches", type=int, default=None,
-                   help="validation batches to route (default: the run's eval_batches, the sample "
-                        "behind its val_loss)")
+    _add_batches_flag(a)
     a.set_defaults(func=_analyze)
 
     tr = sub.add_parser("tournament", allow_abbrev=False,
@@ -536,8 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     ab = sub.add_parser("ablate", allow_abbrev=False,
                         help="validation loss without each expert, and as the least used are pruned")
     ab.add_argument("run_dir", help="a run folder written by train (its latest checkpoint)")
-    ab.add_argument("--batches", type=int, default=None,
-                    help="validation batches (default: the run's eval_batches, the sample behind its val_loss)")
+    _add_batches_flag(ab)
     ab.add_argument("--no-renormalize", action="store_true",
                     help="keep the full router's weights for the experts left (default: renormalise "
                          "them over the experts left)")
@@ -577,6 +574,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_sample)
     return p
+
+
+def _add_batches_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batches", type=int, default=None,
+                   help="validation batches to route (default: the run's eval_batches, the sample "
+                        "behind its val_loss)")
 
 
 def _explicit_dests(parser: argparse.ArgumentParser, argv: List[str], command: str) -> set:
