@@ -85,7 +85,10 @@ def test_bad_shapes_are_value_errors():
 def test_a_column_range_has_the_bits_of_the_whole_product():
     """Each C element's sum is the same whatever the product's width: a transposed A read by
     many panels (here 600 columns) is copied to a contiguous block first, by few (40) it is
-    read in place, and both must give the same bits."""
+    read in place, and both must give the same bits. That copy is the SIMD micro-kernels';
+    the BLAS fallback of builds without AVX2 is held to rounding only: OpenBLAS picks its
+    kernels by shape (bitwise on a Zen 4 with the SkylakeX kernels, not on a Zen 2)."""
+    simd = moe_py.build_info()["gemm_kernel"] != "blas"
     rng = np.random.default_rng(5)
     for dtype in (np.float32, np.float64):
         fn = kernel("small_gemm", dtype)
@@ -96,4 +99,8 @@ def test_a_column_range_has_the_bits_of_the_whole_product():
         narrow = np.zeros((37, 40), dtype)
         fn(a=a, b=np.ascontiguousarray(b[:, 64:104]), trans_a=True, trans_b=False, c=narrow,
            accumulate=False, packed=False)
-        assert np.array_equal(wide[:, 64:104], narrow)
+        if simd:
+            assert np.array_equal(wide[:, 64:104], narrow)
+        else:
+            np.testing.assert_allclose(wide[:, 64:104], narrow, rtol=1e-5 if dtype == np.float32 else 1e-13,
+                                       atol=1e-4 if dtype == np.float32 else 1e-12)
