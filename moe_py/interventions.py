@@ -48,9 +48,11 @@ def replay_of(routers, shape: tuple) -> List[RoutingIntervention]:
             for r in routers]
 
 
-def checked(routing, cfg, lead: tuple, training: bool) -> Tuple[Optional[np.ndarray], Optional[np.ndarray], int]:
+def checked(routing, cfg, lead: tuple, real: np.ndarray,
+            training: bool) -> Tuple[Optional[np.ndarray], Optional[np.ndarray], int]:
     """(forced indices int64 [T, k] or None, expert mask uint8 [E] or None, k) for a router
-    of `cfg` on tokens of leading shape `lead`; ValueError naming what is wrong."""
+    of `cfg` on tokens of leading shape `lead` (real: the padding mask [T]); ValueError
+    naming what is wrong."""
     if not isinstance(routing, RoutingIntervention):
         raise TypeError(f"routing: expected a RoutingIntervention, got {type(routing).__name__}")
     E, k = cfg.num_experts, cfg.top_k
@@ -85,10 +87,11 @@ def checked(routing, cfg, lead: tuple, training: bool) -> Tuple[Optional[np.ndar
             raise ValueError(f"routing.replay: expected integer experts of shape {list(lead) + [k]}, "
                              f"got {a.dtype} {list(a.shape)}")
         forced = np.ascontiguousarray(a.reshape(-1, k), dtype=np.int64)
+        _check_replay_rows(forced, real, E)
     return forced, mask, k
 
 
-def check_replay_rows(forced: np.ndarray, real: np.ndarray, E: int) -> None:
+def _check_replay_rows(forced: np.ndarray, real: np.ndarray, E: int) -> None:
     """Every real token's replayed experts are distinct experts in [0, E) (padded tokens'
     rows are ignored: padding goes nowhere)."""
     rows = forced[real.astype(bool)]

@@ -14,23 +14,19 @@ from .config import MoEConfig
 from .experts import Experts, SharedExperts, init_expert_weights, init_shared_weights
 from .interventions import RoutingIntervention
 from .routed_experts import RoutedExperts
-from .router import Router, RouterOutput, init_router_weight
+from .router import Router, RouterOutput, check_differentiable, init_router_weight
 
 
 class ForwardContext:
     """What one forward of a MoELayer saved for its backward. Its MoEOutput holds it, so each
     output can be backpropagated on its own; the layer also keeps the latest one."""
 
-    __slots__ = ("layer", "router_saved", "experts_saved", "shared_saved", "lead", "thread",
-                 "inference_only")
+    __slots__ = ("layer", "router_saved", "experts_saved", "shared_saved", "lead", "thread")
 
-    def __init__(self, layer, router_saved, experts_saved, shared_saved, lead, inference_only=False):
+    def __init__(self, layer, router_saved, experts_saved, shared_saved, lead):
         self.layer, self.router_saved, self.experts_saved, self.shared_saved, self.lead = \
             layer, router_saved, experts_saved, shared_saved, lead
         self.thread = threading.get_ident()  # the thread that made this forward
-        # an ablated or re-k'd forward (moe_py/interventions.py) has no backward: its weights
-        # are not the ones the router's backward differentiates
-        self.inference_only = inference_only
 
 
 class SavedForward(Protocol):
@@ -161,8 +157,7 @@ class MoELayer:
                     f"x: the layer's output is not finite (max |x| = {np.abs(x2).max():.3g}; "
                     f"values this large overflow the router or the experts in {self.cfg.dtype})")
             public = self.router.commit(routed)
-            ctx = ForwardContext(self, routed.saved, saved, shared_saved, lead,
-                                 routing is not None and routing.inference_only)
+            ctx = ForwardContext(self, routed.saved, saved, shared_saved, lead)
             self._latest = ctx
             return MoEOutput(y2.reshape(lead + (self.cfg.d_model,)), public, routed.aux_loss,
                              dict(routed.losses), ctx)
@@ -175,9 +170,7 @@ class MoELayer:
         `out` picks the forward to differentiate (default: the latest); `out.backward(dy)`
         says the same."""
         ctx = backward_context(self, out, aux_weight)
-        if ctx.inference_only:
-            raise RuntimeError("backward: this forward removed experts or changed top_k "
-                               "(routing.ablate / routing.top_k), which is for inference only")
+        check_differentiable(ctx.router_saved)
         with self._guard.backward(ctx.thread):
             self._check_keys()
             D = self.cfg.d_model

@@ -83,6 +83,16 @@ class _Saved(NamedTuple):
     training: bool
     options: RouterOptions
     balance_counts: Optional[np.ndarray]  # the global scope's earlier loads
+    # an ablated or re-k'd forward (moe_py/interventions.py): its weights are not the ones
+    # router_backward differentiates, so it has no backward
+    inference_only: bool = False
+
+
+def check_differentiable(saved: _Saved) -> None:
+    """Refuse the backward of a forward that removed experts or changed top_k."""
+    if saved.inference_only:
+        raise RuntimeError("backward: this forward removed experts or changed top_k "
+                           "(routing.ablate / routing.top_k), which is for inference only")
 
 
 class _Routed(NamedTuple):
@@ -131,7 +141,6 @@ class Router:
         self._noise_step = 0
         self._saved: Optional[_Saved] = None
         self._guard = OneCaller("Router")
-        self._inference_only = False
         self.losses: Dict[str, float] = {name: 0.0 for name in LOSS_NAMES}
         self.aux_loss = 0.0
 
@@ -239,9 +248,7 @@ class Router:
         forced = available = None
         k = cfg.top_k
         if routing is not None:
-            forced, available, k = interventions.checked(routing, cfg, lead or (x2.shape[0],), training)
-            if forced is not None:
-                interventions.check_replay_rows(forced, mask, cfg.num_experts)
+            forced, available, k = interventions.checked(routing, cfg, lead or (x2.shape[0],), mask, training)
         check_row_count(x2.shape[0] * k, "x")
         opt = self.options(training, seq_len)
         opt.top_k = k
@@ -263,7 +270,9 @@ class Router:
         routed = _router_output(res)
         if available is not None and routing is not None and routing.renormalize:
             interventions.renormalize_weights(routed.topk_weights, routed.router_probs, available, mask)
-        return _Routed(routed, losses, aux, _Saved(x2, w, mask, routed, bool(training), opt, counts))
+        inference_only = routing is not None and routing.inference_only
+        return _Routed(routed, losses, aux, _Saved(x2, w, mask, routed, bool(training), opt, counts,
+                                                   inference_only))
 
     def commit(self, r: _Routed) -> RouterOutput:
         """Keep a computed routing for backward; returns the read-only view users get."""
@@ -282,7 +291,6 @@ class Router:
             ids = as_token_ids(token_ids, lead, required=self.cfg.traits.needs_token_ids)
             seq_len = sequence_length(lead, self.cfg.load_balance_scope)
             out = self.commit(self.compute(x2, mask, training, seq_len, ids, routing, lead))
-            self._inference_only = routing is not None and routing.inference_only
             self._lead = lead
             return out
 
@@ -325,9 +333,7 @@ class Router:
         with self._guard.backward():
             if self._saved is None:
                 raise RuntimeError("backward called before forward")
-            if self._inference_only:
-                raise RuntimeError("backward: this forward removed experts or changed top_k "
-                                   "(routing.ablate / routing.top_k), which is for inference only")
+            check_differentiable(self._saved)
             dx2 = np.zeros_like(self._saved.x2)
             self.backward_into(d_topk_weights, dx2)
             return dx2.reshape(self._lead + (self.cfg.d_model,))
