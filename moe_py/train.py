@@ -338,6 +338,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str, corpus: 
     last step's metrics."""
     parallel = parallel or SingleProcess()
     parallel.check_run(model_cfg, train_cfg, out_dir, resume)
+    if trace_routing and not isinstance(parallel, SingleProcess):  # refused before anything is touched
+        raise NotImplementedError("trace_routing: the routing trace is written by one process; "
+                                  "under --expert-parallel it is not supported yet")
     run = RunFolder(out_dir)
     if resume and not os.path.exists(run.checkpoint):
         raise FileNotFoundError(f"resume: no checkpoint.npz in {out_dir} to resume from")
@@ -394,14 +397,15 @@ def _train_locked(run: RunFolder, model_cfg: ModelConfig, train_cfg: TrainConfig
     talk = root and not quiet
     if talk:
         print(corpus_summary(corpus, val_sampler, train_cfg.eval_batches), file=sys.stderr)
-        if parallel.describe(model_cfg):
-            print(parallel.describe(model_cfg), file=sys.stderr)
+        spread = parallel.describe(model_cfg)
+        if spread:
+            print(spread, file=sys.stderr)
     bar = progress_bar(train_cfg.steps, start, log_every=log_every) if talk else None
     M = train_cfg.grad_accum
     watch = collapse_watch_of(train_cfg, run)
     last: dict = {}
     end = train_cfg.steps if until is None else min(until, train_cfg.steps)
-    on_routing = routing_tracer(run, model, start, parallel) if trace_routing else None
+    on_routing = routing_tracer(run, model, start) if trace_routing else None
     stop = parallel.stop_requests()
     try:
         for step in range(start, end):
@@ -446,12 +450,9 @@ def _train_locked(run: RunFolder, model_cfg: ModelConfig, train_cfg: TrainConfig
     return last
 
 
-def routing_tracer(run: RunFolder, model: TransformerLM, start: int, parallel: Parallel):
+def routing_tracer(run: RunFolder, model: TransformerLM, start: int):
     """on_routing(step, micro_batch, routers, shape) appending to RUN/routing_trace.jsonl
     (moe_py/routing_trace.py); a resumed run's later lines are dropped first."""
-    if not isinstance(parallel, SingleProcess):
-        raise NotImplementedError("trace_routing: the routing trace is written by one process; "
-                                  "under --expert-parallel it is not supported yet")
     writer = TraceWriter(os.path.join(run.path, TRACE_FILE), start)
     blocks = [i for i, b in enumerate(model.blocks) if b.ffn.has_router]
 
