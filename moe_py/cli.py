@@ -17,7 +17,7 @@ import argparse
 import dataclasses
 import os
 import sys
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -269,13 +269,10 @@ def _abort_ranks(e: Exception, parallel) -> int:
     """Print a rank's failure as main() would, then end the whole MPI job: the other ranks
     may be waiting in a collective this one will never join."""
     import time
-    from .train import TrainingDiverged
-    if isinstance(e, TrainingDiverged):
-        msg, code = f"moe_py: {e}", 1
-    elif isinstance(e, (ValueError, TypeError, OSError, KeyError, RuntimeError)):
-        msg, code = f"moe_py: error: {e}", 2
-    else:
+    told = _failure(e)
+    if told is None:
         raise e
+    msg, code = told
     print(msg if parallel.is_root or parallel.size == 1 else f"[rank {parallel.rank}] {msg}", file=sys.stderr)
     if parallel.size > 1:
         # mpiexec forwards each rank's stderr asynchronously and an abort can drop what is
@@ -594,25 +591,30 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.explicit = _explicit_dests(parser, sys.argv[1:] if argv is None else argv, args.command)
-    from .interrupts import TrainingInterrupted
-    from .train import TrainingDiverged
     try:
         if args.threads is not None:
             set_num_threads(args.threads)
         return args.func(args)
-    except TrainingDiverged as e:
-        print(f"moe_py: {e}", file=sys.stderr)
-        return 1
-    except TrainingInterrupted as e:
-        print(f"moe_py: {e}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print("moe_py: interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, TypeError, OSError, KeyError, RuntimeError) as e:
-        print(f"moe_py: error: {e}", file=sys.stderr)
-        return 2
-    except MemoryError:
-        print("moe_py: error: out of memory: try a smaller --batch-size, --seq-len, --d-model, "
-              "--d-ff or --num-experts", file=sys.stderr)
-        return 2
+    except BaseException as e:  # noqa: BLE001 - the failures _failure tells in one line; others re-raised
+        told = _failure(e)
+        if told is None:
+            raise
+        print(told[0], file=sys.stderr)
+        return told[1]
+
+
+def _failure(e: BaseException) -> Optional[Tuple[str, int]]:
+    """The one-line message and exit code of a failure the CLI reports without a traceback
+    (None: any other, which keeps its traceback)."""
+    from .interrupts import TrainingInterrupted
+    from .train import TrainingDiverged
+    if isinstance(e, (TrainingDiverged, TrainingInterrupted)):
+        return f"moe_py: {e}", 1 if isinstance(e, TrainingDiverged) else 130
+    if isinstance(e, KeyboardInterrupt):
+        return "moe_py: interrupted", 130
+    if isinstance(e, (ValueError, TypeError, OSError, KeyError, RuntimeError)):
+        return f"moe_py: error: {e}", 2
+    if isinstance(e, MemoryError):
+        return ("moe_py: error: out of memory: try a smaller --batch-size, --seq-len, --d-model, "
+                "--d-ff or --num-experts", 2)
+    return None
