@@ -35,8 +35,11 @@ def check_grad_buffer(g, shape: tuple, dtype: type, name: str) -> None:
                          f"of shape {list(shape)}, got {got}")
 
 
-def as_tokens(x, d_model: int, dtype: type, name: str = "x") -> Tuple[np.ndarray, tuple]:
-    """x [..., d_model] -> (C-contiguous [T, d_model] copy-or-view, leading shape)."""
+def as_tokens(x, d_model: int, dtype: type, name: str = "x", owned: bool = False) -> Tuple[np.ndarray, tuple]:
+    """x [..., d_model] -> (C-contiguous [T, d_model] copy-or-view, leading shape). owned: a
+    copy whenever the view would share the caller's memory, for a forward whose backward
+    reads x later (a caller changing its array in place meanwhile must not change the
+    gradient)."""
     x = np.asarray(x)  # also drops a subclass's mask: NaN under a mask is still NaN
     if x.dtype != dtype:
         raise TypeError(f"{name}: expected dtype {np.dtype(dtype).name} (the layer dtype), got {x.dtype}")
@@ -45,7 +48,8 @@ def as_tokens(x, d_model: int, dtype: type, name: str = "x") -> Tuple[np.ndarray
     if not all_finite(x):
         raise ValueError(f"{name}: contains NaN or Inf")
     lead = x.shape[:-1]
-    return np.ascontiguousarray(x.reshape(-1, d_model)), lead
+    x2 = np.ascontiguousarray(x.reshape(-1, d_model))
+    return (x2.copy() if owned and np.may_share_memory(x2, x) else x2), lead
 
 
 def as_mask(padding_mask, lead: tuple, name: str = "padding_mask") -> np.ndarray:

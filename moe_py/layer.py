@@ -136,11 +136,7 @@ class MoELayer:
         with self._guard.forward():
             self._check_keys()
             cfg = self.cfg
-            x2, lead = as_tokens(x, cfg.d_model, cfg.np_dtype)
-            if np.may_share_memory(x2, x):
-                # the backward reads x (the router's weight gradient): a caller changing its
-                # array in place between forward and backward must not change that gradient
-                x2 = x2.copy()
+            x2, lead = as_tokens(x, cfg.d_model, cfg.np_dtype, owned=True)  # the router's backward reads it
             mask = as_mask(padding_mask, lead)
             ids = as_token_ids(token_ids, lead, required=cfg.traits.needs_token_ids)
             # nothing on the layer changes until every part has succeeded

@@ -79,9 +79,7 @@ class RoutedExperts:
     def __call__(self, x, topk_indices, topk_weights, padding_mask=None) -> RoutedExpertsOutput:
         with self._guard.forward():
             cfg = self.cfg
-            x2, lead = as_tokens(x, cfg.d_model, cfg.np_dtype)
-            if np.may_share_memory(x2, x):  # backward reads x: a caller's later edit must not move it
-                x2 = x2.copy()
+            x2, lead = as_tokens(x, cfg.d_model, cfg.np_dtype, owned=True)  # the experts' backward reads it
             idx, k = self._indices(topk_indices, lead)
             # a copy: combine's backward reads the weights, which the caller may change meanwhile
             weights = as_grad(topk_weights, lead + (k,), cfg.np_dtype, "topk_weights").reshape(-1, k).copy()
