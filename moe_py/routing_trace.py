@@ -28,7 +28,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 from .interventions import RoutingIntervention
-from .run_folder import atomic_write
+from .run_folder import atomic_write, step_lines, truncate_steps
 
 FILE = "routing_trace.jsonl"
 
@@ -53,8 +53,7 @@ class TraceWriter:
     def __init__(self, path: str, start: int):
         self.path = path
         if os.path.exists(path):
-            kept = [line for line in _lines(path) if _step_of(line) <= start]
-            atomic_write(path, "".join(kept).encode())
+            truncate_steps(path, start)
         else:
             atomic_write(path, b"")
 
@@ -64,28 +63,14 @@ class TraceWriter:
                 f.write(json.dumps(rec, separators=(",", ":")) + "\n")
 
 
-def _step_of(line: str) -> float:
-    """A line's step; a line cut short by a kill (past the last checkpoint) counts as later."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError):
-        return float("inf")
-
-
-def _lines(path: str) -> List[str]:
-    with open(path) as f:
-        return [line if line.endswith("\n") else line + "\n" for line in f if line.strip()]
-
-
 def read_trace(path: str) -> List[dict]:
     """Every record of a trace file (a run folder or the file itself), with top_indices as
     int64 arrays [num_tokens, topk]; ValueError naming the line that is not a trace record."""
     if os.path.isdir(path):
         path = os.path.join(path, FILE)
     out = []
-    for n, line in enumerate(_lines(path), 1):
+    for n, (_, rec) in enumerate(step_lines(path), 1):
         try:
-            rec = json.loads(line)
             rec["top_indices"] = np.asarray(rec["top_indices"], dtype=np.int64).reshape(
                 rec["num_tokens"], rec["topk"])
             rec["step"], rec["micro_batch"], rec["moe_layer"]  # noqa: B018 - required keys

@@ -16,7 +16,7 @@ import re
 import shutil
 import signal
 import warnings
-from typing import List
+from typing import List, Tuple
 
 # Fault injection for the tests (tests/test_faults.py): MOE_PY_KILL_AT="<point>:<n>" makes the
 # process SIGKILL itself half-way through the n-th write at that point ("config", "metrics",
@@ -233,27 +233,37 @@ class RunFolder:
     def truncate_metrics(self, step: int) -> None:
         """Keep the metric lines up to `step` (the checkpoint's), so a resumed run appends
         cleanly; rewritten atomically."""
-        if not os.path.exists(self.metrics):
-            return
-        rows = [m for m in self.read_metrics() if m["step"] <= step]
-        atomic_write(self.metrics, "".join(json.dumps(m) + "\n" for m in rows).encode(),
-                     fault_point="truncate")
+        truncate_steps(self.metrics, step, fault_point="truncate")
 
     def read_metrics(self) -> List[dict]:
         """Every whole line; a torn last line (a kill while it was written) is dropped."""
-        with open(self.metrics) as f:
-            lines = [ln for ln in f.read().split("\n") if ln.strip()]
-        rows = []
-        for i, ln in enumerate(lines):
-            try:
-                rows.append(json.loads(ln))
-            except json.JSONDecodeError:
-                if i == len(lines) - 1:
-                    warnings.warn(f"{self.metrics}: dropped a torn last line (the run was "
-                                  "interrupted while writing it)", RuntimeWarning, stacklevel=2)
-                    break
-                raise ValueError(f"{self.metrics}: line {i + 1} is not valid JSON") from None
-        return rows
+        return [row for _, row in step_lines(self.metrics)]
+
+
+def step_lines(path: str) -> List[Tuple[str, dict]]:
+    """(line, its JSON) of every whole line of an append-only JSONL file of a run (metrics,
+    the routing trace); a torn last line (a kill while it was written) is dropped."""
+    with open(path) as f:
+        lines = [ln for ln in f.read().split("\n") if ln.strip()]
+    rows = []
+    for i, ln in enumerate(lines):
+        try:
+            rows.append((ln + "\n", json.loads(ln)))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                warnings.warn(f"{path}: dropped a torn last line (the run was interrupted while "
+                              "writing it)", RuntimeWarning, stacklevel=3)
+                break
+            raise ValueError(f"{path}: line {i + 1} is not valid JSON") from None
+    return rows
+
+
+def truncate_steps(path: str, step: int, fault_point: str = "") -> None:
+    """Keep the lines of a step-keyed JSONL file up to `step` (a resumed run's checkpoint),
+    rewritten atomically; nothing when there is no file."""
+    if os.path.exists(path):
+        kept = [line for line, row in step_lines(path) if row["step"] <= step]
+        atomic_write(path, "".join(kept).encode(), fault_point=fault_point)
 
 
 def resolve_checkpoint(path: str) -> str:
