@@ -78,22 +78,24 @@ class Experts:
         self.commit(saved)
         return y
 
-    def backward(self, dy2: np.ndarray, saved: Optional[tuple] = None) -> Tuple[np.ndarray, np.ndarray]:
-        """dy2 [T, d_model] -> (dx2 [T, d_model], d_topk_weights [T, k]); adds into grads.
-        `saved`: a forward's saved state (default: the latest forward's)."""
+    def backward(self, dy2: np.ndarray, saved: Optional[tuple] = None,
+                 grads: Optional[Dict[str, np.ndarray]] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """dy2 [T, d_model] -> (dx2 [T, d_model], d_topk_weights [T, k]); adds into grads
+        (default: self.grads). `saved`: a forward's saved state (default: the latest forward's)."""
         saved = self._saved if saved is None else saved
+        grads = self.grads if grads is None else grads
         if saved is None:
             raise RuntimeError("backward called before forward")
         state, offsets, xe, h1, h3, (w1, w3, w2) = saved
         dt, p = self.cfg.np_dtype, self.prefix
         for name, shape in self._shapes():
             if p + name in self.params:
-                check_grad_buffer(self.grads.get(p + name), shape, dt, f"grads['{p + name}']")
+                check_grad_buffer(grads.get(p + name), shape, dt, f"grads['{p + name}']")
         dye, d_weights = self.dispatcher.combine_backward(dy2, state)
-        g3 = self.grads.get(p + "w3", np.zeros((0, 0, 0), dtype=dt))
+        g3 = grads.get(p + "w3", np.zeros((0, 0, 0), dtype=dt))
         dxe = kernel("experts_backward", dt)(
             xs=xe, offsets=offsets, w1=w1, w3=w3, w2=w2, h1=h1, h3=h3, dye=dye,
-            activation=self._activation, dw1=self.grads[p + "w1"], dw3=g3, dw2=self.grads[p + "w2"])
+            activation=self._activation, dw1=grads[p + "w1"], dw3=g3, dw2=grads[p + "w2"])
         return self.dispatcher.dispatch_backward(dxe, state), d_weights
 
 
