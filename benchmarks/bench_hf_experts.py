@@ -1,0 +1,92 @@
+"""A transformers Qwen3-MoE-shaped causal LM trained with experts_implementation="moe_py"
+against transformers' own CPU experts backends (eager, batched_mm, grouped_mm): the same
+weights, batch and threads, one training step (forward + loss + backward) per side, sides
+interleaved, medians. Routing, attention, norms and the LM head are transformers' in every
+side; only the experts differ.
+
+    .venv/bin/python benchmarks/bench_hf_experts.py [--threads 2] [--dtypes float32 bfloat16]
+
+batched_mm gathers every routed row's weight matrices (S x 3 F d values for S = tokens x k);
+it is skipped, saying so, when that would not fit in --max-gather-gib.
+"""
+import argparse
+import copy
+import statistics
+
+import torch
+import transformers
+
+import moe_py.hf  # noqa: F401  (registers experts_implementation="moe_py")
+from common import ForeignLoad, interleaved_times, machine_line, set_threads, spread
+
+BACKENDS = ("eager", "batched_mm", "grouped_mm", "moe_py")
+
+
+def model_config(a) -> transformers.Qwen3MoeConfig:
+    return transformers.Qwen3MoeConfig(
+        vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.width, moe_intermediate_size=a.width,
+        num_hidden_layers=a.layers, num_attention_heads=a.hidden // 64, num_key_value_heads=a.hidden // 128,
+        head_dim=64, num_experts=a.experts, num_experts_per_tok=a.top_k, norm_topk_prob=True,
+        decoder_sparse_step=1, mlp_only_layers=[])
+
+
+def gather_gib(a, dtype) -> float:
+    rows = a.batch * a.seq * a.top_k
+    return rows * 3 * a.width * a.hidden * torch.finfo(dtype).bits / 8 / 2**30
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--width", type=int, default=1024, help="expert width (moe_intermediate_size)")
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--max-gather-gib", type=float, default=4.0)
+    a = p.parse_args()
+    set_threads(a.threads, torch)
+    print(machine_line())
+    print(f"transformers {transformers.__version__}, torch {torch.__version__}; Qwen3-MoE-shaped: hidden "
+          f"{a.hidden}, {a.experts} experts of width {a.width}, top-{a.top_k}, {a.layers} layers, batch "
+          f"{a.batch} x {a.seq}, {a.threads} threads; one training step, median of {a.repeats} interleaved")
+    cfg = model_config(a)
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), experts_implementation="eager")
+    ids = torch.randint(0, a.vocab, (a.batch, a.seq))
+    for dname in a.dtypes:
+        dtype = getattr(torch, dname)
+        models = {}
+        for name in BACKENDS:
+            if name == "batched_mm" and gather_gib(a, dtype) > a.max_gather_gib:
+                print(f"  {dname} batched_mm: skipped (its weight gather needs {gather_gib(a, dtype):.1f} GiB)")
+                continue
+            m = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), experts_implementation=name)
+            m.load_state_dict(base.state_dict())
+            models[name] = m.to(dtype)
+
+        def step(m):
+            def run(_i):
+                m.zero_grad(set_to_none=True)
+                m(ids, labels=ids).loss.backward()
+            return run
+
+        load = ForeignLoad()
+        times = interleaved_times({n: step(m) for n, m in models.items()}, a.repeats, a.warmup)
+        busy = load.cores()
+        med = {n: statistics.median(t) for n, t in times.items()}
+        fastest = min((n for n in med if n != "moe_py"), key=med.get)
+        for n, t in med.items():
+            print(f"  {dname} {n:>10}: {t:7.3f} s/step (spread {spread(times[n]):.0%})")
+        print(f"  {dname}: moe_py is {med[fastest] / med['moe_py']:.2f}x the fastest transformers backend "
+              f"({fastest}); other load {busy:.2f} cores")
+
+
+if __name__ == "__main__":
+    main()
