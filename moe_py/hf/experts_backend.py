@@ -42,17 +42,21 @@ NAME = "moe_py"
 _COMPUTE = {torch.float32: torch.float32, torch.float64: torch.float64, torch.bfloat16: torch.float32}
 
 
-def _views(experts, gate_up: torch.Tensor, down: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """w1 (gate), w3 (up) [E, d, F] and w2 [E, F, d] as views of tensors laid out as HF's
-    gate_up_proj (or up_proj) and down_proj."""
-    if not experts.is_transposed:  # HF stores [E, out, in]; ours are [E, in, out]
-        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
-    if not experts.has_gate:
-        return {"w1": gate_up, "w2": down}
-    F = gate_up.shape[2] // 2
+def expert_view(experts, name: str, hf_tensor: torch.Tensor) -> torch.Tensor:
+    """Our expert matrix `name` (w1: gate, w3: up [E, d, F]; w2 [E, F, d]) as a view of a tensor
+    laid out as HF's gate_up_proj (or up_proj) for w1/w3, or down_proj for w2."""
+    t = hf_tensor if experts.is_transposed else hf_tensor.transpose(1, 2)  # HF: [E, out, in]
+    if name == "w2" or not experts.has_gate:
+        return t
+    F = t.shape[2] // 2
     if experts.is_concatenated:
-        return {"w1": gate_up[:, :, :F], "w3": gate_up[:, :, F:], "w2": down}
-    return {"w1": gate_up[:, :, 0::2], "w3": gate_up[:, :, 1::2], "w2": down}
+        return t[:, :, :F] if name == "w1" else t[:, :, F:]
+    return t[:, :, 0::2] if name == "w1" else t[:, :, 1::2]
+
+
+def _views(experts, gate_up: torch.Tensor, down: torch.Tensor) -> Dict[str, torch.Tensor]:
+    names = ("w1", "w3") if experts.has_gate else ("w1",)
+    return {**{n: expert_view(experts, n, gate_up) for n in names}, "w2": expert_view(experts, "w2", down)}
 
 
 def _hf_params(experts) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +64,7 @@ def _hf_params(experts) -> Tuple[torch.Tensor, torch.Tensor]:
     return first, experts.down_proj
 
 
-def _activation(experts) -> str:
+def activation_of(experts) -> str:
     """Our activation for the module's gate, or NotImplementedError naming what differs."""
     from transformers.activations import GELUActivation, SiLUActivation
     from transformers.integrations import moe as hf_moe
@@ -99,7 +103,7 @@ def _routed_experts(experts, k: int) -> RoutedExperts:
     cached = getattr(experts, "_moe_py_cache", None)
     if cached is not None and cached.key == key:
         return cached.experts
-    activation = _activation(experts)
+    activation = activation_of(experts)
     dtype = params[0].dtype
     if dtype not in _COMPUTE:
         raise TypeError(f"experts_implementation={NAME!r}: expert weights of dtype {dtype} "

@@ -1,0 +1,123 @@
+"""What each supported transformers MoE block is in moe_py's terms: its router as MoEConfig
+fields, where its router and shared expert live, and how its tensors map onto ours.
+
+A block is read through one table of (our tensor, HF tensor, view) triples (`tensor_map`):
+from_hf copies each HF view into ours, to_hf ours into the HF view, and the tests compare
+gradients through the same views, so the layout is written down once.
+
+Router semantics per family (transformers 5.24.0), and how they map:
+- mixtral, qwen2_moe, qwen3_moe, olmoe, qwen3_next: softmax over all experts, top-k, the k
+  weights renormalised when `norm_topk_prob` (Mixtral: always) -> softmax_topk.
+- granitemoe: top-k of the logits, then a softmax over those k. exp(z_i) / sum_{j in top-k}
+  exp(z_j) is the softmax's top-k renormalised, and the top-k logits are the top-k
+  probabilities, so this is softmax_topk with normalize_topk=True (equal up to rounding).
+- deepseek_v3, glm4_moe, dots1: sigmoid scores; selection by score + e_score_correction_bias,
+  limited to the `topk_group` best of `n_group` groups (a group scores the sum of its two best
+  biased scores; the other groups are masked with -inf in 5.24.0, as in moe_py's kernel); the
+  unbiased scores of the chosen experts, renormalised when `norm_topk_prob` (HF adds 1e-20 to
+  the denominator), times `routed_scaling_factor` -> sigmoid_topk with the bias loaded into
+  the router's expert_bias. HF computes these routers in float32 even for float64 weights,
+  so float64 blocks agree to float32 rounding.
+Shared experts: DeepSeek-V3/GLM4/dots1's plain SwiGLU MLP (width moe_intermediate_size *
+n_shared_experts) is moe_py's own shared expert (num_shared_experts=1); Qwen2-MoE's and
+Qwen3-Next's are sigmoid-gated (sigmoid(x g) * MLP(x)), kept as the torch SharedExpert.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from .experts_backend import expert_view
+
+
+@dataclass(frozen=True)
+class Family:
+    router_attr: str  # the block's router submodule
+    router: Callable[[object], Dict]  # block -> MoEConfig router fields
+    shared: Optional[str] = None  # None, "plain" (moe_py's shared expert) or "gated" (SharedExpert)
+    shared_attr: str = ""  # the block's shared MLP submodule
+
+
+def _softmax(block) -> Dict:
+    return dict(router="softmax_topk", normalize_topk=bool(getattr(block.gate, "norm_topk_prob", True)))
+
+
+def _softmax_over_topk_logits(block) -> Dict:
+    return dict(router="softmax_topk", normalize_topk=True)
+
+
+def _sigmoid_grouped(block) -> Dict:
+    g = block.gate
+    return dict(router="sigmoid_topk", normalize_topk=bool(g.norm_topk_prob), n_group=int(g.num_group),
+                topk_group=int(g.topk_group), routed_scaling_factor=float(g.routed_scaling_factor))
+
+
+FAMILIES: Dict[str, Family] = {
+    "MixtralSparseMoeBlock": Family("gate", _softmax),
+    "Qwen3MoeSparseMoeBlock": Family("gate", _softmax),
+    "OlmoeSparseMoeBlock": Family("gate", _softmax),
+    "Qwen2MoeSparseMoeBlock": Family("gate", _softmax, "gated", "shared_expert"),
+    "Qwen3NextSparseMoeBlock": Family("gate", _softmax, "gated", "shared_expert"),
+    "GraniteMoeMoE": Family("router", _softmax_over_topk_logits),
+    "DeepseekV3MoE": Family("gate", _sigmoid_grouped, "plain", "shared_experts"),
+    "Glm4MoeMoE": Family("gate", _sigmoid_grouped, "plain", "shared_experts"),
+    "Dots1MoE": Family("gate", _sigmoid_grouped, "plain", "shared_experts"),
+}
+
+
+def family_of(block) -> Family:
+    name = type(block).__name__
+    if name not in FAMILIES:
+        raise TypeError(f"block: expected a transformers MoE block of {sorted(FAMILIES)}, got {name}")
+    return FAMILIES[name]
+
+
+def router_of(block):
+    return getattr(block, family_of(block).router_attr)
+
+
+def _transposed(t: torch.Tensor) -> torch.Tensor:
+    return t.t()
+
+
+def _expert_axis(t: torch.Tensor) -> torch.Tensor:  # an nn.Linear weight as a [1, in, out] expert
+    return t.t()[None]
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+Triple = Tuple[str, str, Callable[[torch.Tensor], torch.Tensor]]
+
+
+def tensor_map(block) -> List[Triple]:
+    """(our name, the block's dotted tensor name, view of the HF tensor in our layout). Our
+    names are the MoE module's parameters, "expert_bias" (the router's selection bias) and
+    "shared.*" (the torch SharedExpert)."""
+    fam = family_of(block)
+    experts = block.experts
+    triples: List[Triple] = [("w_router", f"{fam.router_attr}.weight", _transposed)]
+    for name in ("w1", "w3", "w2"):
+        hf = "experts.down_proj" if name == "w2" else "experts.gate_up_proj"
+        triples.append((name, hf, functools.partial(expert_view, experts, name)))
+    if fam.router is _sigmoid_grouped:
+        triples.append(("expert_bias", f"{fam.router_attr}.e_score_correction_bias", _same))
+    if fam.shared == "plain":
+        for ours, hf in (("shared_w1", "gate_proj"), ("shared_w3", "up_proj"), ("shared_w2", "down_proj")):
+            triples.append((ours, f"{fam.shared_attr}.{hf}.weight", _expert_axis))
+    elif fam.shared == "gated":
+        for hf in ("gate_proj", "up_proj", "down_proj"):
+            triples.append((f"shared.{hf}.weight", f"{fam.shared_attr}.{hf}.weight", _same))
+        triples.append(("shared.gate.weight", "shared_expert_gate.weight", _same))
+    return triples
+
+
+def hf_tensor(block, dotted: str) -> torch.Tensor:
+    obj = block
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
