@@ -177,19 +177,23 @@ def test_cooccurrence_across_layers():
         analysis.layer_transitions(r, r, slot="second")
 
 
-TINY = ["--corpus", "synthetic", "--steps", "2", "--d-model", "16", "--layers", "2", "--heads", "2",
-        "--experts", "4", "--d-ff", "8", "--seq-len", "16", "--batch-size", "4", "--eval-every", "2",
-        "--eval-batches", "1"]
-
-
 def keys_of(res):
     return set(res), set().union(*(set(layer) for layer in res["layers"]))
 
 
 def test_analyze_hf_writes_what_analyze_writes(tmp_path, capsys):
+    import moe_py
+    from moe_py import data
+    from moe_py.models import ModelConfig
+    from moe_py.report import analyze_run
+    from moe_py.train import TrainConfig, train
+    corpus = data.synthetic_corpus(n_docs=30)
+    moe = moe_py.MoEConfig(d_model=16, d_ff=8, num_experts=4, top_k=2)
     run = str(tmp_path / "run")
-    assert main(["train", *TINY, "--out", run]) == 0
-    assert main(["analyze", run, "--batches", "1"]) == 0
+    train(ModelConfig(max_seq_len=16, d_model=16, n_layers=2, n_heads=2, moe=moe),
+          TrainConfig(corpus="synthetic", steps=1, batch_size=4, seq_len=16, eval_every=1, eval_batches=1),
+          run, corpus=corpus, quiet=True)
+    analyze_run(run, max_batches=1, plots=False, corpus=corpus)  # analysis.json as `analyze` writes it
     with open(os.path.join(run, "analysis.json")) as f:
         want = json.load(f)
     model_dir = str(tmp_path / "ckpt")
