@@ -241,3 +241,26 @@ def test_analyze_hf_with_the_checkpoints_tokenizer(tmp_path):
 def test_analyze_hf_refuses_a_missing_folder(tmp_path, capsys):
     assert main(["analyze-hf", str(tmp_path / "nope"), "--corpus", "synthetic", "--out", str(tmp_path / "o")]) != 0
     assert "model_dir" in capsys.readouterr().err
+
+
+def test_scores_are_read_off_the_weights_or_marked_weights_only():
+    from moe_py.hf.routing import WEIGHTS_ONLY, router_output, score_function
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((20, 6))
+    idx = np.argsort(-logits, axis=1)[:, :2]
+    soft = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    sig = 1 / (1 + np.exp(-logits))
+    w_soft = np.take_along_axis(soft, idx, 1)
+    w_sig = np.take_along_axis(sig, idx, 1)
+    assert score_function(logits, idx, w_soft / w_soft.sum(1, keepdims=True)) == "softmax"
+    assert score_function(logits, idx, 2.5 * w_sig / w_sig.sum(1, keepdims=True)) == "sigmoid"
+    assert score_function(soft, idx, w_soft) == "scores"  # the router output already is the scores
+    assert score_function(logits, idx[:, :1], np.ones((20, 1))) == WEIGHTS_ONLY  # k = 1 decides nothing
+    real = np.ones(20, bool)
+    real[-3:] = False
+    r, kind = router_output(idx, rng.random((20, 2)), logits, real, 6)  # weights no score function gives
+    assert kind == WEIGHTS_ONLY and (r.router_logits == 0).all()
+    assert np.allclose(r.router_probs[real].sum(1), 1) and (r.router_probs[~real] == 0).all()
+    assert (r.topk_weights[real, 0] >= r.topk_weights[real, 1]).all()  # slots by descending weight
+    with pytest.raises(ValueError, match="top_k_index"):
+        router_output(idx + 6, w_soft, logits, real, 6)
