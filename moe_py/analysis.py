@@ -174,9 +174,8 @@ def layer_transitions(r_a: RouterOutput, r_b: RouterOutput, mask=None, slot: str
     # every (slot of a, slot of b) pair of each token
     a, b = np.repeat(a, b.shape[1], axis=1).reshape(-1), np.tile(b, (1, a.shape[1])).reshape(-1)
     both = (a >= 0) & (b >= 0)  # a token no expert took has no first choice
-    out = np.zeros((_num_experts(r_a), _num_experts(r_b)), dtype=np.int64)
-    np.add.at(out, (a[both], b[both]), 1)
-    return out
+    Ea, Eb = _num_experts(r_a), _num_experts(r_b)
+    return np.bincount(a[both] * Eb + b[both], minlength=Ea * Eb).astype(np.int64).reshape(Ea, Eb)
 
 
 def cross_layer_cooccurrence(r_a: RouterOutput, r_b: RouterOutput, mask=None, draws: int = NULL_DRAWS,
