@@ -1,16 +1,17 @@
 """Routing analysis on RouterOutputs (NumPy, mask-aware): utilisation, imbalance,
 entropy, expert-label specialisation, co-activation, layer transitions, routing
-stability and top-k margins. Padded tokens count nowhere: `mask` [T] (True = real)
+stability, cross-layer co-occurrence and top-k margins. Padded tokens count nowhere: `mask` [T] (True = real)
 defaults to the tokens whose first index is not -1."""
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from .router import RouterOutput, row_entropy, unrouted_tokens
-from .specialisation import entropy_nats, mutual_information, specialisation_report
+from .specialisation import (NULL_DRAWS, NULL_SEED, band, entropy_nats, mutual_information, normalized_mi,
+                             specialisation_report)
 
 
 def _real(r: RouterOutput, mask: Optional[np.ndarray]) -> np.ndarray:
@@ -122,8 +123,9 @@ def top_labels(table: np.ndarray, label_names: Sequence[str], top: int = 3) -> D
 
 
 def top_ngrams(r: RouterOutput, tokens, mask=None, n: int = 3, top: int = 5,
-               row_len: Optional[int] = None) -> Dict[int, List]:
-    """For each expert, the byte n-grams ending at the tokens it takes most often.
+               row_len: Optional[int] = None, spell: Callable[[Sequence[int]], Any] = bytes) -> Dict[int, List]:
+    """For each expert, the n-grams ending at the tokens it takes most often, each as
+    spell(token ids) (default: the bytes; a tokenizer's decode for its ids).
     tokens [T] (or [B, S]: then row_len = S); n-grams never cross a row start
     (every row_len tokens) or padding."""
     tokens = np.asarray(tokens)
@@ -132,12 +134,16 @@ def top_ngrams(r: RouterOutput, tokens, mask=None, n: int = 3, top: int = 5,
     tokens = tokens.reshape(-1)
     real = _real(r, mask)
     counters: Dict[int, Counter] = {e: Counter() for e in range(_num_experts(r))}
+    spelled: Dict[tuple, Any] = {}
     for t in np.flatnonzero(real):
         if t - n + 1 < 0 or not real[t - n + 1:t + 1].all():
             continue
         if row_len and t % row_len < n - 1:
             continue
-        gram = bytes(int(b) for b in tokens[t - n + 1:t + 1])
+        ids = tuple(int(b) for b in tokens[t - n + 1:t + 1])
+        gram = spelled.get(ids)
+        if gram is None:
+            gram = spelled[ids] = spell(ids)
         for e in r.topk_indices[t]:
             if e >= 0:
                 counters[int(e)][gram] += 1
@@ -155,14 +161,51 @@ def coactivation(r: RouterOutput, mask=None) -> np.ndarray:
     return onehot.T @ onehot / max(1, onehot.shape[0])
 
 
-def layer_transitions(r_a: RouterOutput, r_b: RouterOutput, mask=None) -> np.ndarray:
-    """[E_a, E_b] counts of (first choice in layer a, first choice in layer b) per real token."""
+def layer_transitions(r_a: RouterOutput, r_b: RouterOutput, mask=None, slot: str = "first") -> np.ndarray:
+    """[E_a, E_b] counts over the real tokens of (first choice in layer a, first choice in
+    layer b) (slot "first"), or of every pair (i in the token's top-k set in a, j in its
+    top-k set in b) (slot "all": k_a * k_b pairs per token; empty slots count nowhere)."""
+    if slot not in ("first", "all"):
+        raise ValueError(f"slot: expected 'all' or 'first', got {slot!r}")
     real = _real(r_a, mask)
-    a, b = r_a.topk_indices[real, 0], r_b.topk_indices[real, 0]
+    a, b = r_a.topk_indices[real], r_b.topk_indices[real]
+    if slot == "first":
+        a, b = a[:, :1], b[:, :1]
+    # every (slot of a, slot of b) pair of each token
+    a, b = np.repeat(a, b.shape[1], axis=1).reshape(-1), np.tile(b, (1, a.shape[1])).reshape(-1)
     both = (a >= 0) & (b >= 0)  # a token no expert took has no first choice
-    out = np.zeros((_num_experts(r_a), _num_experts(r_b)), dtype=np.int64)
-    np.add.at(out, (a[both], b[both]), 1)
-    return out
+    Ea, Eb = _num_experts(r_a), _num_experts(r_b)
+    return np.bincount(a[both] * Eb + b[both], minlength=Ea * Eb).astype(np.int64).reshape(Ea, Eb)
+
+
+def cross_layer_cooccurrence(r_a: RouterOutput, r_b: RouterOutput, mask=None, draws: int = NULL_DRAWS,
+                             seed: int = NULL_SEED) -> Dict[str, Any]:
+    """How the top-k set a token gets in layer a goes with the one it gets in layer b (OLMoE's
+    cross-layer co-occurrence):
+    - `share` [E_a, E_b]: share of real tokens with i in their set in a and j in b;
+    - `independent` [E_a, E_b]: the same if the two sets were independent (outer product
+      of the per-expert shares of tokens), so share / independent is the pair's lift;
+    - `mi`: I(A; B) / H(B) of the all-pairs table (layer_transitions slot "all"): 0 when
+      layer b's choice says nothing about layer a's;
+    - `mi_shuffled`: `mi` with layer b's sets shuffled among the real tokens, `draws` times
+      from a fixed generator (mean, 5-95 %): the plug-in estimator's floor at this sample;
+    - `above_null`: mi - that mean > the 5-95 % width (as specialisation's `beyond_byte`)."""
+    real = _real(r_a, mask)
+    table = layer_transitions(r_a, r_b, real, slot="all")
+    n = max(1, int(real.sum()))
+    share_a = np.array([(r_a.topk_indices[real] == e).any(1).sum() for e in range(_num_experts(r_a))]) / n
+    share_b = np.array([(r_b.topk_indices[real] == e).any(1).sum() for e in range(_num_experts(r_b))]) / n
+    rng = np.random.default_rng(seed)
+    rows = np.flatnonzero(real)
+    shuffled = []
+    for _ in range(draws):
+        idx_b = r_b.topk_indices.copy()
+        idx_b[rows] = r_b.topk_indices[rng.permutation(rows)]
+        shuffled.append(normalized_mi(layer_transitions(r_a, r_b._replace(topk_indices=idx_b), real, "all")))
+    mi = normalized_mi(table)
+    null = band(shuffled)
+    return {"share": table / n, "independent": np.outer(share_a, share_b), "mi": mi, "mi_shuffled": null,
+            "above_null": bool(mi - null["mean"] > max(null["p95"] - null["p5"], 1e-12))}
 
 
 def routing_stability(r_a: RouterOutput, r_b: RouterOutput, mask=None) -> Dict[str, float]:
@@ -202,8 +245,8 @@ def topk_margin(r: RouterOutput, mask=None) -> np.ndarray:
 
 
 def summarize(routers: List[RouterOutput], labels=None, label_names=None, mask=None, tokens=None,
-              row_len: Optional[int] = None) -> List[dict]:
-    """A JSON-serialisable summary per layer."""
+              row_len: Optional[int] = None, spell: Callable[[Sequence[int]], Any] = bytes) -> List[dict]:
+    """A JSON-serialisable summary per layer (spell: as in top_ngrams)."""
     out = []
     for i, r in enumerate(routers):
         ent = entropy_stats(r, mask)
@@ -221,9 +264,13 @@ def summarize(routers: List[RouterOutput], labels=None, label_names=None, mask=N
             layer["expert_label_table"] = table.tolist()
             layer["top_labels"] = {str(e): v for e, v in top_labels(table, label_names).items()}
         if tokens is not None:
-            layer["top_trigrams"] = {str(e): [(g.decode("utf-8", "replace"), c) for g, c in v]
-                                     for e, v in top_ngrams(r, tokens, mask, 3, 5, row_len).items()}
+            layer["top_trigrams"] = {str(e): [(g.decode("utf-8", "replace") if isinstance(g, bytes) else g, c)
+                                              for g, c in v]
+                                     for e, v in top_ngrams(r, tokens, mask, 3, 5, row_len, spell).items()}
         if i + 1 < len(routers):
             layer["transitions_to_next"] = layer_transitions(r, routers[i + 1], mask).tolist()
+            co = cross_layer_cooccurrence(r, routers[i + 1], mask)
+            layer["cooccurrence_to_next"] = {k: v.round(6).tolist() if isinstance(v, np.ndarray) else v
+                                             for k, v in co.items()}
         out.append(layer)
     return out

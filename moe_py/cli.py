@@ -4,6 +4,7 @@
     compare  train the MoE and a dense baseline with the same active parameters
     sample   generate text from a checkpoint
     analyze  specialisation, utilisation and co-activation of a trained run
+    analyze-hf  the same analysis of a local transformers MoE checkpoint
     ablate   validation loss without each expert, and as the least used are pruned
     upcycle  an MoE run folder from a dense run (sparse, granular and Drop-Upcycling)
     tournament  every router under identical conditions: run folders, one table, four plots
@@ -443,6 +444,27 @@ def _analyze(args: argparse.Namespace) -> int:
                   f"  changed {' '.join(f'{v:.3f}' for v in r['changed_since_previous'])}"
                   f"  top-1 {' '.join(f'{v:.3f}' for v in r['top1_changed_since_previous'])}")
     print(f"analysed {res['tokens']:,} validation tokens of {res['corpus']} at step {res['step']}")
+    _print_analysis(res, args.run_dir)
+    return 0
+
+
+def _analyze_hf(args: argparse.Namespace) -> int:
+    from .hf.analyze import analyze_hf
+    res = analyze_hf(args.model_dir, args.corpus, args.out, batches=args.batches, seq_len=args.seq_len,
+                     batch_size=args.batch_size, init=not args.skip_init)
+    print(res["corpus_summary"])
+    print(f"analysed {res['tokens']:,} tokens of {res['corpus']} through {res['architecture']} "
+          f"({len(res['layers'])} MoE layers; router scores: {', '.join(sorted(set(res['score_functions'])))})")
+    _print_analysis(res, args.out)
+    return 0
+
+
+def _num(v, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def _print_analysis(res: dict, out_dir: str) -> None:
+    """The table of analysis.json that `analyze` and `analyze-hf` print."""
     lab = res["label_given_byte"][0]
     print(f"the byte alone fixes {100 * lab['byte_label_mi']:.0f} % of the label's entropy "
           f"(I(byte; label) / H(label)); H(label | byte) = {lab['label_entropy_given_byte']:.3f} nats")
@@ -451,7 +473,7 @@ def _analyze(args: argparse.Namespace) -> int:
     for i, layer in enumerate(res["layers"]):
         null, floor = layer["mi_byte_null"], layer["mi_given_byte_floor"]
         print(f"{i:<6} {layer['mi']:>6.3f} {null['mean']:>6.3f} [{null['p5']:.3f}, {null['p95']:.3f}] "
-              f"{layer['mi_at_init']:>8.3f} {layer['mi_first_choice']:>9.3f} "
+              f"{_num(layer['mi_at_init'], '>8.3f'):>8} {layer['mi_first_choice']:>9.3f} "
               f"{null['first_choice']['mean']:>8.3f} {layer['mi_given_byte']:>8.4f} "
               f"{floor['mean']:>6.4f} [{floor['p5']:.4f}, {floor['p95']:.4f}] "
               f"{'yes' if layer['beyond_byte'] else 'no':>6} {layer['imbalance']['max_over_mean']:>9.3f} "
@@ -459,14 +481,19 @@ def _analyze(args: argparse.Namespace) -> int:
     print("mi: MI(expert; label) / H(label) over all top-k slots; byte null: the same for random "
           "byte -> expert tables giving each token as many experts; first ch.: first choices only; "
           "mi|byte: MI(expert; label | byte) / H(label | byte), against experts shuffled within each byte; "
-          "beyond: mi|byte above the floor's mean by more than its 5-95 % width")
-    print("top byte trigrams per expert (ending at the bytes it takes most often):")
+          "beyond: mi|byte above the floor's mean by more than its 5-95 % width "
+          "(with a tokenizer, 'byte' is the token id)")
+    for i, layer in enumerate(res["layers"][:-1]):
+        co = layer["cooccurrence_to_next"]
+        print(f"layers {i} -> {i + 1}: co-occurrence MI(top-k set; next top-k set) / H = {co['mi']:.4f}, "
+              f"shuffled tokens {co['mi_shuffled']['mean']:.4f} [{co['mi_shuffled']['p5']:.4f}, "
+              f"{co['mi_shuffled']['p95']:.4f}]{' (above the null)' if co['above_null'] else ''}")
+    print("top trigrams per expert (ending at the tokens it takes most often):")
     for i, layer in enumerate(res["layers"]):
         for e, grams in layer.get("top_trigrams", {}).items():
             shown = ", ".join(f"{g!r} {c}" for g, c in grams[:3])
             print(f"  layer {i} expert {e}: {shown}")
-    print(f"wrote {os.path.join(args.run_dir, 'analysis.json')} and plots")
-    return 0
+    print(f"wrote {os.path.join(out_dir, 'analysis.json')} and plots")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -522,6 +549,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "and routing stability across training")
     _add_batches_flag(a)
     a.set_defaults(func=_analyze)
+
+    h = sub.add_parser("analyze-hf", allow_abbrev=False,
+                       help="the routing analysis of a local transformers MoE checkpoint")
+    h.add_argument("model_dir", help="a save_pretrained folder (read locally; nothing is downloaded)")
+    h.add_argument("--corpus", required=True,
+                   help="python | synthetic | text files or folders (comma-separated), labelled as for train")
+    h.add_argument("--out", required=True, help="folder for analysis.json and the plots")
+    h.add_argument("--batches", type=int, default=8, help="batches to route (a systematic sample of the corpus)")
+    h.add_argument("--seq-len", type=int, default=256, help="tokens per window")
+    h.add_argument("--batch-size", type=int, default=8, help="windows per batch")
+    h.add_argument("--skip-init", action="store_true",
+                   help="do not route through the freshly initialised architecture (the *_at_init keys are null)")
+    h.set_defaults(func=_analyze_hf)
 
     tr = sub.add_parser("tournament", allow_abbrev=False,
                         help="every router trained under identical conditions; one table, four plots")

@@ -281,12 +281,14 @@ def plot_specialisation(path: str, res: dict) -> None:
     a.bar(x + 0.2, res["mi_first_choice"], width=0.4, color="C1", label="trained, first choice")
     draw_null_bands(a, x - 0.2, 0.4, res["mi_byte_null"], "random byte -> expert tables (5-95 %)")
     draw_null_bands(a, x + 0.2, 0.4, [m["first_choice"] for m in res["mi_byte_null"]], None)
-    a.plot(x - 0.2, res["mi_at_init"], "kx", label="same model at init")
+    if None not in res["mi_at_init"]:  # analyze-hf --skip-init has no model at init
+        a.plot(x - 0.2, res["mi_at_init"], "kx", label="same model at init")
     a.set_ylabel("MI(expert; label) / H(label)")
     a.set_title("Specialisation against routing by the byte alone")
     b.bar(x, res["mi_given_byte"], width=0.5, color="C2", label="trained")
     draw_null_bands(b, x, 0.5, res["mi_given_byte_floor"], "experts shuffled within each byte (5-95 %)")
-    b.plot(x, res["mi_given_byte_at_init"], "kx", label="same model at init")
+    if None not in res["mi_given_byte_at_init"]:
+        b.plot(x, res["mi_given_byte_at_init"], "kx", label="same model at init")
     b.set_ylabel("MI(expert; label | byte) / H(label | byte)")
     b.set_title("Beyond the byte (* = clears the floor by more than its spread)")
     for i, beyond in enumerate(res["beyond_byte"]):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -96,31 +96,63 @@ def analyze_run(path: str, max_batches: Optional[int] = None, plots: bool = True
         raise ValueError(f"run folder: {run_dir} holds a dense model; there is no routing to analyse")
     train_cfg, corpus, sampler, max_batches = held_out_of(raw, max_batches, corpus)
     routers, labels, tokens, mask = collect_routing(model, sampler, max_batches)
-    n_labels = len(corpus.label_names)
-    result: Dict[str, Any] = {"run": run_dir, "step": int(raw["step"]), "corpus": corpus.name,
-              "corpus_summary": corpus_summary(corpus, sampler, max_batches),
-              "label_names": corpus.label_names, "tokens": int(mask.sum()),
-              "layers": analysis.summarize(routers, labels=labels, label_names=corpus.label_names,
-                                           mask=mask, tokens=tokens, row_len=train_cfg.seq_len)}
     # the model frozen at initialisation, on the same tokens: the floor of every measure
     init = TransformerLM(ModelConfig.from_dict(model.cfg.to_dict()))
     init_routers, *_ = collect_routing(init, sampler, max_batches)
-    for layer, r, r0 in zip(result["layers"], routers, init_routers):
+    result: Dict[str, Any] = {"run": run_dir, "step": int(raw["step"]), "corpus": corpus.name,
+                              "corpus_summary": corpus_summary(corpus, sampler, max_batches)}
+    result.update(routing_report(routers, labels, tokens, mask, corpus.label_names, train_cfg.seq_len,
+                                 init_routers))
+    if plots:
+        from .plots import plot_run
+        plot_run(run_dir)
+    return write_report(run_dir, result, routers, labels, mask, plots)
+
+
+def routing_report(routers: List[RouterOutput], labels: np.ndarray, tokens: np.ndarray, mask: np.ndarray,
+                   label_names: List[str], row_len: int, init_routers: Optional[List[RouterOutput]] = None,
+                   spell: Callable[[Sequence[int]], Any] = bytes) -> Dict[str, Any]:
+    """The analysis.json keys that come from routing records alone (every analysis writes
+    them: `analyze` of a run, `analyze-hf` of a transformers checkpoint): per-layer
+    summaries with the specialisation nulls, their per-layer lists at the top level, the
+    cross-layer co-occurrence, and the stability against the model at initialisation
+    (init_routers: the same tokens routed by it; None: the *_at_init keys are None).
+    routers, labels, tokens, mask [T]: per token, rows of row_len tokens; spell: how a
+    token n-gram is shown (analysis.top_ngrams)."""
+    n_labels = len(label_names)
+    result: Dict[str, Any] = {"label_names": list(label_names), "tokens": int(mask.sum()),
+                              "layers": analysis.summarize(routers, labels=labels, label_names=label_names,
+                                                           mask=mask, tokens=tokens, row_len=row_len,
+                                                           spell=spell)}
+    inits: List[Optional[RouterOutput]] = list(init_routers) if init_routers is not None else [None] * len(routers)
+    for layer, r, r0 in zip(result["layers"], routers, inits):
         layer.update(analysis.specialisation_with_nulls(r, labels, tokens, n_labels, mask, r0))
+        if r0 is None:
+            layer.update({"mi_at_init": None, "mi_given_byte_at_init": None})
     # per-layer lists of the specialisation keys, for tables and plots
     for key in SPECIALISATION_KEYS:
         result[key] = [layer[key] for layer in result["layers"]]
-    result["routing_stability_vs_init"] = [analysis.routing_stability(a, b, mask)
-                                           for a, b in zip(init_routers, routers)]
-    atomic_write(os.path.join(run_dir, "analysis.json"),
+    result["cross_layer_mi"] = [layer["cooccurrence_to_next"]["mi"] for layer in result["layers"][:-1]]
+    result["routing_stability_vs_init"] = (None if init_routers is None else
+                                           [analysis.routing_stability(a, b, mask)
+                                            for a, b in zip(init_routers, routers)])
+    return result
+
+
+def write_report(out_dir: str, result: Dict[str, Any], routers: List[RouterOutput], labels: np.ndarray,
+                 mask: np.ndarray, plots: bool = True) -> Dict[str, Any]:
+    """Write result (routing_report's keys and the caller's) to out_dir/analysis.json and, with
+    plots, the routing plots (expert_label, coactivation, specialisation, entropy_margin,
+    transitions); returns result with the plots' paths under "plots"."""
+    atomic_write(os.path.join(out_dir, "analysis.json"),
                  json.dumps(result, indent=1, default=_jsonable).encode())
     if plots:
-        from .plots import plot_analysis, plot_routing, plot_run
-        plot_run(run_dir)
+        from .plots import plot_analysis, plot_routing
+        n_labels = len(result["label_names"])
         tables = [analysis.expert_label_table(r, labels, n_labels, mask) for r in routers]
         co = [analysis.coactivation(r, mask) for r in routers]
-        result["plots"] = plot_analysis(run_dir, tables, corpus.label_names, co, result)
-        result["plots"] += plot_routing(run_dir, routers, mask)
+        result["plots"] = plot_analysis(out_dir, tables, result["label_names"], co, result)
+        result["plots"] += plot_routing(out_dir, routers, mask)
     return result
 
 

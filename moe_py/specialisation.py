@@ -21,6 +21,11 @@ anything. So every layer is reported with:
 - `beyond_byte`      mi_given_byte - floor mean > floor's 5-95 % width (and > ROUNDING).
 
 The nulls use a fixed generator (NULL_SEED), so the same routing gives the same numbers.
+
+"Byte" is the token: for a model with a tokenizer (moe_py.hf analyze-hf) the strata and the
+null tables are over token ids, i.e. the null is a hash router over the vocabulary
+(`strata_of` numbers the ids present; bytes keep their own values, so byte-level results are
+unchanged).
 """
 from __future__ import annotations
 
@@ -99,10 +104,21 @@ def conditional_mi(experts: np.ndarray, labels: np.ndarray, strata: np.ndarray, 
     return mi / h if h > 0 else 0.0
 
 
-def _band(values) -> Dict[str, float]:
+def band(values) -> Dict[str, float]:
     v = np.asarray(values, dtype=np.float64)
     return {"mean": float(v.mean()), "p5": float(np.quantile(v, 0.05)),
             "p95": float(np.quantile(v, 0.95)), "draws": int(v.size)}
+
+
+def strata_of(tokens: np.ndarray):
+    """(strata [T], n_strata) for the token values: bytes as they are (256 strata), larger
+    ids (a tokenizer's) numbered 0.. in the order of their value among those present, so a
+    large vocabulary costs only the ids in the sample."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    if tokens.size == 0 or (tokens.min() >= 0 and tokens.max() < 256):
+        return tokens, 256
+    values, strata = np.unique(tokens, return_inverse=True)
+    return strata.reshape(tokens.shape), int(values.size)
 
 
 def random_byte_tables(rng: np.random.Generator, n_experts: int, k: int, n_bytes: int = 256) -> np.ndarray:
@@ -113,12 +129,13 @@ def random_byte_tables(rng: np.random.Generator, n_experts: int, k: int, n_bytes
 
 def byte_null(tokens: np.ndarray, labels: np.ndarray, n_experts: int, k: int, n_labels: int,
               draws: int = NULL_DRAWS, seed: int = NULL_SEED,
-              slots_per_token: Optional[np.ndarray] = None) -> Dict[str, Dict[str, float]]:
+              slots_per_token: Optional[np.ndarray] = None, n_bytes: int = 256) -> Dict[str, Dict[str, float]]:
     """Normalised MI of random byte -> expert tables on these tokens: {"all": band over every
     slot, "first_choice": band over the first slot}, each {"mean", "p5", "p95", "draws"}.
     Each draw ranks the experts at random for every byte value; a token takes the first
     slots_per_token[t] experts of its byte's ranking (default k each), so a router that
-    gives tokens different numbers of experts (expert choice) is matched token by token."""
+    gives tokens different numbers of experts (expert choice) is matched token by token.
+    tokens in [0, n_bytes) (strata_of's numbering for a tokenizer's ids)."""
     rng = np.random.default_rng(seed)
     tokens = np.asarray(tokens, dtype=np.int64)
     n = np.full(len(tokens), k, np.int64) if slots_per_token is None else np.asarray(slots_per_token)
@@ -126,11 +143,11 @@ def byte_null(tokens: np.ndarray, labels: np.ndarray, n_experts: int, k: int, n_
     unused = np.arange(width)[None, :] >= n[:, None]  # slots beyond a token's count
     all_slots, first = [], []
     for _ in range(draws):
-        experts = random_byte_tables(rng, n_experts, max(width, 1))[tokens][:, :width]
+        experts = random_byte_tables(rng, n_experts, max(width, 1), n_bytes)[tokens][:, :width]
         experts[unused] = -1
         all_slots.append(normalized_mi(expert_label_counts(experts, labels, n_experts, n_labels)))
         first.append(normalized_mi(expert_label_counts(experts[:, :1], labels, n_experts, n_labels)))
-    return {"all": _band(all_slots), "first_choice": _band(first)}
+    return {"all": band(all_slots), "first_choice": band(first)}
 
 
 def shuffled_within(strata: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -143,13 +160,15 @@ def shuffled_within(strata: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def conditional_floor(experts: np.ndarray, labels: np.ndarray, strata: np.ndarray, n_experts: int,
-                      n_labels: int, draws: int = NULL_DRAWS, seed: int = NULL_SEED) -> Dict[str, float]:
+                      n_labels: int, draws: int = NULL_DRAWS, seed: int = NULL_SEED,
+                      n_strata: int = 256) -> Dict[str, float]:
     """conditional_mi with each token's experts (all k slots together) given to another token
     of the same stratum, `draws` times: the estimator under conditional independence."""
     rng = np.random.default_rng(seed)
-    values = [conditional_mi(experts[shuffled_within(strata, rng)], labels, strata, n_experts, n_labels)
+    values = [conditional_mi(experts[shuffled_within(strata, rng)], labels, strata, n_experts, n_labels,
+                             n_strata)
               for _ in range(draws)]
-    return _band(values)
+    return band(values)
 
 
 def specialisation_report(experts: np.ndarray, labels: np.ndarray, tokens: np.ndarray, n_experts: int,
@@ -161,31 +180,33 @@ def specialisation_report(experts: np.ndarray, labels: np.ndarray, tokens: np.nd
     `mi_given_byte_at_init`."""
     experts = np.asarray(experts, dtype=np.int64)
     labels = np.asarray(labels, dtype=np.int64)
-    tokens = np.asarray(tokens, dtype=np.int64)
+    tokens, n_strata = strata_of(tokens)
     k = experts.shape[1]
     # the null gives each token as many experts as the router did (k for top-k routers)
-    null = byte_null(tokens, labels, n_experts, k, n_labels, draws, slots_per_token=(experts >= 0).sum(1))
-    floor = conditional_floor(experts, labels, tokens, n_experts, n_labels, draws)
-    given = conditional_mi(experts, labels, tokens, n_experts, n_labels)
+    null = byte_null(tokens, labels, n_experts, k, n_labels, draws, slots_per_token=(experts >= 0).sum(1),
+                     n_bytes=n_strata)
+    floor = conditional_floor(experts, labels, tokens, n_experts, n_labels, draws, n_strata=n_strata)
+    given = conditional_mi(experts, labels, tokens, n_experts, n_labels, n_strata)
     out = {"mi": normalized_mi(expert_label_counts(experts, labels, n_experts, n_labels)),
            "mi_first_choice": normalized_mi(expert_label_counts(experts[:, :1], labels, n_experts, n_labels)),
            "mi_byte_null": {**null["all"], "first_choice": null["first_choice"]},
            "mi_given_byte": given,
            "mi_given_byte_floor": floor,
            "beyond_byte": bool(given - floor["mean"] > max(floor["p95"] - floor["p5"], ROUNDING)),
-           "label_given_byte": label_given_byte(labels, tokens, n_labels)}
+           "label_given_byte": label_given_byte(labels, tokens, n_labels, n_strata)}
     if experts_at_init is not None:
         init = np.asarray(experts_at_init, dtype=np.int64)
         out["mi_at_init"] = normalized_mi(expert_label_counts(init, labels, n_experts, n_labels))
-        out["mi_given_byte_at_init"] = conditional_mi(init, labels, tokens, n_experts, n_labels)
+        out["mi_given_byte_at_init"] = conditional_mi(init, labels, tokens, n_experts, n_labels, n_strata)
     return out
 
 
-def label_given_byte(labels: np.ndarray, tokens: np.ndarray, n_labels: int) -> Dict[str, float]:
+def label_given_byte(labels: np.ndarray, tokens: np.ndarray, n_labels: int,
+                     n_bytes: int = 256) -> Dict[str, float]:
     """How much of the label the byte already fixes: I(byte; label) / H(label), and
-    H(label | byte) in nats (0: the label is a function of the byte)."""
+    H(label | byte) in nats (0: the label is a function of the byte). tokens in [0, n_bytes)."""
     counts = np.bincount(np.asarray(tokens, np.int64) * n_labels + np.asarray(labels, np.int64),
-                         minlength=256 * n_labels).reshape(256, n_labels)
+                         minlength=n_bytes * n_labels).reshape(n_bytes, n_labels)
     h_label = entropy_nats(counts.sum(0))
     mi = mutual_information(counts)
     return {"byte_label_mi": mi / h_label if h_label > 0 else 0.0, "label_entropy_given_byte": h_label - mi}
