@@ -117,7 +117,7 @@ class MoELayer:
         return self.router.noise_std
 
     def update_expert_bias(self) -> None:
-        """sigmoid_topk's aux-loss-free bias step (Router.update_expert_bias); the trainer
+        """The aux-loss-free expert-bias step (Router.update_expert_bias); the trainer
         calls it once per optimiser step, after all micro-batches."""
         self.router.update_expert_bias()
 

@@ -31,7 +31,7 @@ parallel), router noise (each rank's draws start at its first token's index in t
 batch).
 
 Two ways to route:
-  token by token (softmax_topk, sigmoid_topk, hash): as above; hash reads this rank's
+  token by token (softmax_topk, sigmoid_topk, sqrtsoftplus_topk, hash): as above; hash reads this rank's
             token_ids and has no router weight (nothing to all-reduce, no router backward).
   global    (expert_choice, sinkhorn: the traits' chooses_over_batch): their choices depend on the whole
             batch (an expert's top-C tokens, Sinkhorn's column balancing), so no rank can
@@ -126,9 +126,10 @@ class ExpertParallelMoELayer:
     global batch. reduce_replicated_grads=False leaves each rank's own gradient of the
     replicated weights in grads (a trainer that all-reduces every replicated gradient at
     once sets it); True sums them over ranks in each backward.
-    Routers: all of MoEConfig's (softmax_topk, sigmoid_topk and hash route token by
-    token; expert_choice and sinkhorn route the allgathered global batch: see the module
-    docstring), any balance scope, group-limited top-k, shared experts, router noise.
+    Routers: all of MoEConfig's (softmax_topk, sigmoid_topk, sqrtsoftplus_topk and hash
+    route token by token; expert_choice and sinkhorn route the allgathered global batch: see
+    the module docstring), any balance scope, group-limited top-k, shared experts, router
+    noise, a router bias.
     The hash router needs `token_ids` (this rank's, shape x.shape[:-1]).
     """
 
