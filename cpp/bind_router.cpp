@@ -1,5 +1,7 @@
 // Bindings of cpp/router.h: routing options, forward and backward, and the row entropy the
 // router computes (bound so that analysis and logging use the same code).
+#include <cmath>
+
 #include "bind_common.h"
 #include "losses.h"
 #include "router.h"
@@ -30,6 +32,8 @@ void check_options(const moe::RouterOptions& o, index_t n, index_t E) {
     throw std::invalid_argument("seq_len: expected 0 or a divisor of the token count");
   if (o.kind == moe::RouterKind::expert_choice && !(o.capacity_factor > 0))
     throw std::invalid_argument("capacity_factor: expert choice needs a factor > 0");
+  if (!(o.topk_norm_min >= 0) || !std::isfinite(o.topk_norm_min))
+    throw std::invalid_argument("topk_norm_min: expected a finite number >= 0");
 }
 
 template <typename T>
@@ -46,12 +50,13 @@ void bind_typed(py::module_& m, const std::string& sfx) {
       [](In<T> x, std::optional<In<T>> w, Mask mask, index_t E, const moe::RouterOptions& opt,
          std::optional<In<T>> expert_bias, std::optional<Idx> balance_counts,
          std::optional<Idx> token_ids, std::optional<Idx> forced_indices,
-         std::optional<Mask> expert_mask) {
+         std::optional<Mask> expert_mask, std::optional<In<T>> b_router) {
         if (x.ndim() != 2) throw std::invalid_argument("x: expected a 2-d array");
         const index_t n = x.shape(0), D = x.shape(1);
         const bool hash = opt.kind == moe::RouterKind::hash;
         if (!hash && !w) throw std::invalid_argument("w_router: required by this router");
         if (w) expect_shape(*w, "w_router", {D, E});
+        if (b_router && !w) throw std::invalid_argument("b_router: this router has no w_router");
         expect_shape(mask, "padding_mask", {n});
         check_options(opt, n, E);
         const index_t* ids = optional_row(token_ids, "token_ids", n);
@@ -94,9 +99,15 @@ void bind_typed(py::module_& m, const std::string& sfx) {
                                 ent.mutable_data(),    idx.mutable_data(), wts.mutable_data(),
                                 reinterpret_cast<std::uint8_t*>(dropped.mutable_data()),
                                 tpe.mutable_data()};
-        const moe::RouterInputs<T> in{x.data(), w ? w->data() : nullptr, mask.data(),
-                                      optional_row(expert_bias, "expert_bias", E), extra, ids,
-                                      forced, available};
+        const moe::RouterInputs<T> in{x.data(),
+                                      w ? w->data() : nullptr,
+                                      optional_row(b_router, "b_router", E),
+                                      mask.data(),
+                                      optional_row(expert_bias, "expert_bias", E),
+                                      extra,
+                                      ids,
+                                      forced,
+                                      available};
         moe::RouterLossValues L;
         {
           py::gil_scoped_release release;
@@ -121,17 +132,18 @@ void bind_typed(py::module_& m, const std::string& sfx) {
       py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("x"), py::arg("w_router"),
       py::arg("mask"), py::arg("num_experts"), py::arg("options"), py::arg("expert_bias"),
       py::arg("balance_counts"), py::arg("token_ids"), py::arg("forced_indices") = py::none(),
-      py::arg("expert_mask") = py::none(),
-      "route x [T, d_model] with the algorithm of options.kind: logits, clean and noisy "
-      "scores, the selection (or forced_indices; never an expert_mask 0 expert), combine "
-      "weights, capacity drops and the router losses");
+      py::arg("expert_mask") = py::none(), py::arg("b_router") = py::none(),
+      "route x [T, d_model] with the algorithm of options.kind: logits (x @ w_router + "
+      "b_router), clean and noisy scores, the selection (or forced_indices; never an "
+      "expert_mask 0 expert), combine weights, capacity drops and the router losses");
 
   m.def(
       ("router_backward" + sfx).c_str(),
       [](In<T> x, In<T> w, Mask mask, In<T> logits, In<T> probs_clean, In<T> probs,
          In<T> entropy, Idx idx, Mask dropped, Idx tpe, std::optional<In<T>> d_weights,
          moe::RouterOptions opt, std::optional<Idx> balance_counts, double lb_coef,
-         double z_coef, double ent_coef, py::array dx, py::array dw) {
+         double z_coef, double ent_coef, py::array dx, py::array dw,
+         std::optional<py::array> db) {
         const index_t n = x.shape(0), D = x.shape(1), E = w.shape(1);
         expect_shape(w, "w_router", {D, E});
         expect_shape(mask, "padding_mask", {n});
@@ -158,19 +170,27 @@ void bind_typed(py::module_& m, const std::string& sfx) {
         }
         T* dxp = inout<T>(dx, "dx", {n, D});
         T* dwp = inout<T>(dw, "dw_router", {D, E});
+        T* dbp = db ? inout<T>(*db, "db_router", {E}) : nullptr;
         moe::RouterBuffers<T> b{const_cast<T*>(logits.data()), const_cast<T*>(probs_clean.data()),
                                 const_cast<T*>(probs.data()), const_cast<T*>(entropy.data()),
                                 const_cast<index_t*>(idx.data()), nullptr,
                                 const_cast<std::uint8_t*>(dropped.data()),
                                 const_cast<index_t*>(tpe.data())};
         opt.top_k = k;
-        const moe::RouterInputs<T> in{x.data(), w.data(), mask.data(), nullptr,
-                                      optional_row(balance_counts, "balance_counts", E), nullptr,
-                                      nullptr, nullptr};
+        // the backward reads the saved logits: neither bias is needed again
+        const moe::RouterInputs<T> in{x.data(),
+                                      w.data(),
+                                      nullptr,
+                                      mask.data(),
+                                      nullptr,
+                                      optional_row(balance_counts, "balance_counts", E),
+                                      nullptr,
+                                      nullptr,
+                                      nullptr};
         const moe::RouterLossCoefs coefs{lb_coef, z_coef, ent_coef};
         const T* dwts = d_weights ? d_weights->data() : nullptr;
         py::gil_scoped_release release;
-        moe::router_backward<T>(in, n, D, E, opt, coefs, b, dwts, dxp, dwp);
+        moe::router_backward<T>(in, n, D, E, opt, coefs, b, dwts, dxp, dwp, dbp);
       },
       py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("x"), py::arg("w_router"),
       py::arg("mask"), py::arg("router_logits"), py::arg("router_probs_clean"),
@@ -178,7 +198,9 @@ void bind_typed(py::module_& m, const std::string& sfx) {
       py::arg("tokens_per_expert"), py::arg("d_topk_weights"), py::arg("options"),
       py::arg("balance_counts"), py::arg("load_balance_coef"), py::arg("z_loss_coef"),
       py::arg("entropy_coef"), py::arg("dx"), py::arg("dw_router"),
-      "add d(sum(d_topk_weights * topk_weights) + weighted aux losses) into dx and dw_router");
+      py::arg("db_router") = py::none(),
+      "add d(sum(d_topk_weights * topk_weights) + weighted aux losses) into dx, dw_router and "
+      "(a router with a bias) db_router");
 
   m.def(
       ("balance_distribution" + sfx).c_str(),
@@ -195,8 +217,8 @@ void bind_typed(py::module_& m, const std::string& sfx) {
       },
       py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("probs"), py::arg("mask"),
       py::arg("kind"),
-      "the distribution the load-balance loss averages: probs, or sigmoid scores normalised "
-      "per real token");
+      "the distribution the load-balance loss averages: probs, or per-expert scores (sigmoid, "
+      "sqrt-softplus) normalised per real token");
 
   m.def(
       ("row_entropy" + sfx).c_str(),
@@ -240,7 +262,11 @@ void bind_router(py::module_& m) {
       .value("sigmoid_topk", moe::RouterKind::sigmoid_topk)
       .value("expert_choice", moe::RouterKind::expert_choice)
       .value("sinkhorn", moe::RouterKind::sinkhorn)
-      .value("hash", moe::RouterKind::hash);
+      .value("hash", moe::RouterKind::hash)
+      .value("sqrtsoftplus_topk", moe::RouterKind::sqrtsoftplus_topk);
+  py::enum_<moe::GroupScore>(m, "GroupScore", "a group's score in group-limited top-k")
+      .value("top2_sum", moe::GroupScore::top2_sum)
+      .value("max", moe::GroupScore::max);
   using O = moe::RouterOptions;
   py::class_<O>(m, "RouterOptions", "the routing options of cpp/router.h, field by field")
       .def(py::init<>())
@@ -257,8 +283,11 @@ void bind_router(py::module_& m) {
       .def_readwrite("capacity_factor", &O::capacity_factor, "< 0: dropless")
       .def_readwrite("drop_policy", &O::drop_policy, "which assignments over capacity drop")
       .def_readwrite("routed_scaling_factor", &O::routed_scaling_factor, "weight multiplier")
+      .def_readwrite("topk_norm_min", &O::topk_norm_min,
+                     "floor of the normalised weights' denominator (0: none)")
       .def_readwrite("n_group", &O::n_group, "expert groups of grouped top-k")
       .def_readwrite("topk_group", &O::topk_group, "eligible groups of grouped top-k")
+      .def_readwrite("group_score", &O::group_score, "a group's score in grouped top-k")
       .def_readwrite("sinkhorn_iterations", &O::sinkhorn_iterations, "most Sinkhorn sweeps")
       .def_readwrite("sinkhorn_tolerance", &O::sinkhorn_tolerance, "Sinkhorn stopping change")
       .def_readwrite("hash_seed", &O::hash_seed, "seed of the hash router")

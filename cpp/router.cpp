@@ -21,18 +21,34 @@ index_t count_real(const std::uint8_t* mask, index_t n) {
   return R;
 }
 
+// The scores of one row of logits, by the router's score function.
+template <typename T>
+void score_row(ScoreFunction f, const T* l, T* s, index_t E) {
+  if (f == ScoreFunction::sigmoid)
+    sigmoid_row(l, s, E);
+  else if (f == ScoreFunction::sqrtsoftplus)
+    sqrtsoftplus_row(l, s, E);
+  else
+    softmax_row(l, s, E);
+}
+
+// dlogits += d(scores)/d(logits)^T dscores for the per-expert score functions (softmax's
+// backward couples the experts and is called on its own).
+template <typename T>
+void score_backward_row(ScoreFunction f, const T* s, const T* dscores, T* dlogits, index_t E) {
+  if (f == ScoreFunction::sigmoid)
+    sigmoid_backward_row(s, dscores, dlogits, E);
+  else
+    sqrtsoftplus_backward_row(s, dscores, dlogits, E);
+}
+
 // Scores, entropy and (noisy) probabilities of one real token.
 template <typename T>
 void score_token(const RouterOptions& opt, const T* l, index_t t, index_t E, bool noisy,
                  T* noisy_logits, T* pc, T* p, T* entropy) {
-  const bool sigmoid = uses_sigmoid(opt.kind);
-  if (sigmoid) {
-    sigmoid_row(l, pc, E);
-    *entropy = normalized_entropy_row(pc, E);
-  } else {
-    softmax_row(l, pc, E);
-    *entropy = entropy_row(pc, E);
-  }
+  const ScoreFunction f = score_function(opt.kind);
+  score_row(f, l, pc, E);
+  *entropy = normalizes_scores(opt.kind) ? normalized_entropy_row(pc, E) : entropy_row(pc, E);
   if (!noisy) {
     std::copy(pc, pc + E, p);
     return;
@@ -42,10 +58,7 @@ void score_token(const RouterOptions& opt, const T* l, index_t t, index_t E, boo
                                normal_at(opt.noise_seed, opt.noise_step,
                                          (std::uint64_t(t) + opt.noise_token_offset) *
                                                  std::uint64_t(E) + std::uint64_t(e)));
-  if (sigmoid)
-    sigmoid_row(noisy_logits, p, E);
-  else
-    softmax_row(noisy_logits, p, E);
+  score_row(f, noisy_logits, p, E);
 }
 
 }  // namespace
@@ -53,7 +66,7 @@ void score_token(const RouterOptions& opt, const T* l, index_t t, index_t E, boo
 template <typename T>
 const T* balance_dist(RouterKind kind, const T* probs, const std::uint8_t* mask, index_t n,
                       index_t E, std::vector<T>& scratch) {
-  if (!uses_sigmoid(kind)) return probs;
+  if (!normalizes_scores(kind)) return probs;
   scratch.assign(n * E, T(0));
 #pragma omp parallel for schedule(static)
   for (index_t t = 0; t < n; ++t)
@@ -73,6 +86,11 @@ RouterLossValues router_forward(const RouterInputs<T>& in, index_t n_tokens, ind
   } else {
     gemm_tiled<T>(false, false, n, E, d_model, T(1), in.x, d_model, in.w_router, E, T(0),
                   out.logits, E);
+    if (in.b_router) {
+#pragma omp parallel for schedule(static)
+      for (index_t t = 0; t < n; ++t)
+        for (index_t e = 0; e < E; ++e) out.logits[t * E + e] += in.b_router[e];
+    }
     const bool noisy = opt.training && opt.noise_std > 0.0;
 #pragma omp parallel
     {
@@ -131,19 +149,21 @@ RouterLossValues router_forward(const RouterInputs<T>& in, index_t n_tokens, ind
 
 namespace {
 
-// d(sum_j g_j w_j)/d(scores) for w_j = c * p_j / S (normalised) or c * p_j; dropped and
-// empty slots have weight 0 and pass nothing.
+// d(sum_j g_j w_j)/d(scores) for w_j = c * p_j / D (normalised, D = topk_denominator of
+// S = sum_j p_j) or c * p_j; dropped and empty slots have weight 0 and pass nothing.
 template <typename T>
 void add_weight_grads(const T* p, const index_t* idx, const std::uint8_t* drop, const T* g,
-                      index_t k, bool normalize, T c, T* dprobs) {
+                      index_t k, bool normalize, double norm_min, T c, T* dprobs) {
   if (normalize) {
-    // w_j = c p_j / S:  dp_i = c (g_i - sum_j g_j p_j / S) / S
+    // D = S:  dp_i = c (g_i - sum_j g_j p_j / S) / S;  D = norm_min (floored): dp_i = c g_i / D
     T S = 0;
     for (index_t j = 0; j < k; ++j) S += p[idx[j]];
+    const T D = topk_denominator(S, norm_min);
     T gw = 0;
-    for (index_t j = 0; j < k; ++j)
-      if (!drop[j]) gw += g[j] * p[idx[j]] / S;
-    for (index_t j = 0; j < k; ++j) dprobs[idx[j]] += c * (((drop[j] ? T(0) : g[j]) - gw) / S);
+    if (D == S)
+      for (index_t j = 0; j < k; ++j)
+        if (!drop[j]) gw += g[j] * p[idx[j]] / S;
+    for (index_t j = 0; j < k; ++j) dprobs[idx[j]] += c * (((drop[j] ? T(0) : g[j]) - gw) / D);
   } else {
     for (index_t j = 0; j < k; ++j)
       if (idx[j] >= 0 && !drop[j]) dprobs[idx[j]] += c * g[j];
@@ -155,14 +175,16 @@ void add_weight_grads(const T* p, const index_t* idx, const std::uint8_t* drop, 
 template <typename T>
 void router_backward(const RouterInputs<T>& in, index_t n_tokens, index_t d_model, index_t E,
                      const RouterOptions& opt, const RouterLossCoefs& coefs,
-                     const RouterBuffers<T>& saved, const T* d_topk_weights, T* dx, T* dw_router) {
+                     const RouterBuffers<T>& saved, const T* d_topk_weights, T* dx, T* dw_router,
+                     T* db_router) {
   if (opt.kind == RouterKind::hash) return;  // no router weight, nothing depends on x
   const index_t k = opt.top_k;
   const index_t n = n_tokens;
   const std::uint8_t* mask = in.mask;
   const index_t R = count_real(mask, n);
   if (R == 0) return;
-  const bool sigmoid = uses_sigmoid(opt.kind);
+  const ScoreFunction f = score_function(opt.kind);
+  const bool per_expert = normalizes_scores(opt.kind);
 
   const BalanceGroups groups = balance_groups(saved.topk_indices, k, mask,
                                               saved.tokens_per_expert, in.balance_counts, n, E,
@@ -186,15 +208,16 @@ void router_backward(const RouterInputs<T>& in, index_t n_tokens, index_t d_mode
       const T* pc = saved.probs_clean + t * E;
       const T* lb_row = lb_grad.data() + (opt.seq_len > 0 ? t / opt.seq_len : 0) * E;
       T* dl = dlogits.data() + t * E;
-      if (sigmoid) {
+      if (per_expert) {
         // the balance loss reads q = s / S of the (noisy) scores; the weights read s
         std::fill(dscores.begin(), dscores.end(), T(0));
         normalized_backward_row(p, lb_row, dscores.data(), E);
         if (weights_have_grad)
           add_weight_grads(p, saved.topk_indices + t * k, saved.dropped + t * k,
-                           d_topk_weights + t * k, k, opt.normalize_topk, c, dscores.data());
+                           d_topk_weights + t * k, k, opt.normalize_topk, opt.topk_norm_min, c,
+                           dscores.data());
         // noise is additive, so d(noisy logits) = d(logits)
-        sigmoid_backward_row(p, dscores.data(), dl, E);
+        score_backward_row(f, p, dscores.data(), dl, E);
         if (z_scale != T(0)) {
           softmax_row(saved.logits + t * E, softmax_clean.data(), E);
           z_loss_backward_row(saved.logits + t * E, softmax_clean.data(), E, z_scale, dl);
@@ -202,14 +225,15 @@ void router_backward(const RouterInputs<T>& in, index_t n_tokens, index_t d_mode
         if (ent_scale != T(0)) {
           std::fill(dscores.begin(), dscores.end(), T(0));
           normalized_entropy_backward_row(pc, saved.entropy[t], E, ent_scale, dscores.data());
-          sigmoid_backward_row(pc, dscores.data(), dl, E);
+          score_backward_row(f, pc, dscores.data(), dl, E);
         }
         continue;
       }
       std::copy(lb_row, lb_row + E, dprobs.begin());
       if (weights_have_grad)
         add_weight_grads(p, saved.topk_indices + t * k, saved.dropped + t * k,
-                         d_topk_weights + t * k, k, opt.normalize_topk, c, dprobs.data());
+                         d_topk_weights + t * k, k, opt.normalize_topk, opt.topk_norm_min, c,
+                         dprobs.data());
       // noise is additive, so d(noisy logits) = d(logits)
       softmax_backward_row(p, dprobs.data(), dl, E);
       if (z_scale != T(0)) z_loss_backward_row(saved.logits + t * E, pc, E, z_scale, dl);
@@ -221,6 +245,11 @@ void router_backward(const RouterInputs<T>& in, index_t n_tokens, index_t d_mode
                 d_model);
   gemm_tiled<T>(true, false, d_model, E, n, T(1), in.x, d_model, dlogits.data(), E, T(1),
                 dw_router, E);
+  // db += the column sums of dlogits, token by token in order: the same bits at any thread
+  // count (n * E additions, next to the GEMMs' n * E * d_model)
+  if (db_router)
+    for (index_t t = 0; t < n; ++t)
+      for (index_t e = 0; e < E; ++e) db_router[e] += dlogits[t * E + e];
 }
 
 #define MOE_INSTANTIATE(T)                                                                    \
@@ -231,7 +260,7 @@ void router_backward(const RouterInputs<T>& in, index_t n_tokens, index_t d_mode
                                               const RouterBuffers<T>&);                       \
   template void router_backward<T>(const RouterInputs<T>&, index_t, index_t, index_t,         \
                                    const RouterOptions&, const RouterLossCoefs&,              \
-                                   const RouterBuffers<T>&, const T*, T*, T*);
+                                   const RouterBuffers<T>&, const T*, T*, T*, T*);
 MOE_INSTANTIATE(float)
 MOE_INSTANTIATE(double)
 #undef MOE_INSTANTIATE

@@ -29,12 +29,12 @@ void topk_row(const V* v, index_t E, index_t k, index_t* indices) {
 
 template <typename V>
 void grouped_topk_row(const V* v, index_t E, index_t k, index_t n_group, index_t topk_group,
-                      V* scratch, index_t* indices) {
+                      GroupScore score, V* scratch, index_t* indices) {
   const index_t size = E / n_group;
   std::vector<V> group_score(n_group);
   index_t best[2];
   for (index_t g = 0; g < n_group; ++g) {
-    const index_t m = std::min<index_t>(2, size);
+    const index_t m = score == GroupScore::max ? 1 : std::min<index_t>(2, size);
     topk_row(v + g * size, size, m, best);
     V s = v[g * size + best[0]];
     if (m == 2) s += v[g * size + best[1]];
@@ -170,7 +170,8 @@ std::uint64_t hash_score(std::uint64_t seed, std::int64_t token_id, index_t e) {
   return splitmix64(splitmix64(key) + std::uint64_t(e));
 }
 
-// Top-k selection of softmax_topk, sigmoid_topk and sinkhorn, with their combine weights.
+// Top-k selection of softmax_topk, sigmoid_topk, sqrtsoftplus_topk and sinkhorn, with their
+// combine weights.
 template <typename T>
 void select_topk(const RouterInputs<T>& in, index_t n, index_t E, const RouterOptions& opt,
                  const RouterBuffers<T>& out) {
@@ -211,14 +212,16 @@ void select_topk(const RouterInputs<T>& in, index_t n, index_t E, const RouterOp
           v = sel.data();
         }
         if (opt.n_group > 1)
-          grouped_topk_row(v, E, k, opt.n_group, opt.topk_group, scratch.data(), idx);
+          grouped_topk_row(v, E, k, opt.n_group, opt.topk_group, opt.group_score, scratch.data(),
+                           idx);
         else
           topk_row(v, E, k, idx);
       }
       T sum = 0;
       for (index_t j = 0; j < k; ++j) sum += p[idx[j]];
+      const T denom = topk_denominator(sum, opt.topk_norm_min);
       for (index_t j = 0; j < k; ++j) {
-        const T soft = opt.normalize_topk ? p[idx[j]] / sum : p[idx[j]];
+        const T soft = opt.normalize_topk ? p[idx[j]] / denom : p[idx[j]];
         wts[j] = opt.straight_through ? T(1) : soft * T(opt.routed_scaling_factor);
       }
     }
@@ -320,8 +323,8 @@ MOE_INSTANTIATE(double)
 #undef MOE_INSTANTIATE
 #define MOE_INSTANTIATE_V(V)                                                        \
   template void topk_row<V>(const V*, index_t, index_t, index_t*);                 \
-  template void grouped_topk_row<V>(const V*, index_t, index_t, index_t, index_t, V*, \
-                                    index_t*);
+  template void grouped_topk_row<V>(const V*, index_t, index_t, index_t, index_t,    \
+                                    GroupScore, V*, index_t*);
 MOE_INSTANTIATE_V(float)
 MOE_INSTANTIATE_V(double)
 MOE_INSTANTIATE_V(std::uint64_t)

@@ -14,12 +14,13 @@ namespace moe {
 template <typename V>
 void topk_row(const V* v, index_t E, index_t k, index_t* indices);
 
-// DeepSeek-V3's group-limited top-k: the E experts form n_group equal groups; a group's
-// score is the sum of its two best values (its best if it has one expert); only the experts
-// of the topk_group best groups are eligible. scratch holds E values.
+// Group-limited top-k: the E experts form n_group equal groups; a group's score is the sum
+// of its two best values (top2_sum, DeepSeek-V3; its best if it has one expert) or its best
+// value (max, DeepSeek-V2); only the experts of the topk_group best groups (ties to the lower
+// group) are eligible. scratch holds E values.
 template <typename V>
 void grouped_topk_row(const V* v, index_t E, index_t k, index_t n_group, index_t topk_group,
-                      V* scratch, index_t* indices);
+                      GroupScore score, V* scratch, index_t* indices);
 
 // Capacity C = ceil(c * R * k / E), clamped to R * k; the assignments past it are marked
 // dropped in the order of the drop policy (router.h). Slots with index -1 take none.
@@ -52,8 +53,9 @@ std::uint64_t hash_score(std::uint64_t seed, std::int64_t token_id, index_t e);
 
 // Each router's selection over a batch whose scores (out.probs) are computed: indices and
 // combine weights into out (hash also writes its probabilities and entropy).
-// softmax_topk, sigmoid_topk and sinkhorn: top-k (with bias, groups, Sinkhorn balancing in
-// training), weights normalised / straight-through / scaled as the options say.
+// softmax_topk, sigmoid_topk, sqrtsoftplus_topk and sinkhorn: top-k (with bias, groups,
+// Sinkhorn balancing in training), weights normalised (with the floor topk_norm_min) /
+// straight-through / scaled as the options say.
 template <typename T>
 void select_topk(const RouterInputs<T>& in, index_t n, index_t E, const RouterOptions& opt,
                  const RouterBuffers<T>& out);

@@ -36,6 +36,19 @@ class DropPolicy(metaclass=_pybind11_type):
     @property
     def value(self) -> int: ...
 
+class GroupScore(metaclass=_pybind11_type):
+    """a group's score in group-limited top-k"""
+    top2_sum: typing.ClassVar[GroupScore]
+    max: typing.ClassVar[GroupScore]
+    __members__: typing.ClassVar[dict[str, GroupScore]]
+    def __init__(self, value: int) -> None: ...
+    def __int__(self) -> int: ...
+    def __index__(self) -> int: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def value(self) -> int: ...
+
 class RouterForwardResult(metaclass=_pybind11_type):
     """router_forward's buffers in RouterOutput's field order, then the unweighted load_balance, z_loss and entropy_loss"""
     @property
@@ -68,6 +81,7 @@ class RouterKind(metaclass=_pybind11_type):
     expert_choice: typing.ClassVar[RouterKind]
     sinkhorn: typing.ClassVar[RouterKind]
     hash: typing.ClassVar[RouterKind]
+    sqrtsoftplus_topk: typing.ClassVar[RouterKind]
     __members__: typing.ClassVar[dict[str, RouterKind]]
     def __init__(self, value: int) -> None: ...
     def __int__(self) -> int: ...
@@ -81,6 +95,7 @@ class RouterOptions(metaclass=_pybind11_type):
     """the routing options of cpp/router.h, field by field"""
     capacity_factor: float
     drop_policy: DropPolicy
+    group_score: GroupScore
     hash_seed: int
     kind: RouterKind
     n_group: int
@@ -96,6 +111,7 @@ class RouterOptions(metaclass=_pybind11_type):
     straight_through: bool
     top_k: int
     topk_group: int
+    topk_norm_min: float
     training: bool
 
 
@@ -124,10 +140,10 @@ def attention_forward_f64(*, qkv: typing.Annotated[numpy.typing.ArrayLike, numpy
     """causal multi-head attention over qkv [B, S, 3D], padded keys hidden; returns (out, probs)"""
 
 def balance_distribution_f32(*, probs: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], kind: RouterKind) -> numpy.typing.NDArray[numpy.float32]:
-    """the distribution the load-balance loss averages: probs, or sigmoid scores normalised per real token"""
+    """the distribution the load-balance loss averages: probs, or per-expert scores (sigmoid, sqrt-softplus) normalised per real token"""
 
 def balance_distribution_f64(*, probs: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], kind: RouterKind) -> numpy.typing.NDArray[numpy.float64]:
-    """the distribution the load-balance loss averages: probs, or sigmoid scores normalised per real token"""
+    """the distribution the load-balance loss averages: probs, or per-expert scores (sigmoid, sqrt-softplus) normalised per real token"""
 
 def build_facts() -> dict:
     """compiler, flags, compiled SIMD, OpenMP, Eigen and BLAS facts of this build"""
@@ -225,17 +241,17 @@ def rmsnorm_forward_f32(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.flo
 def rmsnorm_forward_f64(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], g: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], eps: float) -> tuple[numpy.typing.NDArray[numpy.float64], numpy.typing.NDArray[numpy.float64]]:
     """y = x * rstd * g with rstd = 1/sqrt(mean(x^2) + eps); returns (y, rstd)"""
 
-def router_backward_f32(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], w_router: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], router_logits: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], router_probs_clean: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], router_probs: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], entropy: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], topk_indices: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], dropped: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], tokens_per_expert: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], d_topk_weights: typing.Annotated[numpy.typing.ArrayLike, numpy.float32] | None, options: RouterOptions, balance_counts: typing.Annotated[numpy.typing.ArrayLike, numpy.int64] | None, load_balance_coef: float, z_loss_coef: float, entropy_coef: float, dx: numpy.ndarray, dw_router: numpy.ndarray) -> None:
-    """add d(sum(d_topk_weights * topk_weights) + weighted aux losses) into dx and dw_router"""
+def router_backward_f32(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], w_router: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], router_logits: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], router_probs_clean: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], router_probs: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], entropy: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], topk_indices: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], dropped: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], tokens_per_expert: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], d_topk_weights: typing.Annotated[numpy.typing.ArrayLike, numpy.float32] | None, options: RouterOptions, balance_counts: typing.Annotated[numpy.typing.ArrayLike, numpy.int64] | None, load_balance_coef: float, z_loss_coef: float, entropy_coef: float, dx: numpy.ndarray, dw_router: numpy.ndarray, db_router: numpy.ndarray | None = None) -> None:
+    """add d(sum(d_topk_weights * topk_weights) + weighted aux losses) into dx, dw_router and (a router with a bias) db_router"""
 
-def router_backward_f64(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], w_router: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], router_logits: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], router_probs_clean: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], router_probs: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], entropy: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], topk_indices: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], dropped: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], tokens_per_expert: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], d_topk_weights: typing.Annotated[numpy.typing.ArrayLike, numpy.float64] | None, options: RouterOptions, balance_counts: typing.Annotated[numpy.typing.ArrayLike, numpy.int64] | None, load_balance_coef: float, z_loss_coef: float, entropy_coef: float, dx: numpy.ndarray, dw_router: numpy.ndarray) -> None:
-    """add d(sum(d_topk_weights * topk_weights) + weighted aux losses) into dx and dw_router"""
+def router_backward_f64(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], w_router: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], router_logits: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], router_probs_clean: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], router_probs: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], entropy: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], topk_indices: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], dropped: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], tokens_per_expert: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], d_topk_weights: typing.Annotated[numpy.typing.ArrayLike, numpy.float64] | None, options: RouterOptions, balance_counts: typing.Annotated[numpy.typing.ArrayLike, numpy.int64] | None, load_balance_coef: float, z_loss_coef: float, entropy_coef: float, dx: numpy.ndarray, dw_router: numpy.ndarray, db_router: numpy.ndarray | None = None) -> None:
+    """add d(sum(d_topk_weights * topk_weights) + weighted aux losses) into dx, dw_router and (a router with a bias) db_router"""
 
-def router_forward_f32(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], w_router: typing.Annotated[numpy.typing.ArrayLike, numpy.float32] | None, mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], num_experts: int, options: RouterOptions, expert_bias: typing.Annotated[numpy.typing.ArrayLike, numpy.float32] | None, balance_counts: typing.Annotated[numpy.typing.ArrayLike, numpy.int64] | None, token_ids: typing.Annotated[numpy.typing.ArrayLike, numpy.int64] | None, forced_indices: typing.Annotated[numpy.typing.ArrayLike, numpy.int64] | None = None, expert_mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8] | None = None) -> RouterForwardResult:
-    """route x [T, d_model] with the algorithm of options.kind: logits, clean and noisy scores, the selection (or forced_indices; never an expert_mask 0 expert), combine weights, capacity drops and the router losses"""
+def router_forward_f32(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], w_router: typing.Annotated[numpy.typing.ArrayLike, numpy.float32] | None, mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], num_experts: int, options: RouterOptions, expert_bias: typing.Annotated[numpy.typing.ArrayLike, numpy.float32] | None, balance_counts: typing.Annotated[numpy.typing.ArrayLike, numpy.int64] | None, token_ids: typing.Annotated[numpy.typing.ArrayLike, numpy.int64] | None, forced_indices: typing.Annotated[numpy.typing.ArrayLike, numpy.int64] | None = None, expert_mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8] | None = None, b_router: typing.Annotated[numpy.typing.ArrayLike, numpy.float32] | None = None) -> RouterForwardResult:
+    """route x [T, d_model] with the algorithm of options.kind: logits (x @ w_router + b_router), clean and noisy scores, the selection (or forced_indices; never an expert_mask 0 expert), combine weights, capacity drops and the router losses"""
 
-def router_forward_f64(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], w_router: typing.Annotated[numpy.typing.ArrayLike, numpy.float64] | None, mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], num_experts: int, options: RouterOptions, expert_bias: typing.Annotated[numpy.typing.ArrayLike, numpy.float64] | None, balance_counts: typing.Annotated[numpy.typing.ArrayLike, numpy.int64] | None, token_ids: typing.Annotated[numpy.typing.ArrayLike, numpy.int64] | None, forced_indices: typing.Annotated[numpy.typing.ArrayLike, numpy.int64] | None = None, expert_mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8] | None = None) -> RouterForwardResult:
-    """route x [T, d_model] with the algorithm of options.kind: logits, clean and noisy scores, the selection (or forced_indices; never an expert_mask 0 expert), combine weights, capacity drops and the router losses"""
+def router_forward_f64(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], w_router: typing.Annotated[numpy.typing.ArrayLike, numpy.float64] | None, mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], num_experts: int, options: RouterOptions, expert_bias: typing.Annotated[numpy.typing.ArrayLike, numpy.float64] | None, balance_counts: typing.Annotated[numpy.typing.ArrayLike, numpy.int64] | None, token_ids: typing.Annotated[numpy.typing.ArrayLike, numpy.int64] | None, forced_indices: typing.Annotated[numpy.typing.ArrayLike, numpy.int64] | None = None, expert_mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8] | None = None, b_router: typing.Annotated[numpy.typing.ArrayLike, numpy.float64] | None = None) -> RouterForwardResult:
+    """route x [T, d_model] with the algorithm of options.kind: logits (x @ w_router + b_router), clean and noisy scores, the selection (or forced_indices; never an expert_mask 0 expert), combine weights, capacity drops and the router losses"""
 
 def row_entropy_f32(*, probs: typing.Annotated[numpy.typing.ArrayLike, numpy.float32]) -> numpy.typing.NDArray[numpy.float32]:
     """-sum p log p of each row in nats (the router's own entropy)"""

@@ -17,6 +17,7 @@ from . import _core  # noqa: E402
 
 Activation = _core.Activation
 DropPolicy = _core.DropPolicy
+GroupScore = _core.GroupScore
 RouterForwardResult = _core.RouterForwardResult
 RouterKind = _core.RouterKind
 RouterOptions = _core.RouterOptions

@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .config import ACTIVATIONS, BALANCE_SCOPES, DROP_POLICIES, DTYPES, ROUTERS, MoEConfig
+from .config import ACTIVATIONS, BALANCE_SCOPES, DROP_POLICIES, DTYPES, GROUP_SCORES, ROUTERS, MoEConfig
 from .flags import add_config_flags, config_from_args
 from .layer import MoELayer
 from .threads import set_num_threads
@@ -82,8 +82,8 @@ MODEL_FLAGS = ("d_model", "n_layers", "n_heads", "activation", "n_predict", "dty
 MOE_FLAGS = ("num_experts", "top_k", "d_ff", "router", "normalize_topk", "capacity_factor", "drop_policy",
              "straight_through", "load_balance_coef", "z_loss_coef", "entropy_coef",
              "load_balance_scope", "routed_scaling_factor", "bias_update_rate", "n_group",
-             "topk_group", "sinkhorn_iterations", "sinkhorn_tolerance", "num_shared_experts",
-             "shared_d_ff")
+             "topk_group", "sinkhorn_iterations", "sinkhorn_tolerance", "router_bias", "group_score",
+             "topk_norm_min", "num_shared_experts", "shared_d_ff")
 TRAIN_FLAGS = ("corpus", "corpus_bytes", "steps", "batch_size", "seq_len", "grad_accum", "lr",
                "warmup", "lr_decay_steps", "min_lr_ratio", "weight_decay", "grad_clip",
                "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "noise_std",
@@ -92,7 +92,7 @@ TRAIN_FLAGS = ("corpus", "corpus_bytes", "steps", "batch_size", "seq_len", "grad
 # Short names kept from earlier versions of the CLI.
 ALIASES = {"n_layers": ["--layers"], "n_heads": ["--heads"], "num_experts": ["--experts"]}
 CHOICES = {"activation": ACTIVATIONS, "dtype": tuple(DTYPES), "router": ROUTERS,
-           "drop_policy": DROP_POLICIES, "load_balance_scope": BALANCE_SCOPES}
+           "drop_policy": DROP_POLICIES, "load_balance_scope": BALANCE_SCOPES, "group_score": GROUP_SCORES}
 
 
 # The MoE fields upcycle takes (the experts' shape comes from the dense run; docs/design.md,

@@ -22,8 +22,9 @@ class RouterTraits:
     needs_token_ids: bool  # routes by the token ids (x.shape[:-1] integers), not by x
     picks_by_score: bool  # each token picks its top k by a score: logit noise and expert groups apply
     soft_weights: bool  # combine weights are scores (normalize_topk and straight_through apply)
-    sigmoid_scores: bool  # scores are sigmoids: the balance loss and logged entropy normalise them per token
-    expert_bias: bool  # DeepSeek-V3's aux-loss-free selection bias and routed_scaling_factor
+    normalizes_scores: bool  # per-expert scores (sigmoid, sqrt-softplus), not a distribution: the balance loss and logged entropy normalise them per token
+    expert_bias: bool  # a selection-only expert bias (DeepSeek-V3's aux-loss-free one, or loaded: Ernie 4.5) and routed_scaling_factor
+    bias_by_default: bool  # the aux-loss-free bias update is on by default (bias_update_rate None: 1e-3)
     experts_choose: bool  # experts pick their tokens: capacity defaults to 1.0, k is per expert on average
     chooses_over_batch: bool  # a token's routing depends on the other tokens of the batch
 
@@ -32,20 +33,24 @@ class RouterTraits:
 # docs/design.md, "Adding a router".
 ROUTER_TRAITS: Dict[str, RouterTraits] = {
     "softmax_topk": RouterTraits(has_weight=True, needs_token_ids=False, picks_by_score=True, soft_weights=True,
-                                 sigmoid_scores=False, expert_bias=False, experts_choose=False,
-                                 chooses_over_batch=False),
+                                 normalizes_scores=False, expert_bias=True, bias_by_default=False,
+                                 experts_choose=False, chooses_over_batch=False),
     "sigmoid_topk": RouterTraits(has_weight=True, needs_token_ids=False, picks_by_score=True, soft_weights=True,
-                                 sigmoid_scores=True, expert_bias=True, experts_choose=False,
-                                 chooses_over_batch=False),
+                                 normalizes_scores=True, expert_bias=True, bias_by_default=True,
+                                 experts_choose=False, chooses_over_batch=False),
+    "sqrtsoftplus_topk": RouterTraits(has_weight=True, needs_token_ids=False, picks_by_score=True,
+                                      soft_weights=True, normalizes_scores=True, expert_bias=True,
+                                      bias_by_default=True, experts_choose=False,
+                                      chooses_over_batch=False),
     "expert_choice": RouterTraits(has_weight=True, needs_token_ids=False, picks_by_score=False,
-                                  soft_weights=False, sigmoid_scores=False, expert_bias=False,
-                                  experts_choose=True, chooses_over_batch=True),
+                                  soft_weights=False, normalizes_scores=False, expert_bias=False,
+                                  bias_by_default=False, experts_choose=True, chooses_over_batch=True),
     "sinkhorn": RouterTraits(has_weight=True, needs_token_ids=False, picks_by_score=False, soft_weights=True,
-                             sigmoid_scores=False, expert_bias=False, experts_choose=False,
-                             chooses_over_batch=True),
+                             normalizes_scores=False, expert_bias=False, bias_by_default=False,
+                             experts_choose=False, chooses_over_batch=True),
     "hash": RouterTraits(has_weight=False, needs_token_ids=True, picks_by_score=False, soft_weights=False,
-                         sigmoid_scores=False, expert_bias=False, experts_choose=False,
-                         chooses_over_batch=False),
+                         normalizes_scores=False, expert_bias=False, bias_by_default=False,
+                         experts_choose=False, chooses_over_batch=False),
 }
 ROUTERS = tuple(ROUTER_TRAITS)
 
@@ -62,6 +67,7 @@ def routers_with(trait: str) -> tuple:
 
 
 BALANCE_SCOPES = ("batch", "sequence", "global")
+GROUP_SCORES = ("top2_sum", "max")
 DROP_POLICIES = ("position", "probs")
 ACTIVATIONS = ("swiglu", "gelu")
 DTYPES = {"float32": np.float32, "float64": np.float64}
@@ -140,8 +146,9 @@ class MoEConfig:
     (with k = 1 normalising makes every weight 1 and the router would get no
     gradient from the task loss; asking for it explicitly warns); expert choice and
     hash never normalise (normalize_topk is set to False). capacity_factor=None is dropless
-    (expert choice: 1.0, see `capacity`). bias_update_rate=None: 1e-3 for sigmoid_topk, 0
-    (no expert bias) for the others (see `bias_rate`).
+    (expert choice: 1.0, see `capacity`). bias_update_rate=None: 1e-3 for sigmoid_topk and
+    sqrtsoftplus_topk, 0 (a frozen expert bias, 0 unless loaded) for the others (see
+    `bias_rate`).
     Experts have no biases; "gelu" is the erf form. docs/design.md, "Routers", has the
     formulas of every router.
     """
@@ -150,7 +157,7 @@ class MoEConfig:
     d_ff: int = 128  # hidden width of one expert
     num_experts: int = 8  # experts per MoE layer (E)
     top_k: int = 2  # experts each token is sent to (k)
-    router: str = "softmax_topk"  # routing algorithm: softmax_topk, sigmoid_topk, expert_choice, sinkhorn or hash
+    router: str = "softmax_topk"  # routing algorithm: softmax_topk, sigmoid_topk, sqrtsoftplus_topk, expert_choice, sinkhorn or hash
     normalize_topk: Optional[bool] = None  # divide the k weights by their sum (auto: k > 1)
     capacity_factor: Optional[float] = None  # expert capacity ceil(c * R * k / E); None: dropless
     drop_policy: str = "position"  # over capacity, drop by position (first choices first) or lowest probs
@@ -160,12 +167,15 @@ class MoEConfig:
     z_loss_coef: float = 0.001  # weight of mean logsumexp(logits)^2 in aux_loss
     entropy_coef: float = 0.0  # weight of the mean clean routing entropy in aux_loss
     load_balance_scope: str = "batch"  # f and P of the balance loss over the batch, each sequence, or the optimiser step (global)
-    routed_scaling_factor: float = 1.0  # sigmoid_topk: multiplies the combine weights
-    bias_update_rate: Optional[float] = None  # sigmoid_topk aux-loss-free bias step (auto: 1e-3; 0: off)
+    routed_scaling_factor: float = 1.0  # top-k routers with an expert bias: multiplies the combine weights
+    bias_update_rate: Optional[float] = None  # aux-loss-free expert-bias step (auto: 1e-3 for sigmoid/sqrtsoftplus_topk, else 0; 0: frozen)
     n_group: int = 1  # group-limited routing: experts in n_group equal groups (1: off)
     topk_group: int = 1  # group-limited routing: tokens pick experts from their topk_group best groups
     sinkhorn_iterations: int = 100  # sinkhorn: at most this many balancing sweeps
     sinkhorn_tolerance: float = 1e-4  # sinkhorn: stop when the column scales change less than this
+    router_bias: bool = False  # a learned bias b_router [E] added to the router logits (gpt-oss); routers with a w_router
+    group_score: str = "top2_sum"  # group-limited routing: a group scores the sum of its two best experts (top2_sum, DeepSeek-V3) or its best (max, DeepSeek-V2)
+    topk_norm_min: float = 0.0  # normalize_topk: divide the k weights by max(their sum, this) (Ernie 4.5's norm_min)
     num_shared_experts: int = 0  # always-on experts every real token goes through
     shared_d_ff: Optional[int] = None  # hidden width of one shared expert (None: d_ff)
     dtype: str = "float32"  # float32 or float64, for inputs and parameters
@@ -183,7 +193,7 @@ class MoEConfig:
             )
         for name, allowed in (("router", ROUTERS), ("load_balance_scope", BALANCE_SCOPES),
                               ("drop_policy", DROP_POLICIES), ("activation", ACTIVATIONS),
-                              ("dtype", tuple(DTYPES))):
+                              ("dtype", tuple(DTYPES)), ("group_score", GROUP_SCORES)):
             one_of(name, getattr(self, name), allowed)
         if self.capacity_factor is not None:
             finite_number("capacity_factor", self.capacity_factor)
@@ -209,6 +219,10 @@ class MoEConfig:
                 "gets no gradient from the task loss, only from the aux losses",
                 stacklevel=3,
             )
+        finite_number("topk_norm_min", self.topk_norm_min)
+        if self.topk_norm_min > 0 and not self.normalize_topk:
+            raise ValueError(f"topk_norm_min: floors the denominator of normalize_topk, which is off "
+                             f"here; set normalize_topk=True or topk_norm_min=0, got {self.topk_norm_min!r}")
         check_seed(self.seed)
 
     def _check_router_options(self) -> None:
@@ -219,6 +233,11 @@ class MoEConfig:
                              f"{self.routed_scaling_factor!r}")
         if self.routed_scaling_factor != 1.0 and not traits.expert_bias:
             raise ValueError(f"routed_scaling_factor: only {routers_with('expert_bias')} scale their weights")
+        if not isinstance(self.router_bias, (bool, np.bool_)):
+            raise ValueError(f"router_bias: expected a bool, got {self.router_bias!r}")
+        if self.router_bias and not traits.has_weight:
+            raise ValueError(f"router_bias: a logit bias needs a learned w_router, one of "
+                             f"{routers_with('has_weight')}; {router} has none")
         finite_number("bias_update_rate", self.bias_rate)
         if not 0 <= self.bias_rate <= MAX_BIAS_UPDATE_RATE:
             raise ValueError(f"bias_update_rate: expected a step in [0, {MAX_BIAS_UPDATE_RATE}] "
@@ -238,6 +257,9 @@ class MoEConfig:
                     self.top_k > self.topk_group * (self.num_experts // self.n_group):
                 raise ValueError(f"topk_group: expected topk_group <= n_group ({self.n_group}) "
                                  f"and top_k <= topk_group * num_experts / n_group")
+        elif self.group_score != GROUP_SCORES[0]:
+            raise ValueError(f"group_score: scores the groups of group-limited routing, which is off "
+                             f"(n_group=1); set n_group > 1 or group_score={GROUP_SCORES[0]!r}")
         positive_int("sinkhorn_iterations", self.sinkhorn_iterations)
         if self.sinkhorn_iterations > MAX_SINKHORN_ITERATIONS:
             raise ValueError(f"sinkhorn_iterations: expected at most {MAX_SINKHORN_ITERATIONS} (a "
@@ -262,7 +284,7 @@ class MoEConfig:
         """The expert-bias step: bias_update_rate, or its default for the router."""
         if self.bias_update_rate is not None:
             return self.bias_update_rate
-        return 1e-3 if self.traits.expert_bias else 0.0
+        return 1e-3 if self.traits.bias_by_default else 0.0
 
     @property
     def shared_width(self) -> int:

@@ -14,7 +14,7 @@ from .config import MoEConfig
 from .experts import Experts, SharedExperts, init_expert_weights, init_shared_weights
 from .interventions import RoutingIntervention
 from .routed_experts import RoutedExperts
-from .router import Router, RouterOutput, check_differentiable, init_router_weight
+from .router import ROUTER_PARAMS, Router, RouterOutput, check_differentiable, init_router_params
 
 
 class ForwardContext:
@@ -59,7 +59,8 @@ class MoELayer:
     adding the parameter gradients into `grads` (`zero_grad()` clears them).
     token_ids (shape x.shape[:-1]) are read by the hash router only.
 
-    params: w_router [d_model, E] (not for hash routing), w1 [E, d_model, d_ff],
+    params: w_router [d_model, E] (not for hash routing), b_router [E] (router_bias only),
+    w1 [E, d_model, d_ff],
     w3 [E, d_model, d_ff] (swiglu only), w2 [E, d_ff, d_model], and with shared experts
     shared_w1 [S, d_model, shared_d_ff], shared_w3, shared_w2; grads: the same keys and
     shapes. It implements the FFN interface of moe_py/ffn.py.
@@ -71,8 +72,7 @@ class MoELayer:
         self.cfg = cfg
         rng = np.random.default_rng(cfg.seed)
         # drawn for every router, so that the experts start the same whatever the router
-        w_router = init_router_weight(cfg, rng)
-        self._params: Dict[str, np.ndarray] = {"w_router": w_router} if cfg.traits.has_weight else {}
+        self._params: Dict[str, np.ndarray] = init_router_params(cfg, rng)
         self._params.update(init_expert_weights(cfg, rng))
         self._params.update(init_shared_weights(cfg, rng))
         self._grads: Dict[str, np.ndarray] = {k: np.zeros_like(v) for k, v in self._params.items()}
@@ -117,7 +117,7 @@ class MoELayer:
         return self.router.noise_std
 
     def update_expert_bias(self) -> None:
-        """sigmoid_topk's aux-loss-free bias step (Router.update_expert_bias); the trainer
+        """The aux-loss-free expert-bias step (Router.update_expert_bias); the trainer
         calls it once per optimiser step, after all micro-batches."""
         self.router.update_expert_bias()
 
@@ -198,7 +198,7 @@ class MoELayer:
         """Total parameters, and those active per token: the router, k routed experts (expert
         choice: capacity_factor * k on average) and every shared expert."""
         total = sum(v.size for v in self.params.values())
-        router = self.params["w_router"].size if "w_router" in self.params else 0
+        router = sum(self.params[k].size for k in ROUTER_PARAMS if k in self.params)
         per_expert = sum(self.params[k][0].size for k in ("w1", "w3", "w2") if k in self.params)
         shared = sum(v.size for k, v in self.params.items() if k.startswith("shared_"))
         active = router + int(round(self.cfg.experts_per_token * per_expert)) + shared

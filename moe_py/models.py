@@ -160,7 +160,7 @@ class TransformerLM:
 
     def update_expert_bias(self) -> None:
         """Once per optimiser step, after all micro-batches: every MoE layer's expert-bias
-        step (sigmoid_topk), which also starts the loads of the next step from 0."""
+        step (bias_update_rate > 0), which also starts the loads of the next step from 0."""
         for layer in self.moe_layers:
             layer.update_expert_bias()
 

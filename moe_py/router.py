@@ -11,7 +11,7 @@ from typing import Any, Dict, NamedTuple, Optional
 
 import numpy as np
 
-from ._kernels import DropPolicy, RouterForwardResult, RouterKind, RouterOptions, kernel
+from ._kernels import DropPolicy, GroupScore, RouterForwardResult, RouterKind, RouterOptions, kernel
 from ._checks import (NonFiniteError, as_grad, as_mask, as_token_ids, as_tokens,
                       check_grad_buffer, check_param, check_row_count, sequence_length)
 from ._guard import OneCaller
@@ -32,9 +32,9 @@ class RouterOutput(NamedTuple):
 
     topk_weights: np.ndarray  # [T, slots] combine weights; 0 for padded tokens, dropped and empty slots
     topk_indices: np.ndarray  # [T, slots] int64, descending selection score, ties to the lower index; -1 empty
-    router_probs: np.ndarray  # [T, E] the scores after noise: softmax, sigmoid (sigmoid_topk), 1/k one-hot (hash)
+    router_probs: np.ndarray  # [T, E] the scores after noise: softmax, sigmoid, sqrt(softplus), 1/k one-hot (hash)
     router_probs_clean: np.ndarray  # [T, E] the same scores before noise
-    router_logits: np.ndarray  # [T, E] x @ w_router, before noise (hash: 0)
+    router_logits: np.ndarray  # [T, E] x @ w_router (+ b_router), before noise (hash: 0)
     entropy: np.ndarray  # [T] entropy of router_probs_clean normalised per token, in nats
     tokens_per_expert: np.ndarray  # [E] int64 real assignments, before capacity dropping
     dropped: np.ndarray  # [T, slots] bool, slots dropped for capacity
@@ -108,6 +108,23 @@ def init_router_weight(cfg: MoEConfig, rng: np.random.Generator) -> np.ndarray:
     return w.astype(cfg.np_dtype)
 
 
+# The router's parameters, by name: the weight and the optional logit bias.
+ROUTER_PARAMS = ("w_router", "b_router")
+
+
+def init_router_params(cfg: MoEConfig, rng: np.random.Generator) -> Dict[str, np.ndarray]:
+    """w_router [d_model, E], drawn from rng for every router (so that what is drawn after it
+    does not depend on the router), and with router_bias b_router [E] at 0 (a bias at 0 routes
+    as the router without one); {} for a router without a weight."""
+    w = init_router_weight(cfg, rng)
+    if not cfg.traits.has_weight:
+        return {}
+    params = {"w_router": w}
+    if cfg.router_bias:
+        params["b_router"] = np.zeros(cfg.num_experts, cfg.np_dtype)
+    return params
+
+
 class Router:
     """The router of MoEConfig.router, usable on its own (docs/design.md, "Routers").
 
@@ -117,9 +134,11 @@ class Router:
     `sum(d_topk_weights * topk_weights) + aux_loss`; it adds into `grads`.
     The hash router has no weight (params holds no w_router) and needs token_ids.
 
-    State that is not a parameter: `expert_bias` (sigmoid_topk's selection bias, moved
-    by update_expert_bias()), the expert loads of the training forwards since the last
-    update_expert_bias() (which the global balance scope also reads), and the noise.
+    State that is not a parameter: `expert_bias` (the selection-only bias of the top-k
+    routers, moved by update_expert_bias() when bias_update_rate > 0), the expert loads of the
+    training forwards since the last update_expert_bias() (which the global balance scope
+    also reads), and the noise. With router_bias, params["b_router"] [E] is a learned bias of
+    the logits (a parameter, with a gradient).
 
     `params`/`grads` may be passed in so a layer shares one dict with its router.
     """
@@ -130,10 +149,9 @@ class Router:
         self.params = params if params is not None else {}
         self.grads = grads if grads is not None else {}
         self.has_weight = cfg.traits.has_weight
-        if self.has_weight:
-            if "w_router" not in self.params:
-                self.params["w_router"] = init_router_weight(cfg, np.random.default_rng(cfg.seed))
-            self.grads.setdefault("w_router", np.zeros_like(self.params["w_router"]))
+        for name, value in init_router_params(cfg, np.random.default_rng(cfg.seed)).items():
+            self.params.setdefault(name, value)
+            self.grads.setdefault(name, np.zeros_like(self.params[name]))
         self.expert_bias: np.ndarray = np.zeros(cfg.num_experts, cfg.np_dtype)
         self.step_loads = np.zeros(cfg.num_experts, np.int64)
         self._noise_start = 0.0
@@ -171,7 +189,7 @@ class Router:
         """The noise std the next training-mode forward uses (0.0 when noise is off)."""
         return self._noise_start * max(0.0, 1.0 - self._noise_step / self._noise_anneal_steps)
 
-    # ---- the aux-loss-free expert bias (sigmoid_topk) --------------------------
+    # ---- the aux-loss-free expert bias (the top-k routers) ------------------------
     def update_expert_bias(self) -> None:
         """DeepSeek-V3's bias step from the loads since the last call (training forwards,
         real tokens only): b_e += bias_update_rate * sign(mean_load - load_e); then the
@@ -213,6 +231,13 @@ class Router:
         check_param(w, (self.cfg.d_model, self.cfg.num_experts), self.cfg.np_dtype, "w_router")
         return w
 
+    def _check_bias(self) -> Optional[np.ndarray]:
+        if not self.cfg.router_bias:
+            return None
+        b = self.params["b_router"]
+        check_param(b, (self.cfg.num_experts,), self.cfg.np_dtype, "b_router")
+        return b
+
     def options(self, training: bool, seq_len: int = 0) -> RouterOptions:
         """The kernel options of one call (the backward reuses the forward's)."""
         cfg = self.cfg
@@ -228,7 +253,9 @@ class Router:
         o.capacity_factor = -1.0 if cfg.capacity is None else float(cfg.capacity)
         o.drop_policy = DropPolicy.__members__[cfg.drop_policy]
         o.routed_scaling_factor = float(cfg.routed_scaling_factor)
+        o.topk_norm_min = float(cfg.topk_norm_min)
         o.n_group, o.topk_group = cfg.n_group, cfg.topk_group
+        o.group_score = GroupScore.__members__[cfg.group_score]
         o.sinkhorn_iterations = cfg.sinkhorn_iterations
         o.sinkhorn_tolerance = float(cfg.sinkhorn_tolerance)
         o.hash_seed = cfg.seed
@@ -258,7 +285,7 @@ class Router:
         res = kernel("router_forward", cfg.np_dtype)(
             x=x2, w_router=w, mask=mask, num_experts=cfg.num_experts, options=opt,
             expert_bias=bias, balance_counts=counts, token_ids=token_ids, forced_indices=forced,
-            expert_mask=available)
+            expert_mask=available, b_router=self._check_bias())
         losses = {"load_balance": res.load_balance, "z_loss": res.z_loss, "entropy": res.entropy_loss}
         aux = float(cfg.load_balance_coef * losses["load_balance"] + cfg.z_loss_coef * losses["z_loss"]
                     + cfg.entropy_coef * losses["entropy"])
@@ -317,6 +344,10 @@ class Router:
         assert saved.w is not None  # a router with a weight saved it (_check_params)
         check_grad_buffer(self.grads.get("w_router"), saved.w.shape, cfg.np_dtype,
                           "grads['w_router']")
+        db = None
+        if cfg.router_bias:
+            db = self.grads.get("b_router")
+            check_grad_buffer(db, (cfg.num_experts,), cfg.np_dtype, "grads['b_router']")
         kernel("router_backward", cfg.np_dtype)(
             x=saved.x2, w_router=saved.w, mask=saved.mask, router_logits=r.router_logits,
             router_probs_clean=r.router_probs_clean, router_probs=r.router_probs,
@@ -326,7 +357,7 @@ class Router:
             load_balance_coef=aux_weight * cfg.load_balance_coef * balance_scale,
             z_loss_coef=aux_weight * cfg.z_loss_coef * token_scale,
             entropy_coef=aux_weight * cfg.entropy_coef * token_scale,
-            dx=dx2, dw_router=self.grads["w_router"])
+            dx=dx2, dw_router=self.grads["w_router"], db_router=db)
 
     def backward(self, d_topk_weights: Optional[np.ndarray] = None) -> np.ndarray:
         """Gradient of sum(d_topk_weights * topk_weights) + aux_loss; returns dx (shape of x)."""

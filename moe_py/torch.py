@@ -85,8 +85,9 @@ class MoE(torch.nn.Module):
     y [..., d_model] and the scalar aux_loss are in the autograd graph; router_output is the
     layer's RouterOutput (read-only NumPy arrays). module.eval() routes with training=False
     (no noise, constant straight-through weights, Sinkhorn off). Every router of MoEConfig
-    works; token_ids [...] (integers) are for router="hash". With sigmoid_topk, call
-    update_expert_bias() once per optimiser step (after optimizer.step())."""
+    works; token_ids [...] (integers) are for router="hash". With an expert bias that moves
+    (bias_update_rate > 0), call update_expert_bias() once per optimiser step (after
+    optimizer.step())."""
 
     _router_out: Optional[RouterOutput]  # set by MoEFunction.forward: the routing of its call
 
@@ -101,7 +102,7 @@ class MoE(torch.nn.Module):
         self.shared: Optional[SharedExpert] = None  # set by moe_py.hf.from_hf for Qwen2-MoE blocks
 
     def update_expert_bias(self) -> None:
-        """sigmoid_topk's aux-loss-free bias step from the loads since the last call."""
+        """The aux-loss-free expert-bias step from the loads since the last call."""
         self.layer.update_expert_bias()
 
     def forward(self, x: torch.Tensor, padding_mask=None,

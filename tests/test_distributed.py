@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from moe_py.layer import MoELayer
-from moe_py.router import concat_router_outputs, unrouted_tokens
+from moe_py.router import ROUTER_PARAMS, concat_router_outputs, unrouted_tokens
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKERS = os.path.join(HERE, "mpi_workers")
@@ -167,6 +167,16 @@ LAYER_CASES = {
                                      tokens=32, seq_len=8, splits=[0, 32], seed=22),
     "expert_choice_float32": dict(cfg=_cfg(router="expert_choice", dtype="float32"), tokens=48,
                                   splits=[0, 24], padding=0.1, seed=23),
+    # the Hugging Face families' options, token by token: a learned logit bias (b_router, set by
+    # layer_setup), a loaded selection bias, groups scored by their best expert, a norm floor
+    "hf_options": dict(cfg=_cfg(router="sqrtsoftplus_topk", num_experts=8, n_group=4, topk_group=2,
+                                group_score="max", topk_norm_min=0.9, router_bias=True,
+                                capacity_factor=1.0),
+                       expert_bias=[0.05, -0.1, 0.0, 0.2, -0.05, 0.1, 0.0, -0.2], tokens=48,
+                       splits=[0, 20], padding=0.1, seed=24),
+    # a logit bias on a router that routes the global batch (rank 1's gradients are scratch)
+    "expert_choice_router_bias": dict(cfg=_cfg(router="expert_choice", router_bias=True), tokens=40,
+                                      splits=[0, 18], padding=0.1, seed=25),
 }
 GLOBAL_ROUTERS = ("expert_choice", "sinkhorn")
 
@@ -220,15 +230,16 @@ def test_layer_equals_single_process(layer_results, name):
         for w in ref.grads:
             if w.startswith("shared_"):  # replicated, summed over ranks
                 np.testing.assert_allclose(got[f"grad.{w}"], ref.grads[w], **tol, err_msg=w)
-            elif w != "w_router":
+            elif w not in ROUTER_PARAMS:
                 np.testing.assert_array_equal(got[f"grad.{w}"], ref.grads[w][lo:hi],
                                               err_msg=f"{name} rank {rank}: grad {w}")
         # token by token: sums over ranks of the router's partials, equal to rounding
         np.testing.assert_allclose(got["dx"], dx[sl], **router_tol, err_msg=f"{name} rank {rank}: dx")
-        if "w_router" in ref.grads:
-            np.testing.assert_allclose(got["grad.w_router"], ref.grads["w_router"], **router_tol,
-                                       err_msg=f"{name} rank {rank}: grad w_router")
-        else:  # hash: no router weight on any rank
+        for w in ROUTER_PARAMS:  # w_router, and b_router with router_bias: replicated
+            if w in ref.grads:
+                np.testing.assert_allclose(got[f"grad.{w}"], ref.grads[w], **router_tol,
+                                           err_msg=f"{name} rank {rank}: grad {w}")
+        if "w_router" not in ref.grads:  # hash: no router weight on any rank
             assert "grad.w_router" not in got.files
         loss_tol = dict(rtol=0, atol=0) if routed_globally else dict(rtol=1e-12, atol=1e-15)
         np.testing.assert_allclose(got["losses"], [out.losses[n] for n in ("load_balance", "z_loss", "entropy")],

@@ -30,18 +30,34 @@ def _grads(layer):
     return {k: v.copy() for k, v in layer.grads.items()}
 
 
-@pytest.mark.parametrize("router", ["softmax_topk", "sigmoid_topk", "sinkhorn", "hash"])
+# the Hugging Face families' options: a logit bias, a loaded selection bias, a floored
+# normalisation, groups scored by their best expert (docs/design.md, "Routers beyond softmax top-k")
+HF_OPTIONS = dict(router_bias=True, topk_norm_min=0.9, n_group=3, topk_group=2, group_score="max")
+
+
+def _with_biases(layer):
+    if "b_router" in layer.params:
+        layer.params["b_router"][...] = np.linspace(-0.5, 0.5, layer.cfg.num_experts)
+    if layer.cfg.traits.expert_bias:
+        layer.router.expert_bias[...] = np.linspace(0.03, -0.02, layer.cfg.num_experts)
+    return layer
+
+
+@pytest.mark.parametrize("router, options", [
+    ("softmax_topk", {}), ("sigmoid_topk", {}), ("sqrtsoftplus_topk", {}), ("sinkhorn", {}),
+    ("hash", {}), ("softmax_topk", HF_OPTIONS), ("sqrtsoftplus_topk", HF_OPTIONS)])
 @pytest.mark.parametrize("training", [True, False])
-def test_replaying_a_recorded_routing_is_bitwise(router, training):
+def test_replaying_a_recorded_routing_is_bitwise(router, options, training):
     cfg = MoEConfig(d_model=8, d_ff=12, num_experts=6, top_k=2, router=router, capacity_factor=0.8,
-                    num_shared_experts=1, seed=4)
+                    num_shared_experts=1, seed=4, **options)
     x, mask, ids, dy = _inputs()
-    layer = MoELayer(cfg)
+    layer = _with_biases(MoELayer(cfg))
     out = layer(x, padding_mask=mask, token_ids=ids, training=training)
     layer.zero_grad()
     dx = layer.backward(dy)
     grads = _grads(layer)
-    again = MoELayer(cfg)  # the same weights, fresh router state (no noise, batch scope)
+    # the same weights and biases, fresh router state (no noise, batch scope)
+    again = _with_biases(MoELayer(cfg))
     replayed = again(x, padding_mask=mask, token_ids=ids, training=training,
                      routing=RI(replay=out.router.topk_indices.reshape(3, 7, 2)))
     again.zero_grad()
@@ -86,7 +102,7 @@ def test_bad_replays_are_named():
             x, routing=RI(replay=np.zeros((3, 7, 2), int)))
 
 
-@pytest.mark.parametrize("router", ["softmax_topk", "sigmoid_topk", "hash"])
+@pytest.mark.parametrize("router", ["softmax_topk", "sigmoid_topk", "sqrtsoftplus_topk", "hash"])
 def test_ablated_experts_are_never_selected(router):
     cfg = MoEConfig(d_model=8, d_ff=12, num_experts=6, top_k=2, router=router, seed=2)
     x, mask, ids, _ = _inputs()

@@ -27,6 +27,17 @@ ROUTER_CASES = {
     "scope_global": dict(load_balance_scope="global"),
     "sigmoid_sequence_shared": dict(router="sigmoid_topk", load_balance_scope="sequence",
                                     num_shared_experts=1),
+    # the Hugging Face families' variants (docs/design.md, "Routers beyond softmax top-k")
+    "router_bias": dict(router_bias=True),  # gpt-oss
+    "expert_choice_router_bias": dict(router="expert_choice", router_bias=True),
+    "softmax_grouped_max": dict(num_experts=8, n_group=4, topk_group=2, group_score="max",
+                                normalize_topk=False, routed_scaling_factor=2.0),  # DeepSeek-V2
+    "sigmoid_grouped_max": dict(router="sigmoid_topk", num_experts=8, n_group=4, topk_group=2,
+                                group_score="max"),
+    "softmax_norm_min": dict(topk_norm_min=0.97),  # Ernie 4.5 (with the expert bias of prepare)
+    "sqrtsoftplus": dict(router="sqrtsoftplus_topk", routed_scaling_factor=1.5),  # DeepSeek-V4
+    "sqrtsoftplus_k1_grouped": dict(router="sqrtsoftplus_topk", top_k=1, num_experts=8, n_group=4,
+                                    topk_group=2, router_bias=True),
 }
 
 
@@ -51,20 +62,31 @@ def decisive(layer):
     return layer
 
 
+def prepare(layer):
+    """The state a case routes with besides its weights: a learned logit bias (router_bias)
+    and a selection bias for the routers that carry one (loaded, as Ernie 4.5's, or moved by
+    the aux-loss-free update), both away from 0 so that they matter."""
+    router = layer.router if isinstance(layer, moe_py.MoELayer) else layer
+    E = layer.cfg.num_experts
+    if "b_router" in layer.params:
+        layer.params["b_router"][...] = 0.3 * np.cos(1.3 * np.arange(E))
+    if layer.cfg.traits.expert_bias:
+        router.expert_bias[...] = 0.02 * np.sin(0.7 * np.arange(E) + 1.0)
+    return layer
+
+
 @pytest.mark.parametrize("name", sorted(ROUTER_CASES))
 @pytest.mark.parametrize("training", [True, False])
 def test_layer_and_router_gradcheck(name, training):
     cfg = config(**ROUTER_CASES[name])
     x, mask, ids = batch(cfg)
-    layer = decisive(moe_py.MoELayer(cfg))
-    if cfg.router == "sigmoid_topk":
-        layer.router.expert_bias[...] = [0.02, -0.01, 0.0, 0.03] + [0.0] * (cfg.num_experts - 4)
+    layer = prepare(decisive(moe_py.MoELayer(cfg)))
     if cfg.load_balance_scope == "global":
         layer.router.step_loads[...] = np.arange(cfg.num_experts) * 3  # an earlier micro-batch
     inputs = {"x": x, "padding_mask": mask, "training": training, "token_ids": ids}
     report = gradcheck(layer, inputs, max_entries=25)
     assert report.checked > 20
-    router = decisive(moe_py.Router(cfg))
+    router = prepare(decisive(moe_py.Router(cfg)))
     if cfg.router != "hash":  # the hash router has no weight and no gradient to check
         assert gradcheck(router, inputs, max_entries=25).checked > 10
 
@@ -75,7 +97,7 @@ def test_matches_the_numpy_reference_in_float32_and_float64(name):
         cfg = config(**ROUTER_CASES[name], dtype=dtype)
         x, mask, ids = batch(cfg, seed=1)
         for training in (True, False):
-            layer = moe_py.MoELayer(cfg)
+            layer = prepare(moe_py.MoELayer(cfg))
             if cfg.load_balance_scope == "global":
                 layer.router.step_loads[...] = 4
             assert_matches_reference(layer, x, mask, training=training, token_ids=ids)
@@ -92,7 +114,7 @@ def routed_everything() -> dict:
             x = rng.standard_normal((5, 120, 48)).astype(dtype)
             mask = rng.random((5, 120)) > 0.1
             ids = rng.integers(0, 256, (5, 120))
-            layer = moe_py.MoELayer(cfg)
+            layer = prepare(moe_py.MoELayer(cfg))
             o = layer(x, padding_mask=mask, token_ids=ids)
             dx = layer.backward(np.ones_like(o.y) * 0.1 + x * 0.01)
             tag = f"{name}_{dtype}"
@@ -173,6 +195,145 @@ def test_group_limited_routing_picks_inside_the_best_groups():
         group_score = [np.sort(s[g * 2:(g + 1) * 2]).sum() for g in range(4)]
         best = int(np.argmax(group_score))
         assert sorted(r.topk_indices[t].tolist()) == [2 * best, 2 * best + 1]
+
+
+@pytest.mark.parametrize("group_score, best", [("top2_sum", 2), ("max", 1)])
+@pytest.mark.parametrize("router", ["softmax_topk", "sigmoid_topk", "sqrtsoftplus_topk"])
+def test_group_score_picks_the_groups_by_their_best_or_best_two(router, group_score, best):
+    cfg = config(router=router, num_experts=12, n_group=4, topk_group=2, top_k=2,
+                 group_score=group_score, bias_update_rate=0.0)
+    x, mask, _ = batch(cfg, B=6)
+    layer = decisive(moe_py.MoELayer(cfg))
+    r = layer(x, padding_mask=mask).router
+    differ = 0
+    for t in np.flatnonzero(mask.reshape(-1)):
+        s = r.router_probs[t].reshape(4, 3)
+        score = np.sort(s, axis=1)[:, ::-1][:, :best].sum(axis=1)
+        groups = np.argsort(-score, kind="stable")[:2]
+        allowed = np.where(np.isin(np.arange(12) // 3, groups), r.router_probs[t], -np.inf)
+        assert r.topk_indices[t].tolist() == np.argsort(-allowed, kind="stable")[:2].tolist()
+        other = np.sort(s, axis=1)[:, ::-1][:, :3 - best].sum(axis=1)  # the other rule's scores
+        differ += set(groups) != set(np.argsort(-other, kind="stable")[:2])
+    assert differ > 0  # the batch tells the two rules apart
+
+
+# ---- the Hugging Face families' variants ---------------------------------------------------
+
+def test_router_bias_is_added_to_the_logits_and_is_a_parameter():
+    cfg = config(router_bias=True)
+    x, mask, _ = batch(cfg)
+    layer = moe_py.MoELayer(cfg)
+    plain = moe_py.MoELayer(dataclasses.replace(cfg, router_bias=False))
+    assert set(layer.params) == set(plain.params) | {"b_router"}
+    assert not layer.params["b_router"].any()  # initialised at 0: routes as without a bias
+    a, b = layer(x, padding_mask=mask), plain(x, padding_mask=mask)
+    np.testing.assert_array_equal(a.y, b.y)
+    np.testing.assert_array_equal(a.router.router_probs, b.router.router_probs)
+    bias = np.array([0.5, -0.25, 0.0, 1.0])
+    layer.params["b_router"][...] = bias
+    out = layer(x, padding_mask=mask)
+    want = x.reshape(-1, 6) @ layer.params["w_router"] + bias
+    np.testing.assert_allclose(out.router.router_logits, want, rtol=1e-13, atol=1e-13)
+    assert layer.num_parameters()["total"] == plain.num_parameters()["total"] + 4
+    # a bias is a weight row for an input that is always 1: the router of [x, 1] with
+    # [w_router; b_router] and no bias routes alike and has b's gradient as its last row
+    router = moe_py.Router(cfg)
+    router.params["w_router"][...] = layer.params["w_router"]
+    router.params["b_router"][...] = bias
+    ones = moe_py.Router(dataclasses.replace(cfg, d_model=7, router_bias=False))
+    ones.params["w_router"][...] = np.vstack([layer.params["w_router"], bias])
+    x1 = np.concatenate([x, np.ones(x.shape[:-1] + (1,))], axis=-1)
+    g = np.random.default_rng(3).standard_normal((x.shape[0] * x.shape[1], 2))
+    ra, rb = router(x, padding_mask=mask), ones(x1, padding_mask=mask)
+    np.testing.assert_allclose(ra.topk_weights, rb.topk_weights, rtol=1e-13, atol=1e-15)
+    dx_a, dx_b = router.backward(g), ones.backward(g)
+    np.testing.assert_allclose(dx_a, dx_b[..., :6], rtol=1e-11, atol=1e-13)
+    np.testing.assert_allclose(router.grads["b_router"], ones.grads["w_router"][6], rtol=1e-11, atol=1e-13)
+    np.testing.assert_allclose(router.grads["w_router"], ones.grads["w_router"][:6], rtol=1e-11, atol=1e-13)
+
+
+def test_router_bias_round_trips_through_a_checkpoint_and_the_torch_module(tmp_path):
+    torch = pytest.importorskip("torch")
+    from moe_py.torch import MoE
+    cfg = config(router="sqrtsoftplus_topk", router_bias=True)
+    layer = moe_py.MoELayer(cfg)
+    layer.params["b_router"][...] = [0.1, 0.2, -0.3, 0.4]
+    moe_py.save(layer, str(tmp_path / "l.npz"))
+    back = moe_py.load(str(tmp_path / "l.npz"))
+    np.testing.assert_array_equal(back.params["b_router"], layer.params["b_router"])
+    m = MoE(cfg)
+    assert "b_router" in dict(m.named_parameters())
+    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+
+    def f(x, *ps):
+        y, aux, _ = m(x)
+        return y, aux
+    assert torch.autograd.gradcheck(f, (x, *m.parameters()), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_softmax_expert_bias_changes_the_choice_but_not_the_weights():
+    # Ernie 4.5: softmax probabilities, chosen by probs + a frozen correction bias
+    cfg = config(top_k=2, topk_norm_min=1e-12)
+    x, mask, _ = batch(cfg)
+    layer = moe_py.MoELayer(cfg)
+    assert cfg.bias_rate == 0.0  # frozen unless asked for
+    layer.router.expert_bias[...] = [0.0, 5.0, 0.0, 0.0]  # expert 1 wins every first place
+    r = layer(x, padding_mask=mask).router
+    real = mask.reshape(-1)
+    assert np.all(r.topk_indices[real, 0] == 1)
+    p = np.exp(r.router_logits - r.router_logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    chosen = np.take_along_axis(p, np.maximum(r.topk_indices, 0), axis=1)[real]
+    np.testing.assert_allclose(r.topk_weights[real], chosen / chosen.sum(axis=1, keepdims=True),
+                               rtol=1e-12)
+    layer.update_expert_bias()  # rate 0: the loaded bias stays
+    np.testing.assert_array_equal(layer.router.expert_bias, [0.0, 5.0, 0.0, 0.0])
+
+
+def test_topk_norm_min_floors_the_denominator_of_the_weights():
+    cfg = config(top_k=2, num_experts=6, topk_norm_min=0.6)
+    x, mask, _ = batch(cfg, B=6)
+    layer = moe_py.MoELayer(cfg)
+    layer.params["w_router"] *= 60.0  # some tokens sure of two experts, some spread out
+    r = layer(x, padding_mask=mask).router
+    real = mask.reshape(-1)
+    chosen = np.take_along_axis(r.router_probs, np.maximum(r.topk_indices, 0), axis=1)[real]
+    S = chosen.sum(axis=1)
+    assert (S < 0.6).any() and (S > 0.6).any()  # both branches
+    np.testing.assert_allclose(r.topk_weights[real], chosen / np.maximum(S, 0.6)[:, None], rtol=1e-12)
+
+
+def test_sqrtsoftplus_scores_and_their_normalised_distribution():
+    cfg = config(router="sqrtsoftplus_topk", top_k=2, routed_scaling_factor=1.5)
+    assert cfg.bias_rate == 1e-3  # the aux-loss-free update is on by default, as for sigmoid
+    x, mask, _ = batch(cfg)
+    layer = moe_py.MoELayer(cfg)
+    layer.params["w_router"] *= 300.0  # logits beyond +-20 too
+    r = layer(x, padding_mask=mask).router
+    real = mask.reshape(-1)
+    logits = r.router_logits[real]
+    assert logits.max() > 20 and logits.min() < -20
+    softplus = np.where(logits > 20, logits, np.log1p(np.exp(logits)))  # as torch's softplus
+    s = np.sqrt(softplus)
+    np.testing.assert_allclose(r.router_probs[real], s, rtol=1e-14)
+    chosen = np.take_along_axis(s, r.topk_indices[real], axis=1)
+    np.testing.assert_allclose(r.topk_weights[real], 1.5 * chosen / chosen.sum(axis=1, keepdims=True),
+                               rtol=1e-13)
+    q = s / s.sum(axis=1, keepdims=True)  # the balance loss and the entropy read q
+    np.testing.assert_allclose(r.entropy[real], -(q * np.log(q)).sum(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(moe_py.router.balance_distribution(r.router_probs, real, cfg.router)[real],
+                               q, rtol=1e-14)
+
+
+def test_sqrtsoftplus_backward_survives_scores_that_underflow():
+    cfg = config(router="sqrtsoftplus_topk", top_k=1, d_model=2, num_experts=2)
+    r = moe_py.Router(cfg)
+    r.params["w_router"][...] = [[1.0, -1.0], [0.0, 0.0]]
+    x = np.array([[900.0, 0.0]])  # logits 900 and -900: the second score is exactly 0
+    out = r(x)
+    assert out.router_probs[0, 1] == 0.0 and out.topk_indices[0, 0] == 0
+    dx = r.backward(np.ones((1, 1)))
+    assert np.all(np.isfinite(dx)) and np.all(np.isfinite(r.grads["w_router"]))
 
 
 # ---- expert choice ---------------------------------------------------------------------
@@ -314,7 +475,7 @@ def test_global_scope_counts_the_earlier_micro_batches_of_the_step():
 
 @pytest.mark.parametrize("kw, word", [
     (dict(router="hash", bias_update_rate=0.1), "bias_update_rate"),
-    (dict(routed_scaling_factor=2.0), "routed_scaling_factor"),
+    (dict(router="sinkhorn", routed_scaling_factor=2.0), "routed_scaling_factor"),
     (dict(routed_scaling_factor=0.0, router="sigmoid_topk"), "routed_scaling_factor"),
     (dict(n_group=3), "n_group"),
     (dict(router="sinkhorn", n_group=2), "n_group"),
@@ -328,6 +489,15 @@ def test_global_scope_counts_the_earlier_micro_batches_of_the_step():
     (dict(router="sigmoid_topk", bias_update_rate=1e300), r"bias_update_rate: expected a step in \[0, 1.0\]"),
     (dict(router="sigmoid_topk", bias_update_rate=-0.1), "bias_update_rate"),
     (dict(sinkhorn_tolerance=float("nan")), "sinkhorn_tolerance"),
+    (dict(router="hash", router_bias=True), "router_bias: a logit bias needs a learned w_router"),
+    (dict(router_bias=1), "router_bias: expected a bool"),
+    (dict(n_group=2, group_score="top3_sum"), "group_score: expected one of"),
+    (dict(group_score="max"), r"group_score: .*n_group=1"),
+    (dict(topk_norm_min=-1e-12), "topk_norm_min: expected a number >= 0"),
+    (dict(topk_norm_min=float("inf")), "topk_norm_min: expected a finite number"),
+    (dict(topk_norm_min=0.1, normalize_topk=False), "topk_norm_min: floors the denominator"),
+    (dict(router="expert_choice", topk_norm_min=0.1), "topk_norm_min"),
+    (dict(router="expert_choice", bias_update_rate=1e-3), "bias_update_rate"),
 ])
 def test_bad_router_options_name_the_field(kw, word):
     with pytest.raises(ValueError, match=word):
@@ -340,7 +510,7 @@ def test_noise_is_refused_by_routers_that_do_not_pick_by_score():
             moe_py.MoELayer(config(router=router)).set_noise_annealing(0.5, 10)
 
 
-@pytest.mark.parametrize("router", ["sigmoid_topk", "expert_choice", "sinkhorn", "hash"])
+@pytest.mark.parametrize("router", ["sigmoid_topk", "sqrtsoftplus_topk", "expert_choice", "sinkhorn", "hash"])
 def test_the_main_job_trains_with_every_router(tmp_path, router):
     from moe_py.cli import main
     out = str(tmp_path / router)

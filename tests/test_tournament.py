@@ -207,7 +207,9 @@ def test_comparisons_are_paired_t_tests_with_one_holm_correction():
 def test_the_entry_table_names_every_router_of_the_issue_once():
     from moe_py.tournament import ENTRIES, available_entries
     routers = [e.moe["router"] for e in ENTRIES if e.moe is not None]
-    assert sorted(set(routers)) == ["expert_choice", "hash", "sigmoid_topk", "sinkhorn", "softmax_topk"]
-    assert len({e.name for e in ENTRIES}) == len(ENTRIES) == 9
+    assert sorted(set(routers)) == ["expert_choice", "hash", "sigmoid_topk", "sinkhorn", "softmax_topk",
+                                    "sqrtsoftplus_topk"]
+    assert len({e.name for e in ENTRIES}) == len(ENTRIES) == 13
     assert all("load_balance_coef" in e.moe for e in ENTRIES if e.moe is not None)
     assert {"dense", "softmax_lb", "softmax_noise"} <= set(available_entries())
+    assert set(available_entries()) == {e.name for e in ENTRIES}  # every router of this moe_py

@@ -31,7 +31,7 @@ parallel), router noise (each rank's draws start at its first token's index in t
 batch).
 
 Two ways to route:
-  token by token (softmax_topk, sigmoid_topk, hash): as above; hash reads this rank's
+  token by token (softmax_topk, sigmoid_topk, sqrtsoftplus_topk, hash): as above; hash reads this rank's
             token_ids and has no router weight (nothing to all-reduce, no router backward).
   global    (expert_choice, sinkhorn: the traits' chooses_over_batch): their choices depend on the whole
             batch (an expert's top-C tokens, Sinkhorn's column balancing), so no rank can
@@ -66,7 +66,7 @@ from ..config import MoEConfig
 from ..layer import MoELayer, MoEOutput, _replace_arrays, backward_context
 from ..experts import Experts, SharedExperts
 from ..capacity import capacity, drops_position, drops_probs, slot_counts
-from ..router import Router, RouterOutput, _Saved, balance_distribution, read_only
+from ..router import ROUTER_PARAMS, Router, RouterOutput, _Saved, balance_distribution, read_only
 from . import comm as C
 from .dispatch import BACKWARD_PHASES as DISPATCH_BACKWARD, FORWARD_PHASES as DISPATCH_FORWARD
 from .dispatch import AllToAllDispatcher
@@ -118,16 +118,18 @@ class ExpertParallelMoELayer:
     backward together, each with its own tokens (any count, 0 included).
 
     params: w1/w3 [E/P, d_model, d_ff] and w2 [E/P, d_ff, d_model] (this rank's experts,
-    `expert_range`); replicated: w_router [d_model, E] and the shared experts' shared_*.
+    `expert_range`); replicated: w_router [d_model, E] (and b_router [E]) and the shared
+    experts' shared_*.
     `full_params` (a MoELayer's params) sets the weights; by default they are
     MoELayer(cfg)'s, so the same seed gives the same layer at any P. The outputs'
     per-token arrays are this rank's tokens; losses and tokens_per_expert are those of the
     global batch. reduce_replicated_grads=False leaves each rank's own gradient of the
     replicated weights in grads (a trainer that all-reduces every replicated gradient at
     once sets it); True sums them over ranks in each backward.
-    Routers: all of MoEConfig's (softmax_topk, sigmoid_topk and hash route token by
-    token; expert_choice and sinkhorn route the allgathered global batch: see the module
-    docstring), any balance scope, group-limited top-k, shared experts, router noise.
+    Routers: all of MoEConfig's (softmax_topk, sigmoid_topk, sqrtsoftplus_topk and hash
+    route token by token; expert_choice and sinkhorn route the allgathered global batch: see
+    the module docstring), any balance scope, group-limited top-k, shared experts, router
+    noise, a router bias.
     The hash router needs `token_ids` (this rank's, shape x.shape[:-1]).
     """
 
@@ -157,7 +159,8 @@ class ExpertParallelMoELayer:
             # The single-process Router on the global batch, capacity included. Its weight
             # gradient goes into this rank's grads on rank 0 only: the other ranks' router
             # adds the very same values into a scratch buffer, which backward clears.
-            router_grads = self.grads if rank == 0 else {"w_router": np.zeros_like(self.params["w_router"])}
+            router_grads = self.grads if rank == 0 else {
+                k: np.zeros_like(self.params[k]) for k in ROUTER_PARAMS if k in self.params}
             self.router = Router(cfg, self.params, router_grads)
         else:
             # Routing runs dropless on each rank; capacity is applied over the global batch.
@@ -421,7 +424,8 @@ class ExpertParallelMoELayer:
         dxg = np.zeros_like(saved.x2)
         dxg[lo:hi] = dx2
         if self.rank != 0:
-            self.router.grads["w_router"].fill(0)  # the scratch copy of rank 0's gradient
+            for g in self.router.grads.values():  # the scratch copy of rank 0's gradients
+                g.fill(0)
         self.router.backward_into(dwg, dxg, aux_weight, saved)
         return dxg[lo:hi]
 

@@ -100,10 +100,11 @@ def _select(cfg: MoEConfig, probs, logits, real, training, bias, token_ids) -> n
     else:
         score = probs + (0.0 if bias is None else bias)
     G, size = cfg.n_group, E // cfg.n_group
+    best = 1 if cfg.group_score == "max" else 2
     for t in rows.tolist():
         v = score[t]
-        if G > 1:  # the topk_group groups with the best sums of their two best values
-            gscore = [np.sort(v[g * size:(g + 1) * size])[::-1][:2].sum() for g in range(G)]
+        if G > 1:  # the topk_group groups with the best sums of their `best` best values
+            gscore = [np.sort(v[g * size:(g + 1) * size])[::-1][:best].sum() for g in range(G)]
             keep = np.repeat(np.isin(np.arange(G), _top(np.array(gscore), cfg.topk_group)), size)
             v = np.where(keep, v, -np.inf)
         idx[t] = _top(v, k)
@@ -117,7 +118,7 @@ def reference_forward_backward(cfg: MoEConfig, params: Dict[str, np.ndarray], x:
                                token_ids: Optional[np.ndarray] = None) -> ReferenceResult:
     """The layer (or, with no expert weights in params, the router alone) on x [..., d_model]
     with mask (True = real). dy None: the router's own backward contract, the gradient of
-    aux_loss alone (with dy of zeros for the layer). expert_bias: sigmoid_topk's bias;
+    aux_loss alone (with dy of zeros for the layer). expert_bias: the top-k routers' bias;
     balance_counts: the global scope's loads of earlier micro-batches; token_ids: hash."""
     p64 = {k: np.asarray(v, np.float64) for k, v in params.items()}
     seq = np.shape(x)[-2] if cfg.load_balance_scope == "sequence" else 0
@@ -127,14 +128,20 @@ def reference_forward_backward(cfg: MoEConfig, params: Dict[str, np.ndarray], x:
     ids = None if token_ids is None else np.asarray(token_ids).reshape(-1)
     R = int(real.sum())
     sigmoid = cfg.router == "sigmoid_topk"
+    sqrtsoftplus = cfg.router == "sqrtsoftplus_topk"
+    per_expert = sigmoid or sqrtsoftplus  # scores that are not a distribution
 
     # ---- router forward (docs/design.md, "Routing" and "Routers")
     W = p64.get("w_router", np.zeros((D, E)))
-    logits = x @ W
+    logits = x @ W + p64.get("b_router", 0.0)
     if cfg.router == "hash":
         probs = np.zeros((T, E))
     elif sigmoid:
         probs = np.where(real[:, None], 1.0 / (1.0 + np.exp(-logits)), 0.0)
+    elif sqrtsoftplus:
+        # softplus as torch computes it: the logit itself above 20
+        softplus = np.where(logits > 20.0, logits, np.log1p(np.exp(np.minimum(logits, 20.0))))
+        probs = np.where(real[:, None], np.sqrt(softplus), 0.0)
     else:
         probs = np.where(real[:, None], _softmax(logits), 0.0)
     idx = _select(cfg, probs, logits, real, training, expert_bias, ids)
@@ -145,8 +152,11 @@ def reference_forward_backward(cfg: MoEConfig, params: Dict[str, np.ndarray], x:
     live = idx >= 0
     soft = np.where(live, np.take_along_axis(probs, np.maximum(idx, 0), axis=1), 0.0)
     S = np.ones(T)
+    floored = np.zeros(T, bool)  # the denominator is topk_norm_min, a constant
     if cfg.normalize_topk:
         S = np.where(real, soft.sum(axis=1), 1.0)
+        floored = real & (S < cfg.topk_norm_min)
+        S = np.where(floored, cfg.topk_norm_min, S)
         soft = soft / S[:, None]
     scale = cfg.routed_scaling_factor
     soft = soft * scale
@@ -171,7 +181,7 @@ def reference_forward_backward(cfg: MoEConfig, params: Dict[str, np.ndarray], x:
     weights = np.where(real[:, None] & live, 1.0 if ste else soft, 0.0) * ~dropped
     tpe = np.bincount(idx[real][live[real]], minlength=E).astype(np.int64)
     # the losses read each token's scores as a distribution (sigmoid: normalised)
-    dist = probs / np.where(real, probs.sum(axis=1), 1.0)[:, None] if sigmoid else probs
+    dist = probs / np.where(real, probs.sum(axis=1), 1.0)[:, None] if per_expert else probs
     with np.errstate(divide="ignore", invalid="ignore"):
         logd = np.where(dist > 0, np.log(np.where(dist > 0, dist, 1.0)), 0.0)
     entropy = -(dist * logd).sum(axis=1)
@@ -239,7 +249,9 @@ def reference_forward_backward(cfg: MoEConfig, params: Dict[str, np.ndarray], x:
         if not (ste and not training):
             for t in np.flatnonzero(real):
                 dw = d_weights[t] * live[t]
-                if cfg.normalize_topk:
+                if cfg.normalize_topk and floored[t]:
+                    dp_sel = scale * dw / S[t]
+                elif cfg.normalize_topk:
                     dp_sel = scale * (dw - (dw * soft[t] / scale).sum()) / S[t]
                 else:
                     dp_sel = scale * dw
@@ -248,10 +260,14 @@ def reference_forward_backward(cfg: MoEConfig, params: Dict[str, np.ndarray], x:
         if R:
             ddist[real] += cfg.load_balance_coef * lb_rows[real]  # through P only
             ddist[real] += cfg.entropy_coef * -(logd[real] + 1.0) / R
-        if sigmoid:
+        if per_expert:
             sums = np.where(real, probs.sum(axis=1), 1.0)[:, None]
             dprobs += (ddist - (ddist * dist).sum(axis=1, keepdims=True)) / sums
-            dlogits = dprobs * probs * (1.0 - probs)
+            if sigmoid:
+                dlogits = dprobs * probs * (1.0 - probs)
+            else:  # d sqrt(softplus(l)) / dl = sigmoid(l) / (2 sqrt(softplus(l)))
+                with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                    dlogits = np.where(real[:, None], dprobs / (1.0 + np.exp(-logits)) / (2.0 * probs), 0.0)
         else:
             dprobs += ddist
             dlogits = probs * (dprobs - (dprobs * probs).sum(axis=1, keepdims=True))
@@ -260,6 +276,8 @@ def reference_forward_backward(cfg: MoEConfig, params: Dict[str, np.ndarray], x:
         dlogits[~real] = 0.0
         dx += dlogits @ W.T
         grads["w_router"] += x.T @ dlogits
+        if "b_router" in grads:
+            grads["b_router"] += dlogits.sum(axis=0)
     dx[~real] = 0.0
     return ReferenceResult(router, losses, float(aux), y, dx, grads)
 
@@ -302,7 +320,7 @@ def assert_matches_reference(layer, x, mask=None, dy=None, training: bool = True
         dy = np.random.default_rng(12345).standard_normal(shape).astype(cfg.np_dtype)
     saved_grads = {k: g.copy() for k, g in layer.grads.items()}
     router_part = layer.router if isinstance(layer, MoELayer) else layer
-    bias = router_part.expert_bias.copy() if cfg.router == "sigmoid_topk" else None
+    bias = router_part.expert_bias.copy() if cfg.traits.expert_bias else None
     earlier = router_part.step_loads.copy() \
         if training and cfg.load_balance_scope == "global" else None
     layer.zero_grad()

@@ -60,6 +60,21 @@ ENTRIES: Tuple[Entry, ...] = (
           {"router": "sinkhorn", "load_balance_coef": 0.0}),
     Entry("hash", "hash routing on the token id (no learned router)",
           {"router": "hash", "load_balance_coef": 0.0}),
+    # the Hugging Face families' router variants (docs/design.md, "Routers beyond softmax top-k")
+    Entry("softmax_router_bias", "softmax top-k with a learned logit bias (gpt-oss) and the "
+          "load-balance loss (coef 0.01)",
+          {"router": "softmax_topk", "load_balance_coef": 0.01, "router_bias": True}),
+    Entry("softmax_group_max", "softmax top-k within the best of 2 expert groups, a group scored by "
+          "its best expert (DeepSeek-V2), with the load-balance loss (coef 0.01)",
+          {"router": "softmax_topk", "load_balance_coef": 0.01, "n_group": 2, "topk_group": 1,
+           "group_score": "max"}),
+    Entry("softmax_bias", "softmax top-k chosen by probability + the aux-loss-free expert bias "
+          "(rate 1e-3), weights over max(sum, 1e-12) (Ernie 4.5)",
+          {"router": "softmax_topk", "load_balance_coef": 0.0, "bias_update_rate": 1e-3,
+           "topk_norm_min": 1e-12}),
+    Entry("sqrtsoftplus_bias", "sqrt(softplus) top-k with the aux-loss-free expert bias (rate 1e-3; "
+          "DeepSeek-V4)",
+          {"router": "sqrtsoftplus_topk", "load_balance_coef": 0.0, "bias_update_rate": 1e-3}),
     Entry("upcycled", "the dense baseline for steps // 2 steps, then upcycled (its FFN split into "
           "top_k experts per copy, E in all) to softmax top-k with the load-balance loss for the rest",
           {"router": "softmax_topk", "load_balance_coef": 0.01}, upcycle=True),

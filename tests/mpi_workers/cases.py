@@ -22,6 +22,8 @@ def layer_setup(case: dict):
     for a, b in case.get("padded_ranges", []):
         mask[a:b] = False
     dy = rng.standard_normal((T, D)).astype(cfg.np_dtype)
+    if "b_router" in params:  # router_bias: a bias away from 0, from its own generator
+        params["b_router"][...] = np.random.default_rng(case["seed"] + 2000).standard_normal(cfg.num_experts) * 0.5
     if "starve" in case:
         # expert e loses every choice: feature 0 is >= 1 and its router weight there -100
         x[:, 0] = np.abs(x[:, 0]) + 1
@@ -45,7 +47,7 @@ def as_sequences(case: dict, *arrays):
 
 
 def prepare(layer, case: dict, x, mask, ids=None, bounds=None) -> None:
-    """What happens to a layer before the compared forward: an expert bias (sigmoid_topk),
+    """What happens to a layer before the compared forward: an expert bias (the top-k routers),
     router noise, and an earlier training forward of the same step (whose loads the global
     scope reads, and which moves the noise one step on). The earlier batch reverses each
     rank's rows (`bounds`: the ranks' row ranges, for the global batch), so the global

@@ -89,24 +89,33 @@ def select(router, probs, logits, real, k, opt):
     else:
         score = p + torch.tensor(opt.get("expert_bias", np.zeros(E)))
     G = opt.get("n_group", 1)
-    if G > 1:  # DeepSeek-V3: a group scores the sum of its two best; the topk_group best are eligible
+    if G > 1:  # a group scores the sum of its two best (DeepSeek-V3) or its best (max, DeepSeek-V2);
+        # the topk_group best groups are eligible
         grouped = score.view(T, G, E // G)
-        gscore = torch.topk(grouped, min(2, E // G), dim=-1).values.sum(-1)
+        if opt.get("group_score", "top2_sum") == "max":
+            gscore = grouped.max(dim=-1).values
+        else:
+            gscore = torch.topk(grouped, min(2, E // G), dim=-1).values.sum(-1)
         keep = torch.zeros(T, G, dtype=torch.bool).scatter(1, topk_desc(gscore, opt["topk_group"]), True)
         score = torch.where(keep.repeat_interleave(E // G, dim=1), score, torch.tensor(-1e300))
     return topk_desc(score, k)
 
 
-def route(x, w, mask, k, normalize, ste, capacity_factor, coefs, opt=None):
+def route(x, w, mask, k, normalize, ste, capacity_factor, coefs, opt=None, b=None):
     opt = dict(opt or {})
     router = opt.get("router", "softmax_topk")
     T = x.shape[0]
     E = opt["E"] if w is None else w.shape[1]
     logits = torch.zeros(T, E) if w is None else x @ w
+    if b is not None:  # a learned logit bias (gpt-oss)
+        logits = logits + b
     real = torch.from_numpy(mask)
     R = int(real.sum())
+    per_expert = router in ("sigmoid_topk", "sqrtsoftplus_topk")  # scores, not a distribution
     if router == "sigmoid_topk":
         probs = torch.sigmoid(logits)
+    elif router == "sqrtsoftplus_topk":  # DeepSeek-V4
+        probs = F.softplus(logits).sqrt()
     elif router == "hash":
         probs = None
     else:
@@ -119,7 +128,8 @@ def route(x, w, mask, k, normalize, ste, capacity_factor, coefs, opt=None):
         order = select(router, probs, logits, mask, k, opt)
     W = order.shape[1]
     sel = torch.gather(probs, 1, order.clamp(min=0)) * (order >= 0)
-    soft = sel / sel.sum(-1, keepdim=True) if normalize else sel
+    # normalised: over the sum, floored at topk_norm_min (Ernie 4.5's norm_min)
+    soft = sel / sel.sum(-1, keepdim=True).clamp(min=opt.get("topk_norm_min", 0.0)) if normalize else sel
     soft = soft * opt.get("routed_scaling_factor", 1.0)
     weights = soft + (1.0 - soft).detach() if ste else soft
     dropped = torch.zeros(T, W, dtype=torch.bool)
@@ -151,7 +161,7 @@ def route(x, w, mask, k, normalize, ste, capacity_factor, coefs, opt=None):
     keep = real[:, None] & ~dropped & (order >= 0)
     weights = weights * keep
     # the balance loss and the entropy read each token's scores as a distribution
-    dist = probs / probs.sum(-1, keepdim=True) if router == "sigmoid_topk" else probs
+    dist = probs / probs.sum(-1, keepdim=True) if per_expert else probs
     ent = -torch.where(dist > 0, dist * torch.log(torch.where(dist > 0, dist, 1.0)), 0.0).sum(-1)
     seq = opt.get("seq_len", 0)
     groups = [torch.arange(g * seq, (g + 1) * seq) for g in range(T // seq)] if seq else [torch.arange(T)]
@@ -193,9 +203,10 @@ def experts_dense(x, w1, w3, w2, activation):
 
 def make_case(name, rng, kind, T=24, D=10, F_=18, E=6, k=2, lead=None, normalize=None, ste=False,
               capacity_factor=None, activation="swiglu", padded=True, **options):
-    """options: router, drop_policy, routed_scaling_factor, n_group, topk_group,
-    load_balance_scope, num_shared_experts, shared_d_ff, expert_bias, balance_counts,
-    training (default True), sinkhorn_iterations/tolerance (default 100 / 1e-4)."""
+    """options: router, drop_policy, routed_scaling_factor, n_group, topk_group, group_score,
+    topk_norm_min, router_bias, load_balance_scope, num_shared_experts, shared_d_ff,
+    expert_bias, balance_counts, training (default True), sinkhorn_iterations/tolerance
+    (default 100 / 1e-4)."""
     router = options.get("router", "softmax_topk")
     normalize = (k > 1 and router not in ("expert_choice", "hash")) if normalize is None else normalize
     if router == "expert_choice" and capacity_factor is None:
@@ -210,6 +221,8 @@ def make_case(name, rng, kind, T=24, D=10, F_=18, E=6, k=2, lead=None, normalize
         params["w3"] = rng.standard_normal((E, D, F_)) / math.sqrt(D)
     if router == "hash":
         del params["w_router"]
+    if options.get("router_bias"):
+        params["b_router"] = rng.standard_normal(E) * 0.5
     S, FS = options.get("num_shared_experts", 0), options.get("shared_d_ff", F_)
     if S:
         params["shared_w1"] = rng.standard_normal((S, D, FS)) / math.sqrt(D)
@@ -219,7 +232,8 @@ def make_case(name, rng, kind, T=24, D=10, F_=18, E=6, k=2, lead=None, normalize
     opt = {"router": router, "E": E, "seed": 7, "training": options.get("training", True),
            "sinkhorn_iterations": options.get("sinkhorn_iterations", 100),
            "sinkhorn_tolerance": options.get("sinkhorn_tolerance", 1e-4)}
-    for key in ("drop_policy", "routed_scaling_factor", "n_group", "topk_group"):
+    for key in ("drop_policy", "routed_scaling_factor", "n_group", "topk_group", "group_score",
+                "topk_norm_min"):
         if key in options:
             opt[key] = options[key]
     state = {}
@@ -234,7 +248,7 @@ def make_case(name, rng, kind, T=24, D=10, F_=18, E=6, k=2, lead=None, normalize
     tp = {n: torch.tensor(v, requires_grad=True) for n, v in params.items()}
     tx = torch.tensor(x, requires_grad=True)
     fields, losses, aux = route(tx, tp.get("w_router"), mask, k, normalize, ste, capacity_factor,
-                                coefs, opt)
+                                coefs, opt, tp.get("b_router"))
     if capacity_factor is not None and router != "expert_choice":
         assert fields["dropped"].any(), name
     W = fields["topk_indices"].shape[1]
@@ -243,7 +257,7 @@ def make_case(name, rng, kind, T=24, D=10, F_=18, E=6, k=2, lead=None, normalize
         G = rng.standard_normal((T, W))
         objective = (torch.tensor(G) * fields["topk_weights"]).sum() + aux
         out["G"] = G
-        used = [n for n in ("w_router",) if n in params]
+        used = [n for n in ("w_router", "b_router") if n in params]
     else:
         ye = experts_dense(tx, tp["w1"], tp.get("w3"), tp["w2"], activation)
         onehot = F.one_hot(fields["topk_indices"].clamp(min=0), E).double()  # [T, W, E]
@@ -280,12 +294,13 @@ def make_case(name, rng, kind, T=24, D=10, F_=18, E=6, k=2, lead=None, normalize
                capacity_factor=capacity_factor, activation=activation, straight_through=ste,
                load_balance_coef=coefs[0], z_loss_coef=coefs[1], entropy_coef=coefs[2], dtype="float64")
     for key in ("router", "drop_policy", "routed_scaling_factor", "n_group", "topk_group",
-                "load_balance_scope", "num_shared_experts", "shared_d_ff"):
+                "group_score", "topk_norm_min", "router_bias", "load_balance_scope",
+                "num_shared_experts", "shared_d_ff"):
         if key in options:
             cfg[key] = options[key]
     if router == "hash":
         cfg["seed"] = opt["seed"]
-    if router == "sigmoid_topk":
+    if router in ("sigmoid_topk", "sqrtsoftplus_topk"):
         cfg["bias_update_rate"] = 0.0  # the bias is part of the case, not moved by it
     out["kind"] = np.array(kind)
     out["training"] = np.array(opt["training"])
@@ -332,6 +347,23 @@ def main():
               router="sigmoid_topk", load_balance_scope="sequence")
     make_case("layer_scope_global", rng, "layer", k=2, load_balance_scope="global",
               balance_counts=rng.integers(0, 30, 6))
+    # the Hugging Face families' router variants, from their own stream again
+    rng = np.random.default_rng(2028)
+    for kind in ("router", "layer"):
+        make_case(f"{kind}_router_bias_k2", rng, kind, k=2, router_bias=True)  # gpt-oss
+        make_case(f"{kind}_softmax_grouped_max", rng, kind, k=2, E=8, n_group=4, topk_group=2,
+                  group_score="max", normalize=False, routed_scaling_factor=2.0)  # DeepSeek-V2
+        make_case(f"{kind}_softmax_bias_norm_min", rng, kind, k=2,  # Ernie 4.5
+                  expert_bias=rng.standard_normal(6) * 0.05, topk_norm_min=0.6)
+        make_case(f"{kind}_sqrtsoftplus_k2_bias", rng, kind, k=2, E=8, router="sqrtsoftplus_topk",
+                  expert_bias=rng.standard_normal(8) * 0.05, routed_scaling_factor=1.5)  # DeepSeek-V4
+    make_case("layer_sigmoid_grouped_max", rng, "layer", k=2, E=8, router="sigmoid_topk", n_group=4,
+              topk_group=2, group_score="max")
+    make_case("layer_sqrtsoftplus_k1_grouped_router_bias", rng, "layer", k=1, E=8,
+              router="sqrtsoftplus_topk", n_group=4, topk_group=2, router_bias=True,
+              capacity_factor=0.75)
+    make_case("layer_expert_choice_router_bias", rng, "layer", k=2, router="expert_choice",
+              router_bias=True, T=30)
 
 
 if __name__ == "__main__":
