@@ -29,6 +29,13 @@ BLOCKS = {
                         num_experts_per_tok=2, norm_topk_prob=True)),
     "granitemoe": ("granitemoe", "GraniteMoeMoE", "GraniteMoeConfig",
                    dict(intermediate_size=12, num_local_experts=5, num_experts_per_tok=2)),
+    "deepseek_v2": ("deepseek_v2", "DeepseekV2Moe", "DeepseekV2Config",
+                    dict(moe_intermediate_size=12, n_routed_experts=8, num_experts_per_tok=3, n_group=4,
+                         topk_group=2, topk_method="group_limited_greedy", n_shared_experts=1,
+                         routed_scaling_factor=1.5, num_attention_heads=4, num_key_value_heads=4)),
+    "ernie4_5_moe": ("ernie4_5_moe", "Ernie4_5_MoeSparseMoeBlock", "Ernie4_5_MoeConfig",
+                     dict(moe_intermediate_size=12, moe_num_experts=6, moe_k=2, moe_num_shared_experts=1,
+                          moe_norm_min=0.5)),
     "deepseek_v3": ("deepseek_v3", "DeepseekV3MoE", "DeepseekV3Config",
                     dict(moe_intermediate_size=12, n_routed_experts=8, num_experts_per_tok=3, n_group=4,
                          topk_group=2, n_shared_experts=2, routed_scaling_factor=2.5, norm_topk_prob=True)),
@@ -62,7 +69,7 @@ def hf_forward(block, x):
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-13)}
 # HF computes these routers' softmax/sigmoid in float32 even for float64 weights
-FLOAT32_ROUTERS = {"qwen2_moe", "qwen3_moe", "olmoe", "qwen3_next", "granitemoe", "mixtral",
+FLOAT32_ROUTERS = {"deepseek_v2", "ernie4_5_moe", "qwen2_moe", "qwen3_moe", "olmoe", "qwen3_next", "granitemoe", "mixtral",
                    "deepseek_v3", "glm4_moe", "dots1"}
 
 

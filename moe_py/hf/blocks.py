@@ -17,7 +17,7 @@ import torch
 from ..config import MoEConfig
 from ..torch import TORCH_DTYPES, MoE, SharedExpert
 from .experts_backend import activation_of
-from .families import family_of, hf_tensor, router_of, tensor_map
+from .families import family_of, hf_tensor, router_of, shared_kind, tensor_map
 
 
 def from_hf(block, router_aux_loss_coef=None) -> MoE:
@@ -40,12 +40,17 @@ def from_hf(block, router_aux_loss_coef=None) -> MoE:
     coefs = {} if router_aux_loss_coef is None else dict(
         load_balance_coef=router.top_k * float(router_aux_loss_coef), z_loss_coef=0.0, entropy_coef=0.0)
     shared: Dict[str, Any] = {}
-    if fam.shared == "plain":
+    if shared_kind(block) is not None:
+        mlp = getattr(block, fam.shared_attr)
+        if any(getattr(getattr(mlp, n), "bias", None) is not None for n in ("gate_proj", "up_proj", "down_proj")):
+            raise ValueError(f"block: its shared expert {fam.shared_attr} has biases (use_bias/mlp_bias), "
+                             "which moe_py's shared experts do not")
+    if shared_kind(block) == "plain":
         shared = dict(num_shared_experts=1, shared_d_ff=hf_tensor(block, f"{fam.shared_attr}.gate_proj.weight").shape[0])
     cfg = MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=router.top_k, activation=activation,
                     dtype=TORCH_DTYPES[dtype], **fam.router(block), **shared, **coefs)
     m = MoE(cfg)
-    if fam.shared == "gated":
+    if shared_kind(block) == "gated":
         m.shared = SharedExpert(D, hf_tensor(block, f"{fam.shared_attr}.gate_proj.weight").shape[0], dtype)
     _copy(m, block, to_block=False)
     return m
@@ -54,9 +59,9 @@ def from_hf(block, router_aux_loss_coef=None) -> MoE:
 def to_hf(m: MoE, block) -> None:
     """Write the module's weights (and the router's selection bias) into a block of the same
     family and shapes."""
-    fam = family_of(block)
-    if (fam.shared == "gated") != (m.shared is not None):
-        need = "needs a" if fam.shared == "gated" else "has no"
+    gated = shared_kind(block) == "gated"
+    if gated != (m.shared is not None):
+        need = "needs a" if gated else "has no"
         raise ValueError(f"block: a {type(block).__name__} {need} gated shared expert; this module "
                          f"has {'one' if m.shared is not None else 'none'}")
     _copy(m, block, to_block=True)

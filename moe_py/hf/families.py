@@ -11,6 +11,13 @@ Router semantics per family (transformers 5.24.0), and how they map:
 - granitemoe: top-k of the logits, then a softmax over those k. exp(z_i) / sum_{j in top-k}
   exp(z_j) is the softmax's top-k renormalised, and the top-k logits are the top-k
   probabilities, so this is softmax_topk with normalize_topk=True (equal up to rounding).
+- deepseek_v2: softmax, top-k ("greedy") or group-limited ("group_limited_greedy": a group
+  scores its best probability; HF masks the other groups with 0.0, moe_py with -inf, the same
+  choice since every probability is > 0), never renormalised, times routed_scaling_factor
+  -> softmax_topk with group_score="max".
+- ernie4_5_moe: softmax; selection by probability + e_score_correction_bias (a selection-only
+  bias, [1, E] in HF); the chosen probabilities divided by max(their sum, norm_min) ->
+  softmax_topk with the bias loaded (frozen: bias_update_rate 0) and topk_norm_min.
 - deepseek_v3, glm4_moe, dots1: sigmoid scores; selection by score + e_score_correction_bias,
   limited to the `topk_group` best of `n_group` groups (a group scores the sum of its two best
   biased scores; the other groups are masked with -inf in 5.24.0, as in moe_py's kernel); the
@@ -18,7 +25,7 @@ Router semantics per family (transformers 5.24.0), and how they map:
   the denominator), times `routed_scaling_factor` -> sigmoid_topk with the bias loaded into
   the router's expert_bias. HF computes these routers in float32 even for float64 weights,
   so float64 blocks agree to float32 rounding.
-Shared experts: DeepSeek-V3/GLM4/dots1's plain SwiGLU MLP (width moe_intermediate_size *
+Shared experts: DeepSeek-V2/V3, Ernie 4.5, GLM4 and dots1's plain SwiGLU MLP (width moe_intermediate_size *
 n_shared_experts) is moe_py's own shared expert (num_shared_experts=1); Qwen2-MoE's and
 Qwen3-Next's are sigmoid-gated (sigmoid(x g) * MLP(x)), kept as the torch SharedExpert.
 """
@@ -37,8 +44,9 @@ from .experts_backend import expert_view
 class Family:
     router_attr: str  # the block's router submodule
     router: Callable[[object], Dict]  # block -> MoEConfig router fields
+    bias: str = ""  # the router's selection bias, dotted from the block ("": none)
     shared: Optional[str] = None  # None, "plain" (moe_py's shared expert) or "gated" (SharedExpert)
-    shared_attr: str = ""  # the block's shared MLP submodule
+    shared_attr: str = ""  # the block's shared MLP submodule (a block may set it to None)
 
 
 def _softmax(block) -> Dict:
@@ -49,22 +57,40 @@ def _softmax_over_topk_logits(block) -> Dict:
     return dict(router="softmax_topk", normalize_topk=True)
 
 
+def _softmax_deepseek_v2(block) -> Dict:
+    g = block.gate
+    grouped = g.topk_method == "group_limited_greedy"
+    if g.topk_method not in ("greedy", "group_limited_greedy"):
+        raise ValueError(f"block: DeepSeek-V2 topk_method {g.topk_method!r} (greedy or group_limited_greedy)")
+    return dict(router="softmax_topk", normalize_topk=False, routed_scaling_factor=float(g.routed_scaling_factor),
+                **(dict(n_group=int(g.num_group), topk_group=int(g.topk_group), group_score="max") if grouped else {}))
+
+
+def _softmax_ernie(block) -> Dict:
+    return dict(router="softmax_topk", normalize_topk=True, topk_norm_min=float(block.gate.norm_min),
+                bias_update_rate=0.0)
+
+
 def _sigmoid_grouped(block) -> Dict:
     g = block.gate
     return dict(router="sigmoid_topk", normalize_topk=bool(g.norm_topk_prob), n_group=int(g.num_group),
                 topk_group=int(g.topk_group), routed_scaling_factor=float(g.routed_scaling_factor))
 
 
+_V3_BIAS = "gate.e_score_correction_bias"
 FAMILIES: Dict[str, Family] = {
     "MixtralSparseMoeBlock": Family("gate", _softmax),
     "Qwen3MoeSparseMoeBlock": Family("gate", _softmax),
     "OlmoeSparseMoeBlock": Family("gate", _softmax),
-    "Qwen2MoeSparseMoeBlock": Family("gate", _softmax, "gated", "shared_expert"),
-    "Qwen3NextSparseMoeBlock": Family("gate", _softmax, "gated", "shared_expert"),
+    "Qwen2MoeSparseMoeBlock": Family("gate", _softmax, shared="gated", shared_attr="shared_expert"),
+    "Qwen3NextSparseMoeBlock": Family("gate", _softmax, shared="gated", shared_attr="shared_expert"),
     "GraniteMoeMoE": Family("router", _softmax_over_topk_logits),
-    "DeepseekV3MoE": Family("gate", _sigmoid_grouped, "plain", "shared_experts"),
-    "Glm4MoeMoE": Family("gate", _sigmoid_grouped, "plain", "shared_experts"),
-    "Dots1MoE": Family("gate", _sigmoid_grouped, "plain", "shared_experts"),
+    "DeepseekV2Moe": Family("gate", _softmax_deepseek_v2, shared="plain", shared_attr="shared_experts"),
+    "Ernie4_5_MoeSparseMoeBlock": Family("gate", _softmax_ernie, "gate.moe_statics.e_score_correction_bias",
+                                         shared="plain", shared_attr="shared_experts"),
+    "DeepseekV3MoE": Family("gate", _sigmoid_grouped, _V3_BIAS, shared="plain", shared_attr="shared_experts"),
+    "Glm4MoeMoE": Family("gate", _sigmoid_grouped, _V3_BIAS, shared="plain", shared_attr="shared_experts"),
+    "Dots1MoE": Family("gate", _sigmoid_grouped, _V3_BIAS, shared="plain", shared_attr="shared_experts"),
 }
 
 
@@ -79,6 +105,14 @@ def router_of(block):
     return getattr(block, family_of(block).router_attr)
 
 
+def shared_kind(block) -> Optional[str]:
+    """The block's shared expert: None, "plain" or "gated" (Ernie 4.5 may have none)."""
+    fam = family_of(block)
+    if fam.shared is None or getattr(block, fam.shared_attr, None) is None:
+        return None
+    return fam.shared
+
+
 def _transposed(t: torch.Tensor) -> torch.Tensor:
     return t.t()
 
@@ -89,6 +123,10 @@ def _expert_axis(t: torch.Tensor) -> torch.Tensor:  # an nn.Linear weight as a [
 
 def _same(t: torch.Tensor) -> torch.Tensor:
     return t
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:  # Ernie keeps its bias as [1, E]
+    return t.reshape(-1)
 
 
 Triple = Tuple[str, str, Callable[[torch.Tensor], torch.Tensor]]
@@ -104,12 +142,13 @@ def tensor_map(block) -> List[Triple]:
     for name in ("w1", "w3", "w2"):
         hf = "experts.down_proj" if name == "w2" else "experts.gate_up_proj"
         triples.append((name, hf, functools.partial(expert_view, experts, name)))
-    if fam.router is _sigmoid_grouped:
-        triples.append(("expert_bias", f"{fam.router_attr}.e_score_correction_bias", _same))
-    if fam.shared == "plain":
+    if fam.bias:
+        triples.append(("expert_bias", fam.bias, _flat))
+    shared = shared_kind(block)
+    if shared == "plain":
         for ours, hf in (("shared_w1", "gate_proj"), ("shared_w3", "up_proj"), ("shared_w2", "down_proj")):
             triples.append((ours, f"{fam.shared_attr}.{hf}.weight", _expert_axis))
-    elif fam.shared == "gated":
+    elif shared == "gated":
         for hf in ("gate_proj", "up_proj", "down_proj"):
             triples.append((f"shared.{hf}.weight", f"{fam.shared_attr}.{hf}.weight", _same))
         triples.append(("shared.gate.weight", "shared_expert_gate.weight", _same))
