@@ -2,20 +2,38 @@
 #include "bind_common.h"
 #include "experts.h"
 
+#include <optional>
 #include <string>
 
 namespace moe_bind {
 
 namespace {
 
+// The shape and activation of one call; clamped_swiglu's alpha and limit must be given,
+// and only to it (MoEConfig holds their defaults: none here).
+moe::ExpertShape expert_shape(index_t E, index_t D, index_t F, moe::Activation act,
+                              std::optional<double> alpha, std::optional<double> limit) {
+  moe::ExpertShape s{E, D, F, act};
+  const bool clamped = act == moe::Activation::clamped_swiglu;
+  if (clamped != alpha.has_value() || clamped != limit.has_value())
+    throw std::invalid_argument(
+        "swiglu_alpha, swiglu_limit: expected both for clamped_swiglu and neither otherwise");
+  if (clamped) {
+    s.alpha = *alpha;
+    s.limit = *limit;
+  }
+  return s;
+}
+
 template <typename T>
 void bind_typed(py::module_& m, const std::string& sfx) {
   m.def(
       ("experts_forward" + sfx).c_str(),
-      [](In<T> xs, Idx offsets, In<T> w1, In<T> w3, In<T> w2, moe::Activation activation) {
+      [](In<T> xs, Idx offsets, In<T> w1, In<T> w3, In<T> w2, moe::Activation activation,
+         std::optional<double> swiglu_alpha, std::optional<double> swiglu_limit) {
         const index_t N = xs.shape(0), D = xs.shape(1), E = w1.shape(0), F = w1.shape(2);
-        const moe::ExpertShape s{E, D, F, activation};
-        const bool glu = s.act == moe::Activation::swiglu;
+        const moe::ExpertShape s = expert_shape(E, D, F, activation, swiglu_alpha, swiglu_limit);
+        const bool glu = moe::gated(s.act);
         expect_shape(w1, "w1", {E, D, F});
         if (glu) expect_shape(w3, "w3", {E, D, F});
         expect_shape(w2, "w2", {E, F, D});
@@ -31,14 +49,16 @@ void bind_typed(py::module_& m, const std::string& sfx) {
         return py::make_tuple(h1, h3, ye);
       },
       py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("xs"), py::arg("offsets"), py::arg("w1"), py::arg("w3"), py::arg("w2"),
-      py::arg("activation"),
+      py::arg("activation"), py::arg("swiglu_alpha") = py::none(),
+      py::arg("swiglu_limit") = py::none(),
       "every expert's FFN on its rows of xs; returns (h1, h3, ye), h1/h3 saved for backward");
 
   m.def(
       ("experts_backward" + sfx).c_str(),
       [](In<T> xs, Idx offsets, In<T> w1, In<T> w3, In<T> w2, In<T> h1, In<T> h3, In<T> dye,
          moe::Activation activation, py::array dw1, py::array dw3, py::array dw2,
-         const std::string& path) {
+         const std::string& path, std::optional<double> swiglu_alpha,
+         std::optional<double> swiglu_limit) {
         const auto p = path == "auto"        ? moe::BackwardPath::automatic
                        : path == "by_expert" ? moe::BackwardPath::by_expert
                        : path == "two_phase" ? moe::BackwardPath::two_phase
@@ -46,8 +66,8 @@ void bind_typed(py::module_& m, const std::string& sfx) {
                                                    "path: expected 'auto', 'by_expert' or "
                                                    "'two_phase', got '" + path + "'");
         const index_t N = xs.shape(0), D = xs.shape(1), E = w1.shape(0), F = w1.shape(2);
-        const moe::ExpertShape s{E, D, F, activation};
-        const bool glu = s.act == moe::Activation::swiglu;
+        const moe::ExpertShape s = expert_shape(E, D, F, activation, swiglu_alpha, swiglu_limit);
+        const bool glu = moe::gated(s.act);
         expect_shape(w1, "w1", {E, D, F});
         expect_shape(w2, "w2", {E, F, D});
         expect_shape(offsets, "offsets", {E + 1});
@@ -74,6 +94,7 @@ void bind_typed(py::module_& m, const std::string& sfx) {
       py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("xs"), py::arg("offsets"), py::arg("w1"), py::arg("w3"), py::arg("w2"),
       py::arg("h1"), py::arg("h3"), py::arg("dye"), py::arg("activation"), py::arg("dw1"),
       py::arg("dw3"), py::arg("dw2"), py::arg("path") = "auto",
+      py::arg("swiglu_alpha") = py::none(), py::arg("swiglu_limit") = py::none(),
       "dxs from dye; adds the weight gradients into dw1, dw3, dw2 (path: 'auto', or "
       "'by_expert' / 'two_phase' to force one walk; both give the same bits)");
 }
@@ -83,7 +104,8 @@ void bind_typed(py::module_& m, const std::string& sfx) {
 void bind_experts(py::module_& m) {
   py::enum_<moe::Activation>(m, "Activation", "the expert FFN's activation")
       .value("swiglu", moe::Activation::swiglu)
-      .value("gelu", moe::Activation::gelu);
+      .value("gelu", moe::Activation::gelu)
+      .value("clamped_swiglu", moe::Activation::clamped_swiglu);
   bind_typed<float>(m, "_f32");
   bind_typed<double>(m, "_f64");
 }

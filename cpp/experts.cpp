@@ -23,6 +23,29 @@ struct Item {
   index_t expert, r0, rows;
 };
 
+// a = act(h1, h3) on n values (h3 read by the gated activations only).
+template <typename T>
+void activation_forward(const ExpertShape& s, const T* h1, const T* h3, T* a, index_t n) {
+  switch (s.act) {
+    case Activation::swiglu: return swiglu_forward(h1, h3, a, n);
+    case Activation::gelu: return gelu_forward(h1, a, n);
+    case Activation::clamped_swiglu:
+      return clamped_swiglu_forward(h1, h3, a, n, T(s.alpha), T(s.limit));
+  }
+}
+
+// From h1, h3 and da: a (recomputed), dh1 and (gated) dh3.
+template <typename T>
+void activation_backward(const ExpertShape& s, const T* h1, const T* h3, const T* da, T* a,
+                         T* dh1, T* dh3, index_t n) {
+  switch (s.act) {
+    case Activation::swiglu: return swiglu_backward(h1, h3, da, a, dh1, dh3, n);
+    case Activation::gelu: return gelu_backward(h1, da, a, dh1, n);
+    case Activation::clamped_swiglu:
+      return clamped_swiglu_backward(h1, h3, da, a, dh1, dh3, n, T(s.alpha), T(s.limit));
+  }
+}
+
 // (expert, tile) items over `extent(e)` rows per expert, tiles of `tile` rows.
 template <typename Extent>
 std::vector<Item> tiles(index_t E, index_t tile, Extent extent) {
@@ -43,15 +66,12 @@ void expert_backward_tiles(const ExpertShape& s, index_t e, const index_t* offse
                            const T* w2t, T* dxs, T* dw1, T* dw3, T* dw2, T* da, T* a, T* dh1,
                            T* dh3) {
   const index_t D = s.d_model, F = s.d_ff;
-  const bool glu = s.act == Activation::swiglu;
+  const bool glu = gated(s.act);
   const index_t n_e = offsets[e + 1] - offsets[e];
   for (index_t r0 = 0; r0 < n_e; r0 += kRowTile) {
     const index_t rows = std::min(kRowTile, n_e - r0), row = offsets[e] + r0, n = rows * F;
     small_gemm_packed(false, rows, F, D, dye + row * D, D, w2t, false, da, F);
-    if (glu)
-      swiglu_backward(h1 + row * F, h3 + row * F, da, a, dh1, dh3, n);
-    else
-      gelu_backward(h1 + row * F, da, a, dh1, n);
+    activation_backward(s, h1 + row * F, glu ? h3 + row * F : nullptr, da, a, dh1, dh3, n);
     small_gemm_packed(false, rows, D, F, dh1, F, w1t, false, dxs + row * D, D);
     if (glu) small_gemm_packed(false, rows, D, F, dh3, F, w3t, true, dxs + row * D, D);
     small_gemm(true, false, D, F, rows, xs + row * D, D, dh1, F, true, dw1 + e * D * F, F);
@@ -67,7 +87,7 @@ void experts_backward_by_expert(const ExpertShape& s, const index_t* offsets, co
                                 const T* w3t, const T* w2t, index_t p1, index_t p2, T* dxs,
                                 T* dw1, T* dw3, T* dw2) {
   const index_t F = s.d_ff;
-  const bool glu = s.act == Activation::swiglu;
+  const bool glu = gated(s.act);
   const auto rows = [&](index_t e) { return offsets[e + 1] - offsets[e]; };
   std::vector<index_t> order;
   for (index_t e = 0; e < s.E; ++e)
@@ -102,7 +122,7 @@ void experts_forward(const ExpertShape& s, const index_t* offsets, const T* xs, 
                      const T* w3, const T* w2, T* h1, T* h3, T* ye) {
   const index_t D = s.d_model, F = s.d_ff;
   check_blas_dims({offsets[s.E], D, F});
-  const bool glu = s.act == Activation::swiglu;
+  const bool glu = gated(s.act);
   const auto items = tiles(s.E, kRowTile, [&](index_t e) { return offsets[e + 1] - offsets[e]; });
   const index_t n_items = index_t(items.size());
 
@@ -116,13 +136,9 @@ void experts_forward(const ExpertShape& s, const index_t* offsets, const T* xs, 
       const T* x = xs + row * D;
       T* g = h1 + row * F;
       small_gemm(false, false, it.rows, F, D, x, D, w1 + it.expert * D * F, F, false, g, F);
-      if (glu) {
-        T* u = h3 + row * F;
-        small_gemm(false, false, it.rows, F, D, x, D, w3 + it.expert * D * F, F, false, u, F);
-        swiglu_forward(g, u, a.data(), it.rows * F);
-      } else {
-        gelu_forward(g, a.data(), it.rows * F);
-      }
+      T* u = glu ? h3 + row * F : nullptr;
+      if (glu) small_gemm(false, false, it.rows, F, D, x, D, w3 + it.expert * D * F, F, false, u, F);
+      activation_forward(s, g, u, a.data(), it.rows * F);
       small_gemm(false, false, it.rows, D, F, a.data(), F, w2 + it.expert * F * D, D, false,
                  ye + row * D, D);
     }
@@ -134,7 +150,7 @@ void experts_backward(const ExpertShape& s, const index_t* offsets, const T* xs,
                       const T* w3, const T* w2, const T* h1, const T* h3, const T* dye, T* dxs,
                       T* dw1, T* dw3, T* dw2, BackwardPath path) {
   const index_t D = s.d_model, F = s.d_ff;
-  const bool glu = s.act == Activation::swiglu;
+  const bool glu = gated(s.act);
   const index_t N = offsets[s.E];
   check_blas_dims({N, D, F});
   // W2^T, W1^T and W3^T packed once per expert with rows, not once per row tile: a
@@ -172,18 +188,14 @@ void experts_backward(const ExpertShape& s, const index_t* offsets, const T* xs,
       const index_t e = it.expert, row = offsets[e] + it.r0, n = it.rows * F;
       small_gemm_packed(false, it.rows, F, D, dye + row * D, D, w2t.get() + e * p2, false,
                         da.data(), F);
-      if (glu) {
-        swiglu_backward(h1 + row * F, h3 + row * F, da.data(), a.get() + row * F,
-                        dh1.get() + row * F, dh3.get() + row * F, n);
-        small_gemm_packed(false, it.rows, D, F, dh1.get() + row * F, F, w1t.get() + e * p1,
-                          false, dxs + row * D, D);
+      activation_backward(s, h1 + row * F, glu ? h3 + row * F : nullptr, da.data(),
+                          a.get() + row * F, dh1.get() + row * F,
+                          glu ? dh3.get() + row * F : nullptr, n);
+      small_gemm_packed(false, it.rows, D, F, dh1.get() + row * F, F, w1t.get() + e * p1,
+                        false, dxs + row * D, D);
+      if (glu)
         small_gemm_packed(false, it.rows, D, F, dh3.get() + row * F, F, w3t.get() + e * p1,
                           true, dxs + row * D, D);
-      } else {
-        gelu_backward(h1 + row * F, da.data(), a.get() + row * F, dh1.get() + row * F, n);
-        small_gemm_packed(false, it.rows, D, F, dh1.get() + row * F, F, w1t.get() + e * p1,
-                          false, dxs + row * D, D);
-      }
     }
   }
 

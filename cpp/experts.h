@@ -1,5 +1,7 @@
 // Expert FFNs over rows grouped by expert (see dispatch.h), forward and backward.
 //   swiglu: FFN(x) = (silu(x W1) * (x W3)) W2      gelu: FFN(x) = gelu_erf(x W1) W2
+//   clamped_swiglu (gpt-oss): g = min(x W1, limit), u = clamp(x W3, -limit, limit),
+//                             FFN(x) = ((u + 1) * g * sigmoid(alpha g)) W2
 // Each expert is a run of dense GEMMs on its contiguous rows; work is split into
 // fixed (expert, row tile) items run by OpenMP, so uneven expert loads still
 // keep every core busy and the bits never depend on the thread count.
@@ -8,16 +10,20 @@
 
 namespace moe {
 
-enum class Activation { swiglu = 0, gelu = 1 };
+enum class Activation { swiglu = 0, gelu = 1, clamped_swiglu = 2 };
+
+// Whether the activation gates a second projection (x W3): then w3 and h3 exist.
+constexpr bool gated(Activation a) { return a != Activation::gelu; }
 
 struct ExpertShape {
   index_t E, d_model, d_ff;
   Activation act;
+  double alpha = 0, limit = 0;  // clamped_swiglu only: MoEConfig's swiglu_alpha, swiglu_limit
 };
 
 // xs [N, d_model] rows grouped by expert (offsets [E+1]); w1, w3 [E, d_model, d_ff]
 // (w3 unused for gelu); w2 [E, d_ff, d_model].
-// Saves for backward: h1 = xs W1 and (swiglu) h3 = xs W3, both [N, d_ff].
+// Saves for backward: h1 = xs W1 and (gated) h3 = xs W3, both [N, d_ff].
 // Writes ye [N, d_model].
 template <typename T>
 void experts_forward(const ExpertShape& s, const index_t* offsets, const T* xs, const T* w1,

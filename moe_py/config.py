@@ -50,6 +50,11 @@ ROUTER_TRAITS: Dict[str, RouterTraits] = {
 ROUTERS = tuple(ROUTER_TRAITS)
 
 
+def activations_with(trait: str) -> tuple:
+    """The activations that have `trait` (for messages)."""
+    return tuple(a for a, t in ACTIVATION_TRAITS.items() if getattr(t, trait))
+
+
 def router_traits(router: str) -> RouterTraits:
     if router not in ROUTER_TRAITS:
         raise ValueError(f"router: expected one of {ROUTERS}, got {router!r}")
@@ -63,7 +68,24 @@ def routers_with(trait: str) -> tuple:
 
 BALANCE_SCOPES = ("batch", "sequence", "global")
 DROP_POLICIES = ("position", "probs")
-ACTIVATIONS = ("swiglu", "gelu")
+
+
+@dataclass(frozen=True)
+class ActivationTraits:
+    """What the code outside the activation kernels needs to know of an expert activation,
+    asked here (`cfg.activation_traits.gated`) rather than by comparing names."""
+
+    gated: bool  # multiplies by a second projection x W3: the experts have w3 (and b3)
+    clamped: bool  # gpt-oss's clamped SwiGLU: swiglu_alpha and swiglu_limit apply
+
+
+# The expert activations, in the order the CLI lists them (formulas: docs/design.md, "Experts").
+ACTIVATION_TRAITS: Dict[str, ActivationTraits] = {
+    "swiglu": ActivationTraits(gated=True, clamped=False),
+    "gelu": ActivationTraits(gated=False, clamped=False),
+    "clamped_swiglu": ActivationTraits(gated=True, clamped=True),
+}
+ACTIVATIONS = tuple(ACTIVATION_TRAITS)
 DTYPES = {"float32": np.float32, "float64": np.float64}
 
 
@@ -132,6 +154,11 @@ def finite_number(name: str, value, allow_negative: bool = False) -> None:
         raise ValueError(f"{name}: expected a number >= 0, got {value!r}")
 
 
+def _default(name: str):
+    """A MoEConfig field's default (the one place it is written is the field)."""
+    return MoEConfig.__dataclass_fields__[name].default
+
+
 @dataclass
 class MoEConfig:
     """Configuration of one MoE layer (docs/design.md, "The MoE layer").
@@ -154,7 +181,9 @@ class MoEConfig:
     normalize_topk: Optional[bool] = None  # divide the k weights by their sum (auto: k > 1)
     capacity_factor: Optional[float] = None  # expert capacity ceil(c * R * k / E); None: dropless
     drop_policy: str = "position"  # over capacity, drop by position (first choices first) or lowest probs
-    activation: str = "swiglu"  # expert activation: swiglu or gelu (erf form)
+    activation: str = "swiglu"  # expert activation: swiglu, gelu (erf form) or clamped_swiglu (gpt-oss)
+    swiglu_alpha: float = 1.702  # clamped_swiglu: the gate is g * sigmoid(alpha g)
+    swiglu_limit: float = 7.0  # clamped_swiglu: the gate is clamped above at limit, the up projection to [-limit, limit]
     straight_through: bool = False  # forward weights 1 in training, gradient of the soft weights
     load_balance_coef: float = 0.01  # weight of E * sum_e f_e P_e in aux_loss
     z_loss_coef: float = 0.001  # weight of mean logsumexp(logits)^2 in aux_loss
@@ -195,6 +224,7 @@ class MoEConfig:
             finite_number(name, getattr(self, name), allow_negative=(name == "entropy_coef"))
         if not isinstance(self.straight_through, (bool, np.bool_)):
             raise ValueError(f"straight_through: expected a bool, got {self.straight_through!r}")
+        self._check_expert_options()
         self._check_router_options()
         if not self.traits.soft_weights:
             # their weights are the experts' own scores (expert choice) or 1/k (hash)
@@ -210,6 +240,16 @@ class MoEConfig:
                 stacklevel=3,
             )
         check_seed(self.seed)
+
+    def _check_expert_options(self) -> None:
+        for name in ("swiglu_alpha", "swiglu_limit"):
+            value = getattr(self, name)
+            finite_number(name, value, allow_negative=True)  # to say "> 0" below
+            if value <= 0:
+                raise ValueError(f"{name}: expected a number > 0, got {value!r}")
+            if not self.activation_traits.clamped and value != _default(name):
+                raise ValueError(f"{name}: only activation {activations_with('clamped')} reads it "
+                                 f"(activation is {self.activation!r}); leave it at {_default(name)}")
 
     def _check_router_options(self) -> None:
         router, traits = self.router, self.traits
@@ -256,6 +296,10 @@ class MoEConfig:
     @property
     def traits(self) -> RouterTraits:
         return router_traits(self.router)
+
+    @property
+    def activation_traits(self) -> ActivationTraits:
+        return ACTIVATION_TRAITS[self.activation]
 
     @property
     def bias_rate(self) -> float:

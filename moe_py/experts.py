@@ -1,12 +1,14 @@
 """Expert FFNs with dispatch and combine (cpp/experts.cpp, cpp/dispatch.cpp).
 
 swiglu: FFN(x) = (silu(x W1) * (x W3)) W2;  gelu: FFN(x) = gelu(x W1) W2 with the
-exact (erf) GELU, as torch.nn.GELU() by default. No biases.
+exact (erf) GELU, as torch.nn.GELU() by default; clamped_swiglu (gpt-oss):
+g = min(x W1, limit), u = clamp(x W3, -limit, limit), FFN(x) = ((u + 1) g sigmoid(alpha g)) W2.
+No biases.
 y[t] = sum_j topk_weights[t, j] * FFN_{topk_indices[t, j]}(x[t]).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -20,10 +22,18 @@ def init_expert_weights(cfg: MoEConfig, rng: np.random.Generator) -> Dict[str, n
     """w1, w3 ~ N(0, 1/d_model), w2 ~ N(0, 1/d_ff): unit-variance activations through the FFN."""
     E, D, F = cfg.num_experts, cfg.d_model, cfg.d_ff
     out = {"w1": rng.standard_normal((E, D, F)) / np.sqrt(D)}
-    if cfg.activation == "swiglu":
+    if cfg.activation_traits.gated:
         out["w3"] = rng.standard_normal((E, D, F)) / np.sqrt(D)
     out["w2"] = rng.standard_normal((E, F, D)) / np.sqrt(F)
     return {k: v.astype(cfg.np_dtype) for k, v in out.items()}
+
+
+def activation_args(cfg: MoEConfig) -> dict:
+    """The expert kernels' activation arguments for cfg (alpha and limit: clamped only)."""
+    out: Dict[str, Any] = {"activation": Activation.__members__[cfg.activation]}
+    if cfg.activation_traits.clamped:
+        out.update(swiglu_alpha=float(cfg.swiglu_alpha), swiglu_limit=float(cfg.swiglu_limit))
+    return out
 
 
 class Experts:
@@ -42,7 +52,7 @@ class Experts:
         self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
         lo, hi = self.dispatcher.local_experts(cfg.num_experts)
         self.num_local = hi - lo
-        self._activation = Activation.__members__[cfg.activation]
+        self._activation = activation_args(cfg)
         self._saved: Optional[tuple] = None
 
     def _shapes(self):
@@ -52,9 +62,9 @@ class Experts:
     def _weights(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         dt, p = self.cfg.np_dtype, self.prefix
         for name, shape in self._shapes():
-            if name != "w3" or self.cfg.activation == "swiglu":
+            if name != "w3" or self.cfg.activation_traits.gated:
                 check_param(self.params[p + name], shape, dt, p + name)
-        w3 = self.params[p + "w3"] if self.cfg.activation == "swiglu" else np.zeros((0, 0, 0), dtype=dt)
+        w3 = self.params[p + "w3"] if self.cfg.activation_traits.gated else np.zeros((0, 0, 0), dtype=dt)
         return self.params[p + "w1"], w3, self.params[p + "w2"]
 
     def compute(self, x2: np.ndarray, topk_indices: np.ndarray, topk_weights: np.ndarray,
@@ -65,7 +75,7 @@ class Experts:
         w1, w3, w2 = weights
         xe, offsets, state = self.dispatcher.dispatch(x2, topk_indices, dropped, self.cfg.num_experts)
         h1, h3, ye = kernel("experts_forward", self.cfg.np_dtype)(
-            xs=xe, offsets=offsets, w1=w1, w3=w3, w2=w2, activation=self._activation)
+            xs=xe, offsets=offsets, w1=w1, w3=w3, w2=w2, **self._activation)
         y = self.dispatcher.combine(ye, topk_weights, state)
         return y, (state, offsets, xe, h1, h3, weights)
 
@@ -93,7 +103,7 @@ class Experts:
         g3 = self.grads.get(p + "w3", np.zeros((0, 0, 0), dtype=dt))
         dxe = kernel("experts_backward", dt)(
             xs=xe, offsets=offsets, w1=w1, w3=w3, w2=w2, h1=h1, h3=h3, dye=dye,
-            activation=self._activation, dw1=self.grads[p + "w1"], dw3=g3, dw2=self.grads[p + "w2"])
+            **self._activation, dw1=self.grads[p + "w1"], dw3=g3, dw2=self.grads[p + "w2"])
         return self.dispatcher.dispatch_backward(dxe, state), d_weights
 
 
@@ -110,7 +120,8 @@ def every_token(real: np.ndarray, n_experts: int, dtype) -> Tuple[np.ndarray, np
 def shared_config(cfg: MoEConfig) -> MoEConfig:
     """The MoEConfig of a layer's shared experts, as experts of width shared_d_ff."""
     return MoEConfig(d_model=cfg.d_model, d_ff=cfg.shared_width, num_experts=cfg.num_shared_experts,
-                     top_k=cfg.num_shared_experts, activation=cfg.activation, dtype=cfg.dtype)
+                     top_k=cfg.num_shared_experts, activation=cfg.activation,
+                     swiglu_alpha=cfg.swiglu_alpha, swiglu_limit=cfg.swiglu_limit, dtype=cfg.dtype)
 
 
 def init_shared_weights(cfg: MoEConfig, rng: np.random.Generator) -> Dict[str, np.ndarray]:

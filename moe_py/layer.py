@@ -60,7 +60,7 @@ class MoELayer:
     token_ids (shape x.shape[:-1]) are read by the hash router only.
 
     params: w_router [d_model, E] (not for hash routing), w1 [E, d_model, d_ff],
-    w3 [E, d_model, d_ff] (swiglu only), w2 [E, d_ff, d_model], and with shared experts
+    w3 [E, d_model, d_ff] (gated activations only), w2 [E, d_ff, d_model], and with shared experts
     shared_w1 [S, d_model, shared_d_ff], shared_w3, shared_w2; grads: the same keys and
     shapes. It implements the FFN interface of moe_py/ffn.py.
     """

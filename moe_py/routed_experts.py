@@ -58,7 +58,7 @@ class RoutedExpertsOutput(NamedTuple):
 class RoutedExperts:
     """The E experts of `cfg` for caller-given routing (see the module docstring).
 
-    params/grads: dicts holding w1 [E, d_model, d_ff], w3 (swiglu only) and w2
+    params/grads: dicts holding w1 [E, d_model, d_ff], w3 (gated activations only) and w2
     [E, d_ff, d_model] and their gradient buffers, shared with the caller (a MoELayer's own
     dicts, for instance); by default fresh weights drawn from cfg.seed and zeroed grads."""
 

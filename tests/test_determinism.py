@@ -12,10 +12,13 @@ def everything() -> dict:
     from moe_py.optim import AdamW, global_grad_norm
     res = {}
     rng = np.random.default_rng(0)
-    cases = [("swiglu", "float32", 8, 2), ("gelu", "float64", 8, 2), ("swiglu", "float64", 1, 1)]
-    for act, dt, E, k in cases:
-        cfg = moe_py.MoEConfig(d_model=64, d_ff=96, num_experts=E, top_k=k, activation=act, dtype=dt,
-                               capacity_factor=1.0, entropy_coef=0.01, seed=3)
+    # the expert variants: gpt-oss's clamped SwiGLU (a limit that clamps often)
+    clamped = dict(activation="clamped_swiglu", swiglu_limit=1.0)
+    cases = [("swiglu", "float32", 8, 2, {}), ("gelu", "float64", 8, 2, {}), ("swiglu", "float64", 1, 1, {}),
+             ("clamped", "float32", 8, 2, clamped)]
+    for act, dt, E, k, kw in cases:
+        cfg = moe_py.MoEConfig(d_model=64, d_ff=96, num_experts=E, top_k=k, dtype=dt, capacity_factor=1.0,
+                               entropy_coef=0.01, seed=3, **{"activation": act, **kw})
         layer = moe_py.MoELayer(cfg)
         layer.set_noise_annealing(0.5, 10)
         x = rng.standard_normal((700, 64)).astype(dt)

@@ -35,6 +35,26 @@ def test_layer_gradient_matches_finite_differences(activation, k, padded, capaci
     assert report.skipped == 0 and report.checked == x.size + sum(p.size for p in layer.params.values())
 
 
+# The expert variants of the Hugging Face families, each through the whole layer's gradient
+# (k = 2, padding, capacity): gpt-oss's clamped SwiGLU with a limit that clamps often.
+VARIANTS = {"clamped_swiglu": dict(activation="clamped_swiglu", swiglu_limit=0.6, swiglu_alpha=1.5)}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_expert_variants_gradient_matches_finite_differences(variant):
+    rng = np.random.default_rng(12)
+    layer = make_layer(rng, E=5, k=2, capacity_factor=0.75, load_balance_coef=0.2, z_loss_coef=0.02,
+                       **VARIANTS[variant])
+    for name, v in layer.params.items():  # biases (when there are) away from their init of 0
+        if name.startswith("b"):
+            v[...] = rng.standard_normal(v.shape) * 0.5
+    x = rng.standard_normal((2, 6, 6))
+    mask = rng.random((2, 6)) > 0.3
+    assert layer(x, padding_mask=mask).router.dropped.any()
+    report = gradcheck(layer, {"x": x, "padding_mask": mask}, tol=GRAD_TOL, max_entries=10**6)
+    assert report.skipped == 0 and report.checked == x.size + sum(p.size for p in layer.params.values())
+
+
 def dense_swiglu(x, w1, w3, w2):
     h1 = x @ w1
     return ((h1 / (1 + np.exp(-h1))) * (x @ w3)) @ w2

@@ -72,7 +72,7 @@ def test_matches_pytorch_reference(path, dtype):
 
 
 def test_reference_files_exist():
-    assert len(FILES) >= 37
+    assert len(FILES) >= 38
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: os.path.basename(p)[:-4])
@@ -105,7 +105,9 @@ def test_numpy_reference_matches_the_pytorch_reference(path):
 
 @pytest.mark.parametrize("kw", [dict(), dict(activation="gelu", capacity_factor=0.7),
                                 dict(top_k=1, straight_through=True), dict(dtype="float32"),
-                                dict(top_k=4, normalize_topk=False, entropy_coef=0.05)])
+                                dict(top_k=4, normalize_topk=False, entropy_coef=0.05),
+                                dict(activation="clamped_swiglu", swiglu_limit=0.6, swiglu_alpha=1.2,
+                                     num_shared_experts=1)])
 def test_layer_and_router_match_the_numpy_reference(kw):
     from moe_py.testing import assert_matches_reference
     cfg = moe_py.MoEConfig(**{"d_model": 10, "d_ff": 12, "num_experts": 5, "top_k": 2,

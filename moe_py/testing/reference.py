@@ -28,11 +28,17 @@ def _softmax(l):
     return e / e.sum(axis=1, keepdims=True)
 
 
-def _act(h1, h3, activation):
+def _act(h1, h3, cfg: MoEConfig):
     """(a, da/dh1, da/dh3) of the expert activation."""
-    if activation == "swiglu":
+    if cfg.activation == "swiglu":
         s = 1.0 / (1.0 + np.exp(-h1))
         return h1 * s * h3, h3 * (s + h1 * s * (1 - s)), h1 * s
+    if cfg.activation == "clamped_swiglu":  # a clamp passes the gradient on its bounds too
+        alpha, lim = cfg.swiglu_alpha, cfg.swiglu_limit
+        g, u = np.minimum(h1, lim), np.clip(h3, -lim, lim)
+        s = 1.0 / (1.0 + np.exp(-alpha * g))
+        dg = (u + 1) * (s + alpha * g * s * (1 - s)) * (h1 <= lim)
+        return (u + 1) * g * s, dg, g * s * (np.abs(h3) <= lim)
     erf = np.vectorize(math.erf, otypes=[float])
     Phi = 0.5 * (1.0 + erf(h1 / math.sqrt(2.0)))
     phi = np.exp(-0.5 * h1 * h1) / math.sqrt(2 * math.pi)
@@ -212,8 +218,8 @@ def reference_forward_backward(cfg: MoEConfig, params: Dict[str, np.ndarray], x:
                   for s in range(cfg.num_shared_experts)] if "shared_w1" in p64 else []
         for w1, w3, w2, coef, (n1, n3, n2, e) in routed + shared:
             h1 = x @ w1
-            h3 = x @ w3 if cfg.activation == "swiglu" else None
-            a, da_dh1, da_dh3 = _act(h1, h3, cfg.activation)
+            h3 = x @ w3 if cfg.activation_traits.gated else None
+            a, da_dh1, da_dh3 = _act(h1, h3, cfg)
             out = a @ w2
             y += coef[:, None] * out
             if n1 == "w1":

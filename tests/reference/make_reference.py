@@ -6,17 +6,21 @@ every token (dense), combine is a one-hot contraction, top-k is torch.topk on
 float64 with a tiny index tie-breaker, capacity is a Python loop.
 
     .venv/bin/pip install torch==2.13.0
-    .venv/bin/python tests/reference/make_reference.py
+    .venv/bin/python tests/reference/make_reference.py [NAME...]
 """
 import json
 import math
 import os
+import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# `make_reference.py NAME...` writes only the named cases (a case's inputs depend on the
+# cases before it in its stream, so every case is still made): the others stay as they were.
+ONLY = set(sys.argv[1:]) or None
 torch.set_default_dtype(torch.float64)
 
 
@@ -185,9 +189,16 @@ def route(x, w, mask, k, normalize, ste, capacity_factor, coefs, opt=None):
     return fields, dict(load_balance=lb, z_loss=z, entropy=en), aux
 
 
-def experts_dense(x, w1, w3, w2, activation):
+def experts_dense(x, w1, w3, w2, activation, alpha=1.702, limit=7.0):
     h = torch.einsum("td,edf->etf", x, w1)
-    a = F.silu(h) * torch.einsum("td,edf->etf", x, w3) if activation == "swiglu" else F.gelu(h)
+    if activation == "swiglu":
+        a = F.silu(h) * torch.einsum("td,edf->etf", x, w3)
+    elif activation == "clamped_swiglu":  # gpt-oss: torch.clamp's gradient rule at the bounds
+        g = h.clamp(max=limit)
+        u = torch.einsum("td,edf->etf", x, w3).clamp(-limit, limit)
+        a = (u + 1) * g * torch.sigmoid(alpha * g)
+    else:
+        a = F.gelu(h)
     return torch.einsum("etf,efd->etd", a, w2)  # [E, T, D]: every expert on every token
 
 
@@ -195,7 +206,8 @@ def make_case(name, rng, kind, T=24, D=10, F_=18, E=6, k=2, lead=None, normalize
               capacity_factor=None, activation="swiglu", padded=True, **options):
     """options: router, drop_policy, routed_scaling_factor, n_group, topk_group,
     load_balance_scope, num_shared_experts, shared_d_ff, expert_bias, balance_counts,
-    training (default True), sinkhorn_iterations/tolerance (default 100 / 1e-4)."""
+    training (default True), sinkhorn_iterations/tolerance (default 100 / 1e-4),
+    swiglu_alpha/limit (clamped_swiglu)."""
     router = options.get("router", "softmax_topk")
     normalize = (k > 1 and router not in ("expert_choice", "hash")) if normalize is None else normalize
     if router == "expert_choice" and capacity_factor is None:
@@ -206,7 +218,8 @@ def make_case(name, rng, kind, T=24, D=10, F_=18, E=6, k=2, lead=None, normalize
     params = {"w_router": rng.standard_normal((D, E)) * 0.7,
               "w1": rng.standard_normal((E, D, F_)) / math.sqrt(D),
               "w2": rng.standard_normal((E, F_, D)) / math.sqrt(F_)}
-    if activation == "swiglu":
+    gated = activation in ("swiglu", "clamped_swiglu")
+    if gated:
         params["w3"] = rng.standard_normal((E, D, F_)) / math.sqrt(D)
     if router == "hash":
         del params["w_router"]
@@ -214,7 +227,7 @@ def make_case(name, rng, kind, T=24, D=10, F_=18, E=6, k=2, lead=None, normalize
     if S:
         params["shared_w1"] = rng.standard_normal((S, D, FS)) / math.sqrt(D)
         params["shared_w2"] = rng.standard_normal((S, FS, D)) / math.sqrt(FS)
-        if activation == "swiglu":
+        if gated:
             params["shared_w3"] = rng.standard_normal((S, D, FS)) / math.sqrt(D)
     opt = {"router": router, "E": E, "seed": 7, "training": options.get("training", True),
            "sinkhorn_iterations": options.get("sinkhorn_iterations", 100),
@@ -245,12 +258,13 @@ def make_case(name, rng, kind, T=24, D=10, F_=18, E=6, k=2, lead=None, normalize
         out["G"] = G
         used = [n for n in ("w_router",) if n in params]
     else:
-        ye = experts_dense(tx, tp["w1"], tp.get("w3"), tp["w2"], activation)
+        act = (activation, options.get("swiglu_alpha", 1.702), options.get("swiglu_limit", 7.0))
+        ye = experts_dense(tx, tp["w1"], tp.get("w3"), tp["w2"], *act)
         onehot = F.one_hot(fields["topk_indices"].clamp(min=0), E).double()  # [T, W, E]
         coef = (onehot * fields["topk_weights"][..., None]).sum(1)  # [T, E]
         y = torch.einsum("te,etd->td", coef, ye)
         if S:  # every shared expert on every real token, weight 1
-            ys = experts_dense(tx, tp["shared_w1"], tp.get("shared_w3"), tp["shared_w2"], activation)
+            ys = experts_dense(tx, tp["shared_w1"], tp.get("shared_w3"), tp["shared_w2"], *act)
             y = y + ys.sum(0) * torch.from_numpy(mask)[:, None]
         dy = rng.standard_normal((T, D))
         objective = (torch.tensor(dy) * y).sum() + aux
@@ -280,7 +294,7 @@ def make_case(name, rng, kind, T=24, D=10, F_=18, E=6, k=2, lead=None, normalize
                capacity_factor=capacity_factor, activation=activation, straight_through=ste,
                load_balance_coef=coefs[0], z_loss_coef=coefs[1], entropy_coef=coefs[2], dtype="float64")
     for key in ("router", "drop_policy", "routed_scaling_factor", "n_group", "topk_group",
-                "load_balance_scope", "num_shared_experts", "shared_d_ff"):
+                "load_balance_scope", "num_shared_experts", "shared_d_ff", "swiglu_alpha", "swiglu_limit"):
         if key in options:
             cfg[key] = options[key]
     if router == "hash":
@@ -290,7 +304,8 @@ def make_case(name, rng, kind, T=24, D=10, F_=18, E=6, k=2, lead=None, normalize
     out["kind"] = np.array(kind)
     out["training"] = np.array(opt["training"])
     out["cfg"] = np.array(json.dumps(cfg))
-    np.savez_compressed(os.path.join(HERE, f"{name}.npz"), **out)
+    if ONLY is None or name in ONLY:
+        np.savez_compressed(os.path.join(HERE, f"{name}.npz"), **out)
 
 
 def main():
@@ -332,6 +347,10 @@ def main():
               router="sigmoid_topk", load_balance_scope="sequence")
     make_case("layer_scope_global", rng, "layer", k=2, load_balance_scope="global",
               balance_counts=rng.integers(0, 30, 6))
+    # the expert variants of the Hugging Face families, from their own stream
+    rng = np.random.default_rng(2028)
+    make_case("layer_clamped_swiglu_k2", rng, "layer", k=2, activation="clamped_swiglu",
+              swiglu_alpha=1.5, swiglu_limit=0.7, num_shared_experts=1, capacity_factor=0.75)
 
 
 if __name__ == "__main__":
