@@ -21,13 +21,26 @@ struct ExpertShape {
   double alpha = 0, limit = 0;  // clamped_swiglu only: MoEConfig's swiglu_alpha, swiglu_limit
 };
 
+// The experts' biases b1, b3 [E, d_ff] and b2 [E, d_model], each added after its GEMM;
+// all null for experts without biases (b3 also null when the activation is not gated).
+template <typename T>
+struct ExpertBiases {
+  const T *b1 = nullptr, *b3 = nullptr, *b2 = nullptr;
+};
+
+// Their gradients, accumulated (+=) as the weights' are; null where there is no bias.
+template <typename T>
+struct ExpertBiasGrads {
+  T *db1 = nullptr, *db3 = nullptr, *db2 = nullptr;
+};
+
 // xs [N, d_model] rows grouped by expert (offsets [E+1]); w1, w3 [E, d_model, d_ff]
 // (w3 unused for gelu); w2 [E, d_ff, d_model].
-// Saves for backward: h1 = xs W1 and (gated) h3 = xs W3, both [N, d_ff].
-// Writes ye [N, d_model].
+// Saves for backward: h1 = xs W1 + b1 and (gated) h3 = xs W3 + b3, both [N, d_ff].
+// Writes ye [N, d_model] = act(h1, h3) W2 + b2.
 template <typename T>
 void experts_forward(const ExpertShape& s, const index_t* offsets, const T* xs, const T* w1,
-                     const T* w3, const T* w2, T* h1, T* h3, T* ye);
+                     const T* w3, const T* w2, const ExpertBiases<T>& bias, T* h1, T* h3, T* ye);
 
 // How the backward walks the work: by expert (each expert's row tiles from dye to its
 // weight-gradient shares while in cache) or in two phases (dxs for every row tile, then the
@@ -37,10 +50,13 @@ void experts_forward(const ExpertShape& s, const index_t* offsets, const T* xs, 
 enum class BackwardPath { automatic = 0, by_expert = 1, two_phase = 2 };
 
 // Reads xs, h1, h3 (saved) and dye [N, d_model]; writes dxs [N, d_model] and
-// accumulates (+=) into dw1, dw3, dw2. An expert with no rows is not touched.
+// accumulates (+=) into dw1, dw3, dw2 and the bias gradients. A bias gradient adds the
+// expert's rows one by one in row order on one thread, on either path: the same bits at
+// any thread count. An expert with no rows is not touched.
 template <typename T>
 void experts_backward(const ExpertShape& s, const index_t* offsets, const T* xs, const T* w1,
                       const T* w3, const T* w2, const T* h1, const T* h3, const T* dye, T* dxs,
-                      T* dw1, T* dw3, T* dw2, BackwardPath path = BackwardPath::automatic);
+                      T* dw1, T* dw3, T* dw2, const ExpertBiasGrads<T>& dbias,
+                      BackwardPath path = BackwardPath::automatic);
 
 }  // namespace moe

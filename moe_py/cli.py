@@ -78,7 +78,7 @@ def _info(args: argparse.Namespace) -> int:
 # model's seed come from the model and training flags.
 MODEL_FLAGS = ("d_model", "n_layers", "n_heads", "activation", "n_predict", "dtype", "first_dense",
                "moe_every")
-MOE_FLAGS = ("num_experts", "top_k", "d_ff", "swiglu_alpha", "swiglu_limit", "router", "normalize_topk", "capacity_factor", "drop_policy",
+MOE_FLAGS = ("num_experts", "top_k", "d_ff", "swiglu_alpha", "swiglu_limit", "ffn_bias", "router", "normalize_topk", "capacity_factor", "drop_policy",
              "straight_through", "load_balance_coef", "z_loss_coef", "entropy_coef",
              "load_balance_scope", "routed_scaling_factor", "bias_update_rate", "n_group",
              "topk_group", "sinkhorn_iterations", "sinkhorn_tolerance", "num_shared_experts",

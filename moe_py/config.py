@@ -169,7 +169,7 @@ class MoEConfig:
     hash never normalise (normalize_topk is set to False). capacity_factor=None is dropless
     (expert choice: 1.0, see `capacity`). bias_update_rate=None: 1e-3 for sigmoid_topk, 0
     (no expert bias) for the others (see `bias_rate`).
-    Experts have no biases; "gelu" is the erf form. docs/design.md, "Routers", has the
+    Experts have no biases unless ffn_bias (routed experts only); "gelu" is the erf form. docs/design.md, "Routers", has the
     formulas of every router.
     """
 
@@ -184,6 +184,7 @@ class MoEConfig:
     activation: str = "swiglu"  # expert activation: swiglu, gelu (erf form) or clamped_swiglu (gpt-oss)
     swiglu_alpha: float = 1.702  # clamped_swiglu: the gate is g * sigmoid(alpha g)
     swiglu_limit: float = 7.0  # clamped_swiglu: the gate is clamped above at limit, the up projection to [-limit, limit]
+    ffn_bias: bool = False  # routed experts add biases b1, b3 (gated), b2 after their GEMMs (gpt-oss)
     straight_through: bool = False  # forward weights 1 in training, gradient of the soft weights
     load_balance_coef: float = 0.01  # weight of E * sum_e f_e P_e in aux_loss
     z_loss_coef: float = 0.001  # weight of mean logsumexp(logits)^2 in aux_loss
@@ -224,8 +225,8 @@ class MoEConfig:
             finite_number(name, getattr(self, name), allow_negative=(name == "entropy_coef"))
         if not isinstance(self.straight_through, (bool, np.bool_)):
             raise ValueError(f"straight_through: expected a bool, got {self.straight_through!r}")
-        self._check_expert_options()
         self._check_router_options()
+        self._check_expert_options()
         if not self.traits.soft_weights:
             # their weights are the experts' own scores (expert choice) or 1/k (hash)
             self.normalize_topk = False
@@ -242,6 +243,11 @@ class MoEConfig:
         check_seed(self.seed)
 
     def _check_expert_options(self) -> None:
+        if not isinstance(self.ffn_bias, (bool, np.bool_)):
+            raise ValueError(f"ffn_bias: expected a bool, got {self.ffn_bias!r}")
+        if self.ffn_bias and self.num_shared_experts:
+            raise ValueError(f"ffn_bias: the shared experts have no biases; ffn_bias=True needs "
+                             f"num_shared_experts=0 (got {self.num_shared_experts})")
         for name in ("swiglu_alpha", "swiglu_limit"):
             value = getattr(self, name)
             finite_number(name, value, allow_negative=True)  # to say "> 0" below

@@ -33,7 +33,7 @@ from ._guard import OneCaller
 from ._kernels import all_finite
 from .capacity import capacity, drops_position, drops_probs, slot_counts
 from .config import MoEConfig
-from .experts import Experts, init_expert_weights
+from .experts import EXPERT_KEYS, Experts, init_expert_weights
 
 
 class RoutedExpertsContext:
@@ -59,7 +59,8 @@ class RoutedExperts:
     """The E experts of `cfg` for caller-given routing (see the module docstring).
 
     params/grads: dicts holding w1 [E, d_model, d_ff], w3 (gated activations only) and w2
-    [E, d_ff, d_model] and their gradient buffers, shared with the caller (a MoELayer's own
+    [E, d_ff, d_model] (with cfg.ffn_bias also b1, b3 [E, d_ff] and b2 [E, d_model]) and
+    their gradient buffers, shared with the caller (a MoELayer's own
     dicts, for instance); by default fresh weights drawn from cfg.seed and zeroed grads."""
 
     def __init__(self, cfg: MoEConfig, params: Optional[Dict[str, np.ndarray]] = None,
@@ -70,7 +71,7 @@ class RoutedExperts:
         if params is None:
             params = init_expert_weights(cfg, np.random.default_rng(cfg.seed))
         if grads is None:
-            grads = {k: np.zeros_like(params[k]) for k in ("w1", "w3", "w2") if k in params}
+            grads = {k: np.zeros_like(params[k]) for k in EXPERT_KEYS if k in params}
         self.params, self.grads = params, grads
         self._experts = Experts(cfg, params, grads)
         self._latest: Optional[RoutedExpertsContext] = None

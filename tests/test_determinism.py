@@ -12,8 +12,8 @@ def everything() -> dict:
     from moe_py.optim import AdamW, global_grad_norm
     res = {}
     rng = np.random.default_rng(0)
-    # the expert variants: gpt-oss's clamped SwiGLU (a limit that clamps often)
-    clamped = dict(activation="clamped_swiglu", swiglu_limit=1.0)
+    # the expert variants: gpt-oss's clamped SwiGLU (a limit that clamps often) and biases
+    clamped = dict(activation="clamped_swiglu", swiglu_limit=1.0, ffn_bias=True)
     cases = [("swiglu", "float32", 8, 2, {}), ("gelu", "float64", 8, 2, {}), ("swiglu", "float64", 1, 1, {}),
              ("clamped", "float32", 8, 2, clamped)]
     for act, dt, E, k, kw in cases:
@@ -21,6 +21,9 @@ def everything() -> dict:
                                entropy_coef=0.01, seed=3, **{"activation": act, **kw})
         layer = moe_py.MoELayer(cfg)
         layer.set_noise_annealing(0.5, 10)
+        for name in ("b1", "b3", "b2"):  # biases away from their init of 0
+            if name in layer.params:
+                layer.params[name][...] = rng.standard_normal(layer.params[name].shape) * 0.1
         x = rng.standard_normal((700, 64)).astype(dt)
         mask = rng.random(700) > 0.1
         for rep in range(2):

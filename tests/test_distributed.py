@@ -167,6 +167,10 @@ LAYER_CASES = {
                                      tokens=32, seq_len=8, splits=[0, 32], seed=22),
     "expert_choice_float32": dict(cfg=_cfg(router="expert_choice", dtype="float32"), tokens=48,
                                   splits=[0, 24], padding=0.1, seed=23),
+    # the expert variants: biases (sliced over the ranks as the weights are), clamped SwiGLU
+    "ffn_bias_clamped": dict(cfg=_cfg(num_experts=8, ffn_bias=True, activation="clamped_swiglu",
+                                      swiglu_limit=1.0, capacity_factor=0.8),
+                             tokens=50, splits=[0, 21], padding=0.1, seed=24),
 }
 GLOBAL_ROUTERS = ("expert_choice", "sinkhorn")
 

@@ -58,9 +58,9 @@ def make(activation, rows=(5, 0, 9, 3), D=6, F=7, seed=0):
     return offsets, xs, w1, w3, w2
 
 
-def forward(offsets, xs, w1, w3, w2, activation):
+def forward(offsets, xs, w1, w3, w2, activation, **biases):
     return kernel("experts_forward", xs.dtype)(xs=xs, offsets=offsets, w1=w1, w3=w3, w2=w2,
-                                               **act_kw(activation))
+                                               **act_kw(activation), **biases)
 
 
 def backward(offsets, xs, w1, w3, w2, h1, h3, dye, activation, grads, **kw):
@@ -230,3 +230,98 @@ def test_alpha_and_limit_go_with_clamped_swiglu_only(activation, kw):
     with pytest.raises(ValueError, match="swiglu_alpha, swiglu_limit"):
         kernel("experts_forward", np.float64)(xs=xs, offsets=offsets, w1=w1, w3=w3, w2=w2,
                                               activation=Activation.__members__[activation], **kw)
+
+
+# ---- biases (MoEConfig.ffn_bias): b1, b3 [E, d_ff] and b2 [E, d_model], added after each GEMM
+
+
+def make_biases(activation, E, D, F, seed=7, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    b = {"b1": rng.standard_normal((E, F)), "b2": rng.standard_normal((E, D))}
+    if activation in GATED:
+        b["b3"] = rng.standard_normal((E, F))
+    return {k: v.astype(dtype) for k, v in b.items()}
+
+
+def bias_grads(b, fill=0.0):
+    return {"d" + k: np.full_like(v, fill) for k, v in b.items()}
+
+
+@pytest.mark.parametrize("path", ["by_expert", "two_phase"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_biases_match_a_loop_over_experts(activation, path):
+    offsets, xs, w1, w3, w2 = make(activation)
+    E, D, F = w1.shape
+    b = make_biases(activation, E, D, F)
+    h1, h3, ye = forward(offsets, xs, w1, w3, w2, activation, **b)
+    dye = np.random.default_rng(1).standard_normal(ye.shape)
+    g = [np.zeros_like(w) for w in (w1, w3, w2)]
+    db = bias_grads(b, fill=1.0)  # backward adds into them
+    dxs = backward(offsets, xs, w1, w3, w2, h1, h3, dye, activation, g, path=path, **db)
+    for e in range(E):
+        r = slice(offsets[e], offsets[e + 1])
+        gate = xs[r] @ w1[e] + b["b1"][e]
+        up = xs[r] @ w3[e] + b["b3"][e] if activation in GATED else None
+        np.testing.assert_allclose(h1[r], gate, rtol=1e-13, atol=1e-13)
+        np.testing.assert_allclose(ye[r], act_forward(gate, up, activation) @ w2[e] + b["b2"][e],
+                                   rtol=1e-12, atol=1e-12)
+        dg, du = act_backward(gate, up, dye[r] @ w2[e].T, activation)
+        np.testing.assert_allclose(dxs[r], dg @ w1[e].T + (du @ w3[e].T if du is not None else 0),
+                                   rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(db["db1"][e], 1 + dg.sum(axis=0), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(db["db2"][e], 1 + dye[r].sum(axis=0), rtol=1e-12, atol=1e-12)
+        if du is not None:
+            np.testing.assert_allclose(db["db3"][e], 1 + du.sum(axis=0), rtol=1e-12, atol=1e-12)
+    assert all(np.all(v[1] == 1) for v in db.values())  # the expert with no rows is untouched
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_bias_gradients_match_finite_differences(activation):
+    offsets, xs, w1, w3, w2 = make(activation, rows=(3, 0, 4), D=4, F=5)
+    b = make_biases(activation, 3, 4, 5)
+    dye = np.random.default_rng(2).standard_normal((xs.shape[0], 4))
+
+    def f(xs, w1, w3, w2, **b):
+        h1, h3, ye = forward(offsets, xs, w1, w3, w2, activation, **b)
+        if activation == "clamped_swiglu":  # central differences need every value off the bounds
+            assert min(np.abs(h1 - LIMIT).min(), np.abs(np.abs(h3) - LIMIT).min()) > 1e-3
+        g = {"w1": np.zeros_like(w1), "w3": np.zeros_like(w3), "w2": np.zeros_like(w2)}
+        db = bias_grads(b)
+        dxs = backward(offsets, xs, w1, w3, w2, h1, h3, dye, activation, (g["w1"], g["w3"], g["w2"]), **db)
+        return float((dye * ye).sum()), {"xs": dxs, **g, **{k[1:]: v for k, v in db.items()}}
+    gradcheck(f, {"xs": xs, "w1": w1, "w3": w3, "w2": w2, **b}, tol=1e-7, max_entries=10**6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_bias_gradients_have_the_same_bits_on_both_paths_at_1_2_3_threads(activation, dtype):
+    """A bias gradient adds an expert's rows one by one in row order on one thread, on the
+    by-expert walk (tile after tile) and on the two-phase one (one item per expert)."""
+    offsets, *arrays = make(activation, rows=(600, 0, 257, 90, 512), D=24, F=40, seed=4)
+    xs, w1, w3, w2 = (a.astype(dtype) for a in arrays)
+    b = make_biases(activation, 5, 24, 40, dtype=dtype)
+    outs = {}
+    for path in ("by_expert", "two_phase"):
+        for n in (1, 2, 3):
+            moe_py.set_num_threads(n)
+            h1, h3, ye = forward(offsets, xs, w1, w3, w2, activation, **b)
+            g = [np.full_like(w, 0.5) for w in (w1, w3, w2)]
+            db = bias_grads(b, fill=0.5)
+            dxs = backward(offsets, xs, w1, w3, w2, h1, h3, ye, activation, g, path=path, **db)
+            outs[path, n] = [h1, h3, ye, dxs, *g, *db.values()]
+    first = outs["by_expert", 1]
+    for key, other in outs.items():
+        for a, b_ in zip(first, other):
+            assert np.array_equal(a, b_), key
+
+
+@pytest.mark.parametrize("drop", ["b1", "b2", "b3"])
+def test_biases_come_all_or_none(drop):
+    offsets, xs, w1, w3, w2 = make("swiglu")
+    b = make_biases("swiglu", *w1.shape)
+    del b[drop]
+    with pytest.raises(ValueError, match="b1, b3, b2: expected all"):
+        forward(offsets, xs, w1, w3, w2, "swiglu", **b)
+    gelu_b = make_biases("gelu", *w1.shape)
+    with pytest.raises(ValueError, match="b1, b3, b2: expected all"):  # gelu has no b3
+        forward(offsets, xs, w1, np.zeros((0, 0, 0)), w2, "gelu", **gelu_b, b3=gelu_b["b1"])

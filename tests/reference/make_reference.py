@@ -189,17 +189,19 @@ def route(x, w, mask, k, normalize, ste, capacity_factor, coefs, opt=None):
     return fields, dict(load_balance=lb, z_loss=z, entropy=en), aux
 
 
-def experts_dense(x, w1, w3, w2, activation, alpha=1.702, limit=7.0):
-    h = torch.einsum("td,edf->etf", x, w1)
+def experts_dense(x, w1, w3, w2, activation, alpha=1.702, limit=7.0, b1=None, b3=None, b2=None):
+    def bias(b):  # [E, width] -> added to every token of its expert
+        return 0.0 if b is None else b[:, None, :]
+    h = torch.einsum("td,edf->etf", x, w1) + bias(b1)
     if activation == "swiglu":
-        a = F.silu(h) * torch.einsum("td,edf->etf", x, w3)
+        a = F.silu(h) * (torch.einsum("td,edf->etf", x, w3) + bias(b3))
     elif activation == "clamped_swiglu":  # gpt-oss: torch.clamp's gradient rule at the bounds
         g = h.clamp(max=limit)
-        u = torch.einsum("td,edf->etf", x, w3).clamp(-limit, limit)
+        u = (torch.einsum("td,edf->etf", x, w3) + bias(b3)).clamp(-limit, limit)
         a = (u + 1) * g * torch.sigmoid(alpha * g)
     else:
         a = F.gelu(h)
-    return torch.einsum("etf,efd->etd", a, w2)  # [E, T, D]: every expert on every token
+    return torch.einsum("etf,efd->etd", a, w2) + bias(b2)  # [E, T, D]: every expert on every token
 
 
 def make_case(name, rng, kind, T=24, D=10, F_=18, E=6, k=2, lead=None, normalize=None, ste=False,
@@ -207,7 +209,7 @@ def make_case(name, rng, kind, T=24, D=10, F_=18, E=6, k=2, lead=None, normalize
     """options: router, drop_policy, routed_scaling_factor, n_group, topk_group,
     load_balance_scope, num_shared_experts, shared_d_ff, expert_bias, balance_counts,
     training (default True), sinkhorn_iterations/tolerance (default 100 / 1e-4),
-    swiglu_alpha/limit (clamped_swiglu)."""
+    swiglu_alpha/limit (clamped_swiglu), ffn_bias."""
     router = options.get("router", "softmax_topk")
     normalize = (k > 1 and router not in ("expert_choice", "hash")) if normalize is None else normalize
     if router == "expert_choice" and capacity_factor is None:
@@ -221,6 +223,11 @@ def make_case(name, rng, kind, T=24, D=10, F_=18, E=6, k=2, lead=None, normalize
     gated = activation in ("swiglu", "clamped_swiglu")
     if gated:
         params["w3"] = rng.standard_normal((E, D, F_)) / math.sqrt(D)
+    if options.get("ffn_bias"):  # random, not the init's zeros, so that they count
+        params["b1"] = rng.standard_normal((E, F_))
+        if gated:
+            params["b3"] = rng.standard_normal((E, F_))
+        params["b2"] = rng.standard_normal((E, D))
     if router == "hash":
         del params["w_router"]
     S, FS = options.get("num_shared_experts", 0), options.get("shared_d_ff", F_)
@@ -259,7 +266,8 @@ def make_case(name, rng, kind, T=24, D=10, F_=18, E=6, k=2, lead=None, normalize
         used = [n for n in ("w_router",) if n in params]
     else:
         act = (activation, options.get("swiglu_alpha", 1.702), options.get("swiglu_limit", 7.0))
-        ye = experts_dense(tx, tp["w1"], tp.get("w3"), tp["w2"], *act)
+        ye = experts_dense(tx, tp["w1"], tp.get("w3"), tp["w2"], *act, tp.get("b1"), tp.get("b3"),
+                           tp.get("b2"))
         onehot = F.one_hot(fields["topk_indices"].clamp(min=0), E).double()  # [T, W, E]
         coef = (onehot * fields["topk_weights"][..., None]).sum(1)  # [T, E]
         y = torch.einsum("te,etd->td", coef, ye)
@@ -294,7 +302,8 @@ def make_case(name, rng, kind, T=24, D=10, F_=18, E=6, k=2, lead=None, normalize
                capacity_factor=capacity_factor, activation=activation, straight_through=ste,
                load_balance_coef=coefs[0], z_loss_coef=coefs[1], entropy_coef=coefs[2], dtype="float64")
     for key in ("router", "drop_policy", "routed_scaling_factor", "n_group", "topk_group",
-                "load_balance_scope", "num_shared_experts", "shared_d_ff", "swiglu_alpha", "swiglu_limit"):
+                "load_balance_scope", "num_shared_experts", "shared_d_ff", "swiglu_alpha", "swiglu_limit",
+                "ffn_bias"):
         if key in options:
             cfg[key] = options[key]
     if router == "hash":
@@ -351,6 +360,8 @@ def main():
     rng = np.random.default_rng(2028)
     make_case("layer_clamped_swiglu_k2", rng, "layer", k=2, activation="clamped_swiglu",
               swiglu_alpha=1.5, swiglu_limit=0.7, num_shared_experts=1, capacity_factor=0.75)
+    make_case("layer_ffn_bias_k2", rng, "layer", k=2, ffn_bias=True, capacity_factor=0.75)
+    make_case("layer_gelu_ffn_bias_k1", rng, "layer", k=1, activation="gelu", ffn_bias=True)
 
 
 if __name__ == "__main__":
