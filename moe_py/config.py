@@ -87,6 +87,8 @@ ACTIVATION_TRAITS: Dict[str, ActivationTraits] = {
 }
 ACTIVATIONS = tuple(ACTIVATION_TRAITS)
 DTYPES = {"float32": np.float32, "float64": np.float64}
+# y = sum_j w_j FFN_j(x) ("output"), or sum_j FFN_j(w_j x) ("input", as Llama 4)
+COMBINES = ("output", "input")
 
 
 # Seeds reach the C++ noise as unsigned 64-bit and NumPy's generator; keep them in int64.
@@ -185,6 +187,7 @@ class MoEConfig:
     swiglu_alpha: float = 1.702  # clamped_swiglu: the gate is g * sigmoid(alpha g)
     swiglu_limit: float = 7.0  # clamped_swiglu: the gate is clamped above at limit, the up projection to [-limit, limit]
     ffn_bias: bool = False  # routed experts add biases b1, b3 (gated), b2 after their GEMMs (gpt-oss)
+    combine: str = "output"  # the combine weights scale the experts' outputs, or their inputs ("input": Llama 4)
     straight_through: bool = False  # forward weights 1 in training, gradient of the soft weights
     load_balance_coef: float = 0.01  # weight of E * sum_e f_e P_e in aux_loss
     z_loss_coef: float = 0.001  # weight of mean logsumexp(logits)^2 in aux_loss
@@ -213,6 +216,7 @@ class MoEConfig:
             )
         for name, allowed in (("router", ROUTERS), ("load_balance_scope", BALANCE_SCOPES),
                               ("drop_policy", DROP_POLICIES), ("activation", ACTIVATIONS),
+                              ("combine", COMBINES),
                               ("dtype", tuple(DTYPES))):
             one_of(name, getattr(self, name), allowed)
         if self.capacity_factor is not None:

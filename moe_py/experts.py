@@ -5,7 +5,8 @@ exact (erf) GELU, as torch.nn.GELU() by default; clamped_swiglu (gpt-oss):
 g = min(x W1, limit), u = clamp(x W3, -limit, limit), FFN(x) = ((u + 1) g sigmoid(alpha g)) W2.
 With MoEConfig.ffn_bias each GEMM adds its bias: x W1 + b1, x W3 + b3, a W2 + b2 (the shared
 experts have none).
-y[t] = sum_j topk_weights[t, j] * FFN_{topk_indices[t, j]}(x[t]).
+y[t] = sum_j topk_weights[t, j] * FFN_{topk_indices[t, j]}(x[t]) (MoEConfig.combine "output"),
+or sum_j FFN_{topk_indices[t, j]}(topk_weights[t, j] * x[t]) ("input", Llama 4).
 """
 from __future__ import annotations
 
@@ -76,7 +77,7 @@ class Experts:
     def _weights(self) -> Dict[str, np.ndarray]:
         """The kernels' parameter arguments (w3 empty when not gated), checked."""
         dt, p = self.cfg.np_dtype, self.prefix
-        out = {"w3": np.zeros((0, 0, 0), dtype=dt)}
+        out: Dict[str, np.ndarray] = {"w3": np.zeros((0, 0, 0), dtype=dt)}
         for name, shape in self._shapes.items():
             check_param(self.params[p + name], shape, dt, p + name)
             out[name] = self.params[p + name]
@@ -85,7 +86,7 @@ class Experts:
     def _grad_buffers(self) -> Dict[str, np.ndarray]:
         """The kernels' gradient arguments (dw3 empty when not gated), checked."""
         dt, p = self.cfg.np_dtype, self.prefix
-        out = {"dw3": np.zeros((0, 0, 0), dtype=dt)}
+        out: Dict[str, np.ndarray] = {"dw3": np.zeros((0, 0, 0), dtype=dt)}
         for name, shape in self._shapes.items():
             check_grad_buffer(self.grads.get(p + name), shape, dt, f"grads['{p + name}']")
             out["d" + name] = self.grads[p + name]
@@ -96,10 +97,11 @@ class Experts:
         """x2 [T, d_model] -> (y [T, d_model], what backward needs); changes nothing here.
         Padded tokens (index -1) and dropped slots cost nothing."""
         weights = self._weights()
-        xe, offsets, state = self.dispatcher.dispatch(x2, topk_indices, dropped, self.cfg.num_experts)
+        xe, offsets, state = self.dispatcher.dispatch(x2, topk_indices, topk_weights, dropped,
+                                                      self.cfg.num_experts, self.cfg.combine)
         h1, h3, ye = kernel("experts_forward", self.cfg.np_dtype)(
             xs=xe, offsets=offsets, **weights, **self._activation)
-        y = self.dispatcher.combine(ye, topk_weights, state)
+        y = self.dispatcher.combine(ye, state)
         return y, (state, offsets, xe, h1, h3, weights)
 
     def commit(self, saved: tuple) -> None:
@@ -119,11 +121,14 @@ class Experts:
             raise RuntimeError("backward called before forward")
         state, offsets, xe, h1, h3, weights = saved
         grads = self._grad_buffers()
-        dye, d_weights = self.dispatcher.combine_backward(dy2, state)
+        dye, dw_out = self.dispatcher.combine_backward(dy2, state)
         dxe = kernel("experts_backward", self.cfg.np_dtype)(
             xs=xe, offsets=offsets, w1=weights["w1"], w3=weights["w3"], w2=weights["w2"], h1=h1,
             h3=h3, dye=dye, **self._activation, **grads)
-        return self.dispatcher.dispatch_backward(dxe, state), d_weights
+        dx2, dw_in = self.dispatcher.dispatch_backward(dxe, state)
+        d_weights = dw_out if dw_out is not None else dw_in  # from where the weights applied
+        assert d_weights is not None
+        return dx2, d_weights
 
 
 def every_token(real: np.ndarray, n_experts: int, dtype) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -4,7 +4,9 @@
     out = experts(x, topk_indices, topk_weights, padding_mask=None)
     dx, d_topk_weights = out.backward(dy)             # weight gradients added into experts.grads
 
-y[t] = sum_j topk_weights[t, j] * FFN_{topk_indices[t, j]}(x[t]), on the same kernels and the
+y[t] = sum_j topk_weights[t, j] * FFN_{topk_indices[t, j]}(x[t]) (or, with cfg.combine "input",
+sum_j FFN_{topk_indices[t, j]}(topk_weights[t, j] * x[t]); d_topk_weights is then
+<dL/d(expert input), x[t]>), on the same kernels and the
 same dispatch as MoELayer (so, for the same routing and weights, bitwise MoELayer's y, dx and
 expert gradients). This is the seam a transformers experts backend, routing replay, forced
 routing and expert ablation call: none of them needs its own copy of the expert compute.
@@ -19,7 +21,8 @@ The contract's semantics (docs/design.md, "Routing" and "Padding"):
   router's probabilities, which this entry does not see). Dropped slots contribute nothing
   and get gradient 0 (no renormalisation); `out.dropped` marks them.
 The router's parameters and losses are not involved: `cfg` gives the experts' shapes
-(num_experts, d_model, d_ff, activation, dtype) and the capacity.
+(num_experts, d_model, d_ff, activation and its alpha/limit, ffn_bias, dtype), the combine
+and the capacity.
 """
 from __future__ import annotations
 

@@ -171,6 +171,11 @@ LAYER_CASES = {
     "ffn_bias_clamped": dict(cfg=_cfg(num_experts=8, ffn_bias=True, activation="clamped_swiglu",
                                       swiglu_limit=1.0, capacity_factor=0.8),
                              tokens=50, splits=[0, 21], padding=0.1, seed=24),
+    # Llama 4's input-scaled combine: the weights scale the rows before they leave their rank
+    "input_combine": dict(cfg=_cfg(num_experts=8, combine="input", ffn_bias=True, capacity_factor=0.8),
+                          tokens=50, splits=[0, 29], padding=0.1, seed=25, aux_weight=0.5),
+    "input_combine_expert_choice": dict(cfg=_cfg(router="expert_choice", combine="input"), tokens=40,
+                                        splits=[0, 15], padding=0.1, seed=26),
 }
 GLOBAL_ROUTERS = ("expert_choice", "sinkhorn")
 
@@ -356,6 +361,10 @@ TRAIN_CASES = {
                              batch_size=5, seq_len=24),
     "float64_expert_choice": dict(moe=_moe(router="expert_choice", num_experts=8), steps=20,
                                   batch_size=4, seq_len=24, grad_accum=2),
+    # the expert variants: biases (sliced with the weights, and their AdamW moments) and
+    # Llama 4's input-scaled combine
+    "float64_ffn_bias_input_combine": dict(moe=_moe(ffn_bias=True, combine="input", capacity_factor=1.0),
+                                           steps=20, batch_size=4, seq_len=24),
 }
 
 

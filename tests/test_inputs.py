@@ -32,6 +32,7 @@ def cfg(**kw):
     (dict(swiglu_alpha=1.5), "^swiglu_alpha: only activation \\('clamped_swiglu',\\) reads it"),
     (dict(activation="gelu", swiglu_limit=5.0), "^swiglu_limit: only activation"),
     (dict(ffn_bias=1), "^ffn_bias: expected a bool"),
+    (dict(combine="inputs"), "^combine: expected one of \\('output', 'input'\\)"),
     (dict(ffn_bias=True, num_shared_experts=1), "^ffn_bias: the shared experts have no biases"),
 ])
 def test_config_errors_name_the_field(kw, word):

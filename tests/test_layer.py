@@ -36,17 +36,20 @@ def test_layer_gradient_matches_finite_differences(activation, k, padded, capaci
 
 
 # The expert variants of the Hugging Face families, each through the whole layer's gradient
-# (k = 2, padding, capacity): gpt-oss's clamped SwiGLU with a limit that clamps often, and
-# the experts' biases.
+# (k = 2, padding, capacity): gpt-oss's clamped SwiGLU with a limit that clamps often, the
+# experts' biases, and Llama 4's input-scaled combine (also with its top-1 sigmoid router).
 VARIANTS = {"clamped_swiglu": dict(activation="clamped_swiglu", swiglu_limit=0.6, swiglu_alpha=1.5),
-            "ffn_bias": dict(ffn_bias=True), "gelu_ffn_bias": dict(activation="gelu", ffn_bias=True)}
+            "ffn_bias": dict(ffn_bias=True), "gelu_ffn_bias": dict(activation="gelu", ffn_bias=True),
+            "input_combine": dict(combine="input", ffn_bias=True),
+            "llama4_input_combine": dict(combine="input", router="sigmoid_topk", top_k=1)}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_expert_variants_gradient_matches_finite_differences(variant):
     rng = np.random.default_rng(12)
-    layer = make_layer(rng, E=5, k=2, capacity_factor=0.5, load_balance_coef=0.2, z_loss_coef=0.02,
-                       **VARIANTS[variant])
+    kw = {"k": 2, **VARIANTS[variant]}
+    kw["k"] = kw.pop("top_k", kw["k"])
+    layer = make_layer(rng, E=5, capacity_factor=0.5, load_balance_coef=0.2, z_loss_coef=0.02, **kw)
     for name, v in layer.params.items():  # biases (when there are) away from their init of 0
         if name.startswith("b"):
             v[...] = rng.standard_normal(v.shape) * 0.5

@@ -72,7 +72,7 @@ def test_matches_pytorch_reference(path, dtype):
 
 
 def test_reference_files_exist():
-    assert len(FILES) >= 40
+    assert len(FILES) >= 42
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: os.path.basename(p)[:-4])
@@ -109,7 +109,9 @@ def test_numpy_reference_matches_the_pytorch_reference(path):
                                 dict(activation="clamped_swiglu", swiglu_limit=0.6, swiglu_alpha=1.2,
                                      num_shared_experts=1),
                                 dict(ffn_bias=True, capacity_factor=0.7),
-                                dict(activation="gelu", ffn_bias=True)])
+                                dict(activation="gelu", ffn_bias=True),
+                                dict(combine="input", ffn_bias=True, capacity_factor=0.7),
+                                dict(combine="input", router="sigmoid_topk", top_k=1)])
 def test_layer_and_router_match_the_numpy_reference(kw):
     from moe_py.testing import assert_matches_reference
     cfg = moe_py.MoEConfig(**{"d_model": 10, "d_ff": 12, "num_experts": 5, "top_k": 2,

@@ -40,7 +40,7 @@ def _torch_reference(x, idx, w, mask, params, cfg, dy):
             e = int(idx[i, j])
             if not mask[i] or e < 0:
                 continue
-            if getattr(cfg, "combine", "output") == "input":  # the weight scales the input
+            if cfg.combine == "input":  # the weight scales the input
                 acc = acc + torch_ffn(wt[i, j] * xt[i], t, e, cfg)
             else:
                 acc = acc + wt[i, j] * torch_ffn(xt[i], t, e, cfg)
@@ -54,7 +54,10 @@ def _torch_reference(x, idx, w, mask, params, cfg, dy):
 @pytest.mark.parametrize("kw", [dict(activation="swiglu"), dict(activation="gelu"),
                                 dict(activation="clamped_swiglu", swiglu_limit=0.8, swiglu_alpha=1.3),
                                 dict(ffn_bias=True), dict(activation="gelu", ffn_bias=True),
-                                dict(activation="clamped_swiglu", swiglu_limit=0.8, ffn_bias=True)])
+                                dict(activation="clamped_swiglu", swiglu_limit=0.8, ffn_bias=True),
+                                dict(combine="input"), dict(combine="input", activation="gelu"),
+                                dict(combine="input", ffn_bias=True, activation="clamped_swiglu",
+                                     swiglu_limit=0.8)])
 def test_forward_and_backward_match_float64_torch(kw):
     cfg = MoEConfig(d_model=6, d_ff=10, num_experts=5, top_k=2, dtype="float64", **kw)
     rng = np.random.default_rng(1)
@@ -150,7 +153,8 @@ def test_capacity_drops_follow_the_contract(policy, c):
     assert not dw[expected].any()
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(activation="clamped_swiglu", swiglu_limit=1.0, ffn_bias=True)])
+@pytest.mark.parametrize("kw", [dict(), dict(activation="clamped_swiglu", swiglu_limit=1.0, ffn_bias=True),
+                                dict(combine="input", ffn_bias=True)])
 def test_bitwise_at_1_2_3_threads(kw):
     cfg = MoEConfig(d_model=16, d_ff=24, num_experts=6, top_k=2, **kw)
     rng = np.random.default_rng(2)

@@ -36,7 +36,7 @@ def plain_torch(m, x, mask):
         return v @ params[name][e] + (params[b][e] if b in params else 0)
     for e in range(cfg.num_experts):
         coef = ((top_i == e) * w).sum(-1)
-        if getattr(cfg, "combine", "output") == "input":  # the weight scales the expert's input
+        if cfg.combine == "input":  # the weight scales the expert's input
             xin, out_scale = coef[:, None] * T, (top_i == e).any(-1).double()
         else:
             xin, out_scale = T, coef
@@ -54,7 +54,7 @@ def plain_torch(m, x, mask):
     return y.reshape(x.shape), aux
 
 
-@pytest.mark.parametrize("kw", [{}, {"ffn_bias": True}])
+@pytest.mark.parametrize("kw", [{}, {"ffn_bias": True}, {"combine": "input", "ffn_bias": True}])
 def test_matches_plain_torch_in_output_and_every_gradient(kw):
     m = module(**kw)
     rng = np.random.default_rng(0)

@@ -222,11 +222,11 @@ def reference_forward_backward(cfg: MoEConfig, params: Dict[str, np.ndarray], x:
             w3 = p64[n3][e] if n3 in p64 else None
             b1, b3, b2 = (p64[n][e] if n in p64 else 0.0 for n in (nb1, nb3, nb2))
             # combine "output": y += w FFN(x); "input": y += FFN(w x), unweighted
-            scale_input = getattr(cfg, "combine", "output") == "input" and n1 == "w1"
+            scale_input = cfg.combine == "input" and n1 == "w1"
             xin = w[:, None] * x if scale_input else x
             out_scale = sel.astype(np.float64) if scale_input else w
             h1 = xin @ w1 + b1
-            h3 = xin @ w3 + b3 if cfg.activation_traits.gated else None
+            h3 = xin @ w3 + b3 if w3 is not None else None
             a, da_dh1, da_dh3 = _act(h1, h3, cfg)
             out = a @ w2 + b2
             y += out_scale[:, None] * out
@@ -240,7 +240,7 @@ def reference_forward_backward(cfg: MoEConfig, params: Dict[str, np.ndarray], x:
             dxin = dh1 @ w1.T
             if nb1 in grads:
                 grads[nb1][e] += dh1.sum(axis=0)
-            if h3 is not None:
+            if h3 is not None and w3 is not None:
                 dh3 = da * da_dh3
                 grads[n3][e] += xin.T @ dh3
                 dxin += dh3 @ w3.T

@@ -209,7 +209,7 @@ def make_case(name, rng, kind, T=24, D=10, F_=18, E=6, k=2, lead=None, normalize
     """options: router, drop_policy, routed_scaling_factor, n_group, topk_group,
     load_balance_scope, num_shared_experts, shared_d_ff, expert_bias, balance_counts,
     training (default True), sinkhorn_iterations/tolerance (default 100 / 1e-4),
-    swiglu_alpha/limit (clamped_swiglu), ffn_bias."""
+    swiglu_alpha/limit (clamped_swiglu), ffn_bias, combine."""
     router = options.get("router", "softmax_topk")
     normalize = (k > 1 and router not in ("expert_choice", "hash")) if normalize is None else normalize
     if router == "expert_choice" and capacity_factor is None:
@@ -270,7 +270,20 @@ def make_case(name, rng, kind, T=24, D=10, F_=18, E=6, k=2, lead=None, normalize
                            tp.get("b2"))
         onehot = F.one_hot(fields["topk_indices"].clamp(min=0), E).double()  # [T, W, E]
         coef = (onehot * fields["topk_weights"][..., None]).sum(1)  # [T, E]
-        y = torch.einsum("te,etd->td", coef, ye)
+        if options.get("combine") == "input":  # Llama 4: y = sum over kept slots of FFN_e(w x)
+            kept = fields["topk_indices"] >= 0
+            kept &= ~fields["dropped"]
+            sel = (onehot * kept[..., None]).sum(1)  # [T, E]: 1 where the token's kept slot is e
+
+            def expert(e):  # expert e's parameters, as a stack of one
+                w1, w3, w2, b1, b3, b2 = (None if tp.get(n) is None else tp[n][e:e + 1]
+                                          for n in ("w1", "w3", "w2", "b1", "b3", "b2"))
+                return dict(w1=w1, w3=w3, w2=w2, b1=b1, b3=b3, b2=b2)
+            ye = torch.stack([experts_dense(coef[:, e:e + 1] * tx, **expert(e), activation=act[0],
+                                            alpha=act[1], limit=act[2])[0] for e in range(E)])
+            y = torch.einsum("te,etd->td", sel, ye)
+        else:
+            y = torch.einsum("te,etd->td", coef, ye)
         if S:  # every shared expert on every real token, weight 1
             ys = experts_dense(tx, tp["shared_w1"], tp.get("shared_w3"), tp["shared_w2"], *act)
             y = y + ys.sum(0) * torch.from_numpy(mask)[:, None]
@@ -303,7 +316,7 @@ def make_case(name, rng, kind, T=24, D=10, F_=18, E=6, k=2, lead=None, normalize
                load_balance_coef=coefs[0], z_loss_coef=coefs[1], entropy_coef=coefs[2], dtype="float64")
     for key in ("router", "drop_policy", "routed_scaling_factor", "n_group", "topk_group",
                 "load_balance_scope", "num_shared_experts", "shared_d_ff", "swiglu_alpha", "swiglu_limit",
-                "ffn_bias"):
+                "ffn_bias", "combine"):
         if key in options:
             cfg[key] = options[key]
     if router == "hash":
@@ -362,6 +375,10 @@ def main():
               swiglu_alpha=1.5, swiglu_limit=0.7, num_shared_experts=1, capacity_factor=0.75)
     make_case("layer_ffn_bias_k2", rng, "layer", k=2, ffn_bias=True, capacity_factor=0.75)
     make_case("layer_gelu_ffn_bias_k1", rng, "layer", k=1, activation="gelu", ffn_bias=True)
+    make_case("layer_input_combine_k2", rng, "layer", k=2, combine="input", ffn_bias=True,
+              capacity_factor=0.75)
+    make_case("layer_llama4_sigmoid_k1_input_combine", rng, "layer", k=1, router="sigmoid_topk",
+              combine="input", num_shared_experts=1, expert_bias=np.zeros(6))
 
 
 if __name__ == "__main__":
