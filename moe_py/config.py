@@ -50,11 +50,6 @@ ROUTER_TRAITS: Dict[str, RouterTraits] = {
 ROUTERS = tuple(ROUTER_TRAITS)
 
 
-def activations_with(trait: str) -> tuple:
-    """The activations that have `trait` (for messages)."""
-    return tuple(a for a, t in ACTIVATION_TRAITS.items() if getattr(t, trait))
-
-
 def router_traits(router: str) -> RouterTraits:
     if router not in ROUTER_TRAITS:
         raise ValueError(f"router: expected one of {ROUTERS}, got {router!r}")
@@ -86,6 +81,13 @@ ACTIVATION_TRAITS: Dict[str, ActivationTraits] = {
     "clamped_swiglu": ActivationTraits(gated=True, clamped=True),
 }
 ACTIVATIONS = tuple(ACTIVATION_TRAITS)
+
+
+def activations_with(trait: str) -> tuple:
+    """The activations that have `trait` (for messages)."""
+    return tuple(a for a, t in ACTIVATION_TRAITS.items() if getattr(t, trait))
+
+
 DTYPES = {"float32": np.float32, "float64": np.float64}
 # y = sum_j w_j FFN_j(x) ("output"), or sum_j FFN_j(w_j x) ("input", as Llama 4)
 COMBINES = ("output", "input")
@@ -171,8 +173,9 @@ class MoEConfig:
     hash never normalise (normalize_topk is set to False). capacity_factor=None is dropless
     (expert choice: 1.0, see `capacity`). bias_update_rate=None: 1e-3 for sigmoid_topk, 0
     (no expert bias) for the others (see `bias_rate`).
-    Experts have no biases unless ffn_bias (routed experts only); "gelu" is the erf form. docs/design.md, "Routers", has the
-    formulas of every router.
+    Experts have no biases unless ffn_bias (routed experts only); "gelu" is the erf form.
+    docs/design.md, "Experts", has the expert variants' formulas and "Routers" those of every
+    router.
     """
 
     d_model: int = 128  # width of the tokens the layer reads and writes
