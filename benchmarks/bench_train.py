@@ -13,6 +13,7 @@ import numpy as np
 from common import (NumpyBlasThreads, Table, best_sgemm, default_model_and_batches, fma_peak, fmt,
                     interleaved_medians, machine_line, optional_torch, set_threads)
 from moe_py.cli import configs_from_args
+from moe_py.config import ACTIVATION_TRAITS
 from moe_py.models import TransformerLM
 from moe_py.optim import AdamW, global_grad_norm
 
@@ -36,7 +37,7 @@ def step_flops(cfg, B, S):
     them, plus the router) and backward at twice the forward."""
     D, L = cfg.d_model, cfg.n_layers
     attn = 2 * D * 3 * D + 2 * D * D + 2 * 2 * (S / 2) * D
-    n_mats = 3 if cfg.activation == "swiglu" else 2
+    n_mats = 3 if ACTIVATION_TRAITS[cfg.activation].gated else 2
     if cfg.moe is not None:
         ffn = cfg.moe.top_k * n_mats * 2 * D * cfg.moe.d_ff + 2 * D * cfg.moe.num_experts
     else:

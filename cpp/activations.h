@@ -75,6 +75,43 @@ inline void swiglu_backward(const T* h1, const T* h3, const T* da, T* a, T* dh1,
   });
 }
 
+// ---- clamped SwiGLU (gpt-oss): g = min(h1, limit), u = clamp(h3, -limit, limit),
+//      a = (u + 1) * g * sigmoid(alpha g) ------------------------------------------
+// The clamps are written as selects that keep x unless it lies beyond a bound, so a NaN
+// passes through as it does through torch.clamp (a min() could turn it into the bound).
+
+template <typename T>
+inline void clamped_swiglu_forward(const T* h1, const T* h3, T* a, index_t n, T alpha, T limit) {
+  const T* in[2] = {h1, h3};
+  T* out[1] = {a};
+  blocked<T>(n, in, 2, out, 1, [alpha, limit](const Block<T>* x, Block<T>* y) {
+    const Block<T> g = (x[0] > limit).select(limit, x[0]);
+    const Block<T> u = (x[1] > limit).select(limit, (x[1] < -limit).select(-limit, x[1]));
+    const Block<T> s = T(1) / (T(1) + (-alpha * g).exp());
+    y[0] = (u + T(1)) * g * s;
+  });
+}
+
+// From h1, h3 (saved) and da: a (recomputed, for dW2), dh1 and dh3.
+// d(g sigmoid(alpha g))/dg = s + alpha g s (1 - s). A clamp passes the gradient where its
+// input lies within the bounds, bounds included, as torch.clamp's backward does: so
+// h1 == limit and h3 == +-limit get their gradient and autograd is matched exactly.
+template <typename T>
+inline void clamped_swiglu_backward(const T* h1, const T* h3, const T* da, T* a, T* dh1, T* dh3,
+                                    index_t n, T alpha, T limit) {
+  const T* in[3] = {h1, h3, da};
+  T* out[3] = {a, dh1, dh3};
+  blocked<T>(n, in, 3, out, 3, [alpha, limit](const Block<T>* x, Block<T>* y) {
+    const Block<T> g = (x[0] > limit).select(limit, x[0]);
+    const Block<T> u = (x[1] > limit).select(limit, (x[1] < -limit).select(-limit, x[1]));
+    const Block<T> s = T(1) / (T(1) + (-alpha * g).exp());
+    const Block<T> gs = g * s;
+    y[0] = (u + T(1)) * gs;
+    y[1] = (x[0] > limit).select(T(0), x[2] * (u + T(1)) * (s + alpha * gs * (T(1) - s)));
+    y[2] = (x[1] > limit || x[1] < -limit).select(T(0), x[2] * gs);
+  });
+}
+
 // ---- GELU, erf form: a = h * Phi(h) -------------------------------------------
 
 template <typename T>

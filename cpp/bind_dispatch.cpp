@@ -2,6 +2,9 @@
 #include "bind_common.h"
 #include "dispatch.h"
 
+#include <algorithm>
+#include <vector>
+
 namespace moe_bind {
 
 namespace {
@@ -80,6 +83,55 @@ void bind_typed(py::module_& m, const std::string& sfx) {
       },
       py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("dy"), py::arg("ye"), py::arg("slot_row"), py::arg("topk_weights"),
       "(dye, d_topk_weights) of combine_forward");
+
+  m.def(
+      ("dispatch_weighted" + sfx).c_str(),
+      [](In<T> x, Idx slot_row, In<T> weights, index_t rows) {
+        const index_t n = slot_row.shape(0), k = slot_row.shape(1), d = x.shape(1);
+        expect_shape(x, "x", {n, d});
+        expect_shape(weights, "topk_weights", {n, k});
+        const index_t* sr = slot_row.data();
+        // every row is some slot's (the plan's rows are exactly the kept slots)
+        std::vector<char> seen(rows, 0);
+        for (index_t i = 0; i < n * k; ++i) {
+          if (sr[i] >= rows) throw std::invalid_argument("slot_row: out of range");
+          if (sr[i] >= 0) seen[sr[i]] = 1;
+        }
+        if (std::find(seen.begin(), seen.end(), 0) != seen.end())
+          throw std::invalid_argument("rows: a row no slot fills");
+        auto xs = empty<T>({rows, d});
+        T* out = xs.mutable_data();
+        py::gil_scoped_release release;
+        moe::dispatch_weighted<T>(x.data(), sr, weights.data(), n, k, d, out);
+        return xs;
+      },
+      py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("x"), py::arg("slot_row"),
+      py::arg("topk_weights"), py::arg("rows"),
+      "xs[slot_row[t, j]] = topk_weights[t, j] * x[t]: the rows of the input-scaled combine");
+
+  m.def(
+      ("dispatch_weighted_backward" + sfx).c_str(),
+      [](In<T> dxs, In<T> x, Idx slot_row, In<T> weights) {
+        const index_t rows = dxs.shape(0), d = dxs.shape(1);
+        const index_t n = slot_row.shape(0), k = slot_row.shape(1);
+        expect_shape(x, "x", {n, d});
+        expect_shape(weights, "topk_weights", {n, k});
+        const index_t* sr = slot_row.data();
+        for (index_t i = 0; i < n * k; ++i)
+          if (sr[i] >= rows) throw std::invalid_argument("slot_row: out of range");
+        auto dx = empty<T>({n, d});
+        auto dw = empty<T>({n, k});
+        T *dxp = dx.mutable_data(), *dwp = dw.mutable_data();
+        {
+          py::gil_scoped_release release;
+          moe::dispatch_weighted_backward<T>(dxs.data(), x.data(), sr, weights.data(), n, k, d,
+                                             dxp, dwp);
+        }
+        return py::make_tuple(dx, dw);
+      },
+      py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("dxs"), py::arg("x"),
+      py::arg("slot_row"), py::arg("topk_weights"),
+      "(dx, d_topk_weights) of dispatch_weighted");
 }
 
 }  // namespace

@@ -49,36 +49,69 @@ void gather_rows_backward(const T* dxs, const index_t* slot_row, index_t n_token
   }
 }
 
+namespace {
+
+// out[t] = sum_j weights[t, j] * rows[slot_row[t, j]], per token (fixed slot order); with
+// `dot` also d_weights[t, j] = <dot[t], rows[slot_row[t, j]]>.
+template <typename T>
+void weighted_sum_to_tokens(const T* rows, const index_t* slot_row, const T* weights,
+                            index_t n_tokens, index_t k, index_t d, T* out, const T* dot,
+                            T* d_weights) {
+#pragma omp parallel for schedule(static)
+  for (index_t t = 0; t < n_tokens; ++t) {
+    ArrMap<T> o(out + t * d, d);
+    o.setZero();
+    for (index_t j = 0; j < k; ++j) {
+      const index_t r = slot_row[t * k + j];
+      if (dot) d_weights[t * k + j] = r < 0 ? T(0) : (ConstArrMap<T>(dot + t * d, d) *
+                                                        ConstArrMap<T>(rows + r * d, d)).sum();
+      if (r >= 0) o += weights[t * k + j] * ConstArrMap<T>(rows + r * d, d);
+    }
+  }
+}
+
+// rows[slot_row[t, j]] = weights[t, j] * src[t]; with `dot` also
+// d_weights[t, j] = <src[t], dot[slot_row[t, j]]>.
+template <typename T>
+void weighted_scatter_to_rows(const T* src, const index_t* slot_row, const T* weights,
+                              index_t n_tokens, index_t k, index_t d, T* rows, const T* dot,
+                              T* d_weights) {
+#pragma omp parallel for schedule(static)
+  for (index_t t = 0; t < n_tokens; ++t) {
+    ConstArrMap<T> g(src + t * d, d);
+    for (index_t j = 0; j < k; ++j) {
+      const index_t r = slot_row[t * k + j];
+      if (dot) d_weights[t * k + j] = r < 0 ? T(0) : (g * ConstArrMap<T>(dot + r * d, d)).sum();
+      if (r >= 0) ArrMap<T>(rows + r * d, d) = weights[t * k + j] * g;
+    }
+  }
+}
+
+}  // namespace
+
 template <typename T>
 void combine_forward(const T* ye, const index_t* slot_row, const T* weights, index_t n_tokens,
                      index_t k, index_t d, T* y) {
-#pragma omp parallel for schedule(static)
-  for (index_t t = 0; t < n_tokens; ++t) {
-    ArrMap<T> out(y + t * d, d);
-    out.setZero();
-    for (index_t j = 0; j < k; ++j) {
-      const index_t r = slot_row[t * k + j];
-      if (r >= 0) out += weights[t * k + j] * ConstArrMap<T>(ye + r * d, d);
-    }
-  }
+  weighted_sum_to_tokens<T>(ye, slot_row, weights, n_tokens, k, d, y, nullptr, nullptr);
 }
 
 template <typename T>
 void combine_backward(const T* dy, const T* ye, const index_t* slot_row, const T* weights,
                       index_t n_tokens, index_t k, index_t d, T* dye, T* d_weights) {
-#pragma omp parallel for schedule(static)
-  for (index_t t = 0; t < n_tokens; ++t) {
-    ConstArrMap<T> g(dy + t * d, d);
-    for (index_t j = 0; j < k; ++j) {
-      const index_t r = slot_row[t * k + j];
-      if (r < 0) {
-        d_weights[t * k + j] = 0;
-        continue;
-      }
-      ArrMap<T>(dye + r * d, d) = weights[t * k + j] * g;
-      d_weights[t * k + j] = (g * ConstArrMap<T>(ye + r * d, d)).sum();
-    }
-  }
+  weighted_scatter_to_rows(dy, slot_row, weights, n_tokens, k, d, dye, ye, d_weights);
+}
+
+template <typename T>
+void dispatch_weighted(const T* x, const index_t* slot_row, const T* weights, index_t n_tokens,
+                       index_t k, index_t d, T* xs) {
+  weighted_scatter_to_rows<T>(x, slot_row, weights, n_tokens, k, d, xs, nullptr, nullptr);
+}
+
+template <typename T>
+void dispatch_weighted_backward(const T* dxs, const T* x, const index_t* slot_row,
+                                const T* weights, index_t n_tokens, index_t k, index_t d, T* dx,
+                                T* d_weights) {
+  weighted_sum_to_tokens(dxs, slot_row, weights, n_tokens, k, d, dx, x, d_weights);
 }
 
 template <typename T>
@@ -107,6 +140,10 @@ void scatter_add_rows(const T* dout, const index_t* ids, index_t n_tokens, index
                                    index_t, T*);                                               \
   template void combine_backward<T>(const T*, const T*, const index_t*, const T*, index_t,     \
                                     index_t, index_t, T*, T*);                               \
+  template void dispatch_weighted<T>(const T*, const index_t*, const T*, index_t, index_t,     \
+                                     index_t, T*);                                             \
+  template void dispatch_weighted_backward<T>(const T*, const T*, const index_t*, const T*,    \
+                                              index_t, index_t, index_t, T*, T*);              \
   template void scatter_add_rows<T>(const T*, const index_t*, index_t, index_t, index_t, T*);
 MOE_INSTANTIATE(float)
 MOE_INSTANTIATE(double)

@@ -24,7 +24,12 @@ template <typename T>
 void gather_rows_backward(const T* dxs, const index_t* slot_row, index_t n_tokens, index_t k,
                           index_t d, T* dx);
 
-// y[t] = sum_j weights[t, j] * ye[slot_row[t, j]]
+// The combine weights scale either the experts' outputs (MoEConfig.combine "output") or their
+// inputs ("input", Llama 4). The two are each other's transpose: the weighted sum onto the
+// tokens (combine_forward) is the input combine's dispatch backward, and the weighted scatter
+// onto the rows (combine_backward) is its dispatch. Each formula is written once below.
+
+// y[t] = sum_j weights[t, j] * ye[slot_row[t, j]]                      (combine "output")
 template <typename T>
 void combine_forward(const T* ye, const index_t* slot_row, const T* weights, index_t n_tokens,
                      index_t k, index_t d, T* y);
@@ -33,6 +38,19 @@ void combine_forward(const T* ye, const index_t* slot_row, const T* weights, ind
 template <typename T>
 void combine_backward(const T* dy, const T* ye, const index_t* slot_row, const T* weights,
                       index_t n_tokens, index_t k, index_t d, T* dye, T* d_weights);
+
+// xs[slot_row[t, j]] = weights[t, j] * x[t]: the rows of the input combine ("input"), whose
+// experts' outputs are then summed unweighted (gather_rows_backward)
+template <typename T>
+void dispatch_weighted(const T* x, const index_t* slot_row, const T* weights, index_t n_tokens,
+                       index_t k, index_t d, T* xs);
+
+// Its backward: dx[t] = sum_j weights[t, j] * dxs[slot_row[t, j]];
+// d_weights[t, j] = <x[t], dxs[slot_row[t, j]]> (0 for a slot with no row)
+template <typename T>
+void dispatch_weighted_backward(const T* dxs, const T* x, const index_t* slot_row,
+                                const T* weights, index_t n_tokens, index_t k, index_t d, T* dx,
+                                T* d_weights);
 
 // table_grad[v] += sum of dout[t] over the tokens t with ids[t] == v, summed in
 // token order per id (the backward of an embedding lookup; no atomics).

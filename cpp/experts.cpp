@@ -23,6 +23,43 @@ struct Item {
   index_t expert, r0, rows;
 };
 
+// out[r] += v for each of `rows` rows of `width`: a bias added after its GEMM.
+template <typename T>
+void add_to_rows(T* out, index_t rows, index_t width, const T* v) {
+  const ConstArrMap<T> b(v, width);
+  for (index_t r = 0; r < rows; ++r) ArrMap<T>(out + r * width, width) += b;
+}
+
+// sum += each of `rows` rows of src, in row order: a bias's gradient.
+template <typename T>
+void add_rows_to(T* sum, index_t rows, index_t width, const T* src) {
+  ArrMap<T> acc(sum, width);
+  for (index_t r = 0; r < rows; ++r) acc += ConstArrMap<T>(src + r * width, width);
+}
+
+// a = act(h1, h3) on n values (h3 read by the gated activations only).
+template <typename T>
+void activation_forward(const ExpertShape& s, const T* h1, const T* h3, T* a, index_t n) {
+  switch (s.act) {
+    case Activation::swiglu: return swiglu_forward(h1, h3, a, n);
+    case Activation::gelu: return gelu_forward(h1, a, n);
+    case Activation::clamped_swiglu:
+      return clamped_swiglu_forward(h1, h3, a, n, T(s.alpha), T(s.limit));
+  }
+}
+
+// From h1, h3 and da: a (recomputed), dh1 and (gated) dh3.
+template <typename T>
+void activation_backward(const ExpertShape& s, const T* h1, const T* h3, const T* da, T* a,
+                         T* dh1, T* dh3, index_t n) {
+  switch (s.act) {
+    case Activation::swiglu: return swiglu_backward(h1, h3, da, a, dh1, dh3, n);
+    case Activation::gelu: return gelu_backward(h1, da, a, dh1, n);
+    case Activation::clamped_swiglu:
+      return clamped_swiglu_backward(h1, h3, da, a, dh1, dh3, n, T(s.alpha), T(s.limit));
+  }
+}
+
 // (expert, tile) items over `extent(e)` rows per expert, tiles of `tile` rows.
 template <typename Extent>
 std::vector<Item> tiles(index_t E, index_t tile, Extent extent) {
@@ -40,23 +77,23 @@ std::vector<Item> tiles(index_t E, index_t tile, Extent extent) {
 template <typename T>
 void expert_backward_tiles(const ExpertShape& s, index_t e, const index_t* offsets, const T* xs,
                            const T* h1, const T* h3, const T* dye, const T* w1t, const T* w3t,
-                           const T* w2t, T* dxs, T* dw1, T* dw3, T* dw2, T* da, T* a, T* dh1,
-                           T* dh3) {
+                           const T* w2t, T* dxs, T* dw1, T* dw3, T* dw2,
+                           const ExpertBiasGrads<T>& db, T* da, T* a, T* dh1, T* dh3) {
   const index_t D = s.d_model, F = s.d_ff;
-  const bool glu = s.act == Activation::swiglu;
+  const bool glu = gated(s.act);
   const index_t n_e = offsets[e + 1] - offsets[e];
   for (index_t r0 = 0; r0 < n_e; r0 += kRowTile) {
     const index_t rows = std::min(kRowTile, n_e - r0), row = offsets[e] + r0, n = rows * F;
     small_gemm_packed(false, rows, F, D, dye + row * D, D, w2t, false, da, F);
-    if (glu)
-      swiglu_backward(h1 + row * F, h3 + row * F, da, a, dh1, dh3, n);
-    else
-      gelu_backward(h1 + row * F, da, a, dh1, n);
+    activation_backward(s, h1 + row * F, glu ? h3 + row * F : nullptr, da, a, dh1, dh3, n);
     small_gemm_packed(false, rows, D, F, dh1, F, w1t, false, dxs + row * D, D);
     if (glu) small_gemm_packed(false, rows, D, F, dh3, F, w3t, true, dxs + row * D, D);
     small_gemm(true, false, D, F, rows, xs + row * D, D, dh1, F, true, dw1 + e * D * F, F);
     if (glu) small_gemm(true, false, D, F, rows, xs + row * D, D, dh3, F, true, dw3 + e * D * F, F);
     small_gemm(true, false, F, D, rows, a, F, dye + row * D, D, true, dw2 + e * F * D, D);
+    if (db.db1) add_rows_to(db.db1 + e * F, rows, F, dh1);
+    if (db.db3) add_rows_to(db.db3 + e * F, rows, F, dh3);
+    if (db.db2) add_rows_to(db.db2 + e * D, rows, D, dye + row * D);
   }
 }
 
@@ -65,9 +102,9 @@ template <typename T>
 void experts_backward_by_expert(const ExpertShape& s, const index_t* offsets, const T* xs,
                                 const T* h1, const T* h3, const T* dye, const T* w1t,
                                 const T* w3t, const T* w2t, index_t p1, index_t p2, T* dxs,
-                                T* dw1, T* dw3, T* dw2) {
+                                T* dw1, T* dw3, T* dw2, const ExpertBiasGrads<T>& db) {
   const index_t F = s.d_ff;
-  const bool glu = s.act == Activation::swiglu;
+  const bool glu = gated(s.act);
   const auto rows = [&](index_t e) { return offsets[e + 1] - offsets[e]; };
   std::vector<index_t> order;
   for (index_t e = 0; e < s.E; ++e)
@@ -81,7 +118,7 @@ void experts_backward_by_expert(const ExpertShape& s, const index_t* offsets, co
     for (index_t i = 0; i < n; ++i) {
       const index_t e = order[i];
       expert_backward_tiles(s, e, offsets, xs, h1, h3, dye, w1t + e * p1,
-                            glu ? w3t + e * p1 : nullptr, w2t + e * p2, dxs, dw1, dw3, dw2,
+                            glu ? w3t + e * p1 : nullptr, w2t + e * p2, dxs, dw1, dw3, dw2, db,
                             da.get(), a.get(), dh1.get(), dh3.get());
     }
   }
@@ -99,10 +136,10 @@ bool fused_backward_pays(index_t E, const index_t* offsets) {
 
 template <typename T>
 void experts_forward(const ExpertShape& s, const index_t* offsets, const T* xs, const T* w1,
-                     const T* w3, const T* w2, T* h1, T* h3, T* ye) {
+                     const T* w3, const T* w2, const ExpertBiases<T>& bias, T* h1, T* h3, T* ye) {
   const index_t D = s.d_model, F = s.d_ff;
   check_blas_dims({offsets[s.E], D, F});
-  const bool glu = s.act == Activation::swiglu;
+  const bool glu = gated(s.act);
   const auto items = tiles(s.E, kRowTile, [&](index_t e) { return offsets[e + 1] - offsets[e]; });
   const index_t n_items = index_t(items.size());
 
@@ -115,16 +152,17 @@ void experts_forward(const ExpertShape& s, const index_t* offsets, const T* xs, 
       const index_t row = offsets[it.expert] + it.r0;
       const T* x = xs + row * D;
       T* g = h1 + row * F;
-      small_gemm(false, false, it.rows, F, D, x, D, w1 + it.expert * D * F, F, false, g, F);
+      const index_t e = it.expert;
+      small_gemm(false, false, it.rows, F, D, x, D, w1 + e * D * F, F, false, g, F);
+      if (bias.b1) add_to_rows(g, it.rows, F, bias.b1 + e * F);
+      T* u = glu ? h3 + row * F : nullptr;
       if (glu) {
-        T* u = h3 + row * F;
-        small_gemm(false, false, it.rows, F, D, x, D, w3 + it.expert * D * F, F, false, u, F);
-        swiglu_forward(g, u, a.data(), it.rows * F);
-      } else {
-        gelu_forward(g, a.data(), it.rows * F);
+        small_gemm(false, false, it.rows, F, D, x, D, w3 + e * D * F, F, false, u, F);
+        if (bias.b3) add_to_rows(u, it.rows, F, bias.b3 + e * F);
       }
-      small_gemm(false, false, it.rows, D, F, a.data(), F, w2 + it.expert * F * D, D, false,
-                 ye + row * D, D);
+      activation_forward(s, g, u, a.data(), it.rows * F);
+      small_gemm(false, false, it.rows, D, F, a.data(), F, w2 + e * F * D, D, false, ye + row * D, D);
+      if (bias.b2) add_to_rows(ye + row * D, it.rows, D, bias.b2 + e * D);
     }
   }
 }
@@ -132,9 +170,9 @@ void experts_forward(const ExpertShape& s, const index_t* offsets, const T* xs, 
 template <typename T>
 void experts_backward(const ExpertShape& s, const index_t* offsets, const T* xs, const T* w1,
                       const T* w3, const T* w2, const T* h1, const T* h3, const T* dye, T* dxs,
-                      T* dw1, T* dw3, T* dw2, BackwardPath path) {
+                      T* dw1, T* dw3, T* dw2, const ExpertBiasGrads<T>& db, BackwardPath path) {
   const index_t D = s.d_model, F = s.d_ff;
-  const bool glu = s.act == Activation::swiglu;
+  const bool glu = gated(s.act);
   const index_t N = offsets[s.E];
   check_blas_dims({N, D, F});
   // W2^T, W1^T and W3^T packed once per expert with rows, not once per row tile: a
@@ -154,7 +192,7 @@ void experts_backward(const ExpertShape& s, const index_t* offsets, const T* xs,
   if (path == BackwardPath::by_expert ||
       (path == BackwardPath::automatic && fused_backward_pays(s.E, offsets)))
     return experts_backward_by_expert(s, offsets, xs, h1, h3, dye, w1t.get(), w3t.get(),
-                                      w2t.get(), p1, p2, dxs, dw1, dw3, dw2);
+                                      w2t.get(), p1, p2, dxs, dw1, dw3, dw2, db);
 
   // uninitialised on purpose: every element is written in phase 1
   Scratch<T> a(N * F), dh1(N * F), dh3(glu ? N * F : 0);
@@ -172,29 +210,29 @@ void experts_backward(const ExpertShape& s, const index_t* offsets, const T* xs,
       const index_t e = it.expert, row = offsets[e] + it.r0, n = it.rows * F;
       small_gemm_packed(false, it.rows, F, D, dye + row * D, D, w2t.get() + e * p2, false,
                         da.data(), F);
-      if (glu) {
-        swiglu_backward(h1 + row * F, h3 + row * F, da.data(), a.get() + row * F,
-                        dh1.get() + row * F, dh3.get() + row * F, n);
-        small_gemm_packed(false, it.rows, D, F, dh1.get() + row * F, F, w1t.get() + e * p1,
-                          false, dxs + row * D, D);
+      activation_backward(s, h1 + row * F, glu ? h3 + row * F : nullptr, da.data(),
+                          a.get() + row * F, dh1.get() + row * F,
+                          glu ? dh3.get() + row * F : nullptr, n);
+      small_gemm_packed(false, it.rows, D, F, dh1.get() + row * F, F, w1t.get() + e * p1,
+                        false, dxs + row * D, D);
+      if (glu)
         small_gemm_packed(false, it.rows, D, F, dh3.get() + row * F, F, w3t.get() + e * p1,
                           true, dxs + row * D, D);
-      } else {
-        gelu_backward(h1 + row * F, da.data(), a.get() + row * F, dh1.get() + row * F, n);
-        small_gemm_packed(false, it.rows, D, F, dh1.get() + row * F, F, w1t.get() + e * p1,
-                          false, dxs + row * D, D);
-      }
     }
   }
 
   // Phase 2, over tiles of the weight gradients' rows (never splitting the
-  // reduction over an expert's tokens): dW1 = Xs^T dH1, dW3 = Xs^T dH3, dW2 = A^T dYe.
+  // reduction over an expert's tokens): dW1 = Xs^T dH1, dW3 = Xs^T dH3, dW2 = A^T dYe;
+  // and one item per expert for its bias gradients (the column sums of dH1, dH3, dYe).
   struct GradItem {
-    int which;  // 1, 3, 2
+    int which;  // 1, 3, 2; 0: the biases
     Item it;
   };
   std::vector<GradItem> items;
   const auto has_rows = [&](index_t e) { return offsets[e + 1] > offsets[e]; };
+  if (db.db1 || db.db3 || db.db2)
+    for (index_t e = 0; e < s.E; ++e)
+      if (has_rows(e)) items.push_back({0, {e, 0, 0}});
   for (const Item& it : tiles(s.E, kGemmRowTile, [&](index_t e) { return has_rows(e) ? D : 0; })) {
     items.push_back({1, it});
     if (glu) items.push_back({3, it});
@@ -206,7 +244,11 @@ void experts_backward(const ExpertShape& s, const index_t* offsets, const T* xs,
   for (index_t i = 0; i < n_items; ++i) {
     const GradItem g = items[i];
     const index_t e = g.it.expert, row = offsets[e], n_e = offsets[e + 1] - offsets[e];
-    if (g.which == 2) {
+    if (g.which == 0) {
+      if (db.db1) add_rows_to(db.db1 + e * F, n_e, F, dh1.get() + row * F);
+      if (db.db3) add_rows_to(db.db3 + e * F, n_e, F, dh3.get() + row * F);
+      if (db.db2) add_rows_to(db.db2 + e * D, n_e, D, dye + row * D);
+    } else if (g.which == 2) {
       // rows r0.. of A^T are columns r0.. of A
       small_gemm(true, false, g.it.rows, D, n_e, a.get() + row * F + g.it.r0, F, dye + row * D,
                  D, true, dw2 + e * F * D + g.it.r0 * D, D);
@@ -220,10 +262,10 @@ void experts_backward(const ExpertShape& s, const index_t* offsets, const T* xs,
 
 #define MOE_INSTANTIATE(T)                                                                   \
   template void experts_forward<T>(const ExpertShape&, const index_t*, const T*, const T*,   \
-                                   const T*, const T*, T*, T*, T*);                          \
+                                   const T*, const T*, const ExpertBiases<T>&, T*, T*, T*);  \
   template void experts_backward<T>(const ExpertShape&, const index_t*, const T*, const T*,  \
                                     const T*, const T*, const T*, const T*, const T*, T*, T*, \
-                                    T*, T*, BackwardPath);
+                                    T*, T*, const ExpertBiasGrads<T>&, BackwardPath);
 MOE_INSTANTIATE(float)
 MOE_INSTANTIATE(double)
 #undef MOE_INSTANTIATE

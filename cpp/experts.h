@@ -1,5 +1,7 @@
 // Expert FFNs over rows grouped by expert (see dispatch.h), forward and backward.
 //   swiglu: FFN(x) = (silu(x W1) * (x W3)) W2      gelu: FFN(x) = gelu_erf(x W1) W2
+//   clamped_swiglu (gpt-oss): g = min(x W1, limit), u = clamp(x W3, -limit, limit),
+//                             FFN(x) = ((u + 1) * g * sigmoid(alpha g)) W2
 // Each expert is a run of dense GEMMs on its contiguous rows; work is split into
 // fixed (expert, row tile) items run by OpenMP, so uneven expert loads still
 // keep every core busy and the bits never depend on the thread count.
@@ -8,20 +10,37 @@
 
 namespace moe {
 
-enum class Activation { swiglu = 0, gelu = 1 };
+enum class Activation { swiglu = 0, gelu = 1, clamped_swiglu = 2 };
+
+// Whether the activation gates a second projection (x W3): then w3 and h3 exist.
+constexpr bool gated(Activation a) { return a != Activation::gelu; }
 
 struct ExpertShape {
   index_t E, d_model, d_ff;
   Activation act;
+  double alpha = 0, limit = 0;  // clamped_swiglu only: MoEConfig's swiglu_alpha, swiglu_limit
+};
+
+// The experts' biases b1, b3 [E, d_ff] and b2 [E, d_model], each added after its GEMM;
+// all null for experts without biases (b3 also null when the activation is not gated).
+template <typename T>
+struct ExpertBiases {
+  const T *b1 = nullptr, *b3 = nullptr, *b2 = nullptr;
+};
+
+// Their gradients, accumulated (+=) as the weights' are; null where there is no bias.
+template <typename T>
+struct ExpertBiasGrads {
+  T *db1 = nullptr, *db3 = nullptr, *db2 = nullptr;
 };
 
 // xs [N, d_model] rows grouped by expert (offsets [E+1]); w1, w3 [E, d_model, d_ff]
 // (w3 unused for gelu); w2 [E, d_ff, d_model].
-// Saves for backward: h1 = xs W1 and (swiglu) h3 = xs W3, both [N, d_ff].
-// Writes ye [N, d_model].
+// Saves for backward: h1 = xs W1 + b1 and (gated) h3 = xs W3 + b3, both [N, d_ff].
+// Writes ye [N, d_model] = act(h1, h3) W2 + b2.
 template <typename T>
 void experts_forward(const ExpertShape& s, const index_t* offsets, const T* xs, const T* w1,
-                     const T* w3, const T* w2, T* h1, T* h3, T* ye);
+                     const T* w3, const T* w2, const ExpertBiases<T>& bias, T* h1, T* h3, T* ye);
 
 // How the backward walks the work: by expert (each expert's row tiles from dye to its
 // weight-gradient shares while in cache) or in two phases (dxs for every row tile, then the
@@ -31,10 +50,13 @@ void experts_forward(const ExpertShape& s, const index_t* offsets, const T* xs, 
 enum class BackwardPath { automatic = 0, by_expert = 1, two_phase = 2 };
 
 // Reads xs, h1, h3 (saved) and dye [N, d_model]; writes dxs [N, d_model] and
-// accumulates (+=) into dw1, dw3, dw2. An expert with no rows is not touched.
+// accumulates (+=) into dw1, dw3, dw2 and the bias gradients. A bias gradient adds the
+// expert's rows one by one in row order on one thread, on either path: the same bits at
+// any thread count. An expert with no rows is not touched.
 template <typename T>
 void experts_backward(const ExpertShape& s, const index_t* offsets, const T* xs, const T* w1,
                       const T* w3, const T* w2, const T* h1, const T* h3, const T* dye, T* dxs,
-                      T* dw1, T* dw3, T* dw2, BackwardPath path = BackwardPath::automatic);
+                      T* dw1, T* dw3, T* dw2, const ExpertBiasGrads<T>& dbias,
+                      BackwardPath path = BackwardPath::automatic);
 
 }  // namespace moe

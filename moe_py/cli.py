@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .config import ACTIVATIONS, BALANCE_SCOPES, DROP_POLICIES, DTYPES, GROUP_SCORES, ROUTERS, MoEConfig
+from .config import ACTIVATIONS, BALANCE_SCOPES, COMBINES, DROP_POLICIES, DTYPES, GROUP_SCORES, ROUTERS, MoEConfig
 from .flags import add_config_flags, config_from_args
 from .layer import MoELayer
 from .threads import set_num_threads
@@ -79,7 +79,7 @@ def _info(args: argparse.Namespace) -> int:
 # model's seed come from the model and training flags.
 MODEL_FLAGS = ("d_model", "n_layers", "n_heads", "activation", "n_predict", "dtype", "first_dense",
                "moe_every")
-MOE_FLAGS = ("num_experts", "top_k", "d_ff", "router", "normalize_topk", "capacity_factor", "drop_policy",
+MOE_FLAGS = ("num_experts", "top_k", "d_ff", "swiglu_alpha", "swiglu_limit", "ffn_bias", "combine", "router", "normalize_topk", "capacity_factor", "drop_policy",
              "straight_through", "load_balance_coef", "z_loss_coef", "entropy_coef",
              "load_balance_scope", "routed_scaling_factor", "bias_update_rate", "n_group",
              "topk_group", "sinkhorn_iterations", "sinkhorn_tolerance", "router_bias", "group_score",
@@ -91,7 +91,7 @@ TRAIN_FLAGS = ("corpus", "corpus_bytes", "steps", "batch_size", "seq_len", "grad
                "collapse_steps")
 # Short names kept from earlier versions of the CLI.
 ALIASES = {"n_layers": ["--layers"], "n_heads": ["--heads"], "num_experts": ["--experts"]}
-CHOICES = {"activation": ACTIVATIONS, "dtype": tuple(DTYPES), "router": ROUTERS,
+CHOICES = {"activation": ACTIVATIONS, "dtype": tuple(DTYPES), "router": ROUTERS, "combine": COMBINES,
            "drop_policy": DROP_POLICIES, "load_balance_scope": BALANCE_SCOPES, "group_score": GROUP_SCORES}
 
 

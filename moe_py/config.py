@@ -69,8 +69,34 @@ def routers_with(trait: str) -> tuple:
 BALANCE_SCOPES = ("batch", "sequence", "global")
 GROUP_SCORES = ("top2_sum", "max")
 DROP_POLICIES = ("position", "probs")
-ACTIVATIONS = ("swiglu", "gelu")
+
+
+@dataclass(frozen=True)
+class ActivationTraits:
+    """What the code outside the activation kernels needs to know of an expert activation,
+    asked here (`cfg.activation_traits.gated`) rather than by comparing names."""
+
+    gated: bool  # multiplies by a second projection x W3: the experts have w3 (and b3)
+    clamped: bool  # gpt-oss's clamped SwiGLU: swiglu_alpha and swiglu_limit apply
+
+
+# The expert activations, in the order the CLI lists them (formulas: docs/design.md, "Experts").
+ACTIVATION_TRAITS: Dict[str, ActivationTraits] = {
+    "swiglu": ActivationTraits(gated=True, clamped=False),
+    "gelu": ActivationTraits(gated=False, clamped=False),
+    "clamped_swiglu": ActivationTraits(gated=True, clamped=True),
+}
+ACTIVATIONS = tuple(ACTIVATION_TRAITS)
+
+
+def activations_with(trait: str) -> tuple:
+    """The activations that have `trait` (for messages)."""
+    return tuple(a for a, t in ACTIVATION_TRAITS.items() if getattr(t, trait))
+
+
 DTYPES = {"float32": np.float32, "float64": np.float64}
+# y = sum_j w_j FFN_j(x) ("output"), or sum_j FFN_j(w_j x) ("input", as Llama 4)
+COMBINES = ("output", "input")
 
 
 # Seeds reach the C++ noise as unsigned 64-bit and NumPy's generator; keep them in int64.
@@ -138,6 +164,11 @@ def finite_number(name: str, value, allow_negative: bool = False) -> None:
         raise ValueError(f"{name}: expected a number >= 0, got {value!r}")
 
 
+def _default(name: str):
+    """A MoEConfig field's default (the one place it is written is the field)."""
+    return MoEConfig.__dataclass_fields__[name].default
+
+
 @dataclass
 class MoEConfig:
     """Configuration of one MoE layer (docs/design.md, "The MoE layer").
@@ -149,8 +180,9 @@ class MoEConfig:
     (expert choice: 1.0, see `capacity`). bias_update_rate=None: 1e-3 for sigmoid_topk and
     sqrtsoftplus_topk, 0 (a frozen expert bias, 0 unless loaded) for the others (see
     `bias_rate`).
-    Experts have no biases; "gelu" is the erf form. docs/design.md, "Routers", has the
-    formulas of every router.
+    Experts have no biases unless ffn_bias (routed experts only); "gelu" is the erf form.
+    docs/design.md, "Experts", has the expert variants' formulas and "Routers" those of every
+    router.
     """
 
     d_model: int = 128  # width of the tokens the layer reads and writes
@@ -161,7 +193,11 @@ class MoEConfig:
     normalize_topk: Optional[bool] = None  # divide the k weights by their sum (auto: k > 1)
     capacity_factor: Optional[float] = None  # expert capacity ceil(c * R * k / E); None: dropless
     drop_policy: str = "position"  # over capacity, drop by position (first choices first) or lowest probs
-    activation: str = "swiglu"  # expert activation: swiglu or gelu (erf form)
+    activation: str = "swiglu"  # expert activation: swiglu, gelu (erf form) or clamped_swiglu (gpt-oss)
+    swiglu_alpha: float = 1.702  # clamped_swiglu: the gate is g * sigmoid(alpha g)
+    swiglu_limit: float = 7.0  # clamped_swiglu: the gate is clamped above at limit, the up projection to [-limit, limit]
+    ffn_bias: bool = False  # routed experts add biases b1, b3 (gated), b2 after their GEMMs (gpt-oss)
+    combine: str = "output"  # the combine weights scale the experts' outputs, or their inputs ("input": Llama 4)
     straight_through: bool = False  # forward weights 1 in training, gradient of the soft weights
     load_balance_coef: float = 0.01  # weight of E * sum_e f_e P_e in aux_loss
     z_loss_coef: float = 0.001  # weight of mean logsumexp(logits)^2 in aux_loss
@@ -193,7 +229,8 @@ class MoEConfig:
             )
         for name, allowed in (("router", ROUTERS), ("load_balance_scope", BALANCE_SCOPES),
                               ("drop_policy", DROP_POLICIES), ("activation", ACTIVATIONS),
-                              ("dtype", tuple(DTYPES)), ("group_score", GROUP_SCORES)):
+                              ("combine", COMBINES), ("dtype", tuple(DTYPES)),
+                              ("group_score", GROUP_SCORES)):
             one_of(name, getattr(self, name), allowed)
         if self.capacity_factor is not None:
             finite_number("capacity_factor", self.capacity_factor)
@@ -206,6 +243,7 @@ class MoEConfig:
         if not isinstance(self.straight_through, (bool, np.bool_)):
             raise ValueError(f"straight_through: expected a bool, got {self.straight_through!r}")
         self._check_router_options()
+        self._check_expert_options()
         if not self.traits.soft_weights:
             # their weights are the experts' own scores (expert choice) or 1/k (hash)
             self.normalize_topk = False
@@ -224,6 +262,21 @@ class MoEConfig:
             raise ValueError(f"topk_norm_min: floors the denominator of normalize_topk, which is off "
                              f"here; set normalize_topk=True or topk_norm_min=0, got {self.topk_norm_min!r}")
         check_seed(self.seed)
+
+    def _check_expert_options(self) -> None:
+        if not isinstance(self.ffn_bias, (bool, np.bool_)):
+            raise ValueError(f"ffn_bias: expected a bool, got {self.ffn_bias!r}")
+        if self.ffn_bias and self.num_shared_experts:
+            raise ValueError(f"ffn_bias: the shared experts have no biases; ffn_bias=True needs "
+                             f"num_shared_experts=0 (got {self.num_shared_experts})")
+        for name in ("swiglu_alpha", "swiglu_limit"):
+            value = getattr(self, name)
+            finite_number(name, value, allow_negative=True)  # to say "> 0" below
+            if value <= 0:
+                raise ValueError(f"{name}: expected a number > 0, got {value!r}")
+            if not self.activation_traits.clamped and value != _default(name):
+                raise ValueError(f"{name}: only activation {activations_with('clamped')} reads it "
+                                 f"(activation is {self.activation!r}); leave it at {_default(name)}")
 
     def _check_router_options(self) -> None:
         router, traits = self.router, self.traits
@@ -278,6 +331,10 @@ class MoEConfig:
     @property
     def traits(self) -> RouterTraits:
         return router_traits(self.router)
+
+    @property
+    def activation_traits(self) -> ActivationTraits:
+        return ACTIVATION_TRAITS[self.activation]
 
     @property
     def bias_rate(self) -> float:

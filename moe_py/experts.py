@@ -1,12 +1,16 @@
 """Expert FFNs with dispatch and combine (cpp/experts.cpp, cpp/dispatch.cpp).
 
 swiglu: FFN(x) = (silu(x W1) * (x W3)) W2;  gelu: FFN(x) = gelu(x W1) W2 with the
-exact (erf) GELU, as torch.nn.GELU() by default. No biases.
-y[t] = sum_j topk_weights[t, j] * FFN_{topk_indices[t, j]}(x[t]).
+exact (erf) GELU, as torch.nn.GELU() by default; clamped_swiglu (gpt-oss):
+g = min(x W1, limit), u = clamp(x W3, -limit, limit), FFN(x) = ((u + 1) g sigmoid(alpha g)) W2.
+With MoEConfig.ffn_bias each GEMM adds its bias: x W1 + b1, x W3 + b3, a W2 + b2 (the shared
+experts have none).
+y[t] = sum_j topk_weights[t, j] * FFN_{topk_indices[t, j]}(x[t]) (MoEConfig.combine "output"),
+or sum_j FFN_{topk_indices[t, j]}(topk_weights[t, j] * x[t]) ("input", Llama 4).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -16,22 +20,46 @@ from .config import MoEConfig
 from .dispatch import LocalDispatcher
 
 
+# The experts' parameters, in the order they are drawn and listed: the weights, then (with
+# MoEConfig.ffn_bias) the biases, each added after its GEMM. w3 and b3 are the gated
+# activations' alone.
+EXPERT_KEYS = ("w1", "w3", "w2", "b1", "b3", "b2")
+BIAS_KEYS = EXPERT_KEYS[3:]
+
+
+def expert_param_shapes(cfg: MoEConfig, num_experts: Optional[int] = None) -> Dict[str, Tuple[int, ...]]:
+    """{name: shape} of the parameters cfg's experts have (num_experts of them: default all)."""
+    E = cfg.num_experts if num_experts is None else num_experts
+    D, F, gated = cfg.d_model, cfg.d_ff, cfg.activation_traits.gated
+    shapes = {"w1": (E, D, F), "w3": (E, D, F), "w2": (E, F, D), "b1": (E, F), "b3": (E, F), "b2": (E, D)}
+    has = {"w1": True, "w3": gated, "w2": True, "b1": cfg.ffn_bias, "b3": cfg.ffn_bias and gated,
+           "b2": cfg.ffn_bias}
+    return {k: shapes[k] for k in EXPERT_KEYS if has[k]}
+
+
 def init_expert_weights(cfg: MoEConfig, rng: np.random.Generator) -> Dict[str, np.ndarray]:
-    """w1, w3 ~ N(0, 1/d_model), w2 ~ N(0, 1/d_ff): unit-variance activations through the FFN."""
-    E, D, F = cfg.num_experts, cfg.d_model, cfg.d_ff
-    out = {"w1": rng.standard_normal((E, D, F)) / np.sqrt(D)}
-    if cfg.activation == "swiglu":
-        out["w3"] = rng.standard_normal((E, D, F)) / np.sqrt(D)
-    out["w2"] = rng.standard_normal((E, F, D)) / np.sqrt(F)
-    return {k: v.astype(cfg.np_dtype) for k, v in out.items()}
+    """w1, w3 ~ N(0, 1/d_model), w2 ~ N(0, 1/d_ff): unit-variance activations through the FFN.
+    Biases start at 0 (and draw nothing: the weights are those of the same seed without)."""
+    D, F = cfg.d_model, cfg.d_ff
+    scale = {"w1": 1 / np.sqrt(D), "w3": 1 / np.sqrt(D), "w2": 1 / np.sqrt(F)}
+    return {k: (rng.standard_normal(shape) * scale[k] if k in scale else np.zeros(shape)).astype(cfg.np_dtype)
+            for k, shape in expert_param_shapes(cfg).items()}
+
+
+def activation_args(cfg: MoEConfig) -> dict:
+    """The expert kernels' activation arguments for cfg (alpha and limit: clamped only)."""
+    out: Dict[str, Any] = {"activation": Activation.__members__[cfg.activation]}
+    if cfg.activation_traits.clamped:
+        out.update(swiglu_alpha=float(cfg.swiglu_alpha), swiglu_limit=float(cfg.swiglu_limit))
+    return out
 
 
 class Experts:
-    """The expert FFNs of one layer, run on tokens grouped by expert. Their weights are
-    params[prefix + "w1"] etc. (a layer's shared experts use the prefix "shared_"). The
-    dispatcher (moe_py/dispatch.py) moves the routed rows to the experts and back: all of
-    them are here with the LocalDispatcher; with an all-to-all one, only this process's
-    slice [lo, hi) of the experts is (params hold hi - lo experts)."""
+    """The expert FFNs of one layer, run on tokens grouped by expert. Their parameters are
+    params[prefix + "w1"] etc. (expert_param_shapes; a layer's shared experts use the prefix
+    "shared_"). The dispatcher (moe_py/dispatch.py) moves the routed rows to the experts and
+    back: all of them are here with the LocalDispatcher; with an all-to-all one, only this
+    process's slice [lo, hi) of the experts is (params hold hi - lo experts)."""
 
     def __init__(self, cfg: MoEConfig, params: Dict[str, np.ndarray], grads: Dict[str, np.ndarray],
                  prefix: str = "", dispatcher=None):
@@ -42,31 +70,38 @@ class Experts:
         self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
         lo, hi = self.dispatcher.local_experts(cfg.num_experts)
         self.num_local = hi - lo
-        self._activation = Activation.__members__[cfg.activation]
+        self._shapes = expert_param_shapes(cfg, self.num_local)
+        self._activation = activation_args(cfg)
         self._saved: Optional[tuple] = None
 
-    def _shapes(self):
-        E, D, F = self.num_local, self.cfg.d_model, self.cfg.d_ff
-        return (("w1", (E, D, F)), ("w3", (E, D, F)), ("w2", (E, F, D)))
-
-    def _weights(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _weights(self) -> Dict[str, np.ndarray]:
+        """The kernels' parameter arguments (w3 empty when not gated), checked."""
         dt, p = self.cfg.np_dtype, self.prefix
-        for name, shape in self._shapes():
-            if name != "w3" or self.cfg.activation == "swiglu":
-                check_param(self.params[p + name], shape, dt, p + name)
-        w3 = self.params[p + "w3"] if self.cfg.activation == "swiglu" else np.zeros((0, 0, 0), dtype=dt)
-        return self.params[p + "w1"], w3, self.params[p + "w2"]
+        out: Dict[str, np.ndarray] = {"w3": np.zeros((0, 0, 0), dtype=dt)}
+        for name, shape in self._shapes.items():
+            check_param(self.params[p + name], shape, dt, p + name)
+            out[name] = self.params[p + name]
+        return out
+
+    def _grad_buffers(self, grads: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """The kernels' gradient arguments from `grads` (dw3 empty when not gated), checked."""
+        dt, p = self.cfg.np_dtype, self.prefix
+        out: Dict[str, np.ndarray] = {"dw3": np.zeros((0, 0, 0), dtype=dt)}
+        for name, shape in self._shapes.items():
+            check_grad_buffer(grads.get(p + name), shape, dt, f"grads['{p + name}']")
+            out["d" + name] = grads[p + name]
+        return out
 
     def compute(self, x2: np.ndarray, topk_indices: np.ndarray, topk_weights: np.ndarray,
                 dropped: np.ndarray) -> Tuple[np.ndarray, tuple]:
         """x2 [T, d_model] -> (y [T, d_model], what backward needs); changes nothing here.
         Padded tokens (index -1) and dropped slots cost nothing."""
         weights = self._weights()
-        w1, w3, w2 = weights
-        xe, offsets, state = self.dispatcher.dispatch(x2, topk_indices, dropped, self.cfg.num_experts)
+        xe, offsets, state = self.dispatcher.dispatch(x2, topk_indices, topk_weights, dropped,
+                                                      self.cfg.num_experts, self.cfg.combine)
         h1, h3, ye = kernel("experts_forward", self.cfg.np_dtype)(
-            xs=xe, offsets=offsets, w1=w1, w3=w3, w2=w2, activation=self._activation)
-        y = self.dispatcher.combine(ye, topk_weights, state)
+            xs=xe, offsets=offsets, **weights, **self._activation)
+        y = self.dispatcher.combine(ye, state)
         return y, (state, offsets, xe, h1, h3, weights)
 
     def commit(self, saved: tuple) -> None:
@@ -83,20 +118,18 @@ class Experts:
         """dy2 [T, d_model] -> (dx2 [T, d_model], d_topk_weights [T, k]); adds into grads
         (default: self.grads). `saved`: a forward's saved state (default: the latest forward's)."""
         saved = self._saved if saved is None else saved
-        grads = self.grads if grads is None else grads
         if saved is None:
             raise RuntimeError("backward called before forward")
-        state, offsets, xe, h1, h3, (w1, w3, w2) = saved
-        dt, p = self.cfg.np_dtype, self.prefix
-        for name, shape in self._shapes():
-            if p + name in self.params:
-                check_grad_buffer(grads.get(p + name), shape, dt, f"grads['{p + name}']")
-        dye, d_weights = self.dispatcher.combine_backward(dy2, state)
-        g3 = grads.get(p + "w3", np.zeros((0, 0, 0), dtype=dt))
-        dxe = kernel("experts_backward", dt)(
-            xs=xe, offsets=offsets, w1=w1, w3=w3, w2=w2, h1=h1, h3=h3, dye=dye,
-            activation=self._activation, dw1=grads[p + "w1"], dw3=g3, dw2=grads[p + "w2"])
-        return self.dispatcher.dispatch_backward(dxe, state), d_weights
+        state, offsets, xe, h1, h3, weights = saved
+        buffers = self._grad_buffers(self.grads if grads is None else grads)
+        dye, dw_out = self.dispatcher.combine_backward(dy2, state)
+        dxe = kernel("experts_backward", self.cfg.np_dtype)(
+            xs=xe, offsets=offsets, w1=weights["w1"], w3=weights["w3"], w2=weights["w2"], h1=h1,
+            h3=h3, dye=dye, **self._activation, **buffers)
+        dx2, dw_in = self.dispatcher.dispatch_backward(dxe, state)
+        d_weights = dw_out if dw_out is not None else dw_in  # from where the weights applied
+        assert d_weights is not None
+        return dx2, d_weights
 
 
 def every_token(real: np.ndarray, n_experts: int, dtype) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -112,7 +145,8 @@ def every_token(real: np.ndarray, n_experts: int, dtype) -> Tuple[np.ndarray, np
 def shared_config(cfg: MoEConfig) -> MoEConfig:
     """The MoEConfig of a layer's shared experts, as experts of width shared_d_ff."""
     return MoEConfig(d_model=cfg.d_model, d_ff=cfg.shared_width, num_experts=cfg.num_shared_experts,
-                     top_k=cfg.num_shared_experts, activation=cfg.activation, dtype=cfg.dtype)
+                     top_k=cfg.num_shared_experts, activation=cfg.activation,  # no ffn_bias: see MoEConfig
+                     swiglu_alpha=cfg.swiglu_alpha, swiglu_limit=cfg.swiglu_limit, dtype=cfg.dtype)
 
 
 def init_shared_weights(cfg: MoEConfig, rng: np.random.Generator) -> Dict[str, np.ndarray]:

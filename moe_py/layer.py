@@ -11,7 +11,7 @@ from ._checks import NonFiniteError, as_grad, as_mask, as_token_ids, as_tokens, 
 from ._guard import OneCaller
 from ._kernels import all_finite
 from .config import MoEConfig
-from .experts import Experts, SharedExperts, init_expert_weights, init_shared_weights
+from .experts import EXPERT_KEYS, Experts, SharedExperts, init_expert_weights, init_shared_weights
 from .interventions import RoutingIntervention
 from .routed_experts import RoutedExperts
 from .router import ROUTER_PARAMS, Router, RouterOutput, check_differentiable, init_router_params
@@ -60,8 +60,8 @@ class MoELayer:
     token_ids (shape x.shape[:-1]) are read by the hash router only.
 
     params: w_router [d_model, E] (not for hash routing), b_router [E] (router_bias only),
-    w1 [E, d_model, d_ff],
-    w3 [E, d_model, d_ff] (swiglu only), w2 [E, d_ff, d_model], and with shared experts
+    w1 [E, d_model, d_ff], w3 [E, d_model, d_ff] (gated activations only), w2 [E, d_ff, d_model],
+    with cfg.ffn_bias b1, b3 [E, d_ff] (b3 gated only) and b2 [E, d_model], and with shared experts
     shared_w1 [S, d_model, shared_d_ff], shared_w3, shared_w2; grads: the same keys and
     shapes. It implements the FFN interface of moe_py/ffn.py.
     """
@@ -199,7 +199,7 @@ class MoELayer:
         choice: capacity_factor * k on average) and every shared expert."""
         total = sum(v.size for v in self.params.values())
         router = sum(self.params[k].size for k in ROUTER_PARAMS if k in self.params)
-        per_expert = sum(self.params[k][0].size for k in ("w1", "w3", "w2") if k in self.params)
+        per_expert = sum(self.params[k][0].size for k in EXPERT_KEYS if k in self.params)
         shared = sum(v.size for k, v in self.params.items() if k.startswith("shared_"))
         active = router + int(round(self.cfg.experts_per_token * per_expert)) + shared
         return {"total": int(total), "active": int(active)}

@@ -46,7 +46,7 @@ class ModelConfig:
     n_layers: int = 4  # transformer blocks
     n_heads: int = 4  # attention heads per block
     d_ff: int = 256  # width of the dense FFN blocks (every block of the dense model)
-    activation: str = "swiglu"  # FFN activation: swiglu or gelu
+    activation: str = "swiglu"  # FFN activation: swiglu, gelu or clamped_swiglu (dense blocks: default alpha, limit)
     moe: Optional[MoEConfig] = None  # the MoE FFN of the MoE blocks; None: a dense model
     first_dense: int = 0  # the first K blocks keep a dense FFN (DeepSeek's first_k_dense_replace)
     moe_every: int = 1  # after those, an MoE FFN every N blocks (Megatron's moe_layer_freq)

@@ -9,6 +9,7 @@ from typing import Dict, Iterable, Tuple
 import numpy as np
 
 from ._kernels import kernel
+from .experts import BIAS_KEYS
 
 
 def lr_at(step: int, base_lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:
@@ -27,9 +28,15 @@ def global_grad_norm(grads: Iterable[np.ndarray]) -> float:
     return math.sqrt(total)
 
 
+def decays(name: str, p: np.ndarray) -> bool:
+    """Weight decay applies to matrices, not to vectors: norm gains, and the experts' biases,
+    whose [E, width] arrays are E vectors (named b1, b3, b2 in their FFN)."""
+    return p.ndim >= 2 and name.rsplit(".", 1)[-1] not in BIAS_KEYS
+
+
 class AdamW:
     """Decoupled weight decay (Loshchilov & Hutter), applied to matrices only
-    (not to norm gains); bias-corrected moments."""
+    (not to norm gains or biases: `decays`); bias-corrected moments."""
 
     def __init__(self, named_params: Iterable[Tuple[str, np.ndarray, np.ndarray]],
                  betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.1):
@@ -47,7 +54,7 @@ class AdamW:
         b1, b2 = self.beta1, self.beta2
         c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
         for name, p, g in self.entries:
-            decay = 1 - lr * self.weight_decay if p.ndim >= 2 else 1.0
+            decay = 1 - lr * self.weight_decay if decays(name, p) else 1.0
             kernel("adamw_step", p.dtype)(
                 param=p, grad=g, m=self.m[name], v=self.v[name], lr=lr, beta1=b1, beta2=b2,
                 bias1=c1, bias2=c2, eps=self.eps, decay=decay, grad_scale=grad_scale)

@@ -4,7 +4,9 @@
     out = experts(x, topk_indices, topk_weights, padding_mask=None)
     dx, d_topk_weights = out.backward(dy)             # weight gradients added into experts.grads
 
-y[t] = sum_j topk_weights[t, j] * FFN_{topk_indices[t, j]}(x[t]), on the same kernels and the
+y[t] = sum_j topk_weights[t, j] * FFN_{topk_indices[t, j]}(x[t]) (or, with cfg.combine "input",
+sum_j FFN_{topk_indices[t, j]}(topk_weights[t, j] * x[t]); d_topk_weights is then
+<dL/d(expert input), x[t]>), on the same kernels and the
 same dispatch as MoELayer (so, for the same routing and weights, bitwise MoELayer's y, dx and
 expert gradients). This is the seam a transformers experts backend, routing replay, forced
 routing and expert ablation call: none of them needs its own copy of the expert compute.
@@ -19,7 +21,8 @@ The contract's semantics (docs/design.md, "Routing" and "Padding"):
   router's probabilities, which this entry does not see). Dropped slots contribute nothing
   and get gradient 0 (no renormalisation); `out.dropped` marks them.
 The router's parameters and losses are not involved: `cfg` gives the experts' shapes
-(num_experts, d_model, d_ff, activation, dtype) and the capacity.
+(num_experts, d_model, d_ff, activation and its alpha/limit, ffn_bias, dtype), the combine
+and the capacity.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ from ._guard import OneCaller
 from ._kernels import all_finite
 from .capacity import capacity, drops_position, drops_probs, slot_counts
 from .config import MoEConfig
-from .experts import Experts, init_expert_weights
+from .experts import EXPERT_KEYS, Experts, init_expert_weights
 
 
 class RoutedExpertsContext:
@@ -58,8 +61,9 @@ class RoutedExpertsOutput(NamedTuple):
 class RoutedExperts:
     """The E experts of `cfg` for caller-given routing (see the module docstring).
 
-    params/grads: dicts holding w1 [E, d_model, d_ff], w3 (swiglu only) and w2
-    [E, d_ff, d_model] and their gradient buffers, shared with the caller (a MoELayer's own
+    params/grads: dicts holding w1 [E, d_model, d_ff], w3 (gated activations only) and w2
+    [E, d_ff, d_model] (with cfg.ffn_bias also b1, b3 [E, d_ff] and b2 [E, d_model]) and
+    their gradient buffers, shared with the caller (a MoELayer's own
     dicts, for instance); by default fresh weights drawn from cfg.seed and zeroed grads."""
 
     def __init__(self, cfg: MoEConfig, params: Optional[Dict[str, np.ndarray]] = None,
@@ -70,7 +74,7 @@ class RoutedExperts:
         if params is None:
             params = init_expert_weights(cfg, np.random.default_rng(cfg.seed))
         if grads is None:
-            grads = {k: np.zeros_like(params[k]) for k in ("w1", "w3", "w2") if k in params}
+            grads = {k: np.zeros_like(params[k]) for k in EXPERT_KEYS if k in params}
         self.params, self.grads = params, grads
         self._experts = Experts(cfg, params, grads)
         self._latest: Optional[RoutedExpertsContext] = None

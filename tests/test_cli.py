@@ -55,3 +55,20 @@ def test_cli_out_of_memory_is_one_line(monkeypatch, capsys):
     assert cli.main(["demo"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "out of memory" in err
+
+
+@pytest.mark.parametrize("flags", [["--activation", "clamped_swiglu", "--swiglu-limit", "5", "--ffn-bias"],
+                                   ["--combine", "input", "--router", "sigmoid_topk", "--top-k", "1"]])
+def test_train_runs_the_expert_variants(flags, tmp_path, capsys):
+    """The Hugging Face families' expert variants reach the CLI through MoEConfig's fields:
+    a tiny run trains, and its config.json keeps them."""
+    import json
+    out = str(tmp_path / "run")
+    assert main(["train", *TINY, *flags, "--out", out]) == 0
+    with open(os.path.join(out, "config.json")) as f:
+        moe = json.load(f)["model"]["moe"]
+    if "--combine" in flags:
+        assert moe["combine"] == "input" and moe["router"] == "sigmoid_topk"
+    else:
+        assert moe["activation"] == "clamped_swiglu" and moe["swiglu_limit"] == 5.0 and moe["ffn_bias"]
+    capsys.readouterr()

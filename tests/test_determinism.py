@@ -12,19 +12,25 @@ def everything() -> dict:
     from moe_py.optim import AdamW, global_grad_norm
     res = {}
     rng = np.random.default_rng(0)
-    cases = [("swiglu", "float32", 8, 2), ("gelu", "float64", 8, 2), ("swiglu", "float64", 1, 1)]
-    for act, dt, E, k in cases:
-        cfg = moe_py.MoEConfig(d_model=64, d_ff=96, num_experts=E, top_k=k, activation=act, dtype=dt,
-                               capacity_factor=1.0, entropy_coef=0.01, seed=3)
+    # the expert variants: gpt-oss's clamped SwiGLU (a limit that clamps often) and biases
+    clamped = dict(activation="clamped_swiglu", swiglu_limit=1.0, ffn_bias=True)
+    cases = [("swiglu", "float32", 8, 2, {}), ("gelu", "float64", 8, 2, {}), ("swiglu", "float64", 1, 1, {}),
+             ("clamped", "float32", 8, 2, clamped), ("swiglu", "float32", 8, 2, {"combine": "input"})]
+    for act, dt, E, k, kw in cases:
+        cfg = moe_py.MoEConfig(d_model=64, d_ff=96, num_experts=E, top_k=k, dtype=dt, capacity_factor=1.0,
+                               entropy_coef=0.01, seed=3, **{"activation": act, **kw})
         layer = moe_py.MoELayer(cfg)
         layer.set_noise_annealing(0.5, 10)
+        for name in ("b1", "b3", "b2"):  # biases away from their init of 0
+            if name in layer.params:
+                layer.params[name][...] = rng.standard_normal(layer.params[name].shape) * 0.1
         x = rng.standard_normal((700, 64)).astype(dt)
         mask = rng.random(700) > 0.1
         for rep in range(2):
             o = layer(x, padding_mask=mask)
             layer.zero_grad()
             dx = layer.backward(np.ones_like(o.y) * 0.1 + x * 0.01)
-            tag = f"{act}_{dt}_{E}_{rep}"
+            tag = f"{act}_{dt}_{E}_{rep}_{kw.get('combine', '')}"
             res[f"{tag}_y"], res[f"{tag}_dx"] = o.y, dx
             for f in o.router._fields:
                 res[f"{tag}_{f}"] = getattr(o.router, f)

@@ -118,6 +118,51 @@ def test_combine_gradients_match_finite_differences(routed):
         assert np.isclose((f(ye, w + e) - f(ye, w - e)) / (2 * eps), dw[i], atol=1e-8)
 
 
+def test_weighted_dispatch_and_its_backward(routed):
+    """combine "input": each row is its slot's weight times the token; the backward sums the
+    rows' gradients back weighted, and d_w[t, j] = <x[t], dxs[row]>."""
+    x, ye, w, row_token, slot_row = routed
+    T, k = slot_row.shape
+    xs = kernel("dispatch_weighted", np.float64)(x=x, slot_row=slot_row, topk_weights=w, rows=len(row_token))
+    want = np.zeros((len(row_token), x.shape[1]))
+    for t in range(T):
+        for j in range(k):
+            if slot_row[t, j] >= 0:
+                want[slot_row[t, j]] = w[t, j] * x[t]
+    np.testing.assert_array_equal(xs, want)
+    dxs = ye
+    dx, dw = kernel("dispatch_weighted_backward", np.float64)(dxs=dxs, x=x, slot_row=slot_row, topk_weights=w)
+    want_dx, want_dw = np.zeros_like(x), np.zeros_like(w)
+    for t in range(T):
+        for j in range(k):
+            r = slot_row[t, j]
+            if r >= 0:
+                want_dx[t] += w[t, j] * dxs[r]
+                want_dw[t, j] = x[t] @ dxs[r]
+    np.testing.assert_allclose(dx, want_dx, rtol=0, atol=1e-14)
+    np.testing.assert_allclose(dw, want_dw, rtol=1e-13, atol=1e-14)
+    # central differences of sum(dxs * xs) in x and w
+    rng = np.random.default_rng(3)
+    f = lambda x_, w_: (dxs * kernel("dispatch_weighted", np.float64)(  # noqa: E731
+        x=x_, slot_row=slot_row, topk_weights=w_, rows=len(row_token))).sum()
+    eps = 1e-6
+    for _ in range(10):
+        for a, g, other in ((x, dx, "w"), (w, dw, "x")):
+            i = tuple(rng.integers(s) for s in a.shape)
+            e = np.zeros_like(a)
+            e[i] = eps
+            args = ((x + e, w), (x - e, w)) if other == "w" else ((x, w + e), (x, w - e))
+            assert np.isclose((f(*args[0]) - f(*args[1])) / (2 * eps), g[i], atol=1e-8)
+
+
+def test_weighted_dispatch_needs_every_row_filled(routed):
+    x, _, w, row_token, slot_row = routed
+    with pytest.raises(ValueError, match="rows: a row no slot fills"):
+        kernel("dispatch_weighted", np.float64)(x=x, slot_row=slot_row, topk_weights=w, rows=len(row_token) + 1)
+    with pytest.raises(ValueError, match="slot_row: out of range"):
+        kernel("dispatch_weighted", np.float64)(x=x, slot_row=slot_row, topk_weights=w, rows=len(row_token) - 1)
+
+
 def test_scatter_add_rows_sums_per_id():
     rng = np.random.default_rng(3)
     ids = rng.integers(0, 4, 50)
@@ -140,7 +185,11 @@ def test_kernels_give_the_same_bits_at_1_2_3_threads(routed):
                      kernel("gather_rows_backward", np.float32)(dxs=ye32, slot_row=slot_row),
                      kernel("combine_forward", np.float32)(ye=ye32, slot_row=slot_row, topk_weights=w32),
                      *kernel("combine_backward", np.float32)(dy=x32, ye=ye32, slot_row=slot_row,
-                                                             topk_weights=w32)])
+                                                             topk_weights=w32),
+                     kernel("dispatch_weighted", np.float32)(x=x32, slot_row=slot_row, topk_weights=w32,
+                                                             rows=len(row_token)),
+                     *kernel("dispatch_weighted_backward", np.float32)(dxs=ye32, x=x32, slot_row=slot_row,
+                                                                       topk_weights=w32)])
     for other in outs[1:]:
         for a, b in zip(outs[0], other):
             assert np.array_equal(a, b)

@@ -177,6 +177,15 @@ LAYER_CASES = {
     # a logit bias on a router that routes the global batch (rank 1's gradients are scratch)
     "expert_choice_router_bias": dict(cfg=_cfg(router="expert_choice", router_bias=True), tokens=40,
                                       splits=[0, 18], padding=0.1, seed=25),
+    # the expert variants: biases (sliced over the ranks as the weights are), clamped SwiGLU
+    "ffn_bias_clamped": dict(cfg=_cfg(num_experts=8, ffn_bias=True, activation="clamped_swiglu",
+                                      swiglu_limit=1.0, capacity_factor=0.8),
+                             tokens=50, splits=[0, 21], padding=0.1, seed=27),
+    # Llama 4's input-scaled combine: the weights scale the rows before they leave their rank
+    "input_combine": dict(cfg=_cfg(num_experts=8, combine="input", ffn_bias=True, capacity_factor=0.8),
+                          tokens=50, splits=[0, 29], padding=0.1, seed=28, aux_weight=0.5),
+    "input_combine_expert_choice": dict(cfg=_cfg(router="expert_choice", combine="input"), tokens=40,
+                                        splits=[0, 15], padding=0.1, seed=29),
 }
 GLOBAL_ROUTERS = ("expert_choice", "sinkhorn")
 
@@ -363,6 +372,10 @@ TRAIN_CASES = {
                              batch_size=5, seq_len=24),
     "float64_expert_choice": dict(moe=_moe(router="expert_choice", num_experts=8), steps=20,
                                   batch_size=4, seq_len=24, grad_accum=2),
+    # the expert variants: biases (sliced with the weights, and their AdamW moments) and
+    # Llama 4's input-scaled combine
+    "float64_ffn_bias_input_combine": dict(moe=_moe(ffn_bias=True, combine="input", capacity_factor=1.0),
+                                           steps=20, batch_size=4, seq_len=24),
 }
 
 

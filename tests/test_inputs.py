@@ -24,6 +24,16 @@ def cfg(**kw):
     (dict(router="top1"), "router"), (dict(activation="relu"), "activation"), (dict(dtype="float16"), "dtype"),
     (dict(load_balance_coef=float("nan")), "load_balance_coef"), (dict(z_loss_coef=float("inf")), "z_loss_coef"),
     (dict(entropy_coef=float("nan")), "entropy_coef"), (dict(seed=-1), "seed"),
+    # clamped SwiGLU's alpha and limit: positive, finite, and for clamped_swiglu alone
+    (dict(activation="clamped_swiglu", swiglu_alpha=0.0), "^swiglu_alpha: expected a number > 0"),
+    (dict(activation="clamped_swiglu", swiglu_limit=-7.0), "^swiglu_limit: expected a number > 0"),
+    (dict(activation="clamped_swiglu", swiglu_limit=float("inf")), "^swiglu_limit: expected a finite"),
+    (dict(activation="clamped_swiglu", swiglu_alpha="1.7"), "^swiglu_alpha: expected a finite"),
+    (dict(swiglu_alpha=1.5), "^swiglu_alpha: only activation \\('clamped_swiglu',\\) reads it"),
+    (dict(activation="gelu", swiglu_limit=5.0), "^swiglu_limit: only activation"),
+    (dict(ffn_bias=1), "^ffn_bias: expected a bool"),
+    (dict(combine="inputs"), "^combine: expected one of \\('output', 'input'\\)"),
+    (dict(ffn_bias=True, num_shared_experts=1), "^ffn_bias: the shared experts have no biases"),
 ])
 def test_config_errors_name_the_field(kw, word):
     with pytest.raises(ValueError, match=word):

@@ -35,6 +35,31 @@ def test_layer_gradient_matches_finite_differences(activation, k, padded, capaci
     assert report.skipped == 0 and report.checked == x.size + sum(p.size for p in layer.params.values())
 
 
+# The expert variants of the Hugging Face families, each through the whole layer's gradient
+# (k = 2, padding, capacity): gpt-oss's clamped SwiGLU with a limit that clamps often, the
+# experts' biases, and Llama 4's input-scaled combine (also with its top-1 sigmoid router).
+VARIANTS = {"clamped_swiglu": dict(activation="clamped_swiglu", swiglu_limit=0.6, swiglu_alpha=1.5),
+            "ffn_bias": dict(ffn_bias=True), "gelu_ffn_bias": dict(activation="gelu", ffn_bias=True),
+            "input_combine": dict(combine="input", ffn_bias=True),
+            "llama4_input_combine": dict(combine="input", router="sigmoid_topk", top_k=1)}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_expert_variants_gradient_matches_finite_differences(variant):
+    rng = np.random.default_rng(12)
+    kw = {"k": 2, **VARIANTS[variant]}
+    kw["k"] = kw.pop("top_k", kw["k"])
+    layer = make_layer(rng, E=5, capacity_factor=0.5, load_balance_coef=0.2, z_loss_coef=0.02, **kw)
+    for name, v in layer.params.items():  # biases (when there are) away from their init of 0
+        if name.startswith("b"):
+            v[...] = rng.standard_normal(v.shape) * 0.5
+    x = rng.standard_normal((2, 6, 6))
+    mask = rng.random((2, 6)) > 0.3
+    assert layer(x, padding_mask=mask).router.dropped.any()
+    report = gradcheck(layer, {"x": x, "padding_mask": mask}, tol=GRAD_TOL, max_entries=10**6)
+    assert report.skipped == 0 and report.checked == x.size + sum(p.size for p in layer.params.values())
+
+
 def dense_swiglu(x, w1, w3, w2):
     h1 = x @ w1
     return ((h1 / (1 + np.exp(-h1))) * (x @ w3)) @ w2
@@ -233,6 +258,29 @@ def test_save_and_load_a_layer(tmp_path):
     open(path, "wb").write(b"garbage")
     with pytest.raises(ValueError, match="not a saved moe_py layer"):
         moe_py.load(path)
+
+
+def test_a_layer_with_the_expert_variants_saves_loads_and_counts_its_biases(tmp_path):
+    cfg = moe_py.MoEConfig(d_model=12, d_ff=16, num_experts=4, top_k=2, activation="clamped_swiglu",
+                           swiglu_limit=0.9, swiglu_alpha=1.1, ffn_bias=True, seed=3)
+    layer = moe_py.MoELayer(cfg)
+    shapes = {"b1": (4, 16), "b3": (4, 16), "b2": (4, 12)}
+    for name, shape in shapes.items():
+        assert layer.params[name].shape == shape and not layer.params[name].any()  # zeros at init
+        assert layer.grads[name].shape == shape
+        layer.params[name][...] = np.random.default_rng(1).standard_normal(shape)
+    # the weights are those of the same seed without biases: biases draw nothing
+    plain = moe_py.MoELayer(moe_py.MoEConfig(**{**cfg.__dict__, "ffn_bias": False}))
+    for k in plain.params:
+        assert np.array_equal(plain.params[k], layer.params[k]), k
+    per_expert = 3 * 12 * 16 + 16 + 16 + 12
+    assert layer.num_parameters() == {"total": 12 * 4 + 4 * per_expert, "active": 12 * 4 + 2 * per_expert}
+    x = np.random.default_rng(0).standard_normal((9, 12)).astype(np.float32)
+    path = str(tmp_path / "layer.npz")
+    moe_py.save(layer, path)
+    back = moe_py.load(path)
+    assert back.cfg == layer.cfg
+    np.testing.assert_array_equal(back(x).y, layer(x).y)
 
 
 def test_changing_x_in_place_after_forward_leaves_the_backward_unchanged():

@@ -201,3 +201,26 @@ def test_model_backward_checks_its_calls():
     out = m.forward(np.zeros((1, 8), np.int64))
     with pytest.raises(ValueError, match="one gradient per head"):
         m.backward([np.zeros_like(out.head_logits[0])] * 2)
+
+
+def test_the_expert_variants_reach_the_model_and_its_gradient():
+    """MoEConfig's expert variants (biases, clamped SwiGLU, input combine) reach every MoE block of the LM:
+    their parameters are the model's, with the right gradient, and biases are not decayed."""
+    from moe_py.optim import decays
+    m = tiny_model(True, n_predict=1, ffn_bias=True, activation="clamped_swiglu", swiglu_limit=0.5,
+                   combine="input")
+    names = [n for n, _, _ in m.named_parameters()]
+    for i in range(2):
+        assert {f"blocks.{i}.ffn.{b}" for b in ("b1", "b3", "b2")} <= set(names)
+    rng = np.random.default_rng(4)
+    for n, p, _ in m.named_parameters():
+        if n.rsplit(".", 1)[-1] in ("b1", "b3", "b2"):
+            p[...] = rng.standard_normal(p.shape) * 0.3
+            assert p.ndim == 2 and not decays(n, p)
+        elif n.endswith(".w1"):
+            assert decays(n, p)
+    ids, targets, mask = batch(rng)
+    # a sample of every array's entries (the whole-model check of every entry is
+    # test_full_model_gradient's; the variants' own every-entry checks are test_layer.py's)
+    report = gradcheck(m, {"inputs": ids, "targets": targets, "mask": mask}, tol=GRAD_TOL, max_entries=8)
+    assert report.skipped == 0

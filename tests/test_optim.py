@@ -44,6 +44,18 @@ def test_adamw_matches_the_formula_over_steps(dtype, tol, n):
         np.testing.assert_allclose(opt.v[name], ref[name][2], rtol=tol, atol=tol)
 
 
+def test_experts_biases_are_not_decayed_their_weights_are():
+    """An expert bias [E, width] is E vectors: no weight decay, as for the norm gains."""
+    from moe_py.optim import decays
+    b = np.ones((4, 6))
+    assert not decays("blocks.0.ffn.b1", b) and not decays("b2", b) and not decays("blocks.1.norm2.g", b[0])
+    assert decays("blocks.0.ffn.w1", np.ones((4, 6, 6))) and decays("heads.0.w", b)
+    w, g = np.ones((4, 6)), np.zeros((4, 6))
+    bias, gb = np.ones((4, 6)), np.zeros((4, 6))
+    AdamW([("ffn.w2", w, g), ("ffn.b2", bias, gb)], weight_decay=0.5).step(0.1)
+    assert np.all(w == 1 - 0.1 * 0.5) and np.all(bias == 1)  # zero gradient: decay alone moves w
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_grad_norm_is_the_float64_norm(dtype):
     rng = np.random.default_rng(1)

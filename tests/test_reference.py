@@ -72,7 +72,7 @@ def test_matches_pytorch_reference(path, dtype):
 
 
 def test_reference_files_exist():
-    assert len(FILES) >= 37
+    assert len(FILES) >= 42
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: os.path.basename(p)[:-4])
@@ -105,7 +105,13 @@ def test_numpy_reference_matches_the_pytorch_reference(path):
 
 @pytest.mark.parametrize("kw", [dict(), dict(activation="gelu", capacity_factor=0.7),
                                 dict(top_k=1, straight_through=True), dict(dtype="float32"),
-                                dict(top_k=4, normalize_topk=False, entropy_coef=0.05)])
+                                dict(top_k=4, normalize_topk=False, entropy_coef=0.05),
+                                dict(activation="clamped_swiglu", swiglu_limit=0.6, swiglu_alpha=1.2,
+                                     num_shared_experts=1),
+                                dict(ffn_bias=True, capacity_factor=0.7),
+                                dict(activation="gelu", ffn_bias=True),
+                                dict(combine="input", ffn_bias=True, capacity_factor=0.7),
+                                dict(combine="input", router="sigmoid_topk", top_k=1)])
 def test_layer_and_router_match_the_numpy_reference(kw):
     from moe_py.testing import assert_matches_reference
     cfg = moe_py.MoEConfig(**{"d_model": 10, "d_ff": 12, "num_experts": 5, "top_k": 2,
@@ -114,5 +120,9 @@ def test_layer_and_router_match_the_numpy_reference(kw):
     x = rng.standard_normal((3, 7, 10)).astype(cfg.np_dtype)
     mask = rng.random((3, 7)) > 0.3
     for training in (True, False):
-        assert_matches_reference(moe_py.MoELayer(cfg), x, mask, training=training)
+        layer = moe_py.MoELayer(cfg)
+        for name in ("b1", "b3", "b2"):  # biases (when there are) away from their init of 0
+            if name in layer.params:
+                layer.params[name][...] = rng.standard_normal(layer.params[name].shape)
+        assert_matches_reference(layer, x, mask, training=training)
         assert_matches_reference(moe_py.Router(cfg), x, mask, training=training)

@@ -12,7 +12,23 @@ from moe_py import MoEConfig, MoELayer, RoutedExperts
 torch = pytest.importorskip("torch")
 
 
-def _torch_reference(x, idx, w, mask, params, activation, dy):
+def torch_ffn(x, t, e, cfg):
+    """One expert's FFN in torch (biases when t has them), written from the formulas."""
+    def lin(v, w, b):
+        return v @ t[w][e] + (t[b][e] if b in t else 0)
+    h = lin(x, "w1", "b1")
+    if cfg.activation == "swiglu":
+        h = torch.nn.functional.silu(h) * lin(x, "w3", "b3")
+    elif cfg.activation == "clamped_swiglu":
+        g = torch.clamp(h, max=cfg.swiglu_limit)
+        u = torch.clamp(lin(x, "w3", "b3"), -cfg.swiglu_limit, cfg.swiglu_limit)
+        h = (u + 1) * g * torch.sigmoid(cfg.swiglu_alpha * g)
+    else:
+        h = torch.nn.functional.gelu(h)
+    return lin(h, "w2", "b2")
+
+
+def _torch_reference(x, idx, w, mask, params, cfg, dy):
     """y and the gradients of sum(dy * y), by autograd in float64, slot by slot."""
     t = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in params.items()}
     xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
@@ -24,12 +40,10 @@ def _torch_reference(x, idx, w, mask, params, activation, dy):
             e = int(idx[i, j])
             if not mask[i] or e < 0:
                 continue
-            h = xt[i] @ t["w1"][e]
-            if activation == "swiglu":
-                h = torch.nn.functional.silu(h) * (xt[i] @ t["w3"][e])
+            if cfg.combine == "input":  # the weight scales the input
+                acc = acc + torch_ffn(wt[i, j] * xt[i], t, e, cfg)
             else:
-                h = torch.nn.functional.gelu(h)
-            acc = acc + wt[i, j] * (h @ t["w2"][e])
+                acc = acc + wt[i, j] * torch_ffn(xt[i], t, e, cfg)
         rows.append(acc)
     y = torch.stack(rows)
     (y * torch.tensor(dy)).sum().backward()
@@ -37,9 +51,15 @@ def _torch_reference(x, idx, w, mask, params, activation, dy):
     return y.detach().numpy(), xt.grad.numpy(), wt.grad.numpy(), grads
 
 
-@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-def test_forward_and_backward_match_float64_torch(activation):
-    cfg = MoEConfig(d_model=6, d_ff=10, num_experts=5, top_k=2, activation=activation, dtype="float64")
+@pytest.mark.parametrize("kw", [dict(activation="swiglu"), dict(activation="gelu"),
+                                dict(activation="clamped_swiglu", swiglu_limit=0.8, swiglu_alpha=1.3),
+                                dict(ffn_bias=True), dict(activation="gelu", ffn_bias=True),
+                                dict(activation="clamped_swiglu", swiglu_limit=0.8, ffn_bias=True),
+                                dict(combine="input"), dict(combine="input", activation="gelu"),
+                                dict(combine="input", ffn_bias=True, activation="clamped_swiglu",
+                                     swiglu_limit=0.8)])
+def test_forward_and_backward_match_float64_torch(kw):
+    cfg = MoEConfig(d_model=6, d_ff=10, num_experts=5, top_k=2, dtype="float64", **kw)
     rng = np.random.default_rng(1)
     T, k = 9, 3  # k of the caller's own, not cfg.top_k
     x = rng.standard_normal((T, 6))
@@ -48,12 +68,16 @@ def test_forward_and_backward_match_float64_torch(activation):
     mask = rng.random(T) > 0.3
     dy = rng.standard_normal((T, 6))
     experts = RoutedExperts(cfg)
+    for name, v in experts.params.items():  # biases (when there are) away from their init of 0
+        if name.startswith("b"):
+            v[...] = rng.standard_normal(v.shape)
     out = experts(x, idx, w, padding_mask=mask)
     dx, dw = out.backward(dy)
-    y_ref, dx_ref, dw_ref, g_ref = _torch_reference(x, idx, w, mask, experts.params, activation, dy)
+    y_ref, dx_ref, dw_ref, g_ref = _torch_reference(x, idx, w, mask, experts.params, cfg, dy)
     np.testing.assert_allclose(out.y, y_ref, rtol=0, atol=1e-12)
     np.testing.assert_allclose(dx, dx_ref, rtol=0, atol=1e-12)
     np.testing.assert_allclose(dw, dw_ref, rtol=0, atol=1e-12)
+    assert set(g_ref) == set(experts.grads)
     for name, g in g_ref.items():
         np.testing.assert_allclose(experts.grads[name], g, rtol=0, atol=1e-12, err_msg=name)
     # padded tokens: nothing out, nothing back, whatever their indices said
@@ -129,8 +153,10 @@ def test_capacity_drops_follow_the_contract(policy, c):
     assert not dw[expected].any()
 
 
-def test_bitwise_at_1_2_3_threads():
-    cfg = MoEConfig(d_model=16, d_ff=24, num_experts=6, top_k=2)
+@pytest.mark.parametrize("kw", [dict(), dict(activation="clamped_swiglu", swiglu_limit=1.0, ffn_bias=True),
+                                dict(combine="input", ffn_bias=True)])
+def test_bitwise_at_1_2_3_threads(kw):
+    cfg = MoEConfig(d_model=16, d_ff=24, num_experts=6, top_k=2, **kw)
     rng = np.random.default_rng(2)
     x = rng.standard_normal((64, 16)).astype(np.float32)
     idx = rng.integers(0, 6, (64, 2))
@@ -144,7 +170,7 @@ def test_bitwise_at_1_2_3_threads():
             experts = RoutedExperts(cfg)
             out = experts(x, idx, w)
             dx, dw = out.backward(dy)
-            results.append((out.y, dx, dw, *(experts.grads[k] for k in ("w1", "w3", "w2"))))
+            results.append((out.y, dx, dw, *experts.grads.values()))
     finally:
         moe_py.set_num_threads(before)
     for other in results[1:]:

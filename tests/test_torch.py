@@ -29,10 +29,19 @@ def plain_torch(m, x, mask):
     top_p, top_i = torch.topk(probs, cfg.top_k, dim=-1)
     w = torch.where(real[:, None], top_p / top_p.sum(-1, keepdim=True).clamp_min(1e-300), 0.0)
     y = torch.zeros_like(T)
+    params = dict(m.named_parameters())
+
+    def lin(v, name, e):  # with the expert's bias when the module has one
+        b = "b" + name[1]
+        return v @ params[name][e] + (params[b][e] if b in params else 0)
     for e in range(cfg.num_experts):
-        h = torch.nn.functional.silu(T @ m.w1[e]) * (T @ m.w3[e])
         coef = ((top_i == e) * w).sum(-1)
-        y = y + coef[:, None] * (h @ m.w2[e])
+        if cfg.combine == "input":  # the weight scales the expert's input
+            xin, out_scale = coef[:, None] * T, (top_i == e).any(-1).double()
+        else:
+            xin, out_scale = T, coef
+        h = torch.nn.functional.silu(lin(xin, "w1", e)) * lin(xin, "w3", e)
+        y = y + out_scale[:, None] * lin(h, "w2", e)
     y = y * real[:, None]
     R = real.sum()
     f = torch.bincount(top_i[real].reshape(-1), minlength=cfg.num_experts).double() / (R * cfg.top_k)
@@ -45,9 +54,15 @@ def plain_torch(m, x, mask):
     return y.reshape(x.shape), aux
 
 
-def test_matches_plain_torch_in_output_and_every_gradient():
-    m = module()
+@pytest.mark.parametrize("kw", [{}, {"ffn_bias": True}, {"combine": "input", "ffn_bias": True}])
+def test_matches_plain_torch_in_output_and_every_gradient(kw):
+    m = module(**kw)
     rng = np.random.default_rng(0)
+    with torch.no_grad():  # biases (when there are) away from their init of 0
+        for n, p in m.named_parameters():
+            if n.startswith("b"):
+                p.copy_(torch.tensor(rng.standard_normal(p.shape)))
+    assert {n for n, _ in m.named_parameters()} == set(m.layer.params)
     x = torch.tensor(rng.standard_normal((2, 5, 6)), requires_grad=True)
     mask = torch.tensor(rng.random((2, 5)) > 0.3)
     dy = torch.tensor(rng.standard_normal((2, 5, 6)))

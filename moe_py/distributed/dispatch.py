@@ -6,8 +6,10 @@ per (rank, expert) and one Alltoallv of the rows bring every rank the rows of it
 They arrive grouped by source rank, then expert; one row gather puts them by expert, then
 source rank, which is the global token order: each expert sees exactly the rows, tiles and
 reduction order of the single-process layer, so its outputs and weight gradients are bitwise
-those of MoELayer. combine sends the outputs back the same way (one Alltoallv) and weights
-them on the tokens' own rank. The backward runs the same path in reverse.
+those of MoELayer. combine sends the outputs back the same way (one Alltoallv) and combines
+them on the tokens' own rank. The combine weights apply on that rank too: to the outputs
+there (combine "output"), or to the rows before they leave (combine "input", Llama 4), so
+either combine runs unchanged here. The backward runs the same path in reverse.
 
 Every rank calls every collective in the same order, whatever its tokens: a rank with no
 tokens, or no rows for some expert, sends and receives zero counts.
@@ -38,6 +40,9 @@ class AllToAllState(LocalState):
     recv_rows: np.ndarray  # [P] rows it receives from each rank
     perm: Optional[np.ndarray]  # arrival order -> expert-major order; None when they coincide
     inv: Optional[np.ndarray]  # its inverse
+
+    def __init__(self, local: LocalState):  # the local dispatch's state, wrapped
+        local.copy_to(self)
 
 
 class AllToAllDispatcher:
@@ -71,14 +76,18 @@ class AllToAllDispatcher:
         self._count_bytes(send, a.shape[1] * a.itemsize)
         return out
 
-    def dispatch(self, x2: np.ndarray, topk_indices: np.ndarray, dropped: np.ndarray,
-                 num_experts: int) -> Tuple[np.ndarray, np.ndarray, AllToAllState]:
+    def dispatch(self, x2: np.ndarray, topk_indices: np.ndarray, topk_weights: np.ndarray,
+                 dropped: np.ndarray, num_experts: int,
+                 combine: str = "output") -> Tuple[np.ndarray, np.ndarray, AllToAllState]:
+        """The local dispatch (which applies the weights to the rows for combine "input"),
+        then the rows to their experts' ranks."""
         self._tick(None)
-        xs, offsets, local = self.local.dispatch(x2, topk_indices, dropped, num_experts)
+        xs, offsets, local = self.local.dispatch(x2, topk_indices, topk_weights, dropped, num_experts,
+                                                 combine)
         per_expert = np.diff(offsets).reshape(self.size, self.per_rank)
         self._tick("dispatch")
         recv_counts = C.alltoall_counts(self.comm, per_expert)  # [source rank, local expert]
-        state = AllToAllState(local.slot_row)
+        state = AllToAllState(local)
         state.send_rows, state.recv_rows = per_expert.sum(axis=1), recv_counts.sum(axis=1)
         xr = self._rows(xs, state.send_rows, state.recv_rows)
         self._tick("a2a_out")
@@ -87,16 +96,16 @@ class AllToAllDispatcher:
         local_offsets = np.concatenate(([0], np.cumsum(recv_counts.sum(axis=0)))).astype(np.int64)
         return xe, local_offsets, state
 
-    def combine(self, ye: np.ndarray, topk_weights: np.ndarray, state: AllToAllState) -> np.ndarray:
+    def combine(self, ye: np.ndarray, state: AllToAllState) -> np.ndarray:
         ye_r = _gather(ye, state.inv)
         self._tick("experts")
         ye_back = self._rows(ye_r, state.recv_rows, state.send_rows)
         self._tick("a2a_back")
-        y = self.local.combine(ye_back, topk_weights, state)
+        y = self.local.combine(ye_back, state)
         self._tick("combine")
         return y
 
-    def combine_backward(self, dy2: np.ndarray, state: AllToAllState) -> Tuple[np.ndarray, np.ndarray]:
+    def combine_backward(self, dy2: np.ndarray, state: AllToAllState) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         self._tick(None)
         dye, d_weights = self.local.combine_backward(dy2, state)
         self._tick("combine_bwd")
@@ -104,7 +113,7 @@ class AllToAllDispatcher:
         self._tick("a2a_out_bwd")
         return _gather(dye_r, state.perm), d_weights
 
-    def dispatch_backward(self, dxe: np.ndarray, state: AllToAllState) -> np.ndarray:
+    def dispatch_backward(self, dxe: np.ndarray, state: AllToAllState) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         dxs_r = _gather(dxe, state.inv)
         self._tick("experts_bwd")
         dxs = self._rows(dxs_r, state.recv_rows, state.send_rows)

@@ -64,15 +64,16 @@ from .._guard import OneCaller
 from .._kernels import load_balance_of_sums
 from ..config import MoEConfig
 from ..layer import MoELayer, MoEOutput, _replace_arrays, backward_context
-from ..experts import Experts, SharedExperts
+from ..experts import EXPERT_KEYS, Experts, SharedExperts
 from ..capacity import capacity, drops_position, drops_probs, slot_counts
 from ..router import ROUTER_PARAMS, Router, RouterOutput, _Saved, balance_distribution, read_only
 from . import comm as C
 from .dispatch import BACKWARD_PHASES as DISPATCH_BACKWARD, FORWARD_PHASES as DISPATCH_FORWARD
 from .dispatch import AllToAllDispatcher
 
-# Routed-expert weights, split over the ranks; every other parameter is replicated.
-EXPERT_KEYS = ("w1", "w3", "w2")
+# The routed experts' parameters (weights and, with ffn_bias, biases: all [E, ...]) are split
+# over the ranks along their expert axis, EXPERT_KEYS of moe_py/experts.py; every other
+# parameter is replicated.
 _HEAD = 6  # stats vector: T, R, sum lse^2, sum entropy, sum of sequence balance losses, sequences
 # Timed per call into `timings` (seconds, accumulated): the dispatcher's phases, and the
 # layer's own. The global routers' allgathers are in "route" (x, mask) and "router_bwd"
@@ -117,9 +118,9 @@ class ExpertParallelMoELayer:
     the experts split over the ranks of `comm`. A collective: every rank calls forward and
     backward together, each with its own tokens (any count, 0 included).
 
-    params: w1/w3 [E/P, d_model, d_ff] and w2 [E/P, d_ff, d_model] (this rank's experts,
-    `expert_range`); replicated: w_router [d_model, E] (and b_router [E]) and the shared
-    experts' shared_*.
+    params: w1/w3 [E/P, d_model, d_ff] and w2 [E/P, d_ff, d_model], with ffn_bias b1/b3
+    [E/P, d_ff] and b2 [E/P, d_model] (this rank's experts, `expert_range`); replicated:
+    w_router [d_model, E] (and b_router [E]) and the shared experts' shared_*.
     `full_params` (a MoELayer's params) sets the weights; by default they are
     MoELayer(cfg)'s, so the same seed gives the same layer at any P. The outputs'
     per-token arrays are this rank's tokens; losses and tokens_per_expert are those of the

@@ -28,11 +28,17 @@ def _softmax(l):
     return e / e.sum(axis=1, keepdims=True)
 
 
-def _act(h1, h3, activation):
+def _act(h1, h3, cfg: MoEConfig):
     """(a, da/dh1, da/dh3) of the expert activation."""
-    if activation == "swiglu":
+    if cfg.activation == "swiglu":
         s = 1.0 / (1.0 + np.exp(-h1))
         return h1 * s * h3, h3 * (s + h1 * s * (1 - s)), h1 * s
+    if cfg.activation == "clamped_swiglu":  # a clamp passes the gradient on its bounds too
+        alpha, lim = cfg.swiglu_alpha, cfg.swiglu_limit
+        g, u = np.minimum(h1, lim), np.clip(h3, -lim, lim)
+        s = 1.0 / (1.0 + np.exp(-alpha * g))
+        dg = (u + 1) * (s + alpha * g * s * (1 - s)) * (h1 <= lim)
+        return (u + 1) * g * s, dg, g * s * (np.abs(h3) <= lim)
     erf = np.vectorize(math.erf, otypes=[float])
     Phi = 0.5 * (1.0 + erf(h1 / math.sqrt(2.0)))
     phi = np.exp(-0.5 * h1 * h1) / math.sqrt(2 * math.pi)
@@ -214,31 +220,46 @@ def reference_forward_backward(cfg: MoEConfig, params: Dict[str, np.ndarray], x:
     y = np.zeros_like(x)
     dyv = np.zeros_like(x) if dy is None else np.asarray(dy, np.float64).reshape(x.shape[0], -1)
     if "w1" in p64:  # ---- every expert on every token, then a one-hot combine
-        routed = [(p64["w1"][e], p64.get("w3", [None] * E)[e], p64["w2"][e],
-                   ((idx == e) * weights).sum(axis=1), ("w1", "w3", "w2", e)) for e in range(E)]
-        shared = [(p64["shared_w1"][s], p64.get("shared_w3", [None] * cfg.num_shared_experts)[s],
-                   p64["shared_w2"][s], real.astype(np.float64), ("shared_w1", "shared_w3",
-                                                                  "shared_w2", s))
+        kept = (idx >= 0) & ~dropped & real[:, None]
+        # (names, expert, selected [T], weight [T]); a token picks an expert at most once
+        routed = [(("w1", "w3", "w2", "b1", "b3", "b2"), e, (kept & (idx == e)).any(axis=1),
+                   ((idx == e) * weights).sum(axis=1)) for e in range(E)]
+        shared = [(("shared_w1", "shared_w3", "shared_w2", "", "", ""), s, real, real.astype(np.float64))
                   for s in range(cfg.num_shared_experts)] if "shared_w1" in p64 else []
-        for w1, w3, w2, coef, (n1, n3, n2, e) in routed + shared:
-            h1 = x @ w1
-            h3 = x @ w3 if cfg.activation == "swiglu" else None
-            a, da_dh1, da_dh3 = _act(h1, h3, cfg.activation)
-            out = a @ w2
-            y += coef[:, None] * out
-            if n1 == "w1":
-                sel = (idx == e) & ~dropped & real[:, None]
-                d_weights += sel * (dyv @ out.T).diagonal()[:, None]
-            g = coef[:, None] * dyv
+        for names, e, sel, w in routed + shared:
+            n1, n3, n2, nb1, nb3, nb2 = names
+            w1, w2 = p64[n1][e], p64[n2][e]
+            w3 = p64[n3][e] if n3 in p64 else None
+            b1, b3, b2 = (p64[n][e] if n in p64 else 0.0 for n in (nb1, nb3, nb2))
+            # combine "output": y += w FFN(x); "input": y += FFN(w x), unweighted
+            scale_input = cfg.combine == "input" and n1 == "w1"
+            xin = w[:, None] * x if scale_input else x
+            out_scale = sel.astype(np.float64) if scale_input else w
+            h1 = xin @ w1 + b1
+            h3 = xin @ w3 + b3 if w3 is not None else None
+            a, da_dh1, da_dh3 = _act(h1, h3, cfg)
+            out = a @ w2 + b2
+            y += out_scale[:, None] * out
+            g = out_scale[:, None] * dyv
             grads[n2][e] += a.T @ g
+            if nb2 in grads:
+                grads[nb2][e] += g.sum(axis=0)
             da = g @ w2.T
             dh1 = da * da_dh1
-            grads[n1][e] += x.T @ dh1
-            dx += dh1 @ w1.T
-            if h3 is not None:
+            grads[n1][e] += xin.T @ dh1
+            dxin = dh1 @ w1.T
+            if nb1 in grads:
+                grads[nb1][e] += dh1.sum(axis=0)
+            if h3 is not None and w3 is not None:
                 dh3 = da * da_dh3
-                grads[n3][e] += x.T @ dh3
-                dx += dh3 @ w3.T
+                grads[n3][e] += xin.T @ dh3
+                dxin += dh3 @ w3.T
+                if nb3 in grads:
+                    grads[nb3][e] += dh3.sum(axis=0)
+            dx += w[:, None] * dxin if scale_input else dxin
+            if n1 == "w1":  # d(weight of the slot on e): through the input, or the output
+                dw = (dxin * x).sum(axis=1) if scale_input else (dyv * out).sum(axis=1)
+                d_weights += (kept & (idx == e)) * dw[:, None]
     elif dy is not None:  # the router alone: dy is d(topk_weights)
         d_weights = dyv * ~dropped
 

@@ -29,6 +29,11 @@ def layer_setup(case: dict):
         x[:, 0] = np.abs(x[:, 0]) + 1
         params["w_router"][:, case["starve"]] = 0
         params["w_router"][0, case["starve"]] = -100
+    if cfg.ffn_bias:  # biases away from their init of 0, from their own generator
+        brng = np.random.default_rng(case["seed"] + 1000)
+        for name in ("b1", "b3", "b2"):
+            if name in params:
+                params[name] = brng.standard_normal(params[name].shape).astype(cfg.np_dtype)
     return cfg, params, x, mask, dy, case["splits"]
 
 

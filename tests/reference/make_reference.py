@@ -6,17 +6,21 @@ every token (dense), combine is a one-hot contraction, top-k is torch.topk on
 float64 with a tiny index tie-breaker, capacity is a Python loop.
 
     .venv/bin/pip install torch==2.13.0
-    .venv/bin/python tests/reference/make_reference.py
+    .venv/bin/python tests/reference/make_reference.py [NAME...]
 """
 import json
 import math
 import os
+import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# `make_reference.py NAME...` writes only the named cases (a case's inputs depend on the
+# cases before it in its stream, so every case is still made): the others stay as they were.
+ONLY = set(sys.argv[1:]) or None
 torch.set_default_dtype(torch.float64)
 
 
@@ -195,10 +199,19 @@ def route(x, w, mask, k, normalize, ste, capacity_factor, coefs, opt=None, b=Non
     return fields, dict(load_balance=lb, z_loss=z, entropy=en), aux
 
 
-def experts_dense(x, w1, w3, w2, activation):
-    h = torch.einsum("td,edf->etf", x, w1)
-    a = F.silu(h) * torch.einsum("td,edf->etf", x, w3) if activation == "swiglu" else F.gelu(h)
-    return torch.einsum("etf,efd->etd", a, w2)  # [E, T, D]: every expert on every token
+def experts_dense(x, w1, w3, w2, activation, alpha=1.702, limit=7.0, b1=None, b3=None, b2=None):
+    def bias(b):  # [E, width] -> added to every token of its expert
+        return 0.0 if b is None else b[:, None, :]
+    h = torch.einsum("td,edf->etf", x, w1) + bias(b1)
+    if activation == "swiglu":
+        a = F.silu(h) * (torch.einsum("td,edf->etf", x, w3) + bias(b3))
+    elif activation == "clamped_swiglu":  # gpt-oss: torch.clamp's gradient rule at the bounds
+        g = h.clamp(max=limit)
+        u = (torch.einsum("td,edf->etf", x, w3) + bias(b3)).clamp(-limit, limit)
+        a = (u + 1) * g * torch.sigmoid(alpha * g)
+    else:
+        a = F.gelu(h)
+    return torch.einsum("etf,efd->etd", a, w2) + bias(b2)  # [E, T, D]: every expert on every token
 
 
 def make_case(name, rng, kind, T=24, D=10, F_=18, E=6, k=2, lead=None, normalize=None, ste=False,
@@ -206,7 +219,7 @@ def make_case(name, rng, kind, T=24, D=10, F_=18, E=6, k=2, lead=None, normalize
     """options: router, drop_policy, routed_scaling_factor, n_group, topk_group, group_score,
     topk_norm_min, router_bias, load_balance_scope, num_shared_experts, shared_d_ff,
     expert_bias, balance_counts, training (default True), sinkhorn_iterations/tolerance
-    (default 100 / 1e-4)."""
+    (default 100 / 1e-4), swiglu_alpha/limit (clamped_swiglu), ffn_bias, combine."""
     router = options.get("router", "softmax_topk")
     normalize = (k > 1 and router not in ("expert_choice", "hash")) if normalize is None else normalize
     if router == "expert_choice" and capacity_factor is None:
@@ -217,8 +230,14 @@ def make_case(name, rng, kind, T=24, D=10, F_=18, E=6, k=2, lead=None, normalize
     params = {"w_router": rng.standard_normal((D, E)) * 0.7,
               "w1": rng.standard_normal((E, D, F_)) / math.sqrt(D),
               "w2": rng.standard_normal((E, F_, D)) / math.sqrt(F_)}
-    if activation == "swiglu":
+    gated = activation in ("swiglu", "clamped_swiglu")
+    if gated:
         params["w3"] = rng.standard_normal((E, D, F_)) / math.sqrt(D)
+    if options.get("ffn_bias"):  # random, not the init's zeros, so that they count
+        params["b1"] = rng.standard_normal((E, F_))
+        if gated:
+            params["b3"] = rng.standard_normal((E, F_))
+        params["b2"] = rng.standard_normal((E, D))
     if router == "hash":
         del params["w_router"]
     if options.get("router_bias"):
@@ -227,7 +246,7 @@ def make_case(name, rng, kind, T=24, D=10, F_=18, E=6, k=2, lead=None, normalize
     if S:
         params["shared_w1"] = rng.standard_normal((S, D, FS)) / math.sqrt(D)
         params["shared_w2"] = rng.standard_normal((S, FS, D)) / math.sqrt(FS)
-        if activation == "swiglu":
+        if gated:
             params["shared_w3"] = rng.standard_normal((S, D, FS)) / math.sqrt(D)
     opt = {"router": router, "E": E, "seed": 7, "training": options.get("training", True),
            "sinkhorn_iterations": options.get("sinkhorn_iterations", 100),
@@ -259,12 +278,27 @@ def make_case(name, rng, kind, T=24, D=10, F_=18, E=6, k=2, lead=None, normalize
         out["G"] = G
         used = [n for n in ("w_router", "b_router") if n in params]
     else:
-        ye = experts_dense(tx, tp["w1"], tp.get("w3"), tp["w2"], activation)
+        act = (activation, options.get("swiglu_alpha", 1.702), options.get("swiglu_limit", 7.0))
+        ye = experts_dense(tx, tp["w1"], tp.get("w3"), tp["w2"], *act, tp.get("b1"), tp.get("b3"),
+                           tp.get("b2"))
         onehot = F.one_hot(fields["topk_indices"].clamp(min=0), E).double()  # [T, W, E]
         coef = (onehot * fields["topk_weights"][..., None]).sum(1)  # [T, E]
-        y = torch.einsum("te,etd->td", coef, ye)
+        if options.get("combine") == "input":  # Llama 4: y = sum over kept slots of FFN_e(w x)
+            kept = fields["topk_indices"] >= 0
+            kept &= ~fields["dropped"]
+            sel = (onehot * kept[..., None]).sum(1)  # [T, E]: 1 where the token's kept slot is e
+
+            def expert(e):  # expert e's parameters, as a stack of one
+                w1, w3, w2, b1, b3, b2 = (None if tp.get(n) is None else tp[n][e:e + 1]
+                                          for n in ("w1", "w3", "w2", "b1", "b3", "b2"))
+                return dict(w1=w1, w3=w3, w2=w2, b1=b1, b3=b3, b2=b2)
+            ye = torch.stack([experts_dense(coef[:, e:e + 1] * tx, **expert(e), activation=act[0],
+                                            alpha=act[1], limit=act[2])[0] for e in range(E)])
+            y = torch.einsum("te,etd->td", sel, ye)
+        else:
+            y = torch.einsum("te,etd->td", coef, ye)
         if S:  # every shared expert on every real token, weight 1
-            ys = experts_dense(tx, tp["shared_w1"], tp.get("shared_w3"), tp["shared_w2"], activation)
+            ys = experts_dense(tx, tp["shared_w1"], tp.get("shared_w3"), tp["shared_w2"], *act)
             y = y + ys.sum(0) * torch.from_numpy(mask)[:, None]
         dy = rng.standard_normal((T, D))
         objective = (torch.tensor(dy) * y).sum() + aux
@@ -295,7 +329,7 @@ def make_case(name, rng, kind, T=24, D=10, F_=18, E=6, k=2, lead=None, normalize
                load_balance_coef=coefs[0], z_loss_coef=coefs[1], entropy_coef=coefs[2], dtype="float64")
     for key in ("router", "drop_policy", "routed_scaling_factor", "n_group", "topk_group",
                 "group_score", "topk_norm_min", "router_bias", "load_balance_scope",
-                "num_shared_experts", "shared_d_ff"):
+                "num_shared_experts", "shared_d_ff", "swiglu_alpha", "swiglu_limit", "ffn_bias", "combine"):
         if key in options:
             cfg[key] = options[key]
     if router == "hash":
@@ -305,7 +339,8 @@ def make_case(name, rng, kind, T=24, D=10, F_=18, E=6, k=2, lead=None, normalize
     out["kind"] = np.array(kind)
     out["training"] = np.array(opt["training"])
     out["cfg"] = np.array(json.dumps(cfg))
-    np.savez_compressed(os.path.join(HERE, f"{name}.npz"), **out)
+    if ONLY is None or name in ONLY:
+        np.savez_compressed(os.path.join(HERE, f"{name}.npz"), **out)
 
 
 def main():
@@ -364,6 +399,16 @@ def main():
               capacity_factor=0.75)
     make_case("layer_expert_choice_router_bias", rng, "layer", k=2, router="expert_choice",
               router_bias=True, T=30)
+    # the expert variants of the Hugging Face families, from their own stream (the same seed, a fresh generator)
+    rng = np.random.default_rng(2028)
+    make_case("layer_clamped_swiglu_k2", rng, "layer", k=2, activation="clamped_swiglu",
+              swiglu_alpha=1.5, swiglu_limit=0.7, num_shared_experts=1, capacity_factor=0.75)
+    make_case("layer_ffn_bias_k2", rng, "layer", k=2, ffn_bias=True, capacity_factor=0.75)
+    make_case("layer_gelu_ffn_bias_k1", rng, "layer", k=1, activation="gelu", ffn_bias=True)
+    make_case("layer_input_combine_k2", rng, "layer", k=2, combine="input", ffn_bias=True,
+              capacity_factor=0.75)
+    make_case("layer_llama4_sigmoid_k1_input_combine", rng, "layer", k=1, router="sigmoid_topk",
+              combine="input", num_shared_experts=1, expert_bias=np.zeros(6))
 
 
 if __name__ == "__main__":
