@@ -2,7 +2,9 @@
 against transformers' own CPU experts backends (eager, batched_mm, grouped_mm): the same
 weights, batch and threads, one training step (forward + loss + backward) per side, sides
 interleaved, medians. Routing, attention, norms and the LM head are transformers' in every
-side; only the experts differ.
+side; only the experts differ. A fifth side replaces the expert FFNs by a product with the
+weights' sum (no_experts): its time is the rest of the step, and each side's excess over it
+the experts' forward + backward.
 
     .venv/bin/python benchmarks/bench_hf_experts.py [--threads 2] [--dtypes float32 bfloat16]
 
@@ -17,9 +19,19 @@ import torch
 import transformers
 
 import moe_py.hf  # noqa: F401  (registers experts_implementation="moe_py")
+from transformers.integrations.moe import ExpertsInterface
 from common import ForeignLoad, interleaved_times, machine_line, set_threads, spread
 
-BACKENDS = ("eager", "batched_mm", "grouped_mm", "moe_py")
+BACKENDS = ("eager", "batched_mm", "grouped_mm", "moe_py", "no_experts")
+
+
+def no_experts_forward(experts, hidden_states, top_k_index, top_k_weights):
+    """The floor: everything but the expert FFNs (the output still depends on the weights, so
+    the router's backward runs)."""
+    return hidden_states * top_k_weights.sum(-1, keepdim=True)
+
+
+ExpertsInterface.register("no_experts", no_experts_forward)
 
 
 def model_config(a) -> transformers.Qwen3MoeConfig:
@@ -81,11 +93,15 @@ def main() -> None:
         times = interleaved_times({n: step(m) for n, m in models.items()}, a.repeats, a.warmup)
         busy = load.cores()
         med = {n: statistics.median(t) for n, t in times.items()}
+        floor = med.pop("no_experts")
         fastest = min((n for n in med if n != "moe_py"), key=med.get)
         for n, t in med.items():
-            print(f"  {dname} {n:>10}: {t:7.3f} s/step (spread {spread(times[n]):.0%})")
+            print(f"  {dname} {n:>10}: {t:7.3f} s/step (spread {spread(times[n]):.0%}); "
+                  f"experts {t - floor:6.3f} s")
+        print(f"  {dname} without experts: {floor:.3f} s/step (the rest of the model)")
         print(f"  {dname}: moe_py is {med[fastest] / med['moe_py']:.2f}x the fastest transformers backend "
-              f"({fastest}); other load {busy:.2f} cores")
+              f"({fastest}) per step, {(med[fastest] - floor) / (med['moe_py'] - floor):.2f}x on the "
+              f"experts' share; other load {busy:.2f} cores")
 
 
 if __name__ == "__main__":

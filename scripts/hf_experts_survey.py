@@ -1,7 +1,9 @@
 """Which transformers MoE families experts_implementation="moe_py" takes, read from the
 installed transformers: every experts class decorated with @use_experts_implementation, its
-layout flags, whether it brings its own _apply_gate, and the activation its family's default
-configs name. The verdict follows moe_py/hf/experts_backend.py's rules (activation_of).
+layout flags and its verdict. The verdict is moe_py/hf/experts_backend.py's own
+(activation_of) on the class built on the meta device from its family's default configs;
+for a class no default config builds, it is read from the source (flags, a custom _apply_gate,
+the activation the configs name) by the same rules.
 
     .venv/bin/python scripts/hf_experts_survey.py [--list]
 """
@@ -12,12 +14,15 @@ import inspect
 import pathlib
 import re
 
+import torch
 import transformers
 from transformers.integrations.moe import _default_apply_gate
 
+from moe_py.hf.experts_backend import CLAMPED_SWIGLU_GATES, activation_of
+
 DECORATED = re.compile(r"@use_experts_implementation(?:\(([^)]*)\))?\s*\nclass (\w+)")
 ACT = re.compile(r"self\.act_fn = ACT2FN\[(?:config\.(\w+)|\"(\w+)\")\]")
-REFUSED_FLAGS = ("has_bias=True", "has_post_expert_norm=True", "is_concatenated=False")
+REFUSED_FLAGS = ("has_post_expert_norm=True",)
 
 
 def default_configs(family: str):
@@ -51,12 +56,33 @@ def activations(family: str, cls) -> set:
     return found or {"?"}
 
 
-def verdict(flags: str, own_gate: bool, acts: set) -> str:
+def built_verdict(family: str, cls) -> str | None:
+    """activation_of's verdict on `cls` built (without memory) from each default config."""
+    verdicts = set()
+    for cfg in default_configs(family):
+        for sub in (cfg, getattr(cfg, "text_config", None)):
+            try:
+                with torch.device("meta"):
+                    experts = cls(sub)
+            except Exception:  # not this class's config
+                continue
+            try:
+                verdicts.add("supported (" + activation_of(experts)["activation"] + ")")
+            except NotImplementedError as e:
+                verdicts.add("refused: " + str(e).split(": ", 1)[1])
+    return " / ".join(sorted(verdicts)) if verdicts else None
+
+
+def read_verdict(flags: str, cls, acts: set) -> str:
     refused = [f for f in REFUSED_FLAGS if f in flags]
     if refused:
         return "refused: " + ", ".join(refused)
-    if own_gate:
+    if cls._apply_gate.__qualname__ in CLAMPED_SWIGLU_GATES:
+        return "supported (clamped_swiglu)"
+    if cls._apply_gate is not _default_apply_gate:
         return "refused: own _apply_gate"
+    if "has_gate=False" not in flags and "is_concatenated=False" in flags:
+        return "refused: is_concatenated=False"
     need = {"gelu"} if "has_gate=False" in flags else {"silu", "swish"}
     if acts <= need:
         return "supported"
@@ -79,13 +105,13 @@ def main() -> None:
         mod = importlib.import_module(f"transformers.models.{family}.{path.stem}")
         for flags, name in DECORATED.findall(src):
             cls = getattr(mod, name)
-            own_gate = cls._apply_gate is not _default_apply_gate
-            acts = activations(family, cls)
-            rows.append((family, name, flags, verdict(flags, own_gate, acts), sorted(acts)))
+            found = built_verdict(family, cls)
+            how = "built" if found else "read"
+            rows.append((family, name, flags, found or read_verdict(flags, cls, activations(family, cls)), how))
     if a.list:
         for row in rows:
             print(" | ".join(str(c) for c in row))
-    counts = collections.Counter(r[3].split(":")[0].split(" for ")[0] for r in rows)
+    counts = collections.Counter(r[3].split(":")[0].split(" (")[0].split(" for ")[0] for r in rows)
     print(f"transformers {transformers.__version__}: {len({r[0] for r in rows})} families decorate "
           f"{len(rows)} experts classes; " + ", ".join(f"{n} {v}" for v, n in counts.most_common()))
 

@@ -36,6 +36,10 @@ BLOCKS = {
     "ernie4_5_moe": ("ernie4_5_moe", "Ernie4_5_MoeSparseMoeBlock", "Ernie4_5_MoeConfig",
                      dict(moe_intermediate_size=12, moe_num_experts=6, moe_k=2, moe_num_shared_experts=1,
                           moe_norm_min=0.5)),
+    "gpt_oss": ("gpt_oss", "GptOssMLP", "GptOssConfig",
+                dict(intermediate_size=12, num_local_experts=5, num_experts_per_tok=2, swiglu_limit=0.5)),
+    "llama4": ("llama4", "Llama4TextMoe", "Llama4TextConfig",
+               dict(intermediate_size=12, intermediate_size_mlp=20, num_local_experts=4, num_experts_per_tok=1)),
     "deepseek_v3": ("deepseek_v3", "DeepseekV3MoE", "DeepseekV3Config",
                     dict(moe_intermediate_size=12, n_routed_experts=8, num_experts_per_tok=3, n_group=4,
                          topk_group=2, n_shared_experts=2, routed_scaling_factor=2.5, norm_topk_prob=True)),
@@ -64,12 +68,14 @@ def hf_block(kind, dtype, seed=0):
 def hf_forward(block, x):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return block(x)
+        out = block(x)
+    out = out[0] if isinstance(out, tuple) else out  # gpt-oss and Llama 4 also return router outputs
+    return out.reshape(x.shape)  # Llama 4 returns its tokens flattened
 
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-13)}
 # HF computes these routers' softmax/sigmoid in float32 even for float64 weights
-FLOAT32_ROUTERS = {"deepseek_v2", "ernie4_5_moe", "qwen2_moe", "qwen3_moe", "olmoe", "qwen3_next", "granitemoe", "mixtral",
+FLOAT32_ROUTERS = {"llama4", "deepseek_v2", "ernie4_5_moe", "qwen2_moe", "qwen3_moe", "olmoe", "qwen3_next", "granitemoe", "mixtral",
                    "deepseek_v3", "glm4_moe", "dots1"}
 
 
@@ -93,7 +99,8 @@ def test_from_hf_computes_what_the_block_computes(kind, dtype):
     (got * r).sum().backward()  # the aux loss is not HF's forward: left out of the gradient
 
     torch.testing.assert_close(got[mask], want.detach()[mask], **tol)
-    logits = router_of(block)(x.reshape(-1, D))[0].reshape(B, S, -1)
+    gate = router_of(block)  # its logits are a linear map (Llama 4 returns scores first, so not gate(x)[0])
+    logits = torch.nn.functional.linear(x, gate.weight, getattr(gate, "bias", None))
     torch.testing.assert_close(torch.tensor(router.router_logits).reshape(B, S, -1)[mask], logits.detach().to(dtype)[mask], **tol)
     torch.testing.assert_close(xb.grad[mask], xa.grad[mask], **tol)
     for name, dotted, view in tensor_map(block):

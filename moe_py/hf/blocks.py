@@ -17,7 +17,7 @@ import torch
 from ..config import MoEConfig
 from ..torch import TORCH_DTYPES, MoE, SharedExpert
 from .experts_backend import activation_of
-from .families import family_of, hf_tensor, router_of, shared_kind, tensor_map
+from .families import experts_layout, family_of, hf_tensor, router_of, shared_kind, tensor_map
 
 
 def from_hf(block, router_aux_loss_coef=None) -> MoE:
@@ -26,15 +26,16 @@ def from_hf(block, router_aux_loss_coef=None) -> MoE:
     fam = family_of(block)
     experts, router = block.experts, router_of(block)
     try:
-        activation = activation_of(experts)
+        ffn = activation_of(experts, fam.layout)
     except NotImplementedError as e:
         raise ValueError(f"block: its experts are not expressible in moe_py ({e})") from None
+    layout = experts_layout(block)
     w1 = hf_tensor(block, "experts.gate_up_proj")
     dtype = w1.dtype
     if dtype not in TORCH_DTYPES:
         raise TypeError(f"block: expected float32 or float64 weights, got {dtype}")
     E, D = w1.shape[0], router.weight.shape[1]
-    F = experts.down_proj.shape[1 if experts.is_transposed else 2]
+    F = experts.down_proj.shape[1 if layout.is_transposed else 2]
     if router_aux_loss_coef is None:
         router_aux_loss_coef = getattr(getattr(block, "config", None), "router_aux_loss_coef", None)
     coefs = {} if router_aux_loss_coef is None else dict(
@@ -47,8 +48,8 @@ def from_hf(block, router_aux_loss_coef=None) -> MoE:
                              "which moe_py's shared experts do not")
     if shared_kind(block) == "plain":
         shared = dict(num_shared_experts=1, shared_d_ff=hf_tensor(block, f"{fam.shared_attr}.gate_proj.weight").shape[0])
-    cfg = MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=router.top_k, activation=activation,
-                    dtype=TORCH_DTYPES[dtype], **fam.router(block), **shared, **coefs)
+    cfg = MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=router.top_k, dtype=TORCH_DTYPES[dtype],
+                    **ffn, **fam.router(block), **shared, **coefs)
     m = MoE(cfg)
     if shared_kind(block) == "gated":
         m.shared = SharedExpert(D, hf_tensor(block, f"{fam.shared_attr}.gate_proj.weight").shape[0], dtype)

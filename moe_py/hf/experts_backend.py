@@ -10,24 +10,25 @@ on moe_py.RoutedExperts (the layer's own kernels and dispatch) inside one autogr
 so gradients reach hidden_states, gate_up_proj, down_proj and top_k_weights (the HF router
 trains through it as through "eager").
 
-Weights: the kernels want w1, w3 [E, d, F] and w2 [E, F, d] contiguous; HF keeps
-gate_up_proj [E, 2F, d] (gate rows over up rows) and down_proj [E, d, F], or their transposes
-(is_transposed), with gate and up interleaved when not is_concatenated. `_LAYOUT` reads our
-three matrices as views of HF's tensors; the same views write our gradients back into HF's
-layout. The contiguous copy is made once per parameter update, not once per forward: a cache
+Weights: the kernels want w1, w3 [E, d, F] and w2 [E, F, d] (and biases b1, b3, b2)
+contiguous; HF keeps gate_up_proj [E, 2F, d] (gate rows over up rows) and down_proj [E, d, F],
+or their transposes (is_transposed), with gate and up interleaved when not is_concatenated.
+`expert_view` reads each of ours as a view of HF's tensors; the same views write our
+gradients back into HF's layout. The contiguous copy is made once per parameter update, not once per forward: a cache
 on the experts module is keyed on each parameter's storage and torch's version counter
 (`tensor._version`, which every in-place update, an optimiser step included, increments).
 
-Supported: gated experts whose act_fn is SiLU (SwiGLU), ungated ones (has_gate=False) whose
-act_fn is the erf GELU; float32, float64, and bfloat16 by conversion (parameters and inputs
-are upcast to float32, the output and gradients rounded back to bfloat16; the bf16 kernels of
-the bf16 issue do not exist yet). Anything else (another activation, a custom _apply_gate,
-biases, has_post_expert_norm, expert parallelism) raises NotImplementedError naming it:
+Supported: gated experts whose act_fn is SiLU (SwiGLU), gpt-oss's clamped SwiGLU gate, ungated
+ones (has_gate=False) whose act_fn is the erf GELU, each with or without biases; float32,
+float64, and bfloat16 by conversion (parameters and inputs are upcast to float32, the
+output and gradients rounded back to bfloat16; the bf16 kernels of the bf16 issue do not
+exist yet). Anything else (another activation, another custom
+_apply_gate, has_post_expert_norm, expert parallelism) raises NotImplementedError naming it:
 never a silently different function.
 """
 from __future__ import annotations
 
-from typing import Dict, NamedTuple, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -42,51 +43,89 @@ NAME = "moe_py"
 _COMPUTE = {torch.float32: torch.float32, torch.float64: torch.float64, torch.bfloat16: torch.float32}
 
 
-def expert_view(experts, name: str, hf_tensor: torch.Tensor) -> torch.Tensor:
-    """Our expert matrix `name` (w1: gate, w3: up [E, d, F]; w2 [E, F, d]) as a view of a tensor
-    laid out as HF's gate_up_proj (or up_proj) for w1/w3, or down_proj for w2."""
-    t = hf_tensor if experts.is_transposed else hf_tensor.transpose(1, 2)  # HF: [E, out, in]
-    if name == "w2" or not experts.has_gate:
+class Layout(NamedTuple):
+    """How an HF experts module stores and gates its experts (the flags
+    @use_experts_implementation sets, or a family's for an undecorated module: Llama 4)."""
+    is_transposed: bool  # [E, in, out] instead of nn.Linear's [E, out, in]
+    is_concatenated: bool  # [gate; up] instead of interleaved gate/up columns
+    has_gate: bool  # gate_up_proj (gated) or up_proj
+    has_bias: bool  # gate_up_proj_bias (or up_proj_bias) and down_proj_bias
+
+
+def layout_of(experts) -> Layout:
+    return Layout(experts.is_transposed, experts.is_concatenated, experts.has_gate, experts.has_bias)
+
+
+def hf_names(layout: Layout) -> List[Tuple[str, str]]:
+    """(our expert tensor, the HF attribute holding it), ours in RoutedExperts' order."""
+    first = "gate_up_proj" if layout.has_gate else "up_proj"
+    names = [("w1", first)] + ([("w3", first)] if layout.has_gate else []) + [("w2", "down_proj")]
+    if layout.has_bias:
+        names += [("b" + n[1], f"{attr}_bias") for n, attr in names]
+    return names
+
+
+def expert_view(layout: Layout, name: str, hf_tensor: torch.Tensor) -> torch.Tensor:
+    """Our expert tensor `name` (w1: gate, w3: up [E, d, F]; w2 [E, F, d]; b1, b3 [E, F];
+    b2 [E, d]) as a view of the HF tensor hf_names() pairs it with."""
+    t = hf_tensor
+    if name[0] == "w" and not layout.is_transposed:  # HF: [E, out, in]
+        t = t.transpose(1, 2)
+    if name[1] == "2" or not layout.has_gate:
         return t
-    F = t.shape[2] // 2
-    if experts.is_concatenated:
-        return t[:, :, :F] if name == "w1" else t[:, :, F:]
-    return t[:, :, 0::2] if name == "w1" else t[:, :, 1::2]
+    F = t.shape[-1] // 2
+    if layout.is_concatenated:
+        return t[..., :F] if name[1] == "1" else t[..., F:]
+    return t[..., 0::2] if name[1] == "1" else t[..., 1::2]
 
 
-def _views(experts, gate_up: torch.Tensor, down: torch.Tensor) -> Dict[str, torch.Tensor]:
-    names = ("w1", "w3") if experts.has_gate else ("w1",)
-    return {**{n: expert_view(experts, n, gate_up) for n in names}, "w2": expert_view(experts, "w2", down)}
+def _hf_params(experts) -> List[torch.Tensor]:
+    attrs = dict.fromkeys(attr for _, attr in hf_names(layout_of(experts)))
+    return [getattr(experts, a) for a in attrs]
 
 
-def _hf_params(experts) -> Tuple[torch.Tensor, torch.Tensor]:
-    first = experts.gate_up_proj if experts.has_gate else experts.up_proj
-    return first, experts.down_proj
+def _views(experts, params: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Our tensors as views of `params` (tensors laid out as _hf_params(experts))."""
+    names = hf_names(layout_of(experts))
+    by_attr = dict(zip(dict.fromkeys(attr for _, attr in names), params))
+    return {ours: expert_view(layout_of(experts), ours, by_attr[attr]) for ours, attr in names}
 
 
-def activation_of(experts) -> str:
-    """Our activation for the module's gate, or NotImplementedError naming what differs."""
+# class-specific gates that are gpt-oss's clamped SwiGLU: min(g, limit) and clamp(u, +-limit),
+# (u + 1) * g * sigmoid(alpha g), with the module's alpha and limit (split by is_concatenated)
+CLAMPED_SWIGLU_GATES = ("GptOssExperts._apply_gate", "OpenAIPrivacyFilterExperts._apply_gate")
+
+
+def activation_of(experts, layout: Optional[Layout] = None) -> Dict[str, Any]:
+    """The MoEConfig fields of the module's expert FFN, or NotImplementedError naming what
+    moe_py does not compute. `layout`: for a module without @use_experts_implementation."""
     from transformers.activations import GELUActivation, SiLUActivation
     from transformers.integrations import moe as hf_moe
 
     name = type(experts).__name__
-    for flag in ("has_bias", "has_post_expert_norm", "_is_expert_parallel"):
+    for flag in ("has_post_expert_norm", "_is_expert_parallel"):
         if getattr(experts, flag, False):
             raise NotImplementedError(f"experts_implementation={NAME!r}: {name}.{flag}=True is not supported")
-    act = experts.act_fn
-    if experts.has_gate:
-        if type(experts)._apply_gate is not hf_moe._default_apply_gate:
+    layout = layout_of(experts) if layout is None else layout
+    bias = {"ffn_bias": True} if layout.has_bias else {}
+    act = getattr(experts, "act_fn", None)
+    if layout.has_gate:
+        gate = getattr(type(experts), "_apply_gate", hf_moe._default_apply_gate)
+        if gate.__qualname__ in CLAMPED_SWIGLU_GATES:
+            return dict(activation="clamped_swiglu", swiglu_alpha=float(experts.alpha),
+                        swiglu_limit=float(experts.limit), **bias)
+        if gate is not hf_moe._default_apply_gate:
             raise NotImplementedError(f"experts_implementation={NAME!r}: {name} has its own _apply_gate")
-        if not experts.is_concatenated:  # HF's default gate splits [gate; up] whatever the flag says
+        if not layout.is_concatenated:  # HF's default gate splits [gate; up] whatever the flag says
             raise NotImplementedError(f"experts_implementation={NAME!r}: {name}.is_concatenated=False "
                                       "with transformers' default _apply_gate")
         if isinstance(act, (torch.nn.SiLU, SiLUActivation)):
-            return "swiglu"
+            return dict(activation="swiglu", **bias)
         raise NotImplementedError(f"experts_implementation={NAME!r}: {name}.act_fn "
                                   f"{type(act).__name__} (gated experts need SiLU)")
     if isinstance(act, torch.nn.GELU) and act.approximate == "none" or \
             isinstance(act, GELUActivation) and act.act is torch.nn.functional.gelu:
-        return "gelu"
+        return dict(activation="gelu", **bias)
     raise NotImplementedError(f"experts_implementation={NAME!r}: {name}.act_fn {type(act).__name__} "
                               f"(ungated experts need the erf GELU)")
 
@@ -103,17 +142,17 @@ def _routed_experts(experts, k: int) -> RoutedExperts:
     cached = getattr(experts, "_moe_py_cache", None)
     if cached is not None and cached.key == key:
         return cached.experts
-    activation = activation_of(experts)
+    ffn = activation_of(experts)
     dtype = params[0].dtype
     if dtype not in _COMPUTE:
         raise TypeError(f"experts_implementation={NAME!r}: expert weights of dtype {dtype} "
                         "(float32, float64 or bfloat16 expected)")
     compute = _COMPUTE[dtype]
     with torch.no_grad():
-        ours = {n: v.to(compute).contiguous().numpy().copy() for n, v in _views(experts, *params).items()}
+        ours = {n: v.to(compute).contiguous().numpy().copy() for n, v in _views(experts, params).items()}
     E, D, F = ours["w1"].shape
-    cfg = MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=min(k, E), activation=activation,
-                    dtype=str(compute).removeprefix("torch."))
+    cfg = MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=min(k, E),
+                    dtype=str(compute).removeprefix("torch."), **ffn)
     routed = RoutedExperts(cfg, params=ours, grads={})
     experts._moe_py_cache = _Cached(key, routed)  # replaced, never edited: a pending backward keeps its arrays
     return routed
@@ -143,7 +182,7 @@ class RoutedExpertsFunction(torch.autograd.Function):
         dx, dw = ctx.out.backward(dy.detach().to(compute).contiguous().numpy(), grads=fresh)
         params = _hf_params(ctx.experts)
         hf_grads = [torch.zeros(p.shape, dtype=compute) for p in params]
-        for name, view in _views(ctx.experts, *hf_grads).items():
+        for name, view in _views(ctx.experts, hf_grads).items():
             view.copy_(torch.from_numpy(fresh[name]))
         x_dtype, w_dtype = ctx.dtypes
         return (None, torch.from_numpy(dx).to(x_dtype), None, torch.from_numpy(dw).to(w_dtype),

@@ -18,6 +18,13 @@ Router semantics per family (transformers 5.24.0), and how they map:
 - ernie4_5_moe: softmax; selection by probability + e_score_correction_bias (a selection-only
   bias, [1, E] in HF); the chosen probabilities divided by max(their sum, norm_min) ->
   softmax_topk with the bias loaded (frozen: bias_update_rate 0) and topk_norm_min.
+- gpt_oss: logits with a learned bias, top-k of them, a softmax over the k -> softmax_topk
+  with normalize_topk and router_bias; its experts are clamped SwiGLU with biases, stored
+  transposed with gate and up interleaved.
+- llama4 (Llama4TextMoe): top-k logits, sigmoid of each, the score multiplying the expert's
+  input (every expert runs on every token, the others on 0 * x, which adds nothing to bias-free
+  experts) -> sigmoid_topk unnormalised with combine="input"; its experts lack
+  @use_experts_implementation, so their layout (transposed, [gate; up]) is written here.
 - deepseek_v3, glm4_moe, dots1: sigmoid scores; selection by score + e_score_correction_bias,
   limited to the `topk_group` best of `n_group` groups (a group scores the sum of its two best
   biased scores; the other groups are masked with -inf in 5.24.0, as in moe_py's kernel); the
@@ -37,7 +44,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .experts_backend import expert_view
+from .experts_backend import Layout, expert_view, hf_names, layout_of
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,7 @@ class Family:
     bias: str = ""  # the router's selection bias, dotted from the block ("": none)
     shared: Optional[str] = None  # None, "plain" (moe_py's shared expert) or "gated" (SharedExpert)
     shared_attr: str = ""  # the block's shared MLP submodule (a block may set it to None)
+    layout: Optional[Layout] = None  # the experts' layout when they lack @use_experts_implementation
 
 
 def _softmax(block) -> Dict:
@@ -71,6 +79,14 @@ def _softmax_ernie(block) -> Dict:
                 bias_update_rate=0.0)
 
 
+def _softmax_logit_bias(block) -> Dict:
+    return dict(router="softmax_topk", normalize_topk=True, router_bias=True)
+
+
+def _sigmoid_scaled_input(block) -> Dict:
+    return dict(router="sigmoid_topk", normalize_topk=False, bias_update_rate=0.0, combine="input")
+
+
 def _sigmoid_grouped(block) -> Dict:
     g = block.gate
     return dict(router="sigmoid_topk", normalize_topk=bool(g.norm_topk_prob), n_group=int(g.num_group),
@@ -88,6 +104,9 @@ FAMILIES: Dict[str, Family] = {
     "DeepseekV2Moe": Family("gate", _softmax_deepseek_v2, shared="plain", shared_attr="shared_experts"),
     "Ernie4_5_MoeSparseMoeBlock": Family("gate", _softmax_ernie, "gate.moe_statics.e_score_correction_bias",
                                          shared="plain", shared_attr="shared_experts"),
+    "GptOssMLP": Family("router", _softmax_logit_bias),
+    "Llama4TextMoe": Family("router", _sigmoid_scaled_input, shared="plain", shared_attr="shared_expert",
+                            layout=Layout(is_transposed=True, is_concatenated=True, has_gate=True, has_bias=False)),
     "DeepseekV3MoE": Family("gate", _sigmoid_grouped, _V3_BIAS, shared="plain", shared_attr="shared_experts"),
     "Glm4MoeMoE": Family("gate", _sigmoid_grouped, _V3_BIAS, shared="plain", shared_attr="shared_experts"),
     "Dots1MoE": Family("gate", _sigmoid_grouped, _V3_BIAS, shared="plain", shared_attr="shared_experts"),
@@ -103,6 +122,11 @@ def family_of(block) -> Family:
 
 def router_of(block):
     return getattr(block, family_of(block).router_attr)
+
+
+def experts_layout(block) -> Layout:
+    fam = family_of(block)
+    return fam.layout if fam.layout is not None else layout_of(block.experts)
 
 
 def shared_kind(block) -> Optional[str]:
@@ -137,11 +161,12 @@ def tensor_map(block) -> List[Triple]:
     names are the MoE module's parameters, "expert_bias" (the router's selection bias) and
     "shared.*" (the torch SharedExpert)."""
     fam = family_of(block)
-    experts = block.experts
+    layout = experts_layout(block)
     triples: List[Triple] = [("w_router", f"{fam.router_attr}.weight", _transposed)]
-    for name in ("w1", "w3", "w2"):
-        hf = "experts.down_proj" if name == "w2" else "experts.gate_up_proj"
-        triples.append((name, hf, functools.partial(expert_view, experts, name)))
+    if fam.router(block).get("router_bias"):
+        triples.append(("b_router", f"{fam.router_attr}.bias", _same))
+    for name, attr in hf_names(layout):
+        triples.append((name, f"experts.{attr}", functools.partial(expert_view, layout, name)))
     if fam.bias:
         triples.append(("expert_bias", fam.bias, _flat))
     shared = shared_kind(block)
