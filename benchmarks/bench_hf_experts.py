@@ -20,7 +20,7 @@ import transformers
 
 import moe_py.hf  # noqa: F401  (registers experts_implementation="moe_py")
 from transformers.integrations.moe import ExpertsInterface
-from common import ForeignLoad, interleaved_times, machine_line, set_threads, spread
+from common import ForeignLoad, NumpyBlasThreads, best_sgemm, interleaved_times, machine_line, set_threads, spread
 
 BACKENDS = ("eager", "batched_mm", "grouped_mm", "moe_py", "no_experts")
 
@@ -102,6 +102,24 @@ def main() -> None:
         print(f"  {dname}: moe_py is {med[fastest] / med['moe_py']:.2f}x the fastest transformers backend "
               f"({fastest}) per step, {(med[fastest] - floor) / (med['moe_py'] - floor):.2f}x on the "
               f"experts' share; other load {busy:.2f} cores")
+        if dname == "float32":
+            gemm_bound(a, {n: t - floor for n, t in med.items()}, fastest, floor)
+
+
+def gemm_bound(a, experts_s, fastest, floor) -> None:
+    """The experts' GEMM rate per side against the best same-run SGEMM at the mean expert
+    batch: the time no implementation beats, so the largest ratio any could reach."""
+    rows = a.batch * a.seq * a.top_k
+    flops = 9 * 2.0 * rows * a.hidden * a.width * a.layers  # 3 GEMMs forward, 6 backward
+    rate = best_sgemm(rows // a.experts, a.hidden, a.width, a.threads, torch, NumpyBlasThreads())
+    bound = flops / rate["best"] / 1e9
+    print("  float32 experts' GEMM rate: " + ", ".join(
+        f"{n} {flops / t / 1e9:.0f} GFLOP/s" for n, t in experts_s.items()) +
+        f"; best same-run SGEMM [{rows // a.experts}x{a.hidden}]x[{a.hidden}x{a.width}] "
+        f"{rate['best']:.0f} GFLOP/s ({max(rate, key=lambda n: rate[n] if n != 'best' else 0)})")
+    print(f"  float32: at that SGEMM rate the experts would take {bound:.3f} s: at most "
+          f"{experts_s[fastest] / bound:.2f}x {fastest} on the experts' share, "
+          f"{(experts_s[fastest] + floor) / (bound + floor):.2f}x per step")
 
 
 if __name__ == "__main__":

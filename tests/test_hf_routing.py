@@ -264,3 +264,60 @@ def test_scores_are_read_off_the_weights_or_marked_weights_only():
     assert (r.topk_weights[real, 0] >= r.topk_weights[real, 1]).all()  # slots by descending weight
     with pytest.raises(ValueError, match="top_k_index"):
         router_output(idx + 6, w_soft, logits, real, 6)
+
+
+def more_families():
+    """Families beyond the three above: other router outputs (gpt-oss's top-k-then-softmax
+    with a bias, sigmoid groups, Mixtral, a shared expert), other layouts."""
+    return {
+        "mixtral": transformers.MixtralConfig(**COMMON, intermediate_size=16, num_local_experts=4),
+        "qwen2_moe": transformers.Qwen2MoeConfig(**COMMON, intermediate_size=32, moe_intermediate_size=16,
+                                                 shared_expert_intermediate_size=16, num_experts=6),
+        "gpt_oss": transformers.GptOssConfig(**COMMON, intermediate_size=16, num_local_experts=4, head_dim=8),
+        "glm4_moe": transformers.Glm4MoeConfig(**COMMON, intermediate_size=32, moe_intermediate_size=16,
+                                               n_routed_experts=8, n_group=2, topk_group=1,
+                                               first_k_dense_replace=0, head_dim=8),
+        "granitemoe": transformers.GraniteMoeConfig(**COMMON, intermediate_size=16, num_local_experts=4),
+    }
+
+
+RECORDED: list = []
+
+
+def recording_experts(experts, hidden_states, top_k_index, top_k_weights):
+    """An experts implementation that keeps what the model dispatched (the reference that
+    collect_routing's hooks must reproduce) and computes a cheap stand-in output."""
+    RECORDED.append((top_k_index.detach().clone(), top_k_weights.detach().double().clone()))
+    return hidden_states * top_k_weights.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("family", sorted(more_families()))
+def test_routing_is_what_the_model_dispatched(family):
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register("recording", recording_experts)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(more_families()[family],
+                                                          experts_implementation="recording").eval()
+    ids, mask = padded_batch()
+    RECORDED.clear()
+    got = collect_routing(model, [(ids, mask)])
+    real = mask.reshape(-1).astype(bool)
+    assert len(got.routers) == len(RECORDED) == 2 and got.layer_names[0] != got.layer_names[1]
+    for r, (idx, w) in zip(got.routers, RECORDED):
+        idx, w = idx.numpy()[real], w.numpy()[real]
+        E = r.router_probs.shape[1]
+        # the same choices and weights per token, whatever the slot order
+        sent = np.zeros((real.sum(), E))
+        np.put_along_axis(sent, idx, w, axis=1)
+        kept = np.zeros_like(sent)
+        np.put_along_axis(kept, r.topk_indices[real], r.topk_weights[real], axis=1)
+        np.testing.assert_allclose(kept, sent, rtol=1e-6, atol=1e-7)
+        assert np.array_equal(r.tokens_per_expert, np.bincount(idx.reshape(-1), minlength=E))
+        assert (r.topk_indices[~real] == -1).all() and (r.router_probs[~real] == 0).all()
+        # scores: a function of the logits that orders the chosen weights as the model did
+        # (or the weights themselves when none is found)
+        if got.score_functions[0] != "weights only":
+            chosen = np.take_along_axis(r.router_probs[real], r.topk_indices[real], axis=1)
+            np.testing.assert_allclose(chosen / chosen.sum(1, keepdims=True),
+                                       r.topk_weights[real] / r.topk_weights[real].sum(1, keepdims=True), rtol=2e-2)
