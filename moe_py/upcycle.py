@@ -23,7 +23,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from .checkpoint import load_model, save_checkpoint
-from .config import MoEConfig, check_seed, positive_int
+from .config import ROUTER_TRAITS, MoEConfig, check_seed, positive_int
 from .data import Corpus
 from .models import ModelConfig, TransformerLM
 from .optim import AdamW
@@ -35,7 +35,8 @@ FILE = "upcycle.json"  # what the upcycled run folder records of its parent and 
 
 # The routers whose tokens pick their own k experts by score with soft weights: for those,
 # identical experts and the router below reproduce the dense FFN exactly.
-SUPPORTED_ROUTERS = ("softmax_topk", "sigmoid_topk")
+SUPPORTED_ROUTERS = tuple(r for r, t in ROUTER_TRAITS.items()
+                          if t.picks_by_score and t.soft_weights and not t.experts_choose and not t.chooses_over_batch)
 
 
 def check_upcycle(d_ff: int, moe: MoEConfig, granularity: int, reinit_fraction: float) -> None:
@@ -55,6 +56,9 @@ def check_upcycle(d_ff: int, moe: MoEConfig, granularity: int, reinit_fraction: 
     if moe.router not in SUPPORTED_ROUTERS:
         raise ValueError(f"router: upcycling supports {SUPPORTED_ROUTERS} (each token picks its own "
                          f"experts by score), got {moe.router!r}")
+    if moe.combine != "output":  # FFN(w x) is not w FFN(x): the copies would not add up to the FFN
+        raise ValueError(f"combine: upcycling needs the weights on the experts' outputs ('output'), "
+                         f"got {moe.combine!r}")
     if moe.n_group != 1:
         raise ValueError(f"n_group: upcycling does not support group-limited routing, got {moe.n_group}")
     if moe.num_shared_experts:

@@ -209,7 +209,7 @@ def test_the_entry_table_names_every_router_of_the_issue_once():
     routers = [e.moe["router"] for e in ENTRIES if e.moe is not None]
     assert sorted(set(routers)) == ["expert_choice", "hash", "sigmoid_topk", "sinkhorn", "softmax_topk",
                                     "sqrtsoftplus_topk"]
-    assert len({e.name for e in ENTRIES}) == len(ENTRIES) == 13
+    assert len({e.name for e in ENTRIES}) == len(ENTRIES) == 16
     assert all("load_balance_coef" in e.moe for e in ENTRIES if e.moe is not None)
     assert {"dense", "softmax_lb", "softmax_noise"} <= set(available_entries())
     assert set(available_entries()) == {e.name for e in ENTRIES}  # every router of this moe_py

@@ -36,6 +36,7 @@ def dense_run(tmp_path_factory):
     (8, 2, 4, "softmax_topk"),
     (4, 1, 2, "sigmoid_topk"),
     (4, 1, 1, "sigmoid_topk"),  # unnormalised sigmoid: W2 x 2
+    (4, 1, 2, "sqrtsoftplus_topk"),
 ])
 def test_upcycled_model_computes_the_dense_function_at_step_0(dense_run, tmp_path, experts, granularity,
                                                               top_k, router):
@@ -132,6 +133,7 @@ def test_the_w2_scale_undoes_the_uniform_weights():
     (dict(num_experts=3, granularity=2), "num_experts"),  # not a multiple of g
     (dict(num_experts=4, reinit_fraction=1.5), "reinit_fraction"),
     (dict(num_experts=4, moe={"router": "expert_choice"}), "router"),
+    (dict(num_experts=4, moe={"combine": "input"}), "combine"),
 ])
 def test_bad_upcycles_are_refused(dense_run, tmp_path, kw, word):
     with pytest.raises(ValueError, match=word):

@@ -75,6 +75,18 @@ ENTRIES: Tuple[Entry, ...] = (
     Entry("sqrtsoftplus_bias", "sqrt(softplus) top-k with the aux-loss-free expert bias (rate 1e-3; "
           "DeepSeek-V4)",
           {"router": "sqrtsoftplus_topk", "load_balance_coef": 0.0, "bias_update_rate": 1e-3}),
+    Entry("softmax_unnormalised", "softmax top-k weighted by the probabilities as they are, not "
+          "renormalised over the k (Qwen3-MoE/OLMoE with norm_topk_prob=False, Jamba), with the "
+          "load-balance loss (coef 0.01)",
+          {"router": "softmax_topk", "load_balance_coef": 0.01, "normalize_topk": False}),
+    Entry("sigmoid_input", "sigmoid top-k, the chosen scores scaling the experts' inputs instead of "
+          "their outputs (Llama 4), with the load-balance loss (coef 0.01)",
+          {"router": "sigmoid_topk", "load_balance_coef": 0.01, "bias_update_rate": 0.0,
+           "normalize_topk": False, "combine": "input"}),
+    Entry("gpt_oss", "softmax top-k with a learned logit bias, experts with gpt-oss's clamped SwiGLU "
+          "(alpha 1.702, limit 7) and biases, with the load-balance loss (coef 0.01)",
+          {"router": "softmax_topk", "load_balance_coef": 0.01, "router_bias": True,
+           "activation": "clamped_swiglu", "ffn_bias": True}),
     Entry("upcycled", "the dense baseline for steps // 2 steps, then upcycled (its FFN split into "
           "top_k experts per copy, E in all) to softmax top-k with the load-balance loss for the rest",
           {"router": "softmax_topk", "load_balance_coef": 0.01}, upcycle=True),
