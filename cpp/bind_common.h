@@ -98,5 +98,6 @@ void bind_nn(py::module_& m);
 void bind_lm_losses(py::module_& m);
 void bind_optim(py::module_& m);
 void bind_system(py::module_& m);
+void bind_bf16(py::module_& m);
 
 }  // namespace moe_bind

@@ -4,6 +4,7 @@
 
 #include <optional>
 #include <string>
+#include <type_traits>
 
 namespace moe_bind {
 
@@ -11,9 +12,13 @@ namespace {
 
 // The shape and activation of one call; clamped_swiglu's alpha and limit must be given,
 // and only to it (MoEConfig holds their defaults: none here).
+template <typename T>
 moe::ExpertShape expert_shape(index_t E, index_t D, index_t F, moe::Activation act,
-                              std::optional<double> alpha, std::optional<double> limit) {
+                              std::optional<double> alpha, std::optional<double> limit, bool bf16) {
   moe::ExpertShape s{E, D, F, act};
+  if (bf16 && !std::is_same_v<T, float>)
+    throw std::invalid_argument("bf16: bfloat16 compute needs float32 inputs and weights");
+  s.bf16 = bf16;
   const bool clamped = act == moe::Activation::clamped_swiglu;
   if (clamped != alpha.has_value() || clamped != limit.has_value())
     throw std::invalid_argument(
@@ -41,9 +46,9 @@ void bind_typed(py::module_& m, const std::string& sfx) {
       ("experts_forward" + sfx).c_str(),
       [](In<T> xs, Idx offsets, In<T> w1, In<T> w3, In<T> w2, moe::Activation activation,
          std::optional<double> swiglu_alpha, std::optional<double> swiglu_limit,
-         std::optional<In<T>> b1, std::optional<In<T>> b3, std::optional<In<T>> b2) {
+         std::optional<In<T>> b1, std::optional<In<T>> b3, std::optional<In<T>> b2, bool bf16) {
         const index_t N = xs.shape(0), D = xs.shape(1), E = w1.shape(0), F = w1.shape(2);
-        const moe::ExpertShape s = expert_shape(E, D, F, activation, swiglu_alpha, swiglu_limit);
+        const moe::ExpertShape s = expert_shape<T>(E, D, F, activation, swiglu_alpha, swiglu_limit, bf16);
         const bool glu = moe::gated(s.act);
         expect_shape(w1, "w1", {E, D, F});
         if (glu) expect_shape(w3, "w3", {E, D, F});
@@ -74,9 +79,10 @@ void bind_typed(py::module_& m, const std::string& sfx) {
       py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("xs"), py::arg("offsets"), py::arg("w1"), py::arg("w3"), py::arg("w2"),
       py::arg("activation"), py::arg("swiglu_alpha") = py::none(),
       py::arg("swiglu_limit") = py::none(), py::arg("b1") = py::none(), py::arg("b3") = py::none(),
-      py::arg("b2") = py::none(),
+      py::arg("b2") = py::none(), py::arg("bf16") = false,
       "every expert's FFN on its rows of xs (biases b1, b3, b2: all or none); returns "
-      "(h1, h3, ye), h1/h3 saved for backward");
+      "(h1, h3, ye), h1/h3 saved for backward. bf16 (float32 only): the GEMMs read "
+      "bfloat16-rounded operands, the weights given rounded already");
 
   m.def(
       ("experts_backward" + sfx).c_str(),
@@ -84,7 +90,7 @@ void bind_typed(py::module_& m, const std::string& sfx) {
          moe::Activation activation, py::array dw1, py::array dw3, py::array dw2,
          const std::string& path, std::optional<double> swiglu_alpha,
          std::optional<double> swiglu_limit, std::optional<py::array> db1,
-         std::optional<py::array> db3, std::optional<py::array> db2) {
+         std::optional<py::array> db3, std::optional<py::array> db2, bool bf16) {
         const auto p = path == "auto"        ? moe::BackwardPath::automatic
                        : path == "by_expert" ? moe::BackwardPath::by_expert
                        : path == "two_phase" ? moe::BackwardPath::two_phase
@@ -92,7 +98,7 @@ void bind_typed(py::module_& m, const std::string& sfx) {
                                                    "path: expected 'auto', 'by_expert' or "
                                                    "'two_phase', got '" + path + "'");
         const index_t N = xs.shape(0), D = xs.shape(1), E = w1.shape(0), F = w1.shape(2);
-        const moe::ExpertShape s = expert_shape(E, D, F, activation, swiglu_alpha, swiglu_limit);
+        const moe::ExpertShape s = expert_shape<T>(E, D, F, activation, swiglu_alpha, swiglu_limit, bf16);
         const bool glu = moe::gated(s.act);
         expect_shape(w1, "w1", {E, D, F});
         expect_shape(w2, "w2", {E, F, D});
@@ -130,6 +136,7 @@ void bind_typed(py::module_& m, const std::string& sfx) {
       py::arg("dw3"), py::arg("dw2"), py::arg("path") = "auto",
       py::arg("swiglu_alpha") = py::none(), py::arg("swiglu_limit") = py::none(),
       py::arg("db1") = py::none(), py::arg("db3") = py::none(), py::arg("db2") = py::none(),
+      py::arg("bf16") = false,
       "dxs from dye; adds the weight gradients into dw1, dw3, dw2 and, for experts with "
       "biases, db1, db3, db2 (path: 'auto', or "
       "'by_expert' / 'two_phase' to force one walk; both give the same bits)");

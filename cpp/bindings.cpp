@@ -14,4 +14,5 @@ PYBIND11_MODULE(_core, m) {
   moe_bind::bind_nn(m);
   moe_bind::bind_lm_losses(m);
   moe_bind::bind_optim(m);
+  moe_bind::bind_bf16(m);
 }

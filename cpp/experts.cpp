@@ -2,9 +2,12 @@
 
 #include <algorithm>
 #include <memory>
+#include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 #include "activations.h"
+#include "bf16.h"
 #include "blas.h"
 #include "pool.h"
 #include "small_gemm.h"
@@ -35,6 +38,25 @@ template <typename T>
 void add_rows_to(T* sum, index_t rows, index_t width, const T* src) {
   ArrMap<T> acc(sum, width);
   for (index_t r = 0; r < rows; ++r) acc += ConstArrMap<T>(src + r * width, width);
+}
+
+// With bf16 compute: n values of src rounded to bfloat16 into dst (dst == src: in place),
+// returning dst; otherwise src as it is. Only float32 has a bf16 mode (bf16_supported).
+template <typename T>
+const T* gemm_operand(const ExpertShape& s, const T* src, T* dst, index_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (s.bf16) {
+      round_to_bf16(src, dst, n);
+      return dst;
+    }
+  }
+  return src;
+}
+
+template <typename T>
+void bf16_supported(const ExpertShape& s) {
+  if (s.bf16 && !std::is_same_v<T, float>)
+    throw std::invalid_argument("bf16: bfloat16 compute needs float32 inputs and weights");
 }
 
 // a = act(h1, h3) on n values (h3 read by the gated activations only).
@@ -78,19 +100,25 @@ template <typename T>
 void expert_backward_tiles(const ExpertShape& s, index_t e, const index_t* offsets, const T* xs,
                            const T* h1, const T* h3, const T* dye, const T* w1t, const T* w3t,
                            const T* w2t, T* dxs, T* dw1, T* dw3, T* dw2,
-                           const ExpertBiasGrads<T>& db, T* da, T* a, T* dh1, T* dh3) {
+                           const ExpertBiasGrads<T>& db, T* da, T* a, T* dh1, T* dh3,
+                           T* x_bf16, T* dy_bf16) {
   const index_t D = s.d_model, F = s.d_ff;
   const bool glu = gated(s.act);
   const index_t n_e = offsets[e + 1] - offsets[e];
   for (index_t r0 = 0; r0 < n_e; r0 += kRowTile) {
     const index_t rows = std::min(kRowTile, n_e - r0), row = offsets[e] + r0, n = rows * F;
-    small_gemm_packed(false, rows, F, D, dye + row * D, D, w2t, false, da, F);
+    const T* dy = gemm_operand(s, dye + row * D, dy_bf16, rows * D);
+    const T* x = gemm_operand(s, xs + row * D, x_bf16, rows * D);
+    small_gemm_packed(false, rows, F, D, dy, D, w2t, false, da, F);
     activation_backward(s, h1 + row * F, glu ? h3 + row * F : nullptr, da, a, dh1, dh3, n);
+    gemm_operand(s, a, a, n);
+    gemm_operand(s, dh1, dh1, n);
+    if (glu) gemm_operand(s, dh3, dh3, n);
     small_gemm_packed(false, rows, D, F, dh1, F, w1t, false, dxs + row * D, D);
     if (glu) small_gemm_packed(false, rows, D, F, dh3, F, w3t, true, dxs + row * D, D);
-    small_gemm(true, false, D, F, rows, xs + row * D, D, dh1, F, true, dw1 + e * D * F, F);
-    if (glu) small_gemm(true, false, D, F, rows, xs + row * D, D, dh3, F, true, dw3 + e * D * F, F);
-    small_gemm(true, false, F, D, rows, a, F, dye + row * D, D, true, dw2 + e * F * D, D);
+    small_gemm(true, false, D, F, rows, x, D, dh1, F, true, dw1 + e * D * F, F);
+    if (glu) small_gemm(true, false, D, F, rows, x, D, dh3, F, true, dw3 + e * D * F, F);
+    small_gemm(true, false, F, D, rows, a, F, dy, D, true, dw2 + e * F * D, D);
     if (db.db1) add_rows_to(db.db1 + e * F, rows, F, dh1);
     if (db.db3) add_rows_to(db.db3 + e * F, rows, F, dh3);
     if (db.db2) add_rows_to(db.db2 + e * D, rows, D, dye + row * D);
@@ -114,12 +142,14 @@ void experts_backward_by_expert(const ExpertShape& s, const index_t* offsets, co
 #pragma omp parallel
   {
     Scratch<T> da(kRowTile * F), a(kRowTile * F), dh1(kRowTile * F), dh3(glu ? kRowTile * F : 0);
+    const index_t D = s.d_model, rounded = s.bf16 ? kRowTile * D : 0;
+    Scratch<T> x_bf16(rounded), dy_bf16(rounded);
 #pragma omp for schedule(dynamic, 1)
     for (index_t i = 0; i < n; ++i) {
       const index_t e = order[i];
       expert_backward_tiles(s, e, offsets, xs, h1, h3, dye, w1t + e * p1,
                             glu ? w3t + e * p1 : nullptr, w2t + e * p2, dxs, dw1, dw3, dw2, db,
-                            da.get(), a.get(), dh1.get(), dh3.get());
+                            da.get(), a.get(), dh1.get(), dh3.get(), x_bf16.get(), dy_bf16.get());
     }
   }
 }
@@ -139,18 +169,19 @@ void experts_forward(const ExpertShape& s, const index_t* offsets, const T* xs, 
                      const T* w3, const T* w2, const ExpertBiases<T>& bias, T* h1, T* h3, T* ye) {
   const index_t D = s.d_model, F = s.d_ff;
   check_blas_dims({offsets[s.E], D, F});
+  bf16_supported<T>(s);
   const bool glu = gated(s.act);
   const auto items = tiles(s.E, kRowTile, [&](index_t e) { return offsets[e + 1] - offsets[e]; });
   const index_t n_items = index_t(items.size());
 
 #pragma omp parallel
   {
-    std::vector<T> a(kRowTile * F);
+    std::vector<T> a(kRowTile * F), x_bf16(s.bf16 ? kRowTile * D : 0);
 #pragma omp for schedule(dynamic, 1)
     for (index_t i = 0; i < n_items; ++i) {
       const Item it = items[i];
       const index_t row = offsets[it.expert] + it.r0;
-      const T* x = xs + row * D;
+      const T* x = gemm_operand(s, xs + row * D, x_bf16.data(), it.rows * D);
       T* g = h1 + row * F;
       const index_t e = it.expert;
       small_gemm(false, false, it.rows, F, D, x, D, w1 + e * D * F, F, false, g, F);
@@ -161,6 +192,7 @@ void experts_forward(const ExpertShape& s, const index_t* offsets, const T* xs, 
         if (bias.b3) add_to_rows(u, it.rows, F, bias.b3 + e * F);
       }
       activation_forward(s, g, u, a.data(), it.rows * F);
+      gemm_operand(s, a.data(), a.data(), it.rows * F);
       small_gemm(false, false, it.rows, D, F, a.data(), F, w2 + e * F * D, D, false, ye + row * D, D);
       if (bias.b2) add_to_rows(ye + row * D, it.rows, D, bias.b2 + e * D);
     }
@@ -175,6 +207,7 @@ void experts_backward(const ExpertShape& s, const index_t* offsets, const T* xs,
   const bool glu = gated(s.act);
   const index_t N = offsets[s.E];
   check_blas_dims({N, D, F});
+  bf16_supported<T>(s);
   // W2^T, W1^T and W3^T packed once per expert with rows, not once per row tile: a
   // transposed pack is a strided gather, as costly as a small tile's GEMM.
   const index_t p2 = packed_b_size<T>(D, F), p1 = packed_b_size<T>(F, D);
@@ -196,6 +229,10 @@ void experts_backward(const ExpertShape& s, const index_t* offsets, const T* xs,
 
   // uninitialised on purpose: every element is written in phase 1
   Scratch<T> a(N * F), dh1(N * F), dh3(glu ? N * F : 0);
+  // bf16: the rounded xs and dye, which phase 2 reads again
+  Scratch<T> xs_bf16(s.bf16 ? N * D : 0), dye_bf16(s.bf16 ? N * D : 0);
+  const T* xg = s.bf16 ? xs_bf16.get() : xs;
+  const T* dyg = s.bf16 ? dye_bf16.get() : dye;
 
   // Phase 1, over row tiles: dA = dYe W2^T, the activation backward, dXs.
   const auto row_items =
@@ -208,11 +245,18 @@ void experts_backward(const ExpertShape& s, const index_t* offsets, const T* xs,
     for (index_t i = 0; i < n_row_items; ++i) {
       const Item it = row_items[i];
       const index_t e = it.expert, row = offsets[e] + it.r0, n = it.rows * F;
-      small_gemm_packed(false, it.rows, F, D, dye + row * D, D, w2t.get() + e * p2, false,
-                        da.data(), F);
+      const T* dy = dye + row * D;
+      if (s.bf16) {  // (the scratch is empty otherwise: no pointer into it)
+        gemm_operand(s, xs + row * D, xs_bf16.get() + row * D, it.rows * D);
+        dy = gemm_operand(s, dy, dye_bf16.get() + row * D, it.rows * D);
+      }
+      small_gemm_packed(false, it.rows, F, D, dy, D, w2t.get() + e * p2, false, da.data(), F);
       activation_backward(s, h1 + row * F, glu ? h3 + row * F : nullptr, da.data(),
                           a.get() + row * F, dh1.get() + row * F,
                           glu ? dh3.get() + row * F : nullptr, n);
+      gemm_operand(s, a.get() + row * F, a.get() + row * F, n);
+      gemm_operand(s, dh1.get() + row * F, dh1.get() + row * F, n);
+      if (glu) gemm_operand(s, dh3.get() + row * F, dh3.get() + row * F, n);
       small_gemm_packed(false, it.rows, D, F, dh1.get() + row * F, F, w1t.get() + e * p1,
                         false, dxs + row * D, D);
       if (glu)
@@ -250,12 +294,12 @@ void experts_backward(const ExpertShape& s, const index_t* offsets, const T* xs,
       if (db.db2) add_rows_to(db.db2 + e * D, n_e, D, dye + row * D);
     } else if (g.which == 2) {
       // rows r0.. of A^T are columns r0.. of A
-      small_gemm(true, false, g.it.rows, D, n_e, a.get() + row * F + g.it.r0, F, dye + row * D,
+      small_gemm(true, false, g.it.rows, D, n_e, a.get() + row * F + g.it.r0, F, dyg + row * D,
                  D, true, dw2 + e * F * D + g.it.r0 * D, D);
     } else {
       const T* dh = (g.which == 1 ? dh1.get() : dh3.get()) + row * F;
       T* dw = (g.which == 1 ? dw1 : dw3) + e * D * F + g.it.r0 * F;
-      small_gemm(true, false, g.it.rows, F, n_e, xs + row * D + g.it.r0, D, dh, F, true, dw, F);
+      small_gemm(true, false, g.it.rows, F, n_e, xg + row * D + g.it.r0, D, dh, F, true, dw, F);
     }
   }
 }

@@ -19,6 +19,11 @@ struct ExpertShape {
   index_t E, d_model, d_ff;
   Activation act;
   double alpha = 0, limit = 0;  // clamped_swiglu only: MoEConfig's swiglu_alpha, swiglu_limit
+  // bfloat16 compute (float32 only; bf16.h): every GEMM reads bfloat16-rounded operands and
+  // sums in float32. The kernels round xs, the activation a, dye and dh1/dh3 as they use
+  // them; the weights must come rounded already (the caller's copy, made once per update).
+  // h1, h3, the activations' arithmetic, ye, dxs and the gradients stay float32.
+  bool bf16 = false;
 };
 
 // The experts' biases b1, b3 [E, d_ff] and b2 [E, d_model], each added after its GEMM;
@@ -50,7 +55,8 @@ void experts_forward(const ExpertShape& s, const index_t* offsets, const T* xs, 
 enum class BackwardPath { automatic = 0, by_expert = 1, two_phase = 2 };
 
 // Reads xs, h1, h3 (saved) and dye [N, d_model]; writes dxs [N, d_model] and
-// accumulates (+=) into dw1, dw3, dw2 and the bias gradients. A bias gradient adds the
+// accumulates (+=) into dw1, dw3, dw2 and the bias gradients (with bf16: db1 and db3 sum
+// the rounded dh1, dh3 the GEMMs read, db2 dye as given). A bias gradient adds the
 // expert's rows one by one in row order on one thread, on either path: the same bits at
 // any thread count. An expert with no rows is not touched.
 template <typename T>

@@ -79,3 +79,13 @@ def all_finite(a) -> bool:
     if isinstance(a, np.ndarray) and a.dtype in _SUFFIX and a.flags.c_contiguous:
         return bool(kernel("all_finite", a.dtype)(a=a))
     return bool(np.isfinite(a).all())
+
+
+def round_to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 x rounded to bfloat16 values (kept as float32)."""
+    return _core.round_to_bf16(x=x)
+
+
+def fingerprint(x: np.ndarray) -> bytes:
+    """64 bytes that change whenever any one value of the float32 array x changes."""
+    return bytes(_core.fingerprint(x=x))

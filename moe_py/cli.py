@@ -22,7 +22,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .config import ACTIVATIONS, BALANCE_SCOPES, COMBINES, DROP_POLICIES, DTYPES, GROUP_SCORES, ROUTERS, MoEConfig
+from .config import (ACTIVATIONS, BALANCE_SCOPES, COMBINES, COMPUTE_DTYPES, DROP_POLICIES, DTYPES, GROUP_SCORES,
+                     ROUTERS, MoEConfig)
 from .flags import add_config_flags, config_from_args
 from .layer import MoELayer
 from .threads import set_num_threads
@@ -83,7 +84,7 @@ MOE_FLAGS = ("num_experts", "top_k", "d_ff", "swiglu_alpha", "swiglu_limit", "ff
              "straight_through", "load_balance_coef", "z_loss_coef", "entropy_coef",
              "load_balance_scope", "routed_scaling_factor", "bias_update_rate", "n_group",
              "topk_group", "sinkhorn_iterations", "sinkhorn_tolerance", "router_bias", "group_score",
-             "topk_norm_min", "num_shared_experts", "shared_d_ff")
+             "topk_norm_min", "num_shared_experts", "shared_d_ff", "compute_dtype")
 TRAIN_FLAGS = ("corpus", "corpus_bytes", "steps", "batch_size", "seq_len", "grad_accum", "lr",
                "warmup", "lr_decay_steps", "min_lr_ratio", "weight_decay", "grad_clip",
                "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "noise_std",
@@ -92,7 +93,8 @@ TRAIN_FLAGS = ("corpus", "corpus_bytes", "steps", "batch_size", "seq_len", "grad
 # Short names kept from earlier versions of the CLI.
 ALIASES = {"n_layers": ["--layers"], "n_heads": ["--heads"], "num_experts": ["--experts"]}
 CHOICES = {"activation": ACTIVATIONS, "dtype": tuple(DTYPES), "router": ROUTERS, "combine": COMBINES,
-           "drop_policy": DROP_POLICIES, "load_balance_scope": BALANCE_SCOPES, "group_score": GROUP_SCORES}
+           "drop_policy": DROP_POLICIES, "load_balance_scope": BALANCE_SCOPES, "group_score": GROUP_SCORES,
+           "compute_dtype": [d for d in COMPUTE_DTYPES if d is not None]}
 
 
 # The MoE fields upcycle takes (the experts' shape comes from the dense run; docs/design.md,
@@ -303,7 +305,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 # The tournament's entries set the router fields themselves, and it runs seeds 0 .. N-1 with
 # its own --steps default, so it takes the model's shape and the schedule only.
-TOURNAMENT_MOE_FLAGS = ("num_experts", "top_k", "d_ff", "capacity_factor", "drop_policy", "z_loss_coef")
+TOURNAMENT_MOE_FLAGS = ("num_experts", "top_k", "d_ff", "capacity_factor", "drop_policy", "z_loss_coef", "compute_dtype")
 TOURNAMENT_TRAIN_FLAGS = tuple(f for f in TRAIN_FLAGS
                                if f not in ("steps", "seed", "noise_std", "noise_anneal_steps"))
 

@@ -95,6 +95,9 @@ def activations_with(trait: str) -> tuple:
 
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
+# the expert GEMMs' arithmetic: None = the parameters' dtype; "bfloat16" = bf16 operands with
+# float32 sums (float32 parameters only; moe_py/bf16.py)
+COMPUTE_DTYPES = (None, "bfloat16")
 # y = sum_j w_j FFN_j(x) ("output"), or sum_j FFN_j(w_j x) ("input", as Llama 4)
 COMBINES = ("output", "input")
 
@@ -122,6 +125,15 @@ def plain_scalars(cfg) -> None:
 # 8192 x 64 scores, where 1e6 took 47 s that Ctrl-C could not stop.
 MAX_BIAS_UPDATE_RATE = 1.0
 MAX_SINKHORN_ITERATIONS = 10_000
+
+
+def check_compute_dtype(compute_dtype, dtype: str) -> None:
+    """compute_dtype (MoEConfig's, ModelConfig's) must be None or "bfloat16" over float32."""
+    if compute_dtype is not None:
+        one_of("compute_dtype", compute_dtype, COMPUTE_DTYPES[1:])
+    if compute_dtype == "bfloat16" and dtype != "float32":
+        raise ValueError(f"compute_dtype: 'bfloat16' needs dtype 'float32' (float32 master "
+                         f"weights), got dtype {dtype!r}")
 
 
 def one_of(name: str, value, allowed) -> None:
@@ -215,6 +227,7 @@ class MoEConfig:
     num_shared_experts: int = 0  # always-on experts every real token goes through
     shared_d_ff: Optional[int] = None  # hidden width of one shared expert (None: d_ff)
     dtype: str = "float32"  # float32 or float64, for inputs and parameters
+    compute_dtype: Optional[str] = None  # expert GEMMs: None (dtype) or "bfloat16" (float32 dtype only; bf16 operands, float32 sums)
     seed: int = 0  # seed of the initial weights and of the router noise
 
     def __post_init__(self) -> None:
@@ -264,6 +277,7 @@ class MoEConfig:
         check_seed(self.seed)
 
     def _check_expert_options(self) -> None:
+        check_compute_dtype(self.compute_dtype, self.dtype)
         if not isinstance(self.ffn_bias, (bool, np.bool_)):
             raise ValueError(f"ffn_bias: expected a bool, got {self.ffn_bias!r}")
         if self.ffn_bias and self.num_shared_experts:

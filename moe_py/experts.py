@@ -16,6 +16,7 @@ import numpy as np
 
 from ._kernels import Activation, kernel
 from ._checks import check_grad_buffer, check_param
+from .bf16 import RoundedWeights
 from .config import MoEConfig
 from .dispatch import LocalDispatcher
 
@@ -72,6 +73,10 @@ class Experts:
         self.num_local = hi - lo
         self._shapes = expert_param_shapes(cfg, self.num_local)
         self._activation = activation_args(cfg)
+        # bfloat16 compute: the kernels round what they read; the weights come rounded
+        self._rounded = RoundedWeights() if cfg.compute_dtype == "bfloat16" else None
+        if self._rounded is not None:
+            self._activation["bf16"] = True
         self._saved: Optional[tuple] = None
 
     def _weights(self) -> Dict[str, np.ndarray]:
@@ -97,6 +102,8 @@ class Experts:
         """x2 [T, d_model] -> (y [T, d_model], what backward needs); changes nothing here.
         Padded tokens (index -1) and dropped slots cost nothing."""
         weights = self._weights()
+        if self._rounded is not None:
+            weights = self._rounded(weights)
         xe, offsets, state = self.dispatcher.dispatch(x2, topk_indices, topk_weights, dropped,
                                                       self.cfg.num_experts, self.cfg.combine)
         h1, h3, ye = kernel("experts_forward", self.cfg.np_dtype)(
@@ -146,7 +153,8 @@ def shared_config(cfg: MoEConfig) -> MoEConfig:
     """The MoEConfig of a layer's shared experts, as experts of width shared_d_ff."""
     return MoEConfig(d_model=cfg.d_model, d_ff=cfg.shared_width, num_experts=cfg.num_shared_experts,
                      top_k=cfg.num_shared_experts, activation=cfg.activation,  # no ffn_bias: see MoEConfig
-                     swiglu_alpha=cfg.swiglu_alpha, swiglu_limit=cfg.swiglu_limit, dtype=cfg.dtype)
+                     swiglu_alpha=cfg.swiglu_alpha, swiglu_limit=cfg.swiglu_limit, dtype=cfg.dtype,
+                     compute_dtype=cfg.compute_dtype)
 
 
 def init_shared_weights(cfg: MoEConfig, rng: np.random.Generator) -> Dict[str, np.ndarray]:

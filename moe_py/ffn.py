@@ -46,9 +46,9 @@ class DenseFFN:
     has_router = False
 
     def __init__(self, d: int, d_ff: int, activation: str, rng: np.random.Generator, dtype: str,
-                 out_scale: float):
+                 out_scale: float, compute_dtype: Optional[str] = None):
         self.cfg = MoEConfig(d_model=d, d_ff=d_ff, num_experts=1, top_k=1, activation=activation,
-                             dtype=dtype)
+                             dtype=dtype, compute_dtype=compute_dtype)
         self.params = init_expert_weights(self.cfg, rng)
         self.params["w2"] *= out_scale
         self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
@@ -74,12 +74,12 @@ class DenseFFN:
 
 
 def build_ffn(d_model: int, d_ff: int, activation: str, moe: Optional[MoEConfig],
-              rng: np.random.Generator, dtype: str, out_scale: float):
+              rng: np.random.Generator, dtype: str, out_scale: float, compute_dtype: Optional[str] = None):
     """The FFN of one Block: a DenseFFN of width d_ff when `moe` is None, else a MoELayer
     with its own seed drawn from rng. out_scale shrinks the output projection (residual
     branches start small)."""
     if moe is None:
-        return DenseFFN(d_model, d_ff, activation, rng, dtype, out_scale)
+        return DenseFFN(d_model, d_ff, activation, rng, dtype, out_scale, compute_dtype)
     layer = MoELayer(dataclasses.replace(moe, seed=int(rng.integers(2**31))))
     layer.params["w2"] *= out_scale
     return layer

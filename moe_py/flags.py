@@ -48,7 +48,7 @@ def add_config_flags(parser, cls, names: Sequence[str], aliases: Optional[Mappin
         elif kind == "Optional[bool]":
             kw.update(type=_parse_bool_or_none, metavar="{true,false,auto}")
             kw["help"] = f"{helps[name]} (default: auto)"
-        elif kind in ("int", "float", "str", "Optional[int]", "Optional[float]"):
+        elif kind in ("int", "float", "str", "Optional[int]", "Optional[float]", "Optional[str]"):
             kw["type"] = {"int": int, "float": float, "str": str}[kind.replace("Optional[", "").rstrip("]")]
         else:
             raise AssertionError(f"{cls.__name__}.{name}: no flag for type {kind}")

@@ -20,7 +20,7 @@ _PRE_AVX2_CORES = {
     "bobcat", "bulldozer", "piledriver", "steamroller", "excavator", "generic",
 }
 # CPU flags worth naming in a report (from /proc/cpuinfo), in this order.
-_SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+_SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "amx_bf16",
                "avx512_bf16", "avx512_fp16", "amx_tile", "asimd", "sve")
 
 
@@ -85,6 +85,7 @@ def blas_is_generic(corename: str, simd: List[str]) -> bool:
 def build_info() -> Dict[str, Any]:
     """Version, compiler and flags, BLAS (name, version, core type), threads, CPU and SIMD."""
     from . import __version__
+    from .bf16 import bf16_path
     import numpy as np
     facts = _kernels.build_facts()
     flags = facts["cxx_flags"]
@@ -110,6 +111,8 @@ def build_info() -> Dict[str, Any]:
         # "blas" when the build targets neither AVX2 nor AVX-512
         "gemm_kernel": facts["gemm_kernel"],
         "block_cache": facts["block_cache"],
+        # what MoEConfig(compute_dtype="bfloat16") runs on (moe_py/bf16.py)
+        "bf16_gemm": bf16_path(),
         "cpu": cpu_model(),
         "cpu_simd": " ".join(cpu_simd_flags()),
         "platform": platform.platform(),

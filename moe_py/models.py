@@ -18,8 +18,8 @@ import numpy as np
 
 from ._checks import NonFiniteError, as_mask
 from ._kernels import all_finite
-from .config import (DTYPES, IGNORE_INDEX, MoEConfig, check_seed, config_from_dict, one_of, plain_scalars,
-                     positive_int)
+from .config import (DTYPES, IGNORE_INDEX, MoEConfig, check_compute_dtype, check_seed, config_from_dict, one_of,
+                     plain_scalars, positive_int)
 from .ffn import FFN, build_ffn
 from .layer import MoELayer
 from .lm_losses import multi_token_cross_entropy
@@ -52,6 +52,7 @@ class ModelConfig:
     moe_every: int = 1  # after those, an MoE FFN every N blocks (Megatron's moe_layer_freq)
     n_predict: int = 1  # multi-token prediction heads (head i predicts t+1+i)
     dtype: str = "float32"  # float32 or float64
+    compute_dtype: Optional[str] = None  # FFN GEMMs (dense and expert): None (dtype) or "bfloat16" (see MoEConfig)
     seed: int = 0  # seed of the initial weights
 
     def __post_init__(self) -> None:
@@ -70,11 +71,15 @@ class ModelConfig:
         if self.d_model % self.n_heads:
             raise ValueError(f"n_heads: expected a divisor of d_model ({self.d_model}), got {self.n_heads}")
         one_of("dtype", self.dtype, tuple(DTYPES))
+        check_compute_dtype(self.compute_dtype, self.dtype)
         if self.moe is not None:
             if self.moe.d_model != self.d_model:
                 raise ValueError(f"moe.d_model: expected d_model ({self.d_model}), got {self.moe.d_model}")
             if self.moe.dtype != self.dtype:
                 raise ValueError(f"moe.dtype: expected dtype ({self.dtype}), got {self.moe.dtype}")
+            if self.moe.compute_dtype != self.compute_dtype:
+                raise ValueError(f"moe.compute_dtype: expected compute_dtype ({self.compute_dtype}), "
+                                 f"got {self.moe.compute_dtype}")
 
     def is_moe_block(self, i: int) -> bool:
         """Whether block i has an MoE FFN (see first_dense and moe_every)."""
@@ -110,7 +115,8 @@ class TransformerLM:
 
         def ffn_maker(i: int):
             moe = cfg.moe if cfg.is_moe_block(i) else None
-            return lambda r: build_ffn(cfg.d_model, cfg.d_ff, cfg.activation, moe, r, cfg.dtype, out_scale)
+            return lambda r: build_ffn(cfg.d_model, cfg.d_ff, cfg.activation, moe, r, cfg.dtype, out_scale,
+                                       cfg.compute_dtype)
         self.blocks = [Block(cfg.d_model, cfg.n_heads, ffn_maker(i), rng, dt, out_std)
                        for i in range(cfg.n_layers)]
         self.norm_f = RMSNorm(cfg.d_model, dt)

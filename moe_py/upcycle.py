@@ -31,6 +31,8 @@ from .router import Router
 from .run_folder import RunFolder, atomic_write, resolve_checkpoint, run_dir_of
 from .train import TrainConfig, evaluate, run_inputs, val_sampler_of
 
+# the MoEConfig fields upcycling takes from the dense model and its own arguments
+SET_BY_UPCYCLING = ("d_model", "d_ff", "activation", "dtype", "compute_dtype", "num_experts", "top_k", "seed")
 FILE = "upcycle.json"  # what the upcycled run folder records of its parent and the surgery
 
 # The routers whose tokens pick their own k experts by score with soft weights: for those,
@@ -162,12 +164,12 @@ def upcycled_configs(dense_cfg: ModelConfig, dense_train: TrainConfig, num_exper
     seed = dense_train.seed if seed is None else seed
     check_seed(seed)
     fields = dict(moe or {})
-    for reserved in ("d_model", "d_ff", "activation", "dtype", "num_experts", "top_k", "seed"):
+    for reserved in SET_BY_UPCYCLING:
         if reserved in fields:
             raise ValueError(f"moe: {reserved} is set by upcycling, not by the caller")
     moe_cfg = MoEConfig(d_model=dense_cfg.d_model, d_ff=dense_cfg.d_ff // granularity, num_experts=num_experts,
                         top_k=granularity if top_k is None else top_k, activation=dense_cfg.activation,
-                        dtype=dense_cfg.dtype, seed=seed, **fields)
+                        dtype=dense_cfg.dtype, compute_dtype=dense_cfg.compute_dtype, seed=seed, **fields)
     model_cfg = dataclasses.replace(dense_cfg, moe=moe_cfg, first_dense=0, moe_every=1, seed=seed)
     train_cfg = dataclasses.replace(dense_train, seed=seed, steps=dense_train.steps if steps is None else steps,
                                     lr_decay_steps=0, noise_anneal_steps=0)

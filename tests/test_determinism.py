@@ -15,7 +15,10 @@ def everything() -> dict:
     # the expert variants: gpt-oss's clamped SwiGLU (a limit that clamps often) and biases
     clamped = dict(activation="clamped_swiglu", swiglu_limit=1.0, ffn_bias=True)
     cases = [("swiglu", "float32", 8, 2, {}), ("gelu", "float64", 8, 2, {}), ("swiglu", "float64", 1, 1, {}),
-             ("clamped", "float32", 8, 2, clamped), ("swiglu", "float32", 8, 2, {"combine": "input"})]
+             ("clamped", "float32", 8, 2, clamped), ("swiglu", "float32", 8, 2, {"combine": "input"}),
+             # bfloat16 compute: the rounded operands, the weights' rounded copy
+             ("swiglu", "float32", 8, 2, {"compute_dtype": "bfloat16"}),
+             ("clamped", "float32", 8, 2, {**clamped, "compute_dtype": "bfloat16"})]
     for act, dt, E, k, kw in cases:
         cfg = moe_py.MoEConfig(d_model=64, d_ff=96, num_experts=E, top_k=k, dtype=dt, capacity_factor=1.0,
                                entropy_coef=0.01, seed=3, **{"activation": act, **kw})
@@ -30,7 +33,7 @@ def everything() -> dict:
             o = layer(x, padding_mask=mask)
             layer.zero_grad()
             dx = layer.backward(np.ones_like(o.y) * 0.1 + x * 0.01)
-            tag = f"{act}_{dt}_{E}_{rep}_{kw.get('combine', '')}"
+            tag = f"{act}_{dt}_{E}_{rep}_{kw.get('combine', '')}_{kw.get('compute_dtype', '')}"
             res[f"{tag}_y"], res[f"{tag}_dx"] = o.y, dx
             for f in o.router._fields:
                 res[f"{tag}_{f}"] = getattr(o.router, f)

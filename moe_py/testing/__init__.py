@@ -11,8 +11,8 @@
 """
 from .golden import assert_matches_golden, save_golden
 from .gradcheck import GradcheckReport, gradcheck
-from .reference import TOLERANCES, assert_matches_reference, reference_forward_backward
+from .reference import BF16_REL_FRO, TOLERANCES, assert_matches_reference, reference_forward_backward
 from .threads import assert_thread_invariant
 
 __all__ = ["gradcheck", "GradcheckReport", "assert_matches_reference", "reference_forward_backward",
-           "TOLERANCES", "save_golden", "assert_matches_golden", "assert_thread_invariant"]
+           "TOLERANCES", "BF16_REL_FRO", "save_golden", "assert_matches_golden", "assert_thread_invariant"]

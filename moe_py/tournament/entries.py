@@ -146,12 +146,12 @@ def parent_configs(entry: Entry, base_model: ModelConfig, base_train: TrainConfi
 
 def _upcycled_configs(entry: Entry, base_model: ModelConfig, base_train: TrainConfig, seed: int,
                       lr: Optional[float]) -> Tuple[ModelConfig, TrainConfig]:
-    from ..upcycle import upcycled_configs
+    from ..upcycle import SET_BY_UPCYCLING, upcycled_configs
     assert base_model.moe is not None and entry.moe is not None
     dense_model, dense_train = parent_configs(entry, base_model, base_train, seed, lr)
     base = base_model.moe
     moe = {k: v for k, v in dataclasses.asdict(base).items()
-           if k not in ("d_model", "d_ff", "activation", "dtype", "num_experts", "top_k", "seed")}
+           if k not in SET_BY_UPCYCLING}
     moe.update(normalize_topk=None, num_shared_experts=0, shared_d_ff=None, **entry.moe)
     try:
         return upcycled_configs(dense_model, dense_train, base.num_experts, granularity=base.top_k,

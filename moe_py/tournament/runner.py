@@ -194,7 +194,7 @@ def start_upcycled(run: PlannedRun, overwrite: bool, corpora: Corpora, may_diver
     `overwrite`): its dense parent trained, resumed or kept in run.parent.path (silently), then
     upcycled into run.path as `python -m moe_py upcycle` does. False when the parent diverged
     (may_diverge); a folder that does not end up holding the planned configs raises."""
-    from ..upcycle import upcycle_run
+    from ..upcycle import SET_BY_UPCYCLING, upcycle_run
     parent = run.parent
     assert parent is not None and run.model.moe is not None
     if not overwrite and os.path.exists(RunFolder(run.path).checkpoint):
@@ -204,7 +204,7 @@ def start_upcycled(run: PlannedRun, overwrite: bool, corpora: Corpora, may_diver
         return False
     moe = run.model.moe
     fields = {k: v for k, v in dataclasses.asdict(moe).items()
-              if k not in ("d_model", "d_ff", "activation", "dtype", "num_experts", "top_k", "seed")}
+              if k not in SET_BY_UPCYCLING}
     upcycle_run(parent.path, run.path, moe.num_experts, parent.model.d_ff // moe.d_ff, top_k=moe.top_k,
                 seed=run.train.seed, steps=run.train.steps, moe=fields, overwrite=True,
                 corpus=corpora.get(parent.train))
