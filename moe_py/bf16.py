@@ -15,7 +15,8 @@ hand is seen, with no call to make.
 The arithmetic path: this build has no bfloat16 GEMM kernel yet, so every path is the
 fallback, rounded operands in float32 FMA GEMMs (a float32 product of two bfloat16 values is
 exact, so the numbers are those of a bfloat16 GEMM with float32 accumulation in the same
-summation order). It is slower than float32, not faster: `bf16_path()` says so.
+summation order). It is slower than float32, not faster: `moe_py.machine.bf16_path()`
+(in `info`) says so.
 """
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from . import _kernels
-from .machine import cpu_simd_flags
 
 
 def round_to_bf16(x: np.ndarray) -> np.ndarray:
@@ -34,14 +34,6 @@ def round_to_bf16(x: np.ndarray) -> np.ndarray:
     if x.dtype != np.float32:
         raise TypeError(f"x: expected float32, got {x.dtype}")
     return _kernels.round_to_bf16(np.ascontiguousarray(x))
-
-
-def bf16_path() -> str:
-    """Which bfloat16 GEMM path compute_dtype="bfloat16" runs on this build and CPU."""
-    has = [f for f in ("avx512_bf16", "amx_bf16") if f in cpu_simd_flags()]
-    cpu = f"the CPU has {' and '.join(has)}" if has else "the CPU has no bfloat16 instructions"
-    return (f"fallback: bfloat16-rounded operands in float32 FMA GEMMs, slower than float32 "
-            f"(no bfloat16 GEMM kernel in this build; {cpu})")
 
 
 class RoundedWeights:

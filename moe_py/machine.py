@@ -82,10 +82,17 @@ def blas_is_generic(corename: str, simd: List[str]) -> bool:
     return corename.strip().lower() in _PRE_AVX2_CORES and ("avx2" in simd or "avx512f" in simd)
 
 
+def bf16_path() -> str:
+    """Which bfloat16 GEMM path compute_dtype="bfloat16" runs on this build and CPU."""
+    has = [f for f in ("avx512_bf16", "amx_bf16") if f in cpu_simd_flags()]
+    cpu = f"the CPU has {' and '.join(has)}" if has else "the CPU has no bfloat16 instructions"
+    return (f"fallback: bfloat16-rounded operands in float32 FMA GEMMs, slower than float32 "
+            f"(no bfloat16 GEMM kernel in this build; {cpu})")
+
+
 def build_info() -> Dict[str, Any]:
     """Version, compiler and flags, BLAS (name, version, core type), threads, CPU and SIMD."""
     from . import __version__
-    from .bf16 import bf16_path
     import numpy as np
     facts = _kernels.build_facts()
     flags = facts["cxx_flags"]

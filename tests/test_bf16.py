@@ -7,7 +7,8 @@ import pytest
 import moe_py
 from moe_py import MoEConfig, MoELayer
 from moe_py._kernels import kernel
-from moe_py.bf16 import bf16_path, round_to_bf16
+from moe_py.bf16 import round_to_bf16
+from moe_py.machine import bf16_path
 from moe_py.testing import BF16_REL_FRO, assert_matches_reference
 
 U = 2.0 ** -8  # bfloat16's unit roundoff
