@@ -73,10 +73,9 @@ class Experts:
         self.num_local = hi - lo
         self._shapes = expert_param_shapes(cfg, self.num_local)
         self._activation = activation_args(cfg)
-        # bfloat16 compute: the kernels round what they read; the weights come rounded
-        self._rounded = RoundedWeights() if cfg.compute_dtype == "bfloat16" else None
-        if self._rounded is not None:
-            self._activation["bf16"] = True
+        # bfloat16 compute (the config's, or one call's): the kernels round what they read;
+        # the weights come rounded, remade only when they changed
+        self._rounded = RoundedWeights()
         self._saved: Optional[tuple] = None
 
     def _weights(self) -> Dict[str, np.ndarray]:
@@ -98,18 +97,21 @@ class Experts:
         return out
 
     def compute(self, x2: np.ndarray, topk_indices: np.ndarray, topk_weights: np.ndarray,
-                dropped: np.ndarray) -> Tuple[np.ndarray, tuple]:
+                dropped: np.ndarray, compute_dtype: Optional[str] = None) -> Tuple[np.ndarray, tuple]:
         """x2 [T, d_model] -> (y [T, d_model], what backward needs); changes nothing here.
-        Padded tokens (index -1) and dropped slots cost nothing."""
+        Padded tokens (index -1) and dropped slots cost nothing. compute_dtype: this call's
+        GEMM arithmetic, None for the config's (the backward of this call uses the same)."""
         weights = self._weights()
-        if self._rounded is not None:
+        activation = self._activation
+        if (compute_dtype or self.cfg.compute_dtype) == "bfloat16":
             weights = self._rounded(weights)
+            activation = dict(activation, bf16=True)
         xe, offsets, state = self.dispatcher.dispatch(x2, topk_indices, topk_weights, dropped,
                                                       self.cfg.num_experts, self.cfg.combine)
         h1, h3, ye = kernel("experts_forward", self.cfg.np_dtype)(
-            xs=xe, offsets=offsets, **weights, **self._activation)
+            xs=xe, offsets=offsets, **weights, **activation)
         y = self.dispatcher.combine(ye, state)
-        return y, (state, offsets, xe, h1, h3, weights)
+        return y, (state, offsets, xe, h1, h3, weights, activation)
 
     def commit(self, saved: tuple) -> None:
         self._saved = saved
@@ -127,12 +129,12 @@ class Experts:
         saved = self._saved if saved is None else saved
         if saved is None:
             raise RuntimeError("backward called before forward")
-        state, offsets, xe, h1, h3, weights = saved
+        state, offsets, xe, h1, h3, weights, activation = saved
         buffers = self._grad_buffers(self.grads if grads is None else grads)
         dye, dw_out = self.dispatcher.combine_backward(dy2, state)
         dxe = kernel("experts_backward", self.cfg.np_dtype)(
             xs=xe, offsets=offsets, w1=weights["w1"], w3=weights["w3"], w2=weights["w2"], h1=h1,
-            h3=h3, dye=dye, **self._activation, **buffers)
+            h3=h3, dye=dye, **activation, **buffers)
         dx2, dw_in = self.dispatcher.dispatch_backward(dxe, state)
         d_weights = dw_out if dw_out is not None else dw_in  # from where the weights applied
         assert d_weights is not None
@@ -172,9 +174,10 @@ class SharedExperts:
         self.cfg = shared_config(cfg)
         self.experts = Experts(self.cfg, params, grads, prefix="shared_")
 
-    def compute(self, x2: np.ndarray, mask: np.ndarray) -> Tuple[np.ndarray, tuple]:
+    def compute(self, x2: np.ndarray, mask: np.ndarray,
+                compute_dtype: Optional[str] = None) -> Tuple[np.ndarray, tuple]:
         idx, weights, dropped = every_token(mask, self.cfg.num_experts, x2.dtype)
-        return self.experts.compute(x2, idx, weights, dropped)
+        return self.experts.compute(x2, idx, weights, dropped, compute_dtype)
 
     def backward(self, dy2: np.ndarray, saved: tuple) -> np.ndarray:
         return self.experts.backward(dy2, saved)[0]

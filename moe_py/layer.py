@@ -10,7 +10,7 @@ import numpy as np
 from ._checks import NonFiniteError, as_grad, as_mask, as_token_ids, as_tokens, sequence_length
 from ._guard import OneCaller
 from ._kernels import all_finite
-from .config import MoEConfig
+from .config import MoEConfig, check_compute_dtype
 from .experts import EXPERT_KEYS, Experts, SharedExperts, init_expert_weights, init_shared_weights
 from .interventions import RoutingIntervention
 from .routed_experts import RoutedExperts
@@ -130,12 +130,16 @@ class MoELayer:
                                  "(a key was deleted or added)")
 
     def __call__(self, x, padding_mask=None, training: bool = True, token_ids=None,
-                 routing: Optional[RoutingIntervention] = None) -> MoEOutput:
+                 routing: Optional[RoutingIntervention] = None,
+                 compute_dtype: Optional[str] = None) -> MoEOutput:
         """routing: replay or force a routing, remove experts or change k for this call
-        (moe_py/interventions.py)."""
+        (moe_py/interventions.py). compute_dtype: "bfloat16" runs this call's expert GEMMs
+        (and its backward's) in bfloat16 whatever cfg.compute_dtype says (torch autocast);
+        None keeps the config's."""
         with self._guard.forward():
             self._check_keys()
             cfg = self.cfg
+            check_compute_dtype(compute_dtype, cfg.dtype)
             x2, lead = as_tokens(x, cfg.d_model, cfg.np_dtype, owned=True)  # the router's backward reads it
             mask = as_mask(padding_mask, lead)
             ids = as_token_ids(token_ids, lead, required=cfg.traits.needs_token_ids)
@@ -143,10 +147,10 @@ class MoELayer:
             routed = self.router.compute(x2, mask, training,
                                          sequence_length(lead, cfg.load_balance_scope), ids, routing, lead)
             r = routed.output
-            y2, saved = self.experts.compute(x2, r.topk_indices, r.topk_weights, r.dropped)
+            y2, saved = self.experts.compute(x2, r.topk_indices, r.topk_weights, r.dropped, compute_dtype)
             shared_saved = None
             if self.shared is not None:
-                y_shared, shared_saved = self.shared.compute(x2, mask)
+                y_shared, shared_saved = self.shared.compute(x2, mask, compute_dtype)
                 y2 += y_shared
             if not all_finite(y2):
                 raise NonFiniteError(

@@ -35,7 +35,7 @@ from ._checks import NonFiniteError, as_grad, as_mask, as_tokens, check_row_coun
 from ._guard import OneCaller
 from ._kernels import all_finite
 from .capacity import capacity, drops_position, drops_probs, slot_counts
-from .config import MoEConfig
+from .config import MoEConfig, check_compute_dtype
 from .experts import EXPERT_KEYS, Experts, init_expert_weights
 
 
@@ -80,9 +80,13 @@ class RoutedExperts:
         self._latest: Optional[RoutedExpertsContext] = None
         self._guard = OneCaller("RoutedExperts")
 
-    def __call__(self, x, topk_indices, topk_weights, padding_mask=None) -> RoutedExpertsOutput:
+    def __call__(self, x, topk_indices, topk_weights, padding_mask=None,
+                 compute_dtype: Optional[str] = None) -> RoutedExpertsOutput:
+        """compute_dtype: "bfloat16" runs this call's GEMMs (and its backward's) in bfloat16
+        whatever cfg.compute_dtype says; None keeps the config's."""
         with self._guard.forward():
             cfg = self.cfg
+            check_compute_dtype(compute_dtype, cfg.dtype)
             x2, lead = as_tokens(x, cfg.d_model, cfg.np_dtype, owned=True)  # the experts' backward reads it
             idx, k = self._indices(topk_indices, lead)
             # a copy: combine's backward reads the weights, which the caller may change meanwhile
@@ -91,7 +95,7 @@ class RoutedExperts:
             idx[~mask.astype(bool)] = -1  # padding goes nowhere
             check_row_count(idx.shape[0] * k, "x")
             dropped = self._drops(idx, weights, mask)
-            y2, saved = self._experts.compute(x2, idx, weights, dropped)
+            y2, saved = self._experts.compute(x2, idx, weights, dropped, compute_dtype)
             if not all_finite(y2):
                 raise NonFiniteError(f"x: the experts' output is not finite (max |x| = "
                                      f"{np.abs(x2).max():.3g}, max |topk_weights| = {np.abs(weights).max():.3g})")

@@ -3,8 +3,18 @@
     import torch, moe_py
     from moe_py.torch import MoE
     moe = MoE(moe_py.MoEConfig(d_model=64, d_ff=128, num_experts=8, top_k=2))
-    y, aux_loss, router = moe(x, padding_mask=mask)   # x: a float32/float64 CPU tensor
+    y, aux_loss, router = moe(x, padding_mask=mask)   # x: a float32/float64/bfloat16 CPU tensor
     (loss_of(y) + aux_loss).backward()               # gradients reach x and moe's parameters
+
+bfloat16, as torch autocast users expect (float32 layers only; master weights stay float32):
+the expert GEMMs, forward and backward, run in bfloat16 with float32 sums (MoEConfig's
+compute_dtype="bfloat16") when the config says so, when x is a bfloat16 tensor, or inside
+`torch.autocast("cpu", dtype=torch.bfloat16)`. The router, its losses, the activations and the
+combine stay float32 (as Megatron-Core's moe_router_dtype="fp32"). y has x's dtype (a bfloat16
+x gives a bfloat16 y and dx, rounded from the float32 result, as a bfloat16 HF model's MoE
+block returns its input's dtype); aux_loss is float32 then. The parameters' gradients are
+float32. Autocast to float16 raises NotImplementedError (no float16 kernels); a float64 layer
+ignores autocast, as torch's own float64 ops do.
 
 The parameters are nn.Parameters sharing storage with the C++ layer's arrays: a torch
 optimiser updates them in place and the next forward sees it. Each forward keeps its own
@@ -33,15 +43,38 @@ from .router import RouterOutput
 TORCH_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 
 
+def autocast_bf16() -> bool:
+    """Whether torch.autocast is on for the CPU with bfloat16; autocast to another dtype
+    raises (moe_py has bfloat16 and float32/float64 kernels only)."""
+    if not torch.is_autocast_enabled("cpu"):
+        return False
+    fast = torch.get_autocast_dtype("cpu")
+    if fast != torch.bfloat16:
+        raise NotImplementedError(f"torch.autocast('cpu', dtype={fast}): moe_py's experts compute in "
+                                  "bfloat16 or in the parameters' dtype")
+    return True
+
+
+def bf16_requested(x: torch.Tensor, layer_dtype: str) -> bool:
+    """Whether this call's expert GEMMs run in bfloat16 beyond what the config says: x is
+    bfloat16, or autocast to bfloat16 is on for the CPU (float32 layers only)."""
+    if x.dtype == torch.bfloat16:
+        if layer_dtype != "float32":
+            raise TypeError(f"x: a bfloat16 tensor needs a float32 layer (float32 master weights), "
+                            f"this one is {layer_dtype}")
+        return True
+    return layer_dtype == "float32" and autocast_bf16()  # torch's autocast leaves float64 alone too
+
+
 class MoEFunction(torch.autograd.Function):
     """y and aux_loss of one forward; one C++ backward gives dx and every parameter's grad.
     Public so that a benchmark can time the autograd function without the module around it."""
 
     @staticmethod
-    def forward(ctx, x, module, mask, training, token_ids, *params):
+    def forward(ctx, x, module, mask, training, token_ids, compute_dtype, *params):
         layer: MoELayer = module.layer
         out = layer(x.detach().contiguous().numpy(), padding_mask=mask, training=training,
-                    token_ids=token_ids)
+                    token_ids=token_ids, compute_dtype=compute_dtype)
         ctx.layer, ctx.out, ctx.names = layer, out, module.param_names
         ctx.x_shape = x.shape
         module._router_out = out.router  # handed back by MoE.forward (not a tensor output)
@@ -60,7 +93,7 @@ class MoEFunction(torch.autograd.Function):
             dx = layer.backward(dy.detach().contiguous().numpy(), aux_weight=float(daux), out=ctx.out)
         finally:
             layer.grads.update(kept)
-        return (torch.from_numpy(dx).reshape(ctx.x_shape), None, None, None, None,
+        return (torch.from_numpy(dx).reshape(ctx.x_shape), None, None, None, None, None,
                 *(torch.from_numpy(fresh[n]) for n in ctx.names))
 
 
@@ -111,8 +144,9 @@ class MoE(torch.nn.Module):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
         if x.device.type != "cpu":
             raise ValueError(f"x: moe_py runs on the CPU; got a tensor on {x.device}")
-        if TORCH_DTYPES.get(x.dtype) != self.cfg.dtype:
-            raise TypeError(f"x: expected dtype {self.cfg.dtype} (the layer's), got {x.dtype}")
+        bf16 = bf16_requested(x, self.cfg.dtype)
+        if x.dtype != torch.bfloat16 and TORCH_DTYPES.get(x.dtype) != self.cfg.dtype:
+            raise TypeError(f"x: expected dtype {self.cfg.dtype} (the layer's) or bfloat16, got {x.dtype}")
         for name in self.param_names:
             p = getattr(self, name)
             if p.data_ptr() != self.layer.params[name].ctypes.data:
@@ -124,20 +158,24 @@ class MoE(torch.nn.Module):
                     else np.asarray(padding_mask))
         if isinstance(token_ids, torch.Tensor):
             token_ids = token_ids.detach().cpu().numpy()
+        compute_dtype = "bfloat16" if bf16 else None
+        x_in = x.float() if x.dtype == torch.bfloat16 else x  # autograd casts dx back
         params = [getattr(self, n) for n in self.param_names]
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
-            y, aux = MoEFunction.apply(x, self, mask, self.training, token_ids, *params)
+            y, aux = MoEFunction.apply(x_in, self, mask, self.training, token_ids, compute_dtype, *params)
             router = self._router_out
         else:
-            out: MoEOutput = self.layer(x.detach().contiguous().numpy(), padding_mask=mask,
-                                        training=self.training, token_ids=token_ids)
-            y, aux, router = torch.from_numpy(out.y), torch.tensor(out.aux_loss, dtype=x.dtype), out.router
+            out: MoEOutput = self.layer(x_in.detach().contiguous().numpy(), padding_mask=mask,
+                                        training=self.training, token_ids=token_ids, compute_dtype=compute_dtype)
+            y, aux, router = torch.from_numpy(out.y), torch.tensor(out.aux_loss, dtype=x_in.dtype), out.router
         if self.shared is not None:
-            keep = torch.ones(x.shape[:-1], dtype=x.dtype) if mask is None else \
-                torch.as_tensor(np.asarray(mask)).reshape(x.shape[:-1]).to(x.dtype)
-            y = y + self.shared(x) * keep[..., None]
+            keep = torch.ones(x.shape[:-1], dtype=x_in.dtype) if mask is None else \
+                torch.as_tensor(np.asarray(mask)).reshape(x.shape[:-1]).to(x_in.dtype)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # torch's own Linears
+                shared = self.shared(x_in)
+            y = y + shared * keep[..., None]
         assert router is not None  # a MoELayer's output always carries its routing
-        return y, aux, router
+        return y.to(x.dtype), aux, router
 
     def extra_repr(self) -> str:
         c = self.cfg

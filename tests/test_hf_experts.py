@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from moe_py.testing import BF16_REL_FRO
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
@@ -138,7 +140,7 @@ def test_every_layout_matches_transformers_batched_mm(flags):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_bfloat16_runs_by_conversion_and_keeps_the_dtypes():
+def test_bfloat16_weights_run_bfloat16_compute_and_keep_the_dtypes():
     eager, ours = model_pair("qwen3_moe", torch.float32)
     ours.to(torch.bfloat16)
     ids = torch.randint(0, 64, (2, 8))
@@ -188,7 +190,7 @@ def test_activation_checkpointing_recomputes_the_same_experts():
         torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-10, atol=1e-12)
 
 
-def test_under_autocast_the_experts_run_in_the_weights_dtype():
+def test_under_autocast_the_model_trains_with_float32_gradients():
     eager, ours = model_pair("qwen3_moe", torch.float32)
     ids = torch.randint(0, 64, (2, 9))
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -196,4 +198,27 @@ def test_under_autocast_the_experts_run_in_the_weights_dtype():
         want = eager(ids, labels=ids).loss
     got.backward()
     assert all(p.grad.dtype == torch.float32 for p in ours.parameters() if p.grad is not None)
-    assert abs(got.item() - want.item()) < 1e-2 * abs(want.item())  # eager's experts ran in bf16
+    assert abs(got.item() - want.item()) < 1e-2 * abs(want.item())  # both ran their experts in bf16
+
+
+def test_under_autocast_float32_experts_compute_in_bfloat16():
+    """float32 weights inside autocast: bfloat16 GEMM operands with float32 sums, against
+    transformers' batched_mm in float64 on the rounded weights and inputs (the one rounding
+    it skips, of the activation before down_proj, is within the testing kit's bound)."""
+    torch.manual_seed(4)
+    mod = make_experts(d=32, f=24, e=4).float()
+    x = torch.randn(40, 32)
+    idx = torch.stack([torch.randint(0, 4, (40,)), torch.randint(0, 4, (40,))], 1)
+    idx[:, 1] = (idx[:, 0] + 1) % 4
+    w = torch.rand(40, 2)
+    plain = experts_backend.moe_py_experts_forward(mod, x, idx, w)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = experts_backend.moe_py_experts_forward(mod, x, idx, w)
+    ref = make_experts(d=32, f=24, e=4)
+    with torch.no_grad():
+        for p, q in zip(ref.parameters(), mod.parameters()):
+            p.copy_(q.bfloat16().double())
+        want = batched_mm_experts_forward(ref, x.bfloat16().double(), idx, w.double())
+    assert got.dtype == torch.float32 and not torch.equal(got, plain)
+    err = float((got.detach().double() - want).norm() / want.norm())
+    assert err < BF16_REL_FRO, err

@@ -20,9 +20,11 @@ on the experts module is keyed on each parameter's storage and torch's version c
 
 Supported: gated experts whose act_fn is SiLU (SwiGLU), gpt-oss's clamped SwiGLU gate, ungated
 ones (has_gate=False) whose act_fn is the erf GELU, each with or without biases; float32,
-float64, and bfloat16 by conversion (parameters and inputs are upcast to float32, the
-output and gradients rounded back to bfloat16; the bf16 kernels of the bf16 issue do not
-exist yet). Anything else (another activation, another custom
+float64 and bfloat16. bfloat16 weights run moe_py's bfloat16 compute (MoEConfig's
+compute_dtype="bfloat16": bfloat16 GEMM operands, float32 sums, float32 master copies of
+the weights here; the output and the gradients are rounded back to bfloat16), and so do
+float32 weights inside torch.autocast("cpu", dtype=torch.bfloat16), as eager's matmuls would
+be. Anything else (another activation, another custom
 _apply_gate, has_post_expert_norm, expert parallelism) raises NotImplementedError naming it:
 never a silently different function.
 """
@@ -37,6 +39,7 @@ from torch.autograd.function import once_differentiable
 from .. import _kernels
 from ..config import MoEConfig
 from ..routed_experts import RoutedExperts
+from ..torch import autocast_bf16
 
 NAME = "moe_py"
 # the float dtype moe_py computes in, by the torch dtype of the expert weights
@@ -152,7 +155,8 @@ def _routed_experts(experts, k: int) -> RoutedExperts:
         ours = {n: v.to(compute).contiguous().numpy().copy() for n, v in _views(experts, params).items()}
     E, D, F = ours["w1"].shape
     cfg = MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=min(k, E),
-                    dtype=str(compute).removeprefix("torch."), **ffn)
+                    dtype=str(compute).removeprefix("torch."),
+                    compute_dtype="bfloat16" if dtype == torch.bfloat16 else None, **ffn)
     routed = RoutedExperts(cfg, params=ours, grads={})
     experts._moe_py_cache = _Cached(key, routed)  # replaced, never edited: a pending backward keeps its arrays
     return routed
@@ -168,7 +172,8 @@ class RoutedExpertsFunction(torch.autograd.Function):
         compute = torch.float64 if routed.cfg.dtype == "float64" else torch.float32
         x = hidden_states.detach().to(compute).contiguous().numpy()
         w = top_k_weights.detach().to(compute).contiguous().numpy()
-        out = routed(x, top_k_index.detach().numpy(), w)
+        bf16 = routed.cfg.dtype == "float32" and autocast_bf16()  # float32 weights under autocast
+        out = routed(x, top_k_index.detach().numpy(), w, compute_dtype="bfloat16" if bf16 else None)
         ctx.experts, ctx.routed, ctx.out = experts, routed, out
         ctx.dtypes = (hidden_states.dtype, top_k_weights.dtype)
         return torch.from_numpy(out.y).to(hidden_states.dtype)
