@@ -27,6 +27,16 @@ inline float round_to_bf16(float x) {
   return y;
 }
 
+// lo and hi rounded to bfloat16 and packed into one 32-bit word, lo in the low half: the
+// pair (element 2j, element 2j + 1) of a 32-bit lane as VDPBF16PS reads it.
+inline std::uint32_t bf16_pair(float lo, float hi) {
+  const float l = round_to_bf16(lo), h = round_to_bf16(hi);
+  std::uint32_t ul, uh;
+  std::memcpy(&ul, &l, sizeof ul);
+  std::memcpy(&uh, &h, sizeof uh);
+  return (uh & 0xffff0000u) | (ul >> 16);
+}
+
 // out[i] = round_to_bf16(in[i]) for n values (in == out allowed).
 void round_to_bf16(const float* in, float* out, index_t n);
 

@@ -57,6 +57,20 @@ T* inout(py::array& a, const char* name, std::initializer_list<index_t> shape) {
   return p;
 }
 
+// The dimensions of c = op(a) op(b) for the test bindings of the small GEMMs, checked.
+struct GemmDims {
+  index_t M, N, K, lda, ldb;
+};
+template <typename A, typename B>
+GemmDims gemm_dims(const A& a, const B& b, bool trans_a, bool trans_b) {
+  if (a.ndim() != 2 || b.ndim() != 2) throw std::invalid_argument("a, b: expected matrices");
+  const index_t K = trans_a ? a.shape(0) : a.shape(1);
+  if ((trans_b ? b.shape(1) : b.shape(0)) != K)
+    throw std::invalid_argument("b: inner dimension does not match a's");
+  return {trans_a ? a.shape(1) : a.shape(0), trans_b ? b.shape(0) : b.shape(1), K, a.shape(1),
+          b.shape(1)};
+}
+
 // A new array whose memory comes from the block cache (pool.h) and returns
 // there when NumPy frees it.
 struct PoolBlock {

@@ -65,16 +65,11 @@ void bind_typed(py::module_& m, const std::string& sfx) {
   m.def(
       ("small_gemm" + sfx).c_str(),
       [](In<T> a, In<T> b, bool trans_a, bool trans_b, py::array c, bool accumulate, bool packed) {
-        if (a.ndim() != 2 || b.ndim() != 2) throw std::invalid_argument("a, b: expected matrices");
-        const index_t M = trans_a ? a.shape(1) : a.shape(0), K = trans_a ? a.shape(0) : a.shape(1);
-        const index_t N = trans_b ? b.shape(0) : b.shape(1);
-        if ((trans_b ? b.shape(1) : b.shape(0)) != K)
-          throw std::invalid_argument("b: inner dimension does not match a's");
+        const auto [M, N, K, lda, ldb] = gemm_dims(a, b, trans_a, trans_b);
         T* cp = inout<T>(c, "c", {M, N});
         moe::check_blas_dims({M, N, K});
         const T* ap = a.data();
         const T* bp = b.data();
-        const index_t lda = a.shape(1), ldb = b.shape(1);
         py::gil_scoped_release release;
         if (packed) {
           std::vector<T> pb(moe::packed_b_size<T>(K, N));

@@ -53,11 +53,67 @@ const T* gemm_operand(const ExpertShape& s, const T* src, T* dst, index_t n) {
   return src;
 }
 
+// The shape with the bfloat16 kernel of this call (fallback unless bf16 compute), checked.
 template <typename T>
-void bf16_supported(const ExpertShape& s) {
-  if (s.bf16 && !std::is_same_v<T, float>)
+ExpertShape with_bf16_kernel(const ExpertShape& shape) {
+  if (shape.bf16 && !std::is_same_v<T, float>)
     throw std::invalid_argument("bf16: bfloat16 compute needs float32 inputs and weights");
+  ExpertShape s = shape;
+  s.bf16_kernel = s.bf16 ? bf16_kernel() : Bf16Kernel::fallback;
+  return s;
 }
+
+// C (+)= op(A) B for one expert: the bfloat16 kernel when the call has one, else small_gemm
+// (on operands the caller rounded, under bf16 compute).
+template <typename T>
+void expert_gemm(const ExpertShape& s, bool trans_a, index_t M, index_t N, index_t K,
+                 const T* A, index_t lda, const T* B, index_t ldb, bool accumulate, T* C,
+                 index_t ldc) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (s.bf16_kernel != Bf16Kernel::fallback)
+      return small_gemm_bf16(s.bf16_kernel, trans_a, false, M, N, K, A, lda, B, ldb, accumulate,
+                             C, ldc);
+  }
+  small_gemm(trans_a, false, M, N, K, A, lda, B, ldb, accumulate, C, ldc);
+}
+
+// W^T of every expert with rows, packed once per backward (not once per row tile: a
+// transposed pack is a strided gather, as costly as a small tile's GEMM), for
+// small_gemm_packed or, with a bfloat16 kernel, its packed product.
+template <typename T>
+class PackedTransposed {
+ public:
+  // experts' W [N, K] (row-major), so op(B) = W^T is [K, N]
+  PackedTransposed(const ExpertShape& s, index_t K, index_t N, bool needed)
+      : kernel_(s.bf16_kernel), K_(K), N_(N),
+        stride_(bf16() ? packed_b_bf16_size(kernel_, K, N) : packed_b_size<T>(K, N)),
+        f_(needed && !bf16() ? s.E * stride_ : 0), b_(needed && bf16() ? s.E * stride_ : 0),
+        fp_(f_.get()), bp_(b_.get()) {}
+  void pack(index_t e, const T* w) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (bf16()) return pack_b_bf16(kernel_, true, K_, N_, w, K_, bp_ + e * stride_);
+    }
+    pack_b(true, K_, N_, w, K_, fp_ + e * stride_);
+  }
+  // C [M, N] (+)= A [M, K] W_e^T
+  void gemm(index_t e, index_t M, const T* A, bool accumulate, T* C) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (bf16())
+        return small_gemm_packed_bf16(kernel_, false, M, N_, K_, A, K_, bp_ + e * stride_,
+                                      accumulate, C, N_);
+    }
+    small_gemm_packed(false, M, N_, K_, A, K_, fp_ + e * stride_, accumulate, C, N_);
+  }
+
+ private:
+  bool bf16() const { return std::is_same_v<T, float> && kernel_ != Bf16Kernel::fallback; }
+  Bf16Kernel kernel_;
+  index_t K_, N_, stride_;
+  Scratch<T> f_;
+  Scratch<std::uint32_t> b_;
+  T* fp_;
+  std::uint32_t* bp_;
+};
 
 // a = act(h1, h3) on n values (h3 read by the gated activations only).
 template <typename T>
@@ -98,8 +154,9 @@ std::vector<Item> tiles(index_t E, index_t tile, Extent extent) {
 // very sums (and bits) of one product over all the expert's rows.
 template <typename T>
 void expert_backward_tiles(const ExpertShape& s, index_t e, const index_t* offsets, const T* xs,
-                           const T* h1, const T* h3, const T* dye, const T* w1t, const T* w3t,
-                           const T* w2t, T* dxs, T* dw1, T* dw3, T* dw2,
+                           const T* h1, const T* h3, const T* dye, const PackedTransposed<T>& w1t,
+                           const PackedTransposed<T>& w3t, const PackedTransposed<T>& w2t, T* dxs,
+                           T* dw1, T* dw3, T* dw2,
                            const ExpertBiasGrads<T>& db, T* da, T* a, T* dh1, T* dh3,
                            T* x_bf16, T* dy_bf16) {
   const index_t D = s.d_model, F = s.d_ff;
@@ -109,16 +166,16 @@ void expert_backward_tiles(const ExpertShape& s, index_t e, const index_t* offse
     const index_t rows = std::min(kRowTile, n_e - r0), row = offsets[e] + r0, n = rows * F;
     const T* dy = gemm_operand(s, dye + row * D, dy_bf16, rows * D);
     const T* x = gemm_operand(s, xs + row * D, x_bf16, rows * D);
-    small_gemm_packed(false, rows, F, D, dy, D, w2t, false, da, F);
+    w2t.gemm(e, rows, dy, false, da);
     activation_backward(s, h1 + row * F, glu ? h3 + row * F : nullptr, da, a, dh1, dh3, n);
     gemm_operand(s, a, a, n);
     gemm_operand(s, dh1, dh1, n);
     if (glu) gemm_operand(s, dh3, dh3, n);
-    small_gemm_packed(false, rows, D, F, dh1, F, w1t, false, dxs + row * D, D);
-    if (glu) small_gemm_packed(false, rows, D, F, dh3, F, w3t, true, dxs + row * D, D);
-    small_gemm(true, false, D, F, rows, x, D, dh1, F, true, dw1 + e * D * F, F);
-    if (glu) small_gemm(true, false, D, F, rows, x, D, dh3, F, true, dw3 + e * D * F, F);
-    small_gemm(true, false, F, D, rows, a, F, dy, D, true, dw2 + e * F * D, D);
+    w1t.gemm(e, rows, dh1, false, dxs + row * D);
+    if (glu) w3t.gemm(e, rows, dh3, true, dxs + row * D);
+    expert_gemm(s, true, D, F, rows, x, D, dh1, F, true, dw1 + e * D * F, F);
+    if (glu) expert_gemm(s, true, D, F, rows, x, D, dh3, F, true, dw3 + e * D * F, F);
+    expert_gemm(s, true, F, D, rows, a, F, dy, D, true, dw2 + e * F * D, D);
     if (db.db1) add_rows_to(db.db1 + e * F, rows, F, dh1);
     if (db.db3) add_rows_to(db.db3 + e * F, rows, F, dh3);
     if (db.db2) add_rows_to(db.db2 + e * D, rows, D, dye + row * D);
@@ -128,9 +185,10 @@ void expert_backward_tiles(const ExpertShape& s, index_t e, const index_t* offse
 // The experts' backward with one item per expert (expert_backward_tiles), largest first.
 template <typename T>
 void experts_backward_by_expert(const ExpertShape& s, const index_t* offsets, const T* xs,
-                                const T* h1, const T* h3, const T* dye, const T* w1t,
-                                const T* w3t, const T* w2t, index_t p1, index_t p2, T* dxs,
-                                T* dw1, T* dw3, T* dw2, const ExpertBiasGrads<T>& db) {
+                                const T* h1, const T* h3, const T* dye,
+                                const PackedTransposed<T>& w1t, const PackedTransposed<T>& w3t,
+                                const PackedTransposed<T>& w2t, T* dxs, T* dw1, T* dw3, T* dw2,
+                                const ExpertBiasGrads<T>& db) {
   const index_t F = s.d_ff;
   const bool glu = gated(s.act);
   const auto rows = [&](index_t e) { return offsets[e + 1] - offsets[e]; };
@@ -147,8 +205,7 @@ void experts_backward_by_expert(const ExpertShape& s, const index_t* offsets, co
 #pragma omp for schedule(dynamic, 1)
     for (index_t i = 0; i < n; ++i) {
       const index_t e = order[i];
-      expert_backward_tiles(s, e, offsets, xs, h1, h3, dye, w1t + e * p1,
-                            glu ? w3t + e * p1 : nullptr, w2t + e * p2, dxs, dw1, dw3, dw2, db,
+      expert_backward_tiles(s, e, offsets, xs, h1, h3, dye, w1t, w3t, w2t, dxs, dw1, dw3, dw2, db,
                             da.get(), a.get(), dh1.get(), dh3.get(), x_bf16.get(), dy_bf16.get());
     }
   }
@@ -165,11 +222,11 @@ bool fused_backward_pays(index_t E, const index_t* offsets) {
 }  // namespace
 
 template <typename T>
-void experts_forward(const ExpertShape& s, const index_t* offsets, const T* xs, const T* w1,
+void experts_forward(const ExpertShape& shape, const index_t* offsets, const T* xs, const T* w1,
                      const T* w3, const T* w2, const ExpertBiases<T>& bias, T* h1, T* h3, T* ye) {
+  const ExpertShape s = with_bf16_kernel<T>(shape);
   const index_t D = s.d_model, F = s.d_ff;
   check_blas_dims({offsets[s.E], D, F});
-  bf16_supported<T>(s);
   const bool glu = gated(s.act);
   const auto items = tiles(s.E, kRowTile, [&](index_t e) { return offsets[e + 1] - offsets[e]; });
   const index_t n_items = index_t(items.size());
@@ -184,48 +241,46 @@ void experts_forward(const ExpertShape& s, const index_t* offsets, const T* xs, 
       const T* x = gemm_operand(s, xs + row * D, x_bf16.data(), it.rows * D);
       T* g = h1 + row * F;
       const index_t e = it.expert;
-      small_gemm(false, false, it.rows, F, D, x, D, w1 + e * D * F, F, false, g, F);
+      expert_gemm(s, false, it.rows, F, D, x, D, w1 + e * D * F, F, false, g, F);
       if (bias.b1) add_to_rows(g, it.rows, F, bias.b1 + e * F);
       T* u = glu ? h3 + row * F : nullptr;
       if (glu) {
-        small_gemm(false, false, it.rows, F, D, x, D, w3 + e * D * F, F, false, u, F);
+        expert_gemm(s, false, it.rows, F, D, x, D, w3 + e * D * F, F, false, u, F);
         if (bias.b3) add_to_rows(u, it.rows, F, bias.b3 + e * F);
       }
       activation_forward(s, g, u, a.data(), it.rows * F);
       gemm_operand(s, a.data(), a.data(), it.rows * F);
-      small_gemm(false, false, it.rows, D, F, a.data(), F, w2 + e * F * D, D, false, ye + row * D, D);
+      expert_gemm(s, false, it.rows, D, F, a.data(), F, w2 + e * F * D, D, false, ye + row * D, D);
       if (bias.b2) add_to_rows(ye + row * D, it.rows, D, bias.b2 + e * D);
     }
   }
 }
 
 template <typename T>
-void experts_backward(const ExpertShape& s, const index_t* offsets, const T* xs, const T* w1,
+void experts_backward(const ExpertShape& shape, const index_t* offsets, const T* xs, const T* w1,
                       const T* w3, const T* w2, const T* h1, const T* h3, const T* dye, T* dxs,
                       T* dw1, T* dw3, T* dw2, const ExpertBiasGrads<T>& db, BackwardPath path) {
+  const ExpertShape s = with_bf16_kernel<T>(shape);
   const index_t D = s.d_model, F = s.d_ff;
   const bool glu = gated(s.act);
   const index_t N = offsets[s.E];
   check_blas_dims({N, D, F});
-  bf16_supported<T>(s);
-  // W2^T, W1^T and W3^T packed once per expert with rows, not once per row tile: a
-  // transposed pack is a strided gather, as costly as a small tile's GEMM.
-  const index_t p2 = packed_b_size<T>(D, F), p1 = packed_b_size<T>(F, D);
-  Scratch<T> w2t(s.E * p2), w1t(s.E * p1), w3t(glu ? s.E * p1 : 0);
+  // W2^T [D, F], W1^T and W3^T [F, D] of the experts with rows
+  PackedTransposed<T> w2t(s, D, F, true), w1t(s, F, D, true), w3t(s, F, D, glu);
   const index_t n_packs = s.E * (glu ? 3 : 2);
 #pragma omp parallel for schedule(dynamic, 1)
   for (index_t i = 0; i < n_packs; ++i) {
     const index_t e = i / (glu ? 3 : 2), which = i % (glu ? 3 : 2);
     if (offsets[e + 1] == offsets[e]) continue;
-    if (which == 0) pack_b(true, D, F, w2 + e * F * D, D, w2t.get() + e * p2);
-    if (which == 1) pack_b(true, F, D, w1 + e * D * F, F, w1t.get() + e * p1);
-    if (which == 2) pack_b(true, F, D, w3 + e * D * F, F, w3t.get() + e * p1);
+    if (which == 0) w2t.pack(e, w2 + e * F * D);
+    if (which == 1) w1t.pack(e, w1 + e * D * F);
+    if (which == 2) w3t.pack(e, w3 + e * D * F);
   }
 
   if (path == BackwardPath::by_expert ||
       (path == BackwardPath::automatic && fused_backward_pays(s.E, offsets)))
-    return experts_backward_by_expert(s, offsets, xs, h1, h3, dye, w1t.get(), w3t.get(),
-                                      w2t.get(), p1, p2, dxs, dw1, dw3, dw2, db);
+    return experts_backward_by_expert(s, offsets, xs, h1, h3, dye, w1t, w3t, w2t, dxs, dw1, dw3,
+                                      dw2, db);
 
   // uninitialised on purpose: every element is written in phase 1
   Scratch<T> a(N * F), dh1(N * F), dh3(glu ? N * F : 0);
@@ -250,18 +305,15 @@ void experts_backward(const ExpertShape& s, const index_t* offsets, const T* xs,
         gemm_operand(s, xs + row * D, xs_bf16.get() + row * D, it.rows * D);
         dy = gemm_operand(s, dy, dye_bf16.get() + row * D, it.rows * D);
       }
-      small_gemm_packed(false, it.rows, F, D, dy, D, w2t.get() + e * p2, false, da.data(), F);
+      w2t.gemm(e, it.rows, dy, false, da.data());
       activation_backward(s, h1 + row * F, glu ? h3 + row * F : nullptr, da.data(),
                           a.get() + row * F, dh1.get() + row * F,
                           glu ? dh3.get() + row * F : nullptr, n);
       gemm_operand(s, a.get() + row * F, a.get() + row * F, n);
       gemm_operand(s, dh1.get() + row * F, dh1.get() + row * F, n);
       if (glu) gemm_operand(s, dh3.get() + row * F, dh3.get() + row * F, n);
-      small_gemm_packed(false, it.rows, D, F, dh1.get() + row * F, F, w1t.get() + e * p1,
-                        false, dxs + row * D, D);
-      if (glu)
-        small_gemm_packed(false, it.rows, D, F, dh3.get() + row * F, F, w3t.get() + e * p1,
-                          true, dxs + row * D, D);
+      w1t.gemm(e, it.rows, dh1.get() + row * F, false, dxs + row * D);
+      if (glu) w3t.gemm(e, it.rows, dh3.get() + row * F, true, dxs + row * D);
     }
   }
 
@@ -294,12 +346,12 @@ void experts_backward(const ExpertShape& s, const index_t* offsets, const T* xs,
       if (db.db2) add_rows_to(db.db2 + e * D, n_e, D, dye + row * D);
     } else if (g.which == 2) {
       // rows r0.. of A^T are columns r0.. of A
-      small_gemm(true, false, g.it.rows, D, n_e, a.get() + row * F + g.it.r0, F, dyg + row * D,
-                 D, true, dw2 + e * F * D + g.it.r0 * D, D);
+      expert_gemm(s, true, g.it.rows, D, n_e, a.get() + row * F + g.it.r0, F, dyg + row * D, D,
+                  true, dw2 + e * F * D + g.it.r0 * D, D);
     } else {
       const T* dh = (g.which == 1 ? dh1.get() : dh3.get()) + row * F;
       T* dw = (g.which == 1 ? dw1 : dw3) + e * D * F + g.it.r0 * F;
-      small_gemm(true, false, g.it.rows, F, n_e, xg + row * D + g.it.r0, D, dh, F, true, dw, F);
+      expert_gemm(s, true, g.it.rows, F, n_e, xg + row * D + g.it.r0, D, dh, F, true, dw, F);
     }
   }
 }

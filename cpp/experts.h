@@ -6,6 +6,7 @@
 // fixed (expert, row tile) items run by OpenMP, so uneven expert loads still
 // keep every core busy and the bits never depend on the thread count.
 #pragma once
+#include "small_gemm_bf16.h"
 #include "tensor.h"
 
 namespace moe {
@@ -24,6 +25,9 @@ struct ExpertShape {
   // them; the weights must come rounded already (the caller's copy, made once per update).
   // h1, h3, the activations' arithmetic, ye, dxs and the gradients stay float32.
   bool bf16 = false;
+  // Which bfloat16 GEMM runs them (small_gemm_bf16.h): set by experts_forward/backward from
+  // bf16_kernel() at each call; fallback means small_gemm on the rounded operands.
+  Bf16Kernel bf16_kernel = Bf16Kernel::fallback;
 };
 
 // The experts' biases b1, b3 [E, d_ff] and b2 [E, d_model], each added after its GEMM;

@@ -7,6 +7,7 @@
 #include <limits>
 #include <new>
 
+#include "aligned_buffer.h"
 #include "blas.h"
 
 namespace moe {
@@ -160,23 +161,6 @@ void zero_unless(bool accumulate, index_t M, index_t N, T* C, index_t ldc) {
   if (!accumulate)
     for (index_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, T(0));
 }
-
-// A 64-byte aligned buffer: a vector load that splits two cache lines costs two.
-template <typename T>
-class AlignedBuffer {
- public:
-  explicit AlignedBuffer(std::size_t n)
-      : p_(static_cast<T*>(std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64))) {
-    if (!p_) throw std::bad_alloc();
-  }
-  ~AlignedBuffer() { std::free(p_); }
-  AlignedBuffer(const AlignedBuffer&) = delete;
-  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
-  T* get() { return p_; }
-
- private:
-  T* p_;
-};
 
 // op(A)(i, k) of an A stored plain ([M, K]) or transposed ([K, M]); a compile-time choice
 // so that the micro-tile's row offsets are constants (transposed) or hoisted pointers.

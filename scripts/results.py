@@ -15,6 +15,7 @@ import os
 import re
 import sys
 
+import bf16_results  # scripts/, beside this file
 from moe_py.collapse import CollapseWatch
 from moe_py.stats import t_ppf
 
@@ -288,8 +289,15 @@ def main() -> int:
           "moved with the seed, one learning rate, MI against the model at init only), and what the "
           "numbers above say of each:", ""]
     L += claims(tables, args.results)
+    text = "\n".join(L) + "\n"
+    if os.path.exists(args.out):  # scripts/bf16_results.py's section, kept
+        with open(args.out) as f:
+            old = f.read()
+        if bf16_results.BEGIN in old:
+            text = bf16_results.splice(text, bf16_results.BEGIN + old.split(bf16_results.BEGIN, 1)[1].split(
+                bf16_results.END, 1)[0] + bf16_results.END)
     with open(args.out, "w") as f:
-        f.write("\n".join(L) + "\n")
+        f.write(text)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

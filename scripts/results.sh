@@ -34,3 +34,5 @@ cp "$OUT/synthetic/softmax_lb/seed-0/specialisation.png" docs/specialisation.png
 cp "$OUT/synthetic/specialisation.png" docs/tournament_specialisation.png
 cp "$OUT/python/val_loss.png" docs/tournament_val_loss.png
 .venv/bin/python scripts/results.py "$OUT" --out docs/results.md
+# the bfloat16 against float32 section (its own runs in runs/bf16/)
+bash scripts/bf16_results.sh

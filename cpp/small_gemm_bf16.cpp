@@ -1,0 +1,267 @@
+#include "small_gemm_bf16.h"
+
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "aligned_buffer.h"
+#include "bf16.h"
+#include "small_gemm.h"
+
+#if defined(__x86_64__)
+#include <cpuid.h>
+#include <immintrin.h>
+#define MOE_BF16_KERNELS 1
+#endif
+
+namespace moe {
+
+#if MOE_BF16_KERNELS
+
+namespace {
+
+// CPUID leaf 7 sub-leaf `sub`, or zeros past the CPU's highest leaf.
+struct Regs {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+};
+Regs cpuid(unsigned leaf, unsigned sub) {
+  Regs r;
+  if (!__get_cpuid_count(leaf, sub, &r.a, &r.b, &r.c, &r.d)) r = Regs{};
+  return r;
+}
+
+// Whether the OS saves the register state in `mask` (XCR0 bits) across context switches.
+bool os_saves(std::uint64_t mask) {
+  if (!(cpuid(1, 0).c & (1u << 27))) return false;  // OSXSAVE: XGETBV usable
+  unsigned lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return ((std::uint64_t(hi) << 32 | lo) & mask) == mask;
+}
+
+bool cpu_has_avx512_bf16() {
+  const Regs l7 = cpuid(7, 0), l7s1 = cpuid(7, 1);
+  const bool f = l7.b & (1u << 16), bw = l7.b & (1u << 30), vl = l7.b & (1u << 31);
+  const bool bf16 = l7s1.a & (1u << 5);
+  return f && bw && vl && bf16 && os_saves(0xE6);  // SSE, AVX, opmask, ZMM_Hi256, Hi16_ZMM
+}
+
+bool cpu_has_avx2_fma() {
+  const bool fma = cpuid(1, 0).c & (1u << 12), avx2 = cpuid(7, 0).b & (1u << 5);
+  return fma && avx2 && os_saves(0x6);
+}
+
+}  // namespace
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
+namespace bf16_avx512 {
+struct Ops {
+  using F = __m512;
+  using I = __m512i;
+  static constexpr index_t L = 16;
+  static constexpr int kRows = 12;  // 2 x 12 accumulators + 2 panel vectors + 1 broadcast <= 32 zmm
+  static F zero() { return _mm512_setzero_ps(); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static __mmask16 mask(int n) { return __mmask16((1u << n) - 1); }  // n < 16
+  static F load_n(const float* p, int n) { return _mm512_maskz_loadu_ps(mask(n), p); }
+  static void store_n(float* p, F v, int n) { _mm512_mask_storeu_ps(p, mask(n), v); }
+  static I load_pairs(const std::uint32_t* p) { return _mm512_loadu_si512(p); }
+  static I bcast(std::uint32_t x) { return _mm512_set1_epi32(int(x)); }
+  static F dot(F acc, I a, I b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
+};
+#include "small_gemm_bf16_impl.h"
+}  // namespace bf16_avx512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace bf16_emulated {
+struct Ops {
+  using F = __m256;
+  using I = __m256i;
+  static constexpr index_t L = 8;
+  // 2 x 4 accumulators + 2 panel vectors + the 4 halves the emulation unpacks <= 16 ymm
+  static constexpr int kRows = 4;
+  static F zero() { return _mm256_setzero_ps(); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static __m256i mask(int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static F load_n(const float* p, int n) { return _mm256_maskload_ps(p, mask(n)); }
+  static void store_n(float* p, F v, int n) { _mm256_maskstore_ps(p, mask(n), v); }
+  static I load_pairs(const std::uint32_t* p) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  }
+  static I bcast(std::uint32_t x) { return _mm256_set1_epi32(int(x)); }
+  // a bfloat16 is the top half of a float32: the low element shifted up, the high one masked
+  static F even(I x) { return _mm256_castsi256_ps(_mm256_slli_epi32(x, 16)); }
+  static F odd(I x) {
+    return _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(int(0xffff0000u))));
+  }
+  // VDPBF16PS as the SDM writes it: element 2j + 1's product, then element 2j's
+  static F dot(F acc, I a, I b) {
+    return _mm256_fmadd_ps(even(a), even(b), _mm256_fmadd_ps(odd(a), odd(b), acc));
+  }
+};
+#include "small_gemm_bf16_impl.h"
+}  // namespace bf16_emulated
+#pragma GCC pop_options
+
+namespace {
+
+void need(Bf16Kernel k) {
+  if (k == Bf16Kernel::fallback)
+    throw std::invalid_argument("bf16 kernel: the fallback has no GEMM of its own (small_gemm)");
+  if (!bf16_kernel_available(k))
+    throw std::invalid_argument(std::string("bf16 kernel: ") + bf16_kernel_name(k) +
+                                " does not run on this CPU");
+}
+
+// -1: not decided yet; else the Bf16Kernel in use
+std::atomic<int> g_kernel{-1};
+
+// |C - C64| <= (K + 2) u32 sum |a||b| + tiny, C64 the float64 product of the rounded values
+bool agrees(Bf16Kernel k, bool ta, bool tb, index_t M, index_t N, index_t K, bool packed) {
+  std::vector<float> A(M * K), B(K * N), C(M * N, 0.5f);
+  std::uint32_t state = 12345u;  // a fixed LCG: the check is the same on every run
+  const auto next = [&] {
+    state = state * 1664525u + 1013904223u;
+    return float(int(state >> 8) - (1 << 23)) / float(1 << 22);
+  };
+  for (float& v : A) v = next();
+  for (float& v : B) v = next();
+  const index_t lda = ta ? M : K, ldb = tb ? K : N;
+  if (packed) {
+    std::vector<std::uint32_t> pb(packed_b_bf16_size(k, K, N));
+    pack_b_bf16(k, tb, K, N, B.data(), ldb, pb.data());
+    small_gemm_packed_bf16(k, ta, M, N, K, A.data(), lda, pb.data(), true, C.data(), N);
+  } else {
+    small_gemm_bf16(k, ta, tb, M, N, K, A.data(), lda, B.data(), ldb, true, C.data(), N);
+  }
+  for (index_t i = 0; i < M; ++i)
+    for (index_t j = 0; j < N; ++j) {
+      double sum = 0.5, mag = 0.5;
+      for (index_t q = 0; q < K; ++q) {
+        const double a = round_to_bf16(ta ? A[q * M + i] : A[i * K + q]);
+        const double b = round_to_bf16(tb ? B[j * K + q] : B[q * N + j]);
+        sum += a * b;
+        mag += std::fabs(a * b);
+      }
+      if (!(std::fabs(C[i * N + j] - sum) <= double(K + 2) * 0x1p-24 * mag + 1e-30)) return false;
+    }
+  return true;
+}
+
+}  // namespace
+
+const char* bf16_kernel_name(Bf16Kernel k) {
+  switch (k) {
+    case Bf16Kernel::avx512_bf16: return "avx512_bf16";
+    case Bf16Kernel::emulated: return "emulated";
+    default: return "fallback";
+  }
+}
+
+bool bf16_kernel_available(Bf16Kernel k) {
+  switch (k) {
+    case Bf16Kernel::avx512_bf16: return cpu_has_avx512_bf16();
+    case Bf16Kernel::emulated: return cpu_has_avx2_fma();
+    default: return true;
+  }
+}
+
+bool bf16_self_check(Bf16Kernel k) {
+  if (k == Bf16Kernel::fallback) return true;
+  if (!bf16_kernel_available(k)) return false;
+  struct Case {
+    bool ta, tb;
+    index_t M, N, K;
+    bool packed;
+  };
+  // odd K, a K over one block, column edges (1, < L, < 2L, > kNc), row tails, both layouts
+  const Case cases[] = {{false, false, 13, 37, 5, false}, {true, false, 7, 70, 259, false},
+                        {false, true, 29, 16, 1, false},  {true, true, 3, 530, 18, false},
+                        {false, true, 25, 45, 513, true}, {true, false, 12, 1, 7, true}};
+  for (const Case& c : cases)
+    if (!agrees(k, c.ta, c.tb, c.M, c.N, c.K, c.packed)) return false;
+  return true;
+}
+
+Bf16Kernel bf16_kernel() {
+  int k = g_kernel.load();
+  if (k < 0) {  // decided once; concurrent first calls decide the same
+    const bool fast = bf16_kernel_available(Bf16Kernel::avx512_bf16) &&
+                      bf16_self_check(Bf16Kernel::avx512_bf16);
+    k = int(fast ? Bf16Kernel::avx512_bf16 : Bf16Kernel::fallback);
+    int expected = -1;
+    g_kernel.compare_exchange_strong(expected, k);
+    k = g_kernel.load();
+  }
+  return Bf16Kernel(k);
+}
+
+void set_bf16_kernel(Bf16Kernel k) {
+  if (k != Bf16Kernel::fallback) need(k);
+  g_kernel.store(int(k));
+}
+
+void small_gemm_bf16(Bf16Kernel k, bool trans_a, bool trans_b, index_t M, index_t N,
+                     index_t K, const float* A, index_t lda, const float* B, index_t ldb,
+                     bool accumulate, float* C, index_t ldc) {
+  need(k);
+  if (k == Bf16Kernel::avx512_bf16)
+    return bf16_avx512::gemm(trans_a, trans_b, M, N, K, A, lda, B, ldb, accumulate, C, ldc);
+  bf16_emulated::gemm(trans_a, trans_b, M, N, K, A, lda, B, ldb, accumulate, C, ldc);
+}
+
+index_t packed_b_bf16_size(Bf16Kernel k, index_t K, index_t N) {
+  need(k);
+  return k == Bf16Kernel::avx512_bf16 ? bf16_avx512::packed_size(K, N)
+                                      : bf16_emulated::packed_size(K, N);
+}
+
+void pack_b_bf16(Bf16Kernel k, bool trans_b, index_t K, index_t N, const float* B, index_t ldb,
+                 std::uint32_t* packed) {
+  need(k);
+  if (k == Bf16Kernel::avx512_bf16) return bf16_avx512::pack_b(trans_b, K, N, B, ldb, packed);
+  bf16_emulated::pack_b(trans_b, K, N, B, ldb, packed);
+}
+
+void small_gemm_packed_bf16(Bf16Kernel k, bool trans_a, index_t M, index_t N, index_t K,
+                            const float* A, index_t lda, const std::uint32_t* packed,
+                            bool accumulate, float* C, index_t ldc) {
+  need(k);
+  if (k == Bf16Kernel::avx512_bf16)
+    return bf16_avx512::gemm_packed(trans_a, M, N, K, A, lda, packed, accumulate, C, ldc);
+  bf16_emulated::gemm_packed(trans_a, M, N, K, A, lda, packed, accumulate, C, ldc);
+}
+
+#else  // not x86-64: only the fallback
+
+const char* bf16_kernel_name(Bf16Kernel k) {
+  return k == Bf16Kernel::avx512_bf16 ? "avx512_bf16" : k == Bf16Kernel::emulated ? "emulated" : "fallback";
+}
+bool bf16_kernel_available(Bf16Kernel k) { return k == Bf16Kernel::fallback; }
+bool bf16_self_check(Bf16Kernel k) { return k == Bf16Kernel::fallback; }
+Bf16Kernel bf16_kernel() { return Bf16Kernel::fallback; }
+void set_bf16_kernel(Bf16Kernel k) {
+  if (k != Bf16Kernel::fallback) throw std::invalid_argument("bf16 kernel: only the fallback on this CPU");
+}
+[[noreturn]] static void no_kernel() { throw std::invalid_argument("bf16 kernel: none on this CPU"); }
+void small_gemm_bf16(Bf16Kernel, bool, bool, index_t, index_t, index_t, const float*, index_t,
+                     const float*, index_t, bool, float*, index_t) { no_kernel(); }
+index_t packed_b_bf16_size(Bf16Kernel, index_t, index_t) { no_kernel(); }
+void pack_b_bf16(Bf16Kernel, bool, index_t, index_t, const float*, index_t, std::uint32_t*) { no_kernel(); }
+void small_gemm_packed_bf16(Bf16Kernel, bool, index_t, index_t, index_t, const float*, index_t,
+                            const std::uint32_t*, bool, float*, index_t) { no_kernel(); }
+
+#endif
+
+}  // namespace moe

@@ -1,0 +1,174 @@
+// The body of one bfloat16 small-GEMM kernel (small_gemm_bf16.h), included by
+// small_gemm_bf16.cpp once per kernel, inside that kernel's namespace and target options,
+// after its `Ops`: no include guard and no includes, on purpose.
+//
+// Ops gives: F (a float32 vector of L lanes) and I (L 32-bit lanes, each a bfloat16 pair);
+// L and kRows (micro-tile rows); zero, add, load, store, load_n, store_n (the first n lanes);
+// load_pairs, bcast (one pair to every lane) and dot(acc, a, b): acc + the pairwise products.
+
+constexpr index_t L = Ops::L;
+constexpr int kRows = Ops::kRows;
+constexpr index_t NR = 2 * L;              // columns per packed panel: two registers
+constexpr index_t kKc = kSmallGemmKBlock;  // k per block (even: a pair never straddles two)
+constexpr index_t kNc = 512;               // columns per block of panels
+static_assert(kKc % 2 == 0 && kNc % NR == 0, "blocks hold whole pairs and whole panels");
+
+inline index_t pairs(index_t k) { return (k + 1) / 2; }
+inline index_t lesser(index_t a, index_t b) { return a < b ? a : b; }
+
+// op(B) rows [k0, k0 + kc), columns [j0, j0 + nc) (nc <= NR) into panel [pairs(kc)][NR]:
+// the pair (row 2p, row 2p + 1) of each column, zero past kc and past nc.
+inline void pack_panel(bool trans_b, const float* B, index_t ldb, index_t k0, index_t kc,
+                       index_t j0, index_t nc, std::uint32_t* panel) {
+  for (index_t p = 0; p < pairs(kc); ++p) {
+    std::uint32_t* row = panel + p * NR;
+    const index_t k = k0 + 2 * p;
+    const bool odd = 2 * p + 1 < kc;
+    if (trans_b) {  // op(B)(k, j) = B[j * ldb + k]
+      for (index_t j = 0; j < nc; ++j) {
+        const float* b = B + (j0 + j) * ldb + k;
+        row[j] = bf16_pair(b[0], odd ? b[1] : 0.0f);
+      }
+    } else {
+      const float* b0 = B + k * ldb + j0;
+      const float* b1 = b0 + ldb;
+      for (index_t j = 0; j < nc; ++j) row[j] = bf16_pair(b0[j], odd ? b1[j] : 0.0f);
+    }
+    for (index_t j = nc; j < NR; ++j) row[j] = 0;
+  }
+}
+
+// Rows [0, rows) of op(A), k [0, kc) (a at op(A)(0, k0)) into blk [pairs(kc)][kRows].
+inline void pack_a(bool trans_a, const float* a, index_t lda, int rows, index_t kc,
+                   std::uint32_t* blk) {
+  for (index_t p = 0; p < pairs(kc); ++p) {
+    const bool odd = 2 * p + 1 < kc;
+    std::uint32_t* out = blk + p * kRows;
+    if (trans_a) {  // op(A)(i, k) = a[k * lda + i]: rows 2p and 2p + 1 of a, side by side
+      const float* a0 = a + 2 * p * lda;
+      const float* a1 = a0 + lda;
+      for (int i = 0; i < rows; ++i) out[i] = bf16_pair(a0[i], odd ? a1[i] : 0.0f);
+    } else {
+      for (int i = 0; i < rows; ++i) {
+        const float* ai = a + i * lda + 2 * p;
+        out[i] = bf16_pair(ai[0], odd ? ai[1] : 0.0f);
+      }
+    }
+  }
+}
+
+// C rows [R][nc] (+)= the packed A rows x one panel, over kp pairs; NV registers per row
+// (1 when nc <= L, so that a narrow product skips the panel's zero half).
+template <int NV, int R>
+void micro_tile(index_t kp, const std::uint32_t* blk, const std::uint32_t* panel, float* c,
+                index_t ldc, index_t nc, bool accumulate) {
+  typename Ops::F acc[NV][R];
+#pragma GCC unroll 16
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < NV; ++v) acc[v][i] = Ops::zero();
+  for (index_t p = 0; p < kp; ++p) {
+    typename Ops::I b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = Ops::load_pairs(panel + p * NR + v * L);
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+      const typename Ops::I ai = Ops::bcast(blk[p * kRows + i]);
+      for (int v = 0; v < NV; ++v) acc[v][i] = Ops::dot(acc[v][i], ai, b[v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < NV; ++v) {
+      const index_t n = lesser(L, nc - v * L);
+      if (n <= 0) continue;
+      float* ci = c + i * ldc + v * L;
+      if (n == L)
+        Ops::store(ci, accumulate ? Ops::add(Ops::load(ci), acc[v][i]) : acc[v][i]);
+      else
+        Ops::store_n(ci, accumulate ? Ops::add(Ops::load_n(ci, int(n)), acc[v][i]) : acc[v][i],
+                     int(n));
+    }
+}
+
+// The micro-tile for `rows` <= kRows rows (a template per row count).
+template <int NV, int R = kRows>
+void micro_rows(int rows, index_t kp, const std::uint32_t* blk, const std::uint32_t* panel,
+                float* c, index_t ldc, index_t nc, bool accumulate) {
+  if constexpr (R >= 1) {
+    if (rows == R) return micro_tile<NV, R>(kp, blk, panel, c, ldc, nc, accumulate);
+    micro_rows<NV, R - 1>(rows, kp, blk, panel, c, ldc, nc, accumulate);
+  }
+}
+
+// C [M][N] (+)= op(A) rows 0..M, k0..k0+kc (a at op(A)(0, k0)) x the packed panels of that
+// k block (panel j at panels + j * stride). Rows outer: a block of kRows rows of A is
+// packed once and stays in L1 while the panels stream from L2.
+inline void panels_block(bool trans_a, index_t M, index_t N, index_t kc, const float* a,
+                         index_t lda, const std::uint32_t* panels, index_t stride, float* c,
+                         index_t ldc, bool accumulate) {
+  alignas(64) std::uint32_t blk[(kKc / 2) * kRows];
+  const index_t kp = pairs(kc);
+  for (index_t i = 0; i < M; i += kRows) {
+    const int rows = int(lesser(kRows, M - i));
+    pack_a(trans_a, trans_a ? a + i : a + i * lda, lda, rows, kc, blk);
+    for (index_t j0 = 0; j0 < N; j0 += NR) {
+      const std::uint32_t* panel = panels + (j0 / NR) * stride;
+      const index_t nc = lesser(NR, N - j0);
+      float* cij = c + i * ldc + j0;
+      if (nc <= L)
+        micro_rows<1>(rows, kp, blk, panel, cij, ldc, nc, accumulate);
+      else
+        micro_rows<2>(rows, kp, blk, panel, cij, ldc, nc, accumulate);
+    }
+  }
+}
+
+inline const float* column_k(bool trans_a, const float* A, index_t lda, index_t k0) {
+  return trans_a ? A + k0 * lda : A + k0;
+}
+
+inline void zero_unless(bool accumulate, index_t M, index_t N, float* C, index_t ldc) {
+  if (!accumulate)
+    for (index_t i = 0; i < M; ++i)
+      for (index_t j = 0; j < N; ++j) C[i * ldc + j] = 0.0f;
+}
+
+void gemm(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, const float* A,
+          index_t lda, const float* B, index_t ldb, bool accumulate, float* C, index_t ldc) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) return zero_unless(accumulate, M, N, C, ldc);
+  // one block of packed panels per thread, reused by every call on it
+  thread_local AlignedBuffer<std::uint32_t> panels((kKc / 2) * kNc);
+  for (index_t n0 = 0; n0 < N; n0 += kNc) {
+    const index_t nb = lesser(kNc, N - n0);
+    for (index_t k0 = 0; k0 < K; k0 += kKc) {
+      const index_t kc = lesser(kKc, K - k0), stride = pairs(kc) * NR;
+      for (index_t j0 = 0; j0 < nb; j0 += NR)
+        pack_panel(trans_b, B, ldb, k0, kc, n0 + j0, lesser(NR, nb - j0),
+                   panels.get() + (j0 / NR) * stride);
+      panels_block(trans_a, M, nb, kc, column_k(trans_a, A, lda, k0), lda, panels.get(), stride,
+                   C + n0, ldc, accumulate || k0 > 0);
+    }
+  }
+}
+
+// Packed: panel j0 / NR holds all K (pairs(K) rows of NR words); k block k0 starts at its
+// pair k0 / 2. The pairs are those gemm packs block by block (k0 is even): the same bits.
+index_t packed_size(index_t K, index_t N) { return (N + NR - 1) / NR * NR * pairs(K); }
+
+void pack_b(bool trans_b, index_t K, index_t N, const float* B, index_t ldb,
+            std::uint32_t* packed) {
+  for (index_t j0 = 0; j0 < N; j0 += NR)
+    pack_panel(trans_b, B, ldb, 0, K, j0, lesser(NR, N - j0), packed + (j0 / NR) * pairs(K) * NR);
+}
+
+void gemm_packed(bool trans_a, index_t M, index_t N, index_t K, const float* A, index_t lda,
+                 const std::uint32_t* packed, bool accumulate, float* C, index_t ldc) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) return zero_unless(accumulate, M, N, C, ldc);
+  const index_t stride = pairs(K) * NR;
+  for (index_t n0 = 0; n0 < N; n0 += kNc)
+    for (index_t k0 = 0; k0 < K; k0 += kKc)
+      panels_block(trans_a, M, lesser(kNc, N - n0), lesser(kKc, K - k0),
+                   column_k(trans_a, A, lda, k0), lda, packed + (n0 / NR) * stride + (k0 / 2) * NR,
+                   stride, C + n0, ldc, accumulate || k0 > 0);
+}
