@@ -89,3 +89,20 @@ def round_to_bf16(x: np.ndarray) -> np.ndarray:
 def fingerprint(x: np.ndarray) -> bytes:
     """64 bytes that change whenever any one value of the float32 array x changes."""
     return bytes(_core.fingerprint(x=x))
+
+
+def bf16_kernel() -> str:
+    """The bfloat16 GEMM kernel compute_dtype="bfloat16" runs on now (cpp/small_gemm_bf16.h)."""
+    return str(_core.bf16_kernel())
+
+
+def set_bf16_kernel(name: str) -> None:
+    _core.set_bf16_kernel(kernel=name)
+
+
+def bf16_kernel_available(name: str) -> bool:
+    return bool(_core.bf16_kernel_available(kernel=name))
+
+
+def bf16_self_check(name: str) -> bool:
+    return bool(_core.bf16_self_check(kernel=name))

@@ -12,19 +12,73 @@ it), read again at each forward, which costs one read of the weights against a c
 read, rounding and write. So an optimiser step, a checkpoint load or an in-place edit by
 hand is seen, with no call to make.
 
-The arithmetic path: this build has no bfloat16 GEMM kernel yet, so every path is the
-fallback, rounded operands in float32 FMA GEMMs (a float32 product of two bfloat16 values is
-exact, so the numbers are those of a bfloat16 GEMM with float32 accumulation in the same
-summation order). It is slower than float32, not faster: `moe_py.machine.bf16_path()`
-(in `info`) says so.
+The GEMM kernel (cpp/small_gemm_bf16.h), chosen once per process from what the CPU can run:
+- "avx512_bf16": VDPBF16PS, where the CPU and the OS have AVX512-BF16 and the kernel passes its
+  self-check against a float64 product;
+- "fallback": rounded operands in the float32 FMA GEMMs. A float32 product of two bfloat16
+  values is exact, so these are the numbers of a bfloat16 GEMM with float32 sums, in k order;
+  slower than float32, not faster;
+- "emulated": the AVX512-BF16 kernel's code with the instruction emulated by float32 FMAs on
+  AVX2 (for testing that code on any CPU; slower still).
+The kernels differ only in the order of the float32 sums. `moe_py.machine.bf16_path()` (in
+`info`) names the one in use; the environment variable MOE_PY_BF16_KERNEL (read when moe_py
+is imported) or `set_kernel` picks another, e.g. the fallback on a bf16-capable CPU.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+import contextlib
+import os
+from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
 
 from . import _kernels
+
+KERNELS = ("avx512_bf16", "emulated", "fallback")
+KERNEL_ENV = "MOE_PY_BF16_KERNEL"
+
+
+def kernel() -> str:
+    """The bfloat16 GEMM kernel in use in this process."""
+    return _kernels.bf16_kernel()
+
+
+def available_kernels() -> Tuple[str, ...]:
+    """The kernels this CPU and OS can run."""
+    return tuple(k for k in KERNELS if _kernels.bf16_kernel_available(k))
+
+
+def set_kernel(name: str) -> None:
+    """Run compute_dtype="bfloat16" on kernel `name` from now on, in this process."""
+    if name not in KERNELS:
+        raise ValueError(f"kernel: expected one of {', '.join(KERNELS)}, got {name!r}")
+    if not _kernels.bf16_kernel_available(name):
+        raise ValueError(f"kernel: {name!r} does not run on this CPU (available: "
+                         f"{', '.join(available_kernels())})")
+    _kernels.set_bf16_kernel(name)
+
+
+@contextlib.contextmanager
+def using_kernel(name: str) -> Iterator[None]:
+    """set_kernel(name) for the duration of a with block, then the previous kernel again."""
+    before = kernel()
+    set_kernel(name)
+    try:
+        yield
+    finally:
+        _kernels.set_bf16_kernel(before)
+
+
+def _kernel_from_environment() -> None:
+    name = os.environ.get(KERNEL_ENV, "")
+    if name and name != "auto":
+        try:
+            set_kernel(name)
+        except ValueError as e:
+            raise ValueError(f"{KERNEL_ENV}={name!r}: {e}") from None
+
+
+_kernel_from_environment()
 
 
 def round_to_bf16(x: np.ndarray) -> np.ndarray:

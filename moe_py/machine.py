@@ -83,11 +83,20 @@ def blas_is_generic(corename: str, simd: List[str]) -> bool:
 
 
 def bf16_path() -> str:
-    """Which bfloat16 GEMM path compute_dtype="bfloat16" runs on this build and CPU."""
+    """Which bfloat16 GEMM kernel compute_dtype="bfloat16" runs on (moe_py/bf16.py), and why."""
     has = [f for f in ("avx512_bf16", "amx_bf16") if f in cpu_simd_flags()]
     cpu = f"the CPU has {' and '.join(has)}" if has else "the CPU has no bfloat16 instructions"
-    return (f"fallback: bfloat16-rounded operands in float32 FMA GEMMs, slower than float32 "
-            f"(no bfloat16 GEMM kernel in this build; {cpu})")
+    kernel = _kernels.bf16_kernel()
+    if kernel == "avx512_bf16":
+        return f"avx512_bf16: VDPBF16PS micro-kernel ({cpu}; AMX not used)"
+    if kernel == "emulated":
+        return ("emulated: the avx512_bf16 kernel's code with VDPBF16PS emulated by float32 FMAs, "
+                f"for testing; slower than float32 ({cpu})")
+    why = cpu
+    if _kernels.bf16_kernel_available("avx512_bf16"):
+        why = ("set by MOE_PY_BF16_KERNEL or moe_py.bf16.set_kernel" if _kernels.bf16_self_check("avx512_bf16")
+               else "the avx512_bf16 kernel FAILED its self-check against float64 on this CPU")
+    return f"fallback: bfloat16-rounded operands in float32 FMA GEMMs, slower than float32 ({why})"
 
 
 def build_info() -> Dict[str, Any]:

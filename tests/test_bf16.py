@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import moe_py
-from moe_py import MoEConfig, MoELayer
+from moe_py import MoEConfig, MoELayer, bf16
 from moe_py._kernels import kernel
 from moe_py.bf16 import round_to_bf16
 from moe_py.machine import bf16_path
@@ -97,8 +97,17 @@ def test_the_gemms_are_bf16_products_summed_in_float32():
     assert np.abs(plain - h1).max() > 1e-3
 
 
+KERNELS = bf16.available_kernels()  # every bfloat16 GEMM kernel this CPU runs, the fallback included
+
+
+@pytest.fixture(params=KERNELS)
+def gemm_kernel(request):
+    with bf16.using_kernel(request.param):
+        yield request.param
+
+
 @pytest.mark.parametrize("path", ["by_expert", "two_phase"])
-def test_both_backward_paths_give_the_same_bits(path):
+def test_both_backward_paths_give_the_same_bits(path, gemm_kernel):
     E, D, F = 4, 64, 48
     offsets, xs, w = grouped(E, [300, 7, 0, 260], D, F, seed=1)
     act = moe_py._kernels.Activation.swiglu
@@ -135,7 +144,7 @@ def cosine(a, b):
 
 
 @pytest.mark.parametrize("shape", [(4096, 512, 1024, 8, 2), (4096, 512, 128, 64, 8)])
-def test_the_layer_is_within_the_issues_bounds_of_float32(shape):
+def test_the_layer_is_within_the_issues_bounds_of_float32(shape, gemm_kernel):
     """At bench_layer's largest and fine-grained shapes: y within 1e-2 (relative, Frobenius),
     dx and every gradient at cosine >= 0.999 to float32's."""
     T, D, F, E, k = shape
@@ -154,7 +163,7 @@ def test_the_layer_is_within_the_issues_bounds_of_float32(shape):
 
 @pytest.mark.parametrize("kw", [dict(), dict(activation="gelu"), dict(activation="clamped_swiglu", ffn_bias=True),
                                 dict(num_shared_experts=1, top_k=3), dict(combine="input", router="sigmoid_topk")])
-def test_the_layer_meets_the_documented_bound_against_float64(kw):
+def test_the_layer_meets_the_documented_bound_against_float64(kw, gemm_kernel):
     # clamped_swiglu at its default limit of 7, which these values reach rarely: a clamp
     # inside the bulk moves the gradient of every value within ~u of it (see BF16_REL_FRO)
     cfg = dict(d_model=48, d_ff=64, num_experts=6, top_k=2)
@@ -198,4 +207,24 @@ def test_bad_compute_dtypes_are_named():
 
 
 def test_the_path_is_named():
-    assert bf16_path().startswith("fallback")
+    assert bf16_path().startswith(bf16.kernel() + ":")
+    with bf16.using_kernel("fallback"):
+        assert bf16_path().startswith("fallback:")
+
+
+def test_the_kernels_agree_to_float32_summation_order():
+    """Every kernel computes the same bfloat16 products; they differ only in the order of
+    the float32 sums: forward, dx and every gradient to a few float32 ulps of each other."""
+    cfg = MoEConfig(d_model=64, d_ff=96, num_experts=4, top_k=2, compute_dtype="bfloat16", seed=1)
+    rng = np.random.default_rng(1)
+    x, dy = rng.standard_normal((2, 300, 64)).astype(np.float32)
+    runs = {}
+    for k in KERNELS:
+        with bf16.using_kernel(k):
+            runs[k] = step(MoELayer(cfg), x, dy)
+    base = runs["fallback"]
+    for k, (y, dx, g) in runs.items():
+        assert np.linalg.norm(y - base[0]) <= 1e-5 * np.linalg.norm(base[0]), k
+        assert np.linalg.norm(dx - base[1]) <= 1e-5 * np.linalg.norm(base[1]), k
+        for n in g:
+            assert np.linalg.norm(g[n] - base[2][n]) <= 1e-5 * np.linalg.norm(base[2][n]), (k, n)

@@ -3,7 +3,31 @@ import numpy as np
 import pytest
 
 import moe_py
+from moe_py import bf16
 from moe_py.testing import assert_thread_invariant
+
+def layer_results(res: dict, rng, act, dt, E, k, kw, kernel="") -> None:
+    """Two forward/backward passes of one layer: every output and gradient into res."""
+    cfg = moe_py.MoEConfig(d_model=64, d_ff=96, num_experts=E, top_k=k, dtype=dt, capacity_factor=1.0,
+                           entropy_coef=0.01, seed=3, **{"activation": act, **kw})
+    layer = moe_py.MoELayer(cfg)
+    layer.set_noise_annealing(0.5, 10)
+    for name in ("b1", "b3", "b2"):  # biases away from their init of 0
+        if name in layer.params:
+            layer.params[name][...] = rng.standard_normal(layer.params[name].shape) * 0.1
+    x = rng.standard_normal((700, 64)).astype(dt)
+    mask = rng.random(700) > 0.1
+    for rep in range(2):
+        o = layer(x, padding_mask=mask)
+        layer.zero_grad()
+        dx = layer.backward(np.ones_like(o.y) * 0.1 + x * 0.01)
+        tag = f"{act}_{dt}_{E}_{rep}_{kw.get('combine', '')}_{kw.get('compute_dtype', '')}_{kernel}"
+        res[f"{tag}_y"], res[f"{tag}_dx"] = o.y, dx
+        for f in o.router._fields:
+            res[f"{tag}_{f}"] = getattr(o.router, f)
+        for name, g in layer.grads.items():
+            res[f"{tag}_grad_{name}"] = g.copy()
+
 
 def everything() -> dict:
     """Layers (noise, capacity, entropy loss, padding), the model and the optimiser: every
@@ -20,25 +44,11 @@ def everything() -> dict:
              ("swiglu", "float32", 8, 2, {"compute_dtype": "bfloat16"}),
              ("clamped", "float32", 8, 2, {**clamped, "compute_dtype": "bfloat16"})]
     for act, dt, E, k, kw in cases:
-        cfg = moe_py.MoEConfig(d_model=64, d_ff=96, num_experts=E, top_k=k, dtype=dt, capacity_factor=1.0,
-                               entropy_coef=0.01, seed=3, **{"activation": act, **kw})
-        layer = moe_py.MoELayer(cfg)
-        layer.set_noise_annealing(0.5, 10)
-        for name in ("b1", "b3", "b2"):  # biases away from their init of 0
-            if name in layer.params:
-                layer.params[name][...] = rng.standard_normal(layer.params[name].shape) * 0.1
-        x = rng.standard_normal((700, 64)).astype(dt)
-        mask = rng.random(700) > 0.1
-        for rep in range(2):
-            o = layer(x, padding_mask=mask)
-            layer.zero_grad()
-            dx = layer.backward(np.ones_like(o.y) * 0.1 + x * 0.01)
-            tag = f"{act}_{dt}_{E}_{rep}_{kw.get('combine', '')}_{kw.get('compute_dtype', '')}"
-            res[f"{tag}_y"], res[f"{tag}_dx"] = o.y, dx
-            for f in o.router._fields:
-                res[f"{tag}_{f}"] = getattr(o.router, f)
-            for name, g in layer.grads.items():
-                res[f"{tag}_grad_{name}"] = g.copy()
+        layer_results(res, rng, act, dt, E, k, kw)
+    # every bfloat16 GEMM kernel this CPU runs (the default one is above)
+    for kernel in bf16.available_kernels():
+        with bf16.using_kernel(kernel):
+            layer_results(res, rng, "swiglu", "float32", 8, 2, {"compute_dtype": "bfloat16"}, kernel)
     moe = moe_py.MoEConfig(d_model=32, d_ff=32, num_experts=4, top_k=2)
     m = TransformerLM(ModelConfig(vocab_size=256, max_seq_len=64, d_model=32, n_layers=2, n_heads=4,
                                   d_ff=32, moe=moe, seed=0))
