@@ -33,7 +33,8 @@ class EagerMoELayer:
         cfg, p = self.cfg, self.params
         T = x.shape[0]
         E, k = cfg.num_experts, cfg.top_k
-        logits = x @ p["w_router"]
+        with torch.autocast("cpu", enabled=False):  # the router in float32 under autocast too
+            logits = x.float() @ p["w_router"] if x.dtype == torch.bfloat16 else x @ p["w_router"]
         probs = torch.softmax(logits, dim=-1)
         top_p, top_i = torch.topk(probs, k, dim=-1)
         if cfg.normalize_topk:

@@ -17,43 +17,53 @@ inline index_t pairs(index_t k) { return (k + 1) / 2; }
 inline index_t lesser(index_t a, index_t b) { return a < b ? a : b; }
 
 // op(B) rows [k0, k0 + kc), columns [j0, j0 + nc) (nc <= NR) into panel [pairs(kc)][NR]:
-// the pair (row 2p, row 2p + 1) of each column, zero past kc and past nc.
+// the pair (row 2p, row 2p + 1) of each column, zero past kc and past nc. Inner loops
+// without branches (the odd last row is its own pass), so that they vectorise.
 inline void pack_panel(bool trans_b, const float* B, index_t ldb, index_t k0, index_t kc,
                        index_t j0, index_t nc, std::uint32_t* panel) {
+  const index_t full = kc / 2;
   for (index_t p = 0; p < pairs(kc); ++p) {
     std::uint32_t* row = panel + p * NR;
     const index_t k = k0 + 2 * p;
-    const bool odd = 2 * p + 1 < kc;
     if (trans_b) {  // op(B)(k, j) = B[j * ldb + k]
-      for (index_t j = 0; j < nc; ++j) {
-        const float* b = B + (j0 + j) * ldb + k;
-        row[j] = bf16_pair(b[0], odd ? b[1] : 0.0f);
-      }
+      const float* b = B + j0 * ldb + k;
+      if (p < full)
+        for (index_t j = 0; j < nc; ++j) row[j] = bf16_pair(b[j * ldb], b[j * ldb + 1]);
+      else
+        for (index_t j = 0; j < nc; ++j) row[j] = bf16_pair(b[j * ldb], 0.0f);
     } else {
       const float* b0 = B + k * ldb + j0;
       const float* b1 = b0 + ldb;
-      for (index_t j = 0; j < nc; ++j) row[j] = bf16_pair(b0[j], odd ? b1[j] : 0.0f);
+      if (p < full)
+        for (index_t j = 0; j < nc; ++j) row[j] = bf16_pair(b0[j], b1[j]);
+      else
+        for (index_t j = 0; j < nc; ++j) row[j] = bf16_pair(b0[j], 0.0f);
     }
     for (index_t j = nc; j < NR; ++j) row[j] = 0;
   }
 }
 
-// Rows [0, rows) of op(A), k [0, kc) (a at op(A)(0, k0)) into blk [pairs(kc)][kRows].
+// Rows [0, rows) of op(A), k [0, kc) (a at op(A)(0, k0)) into blk [kRows][kKc / 2]: row i's
+// pairs side by side, as a plain A's row already holds them (the micro-kernel broadcasts
+// blk[i][p] for each row, as small_gemm broadcasts A[i][k]).
+constexpr index_t kBlkStride = kKc / 2;
 inline void pack_a(bool trans_a, const float* a, index_t lda, int rows, index_t kc,
                    std::uint32_t* blk) {
-  for (index_t p = 0; p < pairs(kc); ++p) {
-    const bool odd = 2 * p + 1 < kc;
-    std::uint32_t* out = blk + p * kRows;
-    if (trans_a) {  // op(A)(i, k) = a[k * lda + i]: rows 2p and 2p + 1 of a, side by side
+  const index_t full = kc / 2;
+  if (trans_a) {  // op(A)(i, k) = a[k * lda + i]: rows 2p and 2p + 1 of a, side by side
+    for (index_t p = 0; p < pairs(kc); ++p) {
       const float* a0 = a + 2 * p * lda;
       const float* a1 = a0 + lda;
-      for (int i = 0; i < rows; ++i) out[i] = bf16_pair(a0[i], odd ? a1[i] : 0.0f);
-    } else {
-      for (int i = 0; i < rows; ++i) {
-        const float* ai = a + i * lda + 2 * p;
-        out[i] = bf16_pair(ai[0], odd ? ai[1] : 0.0f);
-      }
+      for (int i = 0; i < rows; ++i)
+        blk[i * kBlkStride + p] = bf16_pair(a0[i], p < full ? a1[i] : 0.0f);
     }
+    return;
+  }
+  for (int i = 0; i < rows; ++i) {
+    const float* ai = a + i * lda;
+    std::uint32_t* out = blk + i * kBlkStride;
+    for (index_t p = 0; p < full; ++p) out[p] = bf16_pair(ai[2 * p], ai[2 * p + 1]);
+    if (full < pairs(kc)) out[full] = bf16_pair(ai[2 * full], 0.0f);
   }
 }
 
@@ -71,7 +81,7 @@ void micro_tile(index_t kp, const std::uint32_t* blk, const std::uint32_t* panel
     for (int v = 0; v < NV; ++v) b[v] = Ops::load_pairs(panel + p * NR + v * L);
 #pragma GCC unroll 16
     for (int i = 0; i < R; ++i) {
-      const typename Ops::I ai = Ops::bcast(blk[p * kRows + i]);
+      const typename Ops::I ai = Ops::bcast(blk[i * kBlkStride + p]);
       for (int v = 0; v < NV; ++v) acc[v][i] = Ops::dot(acc[v][i], ai, b[v]);
     }
   }
@@ -105,7 +115,7 @@ void micro_rows(int rows, index_t kp, const std::uint32_t* blk, const std::uint3
 inline void panels_block(bool trans_a, index_t M, index_t N, index_t kc, const float* a,
                          index_t lda, const std::uint32_t* panels, index_t stride, float* c,
                          index_t ldc, bool accumulate) {
-  alignas(64) std::uint32_t blk[(kKc / 2) * kRows];
+  alignas(64) std::uint32_t blk[kRows * kBlkStride];
   const index_t kp = pairs(kc);
   for (index_t i = 0; i < M; i += kRows) {
     const int rows = int(lesser(kRows, M - i));

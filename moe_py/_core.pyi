@@ -146,6 +146,15 @@ def balance_distribution_f32(*, probs: typing.Annotated[numpy.typing.ArrayLike, 
 def balance_distribution_f64(*, probs: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], kind: RouterKind) -> numpy.typing.NDArray[numpy.float64]:
     """the distribution the load-balance loss averages: probs, or per-expert scores (sigmoid, sqrt-softplus) normalised per real token"""
 
+def bf16_kernel() -> str:
+    """the bfloat16 GEMM kernel compute_dtype='bfloat16' runs on: 'avx512_bf16' or 'fallback' (or 'emulated', when set)"""
+
+def bf16_kernel_available(*, kernel: str) -> bool:
+    """whether this CPU and OS can run the kernel"""
+
+def bf16_self_check(*, kernel: str) -> bool:
+    """whether the kernel agrees with a float64 product on the built-in shapes"""
+
 def build_facts() -> dict:
     """compiler, flags, compiled SIMD, OpenMP, Eigen and BLAS facts of this build"""
 
@@ -284,8 +293,14 @@ def scatter_add_rows_f32(*, dout: typing.Annotated[numpy.typing.ArrayLike, numpy
 def scatter_add_rows_f64(*, dout: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], ids: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], table_grad: numpy.ndarray) -> None:
     """table_grad[ids[t]] += dout[t], in token order"""
 
+def set_bf16_kernel(*, kernel: str) -> None:
+    """use this bfloat16 kernel from now on in this process (ValueError if it cannot run here)"""
+
 def set_num_threads(*, n: int) -> None:
     """OpenMP threads of every later kernel call, from any thread"""
+
+def small_gemm_bf16(*, kernel: str, a: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], b: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], trans_a: bool, trans_b: bool, c: numpy.ndarray, accumulate: bool, packed: bool) -> None:
+    """c (+)= op(a) op(b) as bfloat16 products summed in float32 (a and b rounded to bfloat16 as packed), by one bfloat16 kernel"""
 
 def small_gemm_f32(*, a: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], b: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], trans_a: bool, trans_b: bool, c: numpy.ndarray, accumulate: bool, packed: bool) -> None:
     """c (+)= op(a) op(b) by the expert kernels' micro-kernel GEMM, one call (packed: op(b) packed beforehand, as for expert weights)"""

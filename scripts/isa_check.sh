@@ -34,4 +34,4 @@ if [ "${1:-}" = "--" ]; then
 fi
 echo "isa_check: kernel tests with the $ISA build (GEMM kernel: $KERNEL)" >&2
 exec "$ALT_PY" -m pytest -q -p no:cacheprovider -m "not slow" "$@" \
-  "$ROOT"/tests/test_{small_gemm,experts,layer,reference,model,determinism,router_variants,router_softmax_topk,routed_experts,interventions,dispatch,optim,lm_losses}.py
+  "$ROOT"/tests/test_{small_gemm,small_gemm_bf16,bf16,experts,layer,reference,model,determinism,router_variants,router_softmax_topk,routed_experts,interventions,dispatch,optim,lm_losses}.py
