@@ -40,17 +40,32 @@ void add_rows_to(T* sum, index_t rows, index_t width, const T* src) {
   for (index_t r = 0; r < rows; ++r) acc += ConstArrMap<T>(src + r * width, width);
 }
 
-// With bf16 compute: n values of src rounded to bfloat16 into dst (dst == src: in place),
-// returning dst; otherwise src as it is. Only float32 has a bf16 mode (bf16_supported).
+// Whether the GEMMs need their operands rounded beforehand: bf16 compute on the fallback
+// (a bfloat16 kernel rounds what it packs).
+inline bool rounds_operands(const ExpertShape& s) {
+  return s.bf16 && s.bf16_kernel == Bf16Kernel::fallback;
+}
+
+// When rounds_operands: n values of src rounded to bfloat16 into dst (dst == src: in
+// place), returning dst; otherwise src as it is.
 template <typename T>
 const T* gemm_operand(const ExpertShape& s, const T* src, T* dst, index_t n) {
   if constexpr (std::is_same_v<T, float>) {
-    if (s.bf16) {
+    if (rounds_operands(s)) {
       round_to_bf16(src, dst, n);
       return dst;
     }
   }
   return src;
+}
+
+// With bf16 compute (any kernel), dh rounded in place: the GEMMs read it rounded, and the
+// bias gradients sum what they read.
+template <typename T>
+void round_gradient(const ExpertShape& s, T* dh, index_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (s.bf16) round_to_bf16(dh, dh, n);
+  }
 }
 
 // The shape with the bfloat16 kernel of this call (fallback unless bf16 compute), checked.
@@ -169,8 +184,8 @@ void expert_backward_tiles(const ExpertShape& s, index_t e, const index_t* offse
     w2t.gemm(e, rows, dy, false, da);
     activation_backward(s, h1 + row * F, glu ? h3 + row * F : nullptr, da, a, dh1, dh3, n);
     gemm_operand(s, a, a, n);
-    gemm_operand(s, dh1, dh1, n);
-    if (glu) gemm_operand(s, dh3, dh3, n);
+    round_gradient(s, dh1, n);
+    if (glu) round_gradient(s, dh3, n);
     w1t.gemm(e, rows, dh1, false, dxs + row * D);
     if (glu) w3t.gemm(e, rows, dh3, true, dxs + row * D);
     expert_gemm(s, true, D, F, rows, x, D, dh1, F, true, dw1 + e * D * F, F);
@@ -200,7 +215,7 @@ void experts_backward_by_expert(const ExpertShape& s, const index_t* offsets, co
 #pragma omp parallel
   {
     Scratch<T> da(kRowTile * F), a(kRowTile * F), dh1(kRowTile * F), dh3(glu ? kRowTile * F : 0);
-    const index_t D = s.d_model, rounded = s.bf16 ? kRowTile * D : 0;
+    const index_t D = s.d_model, rounded = rounds_operands(s) ? kRowTile * D : 0;
     Scratch<T> x_bf16(rounded), dy_bf16(rounded);
 #pragma omp for schedule(dynamic, 1)
     for (index_t i = 0; i < n; ++i) {
@@ -233,7 +248,7 @@ void experts_forward(const ExpertShape& shape, const index_t* offsets, const T* 
 
 #pragma omp parallel
   {
-    std::vector<T> a(kRowTile * F), x_bf16(s.bf16 ? kRowTile * D : 0);
+    std::vector<T> a(kRowTile * F), x_bf16(rounds_operands(s) ? kRowTile * D : 0);
 #pragma omp for schedule(dynamic, 1)
     for (index_t i = 0; i < n_items; ++i) {
       const Item it = items[i];
@@ -285,9 +300,10 @@ void experts_backward(const ExpertShape& shape, const index_t* offsets, const T*
   // uninitialised on purpose: every element is written in phase 1
   Scratch<T> a(N * F), dh1(N * F), dh3(glu ? N * F : 0);
   // bf16: the rounded xs and dye, which phase 2 reads again
-  Scratch<T> xs_bf16(s.bf16 ? N * D : 0), dye_bf16(s.bf16 ? N * D : 0);
-  const T* xg = s.bf16 ? xs_bf16.get() : xs;
-  const T* dyg = s.bf16 ? dye_bf16.get() : dye;
+  const bool rounds = rounds_operands(s);
+  Scratch<T> xs_bf16(rounds ? N * D : 0), dye_bf16(rounds ? N * D : 0);
+  const T* xg = rounds ? xs_bf16.get() : xs;
+  const T* dyg = rounds ? dye_bf16.get() : dye;
 
   // Phase 1, over row tiles: dA = dYe W2^T, the activation backward, dXs.
   const auto row_items =
@@ -301,7 +317,7 @@ void experts_backward(const ExpertShape& shape, const index_t* offsets, const T*
       const Item it = row_items[i];
       const index_t e = it.expert, row = offsets[e] + it.r0, n = it.rows * F;
       const T* dy = dye + row * D;
-      if (s.bf16) {  // (the scratch is empty otherwise: no pointer into it)
+      if (rounds) {  // (the scratch is empty otherwise: no pointer into it)
         gemm_operand(s, xs + row * D, xs_bf16.get() + row * D, it.rows * D);
         dy = gemm_operand(s, dy, dye_bf16.get() + row * D, it.rows * D);
       }
@@ -310,8 +326,8 @@ void experts_backward(const ExpertShape& shape, const index_t* offsets, const T*
                           a.get() + row * F, dh1.get() + row * F,
                           glu ? dh3.get() + row * F : nullptr, n);
       gemm_operand(s, a.get() + row * F, a.get() + row * F, n);
-      gemm_operand(s, dh1.get() + row * F, dh1.get() + row * F, n);
-      if (glu) gemm_operand(s, dh3.get() + row * F, dh3.get() + row * F, n);
+      round_gradient(s, dh1.get() + row * F, n);
+      if (glu) round_gradient(s, dh3.get() + row * F, n);
       w1t.gemm(e, it.rows, dh1.get() + row * F, false, dxs + row * D);
       if (glu) w3t.gemm(e, it.rows, dh3.get() + row * F, true, dxs + row * D);
     }
