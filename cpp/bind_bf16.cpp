@@ -13,9 +13,11 @@ namespace moe_bind {
 namespace {
 
 moe::Bf16Kernel kernel_named(const std::string& name) {
-  for (auto k : {moe::Bf16Kernel::fallback, moe::Bf16Kernel::avx512_bf16, moe::Bf16Kernel::emulated})
+  using K = moe::Bf16Kernel;
+  for (K k : {K::fallback, K::avx512_bf16, K::emulated, K::amx, K::amx_emulated})
     if (name == moe::bf16_kernel_name(k)) return k;
-  throw std::invalid_argument("kernel: expected 'fallback', 'avx512_bf16' or 'emulated', got '" + name + "'");
+  throw std::invalid_argument("kernel: expected 'fallback', 'avx512_bf16', 'emulated', 'amx' or "
+                              "'amx_emulated', got '" + name + "'");
 }
 
 }  // namespace
@@ -52,8 +54,8 @@ void bind_bf16(py::module_& m) {
       "64 bytes that change whenever any one value of x changes (bf16.h)");
   m.def(
       "bf16_kernel", [] { return std::string(moe::bf16_kernel_name(moe::bf16_kernel())); },
-      "the bfloat16 GEMM kernel compute_dtype='bfloat16' runs on: 'avx512_bf16' or 'fallback' "
-      "(or 'emulated', when set)");
+      "the bfloat16 GEMM kernel compute_dtype='bfloat16' runs on: 'amx', 'avx512_bf16' or "
+      "'fallback' (or an emulation, when set)");
   m.def(
       "set_bf16_kernel", [](const std::string& kernel) { moe::set_bf16_kernel(kernel_named(kernel)); },
       py::kw_only(), py::arg("kernel"),

@@ -14,6 +14,8 @@
 #if defined(__x86_64__)
 #include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #define MOE_BF16_KERNELS 1
 #endif
 
@@ -48,9 +50,30 @@ bool cpu_has_avx512_bf16() {
   return f && bw && vl && bf16 && os_saves(0xE6);  // SSE, AVX, opmask, ZMM_Hi256, Hi16_ZMM
 }
 
+// AMX-TILE and AMX-BF16, the OS saving the tile state (XCR0 bits 17, 18), and Linux's
+// permission for this process to use it (arch_prctl ARCH_REQ_XCOMP_PERM; without it the
+// first tile instruction raises SIGILL). Asked once.
+bool cpu_has_amx_bf16() {
+  static const bool ok = [] {
+    const Regs l7 = cpuid(7, 0);
+    const bool tile = l7.d & (1u << 24), bf16 = l7.d & (1u << 22);
+    if (!(tile && bf16 && cpu_has_avx512_bf16() && os_saves(0x60000))) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
 bool cpu_has_avx2_fma() {
   const bool fma = cpuid(1, 0).c & (1u << 12), avx2 = cpuid(7, 0).b & (1u << 5);
   return fma && avx2 && os_saves(0x6);
+}
+
+// C rows [rows][nc] (+)= a tile kernel's 32 x 32 block `out`
+void add_block(const float* out, int rows, float* c, index_t ldc, index_t nc, bool accumulate) {
+  for (int i = 0; i < rows; ++i)
+    for (index_t j = 0; j < nc; ++j)
+      c[i * ldc + j] = accumulate ? c[i * ldc + j] + out[i * 32 + j] : out[i * 32 + j];
 }
 
 }  // namespace
@@ -63,6 +86,9 @@ struct Ops {
   using I = __m512i;
   static constexpr index_t L = 16;
   static constexpr int kRows = 12;  // 2 x 12 accumulators + 2 panel vectors + 1 broadcast <= 32 zmm
+  static constexpr bool kTiles = false;
+  static constexpr index_t kPairAlign = 1;
+  struct Session {};
   static F zero() { return _mm512_setzero_ps(); }
   static F add(F a, F b) { return _mm512_add_ps(a, b); }
   static F load(const float* p) { return _mm512_loadu_ps(p); }
@@ -87,6 +113,9 @@ struct Ops {
   static constexpr index_t L = 8;
   // 2 x 4 accumulators + 2 panel vectors + the 4 halves the emulation unpacks <= 16 ymm
   static constexpr int kRows = 4;
+  static constexpr bool kTiles = false;
+  static constexpr index_t kPairAlign = 1;
+  struct Session {};
   static F zero() { return _mm256_setzero_ps(); }
   static F add(F a, F b) { return _mm256_add_ps(a, b); }
   static F load(const float* p) { return _mm256_loadu_ps(p); }
@@ -114,15 +143,124 @@ struct Ops {
 }  // namespace bf16_emulated
 #pragma GCC pop_options
 
+// AMX: a 32 x 32 block of C in four 16 x 16 float32 tiles (tmm0-3), two A tiles of 16 rows
+// x 16 pairs (tmm4-5), two B tiles of 16 pairs x 16 columns (tmm6-7). TDPBF16PS adds, per
+// element of C, the products of 16 pairs in order, element 2k then 2k + 1 of each (the
+// Intel ISA reference's pseudo-code). The block is summed from zero and then added into C,
+// as the other kernels do.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")
+namespace bf16_amx {
+struct Ops : bf16_avx512::Ops {
+  static constexpr int kRows = 32;
+  static constexpr bool kTiles = true;
+  static constexpr index_t kPairAlign = 16;
+  // palette 1, tiles 0-7 of 16 rows x 64 bytes: loaded per product, released after it
+  struct Session {
+    Session() {
+      alignas(64) std::uint8_t cfg[64] = {};
+      cfg[0] = 1;  // palette
+      for (int t = 0; t < 8; ++t) {
+        cfg[16 + 2 * t] = 64;  // colsb (uint16, little-endian)
+        cfg[48 + t] = 16;      // rows
+      }
+      _tile_loadconfig(cfg);
+    }
+    ~Session() { _tile_release(); }
+  };
+  static void tile_block(int rows, index_t kp, const std::uint32_t* blk, index_t bs,
+                         const std::uint32_t* panel, index_t nr, float* c, index_t ldc,
+                         index_t nc, bool accumulate) {
+    const long sa = long(bs * 4), sb = long(nr * 4);
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (index_t p = 0; p < kp; p += 16) {
+      _tile_loadd(4, blk + p, sa);
+      _tile_loadd(5, blk + 16 * bs + p, sa);
+      _tile_loadd(6, panel + p * nr, sb);
+      _tile_loadd(7, panel + p * nr + 16, sb);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+    alignas(64) float out[32 * 32];
+    _tile_stored(0, out, 128);
+    _tile_stored(1, out + 16, 128);
+    _tile_stored(2, out + 16 * 32, 128);
+    _tile_stored(3, out + 16 * 32 + 16, 128);
+    add_block(out, rows, c, ldc, nc, accumulate);
+  }
+};
+#include "small_gemm_bf16_impl.h"
+}  // namespace bf16_amx
+#pragma GCC pop_options
+
+// The AMX kernel's code (its packing, padding, blocks and edges) with the tiles emulated on
+// AVX2: each element of the 32 x 32 block sums the pairs in TDPBF16PS's order.
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace bf16_amx_emulated {
+struct Ops : bf16_emulated::Ops {
+  static constexpr index_t L = 16;  // the AMX layout: panels of 32 columns
+  static constexpr int kRows = 32;
+  static constexpr bool kTiles = true;
+  static constexpr index_t kPairAlign = 16;
+  struct Session {};
+  static void tile_block(int rows, index_t kp, const std::uint32_t* blk, index_t bs,
+                         const std::uint32_t* panel, index_t nr, float* c, index_t ldc,
+                         index_t nc, bool accumulate) {
+    alignas(64) float out[32 * 32];
+    for (int m = 0; m < 32; ++m)
+      for (int q = 0; q < 4; ++q) {  // 8 of the 32 columns at a time
+        __m256 acc = zero();
+        for (index_t p = 0; p < kp; ++p) {
+          const I a = bcast(blk[m * bs + p]), b = load_pairs(panel + p * nr + 8 * q);
+          acc = _mm256_fmadd_ps(odd(a), odd(b), _mm256_fmadd_ps(even(a), even(b), acc));
+        }
+        store(out + m * 32 + 8 * q, acc);
+      }
+    add_block(out, rows, c, ldc, nc, accumulate);
+  }
+};
+#include "small_gemm_bf16_impl.h"
+}  // namespace bf16_amx_emulated
+#pragma GCC pop_options
+
 namespace {
 
-void need(Bf16Kernel k) {
+// One kernel's entry points (each namespace above defines the same four).
+struct Entry {
+  void (*gemm)(bool, bool, index_t, index_t, index_t, const float*, index_t, const float*,
+               index_t, bool, float*, index_t);
+  index_t (*packed_size)(index_t, index_t);
+  void (*pack_b)(bool, index_t, index_t, const float*, index_t, std::uint32_t*);
+  void (*gemm_packed)(bool, index_t, index_t, index_t, const float*, index_t,
+                      const std::uint32_t*, bool, float*, index_t);
+};
+
+#define MOE_BF16_ENTRY(ns) \
+  Entry { &ns::gemm, &ns::packed_size, &ns::pack_b, &ns::gemm_packed }
+
+// k's entry points; throws unless k is a kernel this CPU runs
+const Entry& entry(Bf16Kernel k) {
+  static const Entry avx512 = MOE_BF16_ENTRY(bf16_avx512), emulated = MOE_BF16_ENTRY(bf16_emulated),
+                     amx = MOE_BF16_ENTRY(bf16_amx), amx_emulated = MOE_BF16_ENTRY(bf16_amx_emulated);
   if (k == Bf16Kernel::fallback)
     throw std::invalid_argument("bf16 kernel: the fallback has no GEMM of its own (small_gemm)");
   if (!bf16_kernel_available(k))
     throw std::invalid_argument(std::string("bf16 kernel: ") + bf16_kernel_name(k) +
                                 " does not run on this CPU");
+  switch (k) {
+    case Bf16Kernel::avx512_bf16: return avx512;
+    case Bf16Kernel::amx: return amx;
+    case Bf16Kernel::amx_emulated: return amx_emulated;
+    default: return emulated;
+  }
 }
+#undef MOE_BF16_ENTRY
 
 // -1: not decided yet; else the Bf16Kernel in use
 std::atomic<int> g_kernel{-1};
@@ -165,6 +303,8 @@ const char* bf16_kernel_name(Bf16Kernel k) {
   switch (k) {
     case Bf16Kernel::avx512_bf16: return "avx512_bf16";
     case Bf16Kernel::emulated: return "emulated";
+    case Bf16Kernel::amx: return "amx";
+    case Bf16Kernel::amx_emulated: return "amx_emulated";
     default: return "fallback";
   }
 }
@@ -172,7 +312,9 @@ const char* bf16_kernel_name(Bf16Kernel k) {
 bool bf16_kernel_available(Bf16Kernel k) {
   switch (k) {
     case Bf16Kernel::avx512_bf16: return cpu_has_avx512_bf16();
-    case Bf16Kernel::emulated: return cpu_has_avx2_fma();
+    case Bf16Kernel::amx: return cpu_has_amx_bf16();
+    case Bf16Kernel::emulated:
+    case Bf16Kernel::amx_emulated: return cpu_has_avx2_fma();
     default: return true;
   }
 }
@@ -185,10 +327,12 @@ bool bf16_self_check(Bf16Kernel k) {
     index_t M, N, K;
     bool packed;
   };
-  // odd K, a K over one block, column edges (1, < L, < 2L, > kNc), row tails, both layouts
+  // odd K, a K over one block, column edges (1, < 16, < 32, > 512), row tails (of 4, 12
+  // and 32 rows), several tiles of k, both layouts
   const Case cases[] = {{false, false, 13, 37, 5, false}, {true, false, 7, 70, 259, false},
                         {false, true, 29, 16, 1, false},  {true, true, 3, 530, 18, false},
-                        {false, true, 25, 45, 513, true}, {true, false, 12, 1, 7, true}};
+                        {false, true, 45, 45, 513, true}, {true, false, 12, 1, 7, true},
+                        {false, false, 64, 64, 96, false}};
   for (const Case& c : cases)
     if (!agrees(k, c.ta, c.tb, c.M, c.N, c.K, c.packed)) return false;
   return true;
@@ -197,9 +341,12 @@ bool bf16_self_check(Bf16Kernel k) {
 Bf16Kernel bf16_kernel() {
   int k = g_kernel.load();
   if (k < 0) {  // decided once; concurrent first calls decide the same
-    const bool fast = bf16_kernel_available(Bf16Kernel::avx512_bf16) &&
-                      bf16_self_check(Bf16Kernel::avx512_bf16);
-    k = int(fast ? Bf16Kernel::avx512_bf16 : Bf16Kernel::fallback);
+    k = int(Bf16Kernel::fallback);
+    for (Bf16Kernel fast : {Bf16Kernel::amx, Bf16Kernel::avx512_bf16})  // fastest first
+      if (bf16_kernel_available(fast) && bf16_self_check(fast)) {
+        k = int(fast);
+        break;
+      }
     int expected = -1;
     g_kernel.compare_exchange_strong(expected, k);
     k = g_kernel.load();
@@ -208,45 +355,41 @@ Bf16Kernel bf16_kernel() {
 }
 
 void set_bf16_kernel(Bf16Kernel k) {
-  if (k != Bf16Kernel::fallback) need(k);
+  if (k != Bf16Kernel::fallback) entry(k);  // throws unless k runs here
   g_kernel.store(int(k));
 }
 
 void small_gemm_bf16(Bf16Kernel k, bool trans_a, bool trans_b, index_t M, index_t N,
                      index_t K, const float* A, index_t lda, const float* B, index_t ldb,
                      bool accumulate, float* C, index_t ldc) {
-  need(k);
-  if (k == Bf16Kernel::avx512_bf16)
-    return bf16_avx512::gemm(trans_a, trans_b, M, N, K, A, lda, B, ldb, accumulate, C, ldc);
-  bf16_emulated::gemm(trans_a, trans_b, M, N, K, A, lda, B, ldb, accumulate, C, ldc);
+  entry(k).gemm(trans_a, trans_b, M, N, K, A, lda, B, ldb, accumulate, C, ldc);
 }
 
 index_t packed_b_bf16_size(Bf16Kernel k, index_t K, index_t N) {
-  need(k);
-  return k == Bf16Kernel::avx512_bf16 ? bf16_avx512::packed_size(K, N)
-                                      : bf16_emulated::packed_size(K, N);
+  return entry(k).packed_size(K, N);
 }
 
 void pack_b_bf16(Bf16Kernel k, bool trans_b, index_t K, index_t N, const float* B, index_t ldb,
                  std::uint32_t* packed) {
-  need(k);
-  if (k == Bf16Kernel::avx512_bf16) return bf16_avx512::pack_b(trans_b, K, N, B, ldb, packed);
-  bf16_emulated::pack_b(trans_b, K, N, B, ldb, packed);
+  entry(k).pack_b(trans_b, K, N, B, ldb, packed);
 }
 
 void small_gemm_packed_bf16(Bf16Kernel k, bool trans_a, index_t M, index_t N, index_t K,
                             const float* A, index_t lda, const std::uint32_t* packed,
                             bool accumulate, float* C, index_t ldc) {
-  need(k);
-  if (k == Bf16Kernel::avx512_bf16)
-    return bf16_avx512::gemm_packed(trans_a, M, N, K, A, lda, packed, accumulate, C, ldc);
-  bf16_emulated::gemm_packed(trans_a, M, N, K, A, lda, packed, accumulate, C, ldc);
+  entry(k).gemm_packed(trans_a, M, N, K, A, lda, packed, accumulate, C, ldc);
 }
 
 #else  // not x86-64: only the fallback
 
 const char* bf16_kernel_name(Bf16Kernel k) {
-  return k == Bf16Kernel::avx512_bf16 ? "avx512_bf16" : k == Bf16Kernel::emulated ? "emulated" : "fallback";
+  switch (k) {
+    case Bf16Kernel::avx512_bf16: return "avx512_bf16";
+    case Bf16Kernel::emulated: return "emulated";
+    case Bf16Kernel::amx: return "amx";
+    case Bf16Kernel::amx_emulated: return "amx_emulated";
+    default: return "fallback";
+  }
 }
 bool bf16_kernel_available(Bf16Kernel k) { return k == Bf16Kernel::fallback; }
 bool bf16_self_check(Bf16Kernel k) { return k == Bf16Kernel::fallback; }

@@ -10,6 +10,9 @@
 //                (element 2j + 1 first, then 2j, as the Intel SDM writes VDPBF16PS): it
 //                runs on any AVX2 CPU, so that the packing, blocking and edges of the
 //                bfloat16 kernel are tested on machines without AVX512-BF16.
+//   amx          TDPBF16PS on AMX tiles (Sapphire/Emerald Rapids, where the OS lets the
+//                process use them): 32 x 32 blocks of C, k in tiles of 16 pairs.
+//   amx_emulated the amx kernel's code with the tiles emulated on AVX2, for the same reason.
 //   fallback     no kernel here: the callers round the operands and run small_gemm's float32
 //                FMAs (the same products, summed in k order).
 // Both kernels are compiled into every x86-64 build (function-level target options) and
@@ -27,15 +30,15 @@
 
 namespace moe {
 
-enum class Bf16Kernel { fallback = 0, avx512_bf16 = 1, emulated = 2 };
+enum class Bf16Kernel { fallback = 0, avx512_bf16 = 1, emulated = 2, amx = 3, amx_emulated = 4 };
 
 const char* bf16_kernel_name(Bf16Kernel k);
 
 // Whether this CPU and OS can run k (fallback: always).
 bool bf16_kernel_available(Bf16Kernel k);
 
-// The kernel the experts use with bf16 compute. By default avx512_bf16 where it is
-// available and passes its self-check (bf16_self_check), else fallback;
+// The kernel the experts use with bf16 compute. By default the first of amx and avx512_bf16
+// that is available and passes its self-check (bf16_self_check), else fallback;
 // set_bf16_kernel changes it for the process (it throws if k is not available here).
 Bf16Kernel bf16_kernel();
 void set_bf16_kernel(Bf16Kernel k);

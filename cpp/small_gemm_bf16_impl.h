@@ -5,6 +5,9 @@
 // Ops gives: F (a float32 vector of L lanes) and I (L 32-bit lanes, each a bfloat16 pair);
 // L and kRows (micro-tile rows); zero, add, load, store, load_n, store_n (the first n lanes);
 // load_pairs, bcast (one pair to every lane) and dot(acc, a, b): acc + the pairwise products.
+// A tile kernel (AMX) also sets kTiles, pads k to kPairAlign pairs (a tile's depth) and
+// gives tile_block, the product of one packed A block and one panel; Session is what a
+// product must hold while it runs (the tile configuration), an empty struct otherwise.
 
 constexpr index_t L = Ops::L;
 constexpr int kRows = Ops::kRows;
@@ -14,7 +17,12 @@ constexpr index_t kNc = 512;               // columns per block of panels
 static_assert(kKc % 2 == 0 && kNc % NR == 0, "blocks hold whole pairs and whole panels");
 
 inline index_t pairs(index_t k) { return (k + 1) / 2; }
+// pairs(k) rounded up to whole tiles of k (zeros past pairs(k))
+inline index_t padded_pairs(index_t k) {
+  return (pairs(k) + Ops::kPairAlign - 1) / Ops::kPairAlign * Ops::kPairAlign;
+}
 inline index_t lesser(index_t a, index_t b) { return a < b ? a : b; }
+static_assert((kKc / 2) % Ops::kPairAlign == 0, "k blocks start on whole tiles");
 
 // op(B) rows [k0, k0 + kc), columns [j0, j0 + nc) (nc <= NR) into panel [pairs(kc)][NR]:
 // the pair (row 2p, row 2p + 1) of each column, zero past kc and past nc. Inner loops
@@ -41,6 +49,8 @@ inline void pack_panel(bool trans_b, const float* B, index_t ldb, index_t k0, in
     }
     for (index_t j = nc; j < NR; ++j) row[j] = 0;
   }
+  for (index_t p = pairs(kc); p < padded_pairs(kc); ++p)
+    for (index_t j = 0; j < NR; ++j) panel[p * NR + j] = 0;
 }
 
 // Rows [0, rows) of op(A), k [0, kc) (a at op(A)(0, k0)) into blk [kRows][kKc / 2]: row i's
@@ -49,7 +59,7 @@ inline void pack_panel(bool trans_b, const float* B, index_t ldb, index_t k0, in
 constexpr index_t kBlkStride = kKc / 2;
 inline void pack_a(bool trans_a, const float* a, index_t lda, int rows, index_t kc,
                    std::uint32_t* blk) {
-  const index_t full = kc / 2;
+  const index_t full = kc / 2, padded = padded_pairs(kc);
   if (trans_a) {  // op(A)(i, k) = a[k * lda + i]: rows 2p and 2p + 1 of a, side by side
     for (index_t p = 0; p < pairs(kc); ++p) {
       const float* a0 = a + 2 * p * lda;
@@ -57,14 +67,17 @@ inline void pack_a(bool trans_a, const float* a, index_t lda, int rows, index_t 
       for (int i = 0; i < rows; ++i)
         blk[i * kBlkStride + p] = bf16_pair(a0[i], p < full ? a1[i] : 0.0f);
     }
-    return;
+  } else {
+    for (int i = 0; i < rows; ++i) {
+      const float* ai = a + i * lda;
+      std::uint32_t* out = blk + i * kBlkStride;
+      for (index_t p = 0; p < full; ++p) out[p] = bf16_pair(ai[2 * p], ai[2 * p + 1]);
+      if (full < pairs(kc)) out[full] = bf16_pair(ai[2 * full], 0.0f);
+    }
   }
-  for (int i = 0; i < rows; ++i) {
-    const float* ai = a + i * lda;
-    std::uint32_t* out = blk + i * kBlkStride;
-    for (index_t p = 0; p < full; ++p) out[p] = bf16_pair(ai[2 * p], ai[2 * p + 1]);
-    if (full < pairs(kc)) out[full] = bf16_pair(ai[2 * full], 0.0f);
-  }
+  // a tile reads whole tiles: zeros past the pairs and, below the rows, zero rows
+  for (int i = 0; i < (Ops::kTiles ? kRows : rows); ++i)
+    for (index_t p = i < rows ? pairs(kc) : 0; p < padded; ++p) blk[i * kBlkStride + p] = 0;
 }
 
 // C rows [R][nc] (+)= the packed A rows x one panel, over kp pairs; NV registers per row
@@ -109,6 +122,20 @@ void micro_rows(int rows, index_t kp, const std::uint32_t* blk, const std::uint3
   }
 }
 
+// C rows [rows][nc] (+)= one packed A block x one panel, over kp pairs: the tiles, or the
+// register micro-tile (one register per row when nc <= L, so that a narrow product skips
+// the panel's zero half). A template, so that only the branch its Ops has is compiled.
+template <class O = Ops>
+void block_product(int rows, index_t kp, const std::uint32_t* blk, const std::uint32_t* panel,
+                   float* c, index_t ldc, index_t nc, bool accumulate) {
+  if constexpr (O::kTiles)
+    O::tile_block(rows, kp, blk, kBlkStride, panel, NR, c, ldc, nc, accumulate);
+  else if (nc <= L)
+    micro_rows<1>(rows, kp, blk, panel, c, ldc, nc, accumulate);
+  else
+    micro_rows<2>(rows, kp, blk, panel, c, ldc, nc, accumulate);
+}
+
 // C [M][N] (+)= op(A) rows 0..M, k0..k0+kc (a at op(A)(0, k0)) x the packed panels of that
 // k block (panel j at panels + j * stride). Rows outer: a block of kRows rows of A is
 // packed once and stays in L1 while the panels stream from L2.
@@ -116,18 +143,14 @@ inline void panels_block(bool trans_a, index_t M, index_t N, index_t kc, const f
                          index_t lda, const std::uint32_t* panels, index_t stride, float* c,
                          index_t ldc, bool accumulate) {
   alignas(64) std::uint32_t blk[kRows * kBlkStride];
-  const index_t kp = pairs(kc);
+  const index_t kp = padded_pairs(kc);
   for (index_t i = 0; i < M; i += kRows) {
     const int rows = int(lesser(kRows, M - i));
     pack_a(trans_a, trans_a ? a + i : a + i * lda, lda, rows, kc, blk);
     for (index_t j0 = 0; j0 < N; j0 += NR) {
       const std::uint32_t* panel = panels + (j0 / NR) * stride;
       const index_t nc = lesser(NR, N - j0);
-      float* cij = c + i * ldc + j0;
-      if (nc <= L)
-        micro_rows<1>(rows, kp, blk, panel, cij, ldc, nc, accumulate);
-      else
-        micro_rows<2>(rows, kp, blk, panel, cij, ldc, nc, accumulate);
+      block_product(rows, kp, blk, panel, c + i * ldc + j0, ldc, nc, accumulate);
     }
   }
 }
@@ -146,12 +169,13 @@ void gemm(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, const flo
           index_t lda, const float* B, index_t ldb, bool accumulate, float* C, index_t ldc) {
   if (M == 0 || N == 0) return;
   if (K == 0) return zero_unless(accumulate, M, N, C, ldc);
+  [[maybe_unused]] const typename Ops::Session session;
   // one block of packed panels per thread, reused by every call on it
   thread_local AlignedBuffer<std::uint32_t> panels((kKc / 2) * kNc);
   for (index_t n0 = 0; n0 < N; n0 += kNc) {
     const index_t nb = lesser(kNc, N - n0);
     for (index_t k0 = 0; k0 < K; k0 += kKc) {
-      const index_t kc = lesser(kKc, K - k0), stride = pairs(kc) * NR;
+      const index_t kc = lesser(kKc, K - k0), stride = padded_pairs(kc) * NR;
       for (index_t j0 = 0; j0 < nb; j0 += NR)
         pack_panel(trans_b, B, ldb, k0, kc, n0 + j0, lesser(NR, nb - j0),
                    panels.get() + (j0 / NR) * stride);
@@ -161,21 +185,23 @@ void gemm(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, const flo
   }
 }
 
-// Packed: panel j0 / NR holds all K (pairs(K) rows of NR words); k block k0 starts at its
-// pair k0 / 2. The pairs are those gemm packs block by block (k0 is even): the same bits.
-index_t packed_size(index_t K, index_t N) { return (N + NR - 1) / NR * NR * pairs(K); }
+// Packed: panel j0 / NR holds all K (padded_pairs(K) rows of NR words); k block k0 starts
+// at its pair k0 / 2. The pairs are those gemm packs block by block (k0 is even, and a
+// whole number of tiles): the same bits.
+index_t packed_size(index_t K, index_t N) { return (N + NR - 1) / NR * NR * padded_pairs(K); }
 
 void pack_b(bool trans_b, index_t K, index_t N, const float* B, index_t ldb,
             std::uint32_t* packed) {
   for (index_t j0 = 0; j0 < N; j0 += NR)
-    pack_panel(trans_b, B, ldb, 0, K, j0, lesser(NR, N - j0), packed + (j0 / NR) * pairs(K) * NR);
+    pack_panel(trans_b, B, ldb, 0, K, j0, lesser(NR, N - j0), packed + (j0 / NR) * padded_pairs(K) * NR);
 }
 
 void gemm_packed(bool trans_a, index_t M, index_t N, index_t K, const float* A, index_t lda,
                  const std::uint32_t* packed, bool accumulate, float* C, index_t ldc) {
   if (M == 0 || N == 0) return;
   if (K == 0) return zero_unless(accumulate, M, N, C, ldc);
-  const index_t stride = pairs(K) * NR;
+  [[maybe_unused]] const typename Ops::Session session;
+  const index_t stride = padded_pairs(K) * NR;
   for (index_t n0 = 0; n0 < N; n0 += kNc)
     for (index_t k0 = 0; k0 < K; k0 += kKc)
       panels_block(trans_a, M, lesser(kNc, N - n0), lesser(kKc, K - k0),

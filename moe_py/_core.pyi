@@ -147,7 +147,7 @@ def balance_distribution_f64(*, probs: typing.Annotated[numpy.typing.ArrayLike, 
     """the distribution the load-balance loss averages: probs, or per-expert scores (sigmoid, sqrt-softplus) normalised per real token"""
 
 def bf16_kernel() -> str:
-    """the bfloat16 GEMM kernel compute_dtype='bfloat16' runs on: 'avx512_bf16' or 'fallback' (or 'emulated', when set)"""
+    """the bfloat16 GEMM kernel compute_dtype='bfloat16' runs on: 'amx', 'avx512_bf16' or 'fallback' (or an emulation, when set)"""
 
 def bf16_kernel_available(*, kernel: str) -> bool:
     """whether this CPU and OS can run the kernel"""

@@ -13,13 +13,14 @@ read, rounding and write. So an optimiser step, a checkpoint load or an in-place
 hand is seen, with no call to make.
 
 The GEMM kernel (cpp/small_gemm_bf16.h), chosen once per process from what the CPU can run:
-- "avx512_bf16": VDPBF16PS, where the CPU and the OS have AVX512-BF16 and the kernel passes its
-  self-check against a float64 product;
+- "amx": TDPBF16PS on AMX tiles, where the CPU has AMX-BF16 and the OS lets the process use
+  it, and the kernel passes its self-check against a float64 product;
+- "avx512_bf16": VDPBF16PS, where the CPU and the OS have AVX512-BF16 (the same self-check);
 - "fallback": rounded operands in the float32 FMA GEMMs. A float32 product of two bfloat16
   values is exact, so these are the numbers of a bfloat16 GEMM with float32 sums, in k order;
   slower than float32, not faster;
-- "emulated": the AVX512-BF16 kernel's code with the instruction emulated by float32 FMAs on
-  AVX2 (for testing that code on any CPU; slower still).
+- "emulated" and "amx_emulated": the avx512_bf16 and amx kernels' code with the instruction
+  emulated by float32 FMAs on AVX2 (for testing that code on any CPU; slower still).
 The kernels differ only in the order of the float32 sums. `moe_py.machine.bf16_path()` (in
 `info`) names the one in use; the environment variable MOE_PY_BF16_KERNEL (read when moe_py
 is imported) or `set_kernel` picks another, e.g. the fallback on a bf16-capable CPU.
@@ -34,7 +35,7 @@ import numpy as np
 
 from . import _kernels
 
-KERNELS = ("avx512_bf16", "emulated", "fallback")
+KERNELS = ("amx", "avx512_bf16", "amx_emulated", "emulated", "fallback")
 KERNEL_ENV = "MOE_PY_BF16_KERNEL"
 
 

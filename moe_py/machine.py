@@ -87,15 +87,21 @@ def bf16_path() -> str:
     has = [f for f in ("avx512_bf16", "amx_bf16") if f in cpu_simd_flags()]
     cpu = f"the CPU has {' and '.join(has)}" if has else "the CPU has no bfloat16 instructions"
     kernel = _kernels.bf16_kernel()
+    failed = [k for k in ("amx", "avx512_bf16")
+              if _kernels.bf16_kernel_available(k) and not _kernels.bf16_self_check(k)]
+    note = "".join(f"; the {k} kernel FAILED its self-check against float64 here" for k in failed)
+    if kernel == "amx":
+        return f"amx: TDPBF16PS on AMX tiles ({cpu})"
     if kernel == "avx512_bf16":
-        return f"avx512_bf16: VDPBF16PS micro-kernel ({cpu}; AMX not used)"
-    if kernel == "emulated":
-        return ("emulated: the avx512_bf16 kernel's code with VDPBF16PS emulated by float32 FMAs, "
-                f"for testing; slower than float32 ({cpu})")
-    why = cpu
-    if _kernels.bf16_kernel_available("avx512_bf16"):
-        why = ("set by MOE_PY_BF16_KERNEL or moe_py.bf16.set_kernel" if _kernels.bf16_self_check("avx512_bf16")
-               else "the avx512_bf16 kernel FAILED its self-check against float64 on this CPU")
+        amx = "AMX not usable here" if not _kernels.bf16_kernel_available("amx") else "AMX not chosen"
+        return f"avx512_bf16: VDPBF16PS micro-kernel ({cpu}; {amx}{note})"
+    if kernel.endswith("emulated"):
+        return (f"{kernel}: the {kernel.removesuffix('_emulated') if kernel != 'emulated' else 'avx512_bf16'} "
+                f"kernel's code with its bfloat16 instruction emulated by float32 FMAs, for testing; "
+                f"slower than float32 ({cpu})")
+    why = cpu + note
+    if any(_kernels.bf16_kernel_available(k) for k in ("amx", "avx512_bf16")) and not failed:
+        why = "set by MOE_PY_BF16_KERNEL or moe_py.bf16.set_kernel"
     return f"fallback: bfloat16-rounded operands in float32 FMA GEMMs, slower than float32 ({why})"
 
 

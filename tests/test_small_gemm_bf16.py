@@ -6,13 +6,14 @@ import pytest
 from moe_py import _core, bf16
 from moe_py.bf16 import round_to_bf16
 
-KERNELS = [k for k in ("avx512_bf16", "emulated") if k in bf16.available_kernels()]
+KERNELS = [k for k in bf16.available_kernels() if k != "fallback"]  # the GEMM kernels this CPU runs
 U32 = 2.0 ** -24  # float32's unit roundoff
 
-# (M, N, K): odd K, K over one block (256) and over two, row tails (12 and 4 rows per tile),
-# column edges (1, < 16, < 32, past a 512-column block)
+# (M, N, K): odd K, K over one block (256) and over two, k past whole AMX tiles (32 k),
+# row tails (of 4, 12 and 32 rows per tile), column edges (1, < 16, < 32, past a 512-column
+# block)
 SHAPES = [(1, 1, 1), (5, 7, 3), (13, 37, 5), (12, 32, 256), (29, 16, 257), (3, 530, 18),
-          (25, 45, 513), (40, 100, 64)]
+          (25, 45, 513), (40, 100, 64), (70, 33, 97)]
 
 
 def operands(M, N, K, ta, tb, seed=0):
@@ -49,10 +50,11 @@ def test_the_kernel_is_the_float64_product_of_the_rounded_operands(kernel, shape
         assert np.all(np.abs(fresh - A @ B) <= (K + 1) * U32 * (np.abs(A) @ np.abs(B)))
 
 
-def sdm_order(a, b, k_block=256):
-    """The emulated kernel's sums in NumPy float32: per k block of 256 (added into C in
-    order), per k pair p, acc += a[2p+1] b[2p+1] then acc += a[2p] b[2p] (VDPBF16PS as the
-    Intel SDM writes it). Each product of two bfloat16 values is exact in float32, so each
+def documented_order(a, b, odd_first, k_block=256):
+    """An emulated kernel's sums in NumPy float32: per k block of 256 (added into C in
+    order), per k pair p, acc += a[2p+1] b[2p+1] then acc += a[2p] b[2p] (odd_first:
+    VDPBF16PS as the Intel SDM writes it) or the other way round (TDPBF16PS as the ISA
+    reference writes it). Each product of two bfloat16 values is exact in float32, so each
     float32 addition here rounds as the FMA that does it."""
     A, B = round_to_bf16(a), round_to_bf16(b)
     M, K = A.shape
@@ -60,20 +62,22 @@ def sdm_order(a, b, k_block=256):
     for k0 in range(0, K, k_block):
         acc = np.zeros_like(C)
         for k in range(k0, min(K, k0 + k_block), 2):
-            if k + 1 < min(K, k0 + k_block):
-                acc = acc + np.outer(A[:, k + 1], B[k + 1]).astype(np.float32)
-            acc = acc + np.outer(A[:, k], B[k]).astype(np.float32)
+            pair = [k, k + 1][:2 if k + 1 < min(K, k0 + k_block) else 1]
+            for q in (reversed(pair) if odd_first else pair):
+                acc = acc + np.outer(A[:, q], B[q]).astype(np.float32)
         C = acc if k0 == 0 else C + acc
     return C
 
 
-@pytest.mark.skipif("emulated" not in KERNELS, reason="needs AVX2 and FMA")
-@pytest.mark.parametrize("shape", [(13, 37, 5), (29, 40, 257), (7, 33, 600)])
-def test_the_emulated_kernel_sums_in_the_documented_order_bit_for_bit(shape):
+@pytest.mark.parametrize("kernel,odd_first", [("emulated", True), ("amx_emulated", False)])
+@pytest.mark.parametrize("shape", [(13, 37, 5), (29, 40, 257), (7, 33, 600), (40, 70, 96)])
+def test_the_emulated_kernels_sum_in_the_documented_order_bit_for_bit(kernel, odd_first, shape):
+    if kernel not in KERNELS:
+        pytest.skip("needs AVX2 and FMA")
     M, N, K = shape
     a, b = operands(M, N, K, False, False, seed=2)
-    got = gemm("emulated", a, b, False, False, np.zeros((M, N), np.float32))
-    assert np.array_equal(got, sdm_order(a, b))
+    got = gemm(kernel, a, b, False, False, np.zeros((M, N), np.float32))
+    assert np.array_equal(got, documented_order(a, b, odd_first))
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -99,20 +103,20 @@ def test_the_kernels_self_check_passes(kernel):
 
 
 def test_the_default_kernel_is_the_fastest_this_cpu_runs():
-    """avx512_bf16 wherever it runs (a failed self-check would make this fail: the default
-    would fall back), else the fallback; never the emulation by default."""
+    """amx, else avx512_bf16, wherever it runs (a failed self-check would make this fail:
+    the default would fall back), else the fallback; never an emulation by default."""
     import subprocess
     import sys
     code = "import moe_py.bf16 as b; print(b.kernel())"
     env = {k: v for k, v in __import__("os").environ.items() if k != bf16.KERNEL_ENV}
     got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert got.strip() == ("avx512_bf16" if "avx512_bf16" in KERNELS else "fallback")
+    assert got.strip() == next((k for k in ("amx", "avx512_bf16") if k in KERNELS), "fallback")
 
 
 def test_bad_kernels_are_named():
     with pytest.raises(ValueError, match="kernel: expected one of"):
-        bf16.set_kernel("amx")
-    unavailable = [k for k in ("avx512_bf16", "emulated") if k not in KERNELS]
+        bf16.set_kernel("tpu")
+    unavailable = [k for k in bf16.KERNELS if k not in KERNELS + ["fallback"]]
     for k in unavailable:
         with pytest.raises(ValueError, match="does not run on this CPU"):
             bf16.set_kernel(k)
