@@ -43,16 +43,21 @@ bool os_saves(std::uint64_t mask) {
   return ((std::uint64_t(hi) << 32 | lo) & mask) == mask;
 }
 
+// Each asked once per process: CPUID traps to the hypervisor in a VM (microseconds), and
+// every GEMM call checks its kernel.
 bool cpu_has_avx512_bf16() {
-  const Regs l7 = cpuid(7, 0), l7s1 = cpuid(7, 1);
-  const bool f = l7.b & (1u << 16), bw = l7.b & (1u << 30), vl = l7.b & (1u << 31);
-  const bool bf16 = l7s1.a & (1u << 5);
-  return f && bw && vl && bf16 && os_saves(0xE6);  // SSE, AVX, opmask, ZMM_Hi256, Hi16_ZMM
+  static const bool ok = [] {
+    const Regs l7 = cpuid(7, 0), l7s1 = cpuid(7, 1);
+    const bool f = l7.b & (1u << 16), bw = l7.b & (1u << 30), vl = l7.b & (1u << 31);
+    const bool bf16 = l7s1.a & (1u << 5);
+    return f && bw && vl && bf16 && os_saves(0xE6);  // SSE, AVX, opmask, ZMM_Hi256, Hi16_ZMM
+  }();
+  return ok;
 }
 
 // AMX-TILE and AMX-BF16, the OS saving the tile state (XCR0 bits 17, 18), and Linux's
 // permission for this process to use it (arch_prctl ARCH_REQ_XCOMP_PERM; without it the
-// first tile instruction raises SIGILL). Asked once.
+// first tile instruction raises SIGILL).
 bool cpu_has_amx_bf16() {
   static const bool ok = [] {
     const Regs l7 = cpuid(7, 0);
@@ -65,8 +70,11 @@ bool cpu_has_amx_bf16() {
 }
 
 bool cpu_has_avx2_fma() {
-  const bool fma = cpuid(1, 0).c & (1u << 12), avx2 = cpuid(7, 0).b & (1u << 5);
-  return fma && avx2 && os_saves(0x6);
+  static const bool ok = [] {
+    const bool fma = cpuid(1, 0).c & (1u << 12), avx2 = cpuid(7, 0).b & (1u << 5);
+    return fma && avx2 && os_saves(0x6);
+  }();
+  return ok;
 }
 
 // C rows [rows][nc] (+)= a tile kernel's 32 x 32 block `out`

@@ -95,10 +95,10 @@ def bf16_path() -> str:
     if kernel == "avx512_bf16":
         amx = "AMX not usable here" if not _kernels.bf16_kernel_available("amx") else "AMX not chosen"
         return f"avx512_bf16: VDPBF16PS micro-kernel ({cpu}; {amx}{note})"
-    if kernel.endswith("emulated"):
-        return (f"{kernel}: the {kernel.removesuffix('_emulated') if kernel != 'emulated' else 'avx512_bf16'} "
-                f"kernel's code with its bfloat16 instruction emulated by float32 FMAs, for testing; "
-                f"slower than float32 ({cpu})")
+    emulates = {"emulated": "avx512_bf16", "amx_emulated": "amx"}
+    if kernel in emulates:
+        return (f"{kernel}: the {emulates[kernel]} kernel's code with its bfloat16 instruction emulated "
+                f"by float32 FMAs, for testing; slower than float32 ({cpu})")
     why = cpu + note
     if any(_kernels.bf16_kernel_available(k) for k in ("amx", "avx512_bf16")) and not failed:
         why = "set by MOE_PY_BF16_KERNEL or moe_py.bf16.set_kernel"
