@@ -21,6 +21,16 @@
 
 namespace moe {
 
+const char* bf16_kernel_name(Bf16Kernel k) {
+  switch (k) {
+    case Bf16Kernel::avx512_bf16: return "avx512_bf16";
+    case Bf16Kernel::emulated: return "emulated";
+    case Bf16Kernel::amx: return "amx";
+    case Bf16Kernel::amx_emulated: return "amx_emulated";
+    default: return "fallback";
+  }
+}
+
 #if MOE_BF16_KERNELS
 
 namespace {
@@ -307,16 +317,6 @@ bool agrees(Bf16Kernel k, bool ta, bool tb, index_t M, index_t N, index_t K, boo
 
 }  // namespace
 
-const char* bf16_kernel_name(Bf16Kernel k) {
-  switch (k) {
-    case Bf16Kernel::avx512_bf16: return "avx512_bf16";
-    case Bf16Kernel::emulated: return "emulated";
-    case Bf16Kernel::amx: return "amx";
-    case Bf16Kernel::amx_emulated: return "amx_emulated";
-    default: return "fallback";
-  }
-}
-
 bool bf16_kernel_available(Bf16Kernel k) {
   switch (k) {
     case Bf16Kernel::avx512_bf16: return cpu_has_avx512_bf16();
@@ -390,15 +390,6 @@ void small_gemm_packed_bf16(Bf16Kernel k, bool trans_a, index_t M, index_t N, in
 
 #else  // not x86-64: only the fallback
 
-const char* bf16_kernel_name(Bf16Kernel k) {
-  switch (k) {
-    case Bf16Kernel::avx512_bf16: return "avx512_bf16";
-    case Bf16Kernel::emulated: return "emulated";
-    case Bf16Kernel::amx: return "amx";
-    case Bf16Kernel::amx_emulated: return "amx_emulated";
-    default: return "fallback";
-  }
-}
 bool bf16_kernel_available(Bf16Kernel k) { return k == Bf16Kernel::fallback; }
 bool bf16_self_check(Bf16Kernel k) { return k == Bf16Kernel::fallback; }
 Bf16Kernel bf16_kernel() { return Bf16Kernel::fallback; }
