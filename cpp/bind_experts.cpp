@@ -2,6 +2,7 @@
 #include "bind_common.h"
 #include "experts.h"
 
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -40,19 +41,75 @@ void expect_bias_set(const std::optional<A>& b1, const std::optional<A>& b3,
                                 ": expected all (the third only for a gated activation) or none");
 }
 
+// Whether a is an expert stack the kernels read in place (moe::Stack): dtype T, [E, rows,
+// cols], each expert's matrix C-contiguous, the experts a whole number of elements apart and
+// not overlapping. The halves of transformers' gate_up_proj are such views.
+template <typename T>
+bool stacked(const py::array& a, index_t rows, index_t cols) {
+  if (!py::isinstance<py::array_t<T>>(a) || a.ndim() != 3) return false;
+  const py::ssize_t item = sizeof(T), s0 = a.strides(0);
+  const bool inner = (cols <= 1 || a.strides(2) == item) && (rows <= 1 || a.strides(1) == cols * item);
+  const bool apart = a.shape(0) <= 1 || (s0 % item == 0 && s0 >= rows * cols * item);
+  return inner && apart && reinterpret_cast<std::uintptr_t>(a.data()) % alignof(T) == 0;
+}
+
+index_t stack_stride(const py::array& a, index_t rows, index_t cols) {
+  return a.shape(0) <= 1 ? rows * cols : index_t(a.strides(0) / py::ssize_t(a.itemsize()));
+}
+
+// Expert weights [E, rows, cols], read in place when stacked, else converted (as In<T>
+// converts); `keep` holds what the stack points into.
+template <typename T>
+moe::Stack<const T> weight_stack(py::array& keep, const char* name, index_t E, index_t rows,
+                                 index_t cols) {
+  if (!stacked<T>(keep, rows, cols)) keep = In<T>::ensure(keep);
+  if (!keep) throw std::invalid_argument(std::string(name) + ": expected a float array");
+  expect_shape(keep, name, {E, rows, cols});
+  return {static_cast<const T*>(keep.data()), stack_stride(keep, rows, cols)};
+}
+
+// A weight-gradient buffer [E, rows, cols] the kernel adds into: the caller's own writable
+// stacked array (no silent copy).
+template <typename T>
+moe::Stack<T> gradient_stack(py::array& a, const char* name, index_t E, index_t rows, index_t cols) {
+  expect_shape(a, name, {E, rows, cols});
+  if (!stacked<T>(a, rows, cols) || !a.writeable())
+    throw std::invalid_argument(std::string(name) + ": expected a writable array of the layer "
+                                "dtype, each expert's matrix C-contiguous");
+  return {static_cast<T*>(a.mutable_data()), stack_stride(a, rows, cols)};
+}
+
+// [rows, cols] of w1 (and w3) and of w2 per expert, in the layout `linear` says.
+struct WeightDims {
+  index_t r1, c1, r2, c2;
+};
+WeightDims weight_dims(index_t D, index_t F, bool linear) {
+  return linear ? WeightDims{F, D, D, F} : WeightDims{D, F, F, D};
+}
+
+// d_ff from w1, whose shape is [E, d_model, d_ff] or, linear, [E, d_ff, d_model].
+index_t d_ff_of(const py::array& w1, bool linear) {
+  if (w1.ndim() != 3) throw std::invalid_argument("w1: expected [E, rows, cols]");
+  return w1.shape(linear ? 1 : 2);
+}
+
 template <typename T>
 void bind_typed(py::module_& m, const std::string& sfx) {
   m.def(
       ("experts_forward" + sfx).c_str(),
-      [](In<T> xs, Idx offsets, In<T> w1, In<T> w3, In<T> w2, moe::Activation activation,
+      [](In<T> xs, Idx offsets, py::array w1, py::array w3, py::array w2, moe::Activation activation,
          std::optional<double> swiglu_alpha, std::optional<double> swiglu_limit,
-         std::optional<In<T>> b1, std::optional<In<T>> b3, std::optional<In<T>> b2, bool bf16) {
-        const index_t N = xs.shape(0), D = xs.shape(1), E = w1.shape(0), F = w1.shape(2);
-        const moe::ExpertShape s = expert_shape<T>(E, D, F, activation, swiglu_alpha, swiglu_limit, bf16);
+         std::optional<In<T>> b1, std::optional<In<T>> b3, std::optional<In<T>> b2, bool bf16,
+         bool linear) {
+        const index_t N = xs.shape(0), D = xs.shape(1), E = w1.shape(0), F = d_ff_of(w1, linear);
+        moe::ExpertShape s = expert_shape<T>(E, D, F, activation, swiglu_alpha, swiglu_limit, bf16);
+        s.linear = linear;
         const bool glu = moe::gated(s.act);
-        expect_shape(w1, "w1", {E, D, F});
-        if (glu) expect_shape(w3, "w3", {E, D, F});
-        expect_shape(w2, "w2", {E, F, D});
+        const WeightDims wd = weight_dims(D, F, linear);
+        moe::ExpertWeights<T> w;
+        w.w1 = weight_stack<T>(w1, "w1", E, wd.r1, wd.c1);
+        if (glu) w.w3 = weight_stack<T>(w3, "w3", E, wd.r1, wd.c1);
+        w.w2 = weight_stack<T>(w2, "w2", E, wd.r2, wd.c2);
         expect_shape(offsets, "offsets", {E + 1});
         if (offsets.data()[E] != N) throw std::invalid_argument("offsets: do not cover xs");
         expect_bias_set(b1, b3, b2, glu, "b1, b3, b2");
@@ -71,48 +128,52 @@ void bind_typed(py::module_& m, const std::string& sfx) {
         T *h1p = h1.mutable_data(), *h3p = h3.mutable_data(), *yep = ye.mutable_data();
         {
           py::gil_scoped_release release;
-          moe::experts_forward<T>(s, offsets.data(), xs.data(), w1.data(), w3.data(), w2.data(),
-                                  bias, h1p, h3p, yep);
+          moe::experts_forward<T>(s, offsets.data(), xs.data(), w, bias, h1p, h3p, yep);
         }
         return py::make_tuple(h1, h3, ye);
       },
       py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("xs"), py::arg("offsets"), py::arg("w1"), py::arg("w3"), py::arg("w2"),
       py::arg("activation"), py::arg("swiglu_alpha") = py::none(),
       py::arg("swiglu_limit") = py::none(), py::arg("b1") = py::none(), py::arg("b3") = py::none(),
-      py::arg("b2") = py::none(), py::arg("bf16") = false,
+      py::arg("b2") = py::none(), py::arg("bf16") = false, py::arg("linear") = false,
       "every expert's FFN on its rows of xs (biases b1, b3, b2: all or none); returns "
       "(h1, h3, ye), h1/h3 saved for backward. bf16 (float32 only): the GEMMs read "
-      "bfloat16-rounded operands, the weights given rounded already");
+      "bfloat16-rounded operands, the weights given rounded already. linear: the weights "
+      "are nn.Linear's [E, out, in] (w1, w3 [E, d_ff, d_model], w2 [E, d_model, d_ff]); "
+      "each expert's matrix must be C-contiguous, the experts may lie apart");
 
   m.def(
       ("experts_backward" + sfx).c_str(),
-      [](In<T> xs, Idx offsets, In<T> w1, In<T> w3, In<T> w2, In<T> h1, In<T> h3, In<T> dye,
-         moe::Activation activation, py::array dw1, py::array dw3, py::array dw2,
+      [](In<T> xs, Idx offsets, py::array w1, py::array w3, py::array w2, In<T> h1, In<T> h3,
+         In<T> dye, moe::Activation activation, py::array dw1, py::array dw3, py::array dw2,
          const std::string& path, std::optional<double> swiglu_alpha,
          std::optional<double> swiglu_limit, std::optional<py::array> db1,
-         std::optional<py::array> db3, std::optional<py::array> db2, bool bf16) {
+         std::optional<py::array> db3, std::optional<py::array> db2, bool bf16, bool linear) {
         const auto p = path == "auto"        ? moe::BackwardPath::automatic
                        : path == "by_expert" ? moe::BackwardPath::by_expert
                        : path == "two_phase" ? moe::BackwardPath::two_phase
                                              : throw std::invalid_argument(
                                                    "path: expected 'auto', 'by_expert' or "
                                                    "'two_phase', got '" + path + "'");
-        const index_t N = xs.shape(0), D = xs.shape(1), E = w1.shape(0), F = w1.shape(2);
-        const moe::ExpertShape s = expert_shape<T>(E, D, F, activation, swiglu_alpha, swiglu_limit, bf16);
+        const index_t N = xs.shape(0), D = xs.shape(1), E = w1.shape(0), F = d_ff_of(w1, linear);
+        moe::ExpertShape s = expert_shape<T>(E, D, F, activation, swiglu_alpha, swiglu_limit, bf16);
+        s.linear = linear;
         const bool glu = moe::gated(s.act);
-        expect_shape(w1, "w1", {E, D, F});
-        expect_shape(w2, "w2", {E, F, D});
+        const WeightDims wd = weight_dims(D, F, linear);
+        moe::ExpertWeights<T> w;
+        moe::ExpertWeightGrads<T> dw;
+        w.w1 = weight_stack<T>(w1, "w1", E, wd.r1, wd.c1);
+        w.w2 = weight_stack<T>(w2, "w2", E, wd.r2, wd.c2);
         expect_shape(offsets, "offsets", {E + 1});
         expect_shape(h1, "saved h1", {N, F});
         expect_shape(dye, "dye", {N, D});
         if (offsets.data()[E] != N) throw std::invalid_argument("offsets: do not cover xs");
-        T* dw1p = inout<T>(dw1, "dw1", {E, D, F});
-        T* dw2p = inout<T>(dw2, "dw2", {E, F, D});
-        T* dw3p = nullptr;
+        dw.dw1 = gradient_stack<T>(dw1, "dw1", E, wd.r1, wd.c1);
+        dw.dw2 = gradient_stack<T>(dw2, "dw2", E, wd.r2, wd.c2);
         if (glu) {
-          expect_shape(w3, "w3", {E, D, F});
+          w.w3 = weight_stack<T>(w3, "w3", E, wd.r1, wd.c1);
           expect_shape(h3, "saved h3", {N, F});
-          dw3p = inout<T>(dw3, "dw3", {E, D, F});
+          dw.dw3 = gradient_stack<T>(dw3, "dw3", E, wd.r1, wd.c1);
         }
         expect_bias_set(db1, db3, db2, glu, "db1, db3, db2");
         moe::ExpertBiasGrads<T> dbias;
@@ -125,9 +186,8 @@ void bind_typed(py::module_& m, const std::string& sfx) {
         T* dxsp = dxs.mutable_data();
         {
           py::gil_scoped_release release;
-          moe::experts_backward<T>(s, offsets.data(), xs.data(), w1.data(), w3.data(), w2.data(),
-                                   h1.data(), h3.data(), dye.data(), dxsp, dw1p, dw3p, dw2p,
-                                   dbias, p);
+          moe::experts_backward<T>(s, offsets.data(), xs.data(), w, h1.data(), h3.data(),
+                                   dye.data(), dxsp, dw, dbias, p);
         }
         return dxs;
       },
@@ -136,10 +196,10 @@ void bind_typed(py::module_& m, const std::string& sfx) {
       py::arg("dw3"), py::arg("dw2"), py::arg("path") = "auto",
       py::arg("swiglu_alpha") = py::none(), py::arg("swiglu_limit") = py::none(),
       py::arg("db1") = py::none(), py::arg("db3") = py::none(), py::arg("db2") = py::none(),
-      py::arg("bf16") = false,
-      "dxs from dye; adds the weight gradients into dw1, dw3, dw2 and, for experts with "
-      "biases, db1, db3, db2 (path: 'auto', or "
-      "'by_expert' / 'two_phase' to force one walk; both give the same bits)");
+      py::arg("bf16") = false, py::arg("linear") = false,
+      "dxs from dye; adds the weight gradients into dw1, dw3, dw2 (in the weights' layout: "
+      "linear as in experts_forward) and, for experts with biases, db1, db3, db2 (path: "
+      "'auto', or 'by_expert' / 'two_phase' to force one walk; both give the same bits)");
 }
 
 }  // namespace

@@ -78,39 +78,40 @@ ExpertShape with_bf16_kernel(const ExpertShape& shape) {
   return s;
 }
 
-// C (+)= op(A) B for one expert: the bfloat16 kernel when the call has one, else small_gemm
-// (on operands the caller rounded, under bf16 compute).
+// C (+)= op(A) op(B) for one expert: the bfloat16 kernel when the call has one, else
+// small_gemm (on operands the caller rounded, under bf16 compute).
 template <typename T>
-void expert_gemm(const ExpertShape& s, bool trans_a, index_t M, index_t N, index_t K,
-                 const T* A, index_t lda, const T* B, index_t ldb, bool accumulate, T* C,
-                 index_t ldc) {
+void expert_gemm(const ExpertShape& s, bool trans_a, bool trans_b, index_t M, index_t N,
+                 index_t K, const T* A, index_t lda, const T* B, index_t ldb, bool accumulate,
+                 T* C, index_t ldc) {
   if constexpr (std::is_same_v<T, float>) {
     if (s.bf16_kernel != Bf16Kernel::fallback)
-      return small_gemm_bf16(s.bf16_kernel, trans_a, false, M, N, K, A, lda, B, ldb, accumulate,
-                             C, ldc);
+      return small_gemm_bf16(s.bf16_kernel, trans_a, trans_b, M, N, K, A, lda, B, ldb,
+                             accumulate, C, ldc);
   }
-  small_gemm(trans_a, false, M, N, K, A, lda, B, ldb, accumulate, C, ldc);
+  small_gemm(trans_a, trans_b, M, N, K, A, lda, B, ldb, accumulate, C, ldc);
 }
 
-// W^T of every expert with rows, packed once per backward (not once per row tile: a
-// transposed pack is a strided gather, as costly as a small tile's GEMM), for
-// small_gemm_packed or, with a bfloat16 kernel, its packed product.
+// op(B) of one of the experts' GEMMs, for every expert with rows, packed once per call
+// (not once per row tile: when op(B) is a transpose, packing is a strided gather, as
+// costly as a small tile's product), for small_gemm_packed or, with a bfloat16 kernel, its
+// packed product. op(B) [K, N] is W_e^T of W_e [N, K] when trans, else W_e [K, N].
 template <typename T>
-class PackedTransposed {
+class PackedWeights {
  public:
-  // experts' W [N, K] (row-major), so op(B) = W^T is [K, N]
-  PackedTransposed(const ExpertShape& s, index_t K, index_t N, bool needed)
-      : kernel_(s.bf16_kernel), K_(K), N_(N),
+  PackedWeights(const ExpertShape& s, index_t K, index_t N, bool trans, bool needed)
+      : kernel_(s.bf16_kernel), K_(K), N_(N), trans_(trans),
         stride_(bf16() ? packed_b_bf16_size(kernel_, K, N) : packed_b_size<T>(K, N)),
         f_(needed && !bf16() ? s.E * stride_ : 0), b_(needed && bf16() ? s.E * stride_ : 0),
         fp_(f_.get()), bp_(b_.get()) {}
   void pack(index_t e, const T* w) {
+    const index_t ldb = trans_ ? K_ : N_;
     if constexpr (std::is_same_v<T, float>) {
-      if (bf16()) return pack_b_bf16(kernel_, true, K_, N_, w, K_, bp_ + e * stride_);
+      if (bf16()) return pack_b_bf16(kernel_, trans_, K_, N_, w, ldb, bp_ + e * stride_);
     }
-    pack_b(true, K_, N_, w, K_, fp_ + e * stride_);
+    pack_b(trans_, K_, N_, w, ldb, fp_ + e * stride_);
   }
-  // C [M, N] (+)= A [M, K] W_e^T
+  // C [M, N] (+)= A [M, K] op(B)_e
   void gemm(index_t e, index_t M, const T* A, bool accumulate, T* C) const {
     if constexpr (std::is_same_v<T, float>) {
       if (bf16())
@@ -123,12 +124,53 @@ class PackedTransposed {
  private:
   bool bf16() const { return std::is_same_v<T, float> && kernel_ != Bf16Kernel::fallback; }
   Bf16Kernel kernel_;
-  index_t K_, N_, stride_;
+  index_t K_, N_;
+  bool trans_;
+  index_t stride_;
   Scratch<T> f_;
   Scratch<std::uint32_t> b_;
   T* fp_;
   std::uint32_t* bp_;
 };
+
+// The backward's op(B) (dh W1^T, dh W3^T, dy W2^T: W^T [K = out, N = in], a transpose in
+// the column layout, W itself in the linear one), packed once per call and in parallel,
+// for the experts with rows.
+template <typename T>
+struct PackedExperts {
+  PackedWeights<T> w1, w3, w2;
+
+  PackedExperts(const ExpertShape& s, const index_t* offsets, const ExpertWeights<T>& w)
+      : w1(s, s.d_ff, s.d_model, !s.linear, true),
+        w3(s, s.d_ff, s.d_model, !s.linear, gated(s.act)),
+        w2(s, s.d_model, s.d_ff, !s.linear, true) {
+    const index_t n = gated(s.act) ? 3 : 2;
+#pragma omp parallel for schedule(dynamic, 1)
+    for (index_t i = 0; i < s.E * n; ++i) {
+      const index_t e = i / n, which = i % n;
+      if (offsets[e + 1] == offsets[e]) continue;
+      if (which == 0) w2.pack(e, w.w2[e]);
+      if (which == 1) w1.pack(e, w.w1[e]);
+      if (which == 2) w3.pack(e, w.w3[e]);
+    }
+  }
+};
+
+// One expert's weight gradient over its `rows` rows, rows [r0, r0 + n) of it: in the column
+// layout dW [P, Q] += L^T R (L [rows, P], R [rows, Q]); in the linear one dW^T [Q, P] +=
+// R^T L. Each element is the same products summed in the same order either way.
+template <typename T>
+void weight_gradient(const ExpertShape& s, index_t rows, const T* L, index_t P, const T* R,
+                     index_t Q, T* dw, index_t r0, index_t n) {
+  if (s.linear) {
+    std::swap(L, R);
+    std::swap(P, Q);
+  }
+  expert_gemm(s, true, false, n, Q, rows, L + r0, P, R, Q, true, dw + r0 * Q, Q);
+}
+
+// Rows of the gradient of a column-layout [P, Q] matrix, in the shape's layout.
+inline index_t gradient_rows(const ExpertShape& s, index_t P, index_t Q) { return s.linear ? Q : P; }
 
 // a = act(h1, h3) on n values (h3 read by the gated activations only).
 template <typename T>
@@ -169,11 +211,9 @@ std::vector<Item> tiles(index_t E, index_t tile, Extent extent) {
 // very sums (and bits) of one product over all the expert's rows.
 template <typename T>
 void expert_backward_tiles(const ExpertShape& s, index_t e, const index_t* offsets, const T* xs,
-                           const T* h1, const T* h3, const T* dye, const PackedTransposed<T>& w1t,
-                           const PackedTransposed<T>& w3t, const PackedTransposed<T>& w2t, T* dxs,
-                           T* dw1, T* dw3, T* dw2,
-                           const ExpertBiasGrads<T>& db, T* da, T* a, T* dh1, T* dh3,
-                           T* x_bf16, T* dy_bf16) {
+                           const T* h1, const T* h3, const T* dye, const PackedExperts<T>& wt,
+                           T* dxs, const ExpertWeightGrads<T>& dw, const ExpertBiasGrads<T>& db,
+                           T* da, T* a, T* dh1, T* dh3, T* x_bf16, T* dy_bf16) {
   const index_t D = s.d_model, F = s.d_ff;
   const bool glu = gated(s.act);
   const index_t n_e = offsets[e + 1] - offsets[e];
@@ -181,16 +221,17 @@ void expert_backward_tiles(const ExpertShape& s, index_t e, const index_t* offse
     const index_t rows = std::min(kRowTile, n_e - r0), row = offsets[e] + r0, n = rows * F;
     const T* dy = gemm_operand(s, dye + row * D, dy_bf16, rows * D);
     const T* x = gemm_operand(s, xs + row * D, x_bf16, rows * D);
-    w2t.gemm(e, rows, dy, false, da);
+    wt.w2.gemm(e, rows, dy, false, da);
     activation_backward(s, h1 + row * F, glu ? h3 + row * F : nullptr, da, a, dh1, dh3, n);
     gemm_operand(s, a, a, n);
     round_gradient(s, dh1, n);
     if (glu) round_gradient(s, dh3, n);
-    w1t.gemm(e, rows, dh1, false, dxs + row * D);
-    if (glu) w3t.gemm(e, rows, dh3, true, dxs + row * D);
-    expert_gemm(s, true, D, F, rows, x, D, dh1, F, true, dw1 + e * D * F, F);
-    if (glu) expert_gemm(s, true, D, F, rows, x, D, dh3, F, true, dw3 + e * D * F, F);
-    expert_gemm(s, true, F, D, rows, a, F, dy, D, true, dw2 + e * F * D, D);
+    wt.w1.gemm(e, rows, dh1, false, dxs + row * D);
+    if (glu) wt.w3.gemm(e, rows, dh3, true, dxs + row * D);
+    // dW1 = Xs^T dH1, dW3 = Xs^T dH3, dW2 = A^T dYe (column layout)
+    weight_gradient(s, rows, x, D, dh1, F, dw.dw1[e], 0, gradient_rows(s, D, F));
+    if (glu) weight_gradient(s, rows, x, D, dh3, F, dw.dw3[e], 0, gradient_rows(s, D, F));
+    weight_gradient(s, rows, a, F, dy, D, dw.dw2[e], 0, gradient_rows(s, F, D));
     if (db.db1) add_rows_to(db.db1 + e * F, rows, F, dh1);
     if (db.db3) add_rows_to(db.db3 + e * F, rows, F, dh3);
     if (db.db2) add_rows_to(db.db2 + e * D, rows, D, dye + row * D);
@@ -201,9 +242,8 @@ void expert_backward_tiles(const ExpertShape& s, index_t e, const index_t* offse
 template <typename T>
 void experts_backward_by_expert(const ExpertShape& s, const index_t* offsets, const T* xs,
                                 const T* h1, const T* h3, const T* dye,
-                                const PackedTransposed<T>& w1t, const PackedTransposed<T>& w3t,
-                                const PackedTransposed<T>& w2t, T* dxs, T* dw1, T* dw3, T* dw2,
-                                const ExpertBiasGrads<T>& db) {
+                                const PackedExperts<T>& wt, T* dxs,
+                                const ExpertWeightGrads<T>& dw, const ExpertBiasGrads<T>& db) {
   const index_t F = s.d_ff;
   const bool glu = gated(s.act);
   const auto rows = [&](index_t e) { return offsets[e + 1] - offsets[e]; };
@@ -220,8 +260,7 @@ void experts_backward_by_expert(const ExpertShape& s, const index_t* offsets, co
 #pragma omp for schedule(dynamic, 1)
     for (index_t i = 0; i < n; ++i) {
       const index_t e = order[i];
-      expert_backward_tiles(s, e, offsets, xs, h1, h3, dye, w1t, w3t, w2t, dxs, dw1, dw3, dw2, db,
-                            da.get(), a.get(), dh1.get(), dh3.get(), x_bf16.get(), dy_bf16.get());
+      expert_backward_tiles(s, e, offsets, xs, h1, h3, dye, wt, dxs, dw, db, da.get(), a.get(), dh1.get(), dh3.get(), x_bf16.get(), dy_bf16.get());
     }
   }
 }
@@ -237,14 +276,20 @@ bool fused_backward_pays(index_t E, const index_t* offsets) {
 }  // namespace
 
 template <typename T>
-void experts_forward(const ExpertShape& shape, const index_t* offsets, const T* xs, const T* w1,
-                     const T* w3, const T* w2, const ExpertBiases<T>& bias, T* h1, T* h3, T* ye) {
+void experts_forward(const ExpertShape& shape, const index_t* offsets, const T* xs,
+                     const ExpertWeights<T>& w, const ExpertBiases<T>& bias, T* h1, T* h3, T* ye) {
   const ExpertShape s = with_bf16_kernel<T>(shape);
   const index_t D = s.d_model, F = s.d_ff;
   check_blas_dims({offsets[s.E], D, F});
   const bool glu = gated(s.act);
   const auto items = tiles(s.E, kRowTile, [&](index_t e) { return offsets[e + 1] - offsets[e]; });
   const index_t n_items = index_t(items.size());
+  // C [M, N] = A [M, K] W_e, W_e [K, N] or (linear) [N, K]. The GEMM packs W_e per row
+  // tile into a buffer that stays in L2 (docs/design.md); a transposed pack costs more, but
+  // packing once per call measured no faster (the packed copy comes back from memory).
+  const auto product = [&](const T* w_e, index_t M, index_t N, index_t K, const T* A, T* C) {
+    expert_gemm(s, false, s.linear, M, N, K, A, K, w_e, s.linear ? K : N, false, C, N);
+  };
 
 #pragma omp parallel
   {
@@ -256,46 +301,37 @@ void experts_forward(const ExpertShape& shape, const index_t* offsets, const T* 
       const T* x = gemm_operand(s, xs + row * D, x_bf16.data(), it.rows * D);
       T* g = h1 + row * F;
       const index_t e = it.expert;
-      expert_gemm(s, false, it.rows, F, D, x, D, w1 + e * D * F, F, false, g, F);
+      product(w.w1[e], it.rows, F, D, x, g);
       if (bias.b1) add_to_rows(g, it.rows, F, bias.b1 + e * F);
       T* u = glu ? h3 + row * F : nullptr;
       if (glu) {
-        expert_gemm(s, false, it.rows, F, D, x, D, w3 + e * D * F, F, false, u, F);
+        product(w.w3[e], it.rows, F, D, x, u);
         if (bias.b3) add_to_rows(u, it.rows, F, bias.b3 + e * F);
       }
       activation_forward(s, g, u, a.data(), it.rows * F);
       gemm_operand(s, a.data(), a.data(), it.rows * F);
-      expert_gemm(s, false, it.rows, D, F, a.data(), F, w2 + e * F * D, D, false, ye + row * D, D);
+      product(w.w2[e], it.rows, D, F, a.data(), ye + row * D);
       if (bias.b2) add_to_rows(ye + row * D, it.rows, D, bias.b2 + e * D);
     }
   }
 }
 
 template <typename T>
-void experts_backward(const ExpertShape& shape, const index_t* offsets, const T* xs, const T* w1,
-                      const T* w3, const T* w2, const T* h1, const T* h3, const T* dye, T* dxs,
-                      T* dw1, T* dw3, T* dw2, const ExpertBiasGrads<T>& db, BackwardPath path) {
+void experts_backward(const ExpertShape& shape, const index_t* offsets, const T* xs,
+                      const ExpertWeights<T>& w, const T* h1, const T* h3, const T* dye, T* dxs,
+                      const ExpertWeightGrads<T>& dw, const ExpertBiasGrads<T>& db,
+                      BackwardPath path) {
   const ExpertShape s = with_bf16_kernel<T>(shape);
   const index_t D = s.d_model, F = s.d_ff;
   const bool glu = gated(s.act);
   const index_t N = offsets[s.E];
   check_blas_dims({N, D, F});
   // W2^T [D, F], W1^T and W3^T [F, D] of the experts with rows
-  PackedTransposed<T> w2t(s, D, F, true), w1t(s, F, D, true), w3t(s, F, D, glu);
-  const index_t n_packs = s.E * (glu ? 3 : 2);
-#pragma omp parallel for schedule(dynamic, 1)
-  for (index_t i = 0; i < n_packs; ++i) {
-    const index_t e = i / (glu ? 3 : 2), which = i % (glu ? 3 : 2);
-    if (offsets[e + 1] == offsets[e]) continue;
-    if (which == 0) w2t.pack(e, w2 + e * F * D);
-    if (which == 1) w1t.pack(e, w1 + e * D * F);
-    if (which == 2) w3t.pack(e, w3 + e * D * F);
-  }
+  const PackedExperts<T> wt(s, offsets, w);
 
   if (path == BackwardPath::by_expert ||
       (path == BackwardPath::automatic && fused_backward_pays(s.E, offsets)))
-    return experts_backward_by_expert(s, offsets, xs, h1, h3, dye, w1t, w3t, w2t, dxs, dw1, dw3,
-                                      dw2, db);
+    return experts_backward_by_expert(s, offsets, xs, h1, h3, dye, wt, dxs, dw, db);
 
   // uninitialised on purpose: every element is written in phase 1
   Scratch<T> a(N * F), dh1(N * F), dh3(glu ? N * F : 0);
@@ -321,20 +357,21 @@ void experts_backward(const ExpertShape& shape, const index_t* offsets, const T*
         gemm_operand(s, xs + row * D, xs_bf16.get() + row * D, it.rows * D);
         dy = gemm_operand(s, dy, dye_bf16.get() + row * D, it.rows * D);
       }
-      w2t.gemm(e, it.rows, dy, false, da.data());
+      wt.w2.gemm(e, it.rows, dy, false, da.data());
       activation_backward(s, h1 + row * F, glu ? h3 + row * F : nullptr, da.data(),
                           a.get() + row * F, dh1.get() + row * F,
                           glu ? dh3.get() + row * F : nullptr, n);
       gemm_operand(s, a.get() + row * F, a.get() + row * F, n);
       round_gradient(s, dh1.get() + row * F, n);
       if (glu) round_gradient(s, dh3.get() + row * F, n);
-      w1t.gemm(e, it.rows, dh1.get() + row * F, false, dxs + row * D);
-      if (glu) w3t.gemm(e, it.rows, dh3.get() + row * F, true, dxs + row * D);
+      wt.w1.gemm(e, it.rows, dh1.get() + row * F, false, dxs + row * D);
+      if (glu) wt.w3.gemm(e, it.rows, dh3.get() + row * F, true, dxs + row * D);
     }
   }
 
   // Phase 2, over tiles of the weight gradients' rows (never splitting the
-  // reduction over an expert's tokens): dW1 = Xs^T dH1, dW3 = Xs^T dH3, dW2 = A^T dYe;
+  // reduction over an expert's tokens): dW1 = Xs^T dH1, dW3 = Xs^T dH3, dW2 = A^T dYe
+  // (column layout: transposed in the linear one);
   // and one item per expert for its bias gradients (the column sums of dH1, dH3, dYe).
   struct GradItem {
     int which;  // 1, 3, 2; 0: the biases
@@ -345,11 +382,12 @@ void experts_backward(const ExpertShape& shape, const index_t* offsets, const T*
   if (db.db1 || db.db3 || db.db2)
     for (index_t e = 0; e < s.E; ++e)
       if (has_rows(e)) items.push_back({0, {e, 0, 0}});
-  for (const Item& it : tiles(s.E, kGemmRowTile, [&](index_t e) { return has_rows(e) ? D : 0; })) {
+  const index_t rows13 = gradient_rows(s, D, F), rows2 = gradient_rows(s, F, D);
+  for (const Item& it : tiles(s.E, kGemmRowTile, [&](index_t e) { return has_rows(e) ? rows13 : 0; })) {
     items.push_back({1, it});
     if (glu) items.push_back({3, it});
   }
-  for (const Item& it : tiles(s.E, kGemmRowTile, [&](index_t e) { return has_rows(e) ? F : 0; }))
+  for (const Item& it : tiles(s.E, kGemmRowTile, [&](index_t e) { return has_rows(e) ? rows2 : 0; }))
     items.push_back({2, it});
   const index_t n_items = index_t(items.size());
 #pragma omp parallel for schedule(dynamic, 1)
@@ -361,23 +399,24 @@ void experts_backward(const ExpertShape& shape, const index_t* offsets, const T*
       if (db.db3) add_rows_to(db.db3 + e * F, n_e, F, dh3.get() + row * F);
       if (db.db2) add_rows_to(db.db2 + e * D, n_e, D, dye + row * D);
     } else if (g.which == 2) {
-      // rows r0.. of A^T are columns r0.. of A
-      expert_gemm(s, true, g.it.rows, D, n_e, a.get() + row * F + g.it.r0, F, dyg + row * D, D,
-                  true, dw2 + e * F * D + g.it.r0 * D, D);
+      weight_gradient(s, n_e, a.get() + row * F, F, dyg + row * D, D, dw.dw2[e], g.it.r0,
+                      g.it.rows);
     } else {
       const T* dh = (g.which == 1 ? dh1.get() : dh3.get()) + row * F;
-      T* dw = (g.which == 1 ? dw1 : dw3) + e * D * F + g.it.r0 * F;
-      expert_gemm(s, true, g.it.rows, F, n_e, xg + row * D + g.it.r0, D, dh, F, true, dw, F);
+      weight_gradient(s, n_e, xg + row * D, D, dh, F, (g.which == 1 ? dw.dw1 : dw.dw3)[e],
+                      g.it.r0, g.it.rows);
     }
   }
 }
 
-#define MOE_INSTANTIATE(T)                                                                   \
-  template void experts_forward<T>(const ExpertShape&, const index_t*, const T*, const T*,   \
-                                   const T*, const T*, const ExpertBiases<T>&, T*, T*, T*);  \
-  template void experts_backward<T>(const ExpertShape&, const index_t*, const T*, const T*,  \
-                                    const T*, const T*, const T*, const T*, const T*, T*, T*, \
-                                    T*, T*, const ExpertBiasGrads<T>&, BackwardPath);
+#define MOE_INSTANTIATE(T)                                                                  \
+  template void experts_forward<T>(const ExpertShape&, const index_t*, const T*,            \
+                                   const ExpertWeights<T>&, const ExpertBiases<T>&, T*, T*,  \
+                                   T*);                                                      \
+  template void experts_backward<T>(const ExpertShape&, const index_t*, const T*,           \
+                                    const ExpertWeights<T>&, const T*, const T*, const T*,   \
+                                    T*, const ExpertWeightGrads<T>&,                         \
+                                    const ExpertBiasGrads<T>&, BackwardPath);
 MOE_INSTANTIATE(float)
 MOE_INSTANTIATE(double)
 #undef MOE_INSTANTIATE

@@ -28,6 +28,31 @@ struct ExpertShape {
   // Which bfloat16 GEMM runs them (small_gemm_bf16.h): set by experts_forward/backward from
   // bf16_kernel() at each call; fallback means small_gemm on the rounded operands.
   Bf16Kernel bf16_kernel = Bf16Kernel::fallback;
+  // How each expert's weight matrices (and their gradients) are laid out: false, the column
+  // layout x W (w1, w3 [d_model, d_ff], w2 [d_ff, d_model]); true, nn.Linear's x W^T, as
+  // transformers stores experts (w1, w3 [d_ff, d_model], w2 [d_model, d_ff]). Every sum is
+  // the same in both (the same products in the same k order): the same bits, transposed.
+  bool linear = false;
+};
+
+// One matrix per expert, expert e's at p + e * stride: back to back (stride = the matrix's
+// size) or apart, as gate and up lie inside transformers' gate_up_proj [E, 2 d_ff, d_model].
+template <typename P>
+struct Stack {
+  P* p = nullptr;
+  index_t stride = 0;
+  P* operator[](index_t e) const { return p + e * stride; }
+};
+
+// The experts' weights (w3 empty when the activation is not gated) and their gradients,
+// each in ExpertShape::linear's layout.
+template <typename T>
+struct ExpertWeights {
+  Stack<const T> w1, w3, w2;
+};
+template <typename T>
+struct ExpertWeightGrads {
+  Stack<T> dw1, dw3, dw2;
 };
 
 // The experts' biases b1, b3 [E, d_ff] and b2 [E, d_model], each added after its GEMM;
@@ -44,12 +69,12 @@ struct ExpertBiasGrads {
 };
 
 // xs [N, d_model] rows grouped by expert (offsets [E+1]); w1, w3 [E, d_model, d_ff]
-// (w3 unused for gelu); w2 [E, d_ff, d_model].
+// (w3 unused for gelu); w2 [E, d_ff, d_model] (linear: each expert's matrices transposed).
 // Saves for backward: h1 = xs W1 + b1 and (gated) h3 = xs W3 + b3, both [N, d_ff].
 // Writes ye [N, d_model] = act(h1, h3) W2 + b2.
 template <typename T>
-void experts_forward(const ExpertShape& s, const index_t* offsets, const T* xs, const T* w1,
-                     const T* w3, const T* w2, const ExpertBiases<T>& bias, T* h1, T* h3, T* ye);
+void experts_forward(const ExpertShape& s, const index_t* offsets, const T* xs,
+                     const ExpertWeights<T>& w, const ExpertBiases<T>& bias, T* h1, T* h3, T* ye);
 
 // How the backward walks the work: by expert (each expert's row tiles from dye to its
 // weight-gradient shares while in cache) or in two phases (dxs for every row tile, then the
@@ -64,9 +89,9 @@ enum class BackwardPath { automatic = 0, by_expert = 1, two_phase = 2 };
 // expert's rows one by one in row order on one thread, on either path: the same bits at
 // any thread count. An expert with no rows is not touched.
 template <typename T>
-void experts_backward(const ExpertShape& s, const index_t* offsets, const T* xs, const T* w1,
-                      const T* w3, const T* w2, const T* h1, const T* h3, const T* dye, T* dxs,
-                      T* dw1, T* dw3, T* dw2, const ExpertBiasGrads<T>& dbias,
+void experts_backward(const ExpertShape& s, const index_t* offsets, const T* xs,
+                      const ExpertWeights<T>& w, const T* h1, const T* h3, const T* dye, T* dxs,
+                      const ExpertWeightGrads<T>& dw, const ExpertBiasGrads<T>& dbias,
                       BackwardPath path = BackwardPath::automatic);
 
 }  // namespace moe

@@ -24,15 +24,20 @@ def check_row_count(rows: int, name: str) -> None:
                          f"{MAX_ROWS}: split the batch")
 
 
-def check_grad_buffer(g, shape: tuple, dtype: type, name: str) -> None:
-    """A gradient buffer the kernels add into: the layer's own writable C-contiguous array."""
-    if not isinstance(g, np.ndarray) or g.dtype != dtype or g.shape != tuple(shape) \
-            or not g.flags.c_contiguous or not g.flags.writeable:
+def check_grad_buffer(g, shape: tuple, dtype: type, name: str, per_expert: bool = False) -> None:
+    """A gradient buffer the kernels add into: the layer's own writable C-contiguous array;
+    per_expert (expert weights [E, rows, cols]): each expert's matrix C-contiguous, the experts
+    apart, as the kernels write them in place (cpp/experts.h's Stack)."""
+    ok = isinstance(g, np.ndarray) and g.dtype == dtype and g.shape == tuple(shape) and g.flags.writeable
+    if ok and not g.flags.c_contiguous:
+        ok = per_expert and (g.shape[0] <= 1 or g.strides[0] >= g[0].nbytes) and g[0].flags.c_contiguous
+    if not ok:
         got = (f"{g.dtype} {list(g.shape)}" + ("" if g.flags.c_contiguous else " non-contiguous")
                + ("" if g.flags.writeable else " read-only")) if isinstance(g, np.ndarray) \
             else type(g).__name__
         raise ValueError(f"{name}: expected a writable C-contiguous {np.dtype(dtype).name} array "
-                         f"of shape {list(shape)}, got {got}")
+                         f"of shape {list(shape)}" + (" (or each expert's matrix C-contiguous)" if per_expert else "")
+                         + f", got {got}")
 
 
 def as_tokens(x, d_model: int, dtype: type, name: str = "x", owned: bool = False) -> Tuple[np.ndarray, tuple]:

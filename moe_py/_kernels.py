@@ -75,9 +75,13 @@ def zeros(shape, dtype) -> np.ndarray:
 
 def all_finite(a) -> bool:
     """np.isfinite(a).all() in one parallel pass with no temporary (contiguous float arrays;
-    anything else goes through NumPy)."""
-    if isinstance(a, np.ndarray) and a.dtype in _SUFFIX and a.flags.c_contiguous:
-        return bool(kernel("all_finite", a.dtype)(a=a))
+    anything else goes through NumPy, but for a stack of contiguous matrices, as the halves
+    of transformers' gate_up_proj, one pass per matrix)."""
+    if isinstance(a, np.ndarray) and a.dtype in _SUFFIX:
+        if a.flags.c_contiguous:
+            return bool(kernel("all_finite", a.dtype)(a=a))
+        if a.ndim > 1 and a[0].flags.c_contiguous:
+            return all(bool(kernel("all_finite", a.dtype)(a=m)) for m in a)
     return bool(np.isfinite(a).all())
 
 

@@ -26,25 +26,41 @@ from .dispatch import LocalDispatcher
 # activations' alone.
 EXPERT_KEYS = ("w1", "w3", "w2", "b1", "b3", "b2")
 BIAS_KEYS = EXPERT_KEYS[3:]
+# How each expert's weight matrices lie: "column" (x W: w1, w3 [d_model, d_ff], w2 [d_ff,
+# d_model]; moe_py's layers) or "linear" (nn.Linear's x W^T: w1, w3 [d_ff, d_model], w2
+# [d_model, d_ff]; transformers' experts). Their gradients lie as they do. The kernels give
+# the same bits in both (tests/test_experts_linear.py).
+LAYOUTS = ("column", "linear")
 
 
-def expert_param_shapes(cfg: MoEConfig, num_experts: Optional[int] = None) -> Dict[str, Tuple[int, ...]]:
+def check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+
+
+def expert_param_shapes(cfg: MoEConfig, num_experts: Optional[int] = None,
+                        layout: str = "column") -> Dict[str, Tuple[int, ...]]:
     """{name: shape} of the parameters cfg's experts have (num_experts of them: default all)."""
     E = cfg.num_experts if num_experts is None else num_experts
     D, F, gated = cfg.d_model, cfg.d_ff, cfg.activation_traits.gated
-    shapes = {"w1": (E, D, F), "w3": (E, D, F), "w2": (E, F, D), "b1": (E, F), "b3": (E, F), "b2": (E, D)}
+    i, o = (F, D) if layout == "linear" else (D, F)  # w1's two axes
+    shapes = {"w1": (E, i, o), "w3": (E, i, o), "w2": (E, o, i), "b1": (E, F), "b3": (E, F), "b2": (E, D)}
     has = {"w1": True, "w3": gated, "w2": True, "b1": cfg.ffn_bias, "b3": cfg.ffn_bias and gated,
            "b2": cfg.ffn_bias}
     return {k: shapes[k] for k in EXPERT_KEYS if has[k]}
 
 
-def init_expert_weights(cfg: MoEConfig, rng: np.random.Generator) -> Dict[str, np.ndarray]:
+def init_expert_weights(cfg: MoEConfig, rng: np.random.Generator, layout: str = "column") -> Dict[str, np.ndarray]:
     """w1, w3 ~ N(0, 1/d_model), w2 ~ N(0, 1/d_ff): unit-variance activations through the FFN.
-    Biases start at 0 (and draw nothing: the weights are those of the same seed without)."""
+    Biases start at 0 (and draw nothing: the weights are those of the same seed without).
+    layout "linear": the same weights, each expert's matrix transposed."""
     D, F = cfg.d_model, cfg.d_ff
     scale = {"w1": 1 / np.sqrt(D), "w3": 1 / np.sqrt(D), "w2": 1 / np.sqrt(F)}
-    return {k: (rng.standard_normal(shape) * scale[k] if k in scale else np.zeros(shape)).astype(cfg.np_dtype)
-            for k, shape in expert_param_shapes(cfg).items()}
+    out = {k: (rng.standard_normal(shape) * scale[k] if k in scale else np.zeros(shape)).astype(cfg.np_dtype)
+           for k, shape in expert_param_shapes(cfg).items()}
+    if layout == "linear":
+        out.update({k: np.ascontiguousarray(out[k].transpose(0, 2, 1)) for k in scale if k in out})
+    return out
 
 
 def activation_args(cfg: MoEConfig) -> dict:
@@ -60,19 +76,26 @@ class Experts:
     params[prefix + "w1"] etc. (expert_param_shapes; a layer's shared experts use the prefix
     "shared_"). The dispatcher (moe_py/dispatch.py) moves the routed rows to the experts and
     back: all of them are here with the LocalDispatcher; with an all-to-all one, only this
-    process's slice [lo, hi) of the experts is (params hold hi - lo experts)."""
+    process's slice [lo, hi) of the experts is (params hold hi - lo experts).
+    layout (LAYOUTS): how the weights and their gradients lie; "linear" ones are read and
+    written in place when each expert's matrix is C-contiguous, even with the experts apart
+    (the halves of one [E, 2 d_ff, d_model] array)."""
 
     def __init__(self, cfg: MoEConfig, params: Dict[str, np.ndarray], grads: Dict[str, np.ndarray],
-                 prefix: str = "", dispatcher=None):
+                 prefix: str = "", dispatcher=None, layout: str = "column"):
+        check_layout(layout)
         self.cfg = cfg
+        self.layout = layout
         self.params = params
         self.grads = grads
         self.prefix = prefix
         self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
         lo, hi = self.dispatcher.local_experts(cfg.num_experts)
         self.num_local = hi - lo
-        self._shapes = expert_param_shapes(cfg, self.num_local)
+        self._shapes = expert_param_shapes(cfg, self.num_local, layout)
         self._activation = activation_args(cfg)
+        if layout == "linear":
+            self._activation["linear"] = True
         # bfloat16 compute (the config's, or one call's): the kernels round what they read;
         # the weights come rounded, remade only when they changed
         self._rounded = RoundedWeights()
@@ -92,7 +115,8 @@ class Experts:
         dt, p = self.cfg.np_dtype, self.prefix
         out: Dict[str, np.ndarray] = {"dw3": np.zeros((0, 0, 0), dtype=dt)}
         for name, shape in self._shapes.items():
-            check_grad_buffer(grads.get(p + name), shape, dt, f"grads['{p + name}']")
+            check_grad_buffer(grads.get(p + name), shape, dt, f"grads['{p + name}']",
+                              per_expert=name[0] == "w")
             out["d" + name] = grads[p + name]
         return out
 

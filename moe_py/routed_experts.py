@@ -36,7 +36,7 @@ from ._guard import OneCaller
 from ._kernels import all_finite
 from .capacity import capacity, drops_position, drops_probs, slot_counts
 from .config import MoEConfig, check_compute_dtype
-from .experts import EXPERT_KEYS, Experts, init_expert_weights
+from .experts import EXPERT_KEYS, Experts, check_layout, init_expert_weights
 
 
 class RoutedExpertsContext:
@@ -64,19 +64,23 @@ class RoutedExperts:
     params/grads: dicts holding w1 [E, d_model, d_ff], w3 (gated activations only) and w2
     [E, d_ff, d_model] (with cfg.ffn_bias also b1, b3 [E, d_ff] and b2 [E, d_model]) and
     their gradient buffers, shared with the caller (a MoELayer's own
-    dicts, for instance); by default fresh weights drawn from cfg.seed and zeroed grads."""
+    dicts, for instance); by default fresh weights drawn from cfg.seed and zeroed grads.
+    layout "linear": the weights and their gradients are nn.Linear's, w1, w3 [E, d_ff,
+    d_model] and w2 [E, d_model, d_ff] (transformers' experts), read and written in place
+    (each expert's matrix C-contiguous; the experts may lie apart); the same bits."""
 
     def __init__(self, cfg: MoEConfig, params: Optional[Dict[str, np.ndarray]] = None,
-                 grads: Optional[Dict[str, np.ndarray]] = None):
+                 grads: Optional[Dict[str, np.ndarray]] = None, layout: str = "column"):
         if not isinstance(cfg, MoEConfig):
             raise TypeError(f"cfg: expected a MoEConfig, got {type(cfg).__name__}")
-        self.cfg = cfg
+        check_layout(layout)
+        self.cfg, self.layout = cfg, layout
         if params is None:
-            params = init_expert_weights(cfg, np.random.default_rng(cfg.seed))
+            params = init_expert_weights(cfg, np.random.default_rng(cfg.seed), layout)
         if grads is None:
             grads = {k: np.zeros_like(params[k]) for k in EXPERT_KEYS if k in params}
         self.params, self.grads = params, grads
-        self._experts = Experts(cfg, params, grads)
+        self._experts = Experts(cfg, params, grads, layout=layout)
         self._latest: Optional[RoutedExpertsContext] = None
         self._guard = OneCaller("RoutedExperts")
 

@@ -5,6 +5,7 @@ import copy
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from moe_py.testing import BF16_REL_FRO
@@ -98,6 +99,32 @@ def test_the_weights_are_converted_once_per_update():
     ours(ids)
     now = [m._moe_py_cache.experts for m in experts_of(ours)]
     assert now[0] is not first[0] and now[1] is first[1]
+
+
+@pytest.mark.parametrize("kind, dtype, linear", [("qwen3_moe", torch.float32, True), ("olmoe", torch.float64, True),
+                                                  ("gpt_oss", torch.float32, False), ("qwen3_moe", torch.bfloat16, False)])
+def test_the_default_layout_is_read_and_written_in_place(kind, dtype, linear):
+    """nn.Linear-layout experts in float32/float64: the kernels read HF's own memory and the
+    weight gradients need no copy; transposed or interleaved ones (gpt-oss) and bfloat16
+    weights go through a column-layout copy."""
+    _, ours = model_pair(kind, dtype)
+    ours(torch.randint(0, 64, (2, 6))).logits.sum().backward()
+    mod = experts_of(ours)[0]
+    routed = mod._moe_py_cache.experts
+    assert routed.layout == ("linear" if linear else "column")
+    if dtype != torch.bfloat16:
+        assert np.shares_memory(routed.params["w1"], mod.gate_up_proj.detach().numpy()) == linear
+
+
+def test_changing_the_weights_between_forward_and_backward_raises_as_with_eager():
+    for impl in ("eager", "moe_py"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny_configs()["qwen3_moe"], experts_implementation=impl)
+        loss = model(torch.randint(0, 64, (2, 6))).logits.sum()
+        with torch.no_grad():
+            next(m for m in model.modules() if hasattr(m, "gate_up_proj")).gate_up_proj.mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
 
 
 def make_experts(d=12, f=10, e=5, **flags):

@@ -10,13 +10,18 @@ on moe_py.RoutedExperts (the layer's own kernels and dispatch) inside one autogr
 so gradients reach hidden_states, gate_up_proj, down_proj and top_k_weights (the HF router
 trains through it as through "eager").
 
-Weights: the kernels want w1, w3 [E, d, F] and w2 [E, F, d] (and biases b1, b3, b2)
-contiguous; HF keeps gate_up_proj [E, 2F, d] (gate rows over up rows) and down_proj [E, d, F],
-or their transposes (is_transposed), with gate and up interleaved when not is_concatenated.
-`expert_view` reads each of ours as a view of HF's tensors; the same views write our
-gradients back into HF's layout. The contiguous copy is made once per parameter update, not once per forward: a cache
-on the experts module is keyed on each parameter's storage and torch's version counter
-(`tensor._version`, which every in-place update, an optimiser step included, increments).
+Weights: HF keeps gate_up_proj [E, 2F, d] (gate rows over up rows) and down_proj [E, d, F],
+nn.Linear's layout, or their transposes (is_transposed), with gate and up interleaved when not
+is_concatenated. `expert_view` reads each of ours (w1 gate, w3 up, w2; biases b1, b3, b2) as
+a view of HF's tensors. In the default layout (62 of the 67 families), in float32 and
+float64, the kernels read those views in place (RoutedExperts' "linear" layout: each
+expert's matrix is contiguous, gate and up are its halves) and write the weight gradients
+straight into HF-shaped buffers: no copy either way. Otherwise (is_transposed, interleaved,
+bfloat16 weights) the kernels get a contiguous copy in moe_py's column layout, made once per
+parameter update, not once per forward: a cache on the experts module is keyed on each
+parameter's storage and torch's version counter (`tensor._version`, which every in-place
+update, an optimiser step included, increments), and the same views write the gradients
+back into HF's layout.
 
 Supported: gated experts whose act_fn is SiLU (SwiGLU), gpt-oss's clamped SwiGLU gate, ungated
 ones (has_gate=False) whose act_fn is the erf GELU, each with or without biases; float32,
@@ -68,18 +73,30 @@ def hf_names(layout: Layout) -> List[Tuple[str, str]]:
     return names
 
 
-def expert_view(layout: Layout, name: str, hf_tensor: torch.Tensor) -> torch.Tensor:
-    """Our expert tensor `name` (w1: gate, w3: up [E, d, F]; w2 [E, F, d]; b1, b3 [E, F];
-    b2 [E, d]) as a view of the HF tensor hf_names() pairs it with."""
+def expert_view(layout: Layout, name: str, hf_tensor: torch.Tensor, linear: bool = False) -> torch.Tensor:
+    """Our expert tensor `name` as a view of the HF tensor hf_names() pairs it with: w1 (gate),
+    w3 (up) [E, d, F] and w2 [E, F, d], or with `linear` (nn.Linear's layout) [E, F, d] and
+    [E, d, F]; b1, b3 [E, F], b2 [E, d]."""
     t = hf_tensor
-    if name[0] == "w" and not layout.is_transposed:  # HF: [E, out, in]
+    weight = name[0] == "w"
+    if weight and layout.is_transposed == linear:  # HF's [E, out, in] (or [E, in, out]) is not ours
         t = t.transpose(1, 2)
     if name[1] == "2" or not layout.has_gate:
         return t
-    F = t.shape[-1] // 2
+    axis = 1 if weight and linear else t.dim() - 1  # the axis of the outputs: gate and up
+    F = t.shape[axis] // 2
     if layout.is_concatenated:
-        return t[..., :F] if name[1] == "1" else t[..., F:]
-    return t[..., 0::2] if name[1] == "1" else t[..., 1::2]
+        return t.narrow(axis, 0, F) if name[1] == "1" else t.narrow(axis, F, F)
+    step = [slice(None)] * t.dim()
+    step[axis] = slice(0 if name[1] == "1" else 1, None, 2)
+    return t[tuple(step)]
+
+
+def in_place(layout: Layout, dtype: torch.dtype) -> bool:
+    """Whether the kernels read the weights in place (see the module docstring): nn.Linear's
+    layout with gate and up concatenated (or no gate), float32 or float64."""
+    return not layout.is_transposed and (layout.is_concatenated or not layout.has_gate) \
+        and dtype in (torch.float32, torch.float64)
 
 
 def _hf_params(experts) -> List[torch.Tensor]:
@@ -87,11 +104,17 @@ def _hf_params(experts) -> List[torch.Tensor]:
     return [getattr(experts, a) for a in attrs]
 
 
-def _views(experts, params: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+def _views(experts, params: List[torch.Tensor], linear: bool = False) -> Dict[str, torch.Tensor]:
     """Our tensors as views of `params` (tensors laid out as _hf_params(experts))."""
     names = hf_names(layout_of(experts))
     by_attr = dict(zip(dict.fromkeys(attr for _, attr in names), params))
-    return {ours: expert_view(layout_of(experts), ours, by_attr[attr]) for ours, attr in names}
+    return {ours: expert_view(layout_of(experts), ours, by_attr[attr], linear) for ours, attr in names}
+
+
+def _copy(view: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    """A C-contiguous array of the view's values in dtype, never sharing its memory."""
+    a = view.detach().to(dtype).numpy()
+    return a.copy() if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
 # class-specific gates that are gpt-oss's clamped SwiGLU: min(g, limit) and clamp(u, +-limit),
@@ -151,13 +174,19 @@ def _routed_experts(experts, k: int) -> RoutedExperts:
         raise TypeError(f"experts_implementation={NAME!r}: expert weights of dtype {dtype} "
                         "(float32, float64 or bfloat16 expected)")
     compute = _COMPUTE[dtype]
-    with torch.no_grad():
-        ours = {n: v.to(compute).contiguous().numpy().copy() for n, v in _views(experts, params).items()}
-    E, D, F = ours["w1"].shape
+    linear = in_place(layout_of(experts), dtype)
+    views = _views(experts, params, linear)
+    if linear:  # the parameters' own memory: the autograd Function saves them, so that an
+        # in-place change before the backward raises, as with eager
+        ours = {n: v.detach().numpy() for n, v in views.items()}
+    else:
+        ours = {n: _copy(v, compute) for n, v in views.items()}
+    E = ours["w1"].shape[0]
+    D, F = (ours["w1"].shape[2], ours["w1"].shape[1]) if linear else ours["w1"].shape[1:]
     cfg = MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=min(k, E),
                     dtype=str(compute).removeprefix("torch."),
                     compute_dtype="bfloat16" if dtype == torch.bfloat16 else None, **ffn)
-    routed = RoutedExperts(cfg, params=ours, grads={})
+    routed = RoutedExperts(cfg, params=ours, grads={}, layout="linear" if linear else "column")
     experts._moe_py_cache = _Cached(key, routed)  # replaced, never edited: a pending backward keeps its arrays
     return routed
 
@@ -176,19 +205,27 @@ class RoutedExpertsFunction(torch.autograd.Function):
         out = routed(x, top_k_index.detach().numpy(), w, compute_dtype="bfloat16" if bf16 else None)
         ctx.experts, ctx.routed, ctx.out = experts, routed, out
         ctx.dtypes = (hidden_states.dtype, top_k_weights.dtype)
+        ctx.save_for_backward(*params)  # the backward reads them (in place when linear)
         return torch.from_numpy(out.y).to(hidden_states.dtype)
 
     @staticmethod
     @once_differentiable  # the backward is C++: a second derivative raises instead of being 0
     def backward(ctx, dy):
         routed: RoutedExperts = ctx.routed
-        fresh = {n: _kernels.zeros(a.shape, a.dtype) for n, a in routed.params.items()}
+        params = ctx.saved_tensors  # raises if they changed in place since the forward
         compute = torch.float64 if routed.cfg.dtype == "float64" else torch.float32
-        dx, dw = ctx.out.backward(dy.detach().to(compute).contiguous().numpy(), grads=fresh)
-        params = _hf_params(ctx.experts)
         hf_grads = [torch.zeros(p.shape, dtype=compute) for p in params]
-        for name, view in _views(ctx.experts, hf_grads).items():
-            view.copy_(torch.from_numpy(fresh[name]))
+        linear = routed.layout == "linear"
+        views = _views(ctx.experts, hf_grads, linear)
+        # linear: the kernels add the weight gradients straight into HF's buffers; the rest
+        # (biases, whose halves are not contiguous; the column layout) go through fresh arrays
+        direct = {n for n in views if linear and n[0] == "w"}
+        grads = {n: views[n].numpy() if n in direct else _kernels.zeros(a.shape, a.dtype)
+                 for n, a in routed.params.items()}
+        dx, dw = ctx.out.backward(dy.detach().to(compute).contiguous().numpy(), grads=grads)
+        for name, view in views.items():
+            if name not in direct:
+                view.copy_(torch.from_numpy(grads[name]))
         x_dtype, w_dtype = ctx.dtypes
         return (None, torch.from_numpy(dx).to(x_dtype), None, torch.from_numpy(dw).to(w_dtype),
                 *(g.to(p.dtype) for g, p in zip(hf_grads, params)))
