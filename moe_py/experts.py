@@ -56,8 +56,9 @@ def init_expert_weights(cfg: MoEConfig, rng: np.random.Generator, layout: str = 
     layout "linear": the same weights, each expert's matrix transposed."""
     D, F = cfg.d_model, cfg.d_ff
     scale = {"w1": 1 / np.sqrt(D), "w3": 1 / np.sqrt(D), "w2": 1 / np.sqrt(F)}
-    out: Dict[str, np.ndarray] = {k: (rng.standard_normal(shape) * scale[k] if k in scale else np.zeros(shape)).astype(cfg.np_dtype)
-           for k, shape in expert_param_shapes(cfg).items()}
+    out: Dict[str, np.ndarray] = {
+        k: (rng.standard_normal(shape) * scale[k] if k in scale else np.zeros(shape)).astype(cfg.np_dtype)
+        for k, shape in expert_param_shapes(cfg).items()}
     if layout == "linear":
         out.update({k: np.ascontiguousarray(out[k].transpose(0, 2, 1)) for k in scale if k in out})
     return out
