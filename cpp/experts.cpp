@@ -92,10 +92,10 @@ void expert_gemm(const ExpertShape& s, bool trans_a, bool trans_b, index_t M, in
   small_gemm(trans_a, trans_b, M, N, K, A, lda, B, ldb, accumulate, C, ldc);
 }
 
-// op(B) of one of the experts' GEMMs, for every expert with rows, packed once per call
-// (not once per row tile: when op(B) is a transpose, packing is a strided gather, as
-// costly as a small tile's product), for small_gemm_packed or, with a bfloat16 kernel, its
-// packed product. op(B) [K, N] is W_e^T of W_e [N, K] when trans, else W_e [K, N].
+// op(B) of one of the experts' GEMMs, for every expert with rows, packed once per call and
+// used by all its row tiles (a transposed pack costs as much as a small tile's product),
+// for small_gemm_packed or, with a bfloat16 kernel, its packed product. op(B) [K, N] is
+// W_e^T of W_e [N, K] when trans, else W_e [K, N].
 template <typename T>
 class PackedWeights {
  public:
@@ -260,7 +260,8 @@ void experts_backward_by_expert(const ExpertShape& s, const index_t* offsets, co
 #pragma omp for schedule(dynamic, 1)
     for (index_t i = 0; i < n; ++i) {
       const index_t e = order[i];
-      expert_backward_tiles(s, e, offsets, xs, h1, h3, dye, wt, dxs, dw, db, da.get(), a.get(), dh1.get(), dh3.get(), x_bf16.get(), dy_bf16.get());
+      expert_backward_tiles(s, e, offsets, xs, h1, h3, dye, wt, dxs, dw, db, da.get(), a.get(),
+                            dh1.get(), dh3.get(), x_bf16.get(), dy_bf16.get());
     }
   }
 }
@@ -326,7 +327,7 @@ void experts_backward(const ExpertShape& shape, const index_t* offsets, const T*
   const bool glu = gated(s.act);
   const index_t N = offsets[s.E];
   check_blas_dims({N, D, F});
-  // W2^T [D, F], W1^T and W3^T [F, D] of the experts with rows
+  // op(B) = W2^T [D, F], W1^T and W3^T [F, D] of the experts with rows
   const PackedExperts<T> wt(s, offsets, w);
 
   if (path == BackwardPath::by_expert ||
