@@ -86,7 +86,7 @@ def experts_of(model):
     return [m for m in model.modules() if hasattr(m, "_moe_py_cache")]
 
 
-def test_the_weights_are_converted_once_per_update():
+def test_the_experts_are_rebuilt_only_after_an_update():
     _, ours = model_pair("qwen3_moe", torch.float32)
     ids = torch.randint(0, 64, (2, 6))
     ours(ids)
