@@ -162,7 +162,8 @@ class _Cached(NamedTuple):
 
 
 def _routed_experts(experts, k: int) -> RoutedExperts:
-    """The module's weights in moe_py's layout, converted when they changed since last time."""
+    """The module's experts as a RoutedExperts: on views of its weights (in_place), else on
+    column-layout copies; rebuilt only when a weight changed since last time."""
     params = _hf_params(experts)
     key = tuple((p.data_ptr(), p._version, p.dtype, tuple(p.shape)) for p in params) + (k,)
     cached = getattr(experts, "_moe_py_cache", None)
