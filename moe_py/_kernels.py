@@ -73,15 +73,23 @@ def zeros(shape, dtype) -> np.ndarray:
     return kernel("zeros", dtype)(shape=[int(d) for d in shape])
 
 
+def _contiguous_parts(a: np.ndarray):
+    """a as C-contiguous pieces the kernels read without a copy: a itself, or each matrix of a
+    stack of contiguous ones (the halves of transformers' gate_up_proj); None otherwise."""
+    if a.flags.c_contiguous:
+        return [a]
+    if a.ndim > 1 and a[0].flags.c_contiguous:
+        return list(a)
+    return None
+
+
 def all_finite(a) -> bool:
-    """np.isfinite(a).all() in one parallel pass with no temporary (contiguous float arrays;
-    anything else goes through NumPy, but for a stack of contiguous matrices, as the halves
-    of transformers' gate_up_proj, one pass per matrix)."""
+    """np.isfinite(a).all() in one parallel pass per contiguous piece, with no temporary
+    (float arrays; anything else goes through NumPy)."""
     if isinstance(a, np.ndarray) and a.dtype in _SUFFIX:
-        if a.flags.c_contiguous:
-            return bool(kernel("all_finite", a.dtype)(a=a))
-        if a.ndim > 1 and a[0].flags.c_contiguous:
-            return all(bool(kernel("all_finite", a.dtype)(a=m)) for m in a)
+        parts = _contiguous_parts(a)
+        if parts is not None:
+            return all(bool(kernel("all_finite", a.dtype)(a=m)) for m in parts)
     return bool(np.isfinite(a).all())
 
 
@@ -91,8 +99,10 @@ def round_to_bf16(x: np.ndarray) -> np.ndarray:
 
 
 def fingerprint(x: np.ndarray) -> bytes:
-    """64 bytes that change whenever any one value of the float32 array x changes."""
-    return bytes(_core.fingerprint(x=x))
+    """Bytes that change whenever any one value of the float32 array x changes: 64 per
+    contiguous piece (no copy of a stack of contiguous matrices)."""
+    parts = _contiguous_parts(x) if isinstance(x, np.ndarray) else None
+    return b"".join(bytes(_core.fingerprint(x=m)) for m in (parts if parts is not None else [x]))
 
 
 def bf16_kernel() -> str:
