@@ -162,10 +162,13 @@ struct Ops {
 #pragma GCC pop_options
 
 // AMX: a 32 x 32 block of C in four 16 x 16 float32 tiles (tmm0-3), two A tiles of 16 rows
-// x 16 pairs (tmm4-5), two B tiles of 16 pairs x 16 columns (tmm6-7). TDPBF16PS adds, per
-// element of C, the products of 16 pairs in order, element 2k then 2k + 1 of each (the
-// Intel ISA reference's pseudo-code). The block is summed from zero and then added into C,
-// as the other kernels do.
+// x 16 pairs (tmm4-5), two B tiles of 16 pairs x 16 columns (tmm6-7). The Intel ISA
+// reference's pseudo-code adds, per element of C, the products of 16 pairs in order, element
+// 2k then 2k + 1 of each; the hardware does not (measured on a Xeon, family 6 model 167:
+// 2^24 - 2^24 + 1 within one instruction gives 0, 2^20 - 2^20 + 1 gives 1, so the products
+// are not added one at a time; on random operands its sums err less than sequential ones).
+// So this kernel's bits are not amx_emulated's; both meet the same float64 bound. The block
+// is summed from zero and then added into C, as the other kernels do.
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")
 namespace bf16_amx {
@@ -217,7 +220,8 @@ struct Ops : bf16_avx512::Ops {
 #pragma GCC pop_options
 
 // The AMX kernel's code (its packing, padding, blocks and edges) with the tiles emulated on
-// AVX2: each element of the 32 x 32 block sums the pairs in TDPBF16PS's order.
+// AVX2: each element of the 32 x 32 block sums the pairs in the order of TDPBF16PS's
+// pseudo-code (not the hardware's, above).
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace bf16_amx_emulated {

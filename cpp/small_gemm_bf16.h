@@ -12,7 +12,8 @@
 //                bfloat16 kernel are tested on machines without AVX512-BF16.
 //   amx          TDPBF16PS on AMX tiles (Sapphire/Emerald Rapids, where the OS lets the
 //                process use them): 32 x 32 blocks of C, k in tiles of 16 pairs.
-//   amx_emulated the amx kernel's code with the tiles emulated on AVX2, for the same reason.
+//   amx_emulated the amx kernel's code with the tiles emulated on AVX2, for the same reason
+//                (sums in the order of the ISA pseudo-code; the hardware's differ: .cpp).
 //   fallback     no kernel here: the callers round the operands and run small_gemm's float32
 //                FMAs (the same products, summed in k order).
 // Both kernels are compiled into every x86-64 build (function-level target options) and
