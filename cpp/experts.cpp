@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <type_traits>
 #include <vector>
@@ -133,17 +134,20 @@ class PackedWeights {
   std::uint32_t* bp_;
 };
 
-// The backward's op(B) (dh W1^T, dh W3^T, dy W2^T: W^T [K = out, N = in], a transpose in
-// the column layout, W itself in the linear one), packed once per call and in parallel,
-// for the experts with rows.
+// op(B) of the experts' GEMMs, for the experts with rows, packed once per call and in
+// parallel: the forward's (W1, W3 [D, F], W2 [F, D]: the weights themselves in the column
+// layout, a transpose in the linear one) or the backward's (dh W1^T, dh W3^T, dy W2^T: the
+// transposes).
 template <typename T>
 struct PackedExperts {
   PackedWeights<T> w1, w3, w2;
 
-  PackedExperts(const ExpertShape& s, const index_t* offsets, const ExpertWeights<T>& w)
-      : w1(s, s.d_ff, s.d_model, !s.linear, true),
-        w3(s, s.d_ff, s.d_model, !s.linear, gated(s.act)),
-        w2(s, s.d_model, s.d_ff, !s.linear, true) {
+  PackedExperts(const ExpertShape& s, const index_t* offsets, const ExpertWeights<T>& w,
+                bool backward)
+      : w1(s, backward ? s.d_ff : s.d_model, backward ? s.d_model : s.d_ff, backward != s.linear, true),
+        w3(s, backward ? s.d_ff : s.d_model, backward ? s.d_model : s.d_ff, backward != s.linear,
+           gated(s.act)),
+        w2(s, backward ? s.d_model : s.d_ff, backward ? s.d_ff : s.d_model, backward != s.linear, true) {
     const index_t n = gated(s.act) ? 3 : 2;
 #pragma omp parallel for schedule(dynamic, 1)
     for (index_t i = 0; i < s.E * n; ++i) {
@@ -285,12 +289,22 @@ void experts_forward(const ExpertShape& shape, const index_t* offsets, const T* 
   const bool glu = gated(s.act);
   const auto items = tiles(s.E, kRowTile, [&](index_t e) { return offsets[e + 1] - offsets[e]; });
   const index_t n_items = index_t(items.size());
-  // C [M, N] = A [M, K] W_e, W_e [K, N] or (linear) [N, K]. The GEMM packs W_e per row
-  // tile into a buffer that stays in L2 (docs/design.md); a transposed pack costs more, but
-  // packing once per call measured no faster (the packed copy comes back from memory).
-  const auto product = [&](const T* w_e, index_t M, index_t N, index_t K, const T* A, T* C) {
-    expert_gemm(s, false, s.linear, M, N, K, A, K, w_e, s.linear ? K : N, false, C, N);
+  // C [M, N] = A [M, K] W_e, W_e [K, N] or (linear) [N, K]. In float32 the GEMM packs W_e
+  // per row tile into a buffer that stays in L2 (docs/design.md): packing once per call
+  // measured no faster (the packed copy comes back from memory). A bfloat16 kernel packs
+  // each expert's weights once per call: its product is several times faster than float32's
+  // while its pack is not, and the packed copy is half the size.
+  std::optional<PackedExperts<T>> packed;
+  if (s.bf16_kernel != Bf16Kernel::fallback) packed.emplace(s, offsets, w, false);
+  // (pw: the packed weights, or null to pack per tile)
+  const auto product = [&](const PackedWeights<T>* pw, const Stack<const T>& ws, index_t e,
+                           index_t M, index_t N, index_t K, const T* A, T* C) {
+    if (pw) return pw->gemm(e, M, A, false, C);
+    expert_gemm(s, false, s.linear, M, N, K, A, K, ws[e], s.linear ? K : N, false, C, N);
   };
+  const PackedWeights<T>* p1 = packed ? &packed->w1 : nullptr;
+  const PackedWeights<T>* p3 = packed ? &packed->w3 : nullptr;
+  const PackedWeights<T>* p2 = packed ? &packed->w2 : nullptr;
 
 #pragma omp parallel
   {
@@ -302,16 +316,16 @@ void experts_forward(const ExpertShape& shape, const index_t* offsets, const T* 
       const T* x = gemm_operand(s, xs + row * D, x_bf16.data(), it.rows * D);
       T* g = h1 + row * F;
       const index_t e = it.expert;
-      product(w.w1[e], it.rows, F, D, x, g);
+      product(p1, w.w1, e, it.rows, F, D, x, g);
       if (bias.b1) add_to_rows(g, it.rows, F, bias.b1 + e * F);
       T* u = glu ? h3 + row * F : nullptr;
       if (glu) {
-        product(w.w3[e], it.rows, F, D, x, u);
+        product(p3, w.w3, e, it.rows, F, D, x, u);
         if (bias.b3) add_to_rows(u, it.rows, F, bias.b3 + e * F);
       }
       activation_forward(s, g, u, a.data(), it.rows * F);
       gemm_operand(s, a.data(), a.data(), it.rows * F);
-      product(w.w2[e], it.rows, D, F, a.data(), ye + row * D);
+      product(p2, w.w2, e, it.rows, D, F, a.data(), ye + row * D);
       if (bias.b2) add_to_rows(ye + row * D, it.rows, D, bias.b2 + e * D);
     }
   }
@@ -328,7 +342,7 @@ void experts_backward(const ExpertShape& shape, const index_t* offsets, const T*
   const index_t N = offsets[s.E];
   check_blas_dims({N, D, F});
   // op(B) = W2^T [D, F], W1^T and W3^T [F, D] of the experts with rows
-  const PackedExperts<T> wt(s, offsets, w);
+  const PackedExperts<T> wt(s, offsets, w, true);
 
   if (path == BackwardPath::by_expert ||
       (path == BackwardPath::automatic && fused_backward_pays(s.E, offsets)))

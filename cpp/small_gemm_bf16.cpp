@@ -87,11 +87,28 @@ bool cpu_has_avx2_fma() {
   return ok;
 }
 
-// C rows [rows][nc] (+)= a tile kernel's 32 x 32 block `out`
-void add_block(const float* out, int rows, float* c, index_t ldc, index_t nc, bool accumulate) {
+// Packing, value by value (bf16_pair): the kernels without a conversion instruction.
+struct ScalarPacking {
+  // out[p] = the pair (x[2p], x[2p + 1]), p < n
+  static void pack_row(const float* x, index_t n, std::uint32_t* out) {
+    for (index_t p = 0; p < n; ++p) out[p] = bf16_pair(x[2 * p], x[2 * p + 1]);
+  }
+  // out[j] = the pair (b0[j], b1[j]), j < n
+  static void pack_two_rows(const float* b0, const float* b1, index_t n, std::uint32_t* out) {
+    for (index_t j = 0; j < n; ++j) out[j] = bf16_pair(b0[j], b1[j]);
+  }
+};
+
+// A tile kernel's 32 x 32 block of C, rows [rows][nc] of c, through `out` (ld 32): loaded,
+// zero-padded, to start from (accumulate: C, else 0), and stored back.
+void load_block(float* out, int rows, const float* c, index_t ldc, index_t nc, bool accumulate) {
+  for (int i = 0; i < 32; ++i)
+    for (index_t j = 0; j < 32; ++j)
+      out[i * 32 + j] = accumulate && i < rows && j < nc ? c[i * ldc + j] : 0.0f;
+}
+void store_block(const float* out, int rows, float* c, index_t ldc, index_t nc) {
   for (int i = 0; i < rows; ++i)
-    for (index_t j = 0; j < nc; ++j)
-      c[i * ldc + j] = accumulate ? c[i * ldc + j] + out[i * 32 + j] : out[i * 32 + j];
+    for (index_t j = 0; j < nc; ++j) c[i * ldc + j] = out[i * 32 + j];
 }
 
 }  // namespace
@@ -99,6 +116,29 @@ void add_block(const float* out, int rows, float* c, index_t ldc, index_t nc, bo
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
 namespace bf16_avx512 {
+// 32 float32 values (lo, then hi) rounded to bfloat16 in order, as round_to_bf16 rounds them
+// for the products: VCVTNE2PS2BF16 rounds normal values, inf and NaN the same way (checked
+// over 64 M random bit patterns) but flushes subnormal inputs to zero. VDPBF16PS and
+// TDPBF16PS read bfloat16 subnormals as zero anyway, so only the subnormals that round up
+// to the smallest normal (|x| in [2^-126 - 2^-134, 2^-126)) are put right here.
+inline __m512i round_32(__m512 lo, __m512 hi) {
+  const __m512i r = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+  const __m512i magnitude = _mm512_set1_epi32(0x7fffffff), from = _mm512_set1_epi32(0x007f8000),
+                below = _mm512_set1_epi32(0x00800000);
+  const auto lifted = [&](__m512 v) {
+    const __m512i u = _mm512_and_si512(_mm512_castps_si512(v), magnitude);
+    return __mmask32(_mm512_cmpge_epu32_mask(u, from) & _mm512_cmplt_epu32_mask(u, below));
+  };
+  const __mmask32 m = lifted(lo) | (lifted(hi) << 16);
+  if (!m) return r;
+  // the signs of the 32 inputs, with 2^-126's bits
+  const __m512i top = _mm512_inserti64x4(
+      _mm512_castsi256_si512(_mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(lo), 16))),
+      _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(hi), 16)), 1);
+  const __m512i sign = _mm512_and_si512(top, _mm512_set1_epi16(short(0x8000)));
+  return _mm512_mask_mov_epi16(r, m, _mm512_or_si512(sign, _mm512_set1_epi16(0x0080)));
+}
+
 struct Ops {
   using F = __m512;
   using I = __m512i;
@@ -117,6 +157,23 @@ struct Ops {
   static I load_pairs(const std::uint32_t* p) { return _mm512_loadu_si512(p); }
   static I bcast(std::uint32_t x) { return _mm512_set1_epi32(int(x)); }
   static F dot(F acc, I a, I b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
+  // ScalarPacking's, 16 pairs at a time
+  static void pack_row(const float* x, index_t n, std::uint32_t* out) {
+    index_t p = 0;
+    for (; p + 16 <= n; p += 16)
+      _mm512_storeu_si512(out + p, round_32(_mm512_loadu_ps(x + 2 * p), _mm512_loadu_ps(x + 2 * p + 16)));
+    ScalarPacking::pack_row(x + 2 * p, n - p, out + p);
+  }
+  static void pack_two_rows(const float* b0, const float* b1, index_t n, std::uint32_t* out) {
+    // 16-bit elements 0-15 from b0, 16-31 from b1: interleaved into (b0[j], b1[j]) pairs
+    const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                           23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    index_t j = 0;
+    for (; j + 16 <= n; j += 16)
+      _mm512_storeu_si512(out + j, _mm512_permutexvar_epi16(
+                                       pairs, round_32(_mm512_loadu_ps(b0 + j), _mm512_loadu_ps(b1 + j))));
+    ScalarPacking::pack_two_rows(b0 + j, b1 + j, n - j, out + j);
+  }
 };
 #include "small_gemm_bf16_impl.h"
 }  // namespace bf16_avx512
@@ -125,7 +182,7 @@ struct Ops {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace bf16_emulated {
-struct Ops {
+struct Ops : ScalarPacking {
   using F = __m256;
   using I = __m256i;
   static constexpr index_t L = 8;
@@ -167,8 +224,10 @@ struct Ops {
 // 2k then 2k + 1 of each; the hardware does not (measured on a Xeon, family 6 model 167:
 // 2^24 - 2^24 + 1 within one instruction gives 0, 2^20 - 2^20 + 1 gives 1, so the products
 // are not added one at a time; on random operands its sums err less than sequential ones).
-// So this kernel's bits are not amx_emulated's; both meet the same float64 bound. The block
-// is summed from zero and then added into C, as the other kernels do.
+// So this kernel's bits are not amx_emulated's; both meet the same float64 bound. Unlike
+// the register kernels, the tiles start from C (when accumulating) rather than from zero:
+// a block's sum is not added into C afterwards, which saves a pass over C per k block, and a
+// product split into calls at k blocks still gives the same bits.
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")
 namespace bf16_amx {
@@ -193,10 +252,23 @@ struct Ops : bf16_avx512::Ops {
                          const std::uint32_t* panel, index_t nr, float* c, index_t ldc,
                          index_t nc, bool accumulate) {
     const long sa = long(bs * 4), sb = long(nr * 4);
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
+    // a whole block is read and written in place, an edge block through `out`
+    alignas(64) float out[32 * 32];
+    const bool whole = rows == 32 && nc == 32;
+    float* acc = whole ? c : out;
+    const long sc = whole ? long(ldc * 4) : 128;
+    if (!whole) load_block(out, rows, c, ldc, nc, accumulate);
+    if (accumulate || !whole) {
+      _tile_loadd(0, acc, sc);
+      _tile_loadd(1, acc + 16, sc);
+      _tile_loadd(2, acc + 16 * (sc / 4), sc);
+      _tile_loadd(3, acc + 16 * (sc / 4) + 16, sc);
+    } else {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+    }
     for (index_t p = 0; p < kp; p += 16) {
       _tile_loadd(4, blk + p, sa);
       _tile_loadd(5, blk + 16 * bs + p, sa);
@@ -207,12 +279,11 @@ struct Ops : bf16_avx512::Ops {
       _tile_dpbf16ps(2, 5, 6);
       _tile_dpbf16ps(3, 5, 7);
     }
-    alignas(64) float out[32 * 32];
-    _tile_stored(0, out, 128);
-    _tile_stored(1, out + 16, 128);
-    _tile_stored(2, out + 16 * 32, 128);
-    _tile_stored(3, out + 16 * 32 + 16, 128);
-    add_block(out, rows, c, ldc, nc, accumulate);
+    _tile_stored(0, acc, sc);
+    _tile_stored(1, acc + 16, sc);
+    _tile_stored(2, acc + 16 * (sc / 4), sc);
+    _tile_stored(3, acc + 16 * (sc / 4) + 16, sc);
+    if (!whole) store_block(out, rows, c, ldc, nc);
   }
 };
 #include "small_gemm_bf16_impl.h"
@@ -235,16 +306,17 @@ struct Ops : bf16_emulated::Ops {
                          const std::uint32_t* panel, index_t nr, float* c, index_t ldc,
                          index_t nc, bool accumulate) {
     alignas(64) float out[32 * 32];
+    load_block(out, rows, c, ldc, nc, accumulate);  // the tiles start from C, as amx's
     for (int m = 0; m < 32; ++m)
       for (int q = 0; q < 4; ++q) {  // 8 of the 32 columns at a time
-        __m256 acc = zero();
+        __m256 acc = load(out + m * 32 + 8 * q);
         for (index_t p = 0; p < kp; ++p) {
           const I a = bcast(blk[m * bs + p]), b = load_pairs(panel + p * nr + 8 * q);
           acc = _mm256_fmadd_ps(odd(a), odd(b), _mm256_fmadd_ps(even(a), even(b), acc));
         }
         store(out + m * 32 + 8 * q, acc);
       }
-    add_block(out, rows, c, ldc, nc, accumulate);
+    store_block(out, rows, c, ldc, nc);
   }
 };
 #include "small_gemm_bf16_impl.h"

@@ -21,7 +21,9 @@
 // one CPU runs right on another.
 //
 // Sums, as small_gemm's: over k in blocks of kSmallGemmKBlock (even), each block's sum
-// added into C in order; inside a block, over k pairs (2p, 2p + 1) in order. The bits
+// added into C in order; inside a block, over k pairs (2p, 2p + 1) in order. The tile
+// kernels (amx, amx_emulated) continue C's sum in the tiles instead of adding a block's sum
+// to it, so a product split into calls at k blocks gives the same bits there too. The bits
 // depend on the shapes and the kernel only, never on threads or alignment, and a packed B
 // gives the same bits as an unpacked one.
 #pragma once

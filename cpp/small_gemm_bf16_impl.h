@@ -4,9 +4,11 @@
 //
 // Ops gives: F (a float32 vector of L lanes) and I (L 32-bit lanes, each a bfloat16 pair);
 // L and kRows (micro-tile rows); zero, add, load, store, load_n, store_n (the first n lanes);
-// load_pairs, bcast (one pair to every lane) and dot(acc, a, b): acc + the pairwise products.
+// load_pairs, bcast (one pair to every lane) and dot(acc, a, b): acc + the pairwise products;
+// pack_row and pack_two_rows (ScalarPacking's, or faster with the same products).
 // A tile kernel (AMX) also sets kTiles, pads k to kPairAlign pairs (a tile's depth) and
-// gives tile_block, the product of one packed A block and one panel; Session is what a
+// gives tile_block, the product of one packed A block and one panel, its tiles starting
+// from C when accumulating (from zero otherwise); Session is what a
 // product must hold while it runs (the tile configuration), an empty struct otherwise.
 
 constexpr index_t L = Ops::L;
@@ -43,7 +45,7 @@ inline void pack_panel(bool trans_b, const float* B, index_t ldb, index_t k0, in
       const float* b0 = B + k * ldb + j0;
       const float* b1 = b0 + ldb;
       if (p < full)
-        for (index_t j = 0; j < nc; ++j) row[j] = bf16_pair(b0[j], b1[j]);
+        Ops::pack_two_rows(b0, b1, nc, row);
       else
         for (index_t j = 0; j < nc; ++j) row[j] = bf16_pair(b0[j], 0.0f);
     }
@@ -71,7 +73,7 @@ inline void pack_a(bool trans_a, const float* a, index_t lda, int rows, index_t 
     for (int i = 0; i < rows; ++i) {
       const float* ai = a + i * lda;
       std::uint32_t* out = blk + i * kBlkStride;
-      for (index_t p = 0; p < full; ++p) out[p] = bf16_pair(ai[2 * p], ai[2 * p + 1]);
+      Ops::pack_row(ai, full, out);
       if (full < pairs(kc)) out[full] = bf16_pair(ai[2 * full], 0.0f);
     }
   }

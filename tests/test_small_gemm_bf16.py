@@ -50,22 +50,24 @@ def test_the_kernel_is_the_float64_product_of_the_rounded_operands(kernel, shape
         assert np.all(np.abs(fresh - A @ B) <= (K + 1) * U32 * (np.abs(A) @ np.abs(B)))
 
 
-def documented_order(a, b, odd_first, k_block=256):
-    """An emulated kernel's sums in NumPy float32: per k block of 256 (added into C in
-    order), per k pair p, acc += a[2p+1] b[2p+1] then acc += a[2p] b[2p] (odd_first:
-    VDPBF16PS as the Intel SDM writes it) or the other way round (TDPBF16PS as the ISA
-    reference writes it). Each product of two bfloat16 values is exact in float32, so each
+def documented_order(a, b, odd_first, k_block=256, c0=None):
+    """An emulated kernel's sums in NumPy float32, C (+)= a b (c0: C to accumulate into):
+    per k pair p, acc += a[2p+1] b[2p+1] then acc += a[2p] b[2p] (odd_first: VDPBF16PS as
+    the Intel SDM writes it; its kernel sums each k block of 256 from zero and adds it into
+    C in order) or the other way round (TDPBF16PS as the ISA reference writes it; its tiles
+    continue C's sum). Each product of two bfloat16 values is exact in float32, so each
     float32 addition here rounds as the FMA that does it."""
     A, B = round_to_bf16(a), round_to_bf16(b)
     M, K = A.shape
-    C = np.zeros((M, B.shape[1]), np.float32)
+    C = np.zeros((M, B.shape[1]), np.float32) if c0 is None else c0.copy()
+    tiles = not odd_first
     for k0 in range(0, K, k_block):
-        acc = np.zeros_like(C)
+        acc = C.copy() if tiles else np.zeros_like(C)
         for k in range(k0, min(K, k0 + k_block), 2):
             pair = [k, k + 1][:2 if k + 1 < min(K, k0 + k_block) else 1]
             for q in (reversed(pair) if odd_first else pair):
                 acc = acc + np.outer(A[:, q], B[q]).astype(np.float32)
-        C = acc if k0 == 0 else C + acc
+        C = acc if tiles or (k0 == 0 and c0 is None) else C + acc
     return C
 
 
@@ -78,6 +80,9 @@ def test_the_emulated_kernels_sum_in_the_documented_order_bit_for_bit(kernel, od
     a, b = operands(M, N, K, False, False, seed=2)
     got = gemm(kernel, a, b, False, False, np.zeros((M, N), np.float32))
     assert np.array_equal(got, documented_order(a, b, odd_first))
+    c0 = np.random.default_rng(3).standard_normal((M, N)).astype(np.float32)
+    got = gemm(kernel, a, b, False, False, c0.copy(), accumulate=True)
+    assert np.array_equal(got, documented_order(a, b, odd_first, c0=c0))
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -95,6 +100,30 @@ def test_packing_rounds_and_the_k_blocks_add_up_bit_for_bit(kernel):
         gemm(kernel, np.ascontiguousarray(a[k0:k0 + 256]), np.ascontiguousarray(b[k0:k0 + 256]), True, False, c,
              accumulate=k0 > 0)
     assert np.array_equal(ref, c)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("ta,tb", [(False, False), (True, True)])
+def test_subnormals_that_round_to_the_smallest_normal_count(kernel, ta, tb):
+    """Float32 subnormals just below 2^-126 round up to it (a normal bfloat16): their products
+    count, as the rounded operands' do, whichever way the kernel packs (AVX-512 kernels
+    convert with VCVTNE2PS2BF16, which flushes subnormal inputs; other subnormals, zero either
+    way, as VDPBF16PS and TDPBF16PS read bfloat16 subnormals)."""
+    M, N, K = 37, 40, 70  # past 16 values: the vector packing's whole steps and tails
+    rng = np.random.default_rng(4)
+    near = np.array([0x007F8000, 0x007FFFFF, 0x807FC000, 0x007F0000, 0x00000001], np.uint32).view(np.float32)
+    a = rng.choice(near, (K, M) if ta else (M, K)).astype(np.float32)
+    b = (rng.choice([-1.0, 1.0], (N, K) if tb else (K, N)) * 2.0 ** 100).astype(np.float32)
+    got = gemm(kernel, a, b, ta, tb, np.zeros((M, N), np.float32))
+    want = gemm(kernel, round_to_bf16(a), b, ta, tb, np.zeros((M, N), np.float32))
+    assert np.array_equal(got, want) and np.abs(got).max() >= 2.0 ** -26
+    # and on B's side, packed or not
+    op_a, op_b = (a.T if ta else a), (b.T if tb else b)
+    for packed in (False, True):
+        got = gemm(kernel, op_b.T.copy(), op_a.T.copy(), False, False, np.zeros((N, M), np.float32), packed=packed)
+        want = gemm(kernel, op_b.T.copy(), round_to_bf16(op_a.T.copy()), False, False,
+                    np.zeros((N, M), np.float32))
+        assert np.array_equal(got, want)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
