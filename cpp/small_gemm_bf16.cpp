@@ -97,6 +97,16 @@ struct ScalarPacking {
   static void pack_two_rows(const float* b0, const float* b1, index_t n, std::uint32_t* out) {
     for (index_t j = 0; j < n; ++j) out[j] = bf16_pair(b0[j], b1[j]);
   }
+  // blk[i * stride + p] = the pair (a[2p][i], a[2p + 1][i]) (row r of a at a + r * lda),
+  // i < rows, p < n: the columns of a transposed A, side by side
+  static void pack_columns(const float* a, index_t lda, index_t rows, index_t n,
+                           std::uint32_t* blk, index_t stride) {
+    for (index_t p = 0; p < n; ++p) {
+      const float* a0 = a + 2 * p * lda;
+      const float* a1 = a0 + lda;
+      for (index_t i = 0; i < rows; ++i) blk[i * stride + p] = bf16_pair(a0[i], a1[i]);
+    }
+  }
 };
 
 // A tile kernel's 32 x 32 block of C, rows [rows][nc] of c, through `out` (ld 32): loaded,
@@ -173,6 +183,29 @@ struct Ops {
       _mm512_storeu_si512(out + j, _mm512_permutexvar_epi16(
                                        pairs, round_32(_mm512_loadu_ps(b0 + j), _mm512_loadu_ps(b1 + j))));
     ScalarPacking::pack_two_rows(b0 + j, b1 + j, n - j, out + j);
+  }
+  // ScalarPacking's, 16 x 16 pairs at a time: each p's 16 pairs made as pack_two_rows
+  // makes them, then read back across p (a gather from L1)
+  static void pack_columns(const float* a, index_t lda, index_t rows, index_t n,
+                           std::uint32_t* blk, index_t stride) {
+    const index_t rows16 = rows / 16 * 16, n16 = n / 16 * 16;
+    alignas(64) std::uint32_t square[16 * 16];  // [p][i]
+    const __m512i across = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                              _mm512_set1_epi32(16));
+    for (index_t i0 = 0; i0 < rows16; i0 += 16)
+      for (index_t p0 = 0; p0 < n16; p0 += 16) {
+        for (index_t q = 0; q < 16; ++q) {
+          const float* a0 = a + 2 * (p0 + q) * lda + i0;
+          pack_two_rows(a0, a0 + lda, 16, square + q * 16);
+        }
+        for (index_t i = 0; i < 16; ++i)
+          _mm512_storeu_si512(blk + (i0 + i) * stride + p0,
+                              _mm512_i32gather_epi32(_mm512_add_epi32(across, _mm512_set1_epi32(int(i))),
+                                                     square, 4));
+      }
+    // the rest: rows past the last 16, and pairs past the last 16 of the others
+    ScalarPacking::pack_columns(a + rows16, lda, rows - rows16, n, blk + rows16 * stride, stride);
+    ScalarPacking::pack_columns(a + 2 * n16 * lda, lda, rows16, n - n16, blk + n16, stride);
   }
 };
 #include "small_gemm_bf16_impl.h"

@@ -5,7 +5,7 @@
 // Ops gives: F (a float32 vector of L lanes) and I (L 32-bit lanes, each a bfloat16 pair);
 // L and kRows (micro-tile rows); zero, add, load, store, load_n, store_n (the first n lanes);
 // load_pairs, bcast (one pair to every lane) and dot(acc, a, b): acc + the pairwise products;
-// pack_row and pack_two_rows (ScalarPacking's, or faster with the same products).
+// pack_row, pack_two_rows and pack_columns (ScalarPacking's, or faster with the same products).
 // A tile kernel (AMX) also sets kTiles, pads k to kPairAlign pairs (a tile's depth) and
 // gives tile_block, the product of one packed A block and one panel, its tiles starting
 // from C when accumulating (from zero otherwise); Session is what a
@@ -15,7 +15,9 @@ constexpr index_t L = Ops::L;
 constexpr int kRows = Ops::kRows;
 constexpr index_t NR = 2 * L;              // columns per packed panel: two registers
 constexpr index_t kKc = kSmallGemmKBlock;  // k per block (even: a pair never straddles two)
-constexpr index_t kNc = 512;               // columns per block of panels
+// columns per block of panels: A is packed once per block; the tile kernels' panels come
+// from L2 either way, so they take twice as many columns (half the packing of A)
+constexpr index_t kNc = Ops::kTiles ? 1024 : 512;
 static_assert(kKc % 2 == 0 && kNc % NR == 0, "blocks hold whole pairs and whole panels");
 
 inline index_t pairs(index_t k) { return (k + 1) / 2; }
@@ -63,12 +65,9 @@ inline void pack_a(bool trans_a, const float* a, index_t lda, int rows, index_t 
                    std::uint32_t* blk) {
   const index_t full = kc / 2, padded = padded_pairs(kc);
   if (trans_a) {  // op(A)(i, k) = a[k * lda + i]: rows 2p and 2p + 1 of a, side by side
-    for (index_t p = 0; p < pairs(kc); ++p) {
-      const float* a0 = a + 2 * p * lda;
-      const float* a1 = a0 + lda;
-      for (int i = 0; i < rows; ++i)
-        blk[i * kBlkStride + p] = bf16_pair(a0[i], p < full ? a1[i] : 0.0f);
-    }
+    Ops::pack_columns(a, lda, rows, full, blk, kBlkStride);
+    if (full < pairs(kc))
+      for (int i = 0; i < rows; ++i) blk[i * kBlkStride + full] = bf16_pair(a[2 * full * lda + i], 0.0f);
   } else {
     for (int i = 0; i < rows; ++i) {
       const float* ai = a + i * lda;
