@@ -102,11 +102,11 @@ def test_the_experts_are_rebuilt_only_after_an_update():
 
 
 @pytest.mark.parametrize("kind, dtype, linear", [("qwen3_moe", torch.float32, True), ("olmoe", torch.float64, True),
-                                                  ("gpt_oss", torch.float32, False), ("qwen3_moe", torch.bfloat16, False)])
+                                                  ("gpt_oss", torch.float32, False), ("qwen3_moe", torch.bfloat16, True)])
 def test_the_default_layout_is_read_and_written_in_place(kind, dtype, linear):
     """nn.Linear-layout experts in float32/float64: the kernels read HF's own memory and the
-    weight gradients need no copy; transposed or interleaved ones (gpt-oss) and bfloat16
-    weights go through a column-layout copy."""
+    weight gradients need no copy; bfloat16 ones, a float32 copy in the same layout;
+    transposed or interleaved ones (gpt-oss) go through a column-layout copy."""
     _, ours = model_pair(kind, dtype)
     ours(torch.randint(0, 64, (2, 6))).logits.sum().backward()
     mod = experts_of(ours)[0]

@@ -16,8 +16,10 @@ is_concatenated. `expert_view` reads each of ours (w1 gate, w3 up, w2; biases b1
 a view of HF's tensors. In the default layout (62 of the 67 families), in float32 and
 float64, the kernels read those views in place (RoutedExperts' "linear" layout: each
 expert's matrix is contiguous, gate and up are its halves) and write the weight gradients
-straight into HF-shaped buffers: no copy either way. Otherwise (is_transposed, interleaved,
-bfloat16 weights) the kernels get a contiguous copy in moe_py's column layout, made once per
+straight into HF-shaped buffers: no copy either way. bfloat16 weights in that layout get a
+float32 copy in the same layout (the gradients come out in it too, and are rounded to
+bfloat16). Otherwise (is_transposed, interleaved) the kernels get a contiguous copy in
+moe_py's column layout. A copy is made once per
 parameter update, not once per forward: a cache on the experts module is keyed on each
 parameter's storage and torch's version counter (`tensor._version`, which every in-place
 update, an optimiser step included, increments), and the same views write the gradients
@@ -92,11 +94,15 @@ def expert_view(layout: Layout, name: str, hf_tensor: torch.Tensor, linear: bool
     return t[tuple(step)]
 
 
+def linear_layout(layout: Layout) -> bool:
+    """Whether the kernels can read the weights in HF's own layout (see the module docstring):
+    nn.Linear's, with gate and up concatenated (or no gate)."""
+    return not layout.is_transposed and (layout.is_concatenated or not layout.has_gate)
+
+
 def in_place(layout: Layout, dtype: torch.dtype) -> bool:
-    """Whether the kernels read the weights in place (see the module docstring): nn.Linear's
-    layout with gate and up concatenated (or no gate), float32 or float64."""
-    return not layout.is_transposed and (layout.is_concatenated or not layout.has_gate) \
-        and dtype in (torch.float32, torch.float64)
+    """Whether the kernels read HF's own memory: its layout, and a dtype they compute in."""
+    return linear_layout(layout) and _COMPUTE[dtype] == dtype
 
 
 def _hf_params(experts) -> List[torch.Tensor]:
@@ -175,13 +181,15 @@ def _routed_experts(experts, k: int) -> RoutedExperts:
         raise TypeError(f"experts_implementation={NAME!r}: expert weights of dtype {dtype} "
                         "(float32, float64 or bfloat16 expected)")
     compute = _COMPUTE[dtype]
-    linear = in_place(layout_of(experts), dtype)
-    views = _views(experts, params, linear)
-    if linear:  # the parameters' own memory: the autograd Function saves them, so that an
-        # in-place change before the backward raises, as with eager
-        ours = {n: v.detach().numpy() for n, v in views.items()}
+    linear = linear_layout(layout_of(experts))
+    if in_place(layout_of(experts), dtype):  # the parameters' own memory: the autograd
+        # Function saves them, so that an in-place change before the backward raises, as with eager
+        ours = {n: v.detach().numpy() for n, v in _views(experts, params, linear).items()}
+    elif linear:  # bfloat16: float32 copies in HF's layout (no transposing copy either way)
+        copies = [p.detach().to(compute) for p in params]
+        ours = {n: v.numpy() for n, v in _views(experts, copies, linear).items()}
     else:
-        ours = {n: _copy(v, compute) for n, v in views.items()}
+        ours = {n: _copy(v, compute) for n, v in _views(experts, params, linear).items()}
     E = ours["w1"].shape[0]
     D, F = (ours["w1"].shape[2], ours["w1"].shape[1]) if linear else ours["w1"].shape[1:]
     cfg = MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=min(k, E),
