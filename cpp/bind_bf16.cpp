@@ -65,6 +65,11 @@ void bind_bf16(py::module_& m) {
       [](const std::string& kernel) { return moe::bf16_kernel_available(kernel_named(kernel)); },
       py::kw_only(), py::arg("kernel"), "whether this CPU and OS can run the kernel");
   m.def(
+      "bf16_kernel_pays",
+      [](const std::string& kernel) { return moe::bf16_kernel_pays(kernel_named(kernel)); },
+      py::kw_only(), py::arg("kernel"),
+      "whether the kernel, where it runs, is faster than the fallback on this CPU (may be the default)");
+  m.def(
       "bf16_self_check",
       [](const std::string& kernel) {
         const moe::Bf16Kernel k = kernel_named(kernel);

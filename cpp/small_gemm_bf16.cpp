@@ -1,6 +1,7 @@
 #include "small_gemm_bf16.h"
 
 #include <atomic>
+#include <memory>
 #include <cmath>
 #include <cstdint>
 #include <stdexcept>
@@ -75,6 +76,14 @@ bool cpu_has_amx_bf16() {
     if (!(tile && bf16 && cpu_has_avx512_bf16() && os_saves(0x60000))) return false;
     constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
     return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+bool cpu_is_amd() {
+  static const bool ok = [] {
+    const Regs r = cpuid(0, 0);  // vendor string in ebx, edx, ecx
+    return r.b == 0x68747541u && r.d == 0x69746e65u && r.c == 0x444d4163u;  // "AuthenticAMD"
   }();
   return ok;
 }
@@ -455,12 +464,16 @@ bool bf16_self_check(Bf16Kernel k) {
   return true;
 }
 
+bool bf16_kernel_pays(Bf16Kernel k) {
+  return k == Bf16Kernel::amx || (k == Bf16Kernel::avx512_bf16 && cpu_is_amd());
+}
+
 Bf16Kernel bf16_kernel() {
   int k = g_kernel.load();
   if (k < 0) {  // decided once; concurrent first calls decide the same
     k = int(Bf16Kernel::fallback);
     for (Bf16Kernel fast : {Bf16Kernel::amx, Bf16Kernel::avx512_bf16})  // fastest first
-      if (bf16_kernel_available(fast) && bf16_self_check(fast)) {
+      if (bf16_kernel_available(fast) && bf16_kernel_pays(fast) && bf16_self_check(fast)) {
         k = int(fast);
         break;
       }
@@ -501,6 +514,7 @@ void small_gemm_packed_bf16(Bf16Kernel k, bool trans_a, index_t M, index_t N, in
 
 bool bf16_kernel_available(Bf16Kernel k) { return k == Bf16Kernel::fallback; }
 bool bf16_self_check(Bf16Kernel k) { return k == Bf16Kernel::fallback; }
+bool bf16_kernel_pays(Bf16Kernel) { return false; }
 Bf16Kernel bf16_kernel() { return Bf16Kernel::fallback; }
 void set_bf16_kernel(Bf16Kernel k) {
   if (k != Bf16Kernel::fallback) throw std::invalid_argument("bf16 kernel: only the fallback on this CPU");

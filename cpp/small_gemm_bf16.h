@@ -40,6 +40,11 @@ const char* bf16_kernel_name(Bf16Kernel k);
 // Whether this CPU and OS can run k (fallback: always).
 bool bf16_kernel_available(Bf16Kernel k);
 
+// Whether k, where available, is faster than the fallback on this CPU, and so may be the
+// default: amx always; avx512_bf16 on AMD only (Zen 4 runs VDPBF16PS at twice the float32
+// FMA rate, an Intel Xeon, family 6 model 167, at about 0.6x: benchmarks/README.md).
+bool bf16_kernel_pays(Bf16Kernel k);
+
 // The kernel the experts use with bf16 compute. By default the first of amx and avx512_bf16
 // that is available and passes its self-check (bf16_self_check), else fallback;
 // set_bf16_kernel changes it for the process (it throws if k is not available here).

@@ -57,35 +57,34 @@ inline void pack_panel(bool trans_b, const float* B, index_t ldb, index_t k0, in
     for (index_t j = 0; j < NR; ++j) panel[p * NR + j] = 0;
 }
 
-// Rows [0, rows) of op(A), k [0, kc) (a at op(A)(0, k0)) into blk [kRows][kKc / 2]: row i's
-// pairs side by side, as a plain A's row already holds them (the micro-kernel broadcasts
-// blk[i][p] for each row, as small_gemm broadcasts A[i][k]).
-constexpr index_t kBlkStride = kKc / 2;
+// Rows [0, rows) of op(A), k [0, kc) (a at op(A)(0, k0)) into blk [kRows][bs], bs >=
+// padded_pairs(kc): row i's pairs side by side, as a plain A's row already holds them (the
+// micro-kernel broadcasts blk[i][p] for each row, as small_gemm broadcasts A[i][k]).
 inline void pack_a(bool trans_a, const float* a, index_t lda, int rows, index_t kc,
-                   std::uint32_t* blk) {
+                   std::uint32_t* blk, index_t bs) {
   const index_t full = kc / 2, padded = padded_pairs(kc);
   if (trans_a) {  // op(A)(i, k) = a[k * lda + i]: rows 2p and 2p + 1 of a, side by side
-    Ops::pack_columns(a, lda, rows, full, blk, kBlkStride);
+    Ops::pack_columns(a, lda, rows, full, blk, bs);
     if (full < pairs(kc))
-      for (int i = 0; i < rows; ++i) blk[i * kBlkStride + full] = bf16_pair(a[2 * full * lda + i], 0.0f);
+      for (int i = 0; i < rows; ++i) blk[i * bs + full] = bf16_pair(a[2 * full * lda + i], 0.0f);
   } else {
     for (int i = 0; i < rows; ++i) {
       const float* ai = a + i * lda;
-      std::uint32_t* out = blk + i * kBlkStride;
+      std::uint32_t* out = blk + i * bs;
       Ops::pack_row(ai, full, out);
       if (full < pairs(kc)) out[full] = bf16_pair(ai[2 * full], 0.0f);
     }
   }
   // a tile reads whole tiles: zeros past the pairs and, below the rows, zero rows
   for (int i = 0; i < (Ops::kTiles ? kRows : rows); ++i)
-    for (index_t p = i < rows ? pairs(kc) : 0; p < padded; ++p) blk[i * kBlkStride + p] = 0;
+    for (index_t p = i < rows ? pairs(kc) : 0; p < padded; ++p) blk[i * bs + p] = 0;
 }
 
 // C rows [R][nc] (+)= the packed A rows x one panel, over kp pairs; NV registers per row
 // (1 when nc <= L, so that a narrow product skips the panel's zero half).
 template <int NV, int R>
-void micro_tile(index_t kp, const std::uint32_t* blk, const std::uint32_t* panel, float* c,
-                index_t ldc, index_t nc, bool accumulate) {
+void micro_tile(index_t kp, const std::uint32_t* blk, index_t bs, const std::uint32_t* panel,
+                float* c, index_t ldc, index_t nc, bool accumulate) {
   typename Ops::F acc[NV][R];
 #pragma GCC unroll 16
   for (int i = 0; i < R; ++i)
@@ -95,7 +94,7 @@ void micro_tile(index_t kp, const std::uint32_t* blk, const std::uint32_t* panel
     for (int v = 0; v < NV; ++v) b[v] = Ops::load_pairs(panel + p * NR + v * L);
 #pragma GCC unroll 16
     for (int i = 0; i < R; ++i) {
-      const typename Ops::I ai = Ops::bcast(blk[i * kBlkStride + p]);
+      const typename Ops::I ai = Ops::bcast(blk[i * bs + p]);
       for (int v = 0; v < NV; ++v) acc[v][i] = Ops::dot(acc[v][i], ai, b[v]);
     }
   }
@@ -115,11 +114,11 @@ void micro_tile(index_t kp, const std::uint32_t* blk, const std::uint32_t* panel
 
 // The micro-tile for `rows` <= kRows rows (a template per row count).
 template <int NV, int R = kRows>
-void micro_rows(int rows, index_t kp, const std::uint32_t* blk, const std::uint32_t* panel,
-                float* c, index_t ldc, index_t nc, bool accumulate) {
+void micro_rows(int rows, index_t kp, const std::uint32_t* blk, index_t bs,
+                const std::uint32_t* panel, float* c, index_t ldc, index_t nc, bool accumulate) {
   if constexpr (R >= 1) {
-    if (rows == R) return micro_tile<NV, R>(kp, blk, panel, c, ldc, nc, accumulate);
-    micro_rows<NV, R - 1>(rows, kp, blk, panel, c, ldc, nc, accumulate);
+    if (rows == R) return micro_tile<NV, R>(kp, blk, bs, panel, c, ldc, nc, accumulate);
+    micro_rows<NV, R - 1>(rows, kp, blk, bs, panel, c, ldc, nc, accumulate);
   }
 }
 
@@ -127,14 +126,25 @@ void micro_rows(int rows, index_t kp, const std::uint32_t* blk, const std::uint3
 // register micro-tile (one register per row when nc <= L, so that a narrow product skips
 // the panel's zero half). A template, so that only the branch its Ops has is compiled.
 template <class O = Ops>
-void block_product(int rows, index_t kp, const std::uint32_t* blk, const std::uint32_t* panel,
-                   float* c, index_t ldc, index_t nc, bool accumulate) {
+void block_product(int rows, index_t kp, const std::uint32_t* blk, index_t bs,
+                   const std::uint32_t* panel, float* c, index_t ldc, index_t nc, bool accumulate) {
   if constexpr (O::kTiles)
-    O::tile_block(rows, kp, blk, kBlkStride, panel, NR, c, ldc, nc, accumulate);
+    O::tile_block(rows, kp, blk, bs, panel, NR, c, ldc, nc, accumulate);
   else if (nc <= L)
-    micro_rows<1>(rows, kp, blk, panel, c, ldc, nc, accumulate);
+    micro_rows<1>(rows, kp, blk, bs, panel, c, ldc, nc, accumulate);
   else
-    micro_rows<2>(rows, kp, blk, panel, c, ldc, nc, accumulate);
+    micro_rows<2>(rows, kp, blk, bs, panel, c, ldc, nc, accumulate);
+}
+
+// A block of kRows packed rows of A, kp pairs each: a per-thread buffer, grown as needed.
+inline std::uint32_t* a_block(index_t kp) {
+  thread_local std::unique_ptr<AlignedBuffer<std::uint32_t>> buffer;
+  thread_local index_t size = 0;
+  if (kRows * kp > size) {
+    buffer = std::make_unique<AlignedBuffer<std::uint32_t>>(kRows * kp);
+    size = kRows * kp;
+  }
+  return buffer->get();
 }
 
 // C [M][N] (+)= op(A) rows 0..M, k0..k0+kc (a at op(A)(0, k0)) x the packed panels of that
@@ -143,15 +153,15 @@ void block_product(int rows, index_t kp, const std::uint32_t* blk, const std::ui
 inline void panels_block(bool trans_a, index_t M, index_t N, index_t kc, const float* a,
                          index_t lda, const std::uint32_t* panels, index_t stride, float* c,
                          index_t ldc, bool accumulate) {
-  alignas(64) std::uint32_t blk[kRows * kBlkStride];
   const index_t kp = padded_pairs(kc);
+  std::uint32_t* blk = a_block(kp);
   for (index_t i = 0; i < M; i += kRows) {
     const int rows = int(lesser(kRows, M - i));
-    pack_a(trans_a, trans_a ? a + i : a + i * lda, lda, rows, kc, blk);
+    pack_a(trans_a, trans_a ? a + i : a + i * lda, lda, rows, kc, blk, kp);
     for (index_t j0 = 0; j0 < N; j0 += NR) {
       const std::uint32_t* panel = panels + (j0 / NR) * stride;
       const index_t nc = lesser(NR, N - j0);
-      block_product(rows, kp, blk, panel, c + i * ldc + j0, ldc, nc, accumulate);
+      block_product(rows, kp, blk, kp, panel, c + i * ldc + j0, ldc, nc, accumulate);
     }
   }
 }
@@ -203,6 +213,14 @@ void gemm_packed(bool trans_a, index_t M, index_t N, index_t K, const float* A, 
   if (K == 0) return zero_unless(accumulate, M, N, C, ldc);
   [[maybe_unused]] const typename Ops::Session session;
   const index_t stride = padded_pairs(K) * NR;
+  if constexpr (Ops::kTiles) {
+    // The tiles continue C's sum, so the whole of K at once gives the bits of k block after
+    // k block, with one load and store of C per block of C instead of one per k block.
+    for (index_t n0 = 0; n0 < N; n0 += kNc)
+      panels_block(trans_a, M, lesser(kNc, N - n0), K, A, lda, packed + (n0 / NR) * stride, stride,
+                   C + n0, ldc, accumulate);
+    return;
+  }
   for (index_t n0 = 0; n0 < N; n0 += kNc)
     for (index_t k0 = 0; k0 < K; k0 += kKc)
       panels_block(trans_a, M, lesser(kNc, N - n0), lesser(kKc, K - k0),

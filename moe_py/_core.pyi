@@ -152,6 +152,9 @@ def bf16_kernel() -> str:
 def bf16_kernel_available(*, kernel: str) -> bool:
     """whether this CPU and OS can run the kernel"""
 
+def bf16_kernel_pays(*, kernel: str) -> bool:
+    """whether the kernel, where it runs, is faster than the fallback on this CPU (may be the default)"""
+
 def bf16_self_check(*, kernel: str) -> bool:
     """whether the kernel agrees with a float64 product on the built-in shapes"""
 

@@ -118,5 +118,9 @@ def bf16_kernel_available(name: str) -> bool:
     return bool(_core.bf16_kernel_available(kernel=name))
 
 
+def bf16_kernel_pays(name: str) -> bool:
+    return bool(_core.bf16_kernel_pays(kernel=name))
+
+
 def bf16_self_check(name: str) -> bool:
     return bool(_core.bf16_self_check(kernel=name))

@@ -100,8 +100,12 @@ def bf16_path() -> str:
         return (f"{kernel}: the {emulates[kernel]} kernel's code with its bfloat16 instruction emulated "
                 f"by float32 FMAs, for testing; slower than float32 ({cpu})")
     why = cpu + note
-    if any(_kernels.bf16_kernel_available(k) for k in ("amx", "avx512_bf16")) and not failed:
+    paying = [k for k in ("amx", "avx512_bf16") if _kernels.bf16_kernel_available(k) and _kernels.bf16_kernel_pays(k)]
+    if paying and not failed:
         why = "set by MOE_PY_BF16_KERNEL or moe_py.bf16.set_kernel"
+    elif _kernels.bf16_kernel_available("avx512_bf16") and not paying:
+        why = (f"{cpu}, but VDPBF16PS runs slower than float32 FMAs on this Intel CPU; "
+               "MOE_PY_BF16_KERNEL=avx512_bf16 picks it anyway")
     return f"fallback: bfloat16-rounded operands in float32 FMA GEMMs, slower than float32 ({why})"
 
 
