@@ -35,6 +35,7 @@ from common import (ForeignLoad, Table, _median_rate, fmt, geomean, interleaved_
 from moe_py.machine import bf16_path
 
 TWO_LARGEST = sorted(DEFAULT_SHAPES, key=lambda s: layer_flops(s)["total"])[-2:]
+EXPERT_KERNELS = ["experts_forward_f32", "experts_backward_f32"]
 
 
 def best_bf16_gemm(M: int, K: int, N: int, torch_mod, repeats: int) -> float:
@@ -76,6 +77,11 @@ def bench_shape(shape: Shape, n: int, args, torch_mod) -> dict:
         row[name], row[name + "_spread"] = statistics.median(ts), spread(ts)
     if torch_mod is not None:
         row["bf16_gemm"] = best_bf16_gemm(T * k, D, F, torch_mod, max(args.repeats, 7))
+    # where the bf16 layer's time goes: its expert kernels, and the rest (router, dispatch,
+    # combine, checks, Python)
+    b = kernel_breakdown(lambda: (bf16(x), bf16.backward(dy)), EXPERT_KERNELS, args.repeats, args.warmup,
+                         bf16.zero_grad)
+    row["bf16_experts"], row["bf16_total"] = sum(b[n] for n in EXPERT_KERNELS), b["total"]
     row["foreign"] = load.cores()
     print(f"  done {shape_str(shape)} threads={n}", file=sys.stderr, flush=True)
     return row
@@ -104,6 +110,18 @@ def print_layer(rows: List[dict]) -> None:
             line += ", %bf16 mm at the two largest shapes " + ", ".join(
                 f"{100 * r['gflop'] / r['bf16'] / r['bf16_gemm']:.0f}%" for r in big) + " (>= 70%)"
         print(line)
+
+
+def print_breakdown(rows: List[dict]) -> None:
+    print("bf16 layer by kernel (a separate, non-interleaved run): the expert kernels' share of its time, and "
+          "their rate on the expert GEMMs' FLOPs")
+    for r in rows:
+        f = layer_flops(r["shape"])
+        rate = (f["experts_fwd"] + f["experts_bwd"]) / 1e9 / r["bf16_experts"]
+        mm = r.get("bf16_gemm")
+        print(f"  {shape_str(r['shape'])} threads={r['threads']}: experts {r['bf16_experts'] * 1e3:.1f} of "
+              f"{r['bf16_total'] * 1e3:.1f} ms ({100 * r['bf16_experts'] / r['bf16_total']:.0f} %), "
+              f"{rate:.0f} GFLOP/s" + (f" = {100 * rate / mm:.0f} % of the bf16 mm" if mm else ""))
 
 
 def bench_train(threads: List[int], args) -> None:
@@ -158,6 +176,7 @@ def main(argv=None) -> None:
     print("fp32/bf16 and torch/bf16: time ratios (> 1: moe_py's bf16 faster); bf16 GF/s: the layer's FLOPs")
     print("(bench_layer's count) over its bf16 time; bf16 mm: torch.mm on bfloat16 tensors at [T*k, D] x [D, F];")
     print("spread: (max - min) / median of moe_py's sides; other: cores other processes used meanwhile.")
+    print_breakdown(rows)
     if args.train:
         bench_train(args.threads, args)
 
