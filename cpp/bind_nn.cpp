@@ -13,22 +13,22 @@ template <typename T>
 void bind_typed(py::module_& m, const std::string& sfx) {
   m.def(
       ("linear_forward" + sfx).c_str(),
-      [](In<T> x, In<T> w) {
+      [](In<T> x, In<T> w, bool bf16) {
         if (x.ndim() != 2 || w.ndim() != 2 || x.shape(1) != w.shape(0))
           throw std::invalid_argument("linear: expected x [n, in] and w [in, out]");
         const index_t n = x.shape(0), in = x.shape(1), out = w.shape(1);
         auto y = empty<T>({n, out});
         T* yp = y.mutable_data();
         py::gil_scoped_release release;
-        moe::linear_forward<T>(x.data(), w.data(), n, in, out, yp);
+        moe::linear_forward<T>(x.data(), w.data(), n, in, out, yp, bf16);
         return y;
       },
-      py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("x"), py::arg("w"),
-      "y = x @ w");
+      py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("x"), py::arg("w"), py::arg("bf16") = false,
+      "y = x @ w (bf16: bfloat16 operands, float32 sums; float32 only)");
 
   m.def(
       ("linear_backward" + sfx).c_str(),
-      [](In<T> x, In<T> w, In<T> dy, py::array dw, bool need_dx) {
+      [](In<T> x, In<T> w, In<T> dy, py::array dw, bool need_dx, bool bf16) {
         const index_t n = x.shape(0), in = x.shape(1), out = w.shape(1);
         expect_shape(w, "w", {in, out});
         expect_shape(dy, "dy", {n, out});
@@ -36,11 +36,13 @@ void bind_typed(py::module_& m, const std::string& sfx) {
         auto dx = empty<T>({need_dx ? n : 0, in});
         T* dxp = need_dx ? dx.mutable_data() : nullptr;
         py::gil_scoped_release release;
-        moe::linear_backward<T>(x.data(), w.data(), dy.data(), n, in, out, dxp, dwp);
+        moe::linear_backward<T>(x.data(), w.data(), dy.data(), n, in, out, dxp, dwp, bf16);
         return dx;
       },
       py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("x"), py::arg("w"), py::arg("dy"), py::arg("dw"), py::arg("need_dx") = true,
-      "dx = dy @ w.T (empty when need_dx is False); adds x.T @ dy into dw");
+      py::arg("bf16") = false,
+      "dx = dy @ w.T (empty when need_dx is False); adds x.T @ dy into dw (bf16: bfloat16 operands, "
+      "float32 sums; float32 only)");
 
   m.def(
       ("scatter_add_rows" + sfx).c_str(),

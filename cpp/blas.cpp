@@ -2,6 +2,7 @@
 
 #include "pool.h"
 #include "small_gemm.h"
+#include "small_gemm_bf16.h"
 
 #include <cblas.h>
 #include <omp.h>
@@ -47,21 +48,37 @@ void gemm(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, double al
               ldc);
 }
 
+namespace {
+
+// The tiles of C [M, N] of gemm_tiled and gemm_tiled_bf16. A product with few tiles (a
+// weight gradient: few rows and columns, a long K) gets smaller ones, so that every thread
+// has work. Chosen from the shape alone.
+struct Tiling {
+  index_t row_tile = kGemmRowTile, col_tile = kGemmColTile, row_tiles = 0, col_tiles = 0;
+  Tiling(index_t M, index_t N, index_t small_rows = kGemmSmallRowTile,
+         index_t small_cols = kGemmSmallColTile) {
+    const auto count = [](index_t n, index_t tile) { return (n + tile - 1) / tile; };
+    if (count(M, row_tile) * count(N, col_tile) < kGemmMinTiles) {
+      row_tile = small_rows;
+      col_tile = small_cols;
+    }
+    row_tiles = count(M, row_tile);
+    col_tiles = count(N, col_tile);
+  }
+  index_t tiles() const { return row_tiles * col_tiles; }
+  bool parallel() const { return tiles() > 1 && !omp_in_parallel(); }
+};
+
+}  // namespace
+
 template <typename T>
 void gemm_tiled(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, T alpha,
                 const T* A, index_t lda, const T* B, index_t ldb, T beta, T* C, index_t ldc) {
   check_blas_dims({M, N, K, lda, ldb, ldc});
-  // A product with few tiles (a weight gradient: few rows and columns, a long K) gets
-  // smaller ones, so that every thread has work. Chosen from the shape alone.
-  index_t row_tile = kGemmRowTile, col_tile = kGemmColTile;
-  const auto count = [&](index_t n, index_t tile) { return (n + tile - 1) / tile; };
-  if (count(M, row_tile) * count(N, col_tile) < kGemmMinTiles) {
-    row_tile = kGemmSmallRowTile;
-    col_tile = kGemmSmallColTile;
-  }
-  const index_t row_tiles = count(M, row_tile), col_tiles = count(N, col_tile);
-  const index_t tiles = row_tiles * col_tiles;
-  const bool parallel = tiles > 1 && !omp_in_parallel();
+  const Tiling tiling(M, N);
+  const index_t row_tile = tiling.row_tile, col_tile = tiling.col_tile;
+  const index_t col_tiles = tiling.col_tiles, tiles = tiling.tiles();
+  const bool parallel = tiling.parallel();
   // Row r0 of op(A) starts at A + r0*lda (plain) or at column r0 (transposed);
   // column c0 of op(B) at B + c0 (plain) or at row c0 (transposed).
   const auto a_rows = [&](index_t r0) { return trans_a ? A + r0 : A + r0 * lda; };
@@ -92,6 +109,36 @@ void gemm_tiled(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, T a
       small_gemm_packed(trans_a, std::min(row_tile, M - r0), std::min(col_tile, N - c0),
                         K, a_rows(r0), lda, packed.get() + c0 * K, beta == T(1),
                         C + r0 * ldc + c0, ldc);
+    }
+  }
+}
+
+void gemm_tiled_bf16(Bf16Kernel k, bool trans_a, bool trans_b, index_t M, index_t N, index_t K,
+                     const float* A, index_t lda, const float* B, index_t ldb, bool accumulate,
+                     float* C, index_t ldc) {
+  check_blas_dims({M, N, K, lda, ldb, ldc});
+  // small tiles of whole 32-row AMX blocks and 32-column panels: each tile packs its A
+  // anew, which at the bfloat16 kernels' speed costs as much as a small tile's product
+  const Tiling tiling(M, N, 64, 128);
+  const index_t row_tile = tiling.row_tile, col_tile = tiling.col_tile;
+  const index_t col_tiles = tiling.col_tiles, tiles = tiling.tiles();
+  const auto a_rows = [&](index_t r0) { return trans_a ? A + r0 : A + r0 * lda; };
+  const auto b_cols = [&](index_t c0) { return trans_b ? B + c0 * ldb : B + c0; };
+  // op(B) packed once per column tile, each in its own stretch, for every row tile
+  const index_t stretch = packed_b_bf16_size(k, K, col_tile);
+  Scratch<std::uint32_t> packed(col_tiles * stretch);
+#pragma omp parallel if (tiling.parallel())
+  {
+#pragma omp for schedule(dynamic, 1)
+    for (index_t c = 0; c < col_tiles; ++c)
+      pack_b_bf16(k, trans_b, K, std::min(col_tile, N - c * col_tile), b_cols(c * col_tile), ldb,
+                  packed.get() + c * stretch);
+#pragma omp for schedule(dynamic, 1)
+    for (index_t i = 0; i < tiles; ++i) {
+      const index_t r = i / col_tiles, c = i % col_tiles, r0 = r * row_tile, c0 = c * col_tile;
+      small_gemm_packed_bf16(k, trans_a, std::min(row_tile, M - r0), std::min(col_tile, N - c0), K,
+                             a_rows(r0), lda, packed.get() + c * stretch, accumulate,
+                             C + r0 * ldc + c0, ldc);
     }
   }
 }

@@ -5,6 +5,7 @@
 #include <initializer_list>
 #include <string>
 
+#include "small_gemm_bf16.h"
 #include "tensor.h"
 
 namespace moe {
@@ -40,6 +41,13 @@ constexpr index_t kGemmSmallColTile = 64;
 template <typename T>
 void gemm_tiled(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, T alpha,
                 const T* A, index_t lda, const T* B, index_t ldb, T beta, T* C, index_t ldc);
+
+// C [M, N] (+)= op(A) op(B) on the bfloat16 kernel k (not the fallback), in gemm_tiled's
+// tiles: bfloat16 operands (rounded as packed), float32 sums over the whole of K in each
+// tile, so that the bits do not depend on the threads.
+void gemm_tiled_bf16(Bf16Kernel k, bool trans_a, bool trans_b, index_t M, index_t N, index_t K,
+                     const float* A, index_t lda, const float* B, index_t ldb, bool accumulate,
+                     float* C, index_t ldc);
 
 // Makes the linked OpenBLAS single-threaded; called once at module import.
 void blas_init();

@@ -227,17 +227,17 @@ def gather_rows_f64(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64
 def get_num_threads() -> int:
     """OpenMP threads the kernels run on"""
 
-def linear_backward_f32(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], w: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], dy: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], dw: numpy.ndarray, need_dx: bool = True) -> numpy.typing.NDArray[numpy.float32]:
-    """dx = dy @ w.T (empty when need_dx is False); adds x.T @ dy into dw"""
+def linear_backward_f32(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], w: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], dy: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], dw: numpy.ndarray, need_dx: bool = True, bf16: bool = False) -> numpy.typing.NDArray[numpy.float32]:
+    """dx = dy @ w.T (empty when need_dx is False); adds x.T @ dy into dw (bf16: bfloat16 operands, float32 sums; float32 only)"""
 
-def linear_backward_f64(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], w: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], dy: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], dw: numpy.ndarray, need_dx: bool = True) -> numpy.typing.NDArray[numpy.float64]:
-    """dx = dy @ w.T (empty when need_dx is False); adds x.T @ dy into dw"""
+def linear_backward_f64(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], w: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], dy: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], dw: numpy.ndarray, need_dx: bool = True, bf16: bool = False) -> numpy.typing.NDArray[numpy.float64]:
+    """dx = dy @ w.T (empty when need_dx is False); adds x.T @ dy into dw (bf16: bfloat16 operands, float32 sums; float32 only)"""
 
-def linear_forward_f32(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], w: typing.Annotated[numpy.typing.ArrayLike, numpy.float32]) -> numpy.typing.NDArray[numpy.float32]:
-    """y = x @ w"""
+def linear_forward_f32(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], w: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], bf16: bool = False) -> numpy.typing.NDArray[numpy.float32]:
+    """y = x @ w (bf16: bfloat16 operands, float32 sums; float32 only)"""
 
-def linear_forward_f64(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], w: typing.Annotated[numpy.typing.ArrayLike, numpy.float64]) -> numpy.typing.NDArray[numpy.float64]:
-    """y = x @ w"""
+def linear_forward_f64(*, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], w: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], bf16: bool = False) -> numpy.typing.NDArray[numpy.float64]:
+    """y = x @ w (bf16: bfloat16 operands, float32 sums; float32 only)"""
 
 def load_balance_of_sums(*, counts: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], prob_sums: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], real: int) -> float:
     """the batch-scope load balance E * sum_e f_e * prob_sums[e] / real, f from the counts (the router kernel's own formula, for sums gathered over processes)"""

@@ -52,7 +52,7 @@ class ModelConfig:
     moe_every: int = 1  # after those, an MoE FFN every N blocks (Megatron's moe_layer_freq)
     n_predict: int = 1  # multi-token prediction heads (head i predicts t+1+i)
     dtype: str = "float32"  # float32 or float64
-    compute_dtype: Optional[str] = None  # FFN GEMMs (dense and expert): None (dtype) or "bfloat16" (see MoEConfig)
+    compute_dtype: Optional[str] = None  # the GEMMs of the FFNs (dense and expert), the attention projections and the heads: None (dtype) or "bfloat16" (see MoEConfig); routers, attention scores and norms stay in dtype
     seed: int = 0  # seed of the initial weights
 
     def __post_init__(self) -> None:
@@ -121,6 +121,8 @@ class TransformerLM:
                        for i in range(cfg.n_layers)]
         self.norm_f = RMSNorm(cfg.d_model, dt)
         self.heads = [Linear(cfg.d_model, cfg.vocab_size, rng, dt) for _ in range(cfg.n_predict)]
+        for lin in [lin for b in self.blocks for lin in (b.attn.qkv, b.attn.proj)] + self.heads:
+            lin.compute_dtype = cfg.compute_dtype  # as torch autocast runs nn.Linear
         self._shape: Optional[Tuple[int, int]] = None  # (B, S) of the latest forward
         self._forward_id = 0
         if cfg.moe is not None and cfg.moe.traits.experts_choose:

@@ -26,19 +26,25 @@ class Module:
 
 
 class Linear(Module):
-    """y = x W, W [d_in, d_out], no bias."""
+    """y = x W, W [d_in, d_out], no bias. compute_dtype "bfloat16" (float32 only): bfloat16
+    operands (x, W and, in the backward, dy) with float32 sums, as under torch autocast."""
 
     def __init__(self, d_in: int, d_out: int, rng: np.random.Generator, dtype, std: float = 0.02):
         self.params = {"w": (rng.standard_normal((d_in, d_out)) * std).astype(dtype)}
         self._init_grads()
+        self.compute_dtype: Optional[str] = None
+
+    def _bf16(self) -> Dict[str, bool]:
+        return {"bf16": True} if self.compute_dtype == "bfloat16" else {}
 
     def forward(self, x2: np.ndarray) -> np.ndarray:
         self._x = x2
-        return kernel("linear_forward", x2.dtype)(x=x2, w=self.params["w"])
+        self._mode = self._bf16()  # the backward computes as its forward did
+        return kernel("linear_forward", x2.dtype)(x=x2, w=self.params["w"], **self._mode)
 
     def backward(self, dy2: np.ndarray, need_dx: bool = True) -> np.ndarray:
         return kernel("linear_backward", dy2.dtype)(x=self._x, w=self.params["w"], dy=dy2,
-                                                    dw=self.grads["w"], need_dx=need_dx)
+                                                    dw=self.grads["w"], need_dx=need_dx, **self._mode)
 
 
 class RMSNorm(Module):
