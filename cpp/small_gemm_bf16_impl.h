@@ -149,7 +149,8 @@ inline std::uint32_t* a_block(index_t kp) {
 
 // C [M][N] (+)= op(A) rows 0..M, k0..k0+kc (a at op(A)(0, k0)) x the packed panels of that
 // k block (panel j at panels + j * stride). Rows outer: a block of kRows rows of A is
-// packed once and stays in L1 while the panels stream from L2.
+// packed once and stays in L1 (in L2 when a tile kernel takes the whole of a long K) while
+// the panels stream from L2.
 inline void panels_block(bool trans_a, index_t M, index_t N, index_t kc, const float* a,
                          index_t lda, const std::uint32_t* panels, index_t stride, float* c,
                          index_t ldc, bool accumulate) {
