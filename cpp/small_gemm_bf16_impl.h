@@ -214,13 +214,17 @@ void gemm_packed(bool trans_a, index_t M, index_t N, index_t K, const float* A, 
   if (K == 0) return zero_unless(accumulate, M, N, C, ldc);
   [[maybe_unused]] const typename Ops::Session session;
   const index_t stride = padded_pairs(K) * NR;
+  // The tiles continue C's sum, so the whole of K at once gives the bits of k block after
+  // k block, with one load and store of C per block of C instead of one per k block; up to
+  // kWholeKPairs, so that the packed A block (kRows rows of it) stays within L2.
+  constexpr index_t kWholeKPairs = 4096;
   if constexpr (Ops::kTiles) {
-    // The tiles continue C's sum, so the whole of K at once gives the bits of k block after
-    // k block, with one load and store of C per block of C instead of one per k block.
-    for (index_t n0 = 0; n0 < N; n0 += kNc)
-      panels_block(trans_a, M, lesser(kNc, N - n0), K, A, lda, packed + (n0 / NR) * stride, stride,
-                   C + n0, ldc, accumulate);
-    return;
+    if (padded_pairs(K) <= kWholeKPairs) {
+      for (index_t n0 = 0; n0 < N; n0 += kNc)
+        panels_block(trans_a, M, lesser(kNc, N - n0), K, A, lda, packed + (n0 / NR) * stride,
+                     stride, C + n0, ldc, accumulate);
+      return;
+    }
   }
   for (index_t n0 = 0; n0 < N; n0 += kNc)
     for (index_t k0 = 0; k0 < K; k0 += kKc)

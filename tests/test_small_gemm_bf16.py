@@ -86,17 +86,18 @@ def test_the_emulated_kernels_sum_in_the_documented_order_bit_for_bit(kernel, od
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_packing_rounds_and_the_k_blocks_add_up_bit_for_bit(kernel):
+@pytest.mark.parametrize("K", [700, 8300])  # (a tile kernel's packed product takes K whole up to 8192)
+def test_packing_rounds_and_the_k_blocks_add_up_bit_for_bit(kernel, K):
     """Unrounded operands give what rounded ones give (the kernel rounds while packing);
     packed B gives unpacked B's bits; a product over K rows is the 256-row blocks' products
     added one call at a time (what lets the experts' two backward paths agree)."""
-    a, b = operands(37, 70, 700, True, False, seed=3)
+    a, b = operands(37, 70, K, True, False, seed=3)
     ref = gemm(kernel, a, b, True, False, np.zeros((37, 70), np.float32))
     assert np.array_equal(ref, gemm(kernel, round_to_bf16(a), round_to_bf16(b), True, False,
                                     np.zeros((37, 70), np.float32)))
     assert np.array_equal(ref, gemm(kernel, a, b, True, False, np.zeros((37, 70), np.float32), packed=True))
     c = np.zeros((37, 70), np.float32)
-    for k0 in range(0, 700, 256):
+    for k0 in range(0, K, 256):
         gemm(kernel, np.ascontiguousarray(a[k0:k0 + 256]), np.ascontiguousarray(b[k0:k0 + 256]), True, False, c,
              accumulate=k0 > 0)
     assert np.array_equal(ref, c)
