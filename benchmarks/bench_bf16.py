@@ -147,7 +147,7 @@ def bench_train(threads: List[int], args) -> None:
     # What bounds it: compute_dtype covers the GEMMs of the experts and of the linear layers
     # (attention projections, head); attention itself, the norms, the routers, the loss and
     # the optimiser run in float32.
-    covered = ["experts_forward_f32", "experts_backward_f32", "linear_forward_f32", "linear_backward_f32"]
+    covered = EXPERT_KERNELS + ["linear_forward_f32", "linear_backward_f32"]
     share = {}
     for name, cfg in (("fp32", model_cfg), ("bf16", bf16_cfg)):
         _, step = moe_py_step_fn(cfg)

@@ -169,7 +169,8 @@ class _Cached(NamedTuple):
 
 def _routed_experts(experts, k: int) -> RoutedExperts:
     """The module's experts as a RoutedExperts: on views of its weights (in_place), else on
-    column-layout copies; rebuilt only when a weight changed since last time."""
+    float32 copies in HF's layout (bfloat16 weights) or column-layout copies; rebuilt only when
+    a weight changed since last time."""
     params = _hf_params(experts)
     key = tuple((p.data_ptr(), p._version, p.dtype, tuple(p.shape)) for p in params) + (k,)
     cached = getattr(experts, "_moe_py_cache", None)
@@ -181,8 +182,9 @@ def _routed_experts(experts, k: int) -> RoutedExperts:
         raise TypeError(f"experts_implementation={NAME!r}: expert weights of dtype {dtype} "
                         "(float32, float64 or bfloat16 expected)")
     compute = _COMPUTE[dtype]
-    linear = linear_layout(layout_of(experts))
-    if in_place(layout_of(experts), dtype):  # the parameters' own memory: the autograd
+    layout = layout_of(experts)
+    linear = linear_layout(layout)
+    if in_place(layout, dtype):  # the parameters' own memory: the autograd
         # Function saves them, so that an in-place change before the backward raises, as with eager
         ours = {n: v.detach().numpy() for n, v in _views(experts, params, linear).items()}
     elif linear:  # bfloat16: float32 copies in HF's layout (no transposing copy either way)
