@@ -183,34 +183,59 @@ struct Ops {
       _mm512_storeu_si512(out + p, round_32(_mm512_loadu_ps(x + 2 * p), _mm512_loadu_ps(x + 2 * p + 16)));
     ScalarPacking::pack_row(x + 2 * p, n - p, out + p);
   }
-  static void pack_two_rows(const float* b0, const float* b1, index_t n, std::uint32_t* out) {
+  // the pairs (b0[j], b1[j]) of 16 columns j
+  static __m512i pairs_of(const float* b0, const float* b1) {
     // 16-bit elements 0-15 from b0, 16-31 from b1: interleaved into (b0[j], b1[j]) pairs
     const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                            23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    return _mm512_permutexvar_epi16(pairs, round_32(_mm512_loadu_ps(b0), _mm512_loadu_ps(b1)));
+  }
+  static void pack_two_rows(const float* b0, const float* b1, index_t n, std::uint32_t* out) {
     index_t j = 0;
-    for (; j + 16 <= n; j += 16)
-      _mm512_storeu_si512(out + j, _mm512_permutexvar_epi16(
-                                       pairs, round_32(_mm512_loadu_ps(b0 + j), _mm512_loadu_ps(b1 + j))));
+    for (; j + 16 <= n; j += 16) _mm512_storeu_si512(out + j, pairs_of(b0 + j, b1 + j));
     ScalarPacking::pack_two_rows(b0 + j, b1 + j, n - j, out + j);
   }
+  // r[q][i] -> r[i][q], 16 x 16 32-bit words: pairs of words, then of their halves, then
+  // 128-bit lanes gathered across registers in two steps
+  static void transpose_16x16(__m512i r[16]) {
+    __m512i a[16];
+    for (int q = 0; q < 16; q += 2) {
+      a[q] = _mm512_unpacklo_epi32(r[q], r[q + 1]);
+      a[q + 1] = _mm512_unpackhi_epi32(r[q], r[q + 1]);
+    }
+    // b[4k + m], lane l: word 4l + m of rows 4k .. 4k + 3
+    __m512i b[16];
+    for (int k = 0; k < 16; k += 4) {
+      b[k] = _mm512_unpacklo_epi64(a[k], a[k + 2]);
+      b[k + 1] = _mm512_unpackhi_epi64(a[k], a[k + 2]);
+      b[k + 2] = _mm512_unpacklo_epi64(a[k + 1], a[k + 3]);
+      b[k + 3] = _mm512_unpackhi_epi64(a[k + 1], a[k + 3]);
+    }
+    for (int m = 0; m < 4; ++m) {
+      // lanes 0 and 2 (c), 1 and 3 (d) of rows 0-7 and of rows 8-15
+      const __m512i c0 = _mm512_shuffle_i32x4(b[m], b[4 + m], 0x88), d0 = _mm512_shuffle_i32x4(b[m], b[4 + m], 0xdd);
+      const __m512i c1 = _mm512_shuffle_i32x4(b[8 + m], b[12 + m], 0x88),
+                    d1 = _mm512_shuffle_i32x4(b[8 + m], b[12 + m], 0xdd);
+      r[m] = _mm512_shuffle_i32x4(c0, c1, 0x88);
+      r[8 + m] = _mm512_shuffle_i32x4(c0, c1, 0xdd);
+      r[4 + m] = _mm512_shuffle_i32x4(d0, d1, 0x88);
+      r[12 + m] = _mm512_shuffle_i32x4(d0, d1, 0xdd);
+    }
+  }
   // ScalarPacking's, 16 x 16 pairs at a time: each p's 16 pairs made as pack_two_rows
-  // makes them, then read back across p (a gather from L1)
+  // makes them, then transposed in registers
   static void pack_columns(const float* a, index_t lda, index_t rows, index_t n,
                            std::uint32_t* blk, index_t stride) {
     const index_t rows16 = rows / 16 * 16, n16 = n / 16 * 16;
-    alignas(64) std::uint32_t square[16 * 16];  // [p][i]
-    const __m512i across = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                              _mm512_set1_epi32(16));
     for (index_t i0 = 0; i0 < rows16; i0 += 16)
       for (index_t p0 = 0; p0 < n16; p0 += 16) {
+        __m512i r[16];  // [p][i], then [i][p]
         for (index_t q = 0; q < 16; ++q) {
           const float* a0 = a + 2 * (p0 + q) * lda + i0;
-          pack_two_rows(a0, a0 + lda, 16, square + q * 16);
+          r[q] = pairs_of(a0, a0 + lda);
         }
-        for (index_t i = 0; i < 16; ++i)
-          _mm512_storeu_si512(blk + (i0 + i) * stride + p0,
-                              _mm512_i32gather_epi32(_mm512_add_epi32(across, _mm512_set1_epi32(int(i))),
-                                                     square, 4));
+        transpose_16x16(r);
+        for (index_t i = 0; i < 16; ++i) _mm512_storeu_si512(blk + (i0 + i) * stride + p0, r[i]);
       }
     // the rest: rows past the last 16, and pairs past the last 16 of the others
     ScalarPacking::pack_columns(a + rows16, lda, rows - rows16, n, blk + rows16 * stride, stride);
