@@ -93,6 +93,19 @@ index_t d_ff_of(const py::array& w1, bool linear) {
   return w1.shape(linear ? 1 : 2);
 }
 
+// The packs a call was given (or none): made for this direction, shape, layout and
+// activation, and given under bf16 compute.
+void check_packed(const moe::PackedExpertWeights* p, const moe::ExpertShape& s, bool backward) {
+  if (!p) return;
+  if (!s.bf16) throw std::invalid_argument("packed: given without bf16");
+  if (p->backward != backward)
+    throw std::invalid_argument(backward ? "packed: a forward's packs given to a backward"
+                                         : "packed: a backward's packs given to a forward");
+  if (p->E != s.E || p->d_model != s.d_model || p->d_ff != s.d_ff || p->linear != s.linear ||
+      p->gated != moe::gated(s.act))
+    throw std::invalid_argument("packed: made for other weights (shape, layout or activation)");
+}
+
 template <typename T>
 void bind_typed(py::module_& m, const std::string& sfx) {
   m.def(
@@ -100,7 +113,8 @@ void bind_typed(py::module_& m, const std::string& sfx) {
       [](In<T> xs, Idx offsets, py::array w1, py::array w3, py::array w2, moe::Activation activation,
          std::optional<double> swiglu_alpha, std::optional<double> swiglu_limit,
          std::optional<In<T>> b1, std::optional<In<T>> b3, std::optional<In<T>> b2, bool bf16,
-         bool linear) {
+         bool linear, std::optional<const moe::PackedExpertWeights*> given) {
+        const moe::PackedExpertWeights* packed = given.value_or(nullptr);
         const index_t N = xs.shape(0), D = xs.shape(1), E = w1.shape(0), F = d_ff_of(w1, linear);
         moe::ExpertShape s = expert_shape<T>(E, D, F, activation, swiglu_alpha, swiglu_limit, bf16);
         s.linear = linear;
@@ -112,6 +126,7 @@ void bind_typed(py::module_& m, const std::string& sfx) {
         w.w2 = weight_stack<T>(w2, "w2", E, wd.r2, wd.c2);
         expect_shape(offsets, "offsets", {E + 1});
         if (offsets.data()[E] != N) throw std::invalid_argument("offsets: do not cover xs");
+        check_packed(packed, s, false);
         expect_bias_set(b1, b3, b2, glu, "b1, b3, b2");
         moe::ExpertBiases<T> bias;
         if (b1) {
@@ -128,7 +143,7 @@ void bind_typed(py::module_& m, const std::string& sfx) {
         T *h1p = h1.mutable_data(), *h3p = h3.mutable_data(), *yep = ye.mutable_data();
         {
           py::gil_scoped_release release;
-          moe::experts_forward<T>(s, offsets.data(), xs.data(), w, bias, h1p, h3p, yep);
+          moe::experts_forward<T>(s, offsets.data(), xs.data(), w, bias, h1p, h3p, yep, packed);
         }
         return py::make_tuple(h1, h3, ye);
       },
@@ -136,11 +151,13 @@ void bind_typed(py::module_& m, const std::string& sfx) {
       py::arg("activation"), py::arg("swiglu_alpha") = py::none(),
       py::arg("swiglu_limit") = py::none(), py::arg("b1") = py::none(), py::arg("b3") = py::none(),
       py::arg("b2") = py::none(), py::arg("bf16") = false, py::arg("linear") = false,
+      py::arg("packed") = py::none(),
       "every expert's FFN on its rows of xs (biases b1, b3, b2: all or none); returns "
       "(h1, h3, ye), h1/h3 saved for backward. bf16 (float32 only): the GEMMs read "
-      "bfloat16-rounded operands, the weights given rounded already. linear: the weights "
-      "are nn.Linear's [E, out, in] (w1, w3 [E, d_ff, d_model], w2 [E, d_model, d_ff]); "
-      "each expert's matrix must be C-contiguous, the experts may lie apart");
+      "bfloat16-rounded operands, the weights given rounded already on the fallback kernel; "
+      "packed: the weights' forward packs (pack_expert_weights), whose kernel runs the call. "
+      "linear: the weights are nn.Linear's [E, out, in] (w1, w3 [E, d_ff, d_model], w2 "
+      "[E, d_model, d_ff]); each expert's matrix must be C-contiguous, the experts may lie apart");
 
   m.def(
       ("experts_backward" + sfx).c_str(),
@@ -148,7 +165,9 @@ void bind_typed(py::module_& m, const std::string& sfx) {
          In<T> dye, moe::Activation activation, py::array dw1, py::array dw3, py::array dw2,
          const std::string& path, std::optional<double> swiglu_alpha,
          std::optional<double> swiglu_limit, std::optional<py::array> db1,
-         std::optional<py::array> db3, std::optional<py::array> db2, bool bf16, bool linear) {
+         std::optional<py::array> db3, std::optional<py::array> db2, bool bf16, bool linear,
+         std::optional<const moe::PackedExpertWeights*> given) {
+        const moe::PackedExpertWeights* packed = given.value_or(nullptr);
         const auto p = path == "auto"        ? moe::BackwardPath::automatic
                        : path == "by_expert" ? moe::BackwardPath::by_expert
                        : path == "two_phase" ? moe::BackwardPath::two_phase
@@ -168,6 +187,7 @@ void bind_typed(py::module_& m, const std::string& sfx) {
         expect_shape(h1, "saved h1", {N, F});
         expect_shape(dye, "dye", {N, D});
         if (offsets.data()[E] != N) throw std::invalid_argument("offsets: do not cover xs");
+        check_packed(packed, s, true);
         dw.dw1 = gradient_stack<T>(dw1, "dw1", E, wd.r1, wd.c1);
         dw.dw2 = gradient_stack<T>(dw2, "dw2", E, wd.r2, wd.c2);
         if (glu) {
@@ -187,7 +207,7 @@ void bind_typed(py::module_& m, const std::string& sfx) {
         {
           py::gil_scoped_release release;
           moe::experts_backward<T>(s, offsets.data(), xs.data(), w, h1.data(), h3.data(),
-                                   dye.data(), dxsp, dw, dbias, p);
+                                   dye.data(), dxsp, dw, dbias, p, packed);
         }
         return dxs;
       },
@@ -196,10 +216,44 @@ void bind_typed(py::module_& m, const std::string& sfx) {
       py::arg("dw3"), py::arg("dw2"), py::arg("path") = "auto",
       py::arg("swiglu_alpha") = py::none(), py::arg("swiglu_limit") = py::none(),
       py::arg("db1") = py::none(), py::arg("db3") = py::none(), py::arg("db2") = py::none(),
-      py::arg("bf16") = false, py::arg("linear") = false,
+      py::arg("bf16") = false, py::arg("linear") = false, py::arg("packed") = py::none(),
       "dxs from dye; adds the weight gradients into dw1, dw3, dw2 (in the weights' layout: "
       "linear as in experts_forward) and, for experts with biases, db1, db3, db2 (path: "
-      "'auto', or 'by_expert' / 'two_phase' to force one walk; both give the same bits)");
+      "'auto', or 'by_expert' / 'two_phase' to force one walk; both give the same bits). "
+      "packed: the weights' backward packs, as in experts_forward");
+}
+
+void bind_packed_class(py::module_& m) {
+  using P = moe::PackedExpertWeights;
+  py::class_<P>(m, "PackedExpertWeights",
+                "expert weights packed for a bfloat16 kernel (pack_expert_weights)")
+      .def_property_readonly("kernel", [](const P& p) { return std::string(moe::bf16_kernel_name(p.kernel)); })
+      .def_readonly("backward", &P::backward)
+      .def_property_readonly("nbytes", [](const P& p) { return 4 * (p.offset2 + p.E * p.stride2); });
+}
+
+void bind_packing(py::module_& m) {
+  m.def(
+      "pack_expert_weights",
+      [](py::array w1, py::array w3, py::array w2, moe::Activation activation, bool linear,
+         bool backward) {
+        const index_t E = w1.shape(0), F = d_ff_of(w1, linear), D = w1.shape(linear ? 2 : 1);
+        moe::ExpertShape s{E, D, F, activation};
+        s.linear = linear;
+        s.bf16 = true;
+        s.bf16_kernel = moe::bf16_kernel();
+        const WeightDims wd = weight_dims(D, F, linear);
+        moe::ExpertWeights<float> w;
+        w.w1 = weight_stack<float>(w1, "w1", E, wd.r1, wd.c1);
+        if (moe::gated(activation)) w.w3 = weight_stack<float>(w3, "w3", E, wd.r1, wd.c1);
+        w.w2 = weight_stack<float>(w2, "w2", E, wd.r2, wd.c2);
+        py::gil_scoped_release release;
+        return moe::pack_expert_weights(s, w, backward);
+      },
+      py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("w1"), py::arg("w3"),
+      py::arg("w2"), py::arg("activation"), py::arg("linear") = false, py::arg("backward") = false,
+      "float32 expert weights (as experts_forward takes them) packed for the bfloat16 kernel in "
+      "use (not the fallback), as a forward's products read them or, backward, a backward's");
 }
 
 }  // namespace
@@ -209,8 +263,10 @@ void bind_experts(py::module_& m) {
       .value("swiglu", moe::Activation::swiglu)
       .value("gelu", moe::Activation::gelu)
       .value("clamped_swiglu", moe::Activation::clamped_swiglu);
+  bind_packed_class(m);  // first: the kernels' signatures name it
   bind_typed<float>(m, "_f32");
   bind_typed<double>(m, "_f64");
+  bind_packing(m);
 }
 
 }  // namespace moe_bind

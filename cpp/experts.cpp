@@ -69,13 +69,14 @@ void round_gradient(const ExpertShape& s, T* dh, index_t n) {
   }
 }
 
-// The shape with the bfloat16 kernel of this call (fallback unless bf16 compute), checked.
+// The shape with the bfloat16 kernel of this call (fallback unless bf16 compute; that of
+// the packs when given), checked.
 template <typename T>
-ExpertShape with_bf16_kernel(const ExpertShape& shape) {
-  if (shape.bf16 && !std::is_same_v<T, float>)
+ExpertShape with_bf16_kernel(const ExpertShape& shape, const PackedExpertWeights* packed) {
+  if ((shape.bf16 || packed) && !std::is_same_v<T, float>)
     throw std::invalid_argument("bf16: bfloat16 compute needs float32 inputs and weights");
   ExpertShape s = shape;
-  s.bf16_kernel = s.bf16 ? bf16_kernel() : Bf16Kernel::fallback;
+  s.bf16_kernel = packed ? packed->kernel : s.bf16 ? bf16_kernel() : Bf16Kernel::fallback;
   return s;
 }
 
@@ -93,61 +94,74 @@ void expert_gemm(const ExpertShape& s, bool trans_a, bool trans_b, index_t M, in
   small_gemm(trans_a, trans_b, M, N, K, A, lda, B, ldb, accumulate, C, ldc);
 }
 
-// op(B) of one of the experts' GEMMs, for every expert with rows, packed once per call and
-// used by all its row tiles (a transposed pack costs as much as a small tile's product),
-// for small_gemm_packed or, with a bfloat16 kernel, its packed product. op(B) [K, N] is
-// W_e^T of W_e [N, K] when trans, else W_e [K, N].
+// op(B) [K, N] of one of the experts' GEMMs: W_e^T of W_e [N, K] when trans, else W_e.
+struct PackShape {
+  index_t K, N;
+  bool trans;
+};
+
+// That of w1 and w3 (up) or w2 in a forward or a backward: the forward multiplies by the
+// weights (x W1 [D, F], a W2 [F, D] in the column layout; a transpose in the linear one),
+// the backward by their transposes.
+inline PackShape pack_shape(const ExpertShape& s, bool up, bool backward) {
+  const index_t rows = up ? s.d_model : s.d_ff, cols = up ? s.d_ff : s.d_model;
+  return backward ? PackShape{cols, rows, !s.linear} : PackShape{rows, cols, s.linear};
+}
+
+// op(B) of one of the experts' GEMMs packed for the call's products, expert e's at
+// e * stride: packed by the call (for the experts with rows: a transposed pack costs as much
+// as a small tile's product), or given already packed (pack_expert_weights).
 template <typename T>
 class PackedWeights {
  public:
-  PackedWeights(const ExpertShape& s, index_t K, index_t N, bool trans, bool needed)
-      : kernel_(s.bf16_kernel), K_(K), N_(N), trans_(trans),
-        stride_(bf16() ? packed_b_bf16_size(kernel_, K, N) : packed_b_size<T>(K, N)),
+  PackedWeights(const ExpertShape& s, PackShape p, bool needed)
+      : kernel_(s.bf16_kernel), p_(p),
+        stride_(bf16() ? packed_b_bf16_size(kernel_, p.K, p.N) : packed_b_size<T>(p.K, p.N)),
         f_(needed && !bf16() ? s.E * stride_ : 0), b_(needed && bf16() ? s.E * stride_ : 0),
         fp_(f_.get()), bp_(b_.get()) {}
+  PackedWeights(const ExpertShape& s, PackShape p, const std::uint32_t* packed, index_t stride)
+      : kernel_(s.bf16_kernel), p_(p), stride_(stride), f_(0), b_(0), fp_(nullptr), bp_(packed) {}
+
   void pack(index_t e, const T* w) {
-    const index_t ldb = trans_ ? K_ : N_;
+    const index_t ldb = p_.trans ? p_.K : p_.N;
     if constexpr (std::is_same_v<T, float>) {
-      if (bf16()) return pack_b_bf16(kernel_, trans_, K_, N_, w, ldb, bp_ + e * stride_);
+      if (bf16())
+        return pack_b_bf16(kernel_, p_.trans, p_.K, p_.N, w, ldb, b_.get() + e * stride_);
     }
-    pack_b(trans_, K_, N_, w, ldb, fp_ + e * stride_);
+    pack_b(p_.trans, p_.K, p_.N, w, ldb, fp_ + e * stride_);
   }
   // C [M, N] (+)= A [M, K] op(B)_e
   void gemm(index_t e, index_t M, const T* A, bool accumulate, T* C) const {
     if constexpr (std::is_same_v<T, float>) {
       if (bf16())
-        return small_gemm_packed_bf16(kernel_, false, M, N_, K_, A, K_, bp_ + e * stride_,
-                                      accumulate, C, N_);
+        return small_gemm_packed_bf16(kernel_, false, M, p_.N, p_.K, A, p_.K, bp_ + e * stride_,
+                                      accumulate, C, p_.N);
     }
-    small_gemm_packed(false, M, N_, K_, A, K_, fp_ + e * stride_, accumulate, C, N_);
+    small_gemm_packed(false, M, p_.N, p_.K, A, p_.K, fp_ + e * stride_, accumulate, C, p_.N);
   }
 
  private:
   bool bf16() const { return std::is_same_v<T, float> && kernel_ != Bf16Kernel::fallback; }
   Bf16Kernel kernel_;
-  index_t K_, N_;
-  bool trans_;
+  PackShape p_;
   index_t stride_;
   Scratch<T> f_;
   Scratch<std::uint32_t> b_;
   T* fp_;
-  std::uint32_t* bp_;
+  const std::uint32_t* bp_;
 };
 
-// op(B) of the experts' GEMMs, for the experts with rows, packed once per call and in
-// parallel: the forward's (W1, W3 [D, F], W2 [F, D]: the weights themselves in the column
-// layout, a transpose in the linear one) or the backward's (dh W1^T, dh W3^T, dy W2^T: the
-// transposes).
+// op(B) of the experts' GEMMs (pack_shape), the forward's or the backward's: packed once per
+// call and in parallel for the experts with rows, or the caller's packs.
 template <typename T>
 struct PackedExperts {
   PackedWeights<T> w1, w3, w2;
 
   PackedExperts(const ExpertShape& s, const index_t* offsets, const ExpertWeights<T>& w,
                 bool backward)
-      : w1(s, backward ? s.d_ff : s.d_model, backward ? s.d_model : s.d_ff, backward != s.linear, true),
-        w3(s, backward ? s.d_ff : s.d_model, backward ? s.d_model : s.d_ff, backward != s.linear,
-           gated(s.act)),
-        w2(s, backward ? s.d_model : s.d_ff, backward ? s.d_ff : s.d_model, backward != s.linear, true) {
+      : w1(s, pack_shape(s, true, backward), true),
+        w3(s, pack_shape(s, true, backward), gated(s.act)),
+        w2(s, pack_shape(s, false, backward), true) {
     const index_t n = gated(s.act) ? 3 : 2;
 #pragma omp parallel for schedule(dynamic, 1)
     for (index_t i = 0; i < s.E * n; ++i) {
@@ -158,6 +172,10 @@ struct PackedExperts {
       if (which == 2) w3.pack(e, w.w3[e]);
     }
   }
+  PackedExperts(const ExpertShape& s, const PackedExpertWeights& p)
+      : w1(s, pack_shape(s, true, p.backward), p.w1(), p.stride1),
+        w3(s, pack_shape(s, true, p.backward), p.w3(), p.stride3),
+        w2(s, pack_shape(s, false, p.backward), p.w2(), p.stride2) {}
 };
 
 // One expert's weight gradient over its `rows` rows, rows [r0, r0 + n) of it: in the column
@@ -282,8 +300,9 @@ bool fused_backward_pays(index_t E, const index_t* offsets) {
 
 template <typename T>
 void experts_forward(const ExpertShape& shape, const index_t* offsets, const T* xs,
-                     const ExpertWeights<T>& w, const ExpertBiases<T>& bias, T* h1, T* h3, T* ye) {
-  const ExpertShape s = with_bf16_kernel<T>(shape);
+                     const ExpertWeights<T>& w, const ExpertBiases<T>& bias, T* h1, T* h3, T* ye,
+                     const PackedExpertWeights* given) {
+  const ExpertShape s = with_bf16_kernel<T>(shape, given);
   const index_t D = s.d_model, F = s.d_ff;
   check_blas_dims({offsets[s.E], D, F});
   const bool glu = gated(s.act);
@@ -291,11 +310,15 @@ void experts_forward(const ExpertShape& shape, const index_t* offsets, const T* 
   const index_t n_items = index_t(items.size());
   // C [M, N] = A [M, K] W_e, W_e [K, N] or (linear) [N, K]. In float32 the GEMM packs W_e
   // per row tile into a buffer that stays in L2 (docs/design.md): packing once per call
-  // measured no faster (the packed copy comes back from memory). A bfloat16 kernel packs
-  // each expert's weights once per call: its product is several times faster than float32's
-  // while its pack is not, and the packed copy is half the size.
+  // measured no faster (the packed copy comes back from memory). A bfloat16 kernel reads
+  // each expert's weights packed once per call, or once per update by the caller (given):
+  // its product is several times faster than float32's while its pack is not, and the
+  // packed copy is half the size.
   std::optional<PackedExperts<T>> packed;
-  if (s.bf16_kernel != Bf16Kernel::fallback) packed.emplace(s, offsets, w, false);
+  if (given)
+    packed.emplace(s, *given);
+  else if (s.bf16_kernel != Bf16Kernel::fallback)
+    packed.emplace(s, offsets, w, false);
   // (pw: the packed weights, or null to pack per tile)
   const auto product = [&](const PackedWeights<T>* pw, const Stack<const T>& ws, index_t e,
                            index_t M, index_t N, index_t K, const T* A, T* C) {
@@ -335,14 +358,19 @@ template <typename T>
 void experts_backward(const ExpertShape& shape, const index_t* offsets, const T* xs,
                       const ExpertWeights<T>& w, const T* h1, const T* h3, const T* dye, T* dxs,
                       const ExpertWeightGrads<T>& dw, const ExpertBiasGrads<T>& db,
-                      BackwardPath path) {
-  const ExpertShape s = with_bf16_kernel<T>(shape);
+                      BackwardPath path, const PackedExpertWeights* given) {
+  const ExpertShape s = with_bf16_kernel<T>(shape, given);
   const index_t D = s.d_model, F = s.d_ff;
   const bool glu = gated(s.act);
   const index_t N = offsets[s.E];
   check_blas_dims({N, D, F});
   // op(B) = W2^T [D, F], W1^T and W3^T [F, D] of the experts with rows
-  const PackedExperts<T> wt(s, offsets, w, true);
+  std::optional<PackedExperts<T>> packs;
+  if (given)
+    packs.emplace(s, *given);
+  else
+    packs.emplace(s, offsets, w, true);
+  const PackedExperts<T>& wt = *packs;
 
   if (path == BackwardPath::by_expert ||
       (path == BackwardPath::automatic && fused_backward_pays(s.E, offsets)))
@@ -424,14 +452,49 @@ void experts_backward(const ExpertShape& shape, const index_t* offsets, const T*
   }
 }
 
+PackedExpertWeights pack_expert_weights(const ExpertShape& s, const ExpertWeights<float>& w,
+                                        bool backward) {
+  if (s.bf16_kernel == Bf16Kernel::fallback)
+    throw std::invalid_argument("kernel: the fallback packs no weights");
+  PackedExpertWeights p;
+  p.kernel = s.bf16_kernel;
+  p.backward = backward;
+  p.linear = s.linear;
+  p.gated = gated(s.act);
+  p.E = s.E;
+  p.d_model = s.d_model;
+  p.d_ff = s.d_ff;
+  const auto size = [&](PackShape q) { return packed_b_bf16_size(s.bf16_kernel, q.K, q.N); };
+  const PackShape up = pack_shape(s, true, backward), down = pack_shape(s, false, backward);
+  p.stride1 = size(up);
+  p.stride3 = p.gated ? size(up) : 0;
+  p.stride2 = size(down);
+  p.offset3 = s.E * p.stride1;
+  p.offset2 = p.offset3 + s.E * p.stride3;
+  p.words = std::make_unique<AlignedBuffer<std::uint32_t>>(std::max<index_t>(1, p.offset2 + s.E * p.stride2));
+  std::uint32_t* out = p.words->get();
+  const index_t n = p.gated ? 3 : 2;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (index_t i = 0; i < s.E * n; ++i) {
+    const index_t e = i / n, which = i % n;
+    const PackShape q = which == 0 ? down : up;
+    const float* src = which == 0 ? w.w2[e] : which == 1 ? w.w1[e] : w.w3[e];
+    std::uint32_t* dst = out + (which == 0 ? p.offset2 + e * p.stride2
+                                : which == 1 ? e * p.stride1 : p.offset3 + e * p.stride3);
+    pack_b_bf16(s.bf16_kernel, q.trans, q.K, q.N, src, q.trans ? q.K : q.N, dst);
+  }
+  return p;
+}
+
 #define MOE_INSTANTIATE(T)                                                                  \
   template void experts_forward<T>(const ExpertShape&, const index_t*, const T*,            \
                                    const ExpertWeights<T>&, const ExpertBiases<T>&, T*, T*,  \
-                                   T*);                                                      \
+                                   T*, const PackedExpertWeights*);                          \
   template void experts_backward<T>(const ExpertShape&, const index_t*, const T*,           \
                                     const ExpertWeights<T>&, const T*, const T*, const T*,   \
                                     T*, const ExpertWeightGrads<T>&,                         \
-                                    const ExpertBiasGrads<T>&, BackwardPath);
+                                    const ExpertBiasGrads<T>&, BackwardPath,                 \
+                                    const PackedExpertWeights*);
 MOE_INSTANTIATE(float)
 MOE_INSTANTIATE(double)
 #undef MOE_INSTANTIATE

@@ -6,6 +6,10 @@
 // fixed (expert, row tile) items run by OpenMP, so uneven expert loads still
 // keep every core busy and the bits never depend on the thread count.
 #pragma once
+#include <cstdint>
+#include <memory>
+
+#include "aligned_buffer.h"
 #include "small_gemm_bf16.h"
 #include "tensor.h"
 
@@ -68,13 +72,35 @@ struct ExpertBiasGrads {
   T *db1 = nullptr, *db3 = nullptr, *db2 = nullptr;
 };
 
+// The experts' weights packed for a bfloat16 kernel as the products of a forward (x W1,
+// x W3, a W2) or of a backward (dh W1^T, dh W3^T, dy W2^T) read them. The caller makes them
+// once per parameter update (moe_py/bf16.py) and passes them to any number of calls, which
+// then pack no weights and run on their kernel.
+struct PackedExpertWeights {
+  Bf16Kernel kernel = Bf16Kernel::fallback;
+  bool backward = false, linear = false, gated = false;
+  index_t E = 0, d_model = 0, d_ff = 0;
+  index_t offset3 = 0, offset2 = 0, stride1 = 0, stride3 = 0, stride2 = 0;  // in words
+  std::unique_ptr<AlignedBuffer<std::uint32_t>> words;  // w1's E packs, w3's, w2's
+  const std::uint32_t* w1() const { return words->get(); }
+  const std::uint32_t* w3() const { return words->get() + offset3; }
+  const std::uint32_t* w2() const { return words->get() + offset2; }
+};
+
+// Packs every expert of w (shape s: s.bf16_kernel, the kernel to pack for, a bfloat16 one).
+PackedExpertWeights pack_expert_weights(const ExpertShape& s, const ExpertWeights<float>& w,
+                                        bool backward);
+
 // xs [N, d_model] rows grouped by expert (offsets [E+1]); w1, w3 [E, d_model, d_ff]
 // (w3 unused for gelu); w2 [E, d_ff, d_model] (linear: each expert's matrices transposed).
 // Saves for backward: h1 = xs W1 + b1 and (gated) h3 = xs W3 + b3, both [N, d_ff].
-// Writes ye [N, d_model] = act(h1, h3) W2 + b2.
+// Writes ye [N, d_model] = act(h1, h3) W2 + b2. packed: the forward's packs of w (bf16
+// only, the binding checks them against s), whose kernel then runs the call; else the
+// call packs what it needs.
 template <typename T>
 void experts_forward(const ExpertShape& s, const index_t* offsets, const T* xs,
-                     const ExpertWeights<T>& w, const ExpertBiases<T>& bias, T* h1, T* h3, T* ye);
+                     const ExpertWeights<T>& w, const ExpertBiases<T>& bias, T* h1, T* h3, T* ye,
+                     const PackedExpertWeights* packed = nullptr);
 
 // How the backward walks the work: by expert (each expert's row tiles from dye to its
 // weight-gradient shares while in cache) or in two phases (dxs for every row tile, then the
@@ -87,11 +113,13 @@ enum class BackwardPath { automatic = 0, by_expert = 1, two_phase = 2 };
 // accumulates (+=) into dw1, dw3, dw2 and the bias gradients (with bf16: db1 and db3 sum
 // the rounded dh1, dh3 the GEMMs read, db2 dye as given). A bias gradient adds the
 // expert's rows one by one in row order on one thread, on either path: the same bits at
-// any thread count. An expert with no rows is not touched.
+// any thread count. An expert with no rows is not touched. packed: the backward's packs
+// of w, as experts_forward's.
 template <typename T>
 void experts_backward(const ExpertShape& s, const index_t* offsets, const T* xs,
                       const ExpertWeights<T>& w, const T* h1, const T* h3, const T* dye, T* dxs,
                       const ExpertWeightGrads<T>& dw, const ExpertBiasGrads<T>& dbias,
-                      BackwardPath path = BackwardPath::automatic);
+                      BackwardPath path = BackwardPath::automatic,
+                      const PackedExpertWeights* packed = nullptr);
 
 }  // namespace moe

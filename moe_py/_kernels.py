@@ -105,6 +105,11 @@ def fingerprint(x: np.ndarray) -> bytes:
     return b"".join(bytes(_core.fingerprint(x=m)) for m in (parts if parts is not None else [x]))
 
 
+def pack_expert_weights(**kw):
+    """Float32 expert weights packed for the bfloat16 kernel in use (cpp/experts.h)."""
+    return _core.pack_expert_weights(**kw)
+
+
 def bf16_kernel() -> str:
     """The bfloat16 GEMM kernel compute_dtype="bfloat16" runs on now (cpp/small_gemm_bf16.h)."""
     return str(_core.bf16_kernel())

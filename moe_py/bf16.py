@@ -6,11 +6,13 @@ forward and backward, reads bfloat16-rounded operands (round to nearest, ties to
 sums in float32; the router, the losses, the activations' arithmetic and the combine stay
 float32, as under torch.autocast("cpu", dtype=torch.bfloat16) with an fp32 router.
 
-The rounded copy of the expert weights is made once per parameter update: the layer keeps
-it with a fingerprint of the float32 weights' bits (cpp/bf16.h: any changed value changes
-it), read again at each forward, which costs one read of the weights against a conversion's
-read, rounding and write. So an optimiser step, a checkpoint load or an in-place edit by
-hand is seen, with no call to make.
+The bfloat16 copy of the expert weights is made once per parameter update: on a bfloat16
+kernel, their packs as the kernel's products read them (bfloat16 pairs, the forward's and
+the transposes the backward multiplies by), so that no call packs weights; on the fallback,
+a rounded float32 copy. The layer keeps it with a fingerprint of the float32 weights' bits
+(cpp/bf16.h: any changed value changes it), read again at each forward, which costs one
+read of the weights against a conversion's read, rounding and write. So an optimiser step,
+a checkpoint load or an in-place edit by hand is seen, with no call to make.
 
 The GEMM kernel (cpp/small_gemm_bf16.h), chosen once per process from what the CPU can run:
 - "amx": TDPBF16PS on AMX tiles, where the CPU has AMX-BF16 and the OS lets the process use
@@ -91,19 +93,47 @@ def round_to_bf16(x: np.ndarray) -> np.ndarray:
     return _kernels.round_to_bf16(np.ascontiguousarray(x))
 
 
-class RoundedWeights:
-    """The bfloat16-rounded copy of a dict of float32 weights, remade only when the weights
-    changed (storage, shape or any value: their fingerprint)."""
+class GemmWeights:
+    """The expert weights as one parameter update's bfloat16 GEMMs read them (immutable once
+    made): on a bfloat16 kernel, the float32 weights with their packs for that kernel (the
+    forward's, and the backward's, packed when a backward first asks); on the fallback, a
+    rounded copy of them."""
+
+    def __init__(self, weights: Dict[str, np.ndarray], kernel_name: str, activation, linear: bool) -> None:
+        self.kernel = kernel_name
+        self._packing = dict({n: weights[n] for n in ("w1", "w3", "w2")}, activation=activation, linear=linear)
+        self._backward = None
+        if kernel_name == "fallback":
+            self.weights = {n: _kernels.round_to_bf16(w) if w.size else w for n, w in weights.items()}
+            self.forward_args: Dict[str, object] = {}
+        else:
+            self.weights = weights
+            self.forward_args = {"packed": _kernels.pack_expert_weights(**self._packing, backward=False)}
+
+    def backward_args(self) -> Dict[str, object]:
+        """The experts_backward arguments that carry the backward's packs (none on the fallback)."""
+        if self.kernel == "fallback":
+            return {}
+        if self._backward is None:
+            self._backward = _kernels.pack_expert_weights(**self._packing, backward=True)
+        return {"packed": self._backward}
+
+
+class GemmWeightCache:
+    """GemmWeights of a dict of float32 expert weights, remade only when the weights changed
+    (storage, shape or any value: their fingerprint) or the kernel did."""
 
     def __init__(self) -> None:
         self._key: Optional[Tuple] = None
-        self._rounded: Dict[str, np.ndarray] = {}
+        self._entry: Optional[GemmWeights] = None
 
-    def __call__(self, weights: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        key = tuple((n, w.__array_interface__["data"][0], w.shape, _kernels.fingerprint(w) if w.size else b"")
-                    for n, w in sorted(weights.items()))
-        if key != self._key:
-            # a new dict, never edited in place: a pending backward keeps what its forward used
-            self._rounded = {n: _kernels.round_to_bf16(w) if w.size else w for n, w in weights.items()}
+    def __call__(self, weights: Dict[str, np.ndarray], activation, linear: bool) -> GemmWeights:
+        name = kernel()
+        key = (name, activation, linear) + tuple(
+            (n, w.__array_interface__["data"][0], w.shape, _kernels.fingerprint(w) if w.size else b"")
+            for n, w in sorted(weights.items()))
+        if key != self._key or self._entry is None:
+            # a new entry, never edited: a pending backward keeps what its forward used
+            self._entry = GemmWeights(weights, name, activation, linear)
             self._key = key
-        return self._rounded
+        return self._entry

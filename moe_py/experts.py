@@ -16,7 +16,7 @@ import numpy as np
 
 from ._kernels import Activation, kernel
 from ._checks import check_grad_buffer, check_param
-from .bf16 import RoundedWeights
+from .bf16 import GemmWeightCache
 from .config import MoEConfig
 from .dispatch import LocalDispatcher
 
@@ -98,8 +98,8 @@ class Experts:
         if layout == "linear":
             self._activation["linear"] = True
         # bfloat16 compute (the config's, or one call's): the kernels round what they read;
-        # the weights come rounded, remade only when they changed
-        self._rounded = RoundedWeights()
+        # the weights come packed (or rounded, on the fallback), remade only when they changed
+        self._bf16_weights = GemmWeightCache()
         self._saved: Optional[tuple] = None
 
     def _weights(self) -> Dict[str, np.ndarray]:
@@ -128,15 +128,18 @@ class Experts:
         GEMM arithmetic, None for the config's (the backward of this call uses the same)."""
         weights = self._weights()
         activation = self._activation
+        gemm_weights = None
         if (compute_dtype or self.cfg.compute_dtype) == "bfloat16":
-            weights = self._rounded(weights)
+            gemm_weights = self._bf16_weights(weights, activation["activation"], self.layout == "linear")
+            weights = gemm_weights.weights
             activation = dict(activation, bf16=True)
         xe, offsets, state = self.dispatcher.dispatch(x2, topk_indices, topk_weights, dropped,
                                                       self.cfg.num_experts, self.cfg.combine)
         h1, h3, ye = kernel("experts_forward", self.cfg.np_dtype)(
-            xs=xe, offsets=offsets, **weights, **activation)
+            xs=xe, offsets=offsets, **weights, **activation,
+            **(gemm_weights.forward_args if gemm_weights else {}))
         y = self.dispatcher.combine(ye, state)
-        return y, (state, offsets, xe, h1, h3, weights, activation)
+        return y, (state, offsets, xe, h1, h3, weights, activation, gemm_weights)
 
     def commit(self, saved: tuple) -> None:
         self._saved = saved
@@ -154,12 +157,13 @@ class Experts:
         saved = self._saved if saved is None else saved
         if saved is None:
             raise RuntimeError("backward called before forward")
-        state, offsets, xe, h1, h3, weights, activation = saved
+        state, offsets, xe, h1, h3, weights, activation, gemm_weights = saved
         buffers = self._grad_buffers(self.grads if grads is None else grads)
         dye, dw_out = self.dispatcher.combine_backward(dy2, state)
         dxe = kernel("experts_backward", self.cfg.np_dtype)(
             xs=xe, offsets=offsets, w1=weights["w1"], w3=weights["w3"], w2=weights["w2"], h1=h1,
-            h3=h3, dye=dye, **activation, **buffers)
+            h3=h3, dye=dye, **activation, **buffers,
+            **(gemm_weights.backward_args() if gemm_weights else {}))
         dx2, dw_in = self.dispatcher.dispatch_backward(dxe, state)
         d_weights = dw_out if dw_out is not None else dw_in  # from where the weights applied
         assert d_weights is not None

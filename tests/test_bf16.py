@@ -6,6 +6,7 @@ import pytest
 
 import moe_py
 from moe_py import MoEConfig, MoELayer, bf16
+from moe_py import _kernels
 from moe_py._kernels import kernel
 from moe_py.bf16 import round_to_bf16
 from moe_py.machine import bf16_path
@@ -123,6 +124,67 @@ def test_both_backward_paths_give_the_same_bits(path, gemm_kernel):
     assert np.array_equal(a[0], b[0]) and all(np.array_equal(a[1][n], b[1][n]) for n in a[1])
 
 
+HARDWARE_KERNELS = [k for k in KERNELS if k != "fallback"]
+
+
+@pytest.mark.parametrize("linear", [False, True])
+@pytest.mark.parametrize("name", HARDWARE_KERNELS)
+def test_packed_weights_give_the_bits_of_a_call_that_packs_them(name, linear):
+    """The packs made once per update (pack_expert_weights) are what a call packs for itself:
+    forward and backward, both layouts, an expert without rows."""
+    E, D, F = 4, 64, 48
+    offsets, xs, w = grouped(E, [300, 7, 0, 260], D, F, seed=3)
+    if linear:
+        w = {n: np.ascontiguousarray(v.transpose(0, 2, 1)) for n, v in w.items()}
+    act = moe_py._kernels.Activation.swiglu
+    with bf16.using_kernel(name):
+        packs = {b: _kernels.pack_expert_weights(**w, activation=act, linear=linear, backward=b) for b in (False, True)}
+        assert packs[False].kernel == name and packs[True].backward
+        fwd = kernel("experts_forward", np.float32)
+        own = fwd(xs=xs, offsets=offsets, **w, activation=act, bf16=True, linear=linear)
+        given = fwd(xs=xs, offsets=offsets, **w, activation=act, bf16=True, linear=linear, packed=packs[False])
+        assert all(np.array_equal(a, b) for a, b in zip(own, given))
+        h1, h3, ye = own
+        dye = np.random.default_rng(4).standard_normal(ye.shape).astype(np.float32)
+
+        def backward(**extra):
+            g = {"d" + n: np.zeros_like(v) for n, v in w.items()}
+            dxs = kernel("experts_backward", np.float32)(xs=xs, offsets=offsets, **w, h1=h1, h3=h3, dye=dye,
+                                                         activation=act, bf16=True, linear=linear, **g, **extra)
+            return [dxs] + [g[n] for n in sorted(g)]
+        assert all(np.array_equal(a, b) for a, b in zip(backward(), backward(packed=packs[True])))
+        # and the call reads the packs, not the weights
+        other = {n: v * 2 for n, v in w.items()}
+        doubled = _kernels.pack_expert_weights(**other, activation=act, linear=linear)
+        y2 = fwd(xs=xs, offsets=offsets, **w, activation=act, bf16=True, linear=linear, packed=doubled)[2]
+        assert np.array_equal(y2, fwd(xs=xs, offsets=offsets, **other, activation=act, bf16=True, linear=linear)[2])
+
+
+def test_packs_are_checked_against_the_call():
+    E, D, F = 3, 32, 16
+    offsets, xs, w = grouped(E, [5, 0, 9], D, F)
+    act = moe_py._kernels.Activation.swiglu
+    fwd = kernel("experts_forward", np.float32)
+    with bf16.using_kernel("fallback"):
+        with pytest.raises(ValueError, match="kernel"):
+            _kernels.pack_expert_weights(**w, activation=act)
+    if not HARDWARE_KERNELS:
+        return
+    with bf16.using_kernel(HARDWARE_KERNELS[0]):
+        backward_packs = _kernels.pack_expert_weights(**w, activation=act, backward=True)
+        with pytest.raises(ValueError, match="packed: a backward's packs given to a forward"):
+            fwd(xs=xs, offsets=offsets, **w, activation=act, bf16=True, packed=backward_packs)
+        forward_packs = _kernels.pack_expert_weights(**w, activation=act)
+        with pytest.raises(ValueError, match="packed: given without bf16"):
+            fwd(xs=xs, offsets=offsets, **w, activation=act, packed=forward_packs)
+        gelu = moe_py._kernels.Activation.gelu
+        with pytest.raises(ValueError, match="packed: made for other weights"):
+            fwd(xs=xs, offsets=offsets, **w, activation=gelu, bf16=True, packed=forward_packs)
+        _, _, wide = grouped(E, [5, 0, 9], D, 2 * F)
+        with pytest.raises(ValueError, match="packed: made for other weights"):
+            fwd(xs=xs, offsets=offsets, **wide, activation=act, bf16=True, packed=forward_packs)
+
+
 def layer_pair(**kw):
     """The same layer (weights and all) in float32 and with bfloat16 compute."""
     fp32 = MoELayer(MoEConfig(**kw, seed=1))
@@ -179,20 +241,38 @@ def test_the_layer_meets_the_documented_bound_against_float64(kw, gemm_kernel):
         assert_matches_reference(layer, x, mask, rtol=BF16_REL_FRO / 100)
 
 
-def test_the_rounded_weights_are_made_once_per_update():
+def test_the_bf16_weights_are_made_once_per_update(gemm_kernel):
+    """The packed (on the fallback: rounded) weights are made at the first forward after an
+    update, the backward's packs at the first backward; an update seen in one value in place."""
     layer = MoELayer(MoEConfig(d_model=16, d_ff=24, num_experts=4, top_k=2, compute_dtype="bfloat16", seed=2))
-    x = np.random.default_rng(0).standard_normal((40, 16)).astype(np.float32)
-    experts = layer.experts
+    rng = np.random.default_rng(0)
+    x, dy = rng.standard_normal((2, 40, 16)).astype(np.float32)
+    cache = layer.experts._bf16_weights
     layer(x)
-    first = experts._rounded._rounded
+    first = cache._entry
+    assert first.kernel == gemm_kernel
     y = layer(x).y
-    assert experts._rounded._rounded is first  # unchanged weights: the same copy
+    layer.backward(dy)
+    backward_packs = first._backward
+    assert (backward_packs is None) == (gemm_kernel == "fallback")
+    layer(x)
+    layer.backward(dy)
+    assert cache._entry is first and first._backward is backward_packs  # unchanged weights: the same
     layer.params["w2"][1, 3, 5] += 0.5  # one value, in place, as an optimiser step writes
     y2 = layer(x).y
-    assert experts._rounded._rounded is not first
+    assert cache._entry is not first
     fresh = MoELayer(MoEConfig(d_model=16, d_ff=24, num_experts=4, top_k=2, compute_dtype="bfloat16", seed=2))
     fresh.params["w2"][...] = layer.params["w2"]
     assert np.array_equal(fresh(x).y, y2) and not np.array_equal(y, y2)
+
+
+def test_a_change_of_kernel_remakes_the_bf16_weights():
+    layer = MoELayer(MoEConfig(d_model=16, d_ff=24, num_experts=4, top_k=2, compute_dtype="bfloat16", seed=2))
+    x = np.random.default_rng(0).standard_normal((40, 16)).astype(np.float32)
+    for name in KERNELS:
+        with bf16.using_kernel(name):
+            layer(x)
+            assert layer.experts._bf16_weights._entry.kernel == name
 
 
 def test_bad_compute_dtypes_are_named():
