@@ -121,16 +121,20 @@ class GemmWeights:
 
 class GemmWeightCache:
     """GemmWeights of a dict of float32 expert weights, remade only when the weights changed
-    (storage, shape or any value: their fingerprint) or the kernel did."""
+    (storage, shape or any value: their fingerprint) or the kernel did. fixed_values: the
+    owner never changes the values in place (it replaces the arrays, or itself), so no
+    fingerprint is taken (moe_py.hf keys its own cache on torch's version counters)."""
 
-    def __init__(self) -> None:
+    def __init__(self, fixed_values: bool = False) -> None:
+        self._fingerprint = not fixed_values
         self._key: Optional[Tuple] = None
         self._entry: Optional[GemmWeights] = None
 
     def __call__(self, weights: Dict[str, np.ndarray], activation, linear: bool) -> GemmWeights:
         name = kernel()
         key = (name, activation, linear) + tuple(
-            (n, w.__array_interface__["data"][0], w.shape, _kernels.fingerprint(w) if w.size else b"")
+            (n, w.__array_interface__["data"][0], w.shape,
+             _kernels.fingerprint(w) if w.size and self._fingerprint else b"")
             for n, w in sorted(weights.items()))
         if key != self._key or self._entry is None:
             # a new entry, never edited: a pending backward keeps what its forward used

@@ -80,10 +80,11 @@ class Experts:
     process's slice [lo, hi) of the experts is (params hold hi - lo experts).
     layout (LAYOUTS): how the weights and their gradients lie; "linear" ones are read and
     written in place when each expert's matrix is C-contiguous, even with the experts apart
-    (the halves of one [E, 2 d_ff, d_model] array)."""
+    (the halves of one [E, 2 d_ff, d_model] array). fixed_values: the caller never changes
+    the weights' values in place (see bf16.GemmWeightCache)."""
 
     def __init__(self, cfg: MoEConfig, params: Dict[str, np.ndarray], grads: Dict[str, np.ndarray],
-                 prefix: str = "", dispatcher=None, layout: str = "column"):
+                 prefix: str = "", dispatcher=None, layout: str = "column", fixed_values: bool = False):
         check_layout(layout)
         self.cfg = cfg
         self.layout = layout
@@ -99,7 +100,7 @@ class Experts:
             self._activation["linear"] = True
         # bfloat16 compute (the config's, or one call's): the kernels round what they read;
         # the weights come packed (or rounded, on the fallback), remade only when they changed
-        self._bf16_weights = GemmWeightCache()
+        self._bf16_weights = GemmWeightCache(fixed_values)
         self._saved: Optional[tuple] = None
 
     def _weights(self) -> Dict[str, np.ndarray]:

@@ -67,10 +67,14 @@ class RoutedExperts:
     dicts, for instance); by default fresh weights drawn from cfg.seed and zeroed grads.
     layout "linear": the weights and their gradients are nn.Linear's, w1, w3 [E, d_ff,
     d_model] and w2 [E, d_model, d_ff] (transformers' experts), read and written in place
-    (each expert's matrix C-contiguous; the experts may lie apart); the same bits."""
+    (each expert's matrix C-contiguous; the experts may lie apart); the same bits.
+    fixed_values: a promise that the weights' values never change in place while this object
+    lives (the caller makes a new one instead), so that bfloat16 compute need not fingerprint
+    them at each forward to see an update (moe_py.hf's cache keys on torch's versions)."""
 
     def __init__(self, cfg: MoEConfig, params: Optional[Dict[str, np.ndarray]] = None,
-                 grads: Optional[Dict[str, np.ndarray]] = None, layout: str = "column"):
+                 grads: Optional[Dict[str, np.ndarray]] = None, layout: str = "column",
+                 fixed_values: bool = False):
         if not isinstance(cfg, MoEConfig):
             raise TypeError(f"cfg: expected a MoEConfig, got {type(cfg).__name__}")
         check_layout(layout)
@@ -80,7 +84,7 @@ class RoutedExperts:
         if grads is None:
             grads = {k: np.zeros_like(params[k]) for k in EXPERT_KEYS if k in params}
         self.params, self.grads = params, grads
-        self._experts = Experts(cfg, params, grads, layout=layout)
+        self._experts = Experts(cfg, params, grads, layout=layout, fixed_values=fixed_values)
         self._latest: Optional[RoutedExpertsContext] = None
         self._guard = OneCaller("RoutedExperts")
 

@@ -180,6 +180,22 @@ def test_bfloat16_weights_run_bfloat16_compute_and_keep_the_dtypes():
     assert abs(loss.item() - want.item()) < 0.05 * abs(want.item())
 
 
+def test_bfloat16_weights_are_seen_after_an_optimiser_step():
+    """Their float32 copies and packs are remade on the step (keyed on torch's versions, no
+    fingerprint): the next loss is that of a fresh model holding the stepped weights."""
+    _, ours = model_pair("qwen3_moe", torch.float32)
+    ours.to(torch.bfloat16)
+    ids = torch.randint(0, 64, (2, 8))
+    before = ours(ids, labels=ids).loss
+    before.backward()
+    torch.optim.SGD(ours.parameters(), lr=0.5).step()
+    after = ours(ids, labels=ids).loss.detach()
+    _, fresh = model_pair("qwen3_moe", torch.float32)
+    fresh.to(torch.bfloat16)
+    fresh.load_state_dict(ours.state_dict())
+    assert torch.equal(after, fresh(ids, labels=ids).loss.detach()) and not torch.equal(after, before.detach())
+
+
 def test_unsupported_flags_raise_naming_them():
     x, idx, w = torch.randn(4, 12), torch.zeros(4, 2, dtype=torch.long), torch.rand(4, 2)
     mod = make_experts(has_post_expert_norm=True)

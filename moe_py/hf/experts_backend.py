@@ -197,7 +197,11 @@ def _routed_experts(experts, k: int) -> RoutedExperts:
     cfg = MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=min(k, E),
                     dtype=str(compute).removeprefix("torch."),
                     compute_dtype="bfloat16" if dtype == torch.bfloat16 else None, **ffn)
-    routed = RoutedExperts(cfg, params=ours, grads={}, layout="linear" if linear else "column")
+    # fixed_values: our copies change only by being remade, when the key above changes (views
+    # of HF's memory may change unseen by the key, through .data: bfloat16 compute under
+    # autocast fingerprints them)
+    routed = RoutedExperts(cfg, params=ours, grads={}, layout="linear" if linear else "column",
+                           fixed_values=not in_place(layout, dtype))
     experts._moe_py_cache = _Cached(key, routed)  # replaced, never edited: a pending backward keeps its arrays
     return routed
 
