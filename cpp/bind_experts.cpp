@@ -166,7 +166,7 @@ void bind_typed(py::module_& m, const std::string& sfx) {
          const std::string& path, std::optional<double> swiglu_alpha,
          std::optional<double> swiglu_limit, std::optional<py::array> db1,
          std::optional<py::array> db3, std::optional<py::array> db2, bool bf16, bool linear,
-         std::optional<const moe::PackedExpertWeights*> given) {
+         std::optional<const moe::PackedExpertWeights*> given, bool accumulate) {
         const moe::PackedExpertWeights* packed = given.value_or(nullptr);
         const auto p = path == "auto"        ? moe::BackwardPath::automatic
                        : path == "by_expert" ? moe::BackwardPath::by_expert
@@ -207,7 +207,7 @@ void bind_typed(py::module_& m, const std::string& sfx) {
         {
           py::gil_scoped_release release;
           moe::experts_backward<T>(s, offsets.data(), xs.data(), w, h1.data(), h3.data(),
-                                   dye.data(), dxsp, dw, dbias, p, packed);
+                                   dye.data(), dxsp, dw, dbias, p, packed, accumulate);
         }
         return dxs;
       },
@@ -217,10 +217,12 @@ void bind_typed(py::module_& m, const std::string& sfx) {
       py::arg("swiglu_alpha") = py::none(), py::arg("swiglu_limit") = py::none(),
       py::arg("db1") = py::none(), py::arg("db3") = py::none(), py::arg("db2") = py::none(),
       py::arg("bf16") = false, py::arg("linear") = false, py::arg("packed") = py::none(),
+      py::arg("accumulate") = true,
       "dxs from dye; adds the weight gradients into dw1, dw3, dw2 (in the weights' layout: "
       "linear as in experts_forward) and, for experts with biases, db1, db3, db2 (path: "
       "'auto', or 'by_expert' / 'two_phase' to force one walk; both give the same bits). "
-      "packed: the weights' backward packs, as in experts_forward");
+      "packed: the weights' backward packs, as in experts_forward. accumulate False: the "
+      "gradients are written into dw1 ... db2 instead, whatever they held");
 }
 
 void bind_packed_class(py::module_& m) {

@@ -179,16 +179,39 @@ struct PackedExperts {
 };
 
 // One expert's weight gradient over its `rows` rows, rows [r0, r0 + n) of it: in the column
-// layout dW [P, Q] += L^T R (L [rows, P], R [rows, Q]); in the linear one dW^T [Q, P] +=
+// layout dW [P, Q] (+)= L^T R (L [rows, P], R [rows, Q]); in the linear one dW^T [Q, P] (+)=
 // R^T L. Each element is the same products summed in the same order either way.
 template <typename T>
 void weight_gradient(const ExpertShape& s, index_t rows, const T* L, index_t P, const T* R,
-                     index_t Q, T* dw, index_t r0, index_t n) {
+                     index_t Q, T* dw, index_t r0, index_t n, bool accumulate) {
   if (s.linear) {
     std::swap(L, R);
     std::swap(P, Q);
   }
-  expert_gemm(s, true, false, n, Q, rows, L + r0, P, R, Q, true, dw + r0 * Q, Q);
+  expert_gemm(s, true, false, n, Q, rows, L + r0, P, R, Q, accumulate, dw + r0 * Q, Q);
+}
+
+// sum (+)= each of `rows` rows of src: a bias's gradient, added to (accumulate) or written.
+template <typename T>
+void bias_gradient(T* sum, index_t rows, index_t width, const T* src, bool accumulate) {
+  if (!accumulate) std::fill(sum, sum + width, T(0));
+  add_rows_to(sum, rows, width, src);
+}
+
+// With written (not added) gradients: those of the experts without rows, zero.
+template <typename T>
+void zero_unrouted_gradients(const ExpertShape& s, const index_t* offsets,
+                             const ExpertWeightGrads<T>& dw, const ExpertBiasGrads<T>& db) {
+  const index_t D = s.d_model, F = s.d_ff;
+  for (index_t e = 0; e < s.E; ++e) {
+    if (offsets[e + 1] > offsets[e]) continue;
+    std::fill(dw.dw1[e], dw.dw1[e] + D * F, T(0));
+    if (gated(s.act)) std::fill(dw.dw3[e], dw.dw3[e] + D * F, T(0));
+    std::fill(dw.dw2[e], dw.dw2[e] + D * F, T(0));
+    if (db.db1) std::fill(db.db1 + e * F, db.db1 + (e + 1) * F, T(0));
+    if (db.db3) std::fill(db.db3 + e * F, db.db3 + (e + 1) * F, T(0));
+    if (db.db2) std::fill(db.db2 + e * D, db.db2 + (e + 1) * D, T(0));
+  }
 }
 
 // Rows of the gradient of a column-layout [P, Q] matrix, in the shape's layout.
@@ -235,7 +258,7 @@ template <typename T>
 void expert_backward_tiles(const ExpertShape& s, index_t e, const index_t* offsets, const T* xs,
                            const T* h1, const T* h3, const T* dye, const PackedExperts<T>& wt,
                            T* dxs, const ExpertWeightGrads<T>& dw, const ExpertBiasGrads<T>& db,
-                           T* da, T* a, T* dh1, T* dh3, T* x_bf16, T* dy_bf16) {
+                           bool accumulate, T* da, T* a, T* dh1, T* dh3, T* x_bf16, T* dy_bf16) {
   const index_t D = s.d_model, F = s.d_ff;
   const bool glu = gated(s.act);
   const index_t n_e = offsets[e + 1] - offsets[e];
@@ -251,12 +274,13 @@ void expert_backward_tiles(const ExpertShape& s, index_t e, const index_t* offse
     wt.w1.gemm(e, rows, dh1, false, dxs + row * D);
     if (glu) wt.w3.gemm(e, rows, dh3, true, dxs + row * D);
     // dW1 = Xs^T dH1, dW3 = Xs^T dH3, dW2 = A^T dYe (column layout)
-    weight_gradient(s, rows, x, D, dh1, F, dw.dw1[e], 0, gradient_rows(s, D, F));
-    if (glu) weight_gradient(s, rows, x, D, dh3, F, dw.dw3[e], 0, gradient_rows(s, D, F));
-    weight_gradient(s, rows, a, F, dy, D, dw.dw2[e], 0, gradient_rows(s, F, D));
-    if (db.db1) add_rows_to(db.db1 + e * F, rows, F, dh1);
-    if (db.db3) add_rows_to(db.db3 + e * F, rows, F, dh3);
-    if (db.db2) add_rows_to(db.db2 + e * D, rows, D, dye + row * D);
+    const bool acc = accumulate || r0 > 0;  // written gradients: the first tile writes
+    weight_gradient(s, rows, x, D, dh1, F, dw.dw1[e], 0, gradient_rows(s, D, F), acc);
+    if (glu) weight_gradient(s, rows, x, D, dh3, F, dw.dw3[e], 0, gradient_rows(s, D, F), acc);
+    weight_gradient(s, rows, a, F, dy, D, dw.dw2[e], 0, gradient_rows(s, F, D), acc);
+    if (db.db1) bias_gradient(db.db1 + e * F, rows, F, dh1, acc);
+    if (db.db3) bias_gradient(db.db3 + e * F, rows, F, dh3, acc);
+    if (db.db2) bias_gradient(db.db2 + e * D, rows, D, dye + row * D, acc);
   }
 }
 
@@ -265,7 +289,8 @@ template <typename T>
 void experts_backward_by_expert(const ExpertShape& s, const index_t* offsets, const T* xs,
                                 const T* h1, const T* h3, const T* dye,
                                 const PackedExperts<T>& wt, T* dxs,
-                                const ExpertWeightGrads<T>& dw, const ExpertBiasGrads<T>& db) {
+                                const ExpertWeightGrads<T>& dw, const ExpertBiasGrads<T>& db,
+                                bool accumulate) {
   const index_t F = s.d_ff;
   const bool glu = gated(s.act);
   const auto rows = [&](index_t e) { return offsets[e + 1] - offsets[e]; };
@@ -282,7 +307,7 @@ void experts_backward_by_expert(const ExpertShape& s, const index_t* offsets, co
 #pragma omp for schedule(dynamic, 1)
     for (index_t i = 0; i < n; ++i) {
       const index_t e = order[i];
-      expert_backward_tiles(s, e, offsets, xs, h1, h3, dye, wt, dxs, dw, db, da.get(), a.get(),
+      expert_backward_tiles(s, e, offsets, xs, h1, h3, dye, wt, dxs, dw, db, accumulate, da.get(), a.get(),
                             dh1.get(), dh3.get(), x_bf16.get(), dy_bf16.get());
     }
   }
@@ -358,7 +383,7 @@ template <typename T>
 void experts_backward(const ExpertShape& shape, const index_t* offsets, const T* xs,
                       const ExpertWeights<T>& w, const T* h1, const T* h3, const T* dye, T* dxs,
                       const ExpertWeightGrads<T>& dw, const ExpertBiasGrads<T>& db,
-                      BackwardPath path, const PackedExpertWeights* given) {
+                      BackwardPath path, const PackedExpertWeights* given, bool accumulate) {
   const ExpertShape s = with_bf16_kernel<T>(shape, given);
   const index_t D = s.d_model, F = s.d_ff;
   const bool glu = gated(s.act);
@@ -372,9 +397,10 @@ void experts_backward(const ExpertShape& shape, const index_t* offsets, const T*
     packs.emplace(s, offsets, w, true);
   const PackedExperts<T>& wt = *packs;
 
+  if (!accumulate) zero_unrouted_gradients(s, offsets, dw, db);
   if (path == BackwardPath::by_expert ||
       (path == BackwardPath::automatic && fused_backward_pays(s.E, offsets)))
-    return experts_backward_by_expert(s, offsets, xs, h1, h3, dye, wt, dxs, dw, db);
+    return experts_backward_by_expert(s, offsets, xs, h1, h3, dye, wt, dxs, dw, db, accumulate);
 
   // uninitialised on purpose: every element is written in phase 1
   Scratch<T> a(N * F), dh1(N * F), dh3(glu ? N * F : 0);
@@ -438,16 +464,16 @@ void experts_backward(const ExpertShape& shape, const index_t* offsets, const T*
     const GradItem g = items[i];
     const index_t e = g.it.expert, row = offsets[e], n_e = offsets[e + 1] - offsets[e];
     if (g.which == 0) {
-      if (db.db1) add_rows_to(db.db1 + e * F, n_e, F, dh1.get() + row * F);
-      if (db.db3) add_rows_to(db.db3 + e * F, n_e, F, dh3.get() + row * F);
-      if (db.db2) add_rows_to(db.db2 + e * D, n_e, D, dye + row * D);
+      if (db.db1) bias_gradient(db.db1 + e * F, n_e, F, dh1.get() + row * F, accumulate);
+      if (db.db3) bias_gradient(db.db3 + e * F, n_e, F, dh3.get() + row * F, accumulate);
+      if (db.db2) bias_gradient(db.db2 + e * D, n_e, D, dye + row * D, accumulate);
     } else if (g.which == 2) {
       weight_gradient(s, n_e, a.get() + row * F, F, dyg + row * D, D, dw.dw2[e], g.it.r0,
-                      g.it.rows);
+                      g.it.rows, accumulate);
     } else {
       const T* dh = (g.which == 1 ? dh1.get() : dh3.get()) + row * F;
       weight_gradient(s, n_e, xg + row * D, D, dh, F, (g.which == 1 ? dw.dw1 : dw.dw3)[e],
-                      g.it.r0, g.it.rows);
+                      g.it.r0, g.it.rows, accumulate);
     }
   }
 }
@@ -494,7 +520,7 @@ PackedExpertWeights pack_expert_weights(const ExpertShape& s, const ExpertWeight
                                     const ExpertWeights<T>&, const T*, const T*, const T*,   \
                                     T*, const ExpertWeightGrads<T>&,                         \
                                     const ExpertBiasGrads<T>&, BackwardPath,                 \
-                                    const PackedExpertWeights*);
+                                    const PackedExpertWeights*, bool);
 MOE_INSTANTIATE(float)
 MOE_INSTANTIATE(double)
 #undef MOE_INSTANTIATE

@@ -114,12 +114,14 @@ enum class BackwardPath { automatic = 0, by_expert = 1, two_phase = 2 };
 // the rounded dh1, dh3 the GEMMs read, db2 dye as given). A bias gradient adds the
 // expert's rows one by one in row order on one thread, on either path: the same bits at
 // any thread count. An expert with no rows is not touched. packed: the backward's packs
-// of w, as experts_forward's.
+// of w, as experts_forward's. accumulate false: the gradients are written instead (the
+// buffers' contents never read; an expert with no rows gets zeros), the same bits as
+// adding into zeros.
 template <typename T>
 void experts_backward(const ExpertShape& s, const index_t* offsets, const T* xs,
                       const ExpertWeights<T>& w, const T* h1, const T* h3, const T* dye, T* dxs,
                       const ExpertWeightGrads<T>& dw, const ExpertBiasGrads<T>& dbias,
                       BackwardPath path = BackwardPath::automatic,
-                      const PackedExpertWeights* packed = nullptr);
+                      const PackedExpertWeights* packed = nullptr, bool accumulate = true);
 
 }  // namespace moe

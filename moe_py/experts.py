@@ -101,15 +101,23 @@ class Experts:
         # bfloat16 compute (the config's, or one call's): the kernels round what they read;
         # the weights come packed (or rounded, on the fallback), remade only when they changed
         self._bf16_weights = GemmWeightCache(fixed_values)
+        self._fixed_values = fixed_values
+        self._checked: Optional[tuple] = None  # the arrays _weights checked last
         self._saved: Optional[tuple] = None
 
     def _weights(self) -> Dict[str, np.ndarray]:
-        """The kernels' parameter arguments (w3 empty when not gated), checked."""
+        """The kernels' parameter arguments (w3 empty when not gated), checked (with
+        fixed_values, once per set of arrays: their values cannot have changed since)."""
         dt, p = self.cfg.np_dtype, self.prefix
         out: Dict[str, np.ndarray] = {"w3": np.zeros((0, 0, 0), dtype=dt)}
-        for name, shape in self._shapes.items():
-            check_param(self.params[p + name], shape, dt, p + name)
-            out[name] = self.params[p + name]
+        arrays = {name: self.params[p + name] for name in self._shapes}
+        checked = self._checked
+        if not (self._fixed_values and checked is not None and len(checked) == len(arrays)
+                and all(a is b for a, b in zip(arrays.values(), checked))):
+            for name, shape in self._shapes.items():
+                check_param(arrays[name], shape, dt, p + name)
+            self._checked = tuple(arrays.values())  # held, so never mistaken for new ones
+        out.update(arrays)
         return out
 
     def _grad_buffers(self, grads: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
@@ -152,9 +160,11 @@ class Experts:
         return y
 
     def backward(self, dy2: np.ndarray, saved: Optional[tuple] = None,
-                 grads: Optional[Dict[str, np.ndarray]] = None) -> Tuple[np.ndarray, np.ndarray]:
+                 grads: Optional[Dict[str, np.ndarray]] = None,
+                 accumulate: bool = True) -> Tuple[np.ndarray, np.ndarray]:
         """dy2 [T, d_model] -> (dx2 [T, d_model], d_topk_weights [T, k]); adds into grads
-        (default: self.grads). `saved`: a forward's saved state (default: the latest forward's)."""
+        (default: self.grads), or with accumulate False writes them there (what the buffers
+        held is never read). `saved`: a forward's saved state (default: the latest forward's)."""
         saved = self._saved if saved is None else saved
         if saved is None:
             raise RuntimeError("backward called before forward")
@@ -163,7 +173,7 @@ class Experts:
         dye, dw_out = self.dispatcher.combine_backward(dy2, state)
         dxe = kernel("experts_backward", self.cfg.np_dtype)(
             xs=xe, offsets=offsets, w1=weights["w1"], w3=weights["w3"], w2=weights["w2"], h1=h1,
-            h3=h3, dye=dye, **activation, **buffers,
+            h3=h3, dye=dye, **activation, **buffers, accumulate=accumulate,
             **(gemm_weights.backward_args() if gemm_weights else {}))
         dx2, dw_in = self.dispatcher.dispatch_backward(dxe, state)
         d_weights = dw_out if dw_out is not None else dw_in  # from where the weights applied

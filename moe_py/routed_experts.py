@@ -54,8 +54,9 @@ class RoutedExpertsOutput(NamedTuple):
     dropped: np.ndarray  # [..., k] bool: slots dropped for capacity
     context: RoutedExpertsContext
 
-    def backward(self, dy, grads: Optional[Dict[str, np.ndarray]] = None) -> Tuple[np.ndarray, np.ndarray]:
-        return self.context.owner.backward(dy, out=self, grads=grads)
+    def backward(self, dy, grads: Optional[Dict[str, np.ndarray]] = None,
+                 accumulate: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+        return self.context.owner.backward(dy, out=self, grads=grads, accumulate=accumulate)
 
 
 class RoutedExperts:
@@ -114,10 +115,12 @@ class RoutedExperts:
     forward = __call__
 
     def backward(self, dy, out: Optional[RoutedExpertsOutput] = None,
-                 grads: Optional[Dict[str, np.ndarray]] = None) -> Tuple[np.ndarray, np.ndarray]:
+                 grads: Optional[Dict[str, np.ndarray]] = None,
+                 accumulate: bool = True) -> Tuple[np.ndarray, np.ndarray]:
         """(dx, d_topk_weights) of sum(dy * y), for `out`'s forward (default: the latest);
-        the expert weights' gradients are added into `grads` (default: self.grads; a call's
-        own zeroed buffers give that call's gradients alone, as an autograd backward needs)."""
+        the expert weights' gradients are added into `grads` (default: self.grads), or with
+        accumulate False written there: that call's gradients alone, as an autograd backward
+        needs, in buffers whose contents are never read (np.empty will do)."""
         ctx = self._latest if out is None else out.context
         if ctx is None:
             raise RuntimeError("backward called before forward")
@@ -126,7 +129,7 @@ class RoutedExperts:
         with self._guard.backward(ctx.thread):
             D = self.cfg.d_model
             dy2 = as_grad(dy, ctx.lead + (D,), self.cfg.np_dtype, "dy").reshape(-1, D)
-            dx2, d_weights = self._experts.backward(dy2, ctx.saved, grads)
+            dx2, d_weights = self._experts.backward(dy2, ctx.saved, grads, accumulate)
             if not (all_finite(dx2) and all_finite(d_weights)):
                 raise NonFiniteError(f"dy: the gradient through the experts is not finite (max |dy| = "
                                      f"{np.abs(dy2).max():.3g} overflows in {self.cfg.dtype})")

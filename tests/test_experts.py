@@ -325,3 +325,27 @@ def test_biases_come_all_or_none(drop):
     gelu_b = make_biases("gelu", *w1.shape)
     with pytest.raises(ValueError, match="b1, b3, b2: expected all"):  # gelu has no b3
         forward(offsets, xs, w1, np.zeros((0, 0, 0)), w2, "gelu", **gelu_b, b3=gelu_b["b1"])
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("path", ["by_expert", "two_phase"])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_written_gradients_are_the_bits_of_gradients_added_into_zeros(activation, path, bf16):
+    """accumulate=False writes every gradient (an expert without rows: zeros) whatever the
+    buffers held, NaN included: the bits of adding into zeros. Several row tiles per expert,
+    so the by-expert walk writes with its first tile and adds the next."""
+    offsets, *arrays = make(activation, rows=(600, 0, 257, 90), D=24, F=40, seed=5)
+    xs, w1, w3, w2 = (a.astype(np.float32) for a in arrays)
+    b = make_biases(activation, 4, 24, 40, dtype=np.float32)
+    h1, h3, ye = forward(offsets, xs, w1, w3, w2, activation, bf16=bf16, **b)
+    dye = np.random.default_rng(6).standard_normal(ye.shape).astype(np.float32)
+    runs = []
+    for accumulate, fill in ((True, 0.0), (False, np.nan)):
+        g = [np.full_like(w, fill) for w in (w1, w3, w2)]
+        db = bias_grads(b, fill=fill)
+        dxs = backward(offsets, xs, w1, w3, w2, h1, h3, dye, activation, g, path=path, bf16=bf16,
+                       accumulate=accumulate, **db)
+        runs.append([dxs, *g, *db.values()])
+    for added, written in zip(*runs):
+        assert np.array_equal(added, written)
+    assert np.all(runs[1][3][1] == 0)  # dw2 of the expert without rows

@@ -37,13 +37,13 @@ never a silently different function.
 """
 from __future__ import annotations
 
+import threading
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
-from .. import _kernels
 from ..config import MoEConfig
 from ..routed_experts import RoutedExperts
 from ..torch import autocast_bf16
@@ -206,6 +206,20 @@ def _routed_experts(experts, k: int) -> RoutedExperts:
     return routed
 
 
+_REUSED = threading.local()
+
+
+def _reused(shape: torch.Size, i: int) -> torch.Tensor:
+    """A float32 buffer of `shape` that this thread's backwards reuse (the i-th parameter's):
+    a bfloat16 weight's gradient, rounded into a new tensor before the next backward writes
+    it. Reused rather than allocated, so that its pages are not faulted in at every step."""
+    buffers = _REUSED.__dict__.setdefault("buffers", {})
+    key = (tuple(shape), i)
+    if key not in buffers:
+        buffers[key] = torch.empty(shape, dtype=torch.float32)
+    return buffers[key]
+
+
 class RoutedExpertsFunction(torch.autograd.Function):
     """y of one experts forward; one C++ backward gives d hidden_states, d top_k_weights and
     the gradients of the HF expert parameters (in HF's layout and dtype)."""
@@ -229,15 +243,20 @@ class RoutedExpertsFunction(torch.autograd.Function):
         routed: RoutedExperts = ctx.routed
         params = ctx.saved_tensors  # raises if they changed in place since the forward
         compute = torch.float64 if routed.cfg.dtype == "float64" else torch.float32
-        hf_grads = [torch.zeros(p.shape, dtype=compute) for p in params]
+        # the gradients in HF's layout: returned as they are, or (bfloat16 weights) rounded
+        # into new tensors from this thread's reused float32 buffers
+        hf_grads = [torch.empty(p.shape, dtype=compute) if p.dtype == compute else _reused(p.shape, i)
+                    for i, p in enumerate(params)]
         linear = routed.layout == "linear"
         views = _views(ctx.experts, hf_grads, linear)
-        # linear: the kernels add the weight gradients straight into HF's buffers; the rest
-        # (biases, whose halves are not contiguous; the column layout) go through fresh arrays
+        # linear: the kernels write the weight gradients straight into HF's buffers; the rest
+        # (biases, whose halves are not contiguous; the column layout) go through new arrays.
+        # Every element of each buffer is written (accumulate False): none needs zeroing.
         direct = {n for n in views if linear and n[0] == "w"}
-        grads = {n: views[n].numpy() if n in direct else _kernels.zeros(a.shape, a.dtype)
+        grads = {n: views[n].numpy() if n in direct else np.empty(a.shape, a.dtype)
                  for n, a in routed.params.items()}
-        dx, dw = ctx.out.backward(dy.detach().to(compute).contiguous().numpy(), grads=grads)
+        dx, dw = ctx.out.backward(dy.detach().to(compute).contiguous().numpy(), grads=grads,
+                                  accumulate=False)
         for name, view in views.items():
             if name not in direct:
                 view.copy_(torch.from_numpy(grads[name]))
