@@ -116,6 +116,13 @@ struct ScalarPacking {
       for (index_t i = 0; i < rows; ++i) blk[i * stride + p] = bf16_pair(a0[i], a1[i]);
     }
   }
+  // out[p * stride + j] = the pair (b[j][2p], b[j][2p + 1]) (row j of b at b + j * ldb),
+  // j < rows, p < n: each row's pairs down a column of out (a transposed B's panel)
+  static void pack_rows_across(const float* b, index_t ldb, index_t rows, index_t n,
+                               std::uint32_t* out, index_t stride) {
+    for (index_t j = 0; j < rows; ++j)
+      for (index_t p = 0; p < n; ++p) out[p * stride + j] = bf16_pair(b[j * ldb + 2 * p], b[j * ldb + 2 * p + 1]);
+  }
 };
 
 // A tile kernel's 32 x 32 block of C, rows [rows][nc] of c, through `out` (ld 32): loaded,
@@ -240,6 +247,24 @@ struct Ops {
     // the rest: rows past the last 16, and pairs past the last 16 of the others
     ScalarPacking::pack_columns(a + rows16, lda, rows - rows16, n, blk + rows16 * stride, stride);
     ScalarPacking::pack_columns(a + 2 * n16 * lda, lda, rows16, n - n16, blk + n16, stride);
+  }
+  // ScalarPacking's, 16 x 16 pairs at a time: each row's 16 pairs made as pack_row makes
+  // them, then transposed in registers
+  static void pack_rows_across(const float* b, index_t ldb, index_t rows, index_t n,
+                               std::uint32_t* out, index_t stride) {
+    const index_t rows16 = rows / 16 * 16, n16 = n / 16 * 16;
+    for (index_t j0 = 0; j0 < rows16; j0 += 16)
+      for (index_t p0 = 0; p0 < n16; p0 += 16) {
+        __m512i r[16];  // [j][p], then [p][j]
+        for (index_t j = 0; j < 16; ++j) {
+          const float* bj = b + (j0 + j) * ldb + 2 * p0;
+          r[j] = round_32(_mm512_loadu_ps(bj), _mm512_loadu_ps(bj + 16));
+        }
+        transpose_16x16(r);
+        for (index_t p = 0; p < 16; ++p) _mm512_storeu_si512(out + (p0 + p) * stride + j0, r[p]);
+      }
+    ScalarPacking::pack_rows_across(b + rows16 * ldb, ldb, rows - rows16, n, out + rows16, stride);
+    ScalarPacking::pack_rows_across(b + 2 * n16, ldb, rows16, n - n16, out + n16 * stride, stride);
   }
 };
 #include "small_gemm_bf16_impl.h"

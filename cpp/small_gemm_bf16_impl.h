@@ -5,7 +5,8 @@
 // Ops gives: F (a float32 vector of L lanes) and I (L 32-bit lanes, each a bfloat16 pair);
 // L and kRows (micro-tile rows); zero, add, load, store, load_n, store_n (the first n lanes);
 // load_pairs, bcast (one pair to every lane) and dot(acc, a, b): acc + the pairwise products;
-// pack_row, pack_two_rows and pack_columns (ScalarPacking's, or faster with the same products).
+// pack_row, pack_two_rows, pack_columns and pack_rows_across (ScalarPacking's, or faster with
+// the same products).
 // A tile kernel (AMX) also sets kTiles, pads k to kPairAlign pairs (a tile's depth) and
 // gives tile_block, the product of one packed A block and one panel, its tiles starting
 // from C when accumulating (from zero otherwise); Session is what a
@@ -34,17 +35,15 @@ static_assert((kKc / 2) % Ops::kPairAlign == 0, "k blocks start on whole tiles")
 inline void pack_panel(bool trans_b, const float* B, index_t ldb, index_t k0, index_t kc,
                        index_t j0, index_t nc, std::uint32_t* panel) {
   const index_t full = kc / 2;
+  if (trans_b) {  // op(B)(k, j) = B[j * ldb + k]: row j's pairs down the panel's column j
+    Ops::pack_rows_across(B + j0 * ldb + k0, ldb, nc, full, panel, NR);
+    if (full < pairs(kc))
+      for (index_t j = 0; j < nc; ++j) panel[full * NR + j] = bf16_pair(B[(j0 + j) * ldb + k0 + 2 * full], 0.0f);
+  }
   for (index_t p = 0; p < pairs(kc); ++p) {
     std::uint32_t* row = panel + p * NR;
-    const index_t k = k0 + 2 * p;
-    if (trans_b) {  // op(B)(k, j) = B[j * ldb + k]
-      const float* b = B + j0 * ldb + k;
-      if (p < full)
-        for (index_t j = 0; j < nc; ++j) row[j] = bf16_pair(b[j * ldb], b[j * ldb + 1]);
-      else
-        for (index_t j = 0; j < nc; ++j) row[j] = bf16_pair(b[j * ldb], 0.0f);
-    } else {
-      const float* b0 = B + k * ldb + j0;
+    if (!trans_b) {
+      const float* b0 = B + (k0 + 2 * p) * ldb + j0;
       const float* b1 = b0 + ldb;
       if (p < full)
         Ops::pack_two_rows(b0, b1, nc, row);
