@@ -8,11 +8,16 @@ the experts' forward + backward.
 
     .venv/bin/python benchmarks/bench_hf_experts.py [--threads 2] [--dtypes float32 bfloat16]
 
+--profile N then runs N more moe_py steps per dtype under cProfile and prints where they go
+(moe_py's kernels, the conversions, transformers' own code): not interleaved, not timed.
+
 batched_mm gathers every routed row's weight matrices (S x 3 F d values for S = tokens x k);
 it is skipped, saying so, when that would not fit in --max-gather-gib.
 """
 import argparse
 import copy
+import cProfile
+import pstats
 import statistics
 
 import torch
@@ -62,6 +67,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--max-gather-gib", type=float, default=4.0)
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="then N moe_py steps under cProfile per dtype (top entries by own time)")
     a = p.parse_args()
     set_threads(a.threads, torch)
     print(machine_line())
@@ -104,6 +111,23 @@ def main() -> None:
               f"experts' share; other load {busy:.2f} cores")
         if dname == "float32":
             gemm_bound(a, {n: t - floor for n, t in med.items()}, fastest, floor)
+        if a.profile:
+            profile_steps(step(models["moe_py"]), a.profile, dname)
+
+
+def profile_steps(run, n: int, dname: str) -> None:
+    """n calls of run under cProfile: the 15 entries with the most own time, per step."""
+    prof = cProfile.Profile()
+    prof.enable()
+    for i in range(n):
+        run(i)
+    prof.disable()
+    stats = pstats.Stats(prof).sort_stats("tottime")
+    print(f"  {dname} moe_py, own time per step (ms) over {n} profiled steps:")
+    top = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:15]
+    for (path, line, fn), (_, calls, own, _, _) in top:
+        where = fn if path == "~" else f"{path.rsplit('/', 1)[-1]}:{line}({fn})"
+        print(f"    {own / n * 1e3:8.1f}  {calls / n:5.0f} calls  {where}")
 
 
 def gemm_bound(a, experts_s, fastest, floor) -> None:
