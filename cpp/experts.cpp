@@ -497,8 +497,9 @@ PackedExpertWeights pack_expert_weights(const ExpertShape& s, const ExpertWeight
   p.stride2 = size(down);
   p.offset3 = s.E * p.stride1;
   p.offset2 = p.offset3 + s.E * p.stride3;
-  p.words = std::make_unique<AlignedBuffer<std::uint32_t>>(std::max<index_t>(1, p.offset2 + s.E * p.stride2));
-  std::uint32_t* out = p.words->get();
+  const std::size_t bytes = 4 * std::size_t(std::max<index_t>(1, p.offset2 + s.E * p.stride2));
+  p.words = {static_cast<std::uint32_t*>(pool_alloc(bytes)), PackedExpertWeights::PoolFree{bytes}};
+  std::uint32_t* out = p.words.get();
   const index_t n = p.gated ? 3 : 2;
 #pragma omp parallel for schedule(dynamic, 1)
   for (index_t i = 0; i < s.E * n; ++i) {

@@ -6,10 +6,11 @@
 // fixed (expert, row tile) items run by OpenMP, so uneven expert loads still
 // keep every core busy and the bits never depend on the thread count.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 
-#include "aligned_buffer.h"
+#include "pool.h"
 #include "small_gemm_bf16.h"
 #include "tensor.h"
 
@@ -81,10 +82,16 @@ struct PackedExpertWeights {
   bool backward = false, linear = false, gated = false;
   index_t E = 0, d_model = 0, d_ff = 0;
   index_t offset3 = 0, offset2 = 0, stride1 = 0, stride3 = 0, stride2 = 0;  // in words
-  std::unique_ptr<AlignedBuffer<std::uint32_t>> words;  // w1's E packs, w3's, w2's
-  const std::uint32_t* w1() const { return words->get(); }
-  const std::uint32_t* w3() const { return words->get() + offset3; }
-  const std::uint32_t* w2() const { return words->get() + offset2; }
+  // w1's E packs, w3's, w2's, in a block of the pool (pool.h): packs are made anew at every
+  // update, and the last update's block comes back instead of fresh pages
+  struct PoolFree {
+    std::size_t bytes;
+    void operator()(std::uint32_t* p) const { pool_free(p, bytes); }
+  };
+  std::unique_ptr<std::uint32_t, PoolFree> words{nullptr, PoolFree{0}};
+  const std::uint32_t* w1() const { return words.get(); }
+  const std::uint32_t* w3() const { return words.get() + offset3; }
+  const std::uint32_t* w2() const { return words.get() + offset2; }
 };
 
 // Packs every expert of w (shape s: s.bf16_kernel, the kernel to pack for, a bfloat16 one).
