@@ -10,8 +10,6 @@
 
 namespace moe_bind {
 
-namespace {
-
 moe::Bf16Kernel kernel_named(const std::string& name) {
   using K = moe::Bf16Kernel;
   for (K k : {K::fallback, K::avx512_bf16, K::emulated, K::amx, K::amx_emulated})
@@ -19,8 +17,6 @@ moe::Bf16Kernel kernel_named(const std::string& name) {
   throw std::invalid_argument("kernel: expected 'fallback', 'avx512_bf16', 'emulated', 'amx' or "
                               "'amx_emulated', got '" + name + "'");
 }
-
-}  // namespace
 
 void bind_bf16(py::module_& m) {
   m.def(

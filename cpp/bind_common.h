@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "pool.h"
+#include "small_gemm_bf16.h"
 #include "tensor.h"
 
 namespace moe_bind {
@@ -102,6 +103,9 @@ std::atomic<int>& requested_threads();
 struct UseRequestedThreads {
   UseRequestedThreads();
 };
+
+// The bfloat16 GEMM kernel named `name` (small_gemm_bf16.h), or invalid_argument naming it.
+moe::Bf16Kernel kernel_named(const std::string& name);
 
 // One binder per kernel file; each binds a float32 (_f32) and a float64 (_f64) set
 // where the kernel is typed, so no overload resolution can cast one dtype to the other.

@@ -238,12 +238,15 @@ void bind_packing(py::module_& m) {
   m.def(
       "pack_expert_weights",
       [](py::array w1, py::array w3, py::array w2, moe::Activation activation, bool linear,
-         bool backward) {
+         bool backward, std::optional<std::string> kernel) {
         const index_t E = w1.shape(0), F = d_ff_of(w1, linear), D = w1.shape(linear ? 2 : 1);
         moe::ExpertShape s{E, D, F, activation};
         s.linear = linear;
         s.bf16 = true;
-        s.bf16_kernel = moe::bf16_kernel();
+        s.bf16_kernel = kernel ? kernel_named(*kernel) : moe::bf16_kernel();
+        if (!moe::bf16_kernel_available(s.bf16_kernel))
+          throw std::invalid_argument(std::string("kernel: '") + moe::bf16_kernel_name(s.bf16_kernel) +
+                                      "' does not run on this CPU");
         const WeightDims wd = weight_dims(D, F, linear);
         moe::ExpertWeights<float> w;
         w.w1 = weight_stack<float>(w1, "w1", E, wd.r1, wd.c1);
@@ -254,8 +257,10 @@ void bind_packing(py::module_& m) {
       },
       py::call_guard<UseRequestedThreads>(), py::kw_only(), py::arg("w1"), py::arg("w3"),
       py::arg("w2"), py::arg("activation"), py::arg("linear") = false, py::arg("backward") = false,
-      "float32 expert weights (as experts_forward takes them) packed for the bfloat16 kernel in "
-      "use (not the fallback), as a forward's products read them or, backward, a backward's");
+      py::arg("kernel") = py::none(),
+      "float32 expert weights (as experts_forward takes them) packed for a bfloat16 kernel "
+      "(default: the one in use; not the fallback), as a forward's products read them or, "
+      "backward, a backward's");
 }
 
 }  // namespace

@@ -260,8 +260,8 @@ def matmul_f64(*, a: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], b:
 def multi_token_labels(*, targets: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], mask: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], n_predict: int, ignore_index: int) -> numpy.typing.NDArray[numpy.int64]:
     """labels [n_predict, B, S] of heads predicting t+1 ... t+n_predict, padding ignored"""
 
-def pack_expert_weights(*, w1: numpy.ndarray, w3: numpy.ndarray, w2: numpy.ndarray, activation: Activation, linear: bool = False, backward: bool = False) -> PackedExpertWeights:
-    """float32 expert weights (as experts_forward takes them) packed for the bfloat16 kernel in use (not the fallback), as a forward's products read them or, backward, a backward's"""
+def pack_expert_weights(*, w1: numpy.ndarray, w3: numpy.ndarray, w2: numpy.ndarray, activation: Activation, linear: bool = False, backward: bool = False, kernel: str | None = None) -> PackedExpertWeights:
+    """float32 expert weights (as experts_forward takes them) packed for a bfloat16 kernel (default: the one in use; not the fallback), as a forward's products read them or, backward, a backward's"""
 
 def pool_cached_bytes() -> int:
     """bytes held in the kernels' block cache for reuse"""

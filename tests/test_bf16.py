@@ -160,6 +160,25 @@ def test_packed_weights_give_the_bits_of_a_call_that_packs_them(name, linear):
         assert np.array_equal(y2, fwd(xs=xs, offsets=offsets, **other, activation=act, bf16=True, linear=linear)[2])
 
 
+@pytest.mark.skipif(not HARDWARE_KERNELS, reason="no bfloat16 kernel on this CPU")
+def test_a_backward_runs_on_its_forwards_kernel():
+    """The backward's packs are made for the kernel the forward ran on, and run on it, even
+    if another was chosen meanwhile: the bits of a step on that kernel alone."""
+    cfg = MoEConfig(d_model=32, d_ff=48, num_experts=4, top_k=2, compute_dtype="bfloat16", seed=3)
+    rng = np.random.default_rng(3)
+    x, dy = rng.standard_normal((2, 50, 32)).astype(np.float32)
+    name = HARDWARE_KERNELS[0]
+    with bf16.using_kernel(name):
+        want = step(MoELayer(cfg), x, dy)
+        mixed = MoELayer(cfg)
+        mixed.zero_grad()
+        y = mixed(x).y
+    with bf16.using_kernel("fallback"):
+        dx = mixed.backward(dy)
+    assert np.array_equal(y, want[0]) and np.array_equal(dx, want[1])
+    assert all(np.array_equal(mixed.grads[n], want[2][n]) for n in want[2])
+
+
 def test_packs_are_checked_against_the_call():
     E, D, F = 3, 32, 16
     offsets, xs, w = grouped(E, [5, 0, 9], D, F)
