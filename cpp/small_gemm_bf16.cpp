@@ -229,21 +229,27 @@ struct Ops {
       r[12 + m] = _mm512_shuffle_i32x4(d0, d1, 0xdd);
     }
   }
+  // out[(x0 + x) * stride + y0 + y] = word x of row(x0, y0, y), for the 16 x 16 squares at
+  // x0 < xs, y0 < ys (multiples of 16): 16 vectors made, transposed in registers, stored
+  template <class Row>
+  static void transposed_squares(index_t xs, index_t ys, Row row, std::uint32_t* out, index_t stride) {
+    for (index_t x0 = 0; x0 < xs; x0 += 16)
+      for (index_t y0 = 0; y0 < ys; y0 += 16) {
+        __m512i r[16];  // [y][x], then [x][y]
+        for (index_t y = 0; y < 16; ++y) r[y] = row(x0, y0, y);
+        transpose_16x16(r);
+        for (index_t x = 0; x < 16; ++x) _mm512_storeu_si512(out + (x0 + x) * stride + y0, r[x]);
+      }
+  }
   // ScalarPacking's, 16 x 16 pairs at a time: each p's 16 pairs made as pack_two_rows
   // makes them, then transposed in registers
   static void pack_columns(const float* a, index_t lda, index_t rows, index_t n,
                            std::uint32_t* blk, index_t stride) {
     const index_t rows16 = rows / 16 * 16, n16 = n / 16 * 16;
-    for (index_t i0 = 0; i0 < rows16; i0 += 16)
-      for (index_t p0 = 0; p0 < n16; p0 += 16) {
-        __m512i r[16];  // [p][i], then [i][p]
-        for (index_t q = 0; q < 16; ++q) {
-          const float* a0 = a + 2 * (p0 + q) * lda + i0;
-          r[q] = pairs_of(a0, a0 + lda);
-        }
-        transpose_16x16(r);
-        for (index_t i = 0; i < 16; ++i) _mm512_storeu_si512(blk + (i0 + i) * stride + p0, r[i]);
-      }
+    transposed_squares(rows16, n16, [&](index_t i0, index_t p0, index_t q) {
+      const float* a0 = a + 2 * (p0 + q) * lda + i0;
+      return pairs_of(a0, a0 + lda);
+    }, blk, stride);
     // the rest: rows past the last 16, and pairs past the last 16 of the others
     ScalarPacking::pack_columns(a + rows16, lda, rows - rows16, n, blk + rows16 * stride, stride);
     ScalarPacking::pack_columns(a + 2 * n16 * lda, lda, rows16, n - n16, blk + n16, stride);
@@ -253,16 +259,10 @@ struct Ops {
   static void pack_rows_across(const float* b, index_t ldb, index_t rows, index_t n,
                                std::uint32_t* out, index_t stride) {
     const index_t rows16 = rows / 16 * 16, n16 = n / 16 * 16;
-    for (index_t j0 = 0; j0 < rows16; j0 += 16)
-      for (index_t p0 = 0; p0 < n16; p0 += 16) {
-        __m512i r[16];  // [j][p], then [p][j]
-        for (index_t j = 0; j < 16; ++j) {
-          const float* bj = b + (j0 + j) * ldb + 2 * p0;
-          r[j] = round_32(_mm512_loadu_ps(bj), _mm512_loadu_ps(bj + 16));
-        }
-        transpose_16x16(r);
-        for (index_t p = 0; p < 16; ++p) _mm512_storeu_si512(out + (p0 + p) * stride + j0, r[p]);
-      }
+    transposed_squares(n16, rows16, [&](index_t p0, index_t j0, index_t j) {
+      const float* bj = b + (j0 + j) * ldb + 2 * p0;
+      return round_32(_mm512_loadu_ps(bj), _mm512_loadu_ps(bj + 16));
+    }, out, stride);
     ScalarPacking::pack_rows_across(b + rows16 * ldb, ldb, rows - rows16, n, out + rows16, stride);
     ScalarPacking::pack_rows_across(b + 2 * n16, ldb, rows16, n - n16, out + n16 * stride, stride);
   }
