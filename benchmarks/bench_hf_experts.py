@@ -1,7 +1,9 @@
 """A transformers Qwen3-MoE-shaped causal LM trained with experts_implementation="moe_py"
 against transformers' own CPU experts backends (eager, batched_mm, grouped_mm): the same
-weights, batch and threads, one training step (forward + loss + backward) per side, sides
-interleaved, medians. Routing, attention, norms and the LM head are transformers' in every
+weights, batch and threads, one training step (forward + loss + backward + an SGD update) per
+side, sides interleaved, medians. The update makes each step pay what a backend does once
+per parameter update (moe_py's float32 copies and bfloat16 packs of bfloat16 weights), as
+training does. Routing, attention, norms and the LM head are transformers' in every
 side; only the experts differ. A fifth side replaces the expert FFNs by a product with the
 weights' sum (no_experts): its time is the rest of the step, and each side's excess over it
 the experts' forward + backward.
@@ -74,7 +76,7 @@ def main() -> None:
     print(machine_line())
     print(f"transformers {transformers.__version__}, torch {torch.__version__}; Qwen3-MoE-shaped: hidden "
           f"{a.hidden}, {a.experts} experts of width {a.width}, top-{a.top_k}, {a.layers} layers, batch "
-          f"{a.batch} x {a.seq}, {a.threads} threads; one training step, median of {a.repeats} interleaved")
+          f"{a.batch} x {a.seq}, {a.threads} threads; one training step with an SGD update, median of {a.repeats} interleaved")
     cfg = model_config(a)
     torch.manual_seed(0)
     base = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), experts_implementation="eager")
@@ -91,9 +93,12 @@ def main() -> None:
             models[name] = m.to(dtype)
 
         def step(m):
+            opt = torch.optim.SGD(m.parameters(), lr=1e-3)
+
             def run(_i):
-                m.zero_grad(set_to_none=True)
+                opt.zero_grad(set_to_none=True)
                 m(ids, labels=ids).loss.backward()
+                opt.step()
             return run
 
         load = ForeignLoad()

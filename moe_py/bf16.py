@@ -116,8 +116,16 @@ class GemmWeights:
         if self.kernel == "fallback":
             return {}
         if self._backward is None:
+            if self._packing is None:
+                raise RuntimeError("the expert weights were changed in place after this forward "
+                                   "(a parameter update between a forward and its backward)")
             self._backward = _kernels.pack_expert_weights(**self._packing, backward=True)
         return {"packed": self._backward}
+
+    def retire(self) -> None:
+        """The owner is about to change the weights' values in place: from now on a backward
+        that would still pack them raises instead of packing the new values."""
+        self._packing = None
 
 
 class GemmWeightCache:
@@ -142,3 +150,9 @@ class GemmWeightCache:
             self._entry = GemmWeights(weights, name, activation, linear)
             self._key = key
         return self._entry
+
+    def retire(self) -> None:
+        """GemmWeights.retire on the current entry, which is then never handed out again."""
+        if self._entry is not None:
+            self._entry.retire()
+        self._entry, self._key = None, None

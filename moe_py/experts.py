@@ -105,6 +105,12 @@ class Experts:
         self._checked: Optional[tuple] = None  # the arrays _weights checked last
         self._saved: Optional[tuple] = None
 
+    def retire_bf16_weights(self) -> None:
+        """Before the caller changes the weights' values in place although it promised
+        fixed_values (it reuses their memory for the next update's): a pending backward that
+        would read them raises instead (bf16.GemmWeights.retire)."""
+        self._bf16_weights.retire()
+
     def _weights(self) -> Dict[str, np.ndarray]:
         """The kernels' parameter arguments (w3 empty when not gated), checked (with
         fixed_values, once per set of arrays: their values cannot have changed since)."""

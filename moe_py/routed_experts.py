@@ -135,6 +135,16 @@ class RoutedExperts:
                                      f"{np.abs(dy2).max():.3g} overflows in {self.cfg.dtype})")
             return dx2.reshape(ctx.lead + (D,)), d_weights.reshape(ctx.lead + (ctx.k,))
 
+    def release(self) -> None:
+        """For an owner that replaces this object by a new one over the same weight memory
+        (moe_py.hf at each parameter update): the bfloat16 packs are retired
+        (Experts.retire_bf16_weights), and the latest forward's context, which refers back to
+        this object, is forgotten, so that the two are freed (their packs and activations
+        back to the pool) as soon as no pending backward holds that forward's output, not at
+        the next cyclic garbage collection. A backward must then be given its `out`."""
+        self._experts.retire_bf16_weights()
+        self._latest = None
+
     def zero_grad(self) -> None:
         for g in self.grads.values():
             g.fill(0)

@@ -285,6 +285,60 @@ def test_the_bf16_weights_are_made_once_per_update(gemm_kernel):
     assert np.array_equal(fresh(x).y, y2) and not np.array_equal(y, y2)
 
 
+def routed_call(cfg):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((30, cfg.d_model)).astype(np.float32)
+    idx = np.stack([rng.permutation(cfg.num_experts)[:cfg.top_k] for _ in range(30)])
+    w = rng.random((30, cfg.top_k)).astype(np.float32)
+    return x, idx, w, rng.standard_normal((30, cfg.d_model)).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", HARDWARE_KERNELS)
+def test_a_backward_after_a_release_raises_instead_of_packing_new_values(name):
+    """RoutedExperts.release (its owner will change the weights in place): a pending
+    backward whose packs were not made yet raises; one whose packs were made still runs on
+    them; later forwards pack the weights anew."""
+    cfg = MoEConfig(d_model=16, d_ff=12, num_experts=3, top_k=2, compute_dtype="bfloat16")
+    x, idx, w, dy = routed_call(cfg)
+    def zeros(r):
+        return {k: np.zeros_like(v) for k, v in r.params.items()}
+    with bf16.using_kernel(name):
+        routed = moe_py.RoutedExperts(cfg, fixed_values=True)
+        pending = routed(x, idx, w)
+        routed.release()
+        routed.params["w2"] *= 2  # what the owner may do once it released
+        with pytest.raises(RuntimeError, match="changed in place after this forward"):
+            pending.backward(dy)
+
+        routed = moe_py.RoutedExperts(cfg, fixed_values=True)
+        want = routed(x, idx, w).backward(dy, grads=zeros(routed))  # the backward's packs made
+        pending = routed(x, idx, w)
+        routed.release()
+        routed.params["w2"] *= 2
+        assert all(np.array_equal(a, b) for a, b in zip(pending.backward(dy, grads=zeros(routed)), want))
+        fresh = moe_py.RoutedExperts(cfg, params={k: v.copy() for k, v in routed.params.items()})
+        assert np.array_equal(routed(x, idx, w).y, fresh(x, idx, w).y)
+
+
+def test_a_released_routed_experts_is_freed_without_the_garbage_collector():
+    """Its latest forward's context refers back to it: release breaks that cycle, so that
+    the object (its packs, the forward's activations) goes when the last reference does."""
+    import gc
+    import weakref
+    cfg = MoEConfig(d_model=16, d_ff=12, num_experts=3, top_k=2, compute_dtype="bfloat16")
+    x, idx, w, dy = routed_call(cfg)
+    gc.disable()
+    try:
+        routed = moe_py.RoutedExperts(cfg)
+        routed(x, idx, w).backward(dy)
+        gone = weakref.ref(routed)
+        routed.release()
+        del routed
+        assert gone() is None
+    finally:
+        gc.enable()
+
+
 def test_a_change_of_kernel_remakes_the_bf16_weights():
     layer = MoELayer(MoEConfig(d_model=16, d_ff=24, num_experts=4, top_k=2, compute_dtype="bfloat16", seed=2))
     x = np.random.default_rng(0).standard_normal((40, 16)).astype(np.float32)

@@ -180,20 +180,49 @@ def test_bfloat16_weights_run_bfloat16_compute_and_keep_the_dtypes():
     assert abs(loss.item() - want.item()) < 0.05 * abs(want.item())
 
 
-def test_bfloat16_weights_are_seen_after_an_optimiser_step():
-    """Their float32 copies and packs are remade on the step (keyed on torch's versions, no
-    fingerprint): the next loss is that of a fresh model holding the stepped weights."""
-    _, ours = model_pair("qwen3_moe", torch.float32)
+@pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss"])
+def test_bfloat16_weights_are_seen_after_an_optimiser_step(kind):
+    """Their float32 copies (HF's layout, or the column layout for gpt-oss) are refilled in
+    the module's buffers on the step and the packs remade (keyed on torch's versions, no
+    fingerprint): the next loss and gradients are those of a fresh model holding the stepped
+    weights."""
+    _, ours = model_pair(kind, torch.float32)
     ours.to(torch.bfloat16)
     ids = torch.randint(0, 64, (2, 8))
     before = ours(ids, labels=ids).loss
     before.backward()
+    buffers = [b.data_ptr() for b in experts_of(ours)[0]._moe_py_copies]
     torch.optim.SGD(ours.parameters(), lr=0.5).step()
-    after = ours(ids, labels=ids).loss.detach()
-    _, fresh = model_pair("qwen3_moe", torch.float32)
+    after, grads = loss_and_grads(ours, ids, None)
+    assert [b.data_ptr() for b in experts_of(ours)[0]._moe_py_copies] == buffers  # refilled, not new
+    _, fresh = model_pair(kind, torch.float32)
     fresh.to(torch.bfloat16)
     fresh.load_state_dict(ours.state_dict())
-    assert torch.equal(after, fresh(ids, labels=ids).loss.detach()) and not torch.equal(after, before.detach())
+    want, want_grads = loss_and_grads(fresh, ids, None)
+    assert torch.equal(after, want) and not torch.equal(after, before.detach())
+    assert all(torch.equal(grads[n], want_grads[n]) for n in want_grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_update_frees_the_previous_experts_at_once(dtype):
+    """The forward after an optimiser step releases the experts built before it, so they
+    (packs, copies' users, the step's saved activations) go then, not at some later cyclic
+    garbage collection: left to it, hundreds of MB a step were faulted in anew."""
+    import gc
+    import weakref
+    _, ours = model_pair("qwen3_moe", torch.float32)
+    ours.to(dtype)
+    ids = torch.randint(0, 64, (2, 8))
+    opt = torch.optim.SGD(ours.parameters(), lr=0.1)
+    gc.disable()
+    try:
+        ours(ids, labels=ids).loss.backward()
+        before = [weakref.ref(m._moe_py_cache.experts) for m in experts_of(ours)]
+        opt.step()
+        ours(ids, labels=ids).loss.backward()
+        assert all(r() is None for r in before)
+    finally:
+        gc.enable()
 
 
 def test_unsupported_flags_raise_naming_them():

@@ -23,7 +23,9 @@ moe_py's column layout. A copy is made once per
 parameter update, not once per forward: a cache on the experts module is keyed on each
 parameter's storage and torch's version counter (`tensor._version`, which every in-place
 update, an optimiser step included, increments), and the same views write the gradients
-back into HF's layout.
+back into HF's layout. The copies live in buffers the module keeps and refills at each
+update; before a refill the previous RoutedExperts is released (RoutedExperts.release), so
+that a backward pending from before the update raises rather than reading the new values.
 
 Supported: gated experts whose act_fn is SiLU (SwiGLU), gpt-oss's clamped SwiGLU gate, ungated
 ones (has_gate=False) whose act_fn is the erf GELU, each with or without biases; float32,
@@ -117,10 +119,21 @@ def _views(experts, params: List[torch.Tensor], linear: bool = False) -> Dict[st
     return {ours: expert_view(layout_of(experts), ours, by_attr[attr], linear) for ours, attr in names}
 
 
-def _copy(view: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
-    """A C-contiguous array of the view's values in dtype, never sharing its memory."""
-    a = view.detach().to(dtype).numpy()
-    return a.copy() if a.flags.c_contiguous else np.ascontiguousarray(a)
+def _copies(experts, sources: List[torch.Tensor], dtype: torch.dtype, refill: bool) -> List[torch.Tensor]:
+    """Contiguous copies of `sources` in dtype, in buffers the module keeps from one parameter
+    update to the next and refills in place (refill): new ones at every update were hundreds
+    of MB of pages to fault in per training step, which cost several times the copying. The
+    RoutedExperts built over them before has been released (_routed_experts), so that a
+    backward still pending from before the update raises instead of packing the new values."""
+    buffers = getattr(experts, "_moe_py_copies", None)
+    if buffers is None or [(b.shape, b.dtype) for b in buffers] != [(s.shape, dtype) for s in sources]:
+        buffers = [torch.empty(s.shape, dtype=dtype) for s in sources]
+        experts._moe_py_copies = buffers
+        refill = True
+    if refill:
+        for b, s in zip(buffers, sources):
+            b.copy_(s.detach())
+    return buffers
 
 
 # class-specific gates that are gpt-oss's clamped SwiGLU: min(g, limit) and clamp(u, +-limit),
@@ -176,6 +189,9 @@ def _routed_experts(experts, k: int) -> RoutedExperts:
     cached = getattr(experts, "_moe_py_cache", None)
     if cached is not None and cached.key == key:
         return cached.experts
+    refill = cached is None or cached.key[:-1] != key[:-1]  # the weights changed (not only k)
+    if cached is not None and refill:  # before its copies (if any) are refilled below
+        cached.experts.release()
     ffn = activation_of(experts)
     dtype = params[0].dtype
     if dtype not in _COMPUTE:
@@ -187,22 +203,27 @@ def _routed_experts(experts, k: int) -> RoutedExperts:
     if in_place(layout, dtype):  # the parameters' own memory: the autograd
         # Function saves them, so that an in-place change before the backward raises, as with eager
         ours = {n: v.detach().numpy() for n, v in _views(experts, params, linear).items()}
-    elif linear:  # bfloat16: float32 copies in HF's layout (no transposing copy either way)
-        copies = [p.detach().to(compute) for p in params]
-        ours = {n: v.numpy() for n, v in _views(experts, copies, linear).items()}
     else:
-        ours = {n: _copy(v, compute) for n, v in _views(experts, params, linear).items()}
+        # bfloat16 weights in HF's layout: float32 copies in that layout (no transposing
+        # copy either way); any dtype in another layout: copies in the column layout
+        if linear:
+            copies = _copies(experts, params, compute, refill)
+            ours = {n: v.numpy() for n, v in _views(experts, copies, linear).items()}
+        else:
+            views = _views(experts, params, linear)
+            copies = _copies(experts, list(views.values()), compute, refill)
+            ours = {n: c.numpy() for n, c in zip(views, copies)}
     E = ours["w1"].shape[0]
     D, F = (ours["w1"].shape[2], ours["w1"].shape[1]) if linear else ours["w1"].shape[1:]
     cfg = MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=min(k, E),
                     dtype=str(compute).removeprefix("torch."),
                     compute_dtype="bfloat16" if dtype == torch.bfloat16 else None, **ffn)
-    # fixed_values: our copies change only by being remade, when the key above changes (views
-    # of HF's memory may change unseen by the key, through .data: bfloat16 compute under
-    # autocast fingerprints them)
+    # fixed_values: our copies change only when the key above changes, and the RoutedExperts
+    # over them is released first (views of HF's memory may change unseen by the key, through
+    # .data: bfloat16 compute under autocast fingerprints them)
     routed = RoutedExperts(cfg, params=ours, grads={}, layout="linear" if linear else "column",
                            fixed_values=not in_place(layout, dtype))
-    experts._moe_py_cache = _Cached(key, routed)  # replaced, never edited: a pending backward keeps its arrays
+    experts._moe_py_cache = _Cached(key, routed)  # replaced, never edited: a pending backward keeps its packs
     return routed
 
 
