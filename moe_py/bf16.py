@@ -101,8 +101,9 @@ class GemmWeights:
 
     def __init__(self, weights: Dict[str, np.ndarray], kernel_name: str, activation, linear: bool) -> None:
         self.kernel = kernel_name
-        self._packing = dict({n: weights[n] for n in ("w1", "w3", "w2")}, activation=activation, linear=linear,
-                             kernel=kernel_name)  # the backward's packs too, whatever runs by then
+        # the backward's packs too, whatever runs by then (None once retired)
+        self._packing: Optional[Dict[str, object]] = dict(
+            {n: weights[n] for n in ("w1", "w3", "w2")}, activation=activation, linear=linear, kernel=kernel_name)
         self._backward = None
         if kernel_name == "fallback":
             self.weights = {n: _kernels.round_to_bf16(w) if w.size else w for n, w in weights.items()}

@@ -70,8 +70,9 @@ class RoutedExperts:
     d_model] and w2 [E, d_model, d_ff] (transformers' experts), read and written in place
     (each expert's matrix C-contiguous; the experts may lie apart); the same bits.
     fixed_values: a promise that the weights' values never change in place while this object
-    lives (the caller makes a new one instead), so that bfloat16 compute need not fingerprint
-    them at each forward to see an update (moe_py.hf's cache keys on torch's versions)."""
+    is in use (the caller makes a new one instead, after release() when it reuses the
+    weights' memory), so that bfloat16 compute need not fingerprint them at each forward to
+    see an update (moe_py.hf's cache keys on torch's versions)."""
 
     def __init__(self, cfg: MoEConfig, params: Optional[Dict[str, np.ndarray]] = None,
                  grads: Optional[Dict[str, np.ndarray]] = None, layout: str = "column",
