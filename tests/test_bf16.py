@@ -1,6 +1,9 @@
 """bfloat16 compute of the expert GEMMs (MoEConfig.compute_dtype="bfloat16", moe_py/bf16.py):
 the rounding against independent references, the GEMMs against float64 products of the
 rounded operands, the layer against float32 and the float64 reference, the weights' cache."""
+import gc
+import weakref
+
 import numpy as np
 import pytest
 
@@ -300,6 +303,7 @@ def test_a_backward_after_a_release_raises_instead_of_packing_new_values(name):
     them; later forwards pack the weights anew."""
     cfg = MoEConfig(d_model=16, d_ff=12, num_experts=3, top_k=2, compute_dtype="bfloat16")
     x, idx, w, dy = routed_call(cfg)
+
     def zeros(r):
         return {k: np.zeros_like(v) for k, v in r.params.items()}
     with bf16.using_kernel(name):
@@ -323,8 +327,6 @@ def test_a_backward_after_a_release_raises_instead_of_packing_new_values(name):
 def test_a_released_routed_experts_is_freed_without_the_garbage_collector():
     """Its latest forward's context refers back to it: release breaks that cycle, so that
     the object (its packs, the forward's activations) goes when the last reference does."""
-    import gc
-    import weakref
     cfg = MoEConfig(d_model=16, d_ff=12, num_experts=3, top_k=2, compute_dtype="bfloat16")
     x, idx, w, dy = routed_call(cfg)
     gc.disable()

@@ -2,8 +2,10 @@
 (the independent reference), every gradient included, and the layouts against transformers'
 batched_mm backend."""
 import copy
+import gc
 import subprocess
 import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -208,8 +210,6 @@ def test_an_update_frees_the_previous_experts_at_once(dtype):
     """The forward after an optimiser step releases the experts built before it, so they
     (packs, copies' users, the step's saved activations) go then, not at some later cyclic
     garbage collection: left to it, hundreds of MB a step were faulted in anew."""
-    import gc
-    import weakref
     _, ours = model_pair("qwen3_moe", torch.float32)
     ours.to(dtype)
     ids = torch.randint(0, 64, (2, 8))
