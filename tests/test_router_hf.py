@@ -1,8 +1,8 @@
 """moe_py's routers against the router modules of Hugging Face transformers (docs/design.md,
 "Routers beyond softmax top-k", "The Hugging Face families"): the same weights in, the same
-experts and combine weights out. GptOss and DeepSeek-V4 compute in the weights' dtype, so they
-agree with moe_py in float64 to 1e-12; GraniteMoe, DeepSeek-V2 and Ernie 4.5 cast the logits to
-float32 inside their router, so they agree only to float32 rounding (the experts are the same:
+experts and combine weights out. GptOss, DeepSeek-V4 and DBRX compute in the weights' dtype, so
+they agree with moe_py in float64 to 1e-12; GraniteMoe, DeepSeek-V2, Ernie 4.5 and Jamba take the
+softmax (or the logits) in float32 inside their router, so they agree only to float32 rounding (the experts are the same:
 no two candidates of these batches are within float32 rounding of each other).
 Needs torch and transformers (the hf extra); skipped without them."""
 import dataclasses
@@ -153,3 +153,35 @@ def test_deepseek_v4_router_is_sqrtsoftplus_topk():
     np.testing.assert_array_equal(idx, hf_idx)
     np.testing.assert_allclose(wts, hf_w, **FLOAT64)
     assert not np.array_equal(by_expert(*moe_route(cfg, w, x))[0], idx)  # the bias matters
+
+
+def test_jamba_router_is_unnormalised_softmax_topk():
+    # Jamba (and Qwen3-MoE / OLMoE with norm_topk_prob=False): the top-k probabilities as they are
+    from transformers.models.jamba.modeling_jamba import JambaTopKRouter
+    E, k = 6, 2
+    x, w = inputs(E, 0.5, seed=7)
+    config = transformers.JambaConfig(hidden_size=D, num_experts=E, num_experts_per_tok=k)
+    hf_idx, hf_w = hf_route(hf_module(JambaTopKRouter, config, w), x)
+    idx, wts = moe_route(moe_py.MoEConfig(num_experts=E, top_k=k, normalize_topk=False), w, x)
+    np.testing.assert_array_equal(idx, hf_idx)
+    np.testing.assert_allclose(wts, hf_w, **FLOAT32)  # Jamba: softmax in float32
+
+
+@pytest.mark.parametrize("p_norm", [1.0, None])
+def test_dbrx_router_is_softmax_topk_normalised_by_the_one_norm_or_not_at_all(p_norm):
+    # DBRX divides the k probabilities by their p-norm (moe_normalize_expert_weights): p = 1 is
+    # their sum (normalize_topk=True), None leaves them (normalize_topk=False); another p is
+    # no moe_py router
+    from transformers.models.dbrx.modeling_dbrx import DbrxFFN
+    E, k = 6, 2
+    x, w = inputs(E, 0.5, seed=8)
+    config = transformers.DbrxConfig(d_model=D, ffn_config=dict(
+        hidden_size=D, ffn_hidden_size=8, moe_num_experts=E, moe_top_k=k,
+        moe_normalize_expert_weights=p_norm))
+    ffn = DbrxFFN(config).to(torch.float64).eval()
+    with torch.no_grad():
+        ffn.router.layer.weight.copy_(torch.from_numpy(w.T))
+        hf_w, hf_idx = ffn.route_tokens_to_experts(ffn.router(torch.from_numpy(x)))
+    idx, wts = moe_route(moe_py.MoEConfig(num_experts=E, top_k=k, normalize_topk=p_norm == 1), w, x)
+    np.testing.assert_array_equal(idx, hf_idx.numpy())
+    np.testing.assert_allclose(wts, hf_w.numpy(), **FLOAT64)  # DBRX: softmax in the logits' dtype

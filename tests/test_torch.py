@@ -96,9 +96,19 @@ def test_torch_gradcheck_float64_with_aux_losses():
 @pytest.mark.parametrize("kw", [dict(router="sigmoid_topk", routed_scaling_factor=1.5),
                                 dict(router="expert_choice"), dict(router="sinkhorn"),
                                 dict(router="hash", num_shared_experts=1),
-                                dict(num_shared_experts=2, load_balance_scope="sequence")])
+                                dict(num_shared_experts=2, load_balance_scope="sequence"),
+                                # the transformers families' variants (docs/design.md, "Routers
+                                # beyond softmax top-k"), as the tournament's entries set them
+                                dict(normalize_topk=False),
+                                dict(router_bias=True),
+                                dict(num_experts=4, n_group=2, topk_group=1, group_score="max"),
+                                dict(topk_norm_min=1e-12, bias_update_rate=1e-3),
+                                dict(router="sqrtsoftplus_topk", router_bias=True),
+                                dict(router="sigmoid_topk", top_k=1, normalize_topk=False, combine="input"),
+                                dict(router_bias=True, activation="clamped_swiglu", swiglu_limit=0.5,
+                                     ffn_bias=True)])
 def test_torch_gradcheck_float64_every_router(kw):
-    m = module(d_model=4, d_ff=3, num_experts=3, **kw)
+    m = module(**{"d_model": 4, "d_ff": 3, "num_experts": 3, **kw})
     x = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
     ids = torch.arange(10).reshape(2, 5) % 4
     params = list(m.parameters())

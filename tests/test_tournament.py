@@ -213,3 +213,19 @@ def test_the_entry_table_names_every_router_of_the_issue_once():
     assert all("load_balance_coef" in e.moe for e in ENTRIES if e.moe is not None)
     assert {"dense", "softmax_lb", "softmax_noise"} <= set(available_entries())
     assert set(available_entries()) == {e.name for e in ENTRIES}  # every router of this moe_py
+
+
+def test_the_families_router_entries_train_and_make_a_row(tmp_path):
+    # the transformers families' variants (entries.py), each trained by the tournament itself
+    new = ["softmax_router_bias", "softmax_group_max", "softmax_bias", "sqrtsoftplus_bias",
+           "softmax_unnormalised", "sigmoid_input", "gpt_oss"]
+    out = str(tmp_path / "t")
+    assert main(["tournament", "--out", out, "--routers", *new, "--seeds", "1", "--steps", "2",
+                 *TINY]) == 0
+    with open(os.path.join(out, "tournament.json")) as f:
+        rows = {r["entry"]: r for r in json.load(f)["rows"]}
+    assert list(rows) == new
+    for name in new:
+        final = metrics(os.path.join(out, name, "seed-0"))[-1]
+        assert final["step"] == 2 and np.isfinite(final["val_loss"])
+        assert rows[name]["val_loss"]["per_seed"] == [final["val_loss"]]
