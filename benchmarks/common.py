@@ -164,13 +164,14 @@ class ForeignLoad:
         ru = resource.getrusage(resource.RUSAGE_SELF)
         return busy, ru.ru_utime + ru.ru_stime, time.perf_counter()
 
-    def cores(self) -> float:
-        """Average cores busy with other work since construction (nan if unknown)."""
+    def cores(self, workers_cpu: float = 0.0) -> float:
+        """Average cores busy with other work since construction (nan if unknown);
+        workers_cpu: CPU seconds of our own worker processes in that time, not other work."""
         end = self._sample()
         if self._start is None or end is None:
             return float("nan")
         busy, own, wall = (b - a for a, b in zip(self._start, end))
-        return max(0.0, (busy - own) / wall) if wall > 0 else float("nan")
+        return max(0.0, (busy - own - workers_cpu) / wall) if wall > 0 else float("nan")
 
 
 # ---- the machine's limits, measured in the same run as what they judge ---------------
