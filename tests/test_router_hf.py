@@ -58,17 +58,28 @@ def by_expert(indices, weights):
     return np.take_along_axis(indices, order, axis=1), np.take_along_axis(weights, order, axis=1)
 
 
-def test_granitemoe_topk_of_logits_then_softmax_is_normalised_softmax_topk():
+def granitemoe_router(E, k):
     # top-k of the logits, then a softmax over those k: exp(z_i) / sum_{j in top-k} exp(z_j),
     # which is p_i / sum_{j in top-k} p_j of the full softmax, over the same k experts
     from transformers.models.granitemoe.modeling_granitemoe import GraniteMoeTopKRouter
+    return GraniteMoeTopKRouter, transformers.GraniteMoeConfig(hidden_size=D, num_local_experts=E,
+                                                               num_experts_per_tok=k)
+
+
+def jamba_router(E, k):
+    # Jamba (and Qwen3-MoE / OLMoE with norm_topk_prob=False): the top-k probabilities as they are
+    from transformers.models.jamba.modeling_jamba import JambaTopKRouter
+    return JambaTopKRouter, transformers.JambaConfig(hidden_size=D, num_experts=E, num_experts_per_tok=k)
+
+
+@pytest.mark.parametrize("family, normalize, seed", [(granitemoe_router, True, 1), (jamba_router, False, 7)])
+def test_softmax_topk_families(family, normalize, seed):
     E, k = 6, 2
-    x, w = inputs(E, 0.5, seed=1)
-    config = transformers.GraniteMoeConfig(hidden_size=D, num_local_experts=E, num_experts_per_tok=k)
-    hf_idx, hf_w = hf_route(hf_module(GraniteMoeTopKRouter, config, w), x)
-    idx, wts = moe_route(moe_py.MoEConfig(num_experts=E, top_k=k, normalize_topk=True), w, x)
+    x, w = inputs(E, 0.5, seed=seed)
+    hf_idx, hf_w = hf_route(hf_module(*family(E, k), w), x)
+    idx, wts = moe_route(moe_py.MoEConfig(num_experts=E, top_k=k, normalize_topk=normalize), w, x)
     np.testing.assert_array_equal(idx, hf_idx)
-    np.testing.assert_allclose(wts, hf_w, **FLOAT32)  # GraniteMoe: logits.float()
+    np.testing.assert_allclose(wts, hf_w, **FLOAT32)  # GraniteMoe: logits.float(); Jamba: a float32 softmax
 
 
 def test_gpt_oss_router_with_bias_is_softmax_topk_with_router_bias():
@@ -153,18 +164,6 @@ def test_deepseek_v4_router_is_sqrtsoftplus_topk():
     np.testing.assert_array_equal(idx, hf_idx)
     np.testing.assert_allclose(wts, hf_w, **FLOAT64)
     assert not np.array_equal(by_expert(*moe_route(cfg, w, x))[0], idx)  # the bias matters
-
-
-def test_jamba_router_is_unnormalised_softmax_topk():
-    # Jamba (and Qwen3-MoE / OLMoE with norm_topk_prob=False): the top-k probabilities as they are
-    from transformers.models.jamba.modeling_jamba import JambaTopKRouter
-    E, k = 6, 2
-    x, w = inputs(E, 0.5, seed=7)
-    config = transformers.JambaConfig(hidden_size=D, num_experts=E, num_experts_per_tok=k)
-    hf_idx, hf_w = hf_route(hf_module(JambaTopKRouter, config, w), x)
-    idx, wts = moe_route(moe_py.MoEConfig(num_experts=E, top_k=k, normalize_topk=False), w, x)
-    np.testing.assert_array_equal(idx, hf_idx)
-    np.testing.assert_allclose(wts, hf_w, **FLOAT32)  # Jamba: softmax in float32
 
 
 @pytest.mark.parametrize("p_norm", [1.0, None])
