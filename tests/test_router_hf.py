@@ -1,9 +1,10 @@
 """moe_py's routers against the router modules of Hugging Face transformers (docs/design.md,
 "Routers beyond softmax top-k", "The Hugging Face families"): the same weights in, the same
 experts and combine weights out. GptOss, DeepSeek-V4 and DBRX compute in the weights' dtype, so
-they agree with moe_py in float64 to 1e-12; GraniteMoe, DeepSeek-V2, Ernie 4.5 and Jamba take the
-softmax (or the logits) in float32 inside their router, so they agree only to float32 rounding (the experts are the same:
-no two candidates of these batches are within float32 rounding of each other).
+they agree with moe_py in float64 to 1e-12; GraniteMoe, DeepSeek-V2, Ernie 4.5 and Jamba take
+the softmax (or the logits) in float32 inside their router, so they agree only to float32
+rounding (the experts are the same: no two candidates of these batches are within float32
+rounding of each other).
 Needs torch and transformers (the hf extra); skipped without them."""
 import dataclasses
 
