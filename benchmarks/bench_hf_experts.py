@@ -135,15 +135,14 @@ def step(m):
 
 
 def side_process(conn, a, name: str, dname: str, weights: str, ids) -> None:
-    """One side in its own process: a step per message, its seconds sent back; at None, the
+    """One side in its own process: a step per message, answered when done; at None, the
     process's CPU seconds, and it ends."""
     set_threads(a.threads, torch)
     run = step(side_model(a, name, dname, weights))
     conn.send("ready")
     while conn.recv() is not None:
-        t0 = time.perf_counter()
         run(ids)
-        conn.send(time.perf_counter() - t0)
+        conn.send("done")
     ru = resource.getrusage(resource.RUSAGE_SELF)
     conn.send(ru.ru_utime + ru.ru_stime)
 
@@ -154,8 +153,9 @@ PAUSE_S = 0.2
 
 
 def interleaved_side_times(names, dname: str, a, weights: str, ids):
-    """{side: step seconds} over a.repeats rounds after a.warmup untimed ones, each side in
-    its own process, one step each per round, in turn; and the sides' CPU seconds."""
+    """interleaved_times of the sides' steps, each side in its own process (a step timed
+    here from the message to the answer: the pipe adds well under a millisecond); and the
+    sides' CPU seconds."""
     ctx = multiprocessing.get_context("spawn")
     sides = {}
     for name in names:  # built one at a time: no side's setup overlaps another's
@@ -165,14 +165,13 @@ def interleaved_side_times(names, dname: str, a, weights: str, ids):
         if parent.recv() != "ready":
             raise RuntimeError(f"{name}: the side's process failed to start")
         sides[name] = (proc, parent)
-    times = {name: [] for name in names}
-    for i in range(a.warmup + a.repeats):
-        for name, (_, conn) in sides.items():
-            time.sleep(PAUSE_S)
+    def stepped(conn):
+        def run(i):
             conn.send(i)
-            dt = conn.recv()
-            if i >= a.warmup:
-                times[name].append(dt)
+            conn.recv()
+        return run
+    times = interleaved_times({name: stepped(conn) for name, (_, conn) in sides.items()}, a.repeats,
+                              a.warmup, befores={name: lambda: time.sleep(PAUSE_S) for name in sides})
     cpu = 0.0
     for proc, conn in sides.values():
         conn.send(None)
